@@ -1,0 +1,135 @@
+"""The one configuration model. Loaded from YAML, overridden by `--set key=value`, validated once at
+the edge: everything past `load_config` may trust it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from adaptflow.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestConfig(_Section):
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of labeled images held out for early stopping")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="share of labeled images held out for scoring")
+    max_image_pixels: int = Field(89_478_485, gt=0, description="larger images are rejected as decompression bombs")
+    workers: int = Field(8, ge=1, description="threads that read and decode images while validating")
+
+
+class BackboneConfig(_Section):
+    name: str = Field("efficientnet_lite0", description="a key of adaptflow.backbones.BACKBONES")
+    weights: str | None = Field(
+        None, description="null: the backbone's offline default; a path or URI to a weights file; 'random'"
+    )
+    layer: str | None = Field(None, description="null: pooled penultimate features; else a module name, pooled")
+    image_size: int | None = Field(None, ge=8, le=1024, description="null: the backbone's own input size")
+
+    @field_validator("name")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        from adaptflow.backbones import BACKBONES
+        from adaptflow.errors import lookup
+
+        lookup(BACKBONES, "backbone", name)
+        return name
+
+
+class ExtractConfig(_Section):
+    batch_size: int = Field(64, ge=1, le=4096)
+    shard_size: int = Field(4096, ge=1, description="images per extraction task")
+    num_workers: int = Field(2, ge=0, le=64, description="DataLoader processes that decode and resize")
+    dtype: Literal["float16", "float32"] = "float16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class HeadConfig(_Section):
+    kind: Literal["linear", "mlp"] = "linear"
+    hidden_dim: int = Field(512, ge=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(256, ge=1)
+    max_epochs: int = Field(200, ge=1)
+    patience: int = Field(20, ge=1, description="epochs without a better source-validation score before stopping")
+
+
+class RuntimeConfig(_Section):
+    max_workers: int = Field(2, ge=1, description="Prefect tasks run at once (threads)")
+
+
+class Config(_Section):
+    seed: int = 0
+    ingest: IngestConfig = IngestConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    extract: ExtractConfig = ExtractConfig()
+    head: HeadConfig = HeadConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def fingerprint(self) -> str:
+        """A short, stable hash of every setting."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at `path`, then `key.sub=value` overrides, validated together."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+    for item in overrides:
+        _apply_override(data, item)
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError("invalid config:\n" + "\n".join(_describe(err) for err in e.errors())) from None
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value (e.g. backbone.image_size=64), got {item!r}")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        section = _section_at(err["loc"][:-1])
+        valid = ", ".join(section.model_fields) if section else "?"
+        return f"  {loc}: unknown key (valid keys here: {valid})"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"  {loc}: {msg} (got {err.get('input')!r})"
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
