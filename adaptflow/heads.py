@@ -1,0 +1,125 @@
+"""Classifier heads trained on cached features, saved as safetensors plus a JSON model card."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from adaptflow import storage
+from adaptflow.config import Config, HeadConfig
+from adaptflow.errors import StoreError
+from adaptflow.manifests import SCHEMA_VERSION
+
+
+class Head(nn.Module):
+    """Standardise features with source statistics, then a linear layer or a one-hidden-layer MLP."""
+
+    def __init__(self, dim: int, num_classes: int, kind: str = "linear", hidden_dim: int = 512,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        if kind == "linear":
+            self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+        else:
+            self.net = nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
+                                     nn.Linear(hidden_dim, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+class ModelCard(BaseModel):
+    """Everything needed to rebuild and trust a saved model, next to its weights."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    classes: list[str]
+    config: Config  # the run's settings: backbone, preprocessing and head are rebuilt from them
+    fingerprint: str  # extractor fingerprint the head was trained on
+    dim: int
+    config_hash: str
+    dataset_fingerprint: str
+    metrics: dict[str, float]
+
+
+def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+               num_classes: int, cfg: HeadConfig, seed: int = 0) -> tuple[Head, list[dict]]:
+    """Train with AdamW and keep the epoch with the best source-validation accuracy (ties: lower loss);
+    stop after `cfg.patience` epochs without a better accuracy. Returns the head and its per-epoch curve."""
+    torch.manual_seed(seed)
+    xt, yt = torch.from_numpy(x_train).float(), torch.from_numpy(y_train).long()
+    xv, yv = torch.from_numpy(x_val).float(), torch.from_numpy(y_val).long()
+    head = Head(xt.shape[1], num_classes, cfg.kind, cfg.hidden_dim, cfg.dropout)
+    head.mean.copy_(xt.mean(0))
+    head.std.copy_(xt.std(0).clamp_min(1e-6))
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+
+    best, best_state, stale, curve = (-1.0, float("inf")), None, 0, []
+    for epoch in range(cfg.max_epochs):
+        head.train()
+        for batch in torch.randperm(len(xt), generator=gen).split(cfg.batch_size):
+            loss = nn.functional.cross_entropy(head(xt[batch]), yt[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        val_acc, val_loss = _score(head, xv, yv)
+        curve.append({"epoch": epoch, "train_loss": loss.item(), "val_acc": val_acc, "val_loss": val_loss})
+        # Patience runs on accuracy alone: on well-separated data the loss creeps down for ever.
+        stale = 0 if val_acc > best[0] else stale + 1
+        if (val_acc, -val_loss) > (best[0], -best[1]):
+            best, best_state = (val_acc, val_loss), copy.deepcopy(head.state_dict())
+        if stale >= cfg.patience:
+            break
+    head.load_state_dict(best_state)
+    return head.eval(), curve
+
+
+@torch.inference_mode()
+def predict_proba(head: Head, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Class probabilities (N, C) float32."""
+    head.eval()
+    x = torch.from_numpy(np.ascontiguousarray(x)).float()
+    return torch.cat([head(x[i : i + batch_size]).softmax(-1) for i in range(0, max(len(x), 1), batch_size)]).numpy()
+
+
+def save_model(model_uri: str, head: Head, card: ModelCard) -> None:
+    """Weights first, the card last: a model folder without `model.json` is not a model."""
+    tensors = {k: v.contiguous() for k, v in head.state_dict().items()}
+    storage.write_bytes(storage.join(model_uri, "head.safetensors"), save_safetensors(tensors))
+    storage.write_json(storage.join(model_uri, "model.json"), card.model_dump(mode="json"))
+
+
+def load_card(model_uri: str) -> ModelCard:
+    card_uri = storage.join(model_uri, "model.json")
+    if not storage.exists(card_uri):
+        raise StoreError(f"no model at {model_uri} (expected {card_uri})")
+    data = storage.read_json(card_uri)
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(f"{card_uri} was written by an incompatible adaptflow (schema version "
+                         f"{data.get('schema_version') if isinstance(data, dict) else None}, expected {SCHEMA_VERSION})")
+    return ModelCard.model_validate(data)
+
+
+def load_model(model_uri: str) -> tuple[Head, ModelCard]:
+    card = load_card(model_uri)
+    state = load_safetensors(storage.read_bytes(storage.join(model_uri, "head.safetensors")))
+    h = card.config.head
+    head = Head(card.dim, len(card.classes), h.kind, h.hidden_dim, h.dropout)
+    head.load_state_dict(state)
+    return head.eval(), card
+
+
+@torch.inference_mode()
+def _score(head: Head, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    head.eval()
+    logits = head(x)
+    return float((logits.argmax(-1) == y).float().mean()), float(nn.functional.cross_entropy(logits, y))
+

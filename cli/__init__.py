@@ -1,0 +1,1 @@
+"""The adaptflow command line."""

@@ -1,0 +1,1 @@
+"""Prefect flows: wiring only. Each reads as the list of its stages."""

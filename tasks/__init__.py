@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that take URIs and manifests, call `adaptflow`, and return manifests."""

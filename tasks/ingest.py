@@ -1,0 +1,12 @@
+from prefect import task
+
+from adaptflow import ingest
+from adaptflow.config import IngestConfig
+from adaptflow.manifests import IngestManifest
+from tasks._retry import IO_TASK
+
+
+@task(name="ingest", **IO_TASK)
+def ingest_dataset(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed: int) -> IngestManifest:
+    """List, hash and validate every image of one dataset; write its index and rejects."""
+    return ingest.ingest(dataset_uri, domain, out_uri, cfg, seed)

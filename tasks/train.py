@@ -1,0 +1,13 @@
+from prefect import task
+
+from adaptflow import pipeline
+from adaptflow.config import Config
+from adaptflow.features import ExtractionPlan
+from adaptflow.manifests import IngestManifest
+from adaptflow.pipeline import ModelManifest
+
+
+@task(name="fit-head")
+def fit_head(source: IngestManifest, features: ExtractionPlan, cfg: Config, model_uri: str) -> ModelManifest:
+    """Train the classifier head on cached source features; save it to the store."""
+    return pipeline.fit_head(source, features, cfg, model_uri)

@@ -1,0 +1,50 @@
+import pytest
+
+from adaptflow.config import Config, load_config
+from adaptflow.errors import ConfigError
+
+
+def test_defaults_match_the_shipped_default_yaml():
+    assert load_config("configs/default.yaml") == Config()
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("backbone:\n  image_size: 96\nhead:\n  kind: mlp\n")
+    cfg = load_config(path, ["backbone.image_size=64", "seed=3", "backbone.weights=random"])
+    assert (cfg.backbone.image_size, cfg.head.kind, cfg.seed, cfg.backbone.weights) == (64, "mlp", 3, "random")
+
+
+def test_fingerprint_changes_with_settings():
+    assert Config().fingerprint() == Config().fingerprint()
+    assert Config().fingerprint() != load_config(None, ["seed=1"]).fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["backbone.nmae=x"], "backbone.nmae: unknown key (valid keys here: name, weights, layer, image_size)"),
+        (["bogus=1"], "bogus: unknown key (valid keys here: seed, ingest, backbone"),
+        (["backbone.name=resnet9000"], "unknown backbone 'resnet9000'; valid backbones: "),
+        (["head.kind=forest"], "head.kind: Input should be 'linear' or 'mlp'"),
+        (["extract.batch_size=0"], "extract.batch_size: Input should be greater than or equal to 1"),
+        (["seed"], "--set expects key=value"),
+        (["seed.x=1"], "seed: Input should be a valid integer (got {'x': 1})"),
+    ],
+)
+def test_invalid_settings_name_the_key_and_the_choices(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_malformed_yaml_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backbone: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of settings"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")

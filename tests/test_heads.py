@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+
+from adaptflow.config import Config, HeadConfig
+from adaptflow.errors import StoreError
+from adaptflow.heads import ModelCard, load_model, predict_proba, save_model, train_head
+
+
+def _blobs(n, seed, dim=16, classes=3):
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(0).normal(0, 3, (classes, dim))
+    y = rng.integers(0, classes, n)
+    return (centers[y] + rng.normal(0, 1, (n, dim))).astype(np.float32), y
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_head_learns_separable_classes_and_stops_early(kind):
+    x, y = _blobs(300, 1)
+    xv, yv = _blobs(100, 2)
+    cfg = HeadConfig(kind=kind, hidden_dim=32, max_epochs=300, patience=5)
+    head, curve = train_head(x, y, xv, yv, 3, cfg, seed=0)
+    assert len(curve) < 300  # early stopping fired
+    proba = predict_proba(head, xv)
+    assert proba.shape == (100, 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
+    assert (proba.argmax(1) == yv).mean() > 0.95
+
+
+def test_training_is_seeded():
+    x, y = _blobs(200, 1)
+    cfg = HeadConfig(max_epochs=5)
+    a, _ = train_head(x, y, x, y, 3, cfg, seed=7)
+    b, _ = train_head(x, y, x, y, 3, cfg, seed=7)
+    assert np.array_equal(predict_proba(a, x), predict_proba(b, x))
+
+
+def test_save_and_load_round_trip(memory_uri):
+    x, y = _blobs(120, 1)
+    head, _ = train_head(x, y, x, y, 3, HeadConfig(kind="mlp", hidden_dim=8, max_epochs=3), seed=0)
+    card = ModelCard(classes=["a", "b", "c"], config=Config(head=HeadConfig(kind="mlp", hidden_dim=8)),
+                     fingerprint="f" * 16, dim=16, config_hash="c", dataset_fingerprint="d", metrics={"acc": 1.0})
+    save_model(memory_uri, head, card)
+    loaded, loaded_card = load_model(memory_uri)
+    assert loaded_card == card
+    assert np.array_equal(predict_proba(loaded, x), predict_proba(head, x))
+
+
+def test_loading_a_missing_model_names_the_uri(memory_uri):
+    with pytest.raises(StoreError, match=f"no model at {memory_uri}/nothing"):
+        load_model(f"{memory_uri}/nothing")
