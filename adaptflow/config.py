@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from adaptflow.errors import ConfigError
+from adaptflow.errors import ConfigError, UnknownNameError
 
 
 class _Section(BaseModel):
@@ -20,8 +20,14 @@ class _Section(BaseModel):
 class IngestConfig(_Section):
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of labeled images held out for early stopping")
     test_fraction: float = Field(0.2, ge=0, lt=1, description="share of labeled images held out for scoring")
-    max_image_pixels: int = Field(89_478_485, gt=0, description="larger images are rejected as decompression bombs")
+    max_image_pixels: int = Field(89_478_485, gt=0, description="larger images are rejected as decompression bombs (capped by Pillow's own limit)")
     workers: int = Field(8, ge=1, description="threads that read and decode images while validating")
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> IngestConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave images for training (sum below 1)")
+        return self
 
 
 class BackboneConfig(_Section):
@@ -36,9 +42,9 @@ class BackboneConfig(_Section):
     @classmethod
     def _known_backbone(cls, name: str) -> str:
         from adaptflow.backbones import BACKBONES
-        from adaptflow.errors import lookup
 
-        lookup(BACKBONES, "backbone", name)
+        if name not in BACKBONES:  # pydantic reports ValueErrors with the key's location
+            raise ValueError(str(UnknownNameError("backbone", name, list(BACKBONES))))
         return name
 
 

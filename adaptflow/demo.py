@@ -1,0 +1,118 @@
+"""A small demo dataset with a real domain shift, made offline from data that ships with installed
+packages: scikit-learn's 8x8 digits, and scikit-image's bundled photos as MNIST-M-style backgrounds.
+
+- source: `source/<digit>/<n>.png`, a class-folder tree of white-on-black greyscale digits;
+- target: `target/<n>.jpg`, a flat unlabeled folder of the other half of the digits blended into
+  colour photo patches, plus two broken files that ingest must refuse;
+- target_labels.csv: `uri,label` for the valid target images, relative to its folder; for scoring only.
+`<n>` is the sample's index in `load_digits()`: even indices are source, odd are target, so the two
+domains never share an image.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from adaptflow import storage
+
+# Colour photos bundled inside scikit-image's wheel (no download); MNIST-M crops BSDS500 the same way.
+_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+
+@dataclass(frozen=True)
+class DemoData:
+    source_uri: str
+    target_uri: str
+    target_labels_uri: str
+    classes: list[str]
+
+
+def make_demo_data(
+    out_uri: str, image_size: int = 32, seed: int = 0, max_per_domain: int | None = None
+) -> DemoData:
+    """Write the demo dataset under `out_uri` and return where each part is. Deterministic for a
+    given `seed`; `max_per_domain` caps the images per domain, balanced across the ten digits."""
+    if max_per_domain is not None and max_per_domain < 1:
+        raise ValueError(f"max_per_domain must be at least 1, got {max_per_domain}")
+    digits = load_digits()
+    images = digits.images / 16.0  # (1797, 8, 8) float in [0, 1], stroke = 1
+    labels = digits.target
+    source_idx = _balanced(np.arange(0, len(labels), 2), labels, max_per_domain)
+    target_idx = _balanced(np.arange(1, len(labels), 2), labels, max_per_domain)
+
+    source_uri = storage.join(out_uri, "source")
+    rng = np.random.default_rng([seed, 0])
+    for n in source_idx:
+        digit = _render_digit(images[n], image_size, rng)
+        storage.write_bytes(storage.join(source_uri, str(labels[n]), f"{n}.png"), _encode(digit, "PNG"))
+
+    target_uri = storage.join(out_uri, "target")
+    rng = np.random.default_rng([seed, 1])
+    photos = _load_photos()
+    rows = []
+    for n in target_idx:
+        jpeg = _encode(_mnist_m(_render_digit(images[n], image_size, rng), photos, rng), "JPEG")
+        storage.write_bytes(storage.join(target_uri, f"{n}.jpg"), jpeg)
+        rows.append(f"target/{n}.jpg,{labels[n]}")
+    storage.write_bytes(storage.join(target_uri, "broken_empty.jpg"), b"")
+    storage.write_bytes(storage.join(target_uri, "broken_truncated.jpg"), jpeg[: len(jpeg) // 2])
+
+    target_labels_uri = storage.join(out_uri, "target_labels.csv")
+    storage.write_bytes(target_labels_uri, ("uri,label\n" + "\n".join(rows) + "\n").encode())
+    classes = sorted({str(labels[n]) for n in source_idx})
+    return DemoData(source_uri, target_uri, target_labels_uri, classes)
+
+
+def _balanced(indices: np.ndarray, labels: np.ndarray, cap: int | None) -> list[int]:
+    """The first `cap` of `indices` taken round-robin over the classes, so each class gets an equal
+    share as far as the data allows; all of them when `cap` is None."""
+    if cap is None or cap >= len(indices):
+        return [int(i) for i in indices]
+    per_class = [list(indices[labels[indices] == c]) for c in np.unique(labels[indices])]
+    chosen: list[int] = []
+    for rank in range(max(len(p) for p in per_class)):
+        chosen += [int(p[rank]) for p in per_class if rank < len(p)]
+    return sorted(chosen[:cap])
+
+
+def _render_digit(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size) float in [0, 1]: the 8x8 digit upscaled bilinearly to 80-95% of the canvas and
+    placed near the centre, up to size/16 off, so no two renders line up pixel for pixel."""
+    side = int(round(size * rng.uniform(0.8, 0.95)))
+    small = Image.fromarray(np.uint8(image * 255)).resize((side, side), Image.Resampling.BILINEAR)
+    shift = max(1, size // 16)
+    x, y = np.clip((size - side) // 2 + rng.integers(-shift, shift + 1, size=2), 0, size - side)
+    canvas = Image.new("L", (size, size), 0)
+    canvas.paste(small, (int(x), int(y)))
+    return np.asarray(canvas, dtype=np.float32) / 255.0
+
+
+def _load_photos() -> list[np.ndarray]:
+    import skimage.data  # heavy import, only needed here
+
+    return [getattr(skimage.data, name)() for name in _PHOTOS]  # each (H, W, 3) uint8
+
+
+def _mnist_m(digit: np.ndarray, photos: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """(size, size, 3) uint8: a random crop of a random photo with the digit blended in as
+    |patch - digit|, the MNIST-M rule (Ganin & Lempitsky, 2015): strokes invert the background."""
+    size = digit.shape[0]
+    photo = photos[rng.integers(len(photos))]
+    top = rng.integers(0, photo.shape[0] - size + 1)
+    left = rng.integers(0, photo.shape[1] - size + 1)
+    patch = photo[top : top + size, left : left + size].astype(np.float32)
+    return np.uint8(np.abs(patch - digit[..., None] * 255.0))
+
+
+def _encode(pixels: np.ndarray, fmt: str) -> bytes:
+    """`pixels` encoded as `fmt`; a float image in [0, 1] is scaled to 0-255 first. (H, W) -> mode L."""
+    if pixels.dtype != np.uint8:
+        pixels = np.uint8(np.round(pixels * 255))
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
