@@ -54,8 +54,8 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
     """Train with AdamW and keep the epoch with the best source-validation accuracy (ties: lower loss);
     stop after `cfg.patience` epochs without a better accuracy. Returns the head and its per-epoch curve."""
     torch.manual_seed(seed)
-    xt, yt = torch.from_numpy(x_train).float(), torch.from_numpy(y_train).long()
-    xv, yv = torch.from_numpy(x_val).float(), torch.from_numpy(y_val).long()
+    xt, yt = torch.tensor(x_train, dtype=torch.float32), torch.tensor(y_train, dtype=torch.long)
+    xv, yv = torch.tensor(x_val, dtype=torch.float32), torch.tensor(y_val, dtype=torch.long)
     head = Head(xt.shape[1], num_classes, cfg.kind, cfg.hidden_dim, cfg.dropout)
     head.mean.copy_(xt.mean(0))
     head.std.copy_(xt.std(0).clamp_min(1e-6))
@@ -86,7 +86,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
 def predict_proba(head: Head, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     """Class probabilities (N, C) float32."""
     head.eval()
-    x = torch.from_numpy(np.ascontiguousarray(x)).float()
+    x = torch.tensor(x, dtype=torch.float32)
     return torch.cat([head(x[i : i + batch_size]).softmax(-1) for i in range(0, max(len(x), 1), batch_size)]).numpy()
 
 

@@ -22,7 +22,10 @@ DEMO_SETTINGS = ["backbone.image_size=64", "extract.batch_size=128"]
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    logging.getLogger("prefect").addFilter(_NoTracebackForUserErrors())
+    # The ephemeral API's telemetry service races the run for its SQLite file ("database is locked").
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
+        logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
     try:
         return args.command(args)
     except AdaptflowError as e:
@@ -86,7 +89,8 @@ def _retrain(source: str, target: str, target_labels: str | None, store: str, cf
 
 
 class _NoTracebackForUserErrors(logging.Filter):
-    """Prefect logs a failed task's traceback; for our own user-facing errors the message is enough."""
+    """Prefect logs a failed run's traceback; for our own user-facing errors the message is enough.
+    (A logger's filters see only records logged to that logger itself, hence one per engine logger.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], AdaptflowError):

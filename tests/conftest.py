@@ -42,3 +42,20 @@ def memory_uri():
     fs = fsspec.filesystem("memory")
     if fs.exists(uri):
         fs.rm(uri, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A small copy of the demo shift: 10 digit classes, grey source folders, colour target folder."""
+    from adaptflow.demo import make_demo_data
+
+    return make_demo_data(str(tmp_path_factory.mktemp("demo")), image_size=32, seed=0, max_per_domain=150)
+
+
+@pytest.fixture(scope="session")
+def fast_config():
+    """Real EfficientNet-Lite0 weights at 64 px: the real code path, a few seconds per run."""
+    from adaptflow.config import load_config
+
+    return load_config(None, ["backbone.image_size=64", "extract.shard_size=128", "extract.num_workers=0",
+                              "head.max_epochs=300", "head.patience=30", "ingest.workers=2"])

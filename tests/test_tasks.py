@@ -1,0 +1,59 @@
+"""Each task's body through `.fn()`: the wrappers pass manifests through and return manifests."""
+
+import pytest
+from prefect.states import Failed
+
+from adaptflow.errors import DatasetError
+from adaptflow.features import ExtractionPlan, ShardManifest
+from adaptflow.manifests import IngestManifest
+from adaptflow.pipeline import EvaluationManifest, ModelManifest, PredictionManifest
+from adaptflow.runs import RunSummary, StageClock
+from tasks._retry import retry_unless_user_error
+from tasks.evaluate import evaluate, predict
+from tasks.extract import extract_shard, plan_extraction
+from tasks.ingest import ingest_dataset
+from tasks.report import publish_run, write_summary
+from tasks.train import fit_head
+
+
+@pytest.mark.filterwarnings("ignore:Artifact creation outside of a flow or task run:FutureWarning")
+def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_harness):
+    cfg, run = fast_config, f"{memory_uri}/runs/r1"
+    clock = StageClock()
+    with clock("ingest"):
+        datasets = {d: ingest_dataset.fn(uri, d, f"{run}/ingest/{d}", cfg.ingest, cfg.seed)
+                    for d, uri in [("source", demo_data.source_uri), ("target", demo_data.target_uri),
+                                   ("target_labels", demo_data.target_labels_uri)]}
+    assert all(isinstance(m, IngestManifest) for m in datasets.values())
+    assert datasets["target"].n_rejected == 2
+
+    with clock("extract"):
+        plan = plan_extraction.fn([datasets["source"].index_uri, datasets["target"].index_uri], memory_uri,
+                                  cfg.backbone, cfg.extract.shard_size)
+        shards = [extract_shard.fn(s, cfg.backbone, cfg.extract) for s in plan.shards]
+    assert isinstance(plan, ExtractionPlan) and all(isinstance(s, ShardManifest) for s in shards)
+
+    model = fit_head.fn(datasets["source"], plan, cfg, f"{memory_uri}/models/r1")
+    assert isinstance(model, ModelManifest) and model.classes == demo_data.classes
+
+    preds = predict.fn(model.model_uri, datasets["target"], plan, f"{run}/predictions.parquet")
+    assert isinstance(preds, PredictionManifest) and preds.n_predictions == datasets["target"].n_images
+    evaluation = evaluate.fn(model.model_uri, datasets["source"], preds, datasets["target_labels"], plan,
+                             f"{run}/metrics.json")
+    assert isinstance(evaluation, EvaluationManifest) and evaluation.target["n"] == datasets["target"].n_images
+
+    summary = write_summary.fn("r1", run, cfg, datasets, plan, shards, model, preds, evaluation, clock.seconds)
+    assert isinstance(summary, RunSummary)
+    assert RunSummary.load(f"{run}/summary.json") == summary
+    publish_run.fn(summary)
+
+
+def test_user_errors_are_not_retried_but_io_errors_are():
+    assert not retry_unless_user_error(None, None, Failed(data=DatasetError("dataset not found: x")))
+    assert retry_unless_user_error(None, None, Failed(data=OSError("connection reset")))
+
+
+def test_ingest_task_raises_the_user_message(memory_uri, fast_config):
+    with pytest.raises(DatasetError, match="dataset not found"):
+        ingest_dataset.fn(f"{memory_uri}/missing", "source", f"{memory_uri}/out", fast_config.ingest, 0)
+
