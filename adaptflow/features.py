@@ -49,6 +49,7 @@ class ExtractionPlan(Manifest):
     n_requested: int  # distinct images asked for
     n_cached: int  # of those, already committed for this extractor
     shards: list[ShardPlan]
+    seconds: float
 
 
 class ShardManifest(Manifest):
@@ -72,6 +73,7 @@ def plan_extraction(
     """Find which indexed images lack committed features for this extractor, and cut them into shards."""
     from adaptflow.backbones import build_extractor
 
+    start = time.perf_counter()
     extractor = build_extractor(backbone)
     features_uri = features_uri_for(store_uri, backbone.name, extractor.fingerprint)
     _describe_extractor(features_uri, backbone, extractor)
@@ -92,7 +94,8 @@ def plan_extraction(
             shards.append(ShardPlan(features_uri=features_uri, plan_uri=plan_uri, offset=offset,
                                     length=len(chunk), shard_key=_hash(chunk)))
     return ExtractionPlan(features_uri=features_uri, fingerprint=extractor.fingerprint, dim=extractor.dim,
-                          n_requested=rows.num_rows, n_cached=rows.num_rows - todo.num_rows, shards=shards)
+                          n_requested=rows.num_rows, n_cached=rows.num_rows - todo.num_rows, shards=shards,
+                          seconds=time.perf_counter() - start)
 
 
 def extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConfig) -> ShardManifest:

@@ -65,10 +65,12 @@ class RunSummary(Manifest):
 
 
 def summarize_extraction(plan: ExtractionPlan, shards: list[ShardManifest], wall_seconds: float) -> dict:
-    """Images/s counts every image the stage embedded against the stage's wall time; the orchestration
-    share is the part of that wall time not spent inside the shard tasks' own work."""
+    """`images_per_second` is the stage's: every image embedded over the stage's wall time, planning and
+    model loading included; `shard_images_per_second` counts only time inside the shard tasks. The
+    orchestration share is the part of the wall time spent in neither planning nor shards."""
     extracted = sum(s.n_rows for s in shards)
-    busy = sum(s.seconds for s in shards)
+    in_shards = sum(s.seconds for s in shards)
+    busy = plan.seconds + in_shards
     return {
         "fingerprint": plan.fingerprint,
         "features_uri": plan.features_uri,
@@ -78,8 +80,10 @@ def summarize_extraction(plan: ExtractionPlan, shards: list[ShardManifest], wall
         "shards": len(shards),
         "bytes_written": sum(s.bytes_written for s in shards),
         "wall_seconds": round(wall_seconds, 3),
+        "plan_seconds": round(plan.seconds, 3),
         "images_per_second": round(extracted / wall_seconds, 1) if extracted and wall_seconds else None,
-        "orchestration_share": round(max(0.0, 1 - busy / wall_seconds), 4) if extracted and wall_seconds else None,
+        "shard_images_per_second": round(extracted / in_shards, 1) if extracted and in_shards else None,
+        "orchestration_share": round(max(0.0, 1 - busy / wall_seconds), 4) if wall_seconds else None,
     }
 
 

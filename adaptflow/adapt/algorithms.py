@@ -1,0 +1,322 @@
+"""Domain-adaptation algorithms behind one contract, as DomainBed's `algorithms.py`.
+
+Every algorithm is featurizer -> bottleneck -> linear classifier and owns its optimizer. The featurizer
+is whatever maps a batch to (N, feature_dim): `nn.Identity()` on cached backbone features, or a
+trainable backbone on images; its parameters learn at `lr * backbone_lr_mult`. `update` takes one
+labelled source batch and one unlabelled target batch and performs one optimisation step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adaptflow.adapt import losses
+from adaptflow.adapt.hparams import default_hparams
+from adaptflow.errors import ConfigError, lookup
+
+
+def l2sp_penalty(module: nn.Module, reference_state: dict[str, Tensor]) -> Tensor:
+    """L2-SP (Li et al. 2018): 0.5 * sum ||w - w0||^2 over the trainable parameters of `module` named
+    in `reference_state` (the pretrained weights), pulling fine-tuning towards its starting point."""
+    terms = [
+        0.5 * (p - reference_state[name]).pow(2).sum()
+        for name, p in module.named_parameters()
+        if p.requires_grad and name in reference_state
+    ]
+    return torch.stack(terms).sum() if terms else next(module.parameters(), torch.zeros(())).new_zeros(())
+
+
+def set_trainable(featurizer: nn.Module, trainable: bool | int) -> int:
+    """Freeze or unfreeze `featurizer`; returns how many parameters are now trainable.
+
+    True / False: everything / nothing (linear probe, then fine-tune: LP-FT). An int k unfreezes only
+    the last k top-level children that hold parameters (gradual unfreezing; 0 freezes all).
+    """
+    if isinstance(trainable, bool):
+        featurizer.requires_grad_(trainable)
+    else:
+        if trainable < 0:
+            raise ConfigError(f"set_trainable needs a bool or a count >= 0 of blocks, got {trainable}")
+        featurizer.requires_grad_(False)
+        blocks = [c for c in featurizer.children() if list(c.parameters())]
+        for block in blocks[max(len(blocks) - trainable, 0) :]:
+            block.requires_grad_(True)
+    return sum(p.numel() for p in featurizer.parameters() if p.requires_grad)
+
+
+def _frozen(module: nn.Module) -> bool:
+    """No parameter of `module` learns (True for a parameter-free module)."""
+    return not any(p.requires_grad for p in module.parameters())
+
+
+def _bottleneck(in_dim: int, dim: int, norm: str) -> nn.Module:
+    if dim == 0:
+        return nn.Identity()
+    norms = {"bn": nn.BatchNorm1d, "ln": nn.LayerNorm}
+    return nn.Sequential(nn.Linear(in_dim, dim), lookup(norms, "bottleneck_norm", norm)(dim), nn.ReLU())
+
+
+def _discriminator(in_dim: int, hidden: int) -> nn.Module:
+    """TLlib's DomainDiscriminator: two Linear-BN-ReLU layers, then one logit (1 = source)."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+        nn.Linear(hidden, 1),
+    )  # fmt: skip
+
+
+_OPTIMIZERS = {
+    "sgd": lambda groups, hp: torch.optim.SGD(
+        groups, lr=hp["lr"], momentum=0.9, nesterov=True, weight_decay=hp["weight_decay"]
+    ),
+    "adamw": lambda groups, hp: torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"]),
+}
+
+
+class Algorithm(nn.Module):
+    """The contract. Subclasses implement `update`; `key` is the registry name, hence the hparams."""
+
+    key: ClassVar[str]
+
+    def __init__(
+        self, featurizer: nn.Module, feature_dim: int, num_classes: int, hparams: dict[str, Any], max_steps: int
+    ):
+        super().__init__()
+        defaults = default_hparams(self.key)
+        unknown = sorted(set(hparams) - set(defaults))
+        if unknown:
+            raise ConfigError(
+                f"unknown hparams for {self.key}: {', '.join(unknown)}; valid: {', '.join(sorted(defaults))}"
+            )
+        self.hparams = {**defaults, **hparams}
+        lookup(_OPTIMIZERS, "optimizer", self.hparams["optimizer"])  # fail now, not at the first update
+        self.num_classes, self.max_steps = num_classes, max(int(max_steps), 1)
+        self.featurizer = featurizer
+        self.bottleneck = _bottleneck(feature_dim, self.hparams["bottleneck_dim"], self.hparams["bottleneck_norm"])
+        self.classifier = nn.Linear(self.hparams["bottleneck_dim"] or feature_dim, num_classes)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # A plain dict, not buffers: the pretrained copy must not double every checkpoint.
+        self._l2sp_ref = (
+            {n: p.detach().clone() for n, p in featurizer.named_parameters()} if self.hparams["l2sp"] > 0 else {}
+        )
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        """Build (once) the optimizer over every parameter, featurizer at lr * backbone_lr_mult.
+
+        Called by the first `update`; call it yourself to load an optimizer state before resuming.
+        Frozen parameters are included, so unfreezing later (LP-FT) needs no new optimizer.
+        """
+        if self.optimizer is None:
+            hp = self.hparams
+            feat_ids = {id(p) for p in self.featurizer.parameters()}
+            groups = [
+                {"params": list(self.featurizer.parameters()), "lr": hp["lr"] * hp["backbone_lr_mult"]},
+                {"params": [p for p in self.parameters() if id(p) not in feat_ids], "lr": hp["lr"]},
+            ]
+            groups = [g for g in groups if g["params"]]
+            self.optimizer = lookup(_OPTIMIZERS, "optimizer", hp["optimizer"])(groups, hp)
+            anneal = hp["lr_anneal"]
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda i: (1 + 10 * i / self.max_steps) ** -0.75 if anneal else 1.0
+            )
+        return self.optimizer
+
+    def train(self, mode: bool = True) -> Algorithm:
+        """As nn.Module.train, but frozen parts of the featurizer stay in eval mode: a frozen backbone
+        keeps its BatchNorm statistics and drops its dropout, as a linear probe assumes."""
+        super().train(mode)
+        if mode:
+            if _frozen(self.featurizer):
+                self.featurizer.eval()
+            for m in self.featurizer.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and _frozen(m):
+                    m.eval()
+        return self
+
+    def features(self, x: Tensor) -> Tensor:
+        """(N, bottleneck_dim) bottleneck features, the ones validators and domain-gap measures read."""
+        return self.bottleneck(self.featurizer(x))
+
+    def predict(self, x: Tensor) -> Tensor:
+        """(N, C) logits."""
+        return self.classifier(self.features(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.predict(x)
+
+    def _joint(self, xs: Tensor, xt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # One forward over both domains, so BatchNorm normalises them with shared statistics.
+        z = self.features(torch.cat([xs, xt]))
+        logits = self.classifier(z)
+        n = len(xs)
+        return z[:n], z[n:], logits[:n], logits[n:]
+
+    def _classification(self, logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"])
+
+    def _step(self, loss: Tensor, **parts: Tensor) -> dict[str, float]:
+        """Backward + optimizer step on `loss` (+ L2-SP); returns every part as a float."""
+        optimizer = self.configure_optimizer()
+        if self._l2sp_ref:
+            device = next(iter(self._l2sp_ref.values())).device
+            if device != loss.device:
+                self._l2sp_ref = {n: w.to(loss.device) for n, w in self._l2sp_ref.items()}
+            parts["l2sp"] = l2sp_penalty(self.featurizer, self._l2sp_ref)
+            loss = loss + self.hparams["l2sp"] * parts["l2sp"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.scheduler.step()
+        self.num_updates += 1
+        # One device sync for all the floats, not one per loss.
+        values = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())]).tolist()
+        return dict(zip(["loss", *parts], values, strict=True))
+
+    def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
+        """One optimisation step on a labelled source batch (x (N, ...), y (N,) int64) and an unlabelled
+        target batch (M, ...); returns the step's losses (and diagnostics) as finite floats."""
+        raise NotImplementedError
+
+
+class SourceOnly(Algorithm):
+    """Empirical risk minimisation on the source domain; the target batch is ignored."""
+
+    key = "source_only"
+
+    def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
+        xs, ys = source
+        cls = self._classification(self.predict(xs), ys)
+        return self._step(cls, cls_loss=cls)
+
+
+class AbstractAdversarial(Algorithm):
+    """A domain discriminator behind a warm-started gradient reversal, so the features learn to fool it.
+
+    Unconditional (DANN) it reads bottleneck features. Conditional (CDAN) it reads their multilinear
+    map with the detached predictions, optionally through a random layer, and with entropy
+    conditioning (CDAN+E) confident samples weigh more in the domain loss.
+    """
+
+    conditional: ClassVar[bool]
+
+    def __init__(self, featurizer, feature_dim, num_classes, hparams, max_steps):
+        super().__init__(featurizer, feature_dim, num_classes, hparams, max_steps)
+        dim, hp = self.classifier.in_features, self.hparams
+        self.random_map = None
+        if self.conditional and hp["randomized"]:
+            self.random_map = losses.RandomizedMultilinearMap(dim, num_classes, hp["randomized_dim"])
+            dim = hp["randomized_dim"]
+        elif self.conditional:
+            dim *= num_classes
+        self.discriminator = _discriminator(dim, hp["disc_hidden"])
+
+    def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
+        xs, ys = source
+        zs, zt, ls, lt = self._joint(xs, target)
+        cls = self._classification(ls, ys)
+        h, logits, weight = torch.cat([zs, zt]), torch.cat([ls, lt]), None
+        if self.conditional:
+            g = F.softmax(logits, dim=1).detach()
+            h = self.random_map(h, g) if self.random_map is not None else losses.multilinear_map(h, g)
+            if self.hparams["entropy_conditioning"]:
+                weight = losses.entropy_weights(logits)
+        coeff = losses.warm_start_coeff(int(self.num_updates), self.max_steps, alpha=self.hparams["grl_alpha"])
+        d = self.discriminator(losses.grad_reverse(h, coeff)).squeeze(1)  # (Ns+Nt,) logits, 1 = source
+        domain = torch.cat([torch.ones(len(zs)), torch.zeros(len(zt))]).to(d)
+        transfer = F.binary_cross_entropy_with_logits(d, domain, weight=weight)
+        disc_acc = ((d > 0).to(d) == domain).float().mean()
+        loss = cls + self.hparams["lambda"] * transfer
+        return self._step(loss, cls_loss=cls, transfer_loss=transfer, disc_acc=disc_acc)
+
+
+class DANN(AbstractAdversarial):
+    """Domain-adversarial neural network (Ganin et al. 2016)."""
+
+    key = "dann"
+    conditional = False
+
+
+class CDAN(AbstractAdversarial):
+    """Conditional domain-adversarial network (Long et al. 2018)."""
+
+    key = "cdan"
+    conditional = True
+
+
+class AbstractMMD(Algorithm):
+    """Source cross-entropy plus `lambda` x a distribution distance between source and target
+    bottleneck features: multi-kernel Gaussian MMD (DAN) when `gaussian`, else CORAL."""
+
+    gaussian: ClassVar[bool]
+
+    def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
+        xs, ys = source
+        zs, zt, ls, _ = self._joint(xs, target)
+        cls = self._classification(ls, ys)
+        if self.gaussian:
+            transfer = losses.mmd(zs, zt, self.hparams["kernel_mul"], self.hparams["kernel_num"])
+        else:
+            transfer = losses.coral(zs, zt)
+        return self._step(cls + self.hparams["lambda"] * transfer, cls_loss=cls, transfer_loss=transfer)
+
+
+class CORAL(AbstractMMD):
+    """Deep CORAL (Sun & Saenko 2016)."""
+
+    key = "coral"
+    gaussian = False
+
+
+class MMD(AbstractMMD):
+    """Multi-kernel MMD alignment (DAN, Long et al. 2015)."""
+
+    key = "mmd"
+    gaussian = True
+
+
+class MCC(Algorithm):
+    """Source cross-entropy plus Minimum Class Confusion on the target predictions (Jin et al. 2020)."""
+
+    key = "mcc"
+
+    def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
+        xs, ys = source
+        _, _, ls, lt = self._joint(xs, target)
+        cls = self._classification(ls, ys)
+        transfer = losses.mcc_loss(lt, self.hparams["temperature"])
+        return self._step(cls + self.hparams["lambda"] * transfer, cls_loss=cls, transfer_loss=transfer)
+
+
+class IM(Algorithm):
+    """Source cross-entropy plus information maximisation on the target (SHOT's entropy + diversity)."""
+
+    key = "im"
+
+    def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
+        xs, ys = source
+        _, _, ls, lt = self._joint(xs, target)
+        cls = self._classification(ls, ys)
+        transfer = losses.information_maximization(lt, self.hparams["diversity"])
+        return self._step(cls + self.hparams["lambda"] * transfer, cls_loss=cls, transfer_loss=transfer)
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    "source_only": SourceOnly,
+    "dann": DANN,
+    "cdan": CDAN,
+    "coral": CORAL,
+    "mmd": MMD,
+    "mcc": MCC,
+    "im": IM,
+}
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    """The algorithm class registered as `name`; an UnknownNameError lists the valid names."""
+    return lookup(ALGORITHMS, "algorithm", name)
