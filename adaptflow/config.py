@@ -67,6 +67,45 @@ class HeadConfig(_Section):
     patience: int = Field(20, ge=1, description="epochs without a better source-validation score before stopping")
 
 
+class AdaptConfig(_Section):
+    """Domain adaptation: which candidates to train, and how; the champion is chosen without target labels."""
+
+    method: str = Field("auto", description="auto: train the candidate set and select; an algorithm name; "
+                                            "or none: only the source-only head")
+    methods: list[str] = Field(default_factory=lambda: ["source_only", "dann", "cdan", "coral", "mmd", "mcc", "im"],
+                               description="the algorithms tried in features mode by method=auto")
+    image_methods: list[str] | None = Field(
+        None, description="algorithms also trained end to end (images mode); null: sized to the hardware "
+                          "(source_only and dann on CPU, every method on GPU)")
+    hparam_draws: int = Field(0, ge=0, description="random hyperparameter draws per method beside the defaults")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    feature_steps: int = Field(1500, ge=1, description="updates per features-mode candidate")
+    image_epochs: float = Field(4, gt=0, description="passes over the source images per images-mode candidate")
+    image_size: int | None = Field(None, ge=16, le=1024, description="images-mode input size; null: 64 on CPU, "
+                                                                     "the backbone's own on GPU")
+    strategy: Literal["full", "lp_ft", "gradual"] = "lp_ft"
+    time_budget_s: float | None = Field(None, gt=0, description="wall-clock budget per images-mode candidate")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from adaptflow.adapt.algorithms import ALGORITHMS
+
+        if name not in {"auto", "none", *ALGORITHMS}:
+            raise ValueError(str(UnknownNameError("method", name, ["auto", "none", *ALGORITHMS])))
+        return name
+
+    @field_validator("methods", "image_methods")
+    @classmethod
+    def _known_algorithms(cls, names: list[str] | None) -> list[str] | None:
+        from adaptflow.adapt.algorithms import ALGORITHMS
+
+        for name in names or []:
+            if name not in ALGORITHMS:
+                raise ValueError(str(UnknownNameError("algorithm", name, list(ALGORITHMS))))
+        return names
+
+
 class RuntimeConfig(_Section):
     max_workers: int = Field(2, ge=1, description="Prefect tasks run at once (threads)")
 
@@ -77,6 +116,7 @@ class Config(_Section):
     backbone: BackboneConfig = BackboneConfig()
     extract: ExtractConfig = ExtractConfig()
     head: HeadConfig = HeadConfig()
+    adapt: AdaptConfig = AdaptConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     def fingerprint(self) -> str:

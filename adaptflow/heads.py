@@ -1,4 +1,4 @@
-"""Classifier heads trained on cached features, saved as safetensors plus a JSON model card."""
+"""Classifier heads trained on cached source features: the source-only baseline of every run."""
 
 from __future__ import annotations
 
@@ -6,15 +6,9 @@ import copy
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from adaptflow import storage
-from adaptflow.config import Config, HeadConfig
-from adaptflow.errors import StoreError
-from adaptflow.manifests import SCHEMA_VERSION
+from adaptflow.config import HeadConfig
 
 
 class Head(nn.Module):
@@ -31,22 +25,15 @@ class Head(nn.Module):
             self.net = nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
                                      nn.Linear(hidden_dim, num_classes))
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardised input: what validators and domain-gap measures read for a head."""
+        return (x - self.mean) / self.std
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.features(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
-
-
-class ModelCard(BaseModel):
-    """Everything needed to rebuild and trust a saved model, next to its weights."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    schema_version: int = SCHEMA_VERSION
-    classes: list[str]
-    config: Config  # the run's settings: backbone, preprocessing and head are rebuilt from them
-    fingerprint: str  # extractor fingerprint the head was trained on
-    dim: int
-    config_hash: str
-    dataset_fingerprint: str
-    metrics: dict[str, float]
+        return self.predict(x)
 
 
 def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
@@ -88,33 +75,6 @@ def predict_proba(head: Head, x: np.ndarray, batch_size: int = 4096) -> np.ndarr
     head.eval()
     x = torch.tensor(x, dtype=torch.float32)
     return torch.cat([head(x[i : i + batch_size]).softmax(-1) for i in range(0, max(len(x), 1), batch_size)]).numpy()
-
-
-def save_model(model_uri: str, head: Head, card: ModelCard) -> None:
-    """Weights first, the card last: a model folder without `model.json` is not a model."""
-    tensors = {k: v.contiguous() for k, v in head.state_dict().items()}
-    storage.write_bytes(storage.join(model_uri, "head.safetensors"), save_safetensors(tensors))
-    storage.write_json(storage.join(model_uri, "model.json"), card.model_dump(mode="json"))
-
-
-def load_card(model_uri: str) -> ModelCard:
-    card_uri = storage.join(model_uri, "model.json")
-    if not storage.exists(card_uri):
-        raise StoreError(f"no model at {model_uri} (expected {card_uri})")
-    data = storage.read_json(card_uri)
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        raise StoreError(f"{card_uri} was written by an incompatible adaptflow (schema version "
-                         f"{data.get('schema_version') if isinstance(data, dict) else None}, expected {SCHEMA_VERSION})")
-    return ModelCard.model_validate(data)
-
-
-def load_model(model_uri: str) -> tuple[Head, ModelCard]:
-    card = load_card(model_uri)
-    state = load_safetensors(storage.read_bytes(storage.join(model_uri, "head.safetensors")))
-    h = card.config.head
-    head = Head(card.dim, len(card.classes), h.kind, h.hidden_dim, h.dropout)
-    head.load_state_dict(state)
-    return head.eval(), card
 
 
 @torch.inference_mode()

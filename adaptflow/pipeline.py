@@ -10,17 +10,16 @@ import secrets
 import time
 from datetime import UTC, datetime
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from adaptflow import storage
 from adaptflow.config import Config
-from adaptflow.errors import DatasetError, StoreError
+from adaptflow.errors import DatasetError
 from adaptflow.evaluate import classification_metrics
 from adaptflow.features import ExtractionPlan, load_features
-from adaptflow.heads import ModelCard, load_model, predict_proba, save_model, train_head
+from adaptflow.heads import train_head
 from adaptflow.manifests import IngestManifest, Manifest
+from adaptflow.models import ModelCard, infer, load_model, predictions_table, save_model
 
 
 class ModelManifest(Manifest):
@@ -77,52 +76,41 @@ def fit_head(source: IngestManifest, features: ExtractionPlan, cfg: Config, mode
                          val_accuracy=val_acc, epochs=len(curve), seconds=time.perf_counter() - start)
 
 
-def predict(model_uri: str, images: IngestManifest, features: ExtractionPlan, out_uri: str) -> PredictionManifest:
+def predict(model_uri: str, images: IngestManifest, features: ExtractionPlan | None, out_uri: str) -> PredictionManifest:
     """One row per valid image: uri, image_id, prediction (class name), confidence."""
     start = time.perf_counter()
-    head, card = _load_matching(model_uri, features)
+    model, card = load_model(model_uri)
     index = read_index(images)
-    proba = predict_proba(head, load_features(features.features_uri, index.image_id.tolist()))
-    table = pa.table({
-        "uri": index.uri.tolist(),
-        "image_id": index.image_id.tolist(),
-        "prediction": [card.classes[i] for i in proba.argmax(1)],
-        "confidence": proba.max(1).astype(np.float32) if len(proba) else np.empty(0, np.float32),
-    })
+    logits, _ = infer(model, card, index, features)
+    table = predictions_table(index, logits, card.classes)
     storage.write_table(out_uri, table)
     return PredictionManifest(predictions_uri=out_uri, n_predictions=table.num_rows,
                               seconds=time.perf_counter() - start)
 
 
 def evaluate(model_uri: str, source: IngestManifest, predictions: PredictionManifest,
-             target_labels: IngestManifest | None, features: ExtractionPlan, metrics_uri: str) -> EvaluationManifest:
+             target_labels: IngestManifest | None, features: ExtractionPlan | None,
+             metrics_uri: str) -> EvaluationManifest:
     """Score the source test split, and the target predictions against labels given for scoring only."""
     start = time.perf_counter()
-    head, card = _load_matching(model_uri, features)
+    model, card = load_model(model_uri)
     code = {c: i for i, c in enumerate(card.classes)}
     test = read_index(source).query("split == 'test'")
-    proba = predict_proba(head, load_features(features.features_uri, test.image_id.tolist()))
-    metrics = {"source_test": classification_metrics(test.label.map(code).to_numpy(), proba.argmax(1), card.classes)}
+    logits, _ = infer(model, card, test, features)
+    metrics = {"source_test": classification_metrics(test.label.map(code).to_numpy(), logits.argmax(1).numpy(),
+                                                     card.classes)}
     if target_labels is not None:
-        metrics["target"] = _score_predictions(predictions, target_labels, code, card.classes)
+        metrics["target"] = score_predictions(predictions.predictions_uri, target_labels, card.classes)
     storage.write_json(metrics_uri, metrics)
     return EvaluationManifest(metrics_uri=metrics_uri, source_test=_headline(metrics["source_test"]),
                               target=_headline(metrics["target"]) if "target" in metrics else None,
                               seconds=time.perf_counter() - start)
 
 
-def _load_matching(model_uri: str, features: ExtractionPlan):
-    head, card = load_model(model_uri)
-    if card.fingerprint != features.fingerprint:
-        raise StoreError(f"the model at {model_uri} was trained on features {card.fingerprint}, but these "
-                         f"features are {features.fingerprint}: its backbone weights or preprocessing changed")
-    return head, card
-
-
-def _score_predictions(predictions: PredictionManifest, labels: IngestManifest, code: dict[str, int],
-                       classes: list[str]) -> dict:
+def score_predictions(predictions_uri: str, labels: IngestManifest, classes: list[str]) -> dict:
     """Join predictions to labels by content hash, so labels may name the images however they like."""
-    pred = storage.read_table(predictions.predictions_uri, columns=["image_id", "prediction"]).to_pandas()
+    code = {c: i for i, c in enumerate(classes)}
+    pred = storage.read_table(predictions_uri, columns=["image_id", "prediction"]).to_pandas()
     truth = read_index(labels)[["image_id", "label"]].drop_duplicates("image_id")
     joined = pred.merge(truth, on="image_id")
     known = joined[joined.label.isin(code)]

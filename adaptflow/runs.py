@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from adaptflow import storage
+from adaptflow.adaptation import CandidateManifest, SelectionManifest
 from adaptflow.config import Config
 from adaptflow.features import ExtractionPlan, ShardManifest
 from adaptflow.manifests import IngestManifest, Manifest
@@ -57,10 +58,13 @@ class RunSummary(Manifest):
     config_hash: str
     datasets: dict[str, dict]  # domain -> uri, images, rejected, classes, fingerprint, index/rejects URIs
     extraction: dict
-    model_uri: str
+    model_uri: str  # the selected model
     predictions_uri: str
     metrics_uri: str
+    report_uri: str
     metrics: dict  # source_test and (with target labels) target: accuracy, macro_f1, n
+    baseline: dict  # the same for the source-only head, and its model URI
+    adaptation: dict  # selected candidate, reason, validator scores; every candidate's scores
     timings: dict[str, float]  # stage -> wall seconds
 
 
@@ -88,18 +92,34 @@ def summarize_extraction(plan: ExtractionPlan, shards: list[ShardManifest], wall
 
 
 def write_summary(run_id: str, run: str, cfg: Config, datasets: dict[str, IngestManifest], extraction: dict,
-                  model: ModelManifest, predictions: PredictionManifest, evaluation: EvaluationManifest,
-                  timings: dict[str, float]) -> RunSummary:
+                  head: ModelManifest, candidates: list[CandidateManifest], selection: SelectionManifest,
+                  predictions: PredictionManifest, evaluation: EvaluationManifest,
+                  baseline: EvaluationManifest, report_uri: str, timings: dict[str, float]) -> RunSummary:
+    chosen = candidates[selection.index] if selection.index >= 0 else None
+    oracle = candidates[selection.oracle_index] if selection.oracle_index is not None else None
     summary = RunSummary(
         run_id=run_id, run_uri=run, finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
         config=cfg.model_dump(mode="json"), config_hash=cfg.fingerprint(),
         datasets={d: {"uri": m.dataset_uri, "images": m.n_images, "rejected": m.n_rejected, "classes": m.classes,
                       "fingerprint": m.fingerprint, "index_uri": m.index_uri, "rejects_uri": m.rejects_uri}
                   for d, m in datasets.items()},
-        extraction=extraction, model_uri=model.model_uri, predictions_uri=predictions.predictions_uri,
-        metrics_uri=evaluation.metrics_uri,
-        metrics={"source_val_accuracy": model.val_accuracy, "source_test": evaluation.source_test,
-                 "target": evaluation.target},
+        extraction=extraction, model_uri=selection.model_uri, predictions_uri=predictions.predictions_uri,
+        metrics_uri=evaluation.metrics_uri, report_uri=report_uri,
+        metrics={"source_val_accuracy": chosen.scores["source_val_acc"] if chosen else head.val_accuracy,
+                 "source_test": evaluation.source_test, "target": evaluation.target},
+        baseline={"model_uri": head.model_uri, "source_val_accuracy": head.val_accuracy,
+                  "source_test": baseline.source_test, "target": baseline.target},
+        adaptation={
+            "selected": selection.name, "method": chosen.spec.method if chosen else "head",
+            "mode": chosen.spec.mode if chosen else "features", "reason": selection.reason,
+            "policy": selection.policy, "scores": chosen.scores if chosen else {},
+            "oracle": oracle.spec.name if oracle else None,
+            "oracle_target_accuracy": oracle.target_accuracy if oracle else None,
+            "candidates": [{"name": c.spec.name, "method": c.spec.method, "mode": c.spec.mode, "scores": c.scores,
+                            "collapsed": c.collapsed, "source_test_accuracy": c.source_test_accuracy,
+                            "target_accuracy": c.target_accuracy, "seconds": round(c.seconds, 2),
+                            "model_uri": c.model_uri} for c in candidates],
+        },
         timings=timings,
     )
     summary.commit(storage.join(run, "summary.json"))
@@ -107,19 +127,24 @@ def write_summary(run_id: str, run: str, cfg: Config, datasets: dict[str, Ingest
 
 
 def metrics_rows(summary: RunSummary) -> list[dict]:
-    """One row per scored split, for tables (Prefect artifact, command-line output)."""
-    rows = [{"split": "source val", "accuracy": summary.metrics["source_val_accuracy"], "macro_f1": None, "n": None}]
-    for name, key in (("source test", "source_test"), ("target", "target")):
-        m = summary.metrics.get(key)
-        if m:
-            rows.append({"split": name, **{k: m[k] for k in ("accuracy", "macro_f1", "n")}})
+    """One row per (model, scored split), for tables (Prefect artifact, command-line output)."""
+    selected = summary.adaptation["selected"]
+    rows = []
+    for model, m in (("source-only head", summary.baseline), (selected, summary.metrics)):
+        for split, key in (("source test", "source_test"), ("target", "target")):
+            if m.get(key):
+                rows.append({"model": model, "split": split, **{k: m[key][k] for k in ("accuracy", "macro_f1", "n")}})
+        if selected == "head":
+            break
     return rows
 
 
 def render_markdown(summary: RunSummary) -> str:
     ex = summary.extraction
-    lines = [f"# adaptflow run `{summary.run_id}`", "", "| split | accuracy | macro-F1 | n |", "|---|---|---|---|"]
-    lines += [f"| {r['split']} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} | {r['n'] or ''} |"
+    a = summary.adaptation
+    lines = [f"# adaptflow run `{summary.run_id}`", "", f"Selected **{a['selected']}**: {a['reason']}.", "",
+             "| model | split | accuracy | macro-F1 | n |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['split']} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} | {r['n']} |"
               for r in metrics_rows(summary)]
     lines += ["", "| dataset | images | rejected |", "|---|---|---|"]
     lines += [f"| {d} | {v['images']} | {v['rejected']} |" for d, v in summary.datasets.items()]
@@ -127,7 +152,8 @@ def render_markdown(summary: RunSummary) -> str:
               f"feature store, {ex['images_per_second'] or '-'} images/s.", "",
               "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {sec:.1f} |" for stage, sec in summary.timings.items()]
-    lines += ["", f"Model: `{summary.model_uri}`  ", f"Predictions: `{summary.predictions_uri}`"]
+    lines += ["", f"Model: `{summary.model_uri}`  ", f"Predictions: `{summary.predictions_uri}`  ",
+              f"Report: `{summary.report_uri}`"]
     return "\n".join(lines)
 
 
@@ -138,12 +164,39 @@ def _fmt(x: float | None) -> str:
 def render_table(summary: RunSummary) -> str:
     """A plain-text report for the terminal: accuracy, images processed, time per stage."""
     ex = summary.extraction
-    lines = [f"adaptflow run {summary.run_id}", "", f"{'split':<14}{'accuracy':>10}{'macro-F1':>10}{'n':>8}"]
-    lines += [f"{r['split']:<14}{_fmt(r['accuracy']):>10}{_fmt(r['macro_f1']):>10}{r['n'] or '':>8}"
+    a = summary.adaptation
+    lines = [f"adaptflow run {summary.run_id}", f"selected: {a['selected']} ({a['reason']})", "",
+             f"{'model':<24}{'split':<13}{'accuracy':>10}{'macro-F1':>10}{'n':>7}"]
+    lines += [f"{r['model']:<24}{r['split']:<13}{_fmt(r['accuracy']):>10}{_fmt(r['macro_f1']):>10}{r['n']:>7}"
               for r in metrics_rows(summary)]
+    if a["candidates"]:
+        known = any(c["target_accuracy"] is not None for c in a["candidates"])
+        lines += ["", f"{'candidate':<24}{'src val':>9}{'IM':>8}{'BNM':>8}{'collapsed':>11}"
+                      + (f"{'target*':>9}" if known else "") + f"{'seconds':>9}"]
+        lines += [f"{c['name']:<24}{c['scores']['source_val_acc']:>9.3f}{c['scores']['im']:>8.3f}"
+                  f"{c['scores']['bnm']:>8.3f}{'yes' if c['collapsed'] else 'no':>11}"
+                  + (f"{_fmt(c['target_accuracy']):>9}" if known else "") + f"{c['seconds']:>9.1f}"
+                  for c in a["candidates"]]
+        if known:
+            lines.append(f"* target labels used for scoring only; oracle pick: {a['oracle']}")
     lines += ["", f"{'dataset':<14}{'images':>10}{'rejected':>10}"]
     lines += [f"{d:<14}{v['images']:>10}{v['rejected']:>10}" for d, v in summary.datasets.items()]
     lines += ["", f"extraction: {ex['images_extracted']} embedded, {ex['images_cached']} reused, "
                   f"{ex['images_per_second'] or '-'} images/s", "", f"{'stage':<14}{'seconds':>10}"]
     lines += [f"{stage:<14}{sec:>10.1f}" for stage, sec in summary.timings.items()]
+    lines += ["", f"report: {summary.report_uri}"]
     return "\n".join(lines)
+
+
+def candidate_rows(summary: RunSummary) -> list[dict]:
+    return [{"candidate": c["name"], "selected": c["name"] == summary.adaptation["selected"],
+             **{k: round(v, 4) for k, v in c["scores"].items()}, "collapsed": c["collapsed"],
+             "target_accuracy (labels, scoring only)": c["target_accuracy"], "seconds": c["seconds"]}
+            for c in summary.adaptation["candidates"]]
+
+
+def as_link(uri: str) -> str:
+    """A clickable form of a store URI: local paths become file:// URLs."""
+    import os
+
+    return uri if "://" in uri else "file://" + os.path.abspath(uri)

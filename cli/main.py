@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from adaptflow.config import load_config
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, [*args.set, f"adapt.method={args.method}"] if args.method else args.set)
     for uri in (args.source, args.target, args.target_labels):
         if uri and not storage.exists(uri):
             raise DatasetError(f"dataset not found: {uri}")
@@ -49,7 +49,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from adaptflow.config import load_config
     from adaptflow.demo import make_demo_data
 
-    cfg = load_config(args.config, [*DEMO_SETTINGS, *args.set])
+    extra = [f"adapt.method={args.method}"] if args.method else []
+    cfg = load_config(args.config, [*DEMO_SETTINGS, *args.set, *extra])
     demo = make_demo_data(storage.join(args.store, "demo-data"), seed=cfg.seed)
     print(f"demo data: source {demo.source_uri} (class folders, grey digits), "
           f"target {demo.target_uri} (flat folder, digits on colour photos)")
@@ -120,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--config", help="YAML config file (see configs/default.yaml)")
             sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override one setting, e.g. --set backbone.image_size=64 (repeatable)")
+            sp.add_argument("--method", help="auto (default): train the adaptation candidates and select one "
+                                             "without target labels; an algorithm (source_only, dann, cdan, coral, "
+                                             "mmd, mcc, im) trains only that one; none: only the source-only head")
 
     run = sub.add_parser("run", help="ingest, extract, train and evaluate on a source and a target dataset",
                          description="Train a classifier on labeled source images for unlabeled target images. "

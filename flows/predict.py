@@ -1,6 +1,6 @@
 from prefect import flow, unmapped
 
-from adaptflow.heads import load_card
+from adaptflow.models import load_card
 from adaptflow.pipeline import new_run_id
 from adaptflow.runs import DEFAULT_STORE, ingest_uri
 from adaptflow.storage import join
@@ -12,14 +12,17 @@ from tasks.ingest import ingest_dataset
 @flow(name="predict")
 def batch_predict(model_uri: str, images: str, out: str, store: str = DEFAULT_STORE) -> str:
     """Predict a class for every valid image under `images` with a saved model; returns `out`."""
-    cfg = load_card(model_uri).config
+    card = load_card(model_uri)
+    cfg = card.config
     work = join(store, "predictions", new_run_id())
 
     # 1. ingest the images to predict
     dataset = ingest_dataset(images, "predict", ingest_uri(work, "predict"), cfg.ingest, cfg.seed)
-    # 2-3. embed them with the model's own extractor, reusing the feature store
-    plan = plan_extraction([dataset.index_uri], store, cfg.backbone, cfg.extract.shard_size)
-    extract_shard.map(plan.shards, unmapped(cfg.backbone), unmapped(cfg.extract)).result()
-    # 4. apply the head
+    # 2-3. models on cached features: embed the images with the model's own extractor, reusing the store
+    plan = None
+    if card.kind != "images":
+        plan = plan_extraction([dataset.index_uri], store, cfg.backbone, cfg.extract.shard_size)
+        extract_shard.map(plan.shards, unmapped(cfg.backbone), unmapped(cfg.extract)).result()
+    # 4. apply the model
     predict(model_uri, dataset, plan, out)
     return out

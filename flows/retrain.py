@@ -5,10 +5,11 @@ from adaptflow.config import validate_config
 from adaptflow.pipeline import new_run_id
 from adaptflow.runs import DEFAULT_STORE, StageClock, ingest_uri, model_uri, run_uri
 from adaptflow.storage import join
+from tasks.adapt import plan_candidates, select_model, train_candidate
 from tasks.evaluate import evaluate, predict
 from tasks.extract import extract_shard, plan_extraction
 from tasks.ingest import ingest_dataset
-from tasks.report import publish_run, write_summary
+from tasks.report import publish_run, write_report, write_summary
 from tasks.train import fit_head
 
 
@@ -27,23 +28,30 @@ def retrain(source: str, target: str, target_labels: str | None = None, store: s
         futures = {domain: ingest_dataset.submit(uri, domain, ingest_uri(run, domain), cfg.ingest, cfg.seed)
                    for domain, uri in inputs.items() if uri}
         datasets = {domain: f.result() for domain, f in futures.items()}
+    src, tgt, labels = datasets["source"], datasets["target"], datasets.get("target_labels")
 
     # 2-3. preprocess + extract: embed only images the feature store lacks, shard by shard
     with clock("extract"):
-        plan = plan_extraction([datasets["source"].index_uri, datasets["target"].index_uri], store,
-                               cfg.backbone, cfg.extract.shard_size)
+        plan = plan_extraction([src.index_uri, tgt.index_uri], store, cfg.backbone, cfg.extract.shard_size)
         shards = extract_shard.map(plan.shards, unmapped(cfg.backbone), unmapped(cfg.extract)).result()
 
-    # 4. fine-tune: a head on cached source features, early-stopped on source validation
+    # 4. fine-tune and adapt: the source-only head, then adaptation candidates, chosen without target labels
     with clock("train"):
-        model = fit_head(datasets["source"], plan, cfg, model_uri(store, run_id))
+        head = fit_head(src, plan, cfg, model_uri(store, run_id))
+        specs = plan_candidates(cfg)
+        candidates = train_candidate.map(specs, unmapped(src), unmapped(tgt), unmapped(labels), unmapped(plan),
+                                         unmapped(cfg), unmapped(join(run, "candidates"))).result()
+        selection = select_model(head, candidates, cfg)
 
-    # 5. evaluate: predictions for every target image; metrics on source test and labeled target
+    # 5. evaluate: the chosen model and the source-only head, on source test and (if labeled) target
     with clock("evaluate"):
-        predictions = predict(model.model_uri, datasets["target"], plan, join(run, "predictions.parquet"))
-        evaluation = evaluate(model.model_uri, datasets["source"], predictions, datasets.get("target_labels"),
-                              plan, join(run, "metrics.json"))
+        predictions = predict(selection.model_uri, tgt, plan, join(run, "predictions.parquet"))
+        evaluation = evaluate(selection.model_uri, src, predictions, labels, plan, join(run, "metrics.json"))
+        baseline = predict(head.model_uri, tgt, plan, join(run, "baseline", "predictions.parquet"))
+        baseline_evaluation = evaluate(head.model_uri, src, baseline, labels, plan, join(run, "baseline", "metrics.json"))
+        report = write_report(run, src, tgt, plan, candidates, selection, evaluation, baseline_evaluation)
 
-    summary = write_summary(run_id, run, cfg, datasets, plan, shards, model, predictions, evaluation, clock.seconds)
+    summary = write_summary(run_id, run, cfg, datasets, plan, shards, head, candidates, selection, predictions,
+                            evaluation, baseline_evaluation, report, clock.seconds)
     publish_run(summary)
     return run

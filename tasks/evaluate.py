@@ -8,13 +8,13 @@ from tasks._retry import IO_TASK
 
 
 @task(name="predict", **IO_TASK)
-def predict(model_uri: str, images: IngestManifest, features: ExtractionPlan, out_uri: str) -> PredictionManifest:
+def predict(model_uri: str, images: IngestManifest, features: ExtractionPlan | None, out_uri: str) -> PredictionManifest:
     """Write the model's prediction for every valid image."""
     return pipeline.predict(model_uri, images, features, out_uri)
 
 
 @task(name="evaluate")
 def evaluate(model_uri: str, source: IngestManifest, predictions: PredictionManifest,
-             target_labels: IngestManifest | None, features: ExtractionPlan, metrics_uri: str) -> EvaluationManifest:
+             target_labels: IngestManifest | None, features: ExtractionPlan | None, metrics_uri: str) -> EvaluationManifest:
     """Score the source test split and, when labels were given for scoring, the target predictions."""
     return pipeline.evaluate(model_uri, source, predictions, target_labels, features, metrics_uri)

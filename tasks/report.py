@@ -1,7 +1,8 @@
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from adaptflow import runs
+from adaptflow import run_report, runs
+from adaptflow.adaptation import CandidateManifest, SelectionManifest
 from adaptflow.config import Config
 from adaptflow.features import ExtractionPlan, ShardManifest
 from adaptflow.manifests import IngestManifest
@@ -9,19 +10,34 @@ from adaptflow.pipeline import EvaluationManifest, ModelManifest, PredictionMani
 from adaptflow.runs import RunSummary
 
 
+@task(name="write-report")
+def write_report(run_uri: str, source: IngestManifest, target: IngestManifest, features: ExtractionPlan,
+                 candidates: list[CandidateManifest], selection: SelectionManifest, evaluation: EvaluationManifest,
+                 baseline: EvaluationManifest) -> str:
+    """The run's self-contained HTML report: candidates, selection, metrics, domain gap, plots."""
+    return run_report.write_run_report(run_uri, source, target, features, candidates, selection, evaluation, baseline)
+
+
 @task(name="write-summary")
 def write_summary(run_id: str, run_uri: str, cfg: Config, datasets: dict[str, IngestManifest], plan: ExtractionPlan,
-                  shards: list[ShardManifest], model: ModelManifest, predictions: PredictionManifest,
-                  evaluation: EvaluationManifest, timings: dict[str, float]) -> RunSummary:
+                  shards: list[ShardManifest], head: ModelManifest, candidates: list[CandidateManifest],
+                  selection: SelectionManifest, predictions: PredictionManifest, evaluation: EvaluationManifest,
+                  baseline: EvaluationManifest, report_uri: str, timings: dict[str, float]) -> RunSummary:
     """Commit the run: summary.json is written last."""
     extraction = runs.summarize_extraction(plan, shards, timings.get("extract", 0.0))
-    return runs.write_summary(run_id, run_uri, cfg, datasets, extraction, model, predictions, evaluation, timings)
+    return runs.write_summary(run_id, run_uri, cfg, datasets, extraction, head, candidates, selection, predictions,
+                              evaluation, baseline, report_uri, timings)
 
 
 @task(name="publish-run")
 def publish_run(summary: RunSummary) -> None:
-    """Put the run's metrics and a summary on the Prefect UI."""
+    """Put the run's metrics, candidates and report on the Prefect UI."""
     create_table_artifact(key="adaptflow-metrics", table=runs.metrics_rows(summary),
                           description=f"adaptflow run {summary.run_id}")
+    if summary.adaptation["candidates"]:
+        create_table_artifact(key="adaptflow-candidates", table=runs.candidate_rows(summary),
+                              description="adaptation candidates and their label-free scores")
     create_markdown_artifact(key="adaptflow-summary", markdown=runs.render_markdown(summary),
                              description=f"adaptflow run {summary.run_id}")
+    create_link_artifact(key="adaptflow-report", link=runs.as_link(summary.report_uri),
+                         description="self-contained HTML report")

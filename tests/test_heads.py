@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 
-from adaptflow.config import Config, HeadConfig
-from adaptflow.errors import StoreError
-from adaptflow.heads import ModelCard, load_model, predict_proba, save_model, train_head
+from adaptflow.config import HeadConfig
+from adaptflow.heads import predict_proba, train_head
 
 
 def _blobs(n, seed, dim=16, classes=3):
@@ -31,19 +30,3 @@ def test_training_is_seeded():
     a, _ = train_head(x, y, x, y, 3, cfg, seed=7)
     b, _ = train_head(x, y, x, y, 3, cfg, seed=7)
     assert np.array_equal(predict_proba(a, x), predict_proba(b, x))
-
-
-def test_save_and_load_round_trip(memory_uri):
-    x, y = _blobs(120, 1)
-    head, _ = train_head(x, y, x, y, 3, HeadConfig(kind="mlp", hidden_dim=8, max_epochs=3), seed=0)
-    card = ModelCard(classes=["a", "b", "c"], config=Config(head=HeadConfig(kind="mlp", hidden_dim=8)),
-                     fingerprint="f" * 16, dim=16, config_hash="c", dataset_fingerprint="d", metrics={"acc": 1.0})
-    save_model(memory_uri, head, card)
-    loaded, loaded_card = load_model(memory_uri)
-    assert loaded_card == card
-    assert np.array_equal(predict_proba(loaded, x), predict_proba(head, x))
-
-
-def test_loading_a_missing_model_names_the_uri(memory_uri):
-    with pytest.raises(StoreError, match=f"no model at {memory_uri}/nothing"):
-        load_model(f"{memory_uri}/nothing")

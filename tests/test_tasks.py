@@ -3,16 +3,19 @@
 import pytest
 from prefect.states import Failed
 
+from adaptflow import storage
+from adaptflow.adaptation import CandidateManifest, SelectionManifest
 from adaptflow.errors import DatasetError
 from adaptflow.features import ExtractionPlan, ShardManifest
 from adaptflow.manifests import IngestManifest
 from adaptflow.pipeline import EvaluationManifest, ModelManifest, PredictionManifest
 from adaptflow.runs import RunSummary, StageClock
 from tasks._retry import retry_unless_user_error
+from tasks.adapt import plan_candidates, select_model, train_candidate
 from tasks.evaluate import evaluate, predict
 from tasks.extract import extract_shard, plan_extraction
 from tasks.ingest import ingest_dataset
-from tasks.report import publish_run, write_summary
+from tasks.report import publish_run, write_report, write_summary
 from tasks.train import fit_head
 
 
@@ -33,16 +36,28 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
         shards = [extract_shard.fn(s, cfg.backbone, cfg.extract) for s in plan.shards]
     assert isinstance(plan, ExtractionPlan) and all(isinstance(s, ShardManifest) for s in shards)
 
-    model = fit_head.fn(datasets["source"], plan, cfg, f"{memory_uri}/models/r1")
-    assert isinstance(model, ModelManifest) and model.classes == demo_data.classes
+    head = fit_head.fn(datasets["source"], plan, cfg, f"{memory_uri}/models/r1")
+    assert isinstance(head, ModelManifest) and head.classes == demo_data.classes
 
-    preds = predict.fn(model.model_uri, datasets["target"], plan, f"{run}/predictions.parquet")
+    specs = plan_candidates.fn(cfg)
+    assert [s.name for s in specs] == ["source_only-features", "dann-features", "dann-images"]
+    candidates = [train_candidate.fn(s, datasets["source"], datasets["target"], datasets["target_labels"], plan,
+                                     cfg, f"{run}/candidates") for s in specs[1:]]
+    assert all(isinstance(c, CandidateManifest) for c in candidates)
+    selection = select_model.fn(head, candidates, cfg)
+    assert isinstance(selection, SelectionManifest) and selection.index in (0, 1)
+
+    preds = predict.fn(selection.model_uri, datasets["target"], plan, f"{run}/predictions.parquet")
     assert isinstance(preds, PredictionManifest) and preds.n_predictions == datasets["target"].n_images
-    evaluation = evaluate.fn(model.model_uri, datasets["source"], preds, datasets["target_labels"], plan,
+    evaluation = evaluate.fn(selection.model_uri, datasets["source"], preds, datasets["target_labels"], plan,
                              f"{run}/metrics.json")
     assert isinstance(evaluation, EvaluationManifest) and evaluation.target["n"] == datasets["target"].n_images
 
-    summary = write_summary.fn("r1", run, cfg, datasets, plan, shards, model, preds, evaluation, clock.seconds)
+    report = write_report.fn(run, datasets["source"], datasets["target"], plan, candidates, selection, evaluation,
+                             evaluation)
+    assert storage.read_bytes(report).startswith(b"<!DOCTYPE html>")
+    summary = write_summary.fn("r1", run, cfg, datasets, plan, shards, head, candidates, selection, preds,
+                               evaluation, evaluation, report, clock.seconds)
     assert isinstance(summary, RunSummary)
     assert RunSummary.load(f"{run}/summary.json") == summary
     publish_run.fn(summary)

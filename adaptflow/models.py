@@ -1,0 +1,132 @@
+"""Saved models of every kind, behind one card: save, load, and predict for indexed images.
+
+A model folder holds `weights.safetensors` and `model.json` (the card), written last. Kinds:
+    head      a Head on cached backbone features (the source-only baseline)
+    features  an adaptation Algorithm on cached backbone features (featurizer = identity)
+    images    an adaptation Algorithm whose featurizer is the backbone itself, trained end to end
+Every predictor has `features(x)` (what validators read) and `predict(x)` (logits).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from adaptflow import storage
+from adaptflow.config import Config
+from adaptflow.errors import StoreError
+from adaptflow.features import ExtractionPlan, load_features
+from adaptflow.manifests import SCHEMA_VERSION
+
+Kind = Literal["head", "features", "images"]
+
+
+class ModelCard(BaseModel):
+    """Everything needed to rebuild and trust a saved model, next to its weights."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    kind: Kind = "head"
+    method: str = "head"  # "head" or an adaptation algorithm's registry key
+    hparams: dict = {}
+    image_size: int | None = None  # images kind: the input size it was trained at
+    classes: list[str]
+    config: Config  # the run's settings: backbone and preprocessing are rebuilt from them
+    fingerprint: str  # extractor fingerprint of the features it reads (head and features kinds)
+    dim: int  # backbone feature dimension
+    config_hash: str
+    dataset_fingerprint: str
+    metrics: dict[str, float]
+
+
+def save_model(model_uri: str, model: nn.Module, card: ModelCard) -> None:
+    """Weights first, the card last: a model folder without `model.json` is not a model."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    storage.write_bytes(storage.join(model_uri, "weights.safetensors"), save_safetensors(tensors))
+    storage.write_json(storage.join(model_uri, "model.json"), card.model_dump(mode="json"))
+
+
+def load_card(model_uri: str) -> ModelCard:
+    card_uri = storage.join(model_uri, "model.json")
+    if not storage.exists(card_uri):
+        raise StoreError(f"no model at {model_uri} (expected {card_uri})")
+    data = storage.read_json(card_uri)
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise StoreError(f"{card_uri} was written by an incompatible adaptflow (schema version {version}, "
+                         f"expected {SCHEMA_VERSION})")
+    return ModelCard.model_validate(data)
+
+
+def build_model(card: ModelCard) -> nn.Module:
+    """An untrained model of the card's architecture (images kind: backbone with its pretrained weights)."""
+    if card.kind == "head":
+        from adaptflow.heads import Head
+
+        h = card.config.head
+        return Head(card.dim, len(card.classes), h.kind, h.hidden_dim, h.dropout)
+    from adaptflow.adapt.algorithms import get_algorithm
+
+    featurizer, dim = nn.Identity(), card.dim
+    if card.kind == "images":
+        from adaptflow.adapt.images import image_featurizer
+
+        featurizer, dim, _ = image_featurizer(card.config.backbone.model_copy(update={"image_size": card.image_size}))
+    return get_algorithm(card.method)(featurizer, dim, len(card.classes), card.hparams, max_steps=1)
+
+
+def load_model(model_uri: str) -> tuple[nn.Module, ModelCard]:
+    card = load_card(model_uri)
+    model = build_model(card)
+    state = load_safetensors(storage.read_bytes(storage.join(model_uri, "weights.safetensors")))
+    model.load_state_dict(state)
+    return model.eval(), card
+
+
+def infer(model: nn.Module, card: ModelCard, index: pd.DataFrame, features: ExtractionPlan | None,
+          device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, C), model features (N, d)) for the images of `index`, in its row order, on the CPU."""
+    if card.kind == "images":
+        from adaptflow.adapt.images import image_featurizer, infer_images, load_images
+
+        _, _, data_config = image_featurizer(card.config.backbone.model_copy(update={"image_size": card.image_size}))
+        x = load_images(index.uri.tolist(), data_config, card.config.extract.num_workers)
+        return infer_images(model, x, device=device)
+    if features is None or features.fingerprint != card.fingerprint:
+        got = features.fingerprint if features else None
+        raise StoreError(f"this {card.kind} model reads features {card.fingerprint}, got {got}: its backbone "
+                         "weights or preprocessing changed")
+    x = torch.from_numpy(load_features(features.features_uri, index.image_id.tolist()))
+    return infer_features(model, x)
+
+
+@torch.no_grad()
+def infer_features(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, model features) of a features-kind or head model on a (N, D) tensor, in eval mode."""
+    model.eval()
+    logits, feats = [], []
+    for chunk in x.float().split(batch_size) if len(x) else [x.float()]:
+        z = model.features(chunk)
+        feats.append(z)
+        logits.append(model.predict(chunk))
+    return torch.cat(logits), torch.cat(feats)
+
+
+def predictions_table(index: pd.DataFrame, logits: torch.Tensor, classes: list[str]):
+    """The predictions contract: uri, image_id, prediction (class name), confidence."""
+    import pyarrow as pa
+
+    proba = logits.float().softmax(1).numpy() if len(logits) else np.empty((0, len(classes)), np.float32)
+    return pa.table({
+        "uri": index.uri.tolist(),
+        "image_id": index.image_id.tolist(),
+        "prediction": [classes[i] for i in proba.argmax(1)],
+        "confidence": proba.max(1).astype(np.float32) if len(proba) else np.empty(0, np.float32),
+    })
