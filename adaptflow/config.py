@@ -76,14 +76,14 @@ class AdaptConfig(_Section):
                                description="the algorithms tried in features mode by method=auto")
     image_methods: list[str] | None = Field(
         None, description="algorithms also trained end to end (images mode); null: sized to the hardware "
-                          "(source_only and dann on CPU, every method on GPU)")
+                          "(source_only, dann and cdan on CPU, every method on GPU)")
     hparam_draws: int = Field(0, ge=0, description="random hyperparameter draws per method beside the defaults")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     feature_steps: int = Field(1500, ge=1, description="updates per features-mode candidate")
-    image_epochs: float = Field(4, gt=0, description="passes over the source images per images-mode candidate")
+    image_epochs: float = Field(10, gt=0, description="passes over the source images per images-mode candidate")
     image_size: int | None = Field(None, ge=16, le=1024, description="images-mode input size; null: 64 on CPU, "
                                                                      "the backbone's own on GPU")
-    strategy: Literal["full", "lp_ft", "gradual"] = "lp_ft"
+    strategy: Literal["full", "lp_ft", "gradual"] = "full"
     time_budget_s: float | None = Field(None, gt=0, description="wall-clock budget per images-mode candidate")
 
     @field_validator("method")

@@ -16,7 +16,7 @@ def _cfg(*overrides):
 def test_candidate_plan_is_sized_to_the_hardware():
     names = lambda specs: [s.name for s in specs]  # noqa: E731
     cpu = adaptation.plan_candidates(_cfg(), cuda=False)
-    assert names(cpu) == [f"{m}-features" for m in _cfg().adapt.methods] + ["source_only-images", "dann-images"]
+    assert names(cpu) == [f"{m}-features" for m in _cfg().adapt.methods] + ["source_only-images", "dann-images", "cdan-images"]
     assert len(adaptation.plan_candidates(_cfg(), cuda=True)) == 2 * len(_cfg().adapt.methods)
     assert names(adaptation.plan_candidates(_cfg("adapt.method=coral"), cuda=False)) == ["coral-features", "coral-images"]
     assert adaptation.plan_candidates(_cfg("adapt.method=none"), cuda=False) == []

@@ -91,3 +91,16 @@ def random_hparams(algorithm: str, seed: int) -> dict[str, Any]:
         k: sampler(np.random.default_rng(zlib.crc32(f"{algorithm}/{seed}/{k}".encode())))
         for k, (_, sampler) in table.items()
     }
+
+
+# End to end, the backbone needs a far larger step than on cached features: at the shared defaults
+# (lr 0.01, backbone 0.001) four epochs of DANN at 64 px left the target at 0.16 and source-val at 0.65;
+# lr 0.1 with the backbone at 0.3x reached 0.48 and 0.91 (benchmarks/adaptation.py, demo shift, CPU).
+IMAGE_MODE_DEFAULTS: dict[str, Any] = {"lr": 0.1, "backbone_lr_mult": 0.3}
+
+
+def candidate_hparams(algorithm: str, mode: str, draw: int) -> dict[str, Any]:
+    """Draw 0: the defaults (with the end-to-end overrides in images mode); draw k > 0: random draw k."""
+    if draw:
+        return random_hparams(algorithm, draw)
+    return {**default_hparams(algorithm), **(IMAGE_MODE_DEFAULTS if mode == "images" else {})}
