@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import os
 import posixpath
@@ -26,6 +25,7 @@ from torch import nn
 from adaptflow import storage
 from adaptflow.config import BackboneConfig
 from adaptflow.errors import AdaptflowError, UnknownNameError, lookup
+from adaptflow.weights import file_sha256, file_stamp, read_state_dict
 
 FEATURE_VERSION = 1  # bump when the same config would produce different features (preprocessing, pooling)
 
@@ -234,7 +234,7 @@ def build_extractor(cfg: BackboneConfig) -> Extractor:
     """The extractor for `cfg`, built once per process (and again if its weights file changes)."""
     spec = lookup(BACKBONES, "backbone", cfg.name)
     uri = _weights_uri(cfg, spec)
-    stamp = _stamp(uri) if uri else None
+    stamp = file_stamp(uri) if uri else None
     with _build_lock:  # threads asking for the same backbone share one build
         return _build_extractor(cfg, uri, stamp)
 
@@ -248,7 +248,7 @@ def build_classifier(cfg: BackboneConfig) -> nn.Module:
     if spec.head_of(model) is None:
         raise AdaptflowError(f"backbone {cfg.name!r} has no classifier head")
     if uri:
-        _load(model, _remapped(spec, _read_state_dict(uri, cfg.name), model, cfg.name, uri), cfg.name, uri)
+        _load(model, _remapped(spec, read_state_dict(uri, cfg.name), model, cfg.name, uri), cfg.name, uri)
     return model.eval()
 
 
@@ -261,7 +261,7 @@ def _build_extractor(cfg: BackboneConfig, uri: str | None, stamp: tuple | None) 
         data_config["input_size"] = (3, cfg.image_size, cfg.image_size)
 
     layer = None if cfg.layer is None else _check_layer(model, cfg.layer, cfg.name)
-    state_dict = _remapped(spec, _read_state_dict(uri, cfg.name), model, cfg.name, uri) if uri else None
+    state_dict = _remapped(spec, read_state_dict(uri, cfg.name), model, cfg.name, uri) if uri else None
     head = f"{spec.head_of(model)}."  # its weights are dropped: features never need the classifier
     features = spec.strip_head(model)
     if state_dict is not None:
@@ -279,7 +279,7 @@ def _build_extractor(cfg: BackboneConfig, uri: str | None, stamp: tuple | None) 
             "set a larger backbone.image_size"
         ) from None
 
-    weights_sha256 = _sha256(uri, *stamp) if uri else None
+    weights_sha256 = file_sha256(uri, *stamp) if uri else None
     fingerprint = hashlib.sha256(
         json.dumps(
             {
@@ -327,63 +327,6 @@ def _weights_uri(cfg: BackboneConfig, spec: BackboneSpec) -> str | None:
     if not storage.exists(cfg.weights):
         raise AdaptflowError(f"backbone {cfg.name!r}: weights file not found: {cfg.weights}. To fix: {_FIX}.")
     return cfg.weights
-
-
-def _stamp(uri: str) -> tuple[int, str]:
-    """(size, modification time) of a weights file: a changed file means a new build and a new hash."""
-    fs, path = storage.filesystem(uri)
-    info = fs.info(path)
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or info.get("ETag")
-    return int(info.get("size") or 0), str(mtime)
-
-
-@functools.lru_cache(maxsize=32)
-def _sha256(uri: str, size: int, mtime: str) -> str:
-    h = hashlib.sha256()
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_safetensors(data: bytes) -> Any:
-    from safetensors.torch import load
-
-    return load(data)
-
-
-def _read_torch(data: bytes) -> Any:
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
-_READERS: dict[str, Callable[[bytes], Any]] = {
-    ".safetensors": _read_safetensors,
-    ".pth": _read_torch,
-    ".pt": _read_torch,
-    ".bin": _read_torch,
-}
-
-
-def _read_state_dict(uri: str, name: str) -> dict[str, torch.Tensor]:
-    suffix = posixpath.splitext(uri)[1].lower()
-    if suffix not in _READERS:
-        raise AdaptflowError(
-            f"backbone {name!r}: cannot read weights {uri}: expected a file ending in {', '.join(_READERS)}"
-        )
-    try:
-        obj = _READERS[suffix](storage.read_bytes(uri))
-    except Exception as e:  # a corrupt file may raise anything from pickle, zip or safetensors
-        raise AdaptflowError(f"backbone {name!r}: cannot read weights {uri}: {e}") from None
-    for wrapper in ("state_dict", "model"):  # training checkpoints keep the weights one level down
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise AdaptflowError(f"backbone {name!r}: {uri} does not hold a state dict of tensors")
-    state_dict = dict(obj)
-    if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from DataParallel
-        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    return state_dict
 
 
 def _remapped(

@@ -48,14 +48,19 @@ def test_backbones_lists_the_registry(capsys):
 @pytest.mark.slow
 def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp_path):
     store = str(tmp_path / "store")
-    fast = ["--set", "backbone.image_size=32", "--set", "head.max_epochs=20", "--set", "extract.num_workers=0"]
+    fast = ["--set", "backbone.image_size=32", "--set", "head.max_epochs=20", "--set", "extract.num_workers=0",
+            "--set", "adapt.feature_steps=100", "--set", "adapt.image_epochs=1", "--set", "adapt.image_size=32"]
     done = _adaptflow("run", "--source", demo_data.source_uri, "--target", demo_data.target_uri,
-                      "--target-labels", demo_data.target_labels_uri, "--store", store, *fast, cwd=tmp_path)
+                      "--target-labels", demo_data.target_labels_uri, "--store", store, "--method", "dann", *fast,
+                      cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     run = lines[-1]
     assert storage.exists(storage.join(run, "summary.json")) and storage.exists(storage.join(run, "predictions.parquet"))
-    assert any(line.startswith("target") for line in lines) and "extraction:" in done.stdout
+    assert "extraction:" in done.stdout and "report:" in done.stdout
+    summary = storage.read_json(storage.join(run, "summary.json"))
+    assert summary["adaptation"]["method"] == "dann"
+    assert [c["name"] for c in summary["adaptation"]["candidates"]] == ["dann-features", "dann-images"]
 
     broken = tmp_path / "broken"
     broken.mkdir()
