@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from synthetic import CLASSES, DIM, mlp, shifted_domains
 from torch import nn
 
 from adaptflow.adapt import losses
@@ -12,51 +13,14 @@ from adaptflow.adapt.hparams import HPARAMS, default_hparams, random_hparams
 from adaptflow.adapt.train import fit, infer, predict_proba
 from adaptflow.errors import ConfigError, UnknownNameError
 
-DIM, CLASSES = 16, 4
-# Four irregular clusters in a 2-D class plane, so no rotation or relabelling maps the layout onto itself.
-CENTERS = torch.tensor([[0.0, 0.0], [3.0, 0.3], [0.4, 3.0], [3.2, 3.4]])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and a second one only spins on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _domain(n: int, seed: int, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, 16) points: class plane (2 dims, clusters of std 0.5) + 14 nuisance dims of std 0.7, shifted
-    by `offset`, then rotated by a fixed random orthogonal matrix so no input axis is special."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, CLASSES, (n,), generator=g)
-    z = CENTERS[y] - CENTERS.mean(0) + 0.5 * torch.randn(n, 2, generator=g)
-    x = torch.cat([z, 0.7 * torch.randn(n, DIM - 2, generator=g)], 1) + offset
-    q = torch.linalg.qr(torch.randn(DIM, DIM, generator=torch.Generator().manual_seed(7)))[0]
-    return x @ q, y
-
-
-def _shifted_domains(seed: int, n: int = 800):
-    """Source, and a target translated by (1.8, 1.0) in the class plane (~half the cluster spacing, so
-    the source boundaries cut through the target clusters) and by 2.5 along a nuisance direction (so
-    the domains barely overlap and a shared featurizer can map them onto each other)."""
-    nuisance = torch.randn(DIM - 2, generator=torch.Generator().manual_seed(11))
-    offset = torch.cat([torch.tensor([1.8, 1.0]), 2.5 * nuisance / nuisance.norm()])
-    xs, ys = _domain(n, seed, torch.zeros(DIM))
-    xt, yt = _domain(n, seed + 1, offset)
-    return xs, ys, xt, yt
-
-
-def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(DIM, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _featurizer(kind: str) -> tuple[nn.Module, int]:
     if kind == "identity":
         return nn.Identity(), DIM
     if kind == "mlp":
-        return _mlp(), 32
+        return mlp(), 32
     # An image backbone: (N, 3, 8, 8) -> (N, 8), with BatchNorm as real backbones have.
     conv = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
@@ -90,7 +54,7 @@ def test_init_update_predict(name, kind):
 )
 def test_variants_update(name, hparams):
     torch.manual_seed(0)
-    alg = get_algorithm(name)(_mlp(), 32, CLASSES, hparams, max_steps=2)
+    alg = get_algorithm(name)(mlp(), 32, CLASSES, hparams, max_steps=2)
     xs, ys, xt = torch.randn(8, DIM), torch.randint(0, CLASSES, (8,)), torch.randn(8, DIM)
     for _ in range(2):
         out = alg.update((xs, ys), xt)
@@ -134,7 +98,7 @@ def test_random_hparams_are_deterministic_per_name_and_seed():
 
 
 def test_discriminative_learning_rates():
-    alg = get_algorithm("dann")(_mlp(), 32, CLASSES, {"lr": 0.1, "backbone_lr_mult": 0.1}, 10)
+    alg = get_algorithm("dann")(mlp(), 32, CLASSES, {"lr": 0.1, "backbone_lr_mult": 0.1}, 10)
     groups = alg.configure_optimizer().param_groups
     assert [g["lr"] for g in groups] == pytest.approx([0.01, 0.1])
     assert sum(len(g["params"]) for g in groups) == len(list(alg.parameters()))  # discriminator included
@@ -164,13 +128,13 @@ def test_set_trainable_lp_ft_and_gradual_unfreezing():
 
 def test_l2sp_pulls_towards_the_pretrained_weights():
     torch.manual_seed(0)
-    net = _mlp()
+    net = mlp()
     ref = {k: v.detach().clone() for k, v in net.named_parameters()}
     assert float(l2sp_penalty(net, ref).detach()) == 0.0
     with torch.no_grad():
         net[0].weight.add_(1.0)
     assert float(l2sp_penalty(net, ref).detach()) == pytest.approx(0.5 * net[0].weight.numel())
-    alg = get_algorithm("source_only")(_mlp(), 32, CLASSES, {"l2sp": 0.1, "lr": 0.5}, 5)
+    alg = get_algorithm("source_only")(mlp(), 32, CLASSES, {"l2sp": 0.1, "lr": 0.5}, 5)
     out = alg.update((torch.randn(8, DIM), torch.randint(0, CLASSES, (8,))), torch.randn(8, DIM))
     assert out["l2sp"] == 0.0
     out = alg.update((torch.randn(8, DIM), torch.randint(0, CLASSES, (8,))), torch.randn(8, DIM))
@@ -206,8 +170,8 @@ def test_losses():
 
 def test_fit_curve_and_inference():
     torch.manual_seed(0)
-    xs, ys, xt, _ = _shifted_domains(seed=0, n=100)
-    alg = get_algorithm("mcc")(_mlp(), 32, CLASSES, {"bottleneck_dim": 8}, 25)
+    xs, ys, xt, _ = shifted_domains(seed=0, n=100)
+    alg = get_algorithm("mcc")(mlp(), 32, CLASSES, {"bottleneck_dim": 8}, 25)
     curve = fit(alg, xs, ys, xt, steps=25, batch_size=32, seed=0, log_every=10)
     assert [c["step"] for c in curve] == [10, 20, 25]
     assert {"loss", "cls_loss", "transfer_loss"} <= set(curve[0])
@@ -227,10 +191,10 @@ STEPS = {"source_only": 300, "dann": 400, "cdan": 400, "coral": 300, "mmd": 300,
 
 def _target_accuracy(name: str, seed: int = 0) -> float:
     """Train `name` on the shifted domains, default hparams but for a featurizer-sized bottleneck."""
-    xs, ys, xt, yt = _shifted_domains(seed)
+    xs, ys, xt, yt = shifted_domains(seed)
     torch.manual_seed(seed)
     hp = {"bottleneck_dim": 16, "backbone_lr_mult": 1.0}
-    alg = get_algorithm(name)(_mlp(), 32, CLASSES, hp, STEPS[name])
+    alg = get_algorithm(name)(mlp(), 32, CLASSES, hp, STEPS[name])
     fit(alg, xs, ys, xt, STEPS[name], batch_size=64, seed=seed)
     return float((predict_proba(alg, xt).argmax(1) == yt).float().mean())
 

@@ -32,13 +32,7 @@ DC = {"input_size": (3, SIZE, SIZE), "interpolation": "bilinear", "mean": (0.5,)
       "crop_pct": 1.0, "crop_mode": "center"}  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and a second one only spins on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write(path, pixels: np.ndarray, fmt: str) -> str:

@@ -1,12 +1,11 @@
 """Label-free validators, the collapse guard, model selection, and domain-gap measures."""
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from synthetic import CLASSES, mlp, shifted_domains
 
 from adaptflow.adapt.algorithms import get_algorithm
 from adaptflow.adapt.domain_gap import mmd_distance, proxy_a_distance
@@ -14,19 +13,9 @@ from adaptflow.adapt.train import fit, infer
 from adaptflow.adapt.validators import VALIDATORS, ValidationInputs, is_collapsed, score, select
 from adaptflow.errors import UnknownNameError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_adapt_algorithms import CLASSES, _mlp, _shifted_domains  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 C, N = 4, 200
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and a second one only spins on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _outputs(gen: torch.Generator, labels: torch.Tensor, accuracy: float, confidence: float, collapse: bool):
@@ -127,12 +116,12 @@ def test_select_ties_and_fallback(grid_scores):
 
 
 def test_selection_prefers_an_adapted_model_on_the_synthetic_shift():
-    xs, ys, xt, yt = _shifted_domains(seed=0, n=400)
-    xv, yv, _, _ = _shifted_domains(seed=50, n=200)  # a held-out source validation split
+    xs, ys, xt, yt = shifted_domains(seed=0, n=400)
+    xv, yv, _, _ = shifted_domains(seed=50, n=200)  # a held-out source validation split
     candidates, target_acc = [], []
     for name, steps in (("source_only", 300), ("dann", 400)):
         torch.manual_seed(0)
-        alg = get_algorithm(name)(_mlp(), 32, CLASSES, {"bottleneck_dim": 16, "backbone_lr_mult": 1.0}, steps)
+        alg = get_algorithm(name)(mlp(), 32, CLASSES, {"bottleneck_dim": 16, "backbone_lr_mult": 1.0}, steps)
         fit(alg, xs, ys, xt, steps, batch_size=64, seed=0)
         (sl, sf), (tl, tf) = infer(alg, xv), infer(alg, xt)
         v = ValidationInputs(sl, yv, sf, tl, tf, source_train_features=infer(alg, xs)[1])
