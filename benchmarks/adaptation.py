@@ -27,7 +27,7 @@ import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 from adaptflow.adapt.algorithms import ALGORITHMS, get_algorithm  # noqa: E402
-from adaptflow.adapt.hparams import default_hparams  # noqa: E402
+from adaptflow.adapt.hparams import candidate_hparams  # noqa: E402
 from adaptflow.adapt.images import STRATEGIES, fit_images, image_featurizer, infer_images, load_images  # noqa: E402
 from adaptflow.adapt.train import fit, infer  # noqa: E402
 from adaptflow.config import BackboneConfig  # noqa: E402
@@ -145,7 +145,7 @@ def main(args) -> None:
         f"{'steps/s':>8}  last losses"
     )
     for method in args.methods:
-        hparams = {**default_hparams(method), **hp_overrides}
+        hparams = {**candidate_hparams(method, "features", 0), **hp_overrides}
         bs = args.batch_size or hparams["batch_size"]
         steps_per_epoch = max(len(xs) // bs, 1)
         for mode in args.modes:
@@ -153,9 +153,7 @@ def main(args) -> None:
             t = time.perf_counter()
             if mode == "features":
                 steps = args.feature_epochs * steps_per_epoch
-                alg = get_algorithm(method)(
-                    nn.Identity(), feats[0].shape[1], len(classes), hp_overrides, steps
-                )
+                alg = get_algorithm(method)(nn.Identity(), feats[0].shape[1], len(classes), hparams, steps)
                 curve = fit(alg, feats[0], ys_train, feats[2], steps, bs, args.seed, log_every=steps)
                 fit_s = time.perf_counter() - t
                 acc_v, acc_t = (accuracy(infer(alg, f)[0], y) for f, y in ((feats[1], yv), (feats[2], yt)))
@@ -163,7 +161,9 @@ def main(args) -> None:
             else:
                 steps = args.epochs * steps_per_epoch
                 featurizer, dim, _ = image_featurizer(backbone)
-                alg = get_algorithm(method)(featurizer, dim, len(classes), image_overrides, steps)
+                # the pipeline's end-to-end defaults (adapt.hparams.IMAGE_MODE_DEFAULTS), then the flags
+                image_hparams = {**candidate_hparams(method, "images", 0), **image_overrides}
+                alg = get_algorithm(method)(featurizer, dim, len(classes), image_hparams, steps)
                 curve = fit_images(
                     alg,
                     xs,
