@@ -85,6 +85,8 @@ class AdaptConfig(_Section):
                                                                      "the backbone's own on GPU")
     strategy: Literal["full", "lp_ft", "gradual"] = "full"
     time_budget_s: float | None = Field(None, gt=0, description="wall-clock budget per images-mode candidate")
+    policy: list[str] = Field(default_factory=lambda: ["source_val_acc", "im", "bnm"], min_length=1,
+                              description="validators whose mean rank selects the model (collapsed ones never)")
 
     @field_validator("method")
     @classmethod
@@ -94,6 +96,16 @@ class AdaptConfig(_Section):
         if name not in {"auto", "none", *ALGORITHMS}:
             raise ValueError(str(UnknownNameError("method", name, ["auto", "none", *ALGORITHMS])))
         return name
+
+    @field_validator("policy")
+    @classmethod
+    def _known_validators(cls, names: list[str]) -> list[str]:
+        from adaptflow.adapt.validators import VALIDATORS
+
+        for name in names:
+            if name not in VALIDATORS:
+                raise ValueError(str(UnknownNameError("validator", name, list(VALIDATORS))))
+        return names
 
     @field_validator("methods", "image_methods")
     @classmethod

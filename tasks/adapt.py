@@ -28,6 +28,4 @@ def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestM
 @task(name="select-model")
 def select_model(head: ModelManifest, candidates: list[CandidateManifest], cfg: Config) -> SelectionManifest:
     """Pick the model without target labels; never a collapsed one."""
-    from adaptflow.adapt.validators import DEFAULT_POLICY
-
-    return adaptation.select_model(head, candidates, list(DEFAULT_POLICY))
+    return adaptation.select_model(head, candidates, cfg.adapt.policy)

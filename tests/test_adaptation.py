@@ -32,6 +32,8 @@ def test_unknown_methods_are_config_errors():
         _cfg("adapt.method=gan")
     with pytest.raises(ConfigError, match="unknown algorithm 'gan'"):
         _cfg("adapt.methods=[dann, gan]")
+    with pytest.raises(ConfigError, match="unknown validator 'vibes'; valid validators: bnm, dev, entropy"):
+        _cfg("adapt.policy=[im, vibes]")
 
 
 @pytest.fixture
