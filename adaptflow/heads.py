@@ -70,14 +70,6 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
 
 
 @torch.inference_mode()
-def predict_proba(head: Head, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """Class probabilities (N, C) float32."""
-    head.eval()
-    x = torch.tensor(x, dtype=torch.float32)
-    return torch.cat([head(x[i : i + batch_size]).softmax(-1) for i in range(0, max(len(x), 1), batch_size)]).numpy()
-
-
-@torch.inference_mode()
 def _score(head: Head, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     head.eval()
     logits = head(x)

@@ -26,10 +26,6 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(uri)
 
 
-def protocol_of(uri: str) -> str:
-    return uri.split("://", 1)[0] if "://" in uri else "file"
-
-
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI, keeping its protocol; `join("s3://b/x", "y")` -> `s3://b/x/y`."""
     if "://" in uri:

@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
+import torch
 
 from adaptflow.config import HeadConfig
-from adaptflow.heads import predict_proba, train_head
+from adaptflow.heads import train_head
+from adaptflow.models import infer_features
 
 
 def _blobs(n, seed, dim=16, classes=3):
@@ -10,6 +12,10 @@ def _blobs(n, seed, dim=16, classes=3):
     centers = np.random.default_rng(0).normal(0, 3, (classes, dim))
     y = rng.integers(0, classes, n)
     return (centers[y] + rng.normal(0, 1, (n, dim))).astype(np.float32), y
+
+
+def predict_proba(head, x):
+    return infer_features(head, torch.from_numpy(x))[0].softmax(1).numpy()
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
