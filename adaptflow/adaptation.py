@@ -88,6 +88,7 @@ def plan_candidates(cfg: Config, cuda: bool) -> list[CandidateSpec]:
         for method in methods:
             for draw in range(a.hparam_draws + 1):
                 hp = candidate_hparams(method, mode, draw)
+                hp.update({k: v for k, v in a.hparams.items() if k in hp})  # knobs this method has
                 for seed in a.seeds:
                     name = f"{method}-{mode}" + (f"-h{draw}" if draw else "") + (f"-s{seed}" if len(a.seeds) > 1 else "")
                     specs.append(CandidateSpec(name=name, method=method, mode=mode, hparams=hp, seed=seed))

@@ -85,6 +85,8 @@ class AdaptConfig(_Section):
                                                                      "the backbone's own on GPU")
     strategy: Literal["full", "lp_ft", "gradual"] = "full"
     time_budget_s: float | None = Field(None, gt=0, description="wall-clock budget per images-mode candidate")
+    hparams: dict[str, Any] = Field(default_factory=dict, description="hyperparameters set for every candidate, "
+                                                                     "e.g. {l2sp: 0.01, backbone_lr_mult: 0.1}")
     policy: list[str] = Field(default_factory=lambda: ["source_val_acc", "im", "bnm"], min_length=1,
                               description="validators whose mean rank selects the model (collapsed ones never)")
 
@@ -96,6 +98,17 @@ class AdaptConfig(_Section):
         if name not in {"auto", "none", *ALGORITHMS}:
             raise ValueError(str(UnknownNameError("method", name, ["auto", "none", *ALGORITHMS])))
         return name
+
+    @field_validator("hparams")
+    @classmethod
+    def _known_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        from adaptflow.adapt.hparams import HPARAMS
+
+        known = {k for table in HPARAMS.values() for k in table}
+        for name in hparams:
+            if name not in known:
+                raise ValueError(str(UnknownNameError("hyperparameter", name, sorted(known))))
+        return hparams
 
     @field_validator("policy")
     @classmethod

@@ -23,6 +23,10 @@ def test_candidate_plan_is_sized_to_the_hardware():
     grid = adaptation.plan_candidates(_cfg("adapt.method=mcc", "adapt.hparam_draws=2", "adapt.seeds=[0, 1]"), cuda=False)
     assert len(grid) == 2 * 3 * 2 and len({s.name for s in grid}) == 12
     assert grid[0].hparams != grid[2].hparams  # a random draw differs from the defaults
+    l2sp = adaptation.plan_candidates(_cfg("adapt.method=dann", "adapt.hparams={l2sp: 0.01, lambda: 0.5}"), cuda=False)
+    assert all(s.hparams["l2sp"] == 0.01 and s.hparams["lambda"] == 0.5 for s in l2sp)
+    assert "lambda" not in adaptation.plan_candidates(_cfg("adapt.method=source_only", "adapt.hparams={lambda: 2}"),
+                                                      cuda=False)[0].hparams
 
 
 def test_unknown_methods_are_config_errors():
@@ -34,6 +38,8 @@ def test_unknown_methods_are_config_errors():
         _cfg("adapt.methods=[dann, gan]")
     with pytest.raises(ConfigError, match="unknown validator 'vibes'; valid validators: bnm, dev, entropy"):
         _cfg("adapt.policy=[im, vibes]")
+    with pytest.raises(ConfigError, match="unknown hyperparameter 'lamda'"):
+        _cfg("adapt.hparams={lamda: 1}")
 
 
 @pytest.fixture
