@@ -35,6 +35,7 @@ from adaptflow.pipeline import ModelManifest, read_index, score_predictions
 # End to end on a CPU: the baseline and the two strongest in benchmarks/adaptation.py on the demo shift.
 CPU_IMAGE_METHODS = ["source_only", "dann", "cdan"]
 CPU_IMAGE_SIZE = 64
+CPU_IMAGE_BUDGET_S = 600.0  # per end-to-end candidate on a CPU when adapt.time_budget_s is unset
 # End-to-end candidates take the whole device: two at once on 2 cores (or one GPU) only slow each other.
 _IMAGE_TRAINING = threading.Lock()
 
@@ -228,13 +229,19 @@ class _Images:
 
         with _IMAGE_TRAINING:
             return fit_images(algorithm.to(device), x, y, xt, steps=steps, batch_size=batch, seed=seed,
-                              device=device, strategy=cfg.adapt.strategy, time_budget_s=cfg.adapt.time_budget_s)
+                              device=device, strategy=cfg.adapt.strategy, time_budget_s=_image_budget(cfg, device))
 
     @staticmethod
     def infer(algorithm, x, device):
         from adaptflow.adapt.images import infer_images
 
         return infer_images(algorithm, x, device=device)
+
+
+def _image_budget(cfg: Config, device: str) -> float | None:
+    if cfg.adapt.time_budget_s is not None:
+        return cfg.adapt.time_budget_s
+    return None if device.startswith("cuda") else CPU_IMAGE_BUDGET_S
 
 
 _FEATURES, _IMAGES = _Features(), _Images()

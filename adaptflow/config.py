@@ -84,7 +84,8 @@ class AdaptConfig(_Section):
     image_size: int | None = Field(None, ge=16, le=1024, description="images-mode input size; null: 64 on CPU, "
                                                                      "the backbone's own on GPU")
     strategy: Literal["full", "lp_ft", "gradual"] = "full"
-    time_budget_s: float | None = Field(None, gt=0, description="wall-clock budget per images-mode candidate")
+    time_budget_s: float | None = Field(None, gt=0, description="wall-clock budget per images-mode candidate; "
+                                                                   "null: 600 s on CPU, none on GPU")
     hparams: dict[str, Any] = Field(default_factory=dict, description="hyperparameters set for every candidate, "
                                                                      "e.g. {l2sp: 0.01, backbone_lr_mult: 0.1}")
     policy: list[str] = Field(default_factory=lambda: ["source_val_acc", "im", "bnm"], min_length=1,

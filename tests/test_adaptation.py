@@ -74,3 +74,9 @@ def test_without_candidates_the_head_is_the_model():
                          seconds=0.1)
     alone = adaptation.select_model(head, [], list(DEFAULT_POLICY))
     assert (alone.index, alone.model_uri) == (-1, "memory://head")
+
+
+def test_end_to_end_candidates_get_a_cpu_time_budget_by_default():
+    assert adaptation._image_budget(_cfg(), "cpu") == adaptation.CPU_IMAGE_BUDGET_S
+    assert adaptation._image_budget(_cfg(), "cuda") is None
+    assert adaptation._image_budget(_cfg("adapt.time_budget_s=30"), "cuda") == 30
