@@ -134,6 +134,11 @@ class AdaptConfig(_Section):
 
 class RuntimeConfig(_Section):
     max_workers: int = Field(2, ge=1, description="Prefect tasks run at once (threads)")
+    task_runner: Literal["threads", "dask"] = Field("threads", description="threads, or Dask through prefect-dask")
+    dask_address: str | None = Field(None, description="an existing Dask scheduler; null: a LocalCluster")
+    dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes")
+    gpu_resource: bool = Field(False, description="extraction tasks ask Dask for a GPU=1 resource, so they "
+                                                   "land only on workers started with --resources GPU=1")
 
 
 class Config(_Section):

@@ -78,12 +78,11 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def _retrain(source: str, target: str, target_labels: str | None, store: str, cfg) -> str:
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     from adaptflow.runs import RunSummary, render_table
     from flows.retrain import retrain
+    from tasks.runners import build_task_runner
 
-    flow = retrain.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.runtime.max_workers))
+    flow = retrain.with_options(task_runner=build_task_runner(cfg.runtime))
     run = flow(source, target, target_labels, store, cfg.model_dump(mode="json"))
     print(render_table(RunSummary.load(storage.join(run, "summary.json"))))
     return run

@@ -10,6 +10,7 @@ from tasks.evaluate import evaluate, predict
 from tasks.extract import extract_shard, plan_extraction
 from tasks.ingest import ingest_dataset
 from tasks.report import publish_run, write_report, write_summary
+from tasks.runners import gpu_placement
 from tasks.train import fit_head
 
 
@@ -33,7 +34,8 @@ def retrain(source: str, target: str, target_labels: str | None = None, store: s
     # 2-3. preprocess + extract: embed only images the feature store lacks, shard by shard
     with clock("extract"):
         plan = plan_extraction([src.index_uri, tgt.index_uri], store, cfg.backbone, cfg.extract.shard_size)
-        shards = extract_shard.map(plan.shards, unmapped(cfg.backbone), unmapped(cfg.extract)).result()
+        with gpu_placement(cfg.runtime):
+            shards = extract_shard.map(plan.shards, unmapped(cfg.backbone), unmapped(cfg.extract)).result()
 
     # 4. fine-tune and adapt: the source-only head, then adaptation candidates, chosen without target labels
     with clock("train"):
