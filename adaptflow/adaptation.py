@@ -112,7 +112,16 @@ def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestM
     torch.manual_seed(spec.seed)
 
     data = _IMAGES if spec.mode == "images" else _FEATURES
-    featurizer, dim, load, image_size = data.prepare(cfg, features)
+    featurizer, dim, load_rows, image_size = data.prepare(cfg, features)
+    loaded: dict[tuple, torch.Tensor] = {}
+
+    def load(rows: pd.DataFrame) -> torch.Tensor:
+        """Each split is read (features) or decoded (images) once, though training and scoring both use it."""
+        key = tuple(rows.image_id)
+        if key not in loaded:
+            loaded[key] = load_rows(rows)
+        return loaded[key]
+
     batch = int(spec.hparams.get("batch_size", 32))
     steps = (cfg.adapt.feature_steps if spec.mode == "features"
              else max(1, math.ceil(cfg.adapt.image_epochs * len(train) / batch)))
@@ -213,13 +222,9 @@ class _Images:
 
         size = cfg.adapt.image_size or (None if torch.cuda.is_available() else CPU_IMAGE_SIZE)
         featurizer, dim, data_config = image_featurizer(cfg.backbone.model_copy(update={"image_size": size}))
-        cache: dict[tuple, torch.Tensor] = {}
 
         def load(rows: pd.DataFrame) -> torch.Tensor:
-            key = tuple(rows.image_id)
-            if key not in cache:
-                cache[key] = load_images(rows.uri.tolist(), data_config, cfg.extract.num_workers)
-            return cache[key]
+            return load_images(rows.uri.tolist(), data_config, cfg.extract.num_workers)
 
         return featurizer, dim, load, data_config["input_size"][-1]
 
