@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -197,6 +198,4 @@ def candidate_rows(summary: RunSummary) -> list[dict]:
 
 def as_link(uri: str) -> str:
     """A clickable form of a store URI: local paths become file:// URLs."""
-    import os
-
     return uri if "://" in uri else "file://" + os.path.abspath(uri)
