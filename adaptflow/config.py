@@ -22,6 +22,8 @@ class IngestConfig(_Section):
     test_fraction: float = Field(0.2, ge=0, lt=1, description="share of labeled images held out for scoring")
     max_image_pixels: int = Field(89_478_485, gt=0, description="larger images are rejected as decompression bombs (capped by Pillow's own limit)")
     workers: int = Field(8, ge=1, description="threads that read and decode images while validating")
+    check_extension: bool = Field(True, description="reject a file whose image extension names another "
+                                  "format than its content (a PNG named .jpg): a sign of a broken export")
 
     @model_validator(mode="after")
     def _room_for_training(self) -> IngestConfig:
@@ -54,6 +56,12 @@ class ExtractConfig(_Section):
     num_workers: int = Field(2, ge=0, le=64, description="DataLoader processes that decode and resize")
     dtype: Literal["float16", "float32"] = "float16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    decode_on: Literal["workers", "device"] = Field(
+        "workers", description="workers: DataLoader processes decode and resize; device: JPEGs are decoded "
+        "and resized on the extraction device (nvJPEG on CUDA), the workers only read files")
+    compile: bool = Field(False, description="torch.compile the backbone on CUDA (pays off on large datasets)")
+    compact_min_shards: int = Field(
+        8, ge=0, description="merge small shards (under half of shard_size rows) once there are this many; 0: never")
 
 
 class HeadConfig(_Section):

@@ -3,19 +3,26 @@
 Layout under `{store}/features/{backbone}-{fingerprint}/`:
     extractor.json          what the fingerprint stands for (backbone, weights hash, preprocessing, layer)
     plans/{plan}.parquet    rows a planning step found missing, read by the shard tasks
-    shards/{key}.parquet    image_id, label, domain, split, embedding (fixed-size list, float16/32)
-    shards/{key}.json       the shard's manifest, written last: a shard without one does not exist
+    shards/{key}-{nonce}.parquet  image_id, label, domain, split, embedding (fixed-size list, float16/32)
+    shards/{key}.json       the shard's manifest, written last: it names its data file, and a data
+                            file no manifest names does not exist
 
 A re-run plans only the images that no committed shard holds, so only new images cost extraction
-time. Shard keys hash the image ids they hold, so a retried task rewrites the same shard.
+time. Shard keys hash the image ids they hold; every attempt writes its data under a fresh nonce, so
+a retried, killed or concurrent attempt never overwrites a file someone may be reading, and the
+manifest (one per key) decides which file counts. Small shards left by incremental runs are merged
+by `compact_shards`; the merged manifest lists the keys it `replaces`, which hides them at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import posixpath
 import threading
 import time
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -60,7 +67,20 @@ class ShardManifest(Manifest):
     dim: int
     dtype: str
     seconds: float
+    bytes_read: int = 0  # encoded images read
+    bytes_written: int = 0
+    replaces: list[str] = []  # keys of the shards this one merged (compaction)
+
+
+class CompactionManifest(Manifest):
+    features_uri: str
+    shards_before: int
+    shards_after: int
+    rows: int
+    bytes_read: int
     bytes_written: int
+    orphans_removed: int
+    seconds: float
 
 
 def features_uri_for(store_uri: str, backbone: str, fingerprint: str) -> str:
@@ -99,53 +119,165 @@ def plan_extraction(
 
 
 def extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConfig) -> ShardManifest:
-    """Embed one shard's images and commit it. Safe to retry: the same plan writes the same keys."""
+    """Embed one shard's images and commit it. Safe to retry: a shard already committed is returned as
+    it is, and an attempt that died before its commit left nothing a reader can see."""
+    manifest_uri = storage.join(plan.features_uri, "shards", f"{plan.shard_key}.json")
+    if storage.exists(manifest_uri):
+        return ShardManifest.load(manifest_uri)
     with _DEVICE_LOCK:
-        return _extract_shard(plan, backbone, extract)
+        return _extract_shard(plan, backbone, extract, manifest_uri)
 
 
-def _extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConfig) -> ShardManifest:
+def _extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConfig,
+                   manifest_uri: str) -> ShardManifest:
     import torch
 
     from adaptflow.backbones import build_extractor
-    from adaptflow.preprocess import make_loader
+    from adaptflow.preprocess import build_transform, decode_on_device, make_loader
 
     start = time.perf_counter()
     rows = storage.read_table(plan.plan_uri).slice(plan.offset, plan.length)
     extractor = build_extractor(backbone)
     device = resolve_device(extract.device)
-    module = extractor.module.to(device)
+    module = _prepare(extractor.module, device, extract.compile)
     on_cuda = device.type == "cuda"
-    if on_cuda:
-        module = module.to(memory_format=torch.channels_last)
+    on_device = extract.decode_on == "device"
+    transform = build_transform(extractor.data_config) if on_device else None
 
     loader = make_loader(rows["uri"].to_pylist(), extractor.data_config, extract.batch_size,
-                         extract.num_workers, device)
+                         extract.num_workers, device, encoded=on_device)
     out = np.empty((rows.num_rows, extractor.dim), dtype=np.float32)  # (N, D)
+    bytes_read = 0
     with torch.inference_mode():
-        for x, idx in loader:
-            x = x.to(device, non_blocking=True)
+        for x, idx, nbytes in loader:
+            x = decode_on_device(x, transform, device) if on_device else x.to(device, non_blocking=True)
             if on_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
                 emb = module(x)
             out[idx.numpy()] = emb.float().cpu().numpy()
+            bytes_read += int(nbytes.sum())
 
     table = rows.drop_columns(["uri"]).append_column("embedding", _embedding_array(out, extract.dtype))
     table = table.replace_schema_metadata(_parquet_metadata(extractor.fingerprint, backbone))
-    data_uri = storage.join(plan.features_uri, "shards", f"{plan.shard_key}.parquet")
+    return _commit_shard(plan.features_uri, plan.shard_key, table, extractor.fingerprint, extract.dtype, start,
+                         bytes_read, manifest_uri)
+
+
+def _commit_shard(features_uri: str, key: str, table: pa.Table, fingerprint: str, dtype: str, start: float,
+                  bytes_read: int, manifest_uri: str, replaces: list[str] | None = None) -> ShardManifest:
+    """Data under a fresh name first, the manifest naming it last."""
+    data_uri = storage.join(features_uri, "shards", f"{key}-{uuid.uuid4().hex[:12]}.parquet")
     nbytes = storage.write_table(data_uri, table, use_dictionary=["label", "domain", "split"],
                                  use_byte_stream_split=["embedding.list.element"])
-    manifest = ShardManifest(shard_key=plan.shard_key, data_uri=data_uri, fingerprint=extractor.fingerprint,
-                             n_rows=table.num_rows, dim=extractor.dim, dtype=extract.dtype,
-                             seconds=time.perf_counter() - start, bytes_written=nbytes)
-    manifest.commit(storage.join(plan.features_uri, "shards", f"{plan.shard_key}.json"))
+    manifest = ShardManifest(shard_key=key, data_uri=data_uri, fingerprint=fingerprint, n_rows=table.num_rows,
+                             dim=table["embedding"].type.list_size, dtype=dtype,
+                             seconds=time.perf_counter() - start, bytes_read=bytes_read, bytes_written=nbytes,
+                             replaces=replaces or [])
+    manifest.commit(manifest_uri)
     return manifest
 
 
-def committed_shards(features_uri: str) -> list[ShardManifest]:
-    """Manifests of every committed shard; uncommitted Parquet files are invisible."""
-    return [ShardManifest.load(u) for u in storage.list_uris(storage.join(features_uri, "shards"), ".json")]
+def _prepare(module, device, compile: bool):
+    import torch
+
+    module = module.to(device)
+    if device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)
+        if compile:
+            module = torch.compile(module)
+    return module
+
+
+def compact_shards(features_uri: str, target_rows: int, min_shards: int,
+                   orphan_age_s: float = 3600.0) -> CompactionManifest:
+    """Merge committed shards under `target_rows // 2` rows into shards of up to `target_rows`, once there
+    are at least `min_shards` of them, and delete data files no manifest names that are older than
+    `orphan_age_s` (left by killed attempts; younger ones may belong to a run still writing).
+
+    Crash-safe at every step: the merged shard is committed before its parts are deleted, and while both
+    exist the merged manifest's `replaces` hides the parts from readers."""
+    start = time.perf_counter()
+    shards = committed_shards(features_uri)
+    small = sorted((s for s in shards if s.n_rows < target_rows // 2), key=lambda s: s.shard_key)
+    bytes_read = bytes_written = 0
+    merged = 0
+    if min_shards and len(small) >= min_shards:
+        for group in _groups(small, target_rows):
+            parts = [storage.read_table(s.data_uri) for s in group]
+            table = _first_per_image(pa.concat_tables(parts)).sort_by("image_id")
+            key = _hash(table["image_id"].to_pylist())  # the parts' Parquet metadata carries over
+            manifest = _commit_shard(features_uri, key, table, group[0].fingerprint, group[0].dtype,
+                                     time.perf_counter(), 0, storage.join(features_uri, "shards", f"{key}.json"),
+                                     replaces=[s.shard_key for s in group])
+            bytes_read += sum(s.bytes_written for s in group)
+            bytes_written += manifest.bytes_written
+            merged += len(group) - 1
+            for s in group:
+                _remove(storage.join(features_uri, "shards", f"{s.shard_key}.json"))
+                _remove(s.data_uri)
+    orphans = _remove_orphans(features_uri, orphan_age_s)
+    return CompactionManifest(features_uri=features_uri, shards_before=len(shards), shards_after=len(shards) - merged,
+                              rows=sum(s.n_rows for s in shards), bytes_read=bytes_read,
+                              bytes_written=bytes_written, orphans_removed=orphans,
+                              seconds=time.perf_counter() - start)
+
+
+def _groups(shards: list[ShardManifest], target_rows: int) -> list[list[ShardManifest]]:
+    groups, current, rows = [], [], 0
+    for s in shards:
+        if current and rows + s.n_rows > target_rows:
+            groups.append(current)
+            current, rows = [], 0
+        current.append(s)
+        rows += s.n_rows
+    groups.append(current)
+    return [g for g in groups if len(g) > 1]
+
+
+def _remove(uri: str) -> None:
+    fs, path = storage.filesystem(uri)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path)
+
+
+def _remove_orphans(features_uri: str, older_than_s: float) -> int:
+    named = {posixpath.basename(s.data_uri) for s in committed_shards(features_uri, include_replaced=True)}
+    fs, path = storage.filesystem(storage.join(features_uri, "shards"))
+    if not fs.exists(path):
+        return 0
+    removed = 0
+    now = time.time()
+    for info in fs.ls(path, detail=True):
+        name = posixpath.basename(info["name"].rstrip("/"))
+        if name.endswith(".parquet") and name not in named and now - _mtime(info, now) > older_than_s:
+            fs.rm(info["name"])
+            removed += 1
+    return removed
+
+
+def _mtime(info: dict, default: float) -> float:
+    """Modification time in epoch seconds from an fsspec `ls` entry (local, S3 and memory differ)."""
+    for key in ("mtime", "LastModified", "created"):
+        value = info.get(key)
+        if value is not None:
+            return value.timestamp() if hasattr(value, "timestamp") else float(value)
+    return default
+
+
+def committed_shards(features_uri: str, include_replaced: bool = False) -> list[ShardManifest]:
+    """Manifests of every committed shard; data files no manifest names are invisible, and so are shards
+    a committed compaction replaced (until it deletes them)."""
+    shards = [ShardManifest.load(u) for u in storage.list_uris(storage.join(features_uri, "shards"), ".json")]
+    if include_replaced:
+        return shards
+    replaced = {key for s in shards for key in s.replaces}
+    return [s for s in shards if s.shard_key not in replaced]
+
+
+def committed_files(features_uri: str) -> list[str]:
+    """The committed Parquet files: hand them to DuckDB, Polars or pyarrow as one dataset."""
+    return [s.data_uri for s in committed_shards(features_uri)]
 
 
 def committed_image_ids(features_uri: str) -> set[str]:

@@ -66,6 +66,7 @@ class _Checked(NamedTuple):
     width: int = 0
     height: int = 0
     format: str = ""
+    nbytes: int = 0
 
 
 class _Rejected(Exception):
@@ -75,16 +76,23 @@ class _Rejected(Exception):
 _Reject = tuple[str, str, str | None]  # (uri, reason, image_id)
 
 
-def ingest(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed: int = 0) -> IngestManifest:
+def ingest(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed: int = 0,
+           classes: list[str] | None = None) -> IngestManifest:
     """Validate every image under `dataset_uri` and commit `out_uri/{index,rejects}.parquet`, then
     `out_uri/manifest.json` last. Splits come from a manifest's `split` column, else from a seeded
-    hash of each image's bytes, so an image keeps its split however the dataset grows."""
+    hash of each image's bytes, so an image keeps its split however the dataset grows. With `classes`
+    (the source's, when ingesting target labels), any other label is refused as unknown."""
     start = time.perf_counter()
     entries, rejects = _list_dataset(dataset_uri)
     if not entries and not rejects:
         raise DatasetError(f"no images found under {dataset_uri}")
+    if classes is not None:
+        known = set(classes)
+        rejects += [(e.uri, f"unknown label {e.label!r} (known: {', '.join(sorted(known))})", None)
+                    for e in entries if e.label is not None and e.label not in known]
+        entries = [e for e in entries if e.label is None or e.label in known]
     with ThreadPoolExecutor(cfg.workers) as pool:
-        checked = list(pool.map(lambda e: _check(e, cfg.max_image_pixels), entries))
+        checked = list(pool.map(lambda e: _check(e, cfg.max_image_pixels, cfg.check_extension), entries))
     rejects += [(c.entry.uri, c.reason, c.image_id) for c in checked if c.reason]
     kept, duplicates = _deduplicate([c for c in checked if not c.reason])
     rejects += duplicates
@@ -93,11 +101,11 @@ def ingest(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed:
 
     rows = [_index_row(c, domain, cfg, seed) for c in kept]
     index_uri, rejects_uri = storage.join(out_uri, "index.parquet"), storage.join(out_uri, "rejects.parquet")
-    storage.write_table(index_uri, pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
+    written = storage.write_table(index_uri, pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
     reject_rows = [
         {"uri": u, "reason": r, "domain": domain, "image_id": i} for u, r, i in sorted(rejects, key=_first)
     ]
-    storage.write_table(rejects_uri, pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA))
+    written += storage.write_table(rejects_uri, pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA))
     manifest = IngestManifest(
         domain=domain,
         dataset_uri=dataset_uri,
@@ -108,6 +116,8 @@ def ingest(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed:
         classes=sorted({r["label"] for r in rows if r["label"] is not None}),
         fingerprint=_fingerprint(rows),
         seconds=time.perf_counter() - start,
+        bytes_read=sum(c.nbytes for c in checked),
+        bytes_written=written,
     )
     manifest.commit(storage.join(out_uri, "manifest.json"))
     return manifest
@@ -224,7 +234,7 @@ def _row_reason(label: str | None, split: str | None) -> str | None:
 # Checking: one file at a time, on worker threads.
 
 
-def _check(entry: _Entry, max_pixels: int) -> _Checked:
+def _check(entry: _Entry, max_pixels: int, check_extension: bool = True) -> _Checked:
     """Read, hash and fully decode one file. Never raises for a bad file: the reason says why."""
     try:
         data = storage.read_bytes(entry.uri)
@@ -238,8 +248,16 @@ def _check(entry: _Entry, max_pixels: int) -> _Checked:
     try:
         width, height, fmt = _decode(data, max_pixels)
     except _Rejected as e:
-        return _Checked(entry, image_id, str(e))
-    return _Checked(entry, image_id, None, width, height, fmt)
+        return _Checked(entry, image_id, str(e), nbytes=len(data))
+    ext = posixpath.splitext(entry.uri)[1].lower()
+    if check_extension and _EXTENSIONS.get(ext, fmt) != fmt:
+        return _Checked(entry, image_id, f"extension {ext} but the content is {fmt}", nbytes=len(data))
+    return _Checked(entry, image_id, None, width, height, fmt, len(data))
+
+
+# Extensions that name one format; a file with another (or none) is judged by its content alone.
+_EXTENSIONS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".webp": "WEBP",
+               ".tif": "TIFF", ".tiff": "TIFF"}
 
 
 def _decode(data: bytes, max_pixels: int) -> tuple[int, int, str]:

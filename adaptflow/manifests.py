@@ -44,3 +44,5 @@ class IngestManifest(Manifest):
     classes: list[str]  # sorted; empty for unlabeled data
     fingerprint: str  # hash of the sorted (image_id, label, split) rows: the dataset snapshot
     seconds: float
+    bytes_read: int = 0  # every file read while validating
+    bytes_written: int = 0  # index and rejects

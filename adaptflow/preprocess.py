@@ -84,40 +84,75 @@ def build_transform(data_config: dict) -> Callable[[torch.Tensor], torch.Tensor]
 
 
 class ImageDataset(Dataset):
-    """Item i: (transformed image (3, S, S) float32, i), read from `uris[i]` through fsspec."""
+    """Item i: (transformed image (3, S, S) float32, i, bytes read), read from `uris[i]` through fsspec.
 
-    def __init__(self, uris: Sequence[str], transform: Callable[[torch.Tensor], torch.Tensor]):
+    With `transform=None` an item is the encoded file itself, (bytes (L,) uint8, i, L), for decoding
+    on the GPU (`decode_on_device`)."""
+
+    def __init__(self, uris: Sequence[str], transform: Callable[[torch.Tensor], torch.Tensor] | None):
         self.uris = list(uris)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.uris)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         uri = self.uris[i]
         try:
             data = storage.read_bytes(uri)
         except FileNotFoundError:
             raise DatasetError(f"image not found: {uri}") from None
+        if self.transform is None:
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), i, len(data)
         try:
             img = decode_image(data)
         except DatasetError as e:
             raise DatasetError(f"{uri}: {e}") from None
-        return self.transform(img), i
+        return self.transform(img), i, len(data)
+
+
+def _collate_encoded(items: list[tuple[torch.Tensor, int, int]]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    data, idx, nbytes = zip(*items, strict=True)
+    return list(data), torch.tensor(idx), torch.tensor(nbytes)
+
+
+def decode_on_device(encoded: list[torch.Tensor], transform: Callable[[torch.Tensor], torch.Tensor],
+                     device: torch.device) -> torch.Tensor:
+    """Encoded files -> (B, 3, S, S) float32 on `device`: JPEGs decoded there in one batched
+    `decode_jpeg` call (nvJPEG on CUDA), anything else decoded on the CPU; resized on the device."""
+    from torchvision.io import decode_jpeg
+
+    jpeg = [i for i, d in enumerate(encoded) if bytes(d[:3].tolist()) == _TV_MAGIC[0]]
+    images: list[torch.Tensor | None] = [None] * len(encoded)
+    if jpeg:
+        try:
+            decoded = decode_jpeg([encoded[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            jpeg = []  # a JPEG variant the device decoder refuses: decode this batch on the CPU
+        else:
+            for i, img in zip(jpeg, decoded, strict=True):
+                images[i] = img
+    for i, img in enumerate(images):
+        if img is None:
+            images[i] = decode_image(encoded[i].numpy().tobytes()).to(device, non_blocking=True)
+    return torch.stack([transform(img) for img in images])
 
 
 def make_loader(
-    uris: Sequence[str], data_config: dict, batch_size: int, num_workers: int, device: str | torch.device
+    uris: Sequence[str], data_config: dict, batch_size: int, num_workers: int, device: str | torch.device,
+    encoded: bool = False,
 ) -> DataLoader:
-    """Batches (x (B, 3, S, S) float32, index (B,) int64) in the order of `uris`."""
+    """Batches (x (B, 3, S, S) float32, index (B,) int64, bytes read (B,) int64) in the order of `uris`.
+    With `encoded`, x is a list of encoded files for `decode_on_device`."""
     workers = {}
     if num_workers > 0:
         # fork: workers inherit fsspec state (memory:// filesystems, open connections' settings);
         # each keeps 4 batches ready so the model never waits on a slow read
         workers = {"multiprocessing_context": "fork", "prefetch_factor": 4}
     return DataLoader(
-        ImageDataset(uris, build_transform(data_config)),
+        ImageDataset(uris, None if encoded else build_transform(data_config)),
         batch_size=batch_size,
+        collate_fn=_collate_encoded if encoded else None,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda",

@@ -7,6 +7,7 @@ from tasks._retry import IO_TASK
 
 
 @task(name="ingest", **IO_TASK)
-def ingest_dataset(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed: int) -> IngestManifest:
+def ingest_dataset(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed: int,
+                   classes: list[str] | None = None) -> IngestManifest:
     """List, hash and validate every image of one dataset; write its index and rejects."""
-    return ingest.ingest(dataset_uri, domain, out_uri, cfg, seed)
+    return ingest.ingest(dataset_uri, domain, out_uri, cfg, seed, classes)

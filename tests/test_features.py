@@ -73,3 +73,72 @@ def test_a_different_image_size_is_a_different_extractor(indexed, fast_config):
     other = fast_config.model_copy(update={"backbone": fast_config.backbone.model_copy(update={"image_size": 48})})
     replan = features.plan_extraction([manifests[0].index_uri], store, other.backbone, 64)
     assert replan.fingerprint != plan.fingerprint and replan.n_cached == 0
+
+
+def _small_shards(indexed, cfg, shard_size):
+    store, manifests = indexed
+    plan = features.plan_extraction([manifests[0].index_uri], store, cfg.backbone, shard_size)
+    return plan, [features.extract_shard(s, cfg.backbone, cfg.extract) for s in plan.shards]
+
+
+def test_compaction_merges_small_shards_without_changing_a_row(indexed, fast_config):
+    store, manifests = indexed
+    plan, shards = _small_shards(indexed, fast_config, 16)
+    ids = storage.read_table(manifests[0].index_uri)["image_id"].to_pylist()
+    before = features.load_features(plan.features_uri, ids)
+
+    result = features.compact_shards(plan.features_uri, target_rows=64, min_shards=4)
+    after = features.committed_shards(plan.features_uri)
+    assert result.shards_before == len(shards) > result.shards_after == len(after) == -(-len(ids) // 64)
+    assert sum(s.n_rows for s in after) == len(ids) and all(s.replaces for s in after)
+    assert np.array_equal(before, features.load_features(plan.features_uri, ids))
+    # the parts are gone: only the merged files remain, so a plain glob over shards/ is the dataset too
+    fs, path = storage.filesystem(storage.join(plan.features_uri, "shards"))
+    on_disk = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    assert len(on_disk) == len(after)
+    # fewer than min_shards small shards: nothing to do
+    assert features.compact_shards(plan.features_uri, 64, min_shards=4).shards_after == len(after)
+
+
+def test_committed_files_read_as_one_dataset_by_pyarrow_and_duckdb(indexed, fast_config, tmp_path):
+    import pyarrow.dataset as ds
+
+    store, manifests = indexed
+    plan, shards = _small_shards(indexed, fast_config, 40)
+    local = []
+    for i, uri in enumerate(features.committed_files(plan.features_uri)):
+        local.append(str(tmp_path / f"part-{i}.parquet"))
+        (tmp_path / f"part-{i}.parquet").write_bytes(storage.read_bytes(uri))
+    table = ds.dataset(local, format="parquet").to_table(columns=["image_id", "split"])
+    assert table.num_rows == manifests[0].n_images == len(set(table["image_id"].to_pylist()))
+    rows = duckdb.execute(f"select split, count(*) from read_parquet({local!r}) group by split order by split").fetchall()
+    assert sum(n for _, n in rows) == manifests[0].n_images and {s for s, _ in rows} <= {"train", "val", "test"}
+
+
+def test_a_retried_shard_is_not_extracted_twice_and_a_dead_attempt_leaves_only_an_orphan(indexed, fast_config):
+    store, manifests = indexed
+    plan, shards = _small_shards(indexed, fast_config, 64)
+    again = features.extract_shard(plan.shards[0], fast_config.backbone, fast_config.extract)
+    assert again == shards[0]  # committed already: returned as it is, no second data file
+    # an attempt killed after writing its data but before its manifest
+    orphan = storage.join(plan.features_uri, "shards", f"{plan.shards[0].shard_key}-deadbeef.parquet")
+    storage.write_bytes(orphan, storage.read_bytes(shards[0].data_uri))
+    assert orphan not in features.committed_files(plan.features_uri)
+    assert features.compact_shards(plan.features_uri, 64, min_shards=0).orphans_removed == 0  # too young
+    assert features.compact_shards(plan.features_uri, 64, min_shards=0, orphan_age_s=-1).orphans_removed == 1
+    assert not storage.exists(orphan) and storage.exists(shards[0].data_uri)
+
+
+def test_decoding_on_the_device_matches_decoding_in_workers(indexed, fast_config):
+    store, manifests = indexed
+    ids = storage.read_table(manifests[1].index_uri)["image_id"].to_pylist()
+    plan, _ = _extract_all(store, manifests[1:], fast_config)
+    on_device = fast_config.model_copy(update={"extract": fast_config.extract.model_copy(update={"decode_on": "device"}),
+                                               "backbone": fast_config.backbone.model_copy(update={"layer": None})})
+    other_store = store + "-device"
+    plan2, shards = _extract_all(other_store, manifests[1:], on_device)
+    assert sum(s.bytes_read for s in shards) > 0
+    a = features.load_features(plan.features_uri, ids)
+    b = features.load_features(plan2.features_uri, ids)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99

@@ -148,11 +148,14 @@ def test_every_bad_file_in_a_class_tree_is_rejected_with_its_reason(tmp_path):
             "cat/same.png": _image(5),
             "dog/same.png": _image(5),
             "stray.png": _image(6),
+            "cat/renamed.jpg": _image(7),  # PNG bytes behind a .jpg name
+            "cat/no_extension": _image(8),  # judged by its content alone: kept
         },
     )
     m = ingest(str(root), "source", str(tmp_path / "out"), IngestConfig(workers=2, max_image_pixels=100))
     reasons = _reasons(m)
-    assert list(_index(m).uri) == [f"{root}/cat/original.png"]
+    assert list(_index(m).uri) == [f"{root}/cat/no_extension", f"{root}/cat/original.png"]
+    assert reasons.pop(f"{root}/cat/renamed.jpg") == "extension .jpg but the content is PNG"
     assert reasons.pop(f"{root}/cat/empty.png") == "empty file"
     assert reasons.pop(f"{root}/cat/notes.png") == "not an image (unrecognised content b'hello wo')"
     assert reasons.pop(f"{root}/cat/cut.png").startswith("truncated or corrupt image (")
@@ -163,7 +166,17 @@ def test_every_bad_file_in_a_class_tree_is_rejected_with_its_reason(tmp_path):
     assert reasons.pop(f"{root}/cat/same.png") == reasons.pop(f"{root}/dog/same.png") == conflict
     assert reasons.pop(f"{root}/stray.png") == "file outside class folders"
     assert reasons == {}
-    assert m.n_rejected == 9
+    assert m.n_rejected == 10
+    assert m.bytes_read == sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "stray.png")
+    assert m.bytes_written > 0
+
+
+def test_labels_outside_the_known_classes_are_rejected_as_unknown(tmp_path):
+    _write(tmp_path, {"data/a.png": _image(1), "data/b.png": _image(2)})
+    (tmp_path / "data/m.csv").write_text("uri,label\na.png,cat\nb.png,zebra\n")
+    m = ingest(str(tmp_path / "data/m.csv"), "target_labels", str(tmp_path / "out"), CFG, classes=["cat", "dog"])
+    assert list(_index(m).label) == ["cat"]
+    assert _reasons(m) == {f"{tmp_path}/data/b.png": "unknown label 'zebra' (known: cat, dog)"}
 
 
 def test_every_bad_manifest_row_is_rejected_with_its_reason(tmp_path):

@@ -117,8 +117,8 @@ def test_dataset_reads_through_fsspec(memory_uri):
     uris = _write_images(memory_uri, 3)
     ds = ImageDataset(uris + [storage.join(memory_uri, "missing.png")], build_transform(DATA_CONFIG))
     assert len(ds) == 4
-    x, i = ds[2]
-    assert x.shape == (3, 32, 32) and i == 2
+    x, i, nbytes = ds[2]
+    assert x.shape == (3, 32, 32) and i == 2 and nbytes == len(storage.read_bytes(uris[2]))
     with pytest.raises(DatasetError, match="image not found: memory://.*missing.png"):
         ds[3]
     storage.write_bytes(uris[0], b"garbage")
@@ -133,11 +133,25 @@ def test_loader_batches_in_order(where, num_workers, tmp_path, memory_uri):
     loader = make_loader(uris, DATA_CONFIG, batch_size=2, num_workers=num_workers, device="cpu")
     assert not loader.pin_memory and not loader.persistent_workers
     batches = list(loader)
-    assert [len(idx) for _, idx in batches] == [2, 2, 1]
-    assert torch.cat([idx for _, idx in batches]).tolist() == [0, 1, 2, 3, 4]
-    x = torch.cat([x for x, _ in batches])
+    assert [len(idx) for _, idx, _ in batches] == [2, 2, 1]
+    assert torch.cat([idx for _, idx, _ in batches]).tolist() == [0, 1, 2, 3, 4]
+    x = torch.cat([x for x, _, _ in batches])
     assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32
     # red rises with the index: (10 i / 255 - 0.5) / 0.25
     torch.testing.assert_close(
         x[:, 0].mean(dim=(1, 2)), (torch.arange(5) * 10 / 255 - 0.5) / 0.25, atol=0.05, rtol=0
     )
+
+
+def test_decoding_on_the_device_matches_the_worker_path(memory_uri):
+    """JPEGs go through batched `decode_jpeg` on the device, PNGs through the CPU decoder; the same
+    transform follows, so both paths give the same tensors (JPEG decoders may differ by a level)."""
+    from adaptflow.preprocess import decode_on_device
+
+    uris = _write_images(memory_uri, 4)  # 2 JPEGs, 2 PNGs
+    (x, idx, nbytes), = list(make_loader(uris, DATA_CONFIG, 4, 0, "cpu"))
+    (enc, idx2, nbytes2), = list(make_loader(uris, DATA_CONFIG, 4, 0, "cpu", encoded=True))
+    assert isinstance(enc, list) and enc[0].dtype == torch.uint8
+    assert torch.equal(idx, idx2) and torch.equal(nbytes, nbytes2)
+    y = decode_on_device(enc, build_transform(DATA_CONFIG), torch.device("cpu"))
+    torch.testing.assert_close(y, x, atol=0.05, rtol=0)

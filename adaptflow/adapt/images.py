@@ -45,7 +45,7 @@ def load_images(uris: Sequence[str], data_config: dict, num_workers: int = 2) ->
         num_workers=workers,
         **({"multiprocessing_context": "fork", "prefetch_factor": 4} if workers else {}),
     )
-    for x, idx in loader:
+    for x, idx, _ in loader:
         out[idx] = x
     return out
 
