@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from adaptflow import storage
+from adaptflow import accounting, storage
 from adaptflow.config import BackboneConfig, ExtractConfig
 from adaptflow.errors import StoreError
 from adaptflow.manifests import Manifest
@@ -157,6 +157,8 @@ def _extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractCo
                 emb = module(x)
             out[idx.numpy()] = emb.float().cpu().numpy()
             bytes_read += int(nbytes.sum())
+    if extract.num_workers:  # read in worker processes, out of sight of this thread's meters
+        accounting.count(read=bytes_read)
 
     table = rows.drop_columns(["uri"]).append_column("embedding", _embedding_array(out, extract.dtype))
     table = table.replace_schema_metadata(_parquet_metadata(extractor.fingerprint, backbone))

@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from adaptflow import storage
+from adaptflow import accounting, storage
 from adaptflow.config import IngestConfig
 from adaptflow.errors import DatasetError
 from adaptflow.manifests import IngestManifest
@@ -92,7 +92,8 @@ def ingest(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed:
                     for e in entries if e.label is not None and e.label not in known]
         entries = [e for e in entries if e.label is None or e.label in known]
     with ThreadPoolExecutor(cfg.workers) as pool:
-        checked = list(pool.map(lambda e: _check(e, cfg.max_image_pixels, cfg.check_extension), entries))
+        checked = list(pool.map(accounting.carry(lambda e: _check(e, cfg.max_image_pixels, cfg.check_extension)),
+                                entries))
     rejects += [(c.entry.uri, c.reason, c.image_id) for c in checked if c.reason]
     kept, duplicates = _deduplicate([c for c in checked if not c.reason])
     rejects += duplicates

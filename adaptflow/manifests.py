@@ -7,6 +7,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from adaptflow import storage
+from adaptflow.accounting import Work
 from adaptflow.errors import StoreError
 
 SCHEMA_VERSION = 1
@@ -15,6 +16,7 @@ SCHEMA_VERSION = 1
 class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     schema_version: int = SCHEMA_VERSION
+    work: Work | None = None  # set by the task that produced it (tasks._work.measured)
 
     def commit(self, uri: str) -> None:
         """Write this manifest to `uri`; call it after every file it names is written."""

@@ -8,17 +8,21 @@ from adaptflow import storage
 from adaptflow.adapt import domain_gap
 from adaptflow.adaptation import CandidateManifest, SelectionManifest
 from adaptflow.features import ExtractionPlan, load_features
-from adaptflow.manifests import IngestManifest
+from adaptflow.manifests import IngestManifest, Manifest
 from adaptflow.pipeline import EvaluationManifest, read_index
 from adaptflow.report import embed_2d, write_report
 
 _GAP_SAMPLE = 2000  # images per domain for the before-adaptation gap: PAD and MMD need no more
 
 
+class ReportManifest(Manifest):
+    report_uri: str
+
+
 def write_run_report(run_uri: str, source: IngestManifest, target: IngestManifest, features: ExtractionPlan,
                      candidates: list[CandidateManifest], selection: SelectionManifest,
-                     evaluation: EvaluationManifest, baseline: EvaluationManifest, seed: int = 0) -> str:
-    """Write `{run}/report.html`; returns its URI."""
+                     evaluation: EvaluationManifest, baseline: EvaluationManifest, seed: int = 0) -> ReportManifest:
+    """Write `{run}/report.html`."""
     before_s, before_t = _frozen_sample(source, features, seed), _frozen_sample(target, features, seed)
     gap = {"before": {"proxy_a_distance": domain_gap.proxy_a_distance(before_s, before_t, seed=seed),
                       "mmd": domain_gap.mmd_distance(before_s, before_t, seed=seed)}}
@@ -49,7 +53,7 @@ def write_run_report(run_uri: str, source: IngestManifest, target: IngestManifes
     }
     uri = storage.join(run_uri, "report.html")
     write_report(uri, report)
-    return uri
+    return ReportManifest(report_uri=uri)
 
 
 def _frozen_sample(dataset: IngestManifest, features: ExtractionPlan, seed: int) -> np.ndarray:

@@ -15,9 +15,10 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from adaptflow import storage
+from adaptflow.accounting import stage_stats
 from adaptflow.adaptation import CandidateManifest, SelectionManifest
 from adaptflow.config import Config
-from adaptflow.features import ExtractionPlan, ShardManifest
+from adaptflow.features import CompactionManifest, ExtractionPlan, ShardManifest
 from adaptflow.manifests import IngestManifest, Manifest
 from adaptflow.pipeline import EvaluationManifest, ModelManifest, PredictionManifest
 
@@ -67,15 +68,32 @@ class RunSummary(Manifest):
     baseline: dict  # the same for the source-only head, and its model URI
     adaptation: dict  # selected candidate, reason, validator scores; every candidate's scores
     timings: dict[str, float]  # stage -> wall seconds
+    stages: dict[str, dict] = {}  # stage -> seconds, images, images/s, bytes read/written, orchestration share
 
 
-def summarize_extraction(plan: ExtractionPlan, shards: list[ShardManifest], wall_seconds: float) -> dict:
+def summarize_stages(timings: dict[str, float], manifests: dict[str, list[Manifest]],
+                     datasets: dict[str, IngestManifest]) -> dict[str, dict]:
+    """Per stage: wall time from the flow's clock; bytes and task time from the `work` record each task
+    put on its manifest. Images: files checked (ingest), embedded (extract), source + target images
+    trained on (train), predictions written (evaluate)."""
+    images = {
+        "ingest": sum(m.n_images + m.n_rejected for m in datasets.values()),
+        "extract": sum(m.n_rows for m in manifests.get("extract", []) if isinstance(m, ShardManifest)),
+        "train": sum(m.n_images for d, m in datasets.items() if d in ("source", "target")),
+        "evaluate": sum(m.n_predictions for m in manifests.get("evaluate", []) if isinstance(m, PredictionManifest)),
+    }
+    return {stage: stage_stats(timings.get(stage, 0.0), [m.work for m in ms if m.work is not None], images.get(stage))
+            for stage, ms in manifests.items()}
+
+
+def summarize_extraction(plan: ExtractionPlan, shards: list[ShardManifest], compaction: CompactionManifest | None,
+                         wall_seconds: float) -> dict:
     """`images_per_second` is the stage's: every image embedded over the stage's wall time, planning and
     model loading included; `shard_images_per_second` counts only time inside the shard tasks. The
-    orchestration share is the part of the wall time spent in neither planning nor shards."""
+    orchestration share is the part of the wall time spent in neither planning, shards nor compaction."""
     extracted = sum(s.n_rows for s in shards)
     in_shards = sum(s.seconds for s in shards)
-    busy = plan.seconds + in_shards
+    busy = plan.seconds + in_shards + (compaction.seconds if compaction else 0.0)
     return {
         "fingerprint": plan.fingerprint,
         "features_uri": plan.features_uri,
@@ -83,7 +101,10 @@ def summarize_extraction(plan: ExtractionPlan, shards: list[ShardManifest], wall
         "images_cached": plan.n_cached,
         "images_extracted": extracted,
         "shards": len(shards),
+        "bytes_read": sum(s.bytes_read for s in shards),
         "bytes_written": sum(s.bytes_written for s in shards),
+        "shards_compacted": (compaction.shards_before - compaction.shards_after) if compaction else 0,
+        "orphans_removed": compaction.orphans_removed if compaction else 0,
         "wall_seconds": round(wall_seconds, 3),
         "plan_seconds": round(plan.seconds, 3),
         "images_per_second": round(extracted / wall_seconds, 1) if extracted and wall_seconds else None,
@@ -95,7 +116,8 @@ def summarize_extraction(plan: ExtractionPlan, shards: list[ShardManifest], wall
 def write_summary(run_id: str, run: str, cfg: Config, datasets: dict[str, IngestManifest], extraction: dict,
                   head: ModelManifest, candidates: list[CandidateManifest], selection: SelectionManifest,
                   predictions: PredictionManifest, evaluation: EvaluationManifest,
-                  baseline: EvaluationManifest, report_uri: str, timings: dict[str, float]) -> RunSummary:
+                  baseline: EvaluationManifest, report_uri: str, timings: dict[str, float],
+                  stages: dict[str, dict] | None = None) -> RunSummary:
     chosen = candidates[selection.index] if selection.index >= 0 else None
     oracle = candidates[selection.oracle_index] if selection.oracle_index is not None else None
     summary = RunSummary(
@@ -122,6 +144,7 @@ def write_summary(run_id: str, run: str, cfg: Config, datasets: dict[str, Ingest
                             "model_uri": c.model_uri} for c in candidates],
         },
         timings=timings,
+        stages=stages or {},
     )
     summary.commit(storage.join(run, "summary.json"))
     return summary
@@ -151,8 +174,10 @@ def render_markdown(summary: RunSummary) -> str:
     lines += [f"| {d} | {v['images']} | {v['rejected']} |" for d, v in summary.datasets.items()]
     lines += ["", f"Extraction: {ex['images_extracted']} images embedded, {ex['images_cached']} reused from the "
               f"feature store, {ex['images_per_second'] or '-'} images/s.", "",
-              "| stage | seconds |", "|---|---|"]
-    lines += [f"| {stage} | {sec:.1f} |" for stage, sec in summary.timings.items()]
+              "| stage | seconds | images | images/s | MB read | MB written | orchestration |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {stage} | {st['seconds']:.1f} | {st['images'] or ''} | {st['images_per_second'] or ''} | "
+              f"{st['bytes_read'] / 1e6:.1f} | {st['bytes_written'] / 1e6:.1f} | {_pct(st['orchestration_share'])} |"
+              for stage, st in _stages(summary).items()]
     lines += ["", f"Model: `{summary.model_uri}`  ", f"Predictions: `{summary.predictions_uri}`  ",
               f"Report: `{summary.report_uri}`"]
     return "\n".join(lines)
@@ -160,6 +185,17 @@ def render_markdown(summary: RunSummary) -> str:
 
 def _fmt(x: float | None) -> str:
     return "" if x is None else f"{x:.3f}"
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
+
+
+def _stages(summary: RunSummary) -> dict[str, dict]:
+    """Per-stage statistics; summaries written before they existed have wall times only."""
+    empty = {"images": None, "images_per_second": None, "bytes_read": 0, "bytes_written": 0,
+             "orchestration_share": None}
+    return summary.stages or {stage: {**empty, "seconds": sec} for stage, sec in summary.timings.items()}
 
 
 def render_table(summary: RunSummary) -> str:
@@ -183,10 +219,17 @@ def render_table(summary: RunSummary) -> str:
     lines += ["", f"{'dataset':<14}{'images':>10}{'rejected':>10}"]
     lines += [f"{d:<14}{v['images']:>10}{v['rejected']:>10}" for d, v in summary.datasets.items()]
     lines += ["", f"extraction: {ex['images_extracted']} embedded, {ex['images_cached']} reused, "
-                  f"{ex['images_per_second'] or '-'} images/s", "", f"{'stage':<14}{'seconds':>10}"]
-    lines += [f"{stage:<14}{sec:>10.1f}" for stage, sec in summary.timings.items()]
+                  f"{ex['images_per_second'] or '-'} images/s", "",
+              f"{'stage':<14}{'seconds':>10}{'images/s':>10}{'MB read':>10}{'MB written':>12}{'orchestration':>15}"]
+    lines += [f"{stage:<14}{st['seconds']:>10.1f}{st['images_per_second'] or '':>10}{st['bytes_read'] / 1e6:>10.1f}"
+              f"{st['bytes_written'] / 1e6:>12.1f}{_pct(st['orchestration_share']):>15}"
+              for stage, st in _stages(summary).items()]
     lines += ["", f"report: {summary.report_uri}"]
     return "\n".join(lines)
+
+
+def stage_rows(summary: RunSummary) -> list[dict]:
+    return [{"stage": stage, **st} for stage, st in _stages(summary).items()]
 
 
 def candidate_rows(summary: RunSummary) -> list[dict]:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from adaptflow import accounting
 from adaptflow.errors import StoreError
 
 
@@ -53,13 +54,16 @@ def exists(uri: str) -> bool:
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as f:
-        return f.read()
+        data = f.read()
+    accounting.count(read=len(data))
+    return data
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write `data` to `uri`. Local files go through a temporary name and a rename, so a reader
     never sees a partial file; object stores publish a PUT atomically by themselves."""
     fs, path = filesystem(uri)
+    accounting.count(written=len(data))
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -99,7 +103,10 @@ def write_table(uri: str, table: pa.Table, **parquet_options: Any) -> int:
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = filesystem(uri)
     try:
-        return pq.read_table(path, filesystem=fs, columns=columns)
+        table = pq.read_table(path, filesystem=fs, columns=columns)
+        if accounting.metering():
+            accounting.count(read=fs.size(path))  # the file, though a column subset reads less
+        return table
     except FileNotFoundError:
         raise StoreError(f"not found: {uri}") from None
 

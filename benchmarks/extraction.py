@@ -55,6 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--decode-on", default="workers", choices=["workers", "device"],
+                   help="device: JPEGs decoded and resized on the extraction device (nvJPEG on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone (CUDA only)")
     p.add_argument("--per-image", type=int, default=96, help="images timed in the per-image loop")
     p.add_argument("--rss-images", type=int, default=100, help="RSS runs use N and 10*N images")
     p.add_argument("--rss-image-size", type=int, default=64)
@@ -185,7 +188,8 @@ def rss_child(index_uri: str, store: str, cfg_json: str, extract: ExtractConfig)
 def peak_rss(root: Path, n: int, cfg: BackboneConfig, args: argparse.Namespace) -> dict:
     _, index_uri = make_dataset(root, n)
     cmd = [sys.executable, __file__, "--rss-child", index_uri, str(root / "store"), cfg.model_dump_json(),
-           "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers), "--device", args.device]
+           "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers), "--device", args.device,
+           "--decode-on", args.decode_on] + (["--compile"] if args.compile else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -244,7 +248,8 @@ def bench_rss(name: str, args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    extract = ExtractConfig(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)
+    extract = ExtractConfig(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+                            decode_on=args.decode_on, compile=args.compile)
     if args.rss_child:
         rss_child(*args.rss_child, extract)
         return

@@ -7,10 +7,9 @@ from adaptflow.runs import DEFAULT_STORE, StageClock, ingest_uri, model_uri, run
 from adaptflow.storage import join
 from tasks.adapt import plan_candidates, select_model, train_candidate
 from tasks.evaluate import evaluate, predict
-from tasks.extract import extract_shard, plan_extraction
+from tasks.extract import compact_features, extract_all, plan_extraction
 from tasks.ingest import ingest_dataset
 from tasks.report import publish_run, write_report, write_summary
-from tasks.runners import gpu_placement
 from tasks.train import fit_head
 
 
@@ -22,20 +21,23 @@ def retrain(source: str, target: str, target_labels: str | None = None, store: s
     run_id = new_run_id()
     run = run_uri(store, run_id)
     clock = StageClock()
-    inputs = {"source": source, "target": target, "target_labels": target_labels}
 
-    # 1. ingest: validate and index every image, in parallel per dataset
+    # 1. ingest: validate and index every image, in parallel per dataset; target labels must name source classes
     with clock("ingest"):
         futures = {domain: ingest_dataset.submit(uri, domain, ingest_uri(run, domain), cfg.ingest, cfg.seed)
-                   for domain, uri in inputs.items() if uri}
+                   for domain, uri in (("source", source), ("target", target))}
         datasets = {domain: f.result() for domain, f in futures.items()}
+        if target_labels:
+            datasets["target_labels"] = ingest_dataset(target_labels, "target_labels",
+                                                       ingest_uri(run, "target_labels"), cfg.ingest, cfg.seed,
+                                                       classes=datasets["source"].classes)
     src, tgt, labels = datasets["source"], datasets["target"], datasets.get("target_labels")
 
-    # 2-3. preprocess + extract: embed only images the feature store lacks, shard by shard
+    # 2-3. preprocess + extract: embed only images the feature store lacks, shard by shard; merge small shards
     with clock("extract"):
         plan = plan_extraction([src.index_uri, tgt.index_uri], store, cfg.backbone, cfg.extract.shard_size)
-        with gpu_placement(cfg.runtime):
-            shards = extract_shard.map(plan.shards, unmapped(cfg.backbone), unmapped(cfg.extract)).result()
+        shards = extract_all(plan, cfg.backbone, cfg.extract, cfg.runtime)
+        compaction = compact_features(plan.features_uri, cfg.extract)
 
     # 4. fine-tune and adapt: the source-only head, then adaptation candidates, chosen without target labels
     with clock("train"):
@@ -53,7 +55,7 @@ def retrain(source: str, target: str, target_labels: str | None = None, store: s
         baseline_evaluation = evaluate(head.model_uri, src, baseline, labels, plan, join(run, "baseline", "metrics.json"))
         report = write_report(run, src, tgt, plan, candidates, selection, evaluation, baseline_evaluation)
 
-    summary = write_summary(run_id, run, cfg, datasets, plan, shards, head, candidates, selection, predictions,
-                            evaluation, baseline_evaluation, report, clock.seconds)
+    summary = write_summary(run_id, run, cfg, datasets, plan, shards, compaction, head, candidates, selection,
+                            [predictions, baseline], evaluation, baseline_evaluation, report, clock.seconds)
     publish_run(summary)
     return run

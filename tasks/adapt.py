@@ -7,6 +7,7 @@ from adaptflow.features import ExtractionPlan, resolve_device
 from adaptflow.manifests import IngestManifest
 from adaptflow.pipeline import ModelManifest
 from adaptflow.storage import join
+from tasks._work import measured
 
 
 @task(name="plan-candidates")
@@ -16,6 +17,7 @@ def plan_candidates(cfg: Config) -> list[CandidateSpec]:
 
 
 @task(name="train-candidate")
+@measured
 def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestManifest,
                     target_labels: IngestManifest | None, features: ExtractionPlan, cfg: Config,
                     candidates_uri: str) -> CandidateManifest:
@@ -26,6 +28,7 @@ def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestM
 
 
 @task(name="select-model")
+@measured
 def select_model(head: ModelManifest, candidates: list[CandidateManifest], cfg: Config) -> SelectionManifest:
     """Pick the model without target labels; never a collapsed one."""
     return adaptation.select_model(head, candidates, cfg.adapt.policy)

@@ -4,9 +4,11 @@ from adaptflow import ingest
 from adaptflow.config import IngestConfig
 from adaptflow.manifests import IngestManifest
 from tasks._retry import IO_TASK
+from tasks._work import measured
 
 
 @task(name="ingest", **IO_TASK)
+@measured
 def ingest_dataset(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed: int,
                    classes: list[str] | None = None) -> IngestManifest:
     """List, hash and validate every image of one dataset; write its index and rejects."""

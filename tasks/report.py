@@ -4,29 +4,36 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from adaptflow import run_report, runs
 from adaptflow.adaptation import CandidateManifest, SelectionManifest
 from adaptflow.config import Config
-from adaptflow.features import ExtractionPlan, ShardManifest
+from adaptflow.features import CompactionManifest, ExtractionPlan, ShardManifest
 from adaptflow.manifests import IngestManifest
 from adaptflow.pipeline import EvaluationManifest, ModelManifest, PredictionManifest
+from adaptflow.run_report import ReportManifest
 from adaptflow.runs import RunSummary
+from tasks._work import measured
 
 
 @task(name="write-report")
+@measured
 def write_report(run_uri: str, source: IngestManifest, target: IngestManifest, features: ExtractionPlan,
                  candidates: list[CandidateManifest], selection: SelectionManifest, evaluation: EvaluationManifest,
-                 baseline: EvaluationManifest) -> str:
+                 baseline: EvaluationManifest) -> ReportManifest:
     """The run's self-contained HTML report: candidates, selection, metrics, domain gap, plots."""
     return run_report.write_run_report(run_uri, source, target, features, candidates, selection, evaluation, baseline)
 
 
 @task(name="write-summary")
 def write_summary(run_id: str, run_uri: str, cfg: Config, datasets: dict[str, IngestManifest], plan: ExtractionPlan,
-                  shards: list[ShardManifest], head: ModelManifest, candidates: list[CandidateManifest],
-                  selection: SelectionManifest, predictions: PredictionManifest, evaluation: EvaluationManifest,
-                  baseline: EvaluationManifest, report_uri: str, timings: dict[str, float]) -> RunSummary:
-    """Commit the run: summary.json is written last."""
-    extraction = runs.summarize_extraction(plan, shards, timings.get("extract", 0.0))
-    return runs.write_summary(run_id, run_uri, cfg, datasets, extraction, head, candidates, selection, predictions,
-                              evaluation, baseline, report_uri, timings)
+                  shards: list[ShardManifest], compaction: CompactionManifest, head: ModelManifest,
+                  candidates: list[CandidateManifest], selection: SelectionManifest,
+                  predictions: list[PredictionManifest], evaluation: EvaluationManifest,
+                  baseline: EvaluationManifest, report: ReportManifest, timings: dict[str, float]) -> RunSummary:
+    """Commit the run: summary.json is written last. `predictions`: the selected model's, then the head's."""
+    extraction = runs.summarize_extraction(plan, shards, compaction, timings.get("extract", 0.0))
+    stages = runs.summarize_stages(timings, {
+        "ingest": list(datasets.values()), "extract": [plan, *shards, compaction],
+        "train": [head, *candidates, selection], "evaluate": [*predictions, evaluation, baseline, report]}, datasets)
+    return runs.write_summary(run_id, run_uri, cfg, datasets, extraction, head, candidates, selection,
+                              predictions[0], evaluation, baseline, report.report_uri, timings, stages)
 
 
 @task(name="publish-run")
@@ -37,6 +44,8 @@ def publish_run(summary: RunSummary) -> None:
     if summary.adaptation["candidates"]:
         create_table_artifact(key="adaptflow-candidates", table=runs.candidate_rows(summary),
                               description="adaptation candidates and their label-free scores")
+    create_table_artifact(key="adaptflow-stages", table=runs.stage_rows(summary),
+                          description="per stage: wall time, images/s, bytes read and written, orchestration share")
     create_markdown_artifact(key="adaptflow-summary", markdown=runs.render_markdown(summary),
                              description=f"adaptflow run {summary.run_id}")
     create_link_artifact(key="adaptflow-report", link=runs.as_link(summary.report_uri),

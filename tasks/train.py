@@ -5,9 +5,11 @@ from adaptflow.config import Config
 from adaptflow.features import ExtractionPlan
 from adaptflow.manifests import IngestManifest
 from adaptflow.pipeline import ModelManifest
+from tasks._work import measured
 
 
 @task(name="fit-head")
+@measured
 def fit_head(source: IngestManifest, features: ExtractionPlan, cfg: Config, model_uri: str) -> ModelManifest:
     """Train the classifier head on cached source features; save it to the store."""
     return pipeline.fit_head(source, features, cfg, model_uri)

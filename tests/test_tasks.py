@@ -13,7 +13,7 @@ from adaptflow.runs import RunSummary, StageClock
 from tasks._retry import retry_unless_user_error
 from tasks.adapt import plan_candidates, select_model, train_candidate
 from tasks.evaluate import evaluate, predict
-from tasks.extract import extract_shard, plan_extraction
+from tasks.extract import compact_features, extract_shard, plan_extraction
 from tasks.ingest import ingest_dataset
 from tasks.report import publish_run, write_report, write_summary
 from tasks.train import fit_head
@@ -34,7 +34,12 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
         plan = plan_extraction.fn([datasets["source"].index_uri, datasets["target"].index_uri], memory_uri,
                                   cfg.backbone, cfg.extract.shard_size)
         shards = [extract_shard.fn(s, cfg.backbone, cfg.extract) for s in plan.shards]
+        compaction = compact_features.fn(plan.features_uri, cfg.extract)
     assert isinstance(plan, ExtractionPlan) and all(isinstance(s, ShardManifest) for s in shards)
+    assert compaction.shards_after == len(shards)  # fewer small shards than compact_min_shards
+    # every task's manifest carries its work record: time, and the bytes its body moved
+    assert all(s.work.seconds > 0 and s.work.bytes_written > s.bytes_written for s in shards)
+    assert datasets["source"].work.bytes_read >= datasets["source"].bytes_read > 0
 
     head = fit_head.fn(datasets["source"], plan, cfg, f"{memory_uri}/models/r1")
     assert isinstance(head, ModelManifest) and head.classes == demo_data.classes
@@ -55,10 +60,13 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
 
     report = write_report.fn(run, datasets["source"], datasets["target"], plan, candidates, selection, evaluation,
                              evaluation)
-    assert storage.read_bytes(report).startswith(b"<!DOCTYPE html>")
-    summary = write_summary.fn("r1", run, cfg, datasets, plan, shards, head, candidates, selection, preds,
-                               evaluation, evaluation, report, clock.seconds)
+    assert storage.read_bytes(report.report_uri).startswith(b"<!DOCTYPE html>")
+    summary = write_summary.fn("r1", run, cfg, datasets, plan, shards, compaction, head, candidates, selection,
+                               [preds], evaluation, evaluation, report, clock.seconds)
     assert isinstance(summary, RunSummary)
+    assert set(summary.stages) == {"ingest", "extract", "train", "evaluate"}
+    assert summary.stages["extract"]["images"] == sum(s.n_rows for s in shards)
+    assert summary.stages["ingest"]["bytes_read"] >= sum(d.bytes_read for d in datasets.values())
     assert RunSummary.load(f"{run}/summary.json") == summary
     publish_run.fn(summary)
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from adaptflow import accounting
 from adaptflow.adapt.algorithms import Algorithm, set_trainable
 from adaptflow.adapt.train import _batches
 from adaptflow.backbones import build_extractor
@@ -45,8 +46,10 @@ def load_images(uris: Sequence[str], data_config: dict, num_workers: int = 2) ->
         num_workers=workers,
         **({"multiprocessing_context": "fork", "prefetch_factor": 4} if workers else {}),
     )
-    for x, idx, _ in loader:
+    for x, idx, nbytes in loader:
         out[idx] = x
+        if workers:  # read in worker processes, out of sight of this thread's meters
+            accounting.count(read=int(nbytes.sum()))
     return out
 
 
