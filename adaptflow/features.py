@@ -206,7 +206,7 @@ def compact_shards(features_uri: str, target_rows: int, min_shards: int,
     merged = 0
     if min_shards and len(small) >= min_shards:
         for group in _groups(small, target_rows):
-            parts = [storage.read_table(s.data_uri) for s in group]
+            parts = [_read_shard(s) for s in group]
             table = _first_per_image(pa.concat_tables(parts)).sort_by("image_id")
             key = _hash(table["image_id"].to_pylist())  # the parts' Parquet metadata carries over
             manifest = _commit_shard(features_uri, key, table, group[0].fingerprint, group[0].dtype,
@@ -285,8 +285,20 @@ def committed_files(features_uri: str) -> list[str]:
 def committed_image_ids(features_uri: str) -> set[str]:
     ids: set[str] = set()
     for shard in committed_shards(features_uri):
-        ids.update(storage.read_table(shard.data_uri, columns=["image_id"])["image_id"].to_pylist())
+        ids.update(_read_shard(shard, ["image_id"])["image_id"].to_pylist())
     return ids
+
+
+def _read_shard(shard: ShardManifest, columns: list[str] | None = None) -> pa.Table:
+    """A committed shard's rows, refusing a file written by an incompatible adaptflow."""
+    from adaptflow.manifests import SCHEMA_VERSION
+
+    table = storage.read_table(shard.data_uri, columns=columns)
+    version = (table.schema.metadata or {}).get(b"adaptflow.schema_version", b"?").decode()
+    if version != str(SCHEMA_VERSION):
+        raise StoreError(f"{shard.data_uri} has schema version {version}, this adaptflow reads version "
+                         f"{SCHEMA_VERSION}; use a new store or the adaptflow release that wrote it")
+    return table
 
 
 def load_features(features_uri: str, image_ids: list[str]) -> np.ndarray:
@@ -297,7 +309,7 @@ def load_features(features_uri: str, image_ids: list[str]) -> np.ndarray:
     wanted = pa.array(sorted(set(image_ids)), pa.string())
     parts = []
     for shard in shards:
-        t = storage.read_table(shard.data_uri, columns=["image_id", "embedding"])
+        t = _read_shard(shard, ["image_id", "embedding"])
         parts.append(t.filter(pc.is_in(t["image_id"], value_set=wanted)))
     table = _first_per_image(pa.concat_tables(parts))
     position = {image_id: i for i, image_id in enumerate(table["image_id"].to_pylist())}

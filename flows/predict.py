@@ -1,11 +1,11 @@
-from prefect import flow, unmapped
+from prefect import flow
 
 from adaptflow.models import load_card
 from adaptflow.pipeline import new_run_id
 from adaptflow.runs import DEFAULT_STORE, ingest_uri
 from adaptflow.storage import join
 from tasks.evaluate import predict
-from tasks.extract import extract_shard, plan_extraction
+from tasks.extract import extract_all, plan_extraction
 from tasks.ingest import ingest_dataset
 
 
@@ -22,7 +22,7 @@ def batch_predict(model_uri: str, images: str, out: str, store: str = DEFAULT_ST
     plan = None
     if card.kind != "images":
         plan = plan_extraction([dataset.index_uri], store, cfg.backbone, cfg.extract.shard_size)
-        extract_shard.map(plan.shards, unmapped(cfg.backbone), unmapped(cfg.extract)).result()
+        extract_all(plan, cfg.backbone, cfg.extract, cfg.runtime)
     # 4. apply the model
     predict(model_uri, dataset, plan, out)
     return out

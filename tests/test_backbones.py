@@ -203,3 +203,34 @@ def test_hog_dims_follow_image_size():
 def test_too_small_image_size_is_a_clear_error():
     with pytest.raises(AdaptflowError, match=r"cannot take 8x8 images.*larger backbone.image_size"):
         build_extractor(BackboneConfig(name="hog", image_size=8))
+
+
+class _Payload:
+    """Unpickling this would create a file: the shape of a malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pth_that_would_run_code_when_unpickled_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": _Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(AdaptflowError, match="cannot read weights .*evil.pth"):
+        build_extractor(BackboneConfig(name="resnet18", weights=str(tmp_path / "evil.pth")))
+    assert not marker.exists()
+
+
+def test_nothing_in_the_code_unpickles():
+    """Models and checkpoints are safetensors + JSON; a .pth is only read with weights_only=True."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    unsafe = re.compile(r"pickle\.loads?\(|joblib\.load\(|torch\.load\((?!.*weights_only=True)|cloudpickle")
+    hits = [f"{p.relative_to(root)}:{i}" for folder in ("adaptflow", "tasks", "flows", "cli")
+            for p in (root / folder).rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
+            if unsafe.search(line)]
+    assert hits == []

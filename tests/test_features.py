@@ -142,3 +142,34 @@ def test_decoding_on_the_device_matches_decoding_in_workers(indexed, fast_config
     b = features.load_features(plan2.features_uri, ids)
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.99
+
+
+def test_a_store_written_by_an_incompatible_version_is_refused_with_a_clear_message(indexed, fast_config):
+    store, manifests = indexed
+    plan, shards = _small_shards(indexed, fast_config, 10_000)
+    table = storage.read_table(shards[0].data_uri)
+    old = table.replace_schema_metadata({**table.schema.metadata, b"adaptflow.schema_version": b"0"})
+    storage.write_table(shards[0].data_uri, old)
+    with pytest.raises(StoreError, match=r"has schema version 0, this adaptflow reads version 1"):
+        features.plan_extraction([manifests[0].index_uri], store, fast_config.backbone, 64)
+    manifest_uri = storage.join(plan.features_uri, "shards", f"{shards[0].shard_key}.json")
+    storage.write_json(manifest_uri, {**storage.read_json(manifest_uri), "schema_version": 2})
+    with pytest.raises(StoreError, match=r"schema version 2, this adaptflow reads version 1"):
+        features.committed_shards(plan.features_uri)
+
+
+def test_two_runs_extracting_the_same_images_at_once_leave_one_row_per_image(indexed, fast_config):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store, manifests = indexed
+    plans = [features.plan_extraction([manifests[0].index_uri], store, fast_config.backbone, 32) for _ in range(2)]
+    # both runs planned before either committed: the same shards, extracted twice, side by side
+    assert [s.shard_key for s in plans[0].shards] == [s.shard_key for s in plans[1].shards]
+    raw = fast_config.extract
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda p: [features._extract_shard(s, fast_config.backbone, raw, storage.join(
+            s.features_uri, "shards", f"{s.shard_key}.json")) for s in p.shards], plans))
+    ids = [i for f in features.committed_files(plans[0].features_uri)
+           for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()]
+    assert len(ids) == len(set(ids)) == manifests[0].n_images
+    assert all(storage.exists(f) for f in features.committed_files(plans[0].features_uri))
