@@ -140,6 +140,30 @@ class AdaptConfig(_Section):
         return names
 
 
+class MonitorConfig(_Section):
+    """Scheduled runs against a store with a champion: retrain only when the target moved or the champion
+    got worse on it; otherwise stop after extraction and record "no shift"."""
+
+    enabled: bool = Field(True, description="test each new target batch for shift; false: always retrain")
+    alpha: float = Field(0.01, gt=0, lt=1, description="MMD permutation-test level: p below it is a shift")
+    permutations: int = Field(200, ge=10, description="permutations for the p-value")
+    max_samples: int = Field(500, ge=5, description="images per side in the test (subsampled, seeded)")
+    score_drop: float = Field(0.05, ge=0, description="the champion's selection score on the new batch falling "
+                              "this much below its score at registration also triggers retraining")
+
+    @model_validator(mode="after")
+    def _alpha_reachable(self) -> MonitorConfig:
+        if self.alpha * (1 + self.permutations) <= 1:  # the smallest p-value is 1 / (1 + permutations)
+            raise ValueError(f"alpha {self.alpha} needs more than {1 / self.alpha - 1:.0f} permutations, "
+                             f"got {self.permutations}")
+        return self
+
+
+class PromotionConfig(_Section):
+    margin: float = Field(0.01, ge=0, description="a challenger must beat the champion's gate score on the "
+                          "same data (and its target accuracy, when target labels exist) by this much")
+
+
 class RuntimeConfig(_Section):
     max_workers: int = Field(2, ge=1, description="Prefect tasks run at once (threads)")
     task_runner: Literal["threads", "dask"] = Field("threads", description="threads, or Dask through prefect-dask")
@@ -156,6 +180,8 @@ class Config(_Section):
     extract: ExtractConfig = ExtractConfig()
     head: HeadConfig = HeadConfig()
     adapt: AdaptConfig = AdaptConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    promotion: PromotionConfig = PromotionConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     def fingerprint(self) -> str:

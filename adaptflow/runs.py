@@ -13,6 +13,7 @@ import os
 import time
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Literal
 
 from adaptflow import storage
 from adaptflow.accounting import stage_stats
@@ -56,17 +57,20 @@ class RunSummary(Manifest):
     run_id: str
     run_uri: str
     finished_at: str
+    status: Literal["trained", "no_shift"] = "trained"  # no_shift: stopped after the shift check
     config: dict
     config_hash: str
     datasets: dict[str, dict]  # domain -> uri, images, rejected, classes, fingerprint, index/rejects URIs
     extraction: dict
-    model_uri: str  # the selected model
-    predictions_uri: str
-    metrics_uri: str
-    report_uri: str
-    metrics: dict  # source_test and (with target labels) target: accuracy, macro_f1, n
-    baseline: dict  # the same for the source-only head, and its model URI
-    adaptation: dict  # selected candidate, reason, validator scores; every candidate's scores
+    shift: dict | None = None  # the shift check against the champion (ShiftManifest); None without one
+    promotion: dict | None = None  # the registry's decision on this run's model (PromotionManifest)
+    model_uri: str = ""  # the selected model ("" when no model was trained)
+    predictions_uri: str = ""
+    metrics_uri: str = ""
+    report_uri: str = ""
+    metrics: dict = {}  # source_test and (with target labels) target: accuracy, macro_f1, n
+    baseline: dict = {}  # the same for the source-only head, and its model URI
+    adaptation: dict = {}  # selected candidate, reason, validator scores; every candidate's scores
     timings: dict[str, float]  # stage -> wall seconds
     stages: dict[str, dict] = {}  # stage -> seconds, images, images/s, bytes read/written, orchestration share
 
@@ -83,7 +87,7 @@ def summarize_stages(timings: dict[str, float], manifests: dict[str, list[Manife
         "evaluate": sum(m.n_predictions for m in manifests.get("evaluate", []) if isinstance(m, PredictionManifest)),
     }
     return {stage: stage_stats(timings.get(stage, 0.0), [m.work for m in ms if m.work is not None], images.get(stage))
-            for stage, ms in manifests.items()}
+            for stage, ms in manifests.items() if stage in timings}
 
 
 def summarize_extraction(plan: ExtractionPlan, shards: list[ShardManifest], compaction: CompactionManifest | None,
@@ -117,15 +121,14 @@ def write_summary(run_id: str, run: str, cfg: Config, datasets: dict[str, Ingest
                   head: ModelManifest, candidates: list[CandidateManifest], selection: SelectionManifest,
                   predictions: PredictionManifest, evaluation: EvaluationManifest,
                   baseline: EvaluationManifest, report_uri: str, timings: dict[str, float],
-                  stages: dict[str, dict] | None = None) -> RunSummary:
+                  stages: dict[str, dict] | None = None, shift: Manifest | None = None,
+                  promotion: Manifest | None = None) -> RunSummary:
     chosen = candidates[selection.index] if selection.index >= 0 else None
     oracle = candidates[selection.oracle_index] if selection.oracle_index is not None else None
     summary = RunSummary(
         run_id=run_id, run_uri=run, finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
         config=cfg.model_dump(mode="json"), config_hash=cfg.fingerprint(),
-        datasets={d: {"uri": m.dataset_uri, "images": m.n_images, "rejected": m.n_rejected, "classes": m.classes,
-                      "fingerprint": m.fingerprint, "index_uri": m.index_uri, "rejects_uri": m.rejects_uri}
-                  for d, m in datasets.items()},
+        datasets=_datasets(datasets),
         extraction=extraction, model_uri=selection.model_uri, predictions_uri=predictions.predictions_uri,
         metrics_uri=evaluation.metrics_uri, report_uri=report_uri,
         metrics={"source_val_accuracy": chosen.scores["source_val_acc"] if chosen else head.val_accuracy,
@@ -145,13 +148,39 @@ def write_summary(run_id: str, run: str, cfg: Config, datasets: dict[str, Ingest
         },
         timings=timings,
         stages=stages or {},
+        shift=_dump(shift),
+        promotion=_dump(promotion),
     )
     summary.commit(storage.join(run, "summary.json"))
     return summary
 
 
+def write_no_shift_summary(run_id: str, run: str, cfg: Config, datasets: dict[str, IngestManifest],
+                           extraction: dict, shift: Manifest, timings: dict[str, float],
+                           stages: dict[str, dict]) -> RunSummary:
+    """Commit a run that stopped after the shift check: what arrived, how it was tested, nothing trained."""
+    summary = RunSummary(
+        run_id=run_id, run_uri=run, finished_at=datetime.now(UTC).isoformat(timespec="seconds"), status="no_shift",
+        config=cfg.model_dump(mode="json"), config_hash=cfg.fingerprint(), datasets=_datasets(datasets),
+        extraction=extraction, shift=_dump(shift), timings=timings, stages=stages)
+    summary.commit(storage.join(run, "summary.json"))
+    return summary
+
+
+def _dump(m: Manifest | None) -> dict | None:
+    return None if m is None else m.model_dump(mode="json", exclude={"work", "schema_version"})
+
+
+def _datasets(datasets: dict[str, IngestManifest]) -> dict[str, dict]:
+    return {d: {"uri": m.dataset_uri, "images": m.n_images, "rejected": m.n_rejected, "classes": m.classes,
+                "fingerprint": m.fingerprint, "index_uri": m.index_uri, "rejects_uri": m.rejects_uri}
+            for d, m in datasets.items()}
+
+
 def metrics_rows(summary: RunSummary) -> list[dict]:
     """One row per (model, scored split), for tables (Prefect artifact, command-line output)."""
+    if summary.status == "no_shift":
+        return []
     selected = summary.adaptation["selected"]
     rows = []
     for model, m in (("source-only head", summary.baseline), (selected, summary.metrics)):
@@ -163,13 +192,30 @@ def metrics_rows(summary: RunSummary) -> list[dict]:
     return rows
 
 
+def headline(summary: RunSummary) -> list[str]:
+    """What happened, in a line or three: the shift check, the selection, the promotion decision."""
+    lines = []
+    if summary.shift:
+        lines.append(f"shift check against champion v{summary.shift['champion_version']}: {summary.shift['reason']}")
+    if summary.status == "no_shift":
+        lines.append("no retraining: the champion stays")
+        return lines
+    a = summary.adaptation
+    lines.append(f"selected: {a['selected']} ({a['reason']})")
+    if summary.promotion:
+        p = summary.promotion
+        verdict = "promoted to champion" if p["promoted"] else "kept as challenger"
+        lines.append(f"registered as v{p['version']}, {verdict}: {p['reason']}")
+    return lines
+
+
 def render_markdown(summary: RunSummary) -> str:
     ex = summary.extraction
-    a = summary.adaptation
-    lines = [f"# adaptflow run `{summary.run_id}`", "", f"Selected **{a['selected']}**: {a['reason']}.", "",
-             "| model | split | accuracy | macro-F1 | n |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['split']} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} | {r['n']} |"
-              for r in metrics_rows(summary)]
+    lines = [f"# adaptflow run `{summary.run_id}`", ""] + [f"- {line}" for line in headline(summary)]
+    if summary.status != "no_shift":
+        lines += ["", "| model | split | accuracy | macro-F1 | n |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['split']} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} | {r['n']} |"
+                  for r in metrics_rows(summary)]
     lines += ["", "| dataset | images | rejected |", "|---|---|---|"]
     lines += [f"| {d} | {v['images']} | {v['rejected']} |" for d, v in summary.datasets.items()]
     lines += ["", f"Extraction: {ex['images_extracted']} images embedded, {ex['images_cached']} reused from the "
@@ -178,8 +224,9 @@ def render_markdown(summary: RunSummary) -> str:
     lines += [f"| {stage} | {st['seconds']:.1f} | {st['images'] or ''} | {st['images_per_second'] or ''} | "
               f"{st['bytes_read'] / 1e6:.1f} | {st['bytes_written'] / 1e6:.1f} | {_pct(st['orchestration_share'])} |"
               for stage, st in _stages(summary).items()]
-    lines += ["", f"Model: `{summary.model_uri}`  ", f"Predictions: `{summary.predictions_uri}`  ",
-              f"Report: `{summary.report_uri}`"]
+    if summary.status != "no_shift":
+        lines += ["", f"Model: `{summary.model_uri}`  ", f"Predictions: `{summary.predictions_uri}`  ",
+                  f"Report: `{summary.report_uri}`"]
     return "\n".join(lines)
 
 
@@ -202,11 +249,12 @@ def render_table(summary: RunSummary) -> str:
     """A plain-text report for the terminal: accuracy, images processed, time per stage."""
     ex = summary.extraction
     a = summary.adaptation
-    lines = [f"adaptflow run {summary.run_id}", f"selected: {a['selected']} ({a['reason']})", "",
-             f"{'model':<24}{'split':<13}{'accuracy':>10}{'macro-F1':>10}{'n':>7}"]
-    lines += [f"{r['model']:<24}{r['split']:<13}{_fmt(r['accuracy']):>10}{_fmt(r['macro_f1']):>10}{r['n']:>7}"
-              for r in metrics_rows(summary)]
-    if a["candidates"]:
+    lines = [f"adaptflow run {summary.run_id}", *headline(summary)]
+    if metrics_rows(summary):
+        lines += ["", f"{'model':<24}{'split':<13}{'accuracy':>10}{'macro-F1':>10}{'n':>7}"]
+        lines += [f"{r['model']:<24}{r['split']:<13}{_fmt(r['accuracy']):>10}{_fmt(r['macro_f1']):>10}{r['n']:>7}"
+                  for r in metrics_rows(summary)]
+    if a.get("candidates"):
         known = any(c["target_accuracy"] is not None for c in a["candidates"])
         lines += ["", f"{'candidate':<24}{'src val':>9}{'IM':>8}{'BNM':>8}{'collapsed':>11}"
                       + (f"{'target*':>9}" if known else "") + f"{'seconds':>9}"]
@@ -224,8 +272,28 @@ def render_table(summary: RunSummary) -> str:
     lines += [f"{stage:<14}{st['seconds']:>10.1f}{st['images_per_second'] or '':>10}{st['bytes_read'] / 1e6:>10.1f}"
               f"{st['bytes_written'] / 1e6:>12.1f}{_pct(st['orchestration_share']):>15}"
               for stage, st in _stages(summary).items()]
-    lines += ["", f"report: {summary.report_uri}"]
+    if summary.report_uri:
+        lines += ["", f"report: {summary.report_uri}"]
     return "\n".join(lines)
+
+
+def shift_row(summary: RunSummary) -> dict:
+    sh = summary.shift or {}
+    test = sh.get("test") or {}
+    champion = sh.get("champion") or {}
+    return {"champion": f"v{sh.get('champion_version')}", "mmd2": test.get("statistic"), "p_value": test.get("p_value"),
+            "alpha": test.get("alpha"), "domain_auc": sh.get("domain_auc"), "shift_detected": sh.get("shift_detected"),
+            "champion_selection_score": champion.get("selection_score"), "score_drop": sh.get("score_drop"),
+            "degraded": sh.get("degraded"), "retrain": sh.get("retrain"), "reason": sh.get("reason")}
+
+
+def promotion_row(summary: RunSummary) -> dict:
+    p = summary.promotion or {}
+    c = p.get("compared") or {}
+    return {"version": f"v{p.get('version')}", "promoted": p.get("promoted"), "metric": c.get("metric"),
+            "challenger": c.get("challenger"), "champion": c.get("champion"), "margin": c.get("margin"),
+            "champion_before": p.get("champion_version"), "champion_after": p.get("champion_after"),
+            "reason": p.get("reason")}
 
 
 def stage_rows(summary: RunSummary) -> list[dict]:
@@ -236,7 +304,7 @@ def candidate_rows(summary: RunSummary) -> list[dict]:
     return [{"candidate": c["name"], "selected": c["name"] == summary.adaptation["selected"],
              **{k: round(v, 4) for k, v in c["scores"].items()}, "collapsed": c["collapsed"],
              "target_accuracy (labels, scoring only)": c["target_accuracy"], "seconds": c["seconds"]}
-            for c in summary.adaptation["candidates"]]
+            for c in summary.adaptation.get("candidates", [])]
 
 
 def as_link(uri: str) -> str:

@@ -1,4 +1,4 @@
-"""The `adaptflow` command: run, demo, predict, backbones.
+"""The `adaptflow` command: run, demo, predict, models, backbones.
 
 Errors caused by input (a bad config, a missing dataset, an unknown name) print one `error:` line
 and exit with status 2; nothing a user did wrong ends in a traceback.
@@ -59,14 +59,76 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from flows.predict import batch_predict
+def cmd_extract(args: argparse.Namespace) -> int:
+    from adaptflow.config import load_config
+    from flows.extract import backfill
+    from tasks.runners import build_task_runner
 
+    cfg = load_config(args.config, args.set)
+    for uri in args.images:
+        if not storage.exists(uri):
+            raise DatasetError(f"dataset not found: {uri}")
+    flow = backfill.with_options(task_runner=build_task_runner(cfg.runtime))
+    print(flow(args.images, args.store, cfg.model_dump(mode="json")))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
     if not storage.exists(args.images):
         raise DatasetError(f"dataset not found: {args.images}")
-    out = batch_predict(args.model, args.images, args.out, args.store)
+    model = resolve_model(args.model, args.store)
+    from flows.predict import batch_predict  # Prefect loads only once the inputs are known good
+
+    out = batch_predict(model, args.images, args.out, args.store)
     print(out)
     return 0
+
+
+def resolve_model(model: str, store: str) -> str:
+    """A model URI as given, or the URI of the registry entry it names (`champion`, `challenger`, `v3`, `3`)."""
+    from adaptflow import registry
+
+    return registry.resolve(store, model).model_uri if registry.is_ref(model) else model
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from adaptflow import registry
+
+    versions = registry.list_versions(args.store)
+    if not versions:
+        print(f"no models registered in {registry.registry_uri(args.store)}")
+        return 0
+    named: dict[int, list[str]] = {}
+    for alias, version in sorted(registry.aliases(args.store).items()):
+        named.setdefault(version, []).append(alias)
+    print(f"{'version':<9}{'aliases':<21}{'created':<27}{'method':<18}{'selection':>10}{'target acc':>12}  run id")
+    for v in versions:
+        print(f"{'v' + str(v.version):<9}{','.join(named.get(v.version, [])) or '-':<21}{v.created_at:<27}"
+              f"{v.method:<18}{_fmt(v.metrics.get('selection_score')):>10}{_fmt(v.metrics.get('target_accuracy')):>12}"
+              f"  {v.run_id}")
+    return 0
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    from adaptflow import registry
+
+    version = registry.resolve(args.store, args.version).version
+    decision = registry.promote(args.store, version, reason=args.reason)
+    before = f"v{decision.champion_version}" if decision.champion_version is not None else "none"
+    print(f"champion: {before} -> v{decision.version} ({decision.reason})")
+    return 0
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    from adaptflow import registry
+
+    event = registry.rollback(args.store, reason=args.reason)
+    print(f"champion: v{event.champion_before} -> v{event.champion_after} ({event.reason})")
+    return 0
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
@@ -109,17 +171,21 @@ def _parser() -> argparse.ArgumentParser:
             URIs may be local paths, file://, s3:// or memory:// locations.
             examples:
               adaptflow demo
+              adaptflow extract s3://bucket/new_images --store s3://bucket/store
               adaptflow run --source data/old_camera --target data/new_camera --set backbone.image_size=160
-              adaptflow predict adaptflow-store/models/RUN_ID new_images/ --out preds.parquet"""),
+              adaptflow predict adaptflow-store/models/RUN_ID new_images/ --out preds.parquet
+              adaptflow predict champion new_images/ --out preds.parquet
+              adaptflow models list"""),
     )
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
-    def common(sp: argparse.ArgumentParser, config: bool = True) -> None:
+    def common(sp: argparse.ArgumentParser, config: bool = True, method: bool = True) -> None:
         sp.add_argument("--store", default=DEFAULT_STORE, help=f"feature store, models and runs (default: ./{DEFAULT_STORE})")
         if config:
             sp.add_argument("--config", help="YAML config file (see configs/default.yaml)")
             sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override one setting, e.g. --set backbone.image_size=64 (repeatable)")
+        if config and method:
             sp.add_argument("--method", help="auto (default): train the adaptation candidates and select one "
                                              "without target labels; an algorithm (source_only, dann, cdan, coral, "
                                              "mmd, mcc, im) trains only that one; none: only the source-only head")
@@ -141,12 +207,36 @@ def _parser() -> argparse.ArgumentParser:
     common(demo)
     demo.set_defaults(command=cmd_demo)
 
+    ext = sub.add_parser("extract", help="embed datasets into the feature store ahead of runs (a backfill)",
+                         description="Ingest the datasets and embed every valid image the feature store lacks. "
+                                     "Re-running resumes: committed shards are kept. Prints the features URI.")
+    ext.add_argument("images", nargs="+", metavar="IMAGES_URI", help="folders of images or manifests")
+    common(ext, method=False)
+    ext.set_defaults(command=cmd_extract)
+
     pred = sub.add_parser("predict", help="predict classes for a folder of images with a saved model")
-    pred.add_argument("model", metavar="MODEL_URI", help="a model folder, e.g. STORE/models/RUN_ID")
+    pred.add_argument("model", metavar="MODEL", help="a model folder, e.g. STORE/models/RUN_ID, or a version in the "
+                                                     "store's registry: champion, challenger, v3 or 3")
     pred.add_argument("images", metavar="IMAGES_URI", help="a folder of images or a manifest")
     pred.add_argument("--out", required=True, help="where to write the predictions Parquet file")
     common(pred, config=False)
     pred.set_defaults(command=cmd_predict)
+
+    models = sub.add_parser("models", help="the model registry: list versions, promote one, roll back the champion",
+                            description="Registered model versions and their champion/challenger aliases.")
+    actions = models.add_subparsers(required=True, metavar="ACTION")
+    ls = actions.add_parser("list", help="every registered version with its aliases and metrics")
+    common(ls, config=False)
+    ls.set_defaults(command=cmd_models_list)
+    prom = actions.add_parser("promote", help="make a version the champion, whatever its metrics")
+    prom.add_argument("version", metavar="VERSION", help="a version number, v3, or an alias (challenger)")
+    prom.add_argument("--reason", default="manual", help="why, recorded in the registry's events (default: manual)")
+    common(prom, config=False)
+    prom.set_defaults(command=cmd_models_promote)
+    rb = actions.add_parser("rollback", help="point champion back at the previous champion")
+    rb.add_argument("--reason", default="rollback", help="why, recorded in the registry's events")
+    common(rb, config=False)
+    rb.set_defaults(command=cmd_models_rollback)
 
     bb = sub.add_parser("backbones", help="list the registered backbones")
     bb.set_defaults(command=cmd_backbones)

@@ -9,18 +9,22 @@ from tasks.adapt import plan_candidates, select_model, train_candidate
 from tasks.evaluate import evaluate, predict
 from tasks.extract import compact_features, extract_all, plan_extraction
 from tasks.ingest import ingest_dataset
-from tasks.report import publish_run, write_report, write_summary
+from tasks.monitor import check_shift, find_champion, promote_if_better, score_champion, score_model
+from tasks.report import publish_run, write_no_shift_summary, write_report, write_summary
 from tasks.train import fit_head
 
 
 @flow(name="retrain", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def retrain(source: str, target: str, target_labels: str | None = None, store: str = DEFAULT_STORE,
             config: dict | None = None) -> str:
-    """Train a classifier on labeled `source` images for unlabeled `target` images; returns the run URI."""
+    """Train a classifier on labeled `source` images for unlabeled `target` images; returns the run URI.
+    With a champion in the store's registry, retrain only if the target shifted or the champion degraded,
+    and promote the new model only if it beats the champion on this run's data."""
     cfg = validate_config(config or {})
     run_id = new_run_id()
     run = run_uri(store, run_id)
     clock = StageClock()
+    champion = find_champion(store)
 
     # 1. ingest: validate and index every image, in parallel per dataset; target labels must name source classes
     with clock("ingest"):
@@ -33,11 +37,26 @@ def retrain(source: str, target: str, target_labels: str | None = None, store: s
                                                        classes=datasets["source"].classes)
     src, tgt, labels = datasets["source"], datasets["target"], datasets.get("target_labels")
 
-    # 2-3. preprocess + extract: embed only images the feature store lacks, shard by shard; merge small shards
+    # 2-3. preprocess + extract: embed only images the feature store lacks (the champion's reference
+    # images included), shard by shard; merge small shards
     with clock("extract"):
-        plan = plan_extraction([src.index_uri, tgt.index_uri], store, cfg.backbone, cfg.extract.shard_size)
+        reference = [champion.reference_index_uri] if champion and champion.reference_index_uri else []
+        plan = plan_extraction([src.index_uri, tgt.index_uri, *reference], store, cfg.backbone,
+                               cfg.extract.shard_size)
         shards = extract_all(plan, cfg.backbone, cfg.extract, cfg.runtime)
         compaction = compact_features(plan.features_uri, cfg.extract)
+
+    # 3b. monitor: has the target moved away from the champion's data, or the champion got worse? If not, stop
+    shift = champion_scores = None
+    if champion:
+        with clock("monitor"):
+            champion_scores = score_champion(champion, src, tgt, labels, plan, cfg)
+            shift = check_shift(store, champion, tgt, plan, champion_scores, cfg) if cfg.monitor.enabled else None
+        if shift and not shift.retrain:
+            summary = write_no_shift_summary(run_id, run, cfg, datasets, plan, shards, compaction, shift,
+                                             champion_scores, clock.seconds)
+            publish_run(summary, store)
+            return run
 
     # 4. fine-tune and adapt: the source-only head, then adaptation candidates, chosen without target labels
     with clock("train"):
@@ -55,7 +74,14 @@ def retrain(source: str, target: str, target_labels: str | None = None, store: s
         baseline_evaluation = evaluate(head.model_uri, src, baseline, labels, plan, join(run, "baseline", "metrics.json"))
         report = write_report(run, src, tgt, plan, candidates, selection, evaluation, baseline_evaluation)
 
+    # 6. promote: register the chosen model; the gate compares it with the champion on this run's data
+    with clock("promote"):
+        challenger = score_model(selection.model_uri, src, tgt, labels, plan, cfg)
+        promotion = promote_if_better(store, run_id, selection.name, datasets, plan, cfg, challenger, champion_scores,
+                                      evaluation.source_test["accuracy"])
+
     summary = write_summary(run_id, run, cfg, datasets, plan, shards, compaction, head, candidates, selection,
-                            [predictions, baseline], evaluation, baseline_evaluation, report, clock.seconds)
-    publish_run(summary)
+                            [predictions, baseline], evaluation, baseline_evaluation, report, clock.seconds,
+                            shift, promotion, [m for m in (challenger, champion_scores) if m is not None])
+    publish_run(summary, store)
     return run

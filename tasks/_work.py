@@ -10,6 +10,6 @@ def measured(fn):
     def wrapper(*args, **kwargs):
         with measure() as meter:
             manifest = fn(*args, **kwargs)
-        return manifest.model_copy(update={"work": meter.done()})
+        return None if manifest is None else manifest.model_copy(update={"work": meter.done()})
 
     return wrapper

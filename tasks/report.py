@@ -5,7 +5,9 @@ from adaptflow import run_report, runs
 from adaptflow.adaptation import CandidateManifest, SelectionManifest
 from adaptflow.config import Config
 from adaptflow.features import CompactionManifest, ExtractionPlan, ShardManifest
+from adaptflow.history import write_history
 from adaptflow.manifests import IngestManifest
+from adaptflow.monitor import ModelScores, PromotionManifest, ShiftManifest
 from adaptflow.pipeline import EvaluationManifest, ModelManifest, PredictionManifest
 from adaptflow.run_report import ReportManifest
 from adaptflow.runs import RunSummary
@@ -26,27 +28,58 @@ def write_summary(run_id: str, run_uri: str, cfg: Config, datasets: dict[str, In
                   shards: list[ShardManifest], compaction: CompactionManifest, head: ModelManifest,
                   candidates: list[CandidateManifest], selection: SelectionManifest,
                   predictions: list[PredictionManifest], evaluation: EvaluationManifest,
-                  baseline: EvaluationManifest, report: ReportManifest, timings: dict[str, float]) -> RunSummary:
-    """Commit the run: summary.json is written last. `predictions`: the selected model's, then the head's."""
+                  baseline: EvaluationManifest, report: ReportManifest, timings: dict[str, float],
+                  shift: ShiftManifest | None = None, promotion: PromotionManifest | None = None,
+                  scored: list[ModelScores] | None = None) -> RunSummary:
+    """Commit the run: summary.json is written last. `predictions`: the selected model's, then the head's;
+    `scored`: the models the monitor and the gate scored."""
     extraction = runs.summarize_extraction(plan, shards, compaction, timings.get("extract", 0.0))
     stages = runs.summarize_stages(timings, {
         "ingest": list(datasets.values()), "extract": [plan, *shards, compaction],
-        "train": [head, *candidates, selection], "evaluate": [*predictions, evaluation, baseline, report]}, datasets)
+        "monitor": [m for m in (shift,) if m is not None],
+        "train": [head, *candidates, selection], "evaluate": [*predictions, evaluation, baseline, report],
+        "promote": [*(scored or []), *(m for m in (promotion,) if m is not None)]}, datasets)
     return runs.write_summary(run_id, run_uri, cfg, datasets, extraction, head, candidates, selection,
-                              predictions[0], evaluation, baseline, report.report_uri, timings, stages)
+                              predictions[0], evaluation, baseline, report.report_uri, timings, stages, shift, promotion)
+
+
+@task(name="write-no-shift-summary")
+def write_no_shift_summary(run_id: str, run_uri: str, cfg: Config, datasets: dict[str, IngestManifest],
+                           plan: ExtractionPlan, shards: list[ShardManifest], compaction: CompactionManifest,
+                           shift: ShiftManifest, champion: ModelScores | None,
+                           timings: dict[str, float]) -> RunSummary:
+    """Commit a run that found no shift: it stops here, cheaply."""
+    extraction = runs.summarize_extraction(plan, shards, compaction, timings.get("extract", 0.0))
+    stages = runs.summarize_stages(timings, {
+        "ingest": list(datasets.values()), "extract": [plan, *shards, compaction],
+        "monitor": [m for m in (champion, shift) if m is not None]}, datasets)
+    return runs.write_no_shift_summary(run_id, run_uri, cfg, datasets, extraction, shift, timings, stages)
 
 
 @task(name="publish-run")
-def publish_run(summary: RunSummary) -> None:
-    """Put the run's metrics, candidates and report on the Prefect UI."""
-    create_table_artifact(key="adaptflow-metrics", table=runs.metrics_rows(summary),
-                          description=f"adaptflow run {summary.run_id}")
-    if summary.adaptation["candidates"]:
+def publish_run(summary: RunSummary, store: str) -> str:
+    """Put the run on the Prefect UI: metrics, shift check, promotion decision, stages, report; rebuild the
+    store's history page. Returns the history page's URI."""
+    if summary.status != "no_shift":
+        create_table_artifact(key="adaptflow-metrics", table=runs.metrics_rows(summary),
+                              description=f"adaptflow run {summary.run_id}")
+    if summary.adaptation.get("candidates"):
         create_table_artifact(key="adaptflow-candidates", table=runs.candidate_rows(summary),
                               description="adaptation candidates and their label-free scores")
+    if summary.shift:
+        create_table_artifact(key="adaptflow-shift", table=[runs.shift_row(summary)],
+                              description="the new target batch against the champion's data")
+    if summary.promotion:
+        create_table_artifact(key="adaptflow-promotion", table=[runs.promotion_row(summary)],
+                              description="the registry's decision on this run's model")
     create_table_artifact(key="adaptflow-stages", table=runs.stage_rows(summary),
                           description="per stage: wall time, images/s, bytes read and written, orchestration share")
     create_markdown_artifact(key="adaptflow-summary", markdown=runs.render_markdown(summary),
                              description=f"adaptflow run {summary.run_id}")
-    create_link_artifact(key="adaptflow-report", link=runs.as_link(summary.report_uri),
-                         description="self-contained HTML report")
+    if summary.report_uri:
+        create_link_artifact(key="adaptflow-report", link=runs.as_link(summary.report_uri),
+                             description="self-contained HTML report")
+    history = write_history(store)
+    create_link_artifact(key="adaptflow-history", link=runs.as_link(history),
+                         description="every run of this store: target metrics, shift, images over time")
+    return history

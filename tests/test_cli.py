@@ -70,3 +70,56 @@ def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp
     assert failed.returncode == 2
     assert f"error: no valid images under {broken}" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def _registry(store: str, scores: list[float]) -> None:
+    from adaptflow import registry
+
+    lineage = registry.Lineage(dataset_snapshot="d", extractor_fingerprint="f", config_hash="c", code_version="0.1.0")
+    for i, score in enumerate(scores):
+        mv = registry.register(store, storage.join(store, "models", f"run{i}"), f"run{i}", lineage,
+                               {"selection_score": score, "source_val_accuracy": 0.9, "target_accuracy": None,
+                                "source_test_accuracy": 0.8}, "dann-features")
+        registry.gate(store, mv.version, None, margin=0.01)
+
+
+def test_models_list_promote_and_rollback(tmp_path, capsys):
+    store = str(tmp_path / "store")
+    assert main(["models", "list", "--store", store]) == 0
+    assert "no models registered in" in capsys.readouterr().out
+    _registry(store, [0.5, 0.4])  # v1 champion, v2 challenger
+
+    assert main(["models", "list", "--store", store]) == 0
+    header, v1, v2 = capsys.readouterr().out.strip().splitlines()
+    assert header.split()[:3] == ["version", "aliases", "created"] and "run id" in header
+    assert v1.split()[:2] == ["v1", "champion"] and "0.500" in v1 and v1.endswith("run0")
+    assert v2.split()[:2] == ["v2", "challenger"] and "dann-features" in v2
+
+    assert main(["models", "promote", "challenger", "--store", store, "--reason", "looks better"]) == 0
+    assert capsys.readouterr().out.strip() == "champion: v1 -> v2 (looks better)"
+    assert main(["models", "rollback", "--store", store]) == 0
+    assert capsys.readouterr().out.strip() == "champion: v2 -> v1 (rollback)"
+    assert main(["models", "rollback", "--store", store]) == 2
+    assert "error: nothing to roll back to" in capsys.readouterr().err
+    assert main(["models", "promote", "v9", "--store", store]) == 2
+    assert "error: no model version 9" in capsys.readouterr().err
+
+
+def test_predict_resolves_registry_names_in_the_store(tmp_path, memory_uri, capsys):
+    from cli.main import resolve_model
+
+    _registry(memory_uri, [0.5, 0.6])
+    assert resolve_model("champion", memory_uri) == storage.join(memory_uri, "models", "run1")
+    assert resolve_model("v1", memory_uri) == resolve_model("1", memory_uri) == storage.join(memory_uri, "models", "run0")
+    assert resolve_model(str(tmp_path / "some_model"), memory_uri) == str(tmp_path / "some_model")
+    empty = str(tmp_path / "empty")
+    assert main(["predict", "champion", str(tmp_path), "--out", "x", "--store", empty]) == 2
+    assert "error: no models registered in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["models"], ["models", "list"], ["models", "promote"], ["models", "rollback"]])
+def test_models_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    assert "usage: adaptflow models" in capsys.readouterr().out

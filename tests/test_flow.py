@@ -2,7 +2,7 @@
 
 import pytest
 
-from adaptflow import storage
+from adaptflow import registry, storage
 from adaptflow.runs import RunSummary
 from flows.predict import batch_predict
 from flows.retrain import retrain
@@ -19,7 +19,13 @@ def test_retrain_then_rerun_reuses_features_then_predict(demo_data, fast_config,
     target = summary.datasets["target"]
     assert (target["rejected"], summary.datasets["source"]["rejected"]) == (2, 0)
     assert summary.extraction["images_extracted"] == summary.extraction["images_requested"] > 0
-    assert set(summary.timings) == {"ingest", "extract", "train", "evaluate"}
+    assert set(summary.timings) == {"ingest", "extract", "train", "evaluate", "promote"}
+    assert summary.stages["extract"]["images"] == summary.extraction["images_extracted"]
+    assert all(0 <= st["orchestration_share"] < 1 for st in summary.stages.values())
+    # the first model of a store becomes its champion
+    assert summary.shift is None and summary.promotion["promoted"] and summary.promotion["version"] == 1
+    assert registry.aliases(store) == {"champion": 1}
+    assert storage.read_bytes(storage.join(store, "history.html")).startswith(b"<!DOCTYPE html>")
     adaptation = summary.adaptation
     assert [c["name"] for c in adaptation["candidates"]] == ["source_only-features", "dann-features", "dann-images"]
     chosen = next(c for c in adaptation["candidates"] if c["name"] == adaptation["selected"])
@@ -40,13 +46,26 @@ def test_retrain_then_rerun_reuses_features_then_predict(demo_data, fast_config,
     assert summary.metrics["target"]["n"] == target["images"]
     assert 0 <= summary.metrics["target"]["accuracy"] <= 1
 
-    rerun = retrain(demo_data.source_uri, demo_data.target_uri, None, store,
-                    {**settings, "adapt": {**settings["adapt"], "method": "none"}})
+    # the same target again: no shift, so the run stops after extraction, having embedded nothing
+    head_only = {**settings, "adapt": {**settings["adapt"], "method": "none"}}
+    rerun = retrain(demo_data.source_uri, demo_data.target_uri, None, store, head_only)
     again = RunSummary.load(storage.join(rerun, "summary.json"))
+    assert again.status == "no_shift" and again.model_uri == "" and again.promotion is None
     assert again.extraction["images_extracted"] == 0
     assert again.extraction["images_cached"] == summary.extraction["images_requested"]
-    assert again.metrics["target"] is None
-    assert again.adaptation["selected"] == "head" and again.model_uri == again.baseline["model_uri"]
+    assert not again.shift["shift_detected"] and again.shift["test"]["p_value"] >= again.shift["test"]["alpha"]
+    assert again.shift["reason"].startswith("no shift") and again.shift["score_drop"] == pytest.approx(0, abs=1e-6)
+    assert [v.version for v in registry.list_versions(store)] == [1]
+
+    # a shifted batch (grey digits where the champion saw colour ones): detected, retrained, gated
+    shifted = retrain(demo_data.source_uri, demo_data.source_uri, None, store, head_only)
+    third = RunSummary.load(storage.join(shifted, "summary.json"))
+    assert third.status == "trained" and third.shift["shift_detected"] and third.shift["test"]["p_value"] < 0.01
+    assert third.adaptation["selected"] == "head" and third.model_uri == third.baseline["model_uri"]
+    assert third.promotion["version"] == 2 and third.promotion["champion_version"] == 1
+    assert third.promotion["compared"]["metric"] == "selection_score" and third.promotion["reason"]
+    assert registry.aliases(store)["champion"] == (2 if third.promotion["promoted"] else 1)
+    assert [e.action for e in registry.events(store)] == ["promoted", "promoted" if third.promotion["promoted"] else "rejected"]
 
     out = str(tmp_path / "preds.parquet")
     assert batch_predict(summary.model_uri, demo_data.target_uri, out, store) == out

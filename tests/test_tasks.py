@@ -64,11 +64,12 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
     summary = write_summary.fn("r1", run, cfg, datasets, plan, shards, compaction, head, candidates, selection,
                                [preds], evaluation, evaluation, report, clock.seconds)
     assert isinstance(summary, RunSummary)
-    assert set(summary.stages) == {"ingest", "extract", "train", "evaluate"}
+    assert set(summary.stages) == {"ingest", "extract"}  # the stages this test timed
     assert summary.stages["extract"]["images"] == sum(s.n_rows for s in shards)
     assert summary.stages["ingest"]["bytes_read"] >= sum(d.bytes_read for d in datasets.values())
     assert RunSummary.load(f"{run}/summary.json") == summary
-    publish_run.fn(summary)
+    history = publish_run.fn(summary, memory_uri)
+    assert storage.read_bytes(history).startswith(b"<!DOCTYPE html>")
 
 
 def test_user_errors_are_not_retried_but_io_errors_are():

@@ -1,0 +1,74 @@
+from prefect import get_run_logger, task
+from prefect.events import emit_event
+
+from adaptflow import monitor
+from adaptflow.config import Config
+from adaptflow.errors import StoreError
+from adaptflow.features import ExtractionPlan
+from adaptflow.manifests import IngestManifest
+from adaptflow.monitor import Champion, ModelScores, PromotionManifest, ShiftManifest
+from tasks._retry import IO_TASK
+from tasks._work import measured
+
+
+@task(name="find-champion", **IO_TASK)
+def find_champion(store: str) -> Champion | None:
+    """The registry's champion and the target images it was trained with, if there is one."""
+    return monitor.find_champion(store)
+
+
+@task(name="score-model")
+@measured
+def score_model(model_uri: str, source: IngestManifest, target: IngestManifest, target_labels: IngestManifest | None,
+                features: ExtractionPlan, cfg: Config) -> ModelScores:
+    """A saved model's label-free scores (and target accuracy, for reporting) on this run's data."""
+    return monitor.score_model(model_uri, source, target, target_labels, features, cfg.adapt.policy, cfg.seed)
+
+
+@task(name="score-champion")
+@measured
+def score_champion(champion: Champion, source: IngestManifest, target: IngestManifest,
+                   target_labels: IngestManifest | None, features: ExtractionPlan, cfg: Config) -> ModelScores | None:
+    """The champion's scores on this run's data; None when it cannot read it (other classes or features)."""
+    try:
+        return monitor.score_model(champion.model_uri, source, target, target_labels, features, cfg.adapt.policy,
+                                   cfg.seed)
+    except StoreError as e:
+        get_run_logger().warning("champion v%s cannot be scored on this run's data: %s", champion.version, e)
+        return None
+
+
+@task(name="check-shift")
+@measured
+def check_shift(store: str, champion: Champion, target: IngestManifest, features: ExtractionPlan,
+                scores: ModelScores | None, cfg: Config) -> ShiftManifest:
+    """Has the target moved away from the champion's data, or the champion got worse on it?"""
+    shift = monitor.check_shift(champion, target, features, scores, cfg.monitor, cfg.seed)
+    payload = {"reason": shift.reason, "champion_version": shift.champion_version,
+               "p_value": shift.test.p_value if shift.test else None,
+               "statistic": shift.test.statistic if shift.test else None, "domain_auc": shift.domain_auc}
+    if shift.shift_detected:
+        _emit("adaptflow.shift.detected", store, payload)
+    if shift.degraded:
+        _emit("adaptflow.run.degraded", store, {**payload, "score_drop": shift.score_drop})
+    return shift
+
+
+@task(name="promote-if-better")  # not retried: a retry would register the model twice
+@measured
+def promote_if_better(store: str, run_id: str, method: str, datasets: dict[str, IngestManifest],
+                      features: ExtractionPlan, cfg: Config, challenger: ModelScores, champion: ModelScores | None,
+                      source_test_accuracy: float | None) -> PromotionManifest:
+    """Register the selected model; the gate makes it champion only if it beats the champion on this data."""
+    decision = monitor.register_and_gate(store, run_id, method, datasets, features, cfg.fingerprint(), challenger,
+                                         champion, source_test_accuracy, cfg.promotion.margin)
+    _emit("adaptflow.model.promoted" if decision.promoted else "adaptflow.model.rejected", store,
+          {"version": decision.version, "reason": decision.reason, "champion_before": decision.champion_version,
+           "champion_after": decision.champion_after, "run_id": run_id})
+    return decision
+
+
+def _emit(event: str, store: str, payload: dict) -> None:
+    """An event automations can match on; the resource is the store (its URI names no secret)."""
+    emit_event(event=event, resource={"prefect.resource.id": f"adaptflow.store.{store}",
+                                      "prefect.resource.name": store}, payload=payload)

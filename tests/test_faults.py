@@ -1,0 +1,61 @@
+"""Faults a production run meets: the process killed mid-extraction, then the same command run again."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from adaptflow import features, storage
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _extract_command(demo_data, store):
+    return [sys.executable, "-m", "cli.main", "extract", demo_data.source_uri, demo_data.target_uri,
+            "--store", store, "--set", "extract.shard_size=8", "--set", "extract.num_workers=0",
+            "--set", "backbone.image_size=128", "--set", "extract.compact_min_shards=0"]
+
+
+def _committed_manifests(store):
+    return list(Path(store).glob("features/*/shards/*.json"))
+
+
+def test_sigkill_during_extraction_then_the_same_command_resumes_with_one_row_per_image(demo_data, tmp_path):
+    store = str(tmp_path / "store")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_HOME": str(tmp_path / "prefect")}
+    cmd = _extract_command(demo_data, store)
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(_committed_manifests(store)) < 2:  # mid-extraction: some shards committed, most not
+            assert first.poll() is None, first.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "extraction never started"
+            time.sleep(0.05)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the whole process group, as a lost machine would
+        first.wait()
+    killed_at = len(_committed_manifests(store))
+
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    features_uri = second.stdout.strip().splitlines()[-1]
+
+    ids = [i for f in features.committed_files(features_uri)
+           for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()]
+    assert len(ids) == len(set(ids)) == _valid_images(demo_data)  # exactly one row per valid image
+    assert killed_at < len(_committed_manifests(store))  # the re-run did the rest, keeping what was committed
+
+
+def _valid_images(demo_data) -> int:
+    from adaptflow.config import IngestConfig
+    from adaptflow.ingest import ingest
+
+    return sum(ingest(uri, d, f"memory://faults-count/{d}", IngestConfig(workers=2)).n_images
+               for d, uri in (("source", demo_data.source_uri), ("target", demo_data.target_uri)))
