@@ -68,6 +68,58 @@ def make_demo_data(
     return DemoData(source_uri, target_uri, target_labels_uri, classes)
 
 
+@dataclass(frozen=True)
+class NightlyDemo:
+    """A source and three nightly target batches: the first two from one camera, the third from a new one."""
+
+    source_uri: str
+    batches: list[tuple[str, str, str]]  # (name, images URI, labels URI) per night
+    classes: list[str]
+
+
+def make_nightly_batches(out_uri: str, image_size: int = 32, seed: int = 0,
+                         per_batch: int = 300) -> NightlyDemo:
+    """The demo's source, then the target digits cut into three batches of `per_batch`: night 1 and
+    night 2 in the MNIST-M style (new images, same camera), night 3 from a "new camera" (coloured strokes
+    on darkened, tinted, blurred photos): a shift the monitor should catch."""
+    demo = make_demo_data(out_uri, image_size, seed, max_per_domain=None)
+    digits = load_digits()
+    images, labels = digits.images / 16.0, digits.target
+    target_idx = _balanced(np.arange(1, len(labels), 2), labels, 3 * per_batch)
+    photos = _load_photos()
+    batches = []
+    for night, (style, chunk) in enumerate(zip((_mnist_m, _mnist_m, _new_camera),
+                                               np.array_split(np.array(target_idx), 3), strict=True), 1):
+        name = f"night{night}"
+        rng = np.random.default_rng([seed, 10 + night])
+        folder = storage.join(out_uri, name)
+        rows = []
+        for n in chunk:
+            storage.write_bytes(storage.join(folder, f"{n}.jpg"),
+                                _encode(style(_render_digit(images[n], image_size, rng), photos, rng), "JPEG"))
+            rows.append(f"{n}.jpg,{labels[n]}")
+        labels_uri = storage.join(out_uri, f"{name}_labels.csv")
+        storage.write_bytes(labels_uri, ("uri,label\n" + "\n".join(f"{name}/{r}" for r in rows) + "\n").encode())
+        batches.append((name, folder, labels_uri))
+    return NightlyDemo(demo.source_uri, batches, demo.classes)
+
+
+def _new_camera(digit: np.ndarray, photos: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """(size, size, 3) uint8: a photo patch darkened to 30% and tinted, the digit drawn over it in a
+    bright random colour, then blurred: other colours, contrast and sharpness than `_mnist_m`."""
+    from PIL import ImageFilter
+
+    size = digit.shape[0]
+    photo = photos[rng.integers(len(photos))]
+    top = rng.integers(0, photo.shape[0] - size + 1)
+    left = rng.integers(0, photo.shape[1] - size + 1)
+    patch = photo[top : top + size, left : left + size].astype(np.float32) * 0.3 * rng.uniform(0.5, 1.0, 3)
+    ink = rng.uniform(150, 255, 3)
+    out = patch * (1 - digit[..., None]) + ink * digit[..., None]
+    blurred = Image.fromarray(np.uint8(out.clip(0, 255))).filter(ImageFilter.GaussianBlur(size / 48))
+    return np.asarray(blurred)
+
+
 def _balanced(indices: np.ndarray, labels: np.ndarray, cap: int | None) -> list[int]:
     """The first `cap` of `indices` taken round-robin over the classes, so each class gets an equal
     share as far as the data allows; all of them when `cap` is None."""

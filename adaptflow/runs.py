@@ -238,11 +238,17 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}%"
 
 
+_STAGE_ORDER = ("ingest", "extract", "monitor", "train", "evaluate", "promote")
+
+
 def _stages(summary: RunSummary) -> dict[str, dict]:
-    """Per-stage statistics; summaries written before they existed have wall times only."""
+    """Per-stage statistics in pipeline order (JSON keeps keys sorted); summaries written before they
+    existed have wall times only."""
     empty = {"images": None, "images_per_second": None, "bytes_read": 0, "bytes_written": 0,
              "orchestration_share": None}
-    return summary.stages or {stage: {**empty, "seconds": sec} for stage, sec in summary.timings.items()}
+    stages = summary.stages or {stage: {**empty, "seconds": sec} for stage, sec in summary.timings.items()}
+    rank = {stage: i for i, stage in enumerate(_STAGE_ORDER)}
+    return dict(sorted(stages.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
 
 def render_table(summary: RunSummary) -> str:

@@ -51,11 +51,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     extra = [f"adapt.method={args.method}"] if args.method else []
     cfg = load_config(args.config, [*DEMO_SETTINGS, *args.set, *extra])
+    if args.nightly:
+        return _nightly_demo(args.store, cfg)
     demo = make_demo_data(storage.join(args.store, "demo-data"), seed=cfg.seed)
     print(f"demo data: source {demo.source_uri} (class folders, grey digits), "
           f"target {demo.target_uri} (flat folder, digits on colour photos)")
     run = _retrain(demo.source_uri, demo.target_uri, demo.target_labels_uri, args.store, cfg)
     print(run)
+    return 0
+
+
+def _nightly_demo(store: str, cfg) -> int:
+    """Three scheduled-style runs on one store, as a cron deployment would make them."""
+    from adaptflow import registry
+    from adaptflow.demo import make_nightly_batches
+    from adaptflow.runs import RunSummary, headline
+
+    demo = make_nightly_batches(storage.join(store, "nightly-data"), seed=cfg.seed)
+    print(f"nightly demo: source {demo.source_uri}; nights 1-2 from the MNIST-M-style camera, night 3 from a new one")
+    for name, images, labels in demo.batches:
+        print(f"\n=== {name}: {images}")
+        run = _retrain(demo.source_uri, images, labels, store, cfg)
+        summary = RunSummary.load(storage.join(run, "summary.json"))
+        print(f"{name}: " + " | ".join(headline(summary)))
+        print(run)
+    print(f"\nchampion: v{registry.aliases(store).get('champion')}; history: {storage.join(store, 'history.html')}")
     return 0
 
 
@@ -204,6 +224,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline offline on a generated digit domain shift",
                           description="Generate a source (grey digits) and a target (digits on colour photos) "
                                       "domain, then run the retrain flow on them.")
+    demo.add_argument("--nightly", action="store_true",
+                      help="three scheduled-style runs on new target batches, the third from a new camera: "
+                           "a champion promoted, a night with no shift that stops early, a shift that retrains")
     common(demo)
     demo.set_defaults(command=cmd_demo)
 
