@@ -14,7 +14,11 @@ class DatasetError(AdaptflowError):
 
 
 class StoreError(AdaptflowError):
-    """The store holds something unreadable or incompatible."""
+    """The store holds something unreadable or incompatible, or cannot be reached or read."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """A missing object or bucket in a remote store; still a FileNotFoundError for callers that expect one."""
 
 
 class UnknownNameError(AdaptflowError):

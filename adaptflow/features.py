@@ -16,7 +16,6 @@ by `compact_shards`; the merged manifest lists the keys it `replaces`, which hid
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import posixpath
@@ -216,8 +215,8 @@ def compact_shards(features_uri: str, target_rows: int, min_shards: int,
             bytes_written += manifest.bytes_written
             merged += len(group) - 1
             for s in group:
-                _remove(storage.join(features_uri, "shards", f"{s.shard_key}.json"))
-                _remove(s.data_uri)
+                storage.remove(storage.join(features_uri, "shards", f"{s.shard_key}.json"))
+                storage.remove(s.data_uri)
     orphans = _remove_orphans(features_uri, orphan_age_s)
     return CompactionManifest(features_uri=features_uri, shards_before=len(shards), shards_after=len(shards) - merged,
                               rows=sum(s.n_rows for s in shards), bytes_read=bytes_read,
@@ -237,23 +236,15 @@ def _groups(shards: list[ShardManifest], target_rows: int) -> list[list[ShardMan
     return [g for g in groups if len(g) > 1]
 
 
-def _remove(uri: str) -> None:
-    fs, path = storage.filesystem(uri)
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(path)
-
-
 def _remove_orphans(features_uri: str, older_than_s: float) -> int:
     named = {posixpath.basename(s.data_uri) for s in committed_shards(features_uri, include_replaced=True)}
-    fs, path = storage.filesystem(storage.join(features_uri, "shards"))
-    if not fs.exists(path):
-        return 0
+    shards = storage.join(features_uri, "shards")
     removed = 0
     now = time.time()
-    for info in fs.ls(path, detail=True):
+    for info in storage.ls(shards):
         name = posixpath.basename(info["name"].rstrip("/"))
         if name.endswith(".parquet") and name not in named and now - _mtime(info, now) > older_than_s:
-            fs.rm(info["name"])
+            storage.remove(storage.join(shards, name))
             removed += 1
     return removed
 

@@ -257,10 +257,7 @@ def read_summaries(store_uri: str) -> list[dict]:
     summary.json is a run still going or one that crashed, and is left out; a summary that cannot be
     read becomes {"run_id", "status": "unreadable", "reason"} so the page shows it rather than fail."""
     runs = storage.join(store_uri, "runs")
-    fs, path = storage.filesystem(runs)
-    if not fs.exists(path):
-        return []
-    names = sorted(posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True)
+    names = sorted(posixpath.basename(e["name"].rstrip("/")) for e in storage.ls(runs)
                    if e.get("type") == "directory")
     summaries = []
     for name in names:

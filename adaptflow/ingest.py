@@ -19,7 +19,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-import fsspec
 import pandas as pd
 import pyarrow as pa
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -132,35 +131,33 @@ def _first(reject: _Reject) -> str:
 
 
 def _list_dataset(uri: str) -> tuple[list[_Entry], list[_Reject]]:
-    fs, root = storage.filesystem(uri)
-    if not fs.exists(root):
+    if not storage.exists(uri):
         raise DatasetError(f"dataset not found: {uri}")
-    if fs.isfile(root):
-        return _list_manifest(uri, root)
-    children = [c for c in fs.ls(root, detail=True) if not _hidden(c["name"])]
+    if storage.isfile(uri):
+        return _list_manifest(uri, storage.filesystem(uri)[1])
+    children = [c for c in storage.ls(uri) if not _hidden(c["name"])]
     if any(c["type"] == "directory" for c in children):
-        return _list_class_tree(fs, root, uri, children)
-    return [_Entry(u, None) for u in _find(fs, root, uri)], []
+        return _list_class_tree(uri, children)
+    return [_Entry(u, None) for u in _find(uri)], []
 
 
-def _list_class_tree(
-    fs: fsspec.AbstractFileSystem, root: str, uri: str, children: list[dict]
-) -> tuple[list[_Entry], list[_Reject]]:
+def _list_class_tree(uri: str, children: list[dict]) -> tuple[list[_Entry], list[_Reject]]:
     entries, rejects = [], []
     for child in children:
         name = posixpath.basename(child["name"].rstrip("/"))
         if child["type"] == "directory":
-            entries += [_Entry(u, name) for u in _find(fs, child["name"], storage.join(uri, name))]
+            entries += [_Entry(u, name) for u in _find(storage.join(uri, name))]
         else:
             rejects.append((storage.join(uri, name), "file outside class folders", None))
     return entries, rejects
 
 
-def _find(fs: fsspec.AbstractFileSystem, folder: str, folder_uri: str) -> list[str]:
-    """URIs of the files anywhere under `folder`, written like `folder_uri`, hidden ones left out."""
+def _find(folder_uri: str) -> list[str]:
+    """URIs of the files anywhere under `folder_uri`, written like it, hidden ones left out."""
+    fs, folder = storage.filesystem(folder_uri)
     prefix = folder.rstrip("/") + "/"
     uris = []
-    for path in fs.find(folder):
+    for path in storage.find(folder_uri):
         rel = path[len(prefix) :] if path.startswith(prefix) else None
         if rel is None:  # not under the folder as listed (a link, say): fall back to fsspec's own URI
             uris.append(storage.to_uri(fs, path, folder_uri))

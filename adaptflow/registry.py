@@ -20,11 +20,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import posixpath
 import re
 import subprocess
-import threading
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -46,7 +44,6 @@ REQUIRED_METRICS = ("selection_score", "source_val_accuracy", "target_accuracy",
 # Float sums like 0.43 + 0.01 land a hair off 0.44: a margin met "exactly" must count as met.
 _TOLERANCE = 1e-9
 _MAX_CLAIMS = 1000  # version numbers tried by one registration before giving up
-_CREATE_LOCK = threading.Lock()
 
 
 class Lineage(BaseModel):
@@ -221,7 +218,7 @@ def register(store: str, model_uri: str, run_id: str, lineage: Lineage, metrics:
                               lineage=lineage, metrics=dict(metrics), method=method)
         except ValidationError as e:
             raise StoreError(f"cannot register {model_uri}: {_first_error(e)}") from None
-        if _create_only(version_uri(store, version), json.dumps(mv.model_dump(mode="json"), indent=2).encode()):
+        if storage.create_only(version_uri(store, version), json.dumps(mv.model_dump(mode="json"), indent=2).encode()):
             return mv
         version += 1
     raise StoreError(f"could not claim a version number in {registry_uri(store)} after {_MAX_CLAIMS} tries")
@@ -373,36 +370,3 @@ def _record(store: str, action: str, version: int, before: int | None, after: in
     name = f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}.json"  # names sort by time
     storage.write_json(storage.join(registry_uri(store), "events", name), event.model_dump(mode="json"))
     return event
-
-
-def _create_only(uri: str, data: bytes) -> bool:
-    """Write `data` to `uri` unless something is there already; False if it was."""
-    fs, path = storage.filesystem(uri)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    if "file" in protocols:
-        # A complete temporary file, then a hard link: atomic and exclusive, so no reader sees half a file.
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.remove(tmp)
-    # memory:// checks and writes in two steps: the lock makes that exclusive within this process,
-    # which is all of memory://. S3 (s3fs) sends If-None-Match, exclusive across processes; a lost race
-    # comes back as a 412 that s3fs raises as a plain OSError, hence the look at what is there now.
-    with _CREATE_LOCK:
-        try:
-            fs.pipe_file(path, data, mode="create")
-            return True
-        except FileExistsError:
-            return False
-        except OSError:
-            fs.invalidate_cache(posixpath.dirname(path))
-            if fs.exists(path):
-                return False
-            raise

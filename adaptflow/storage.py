@@ -3,23 +3,50 @@
 URIs may be local paths, `file://`, `s3://`, `memory://` or anything fsspec knows. A folder of
 outputs is *committed* by writing its JSON manifest last: readers look for the manifest and ignore
 anything without one, so a crash mid-write never exposes half an output.
+
+Remote stores (S3 and the like) take their credentials and endpoint from the environment, as botocore
+does (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, `AWS_ENDPOINT_URL`, ...), never from
+the configuration. On them, transient faults (connection refused or reset, timeouts, 5xx) are retried
+with exponential backoff for up to `ADAPTFLOW_STORE_PATIENCE_S` seconds (default 60); every other
+failure, and a store still unreachable after that, is a StoreError naming the URI. Local files are
+read and written once, with Python's own errors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
+import logging
+import os
 import posixpath
+import threading
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import HTTPClientError, IncompleteReadError
 from fsspec.core import url_to_fs
 
 from adaptflow import accounting
-from adaptflow.errors import StoreError
+from adaptflow.errors import StoreError, StoreNotFoundError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PATIENCE_ENV = "ADAPTFLOW_STORE_PATIENCE_S"
+_FIRST_DELAY_S, _MAX_DELAY_S = 0.5, 8.0  # 0.5, 1, 2, 4, 8, 8, ... s between tries
+_TRANSIENT = (ConnectionError, TimeoutError, BotoConnectionError, HTTPClientError, IncompleteReadError)
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                     getattr(errno, "EREMOTEIO", errno.EIO)}
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
+_CREATE_LOCK = threading.Lock()
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -46,40 +73,116 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols
 
 
-def exists(uri: str) -> bool:
+# Remote stores: retry what may pass, name the URI in what will not.
+
+
+def _call(uri: str, op: Callable[[fsspec.AbstractFileSystem, str], T]) -> T:
+    """`op(fs, path)` for `uri`: once on local files; on a remote store, transient faults are retried
+    with exponential backoff until the patience runs out, and failures become StoreErrors."""
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    if _is_local(fs):
+        return op(fs, path)
+    patience = float(os.environ.get(PATIENCE_ENV, 60))
+    deadline, delay = time.monotonic() + patience, _FIRST_DELAY_S
+    while True:
+        try:
+            return op(fs, path)
+        except Exception as e:
+            if not _is_transient(e):
+                error = _store_error(uri, e, fs)
+                if error is None:
+                    raise
+                raise error from None
+            if time.monotonic() + delay > deadline:
+                raise StoreError(f"store unreachable: {uri} (gave up after {patience:g} s; last error: "
+                                 f"{_describe(e, fs)})") from None
+            log.warning("store unreachable: %s (%s); retrying in %g s", uri, _describe(e, fs), delay)
+            time.sleep(delay)
+            delay = min(2 * delay, _MAX_DELAY_S)
+
+
+def _is_transient(e: BaseException) -> bool:
+    """A network fault or a server-side (5xx, 429) error, here or in the errors that caused it. A missing
+    object or a refused credential is permanent, whatever caused it."""
+    if isinstance(e, (FileNotFoundError, PermissionError)):
+        return False
+    seen: set[int] = set()
+    err: BaseException | None = e
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        status = (getattr(err, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if (isinstance(err, _TRANSIENT) or type(err).__module__.startswith("aiohttp")
+                or (isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS)
+                or (isinstance(status, int) and (status >= 500 or status == 429))):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _store_error(uri: str, e: Exception, fs: fsspec.AbstractFileSystem) -> StoreError | None:
+    """The StoreError a user reads for a permanent failure; None for what is not a storage failure (a
+    bug, a bad argument) or already a StoreError, to be raised as it is."""
+    if isinstance(e, StoreError):
+        return None
+    if isinstance(e, FileNotFoundError):
+        detail = _describe(e, fs)
+        return StoreNotFoundError(f"not found: {uri}" + ("" if detail in uri else f" ({detail})"))
+    if isinstance(e, PermissionError):
+        return StoreError(f"access denied: {uri} ({_describe(e, fs)}); check the credentials in the "
+                          "environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
+    if isinstance(e, OSError) or type(e).__module__.startswith(("botocore", "s3fs")):
+        return StoreError(f"cannot access {uri}: {_describe(e, fs)}")
+    return None
+
+
+def _describe(e: BaseException, fs: fsspec.AbstractFileSystem) -> str:
+    """The error's message with every credential this process knows of masked."""
+    text = str(e) or type(e).__name__
+    known = [os.environ.get(name) for name in _SECRET_ENV]
+    known += [getattr(fs, name, None) for name in ("key", "secret", "token")]
+    for value in known:
+        if isinstance(value, str) and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def exists(uri: str) -> bool:
+    def op(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+        fs.invalidate_cache(path)  # another process may have written it since this one last listed
+        return fs.exists(path)
+
+    return _call(uri, op)
 
 
 def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem(uri)
-    with fs.open(path, "rb") as f:
-        data = f.read()
+    data = _call(uri, lambda fs, path: fs.cat_file(path))
     accounting.count(read=len(data))
     return data
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write `data` to `uri`. Local files go through a temporary name and a rename, so a reader
-    never sees a partial file; object stores publish a PUT atomically by themselves."""
+    never sees a partial file; object stores publish a PUT atomically by themselves (and have no
+    folders to make: a missing bucket is an error, never created behind the user's back)."""
     fs, path = filesystem(uri)
     accounting.count(written=len(data))
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     if _is_local(fs):
+        parent = posixpath.dirname(path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         with fs.open(tmp, "wb") as f:
             f.write(data)
         fs.mv(tmp, path)
     else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
+        _call(uri, lambda fs, path: fs.pipe_file(path, data))
 
 
 def read_json(uri: str) -> Any:
     try:
         return json.loads(read_bytes(uri))
+    except StoreError:
+        raise
     except FileNotFoundError:
         raise StoreError(f"not found: {uri}") from None
     except json.JSONDecodeError as e:
@@ -101,20 +204,96 @@ def write_table(uri: str, table: pa.Table, **parquet_options: Any) -> int:
 
 
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file; from a remote store in one GET (retried as a whole), not one request per column."""
     fs, path = filesystem(uri)
     try:
+        if not _is_local(fs):
+            return pq.read_table(pa.BufferReader(read_bytes(uri)), columns=columns)  # read_bytes counts
         table = pq.read_table(path, filesystem=fs, columns=columns)
         if accounting.metering():
             accounting.count(read=fs.size(path))  # the file, though a column subset reads less
         return table
+    except StoreError:
+        raise
     except FileNotFoundError:
         raise StoreError(f"not found: {uri}") from None
 
 
 def list_uris(uri: str, suffix: str = "") -> list[str]:
     """URIs of the files directly under folder `uri` whose names end with `suffix`, sorted."""
-    fs, path = filesystem(uri)
-    if not fs.exists(path):
-        return []
-    names = fs.ls(path, detail=False)
+
+    def op(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+        fs.invalidate_cache(path)  # a listing cached by s3fs misses what other processes wrote since
+        return fs.ls(path, detail=False) if fs.exists(path) else []
+
+    names = _call(uri, op)
     return sorted(join(uri, posixpath.basename(n.rstrip("/"))) for n in names if n.endswith(suffix))
+
+
+def ls(uri: str) -> list[dict]:
+    """fsspec `ls` entries (name, type, size, mtime/LastModified...) directly under folder `uri`; [] when
+    it does not exist."""
+
+    def op(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
+        fs.invalidate_cache(path)
+        return fs.ls(path, detail=True) if fs.exists(path) else []
+
+    return _call(uri, op)
+
+
+def find(uri: str) -> list[str]:
+    """Paths (protocol stripped) of every file anywhere under folder `uri`."""
+    return _call(uri, lambda fs, path: fs.find(path))
+
+
+def isfile(uri: str) -> bool:
+    return _call(uri, lambda fs, path: fs.isfile(path))
+
+
+def info(uri: str) -> dict:
+    return _call(uri, lambda fs, path: fs.info(path))
+
+
+def remove(uri: str) -> None:
+    """Delete one file; a file already gone is fine."""
+
+    def op(fs: fsspec.AbstractFileSystem, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path)
+
+    _call(uri, op)
+
+
+def create_only(uri: str, data: bytes) -> bool:
+    """Write `data` to `uri` unless something is there already; False if it was. Exclusive across
+    processes on local files (a hard link) and S3 (`If-None-Match`); within this process on memory://."""
+    fs, path = filesystem(uri)
+    if _is_local(fs):
+        # A complete temporary file, then a hard link: atomic and exclusive, so no reader sees half a file.
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+
+    def op(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+        # s3fs reports a lost If-None-Match race as a 412 in a plain OSError: look at what is there now
+        with _CREATE_LOCK:
+            try:
+                fs.pipe_file(path, data, mode="create")
+                return True
+            except FileExistsError:
+                return False
+            except OSError:
+                fs.invalidate_cache(posixpath.dirname(path))
+                if fs.exists(path):
+                    return False
+                raise
+
+    return _call(uri, op)

@@ -17,8 +17,7 @@ from adaptflow.errors import AdaptflowError
 
 def file_stamp(uri: str) -> tuple[int, str]:
     """(size, modification time) of a weights file: a changed file means a new build and a new hash."""
-    fs, path = storage.filesystem(uri)
-    info = fs.info(path)
+    info = storage.info(uri)
     mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or info.get("ETag")
     return int(info.get("size") or 0), str(mtime)
 

@@ -70,3 +70,36 @@ def fast_config():
                               "head.max_epochs=300", "head.patience=30", "ingest.workers=2",
                               "adapt.methods=[source_only, dann]", "adapt.image_methods=[dann]",
                               "adapt.feature_steps=200", "adapt.image_epochs=1", "adapt.image_size=32"])
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 server (SeaweedFS `weed mini`) on loopback, with its own generated access key and secret."""
+    from s3server import SeaweedS3
+
+    try:
+        server = SeaweedS3()
+    except RuntimeError as e:  # no `weed`, or it would not start: a failure, never a silent skip
+        pytest.fail(str(e), pytrace=False)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """The S3 server's credentials and endpoint in the environment, as a user sets them; nothing from
+    ~/.aws. fsspec's cached filesystems are dropped, so the next one reads this environment."""
+    import s3fs
+
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3
+    s3fs.S3FileSystem.clear_instance_cache()
