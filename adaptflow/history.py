@@ -23,7 +23,7 @@ from adaptflow import registry, storage
 from adaptflow.errors import StoreError
 from adaptflow.report import _CSS, _e, _img, _mpl, _n, _table
 
-_FINISHED = ("", "ok", "completed", "succeeded", "success")  # statuses that say nothing beyond "it ran"
+_FINISHED = ("", "ok", "completed", "succeeded", "success", "trained")  # statuses that say nothing beyond "it ran"
 _BADGES = {"promoted": "#1a7f37", "rejected": "#cf222e", "no shift": "#6e7781", "failed": "#82071e",
            "completed": "#0969da"}
 _HISTORY_CSS = ("".join(f".b-{d.replace(' ', '-')}{{background:{c};color:#fff}}" for d, c in _BADGES.items())

@@ -82,6 +82,6 @@ def retrain(source: str, target: str, target_labels: str | None = None, store: s
 
     summary = write_summary(run_id, run, cfg, datasets, plan, shards, compaction, head, candidates, selection,
                             [predictions, baseline], evaluation, baseline_evaluation, report, clock.seconds,
-                            shift, promotion, [m for m in (challenger, champion_scores) if m is not None])
+                            shift, champion_scores, challenger, promotion)
     publish_run(summary, store)
     return run

@@ -29,16 +29,16 @@ def write_summary(run_id: str, run_uri: str, cfg: Config, datasets: dict[str, In
                   candidates: list[CandidateManifest], selection: SelectionManifest,
                   predictions: list[PredictionManifest], evaluation: EvaluationManifest,
                   baseline: EvaluationManifest, report: ReportManifest, timings: dict[str, float],
-                  shift: ShiftManifest | None = None, promotion: PromotionManifest | None = None,
-                  scored: list[ModelScores] | None = None) -> RunSummary:
+                  shift: ShiftManifest | None = None, champion: ModelScores | None = None,
+                  challenger: ModelScores | None = None, promotion: PromotionManifest | None = None) -> RunSummary:
     """Commit the run: summary.json is written last. `predictions`: the selected model's, then the head's;
-    `scored`: the models the monitor and the gate scored."""
+    `champion`, `challenger`: the two models the gate compared, scored on this run's data."""
     extraction = runs.summarize_extraction(plan, shards, compaction, timings.get("extract", 0.0))
     stages = runs.summarize_stages(timings, {
         "ingest": list(datasets.values()), "extract": [plan, *shards, compaction],
-        "monitor": [m for m in (shift,) if m is not None],
+        "monitor": [m for m in (champion, shift) if m is not None],
         "train": [head, *candidates, selection], "evaluate": [*predictions, evaluation, baseline, report],
-        "promote": [*(scored or []), *(m for m in (promotion,) if m is not None)]}, datasets)
+        "promote": [m for m in (challenger, promotion) if m is not None]}, datasets)
     return runs.write_summary(run_id, run_uri, cfg, datasets, extraction, head, candidates, selection,
                               predictions[0], evaluation, baseline, report.report_uri, timings, stages, shift, promotion)
 

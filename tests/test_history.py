@@ -157,3 +157,12 @@ def test_write_history_reads_committed_runs(protocol, tmp_path, memory_uri):
 def test_write_history_on_an_empty_store(memory_uri):
     assert read_summaries(memory_uri) == []
     assert "No committed runs" in storage.read_bytes(write_history(memory_uri)).decode("utf-8")
+
+
+def test_a_trained_run_shows_the_promotion_decision_not_its_status():
+    from adaptflow.history import rows_from_summaries
+
+    (row,) = rows_from_summaries([{"run_id": "r", "status": "trained",
+                                   "promotion": {"promoted": False, "reason": "selection score 0.4 < 0.5",
+                                                 "version": 2, "champion_version": 1, "champion_after": 1}}])
+    assert (row.decision, row.reason, row.champion_version) == ("rejected", "selection score 0.4 < 0.5", 1)
