@@ -143,15 +143,14 @@ def _extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractCo
     on_device = extract.decode_on == "device"
     transform = build_transform(extractor.data_config) if on_device else None
 
-    loader = make_loader(rows["uri"].to_pylist(), extractor.data_config, extract.batch_size,
+    loader = make_loader(rows["uri"].to_pylist(), extractor.data_config, batch_size_for(extract, device),
                          extract.num_workers, device, encoded=on_device)
     out = np.empty((rows.num_rows, extractor.dim), dtype=np.float32)  # (N, D)
     bytes_read = 0
     with torch.inference_mode():
         for x, idx, nbytes in loader:
             x = decode_on_device(x, transform, device) if on_device else x.to(device, non_blocking=True)
-            if on_cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
                 emb = module(x)
             out[idx.numpy()] = emb.float().cpu().numpy()
@@ -179,14 +178,22 @@ def _commit_shard(features_uri: str, key: str, table: pa.Table, fingerprint: str
     return manifest
 
 
+def batch_size_for(extract: ExtractConfig, device) -> int:
+    """The configured batch size, else one that suits the device: large batches keep a GPU busy, while on
+    a CPU EfficientNet-Lite0 at 224 px ran 77 images/s at batch 8 and 48 at batch 64 (2 threads)."""
+    if extract.batch_size is not None:
+        return extract.batch_size
+    return 256 if device.type == "cuda" else 8
+
+
 def _prepare(module, device, compile: bool):
+    """Channels-last on every device: on 2 CPU threads it doubled EfficientNet-Lite0's forward speed
+    (116 vs 48 images/s at batch 4), and it is what CUDA's convolutions want."""
     import torch
 
-    module = module.to(device)
-    if device.type == "cuda":
-        module = module.to(memory_format=torch.channels_last)
-        if compile:
-            module = torch.compile(module)
+    module = module.to(device).to(memory_format=torch.channels_last)
+    if compile and device.type == "cuda":
+        module = torch.compile(module)
     return module
 
 

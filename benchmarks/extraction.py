@@ -52,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="default: the offline default, falling back to random when no file is present")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--images", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="default: extract.batch_size's (8 on a CPU, 256 on CUDA)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--decode-on", default="workers", choices=["workers", "device"],
@@ -129,9 +129,8 @@ def model_only(cfg: BackboneConfig, uris: list[str], n: int, batch_size: int, de
     extractor = build_extractor(cfg)
     transform = build_transform(extractor.data_config)
     x = torch.stack([transform(decode_image(Path(u).read_bytes())) for u in uris[:512]]).to(device)
-    module, on_cuda = extractor.module.to(device), device.type == "cuda"
-    if on_cuda:
-        module, x = module.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    module, on_cuda = features._prepare(extractor.module, device, compile=False), device.type == "cuda"
+    x = x.contiguous(memory_format=torch.channels_last)  # as the pipeline runs it
     batches = [x[(i % len(x)) : (i % len(x)) + batch_size] for i in range(0, n, batch_size)]
 
     def forward(batch: torch.Tensor) -> None:
@@ -254,6 +253,7 @@ def main(args: argparse.Namespace) -> None:
         rss_child(*args.rss_child, extract)
         return
     device = features.resolve_device(args.device)
+    args.batch_size = features.batch_size_for(extract, device)
     names = [n for item in args.backbone or ["efficientnet_lite0"] for n in item.split(",") if n]
     print_header(sys.argv, device)
     for name in names:
