@@ -172,6 +172,10 @@ class RuntimeConfig(_Section):
     dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes")
     gpu_resource: bool = Field(False, description="extraction tasks ask Dask for a GPU=1 resource, so they "
                                                    "land only on workers started with --resources GPU=1")
+    credentials_block: str | None = Field(
+        None, description="the name of a Prefect Secret block holding store credentials as a JSON object of "
+        "environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...); the name "
+        "only: credentials never live in the config")
 
 
 class Config(_Section):

@@ -5,6 +5,7 @@ from adaptflow.config import validate_config
 from adaptflow.pipeline import new_run_id
 from adaptflow.runs import DEFAULT_STORE, ingest_uri
 from adaptflow.storage import join
+from tasks.credentials import use_credentials
 from tasks.extract import compact_features, extract_all, plan_extraction
 from tasks.ingest import ingest_dataset
 
@@ -14,6 +15,7 @@ def backfill(images: list[str], store: str = DEFAULT_STORE, config: dict | None 
     """Embed every valid image of the datasets `images` into the feature store ahead of the runs that
     will need them; returns the features URI. Images the store already holds are not embedded again."""
     cfg = validate_config(config or {})
+    use_credentials(cfg.runtime.credentials_block)
     work = join(store, "backfills", new_run_id())
 
     # 1. ingest: validate and index every dataset, in parallel

@@ -6,6 +6,7 @@ from adaptflow.pipeline import new_run_id
 from adaptflow.runs import DEFAULT_STORE, StageClock, ingest_uri, model_uri, run_uri
 from adaptflow.storage import join
 from tasks.adapt import plan_candidates, select_model, train_candidate
+from tasks.credentials import use_credentials
 from tasks.evaluate import evaluate, predict
 from tasks.extract import compact_features, extract_all, plan_extraction
 from tasks.ingest import ingest_dataset
@@ -21,6 +22,7 @@ def retrain(source: str, target: str, target_labels: str | None = None, store: s
     With a champion in the store's registry, retrain only if the target shifted or the champion degraded,
     and promote the new model only if it beats the champion on this run's data."""
     cfg = validate_config(config or {})
+    use_credentials(cfg.runtime.credentials_block)
     run_id = new_run_id()
     run = run_uri(store, run_id)
     clock = StageClock()

@@ -256,3 +256,30 @@ def test_the_s3_server_stopped_and_restarted_during_extraction(demo_data, fast_c
     ids = [i for f in features.committed_files(features_uri)
            for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()]
     assert len(ids) == len(set(ids)) == len(list(Path(demo_data.source_uri).rglob("*.png")))
+
+
+def test_credentials_from_a_prefect_secret_block(bucket, s3_env, prefect_harness, monkeypatch, tmp_path):
+    """A worker with no credentials in its environment gets them from the block the config names."""
+    import json
+
+    import s3fs
+    from prefect.blocks.system import Secret
+
+    from adaptflow.errors import ConfigError
+    from tasks.credentials import use_credentials
+
+    uri = storage.join(bucket, "blocks", "x.bin")
+    storage.write_bytes(uri, b"x")
+    name = f"store-{uuid.uuid4().hex[:8]}"
+    Secret(value=json.dumps({"AWS_ACCESS_KEY_ID": s3_env.key, "AWS_SECRET_ACCESS_KEY": s3_env.secret})).save(name)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(StoreError, match="access denied"):
+        storage.read_bytes(uri)
+    use_credentials(name)
+    assert storage.read_bytes(uri) == b"x"
+    with pytest.raises(ConfigError, match="no Secret block named 'nope'"):
+        use_credentials("nope")
+    Secret(value=json.dumps({"PATH": "/tmp"})).save(name + "-bad")
+    with pytest.raises(ConfigError, match="must hold a JSON object whose keys are among AWS_ACCESS_KEY_ID"):
+        use_credentials(name + "-bad")
