@@ -10,7 +10,12 @@ from flows.retrain import retrain
 pytestmark = pytest.mark.slow
 
 
-def test_retrain_then_rerun_reuses_features_then_predict(demo_data, fast_config, tmp_path, prefect_harness):
+def test_retrain_then_rerun_reuses_features_then_predict(demo_data, fast_config, tmp_path, prefect_harness,
+                                                        monkeypatch):
+    import tasks.monitor
+
+    events = []  # what automations would see: event names and payloads
+    monkeypatch.setattr(tasks.monitor, "emit_event", lambda event, resource, payload: events.append((event, payload)))
     store = str(tmp_path / "store")
     settings = fast_config.model_dump(mode="json")
     run = retrain(demo_data.source_uri, demo_data.target_uri, demo_data.target_labels_uri, store, settings)
@@ -25,6 +30,7 @@ def test_retrain_then_rerun_reuses_features_then_predict(demo_data, fast_config,
     # the first model of a store becomes its champion
     assert summary.shift is None and summary.promotion["promoted"] and summary.promotion["version"] == 1
     assert registry.aliases(store) == {"champion": 1}
+    assert [e for e, _ in events] == ["adaptflow.model.promoted"] and events[0][1]["version"] == 1
     assert storage.read_bytes(storage.join(store, "history.html")).startswith(b"<!DOCTYPE html>")
     adaptation = summary.adaptation
     assert [c["name"] for c in adaptation["candidates"]] == ["source_only-features", "dann-features", "dann-images"]
@@ -56,6 +62,7 @@ def test_retrain_then_rerun_reuses_features_then_predict(demo_data, fast_config,
     assert not again.shift["shift_detected"] and again.shift["test"]["p_value"] >= again.shift["test"]["alpha"]
     assert again.shift["reason"].startswith("no shift") and again.shift["score_drop"] == pytest.approx(0, abs=1e-6)
     assert [v.version for v in registry.list_versions(store)] == [1]
+    assert len(events) == 1  # nothing new to report
 
     # a shifted batch (grey digits where the champion saw colour ones): detected, retrained, gated
     shifted = retrain(demo_data.source_uri, demo_data.source_uri, None, store, head_only)
@@ -66,6 +73,9 @@ def test_retrain_then_rerun_reuses_features_then_predict(demo_data, fast_config,
     assert third.promotion["compared"]["metric"] == "selection_score" and third.promotion["reason"]
     assert registry.aliases(store)["champion"] == (2 if third.promotion["promoted"] else 1)
     assert [e.action for e in registry.events(store)] == ["promoted", "promoted" if third.promotion["promoted"] else "rejected"]
+    decided = "adaptflow.model.promoted" if third.promotion["promoted"] else "adaptflow.model.rejected"
+    assert [e for e, _ in events[1:]] == ["adaptflow.shift.detected", decided]
+    assert events[1][1]["p_value"] == third.shift["test"]["p_value"] and events[2][1]["reason"] == third.promotion["reason"]
 
     out = str(tmp_path / "preds.parquet")
     assert batch_predict(summary.model_uri, demo_data.target_uri, out, store) == out
