@@ -294,6 +294,11 @@ def resolve(store: str, ref: str | int) -> ModelVersion:
     return get_version(store, version)
 
 
+def model_uri_for(store: str, model: str) -> str:
+    """A model URI as given, or the URI of the registry entry it names (`champion`, `challenger`, `v3`, `3`)."""
+    return resolve(store, model).model_uri if is_ref(model) else model
+
+
 def is_ref(text: str) -> bool:
     """Whether `text` names a registry entry (alias, `3`, `v3`) rather than a model URI."""
     return text in ALIASES or re.fullmatch(r"[vV]\d+|\d+", text) is not None

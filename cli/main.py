@@ -94,21 +94,16 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from adaptflow.registry import model_uri_for
+
     if not storage.exists(args.images):
         raise DatasetError(f"dataset not found: {args.images}")
-    model = resolve_model(args.model, args.store)
+    model = model_uri_for(args.store, args.model)  # a bad registry name fails here, before Prefect starts
     from flows.predict import batch_predict  # Prefect loads only once the inputs are known good
 
     out = batch_predict(model, args.images, args.out, args.store)
     print(out)
     return 0
-
-
-def resolve_model(model: str, store: str) -> str:
-    """A model URI as given, or the URI of the registry entry it names (`champion`, `challenger`, `v3`, `3`)."""
-    from adaptflow import registry
-
-    return registry.resolve(store, model).model_uri if registry.is_ref(model) else model
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@ from prefect import flow
 
 from adaptflow.models import load_card
 from adaptflow.pipeline import new_run_id
+from adaptflow.registry import model_uri_for
 from adaptflow.runs import DEFAULT_STORE, ingest_uri
 from adaptflow.storage import join
 from tasks.evaluate import predict
@@ -11,7 +12,9 @@ from tasks.ingest import ingest_dataset
 
 @flow(name="predict")
 def batch_predict(model_uri: str, images: str, out: str, store: str = DEFAULT_STORE) -> str:
-    """Predict a class for every valid image under `images` with a saved model; returns `out`."""
+    """Predict a class for every valid image under `images` with a saved model — a model folder, or a name
+    in the store's registry (`champion`, `challenger`, `v3`); returns `out`."""
+    model_uri = model_uri_for(store, model_uri)
     card = load_card(model_uri)
     cfg = card.config
     work = join(store, "predictions", new_run_id())

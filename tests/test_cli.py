@@ -106,7 +106,10 @@ def test_models_list_promote_and_rollback(tmp_path, capsys):
 
 
 def test_predict_resolves_registry_names_in_the_store(tmp_path, memory_uri, capsys):
-    from cli.main import resolve_model
+    from adaptflow.registry import model_uri_for
+
+    def resolve_model(model, store):
+        return model_uri_for(store, model)
 
     _registry(memory_uri, [0.5, 0.6])
     assert resolve_model("champion", memory_uri) == storage.join(memory_uri, "models", "run1")

@@ -78,7 +78,8 @@ def test_retrain_then_rerun_reuses_features_then_predict(demo_data, fast_config,
     assert events[1][1]["p_value"] == third.shift["test"]["p_value"] and events[2][1]["reason"] == third.promotion["reason"]
 
     out = str(tmp_path / "preds.parquet")
-    assert batch_predict(summary.model_uri, demo_data.target_uri, out, store) == out
+    assert registry.resolve(store, "v1").model_uri == summary.model_uri
+    assert batch_predict("v1", demo_data.target_uri, out, store) == out  # a registry name, as a deployment passes it
     batch = storage.read_table(out).to_pandas().sort_values("image_id").reset_index(drop=True)
     first = predictions.sort_values("image_id").reset_index(drop=True)
     assert batch.prediction.tolist() == first.prediction.tolist()
