@@ -123,18 +123,27 @@ def extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractCon
     manifest_uri = storage.join(plan.features_uri, "shards", f"{plan.shard_key}.json")
     if storage.exists(manifest_uri):
         return ShardManifest.load(manifest_uri)
-    with _DEVICE_LOCK:
-        return _extract_shard(plan, backbone, extract, manifest_uri)
+    return _extract_shard(plan, backbone, extract, manifest_uri)
 
 
 def _extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConfig,
                    manifest_uri: str) -> ShardManifest:
+    # The device runs one shard at a time; writing a finished shard to the store happens outside the
+    # lock, so with two shard tasks in flight one uploads while the next computes.
+    with _DEVICE_LOCK:
+        start = time.perf_counter()
+        table, bytes_read, fingerprint = _embed_shard(plan, backbone, extract)
+    return _commit_shard(plan.features_uri, plan.shard_key, table, fingerprint, extract.dtype, start, bytes_read,
+                         manifest_uri)
+
+
+def _embed_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConfig) -> tuple[pa.Table, int, str]:
+    """The shard's rows with their embeddings, the encoded bytes read, and the extractor fingerprint."""
     import torch
 
     from adaptflow.backbones import build_extractor
     from adaptflow.preprocess import build_transform, decode_on_device, make_loader
 
-    start = time.perf_counter()
     rows = storage.read_table(plan.plan_uri).slice(plan.offset, plan.length)
     extractor = build_extractor(backbone)
     device = resolve_device(extract.device)
@@ -159,9 +168,8 @@ def _extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractCo
         accounting.count(read=bytes_read)
 
     table = rows.drop_columns(["uri"]).append_column("embedding", _embedding_array(out, extract.dtype))
-    table = table.replace_schema_metadata(_parquet_metadata(extractor.fingerprint, backbone))
-    return _commit_shard(plan.features_uri, plan.shard_key, table, extractor.fingerprint, extract.dtype, start,
-                         bytes_read, manifest_uri)
+    return table.replace_schema_metadata(_parquet_metadata(extractor.fingerprint, backbone)), bytes_read, \
+        extractor.fingerprint
 
 
 def _commit_shard(features_uri: str, key: str, table: pa.Table, fingerprint: str, dtype: str, start: float,
