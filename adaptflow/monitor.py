@@ -11,6 +11,7 @@ The same `score_model` measures the challenger, so the promotion gate compares t
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from adaptflow import registry, storage
@@ -144,9 +145,8 @@ def check_shift(champion: Champion, target: IngestManifest, features: Extraction
                          reason=f"{verdict}: " + "; ".join(reasons))
 
 
-def _normalised(x):
-    import numpy as np
-
+def _normalised(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length: the test compares directions of embeddings, not their norms."""
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 

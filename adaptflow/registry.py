@@ -27,16 +27,13 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from adaptflow import storage
 from adaptflow.errors import ConfigError, StoreError, UnknownNameError
 from adaptflow.manifests import Manifest
-
-if TYPE_CHECKING:
-    from adaptflow.runs import RunSummary
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ALIASES = (CHAMPION, CHALLENGER)
@@ -145,25 +142,6 @@ def selection_score(scores: Mapping[str, float], policy: list[str]) -> float:
     if missing:
         raise StoreError(f"scores lack the policy's validators {', '.join(missing)}")
     return sum(float(scores[name]) for name in policy) / len(policy)
-
-
-def lineage_from_summary(summary: RunSummary) -> Lineage:
-    return Lineage(dataset_snapshot=dataset_snapshot({d: v["fingerprint"] for d, v in summary.datasets.items()}),
-                   extractor_fingerprint=summary.extraction["fingerprint"], config_hash=summary.config_hash,
-                   code_version=code_version())
-
-
-def metrics_from_summary(summary: RunSummary) -> dict[str, float | None]:
-    """The selected model's registry metrics. Its selection score is `selection_score` over the run's
-    policy; a run that kept only the source-only head has no validator scores and uses its source
-    validation accuracy."""
-    m, a = summary.metrics, summary.adaptation
-    return {
-        "selection_score": selection_score(a["scores"], a["policy"]) if a["scores"] else m["source_val_accuracy"],
-        "source_val_accuracy": m["source_val_accuracy"],
-        "target_accuracy": (m.get("target") or {}).get("accuracy"),
-        "source_test_accuracy": (m.get("source_test") or {}).get("accuracy"),
-    }
 
 
 def decide(challenger: ModelVersion | Mapping[str, float | None],
