@@ -42,21 +42,21 @@ def make_demo_data(
     digits = load_digits()
     images = digits.images / 16.0  # (1797, 8, 8) float in [0, 1], stroke = 1
     labels = digits.target
-    source_idx = _balanced(np.arange(0, len(labels), 2), labels, max_per_domain)
-    target_idx = _balanced(np.arange(1, len(labels), 2), labels, max_per_domain)
+    source_idx = balanced(np.arange(0, len(labels), 2), labels, max_per_domain)
+    target_idx = balanced(np.arange(1, len(labels), 2), labels, max_per_domain)
 
     source_uri = storage.join(out_uri, "source")
     rng = np.random.default_rng([seed, 0])
     for n in source_idx:
-        digit = _render_digit(images[n], image_size, rng)
-        storage.write_bytes(storage.join(source_uri, str(labels[n]), f"{n}.png"), _encode(digit, "PNG"))
+        digit = render_digit(images[n], image_size, rng)
+        storage.write_bytes(storage.join(source_uri, str(labels[n]), f"{n}.png"), encode_image(digit, "PNG"))
 
     target_uri = storage.join(out_uri, "target")
     rng = np.random.default_rng([seed, 1])
-    photos = _load_photos()
+    photos = load_photos()
     rows = []
     for n in target_idx:
-        jpeg = _encode(_mnist_m(_render_digit(images[n], image_size, rng), photos, rng), "JPEG")
+        jpeg = encode_image(mnist_m(render_digit(images[n], image_size, rng), photos, rng), "JPEG")
         storage.write_bytes(storage.join(target_uri, f"{n}.jpg"), jpeg)
         rows.append(f"target/{n}.jpg,{labels[n]}")
     storage.write_bytes(storage.join(target_uri, "broken_empty.jpg"), b"")
@@ -85,10 +85,10 @@ def make_nightly_batches(out_uri: str, image_size: int = 32, seed: int = 0,
     demo = make_demo_data(out_uri, image_size, seed, max_per_domain=None)
     digits = load_digits()
     images, labels = digits.images / 16.0, digits.target
-    target_idx = _balanced(np.arange(1, len(labels), 2), labels, 3 * per_batch)
-    photos = _load_photos()
+    target_idx = balanced(np.arange(1, len(labels), 2), labels, 3 * per_batch)
+    photos = load_photos()
     batches = []
-    for night, (style, chunk) in enumerate(zip((_mnist_m, _mnist_m, _new_camera),
+    for night, (style, chunk) in enumerate(zip((mnist_m, mnist_m, new_camera),
                                                np.array_split(np.array(target_idx), 3), strict=True), 1):
         name = f"night{night}"
         rng = np.random.default_rng([seed, 10 + night])
@@ -96,7 +96,7 @@ def make_nightly_batches(out_uri: str, image_size: int = 32, seed: int = 0,
         rows = []
         for n in chunk:
             storage.write_bytes(storage.join(folder, f"{n}.jpg"),
-                                _encode(style(_render_digit(images[n], image_size, rng), photos, rng), "JPEG"))
+                                encode_image(style(render_digit(images[n], image_size, rng), photos, rng), "JPEG"))
             rows.append(f"{n}.jpg,{labels[n]}")
         labels_uri = storage.join(out_uri, f"{name}_labels.csv")
         storage.write_bytes(labels_uri, ("uri,label\n" + "\n".join(f"{name}/{r}" for r in rows) + "\n").encode())
@@ -104,9 +104,9 @@ def make_nightly_batches(out_uri: str, image_size: int = 32, seed: int = 0,
     return NightlyDemo(demo.source_uri, batches, demo.classes)
 
 
-def _new_camera(digit: np.ndarray, photos: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+def new_camera(digit: np.ndarray, photos: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """(size, size, 3) uint8: a photo patch darkened to 30% and tinted, the digit drawn over it in a
-    bright random colour, then blurred: other colours, contrast and sharpness than `_mnist_m`."""
+    bright random colour, then blurred: other colours, contrast and sharpness than `mnist_m`."""
     from PIL import ImageFilter
 
     size = digit.shape[0]
@@ -120,7 +120,7 @@ def _new_camera(digit: np.ndarray, photos: list[np.ndarray], rng: np.random.Gene
     return np.asarray(blurred)
 
 
-def _balanced(indices: np.ndarray, labels: np.ndarray, cap: int | None) -> list[int]:
+def balanced(indices: np.ndarray, labels: np.ndarray, cap: int | None) -> list[int]:
     """The first `cap` of `indices` taken round-robin over the classes, so each class gets an equal
     share as far as the data allows; all of them when `cap` is None."""
     if cap is None or cap >= len(indices):
@@ -132,7 +132,7 @@ def _balanced(indices: np.ndarray, labels: np.ndarray, cap: int | None) -> list[
     return sorted(chosen[:cap])
 
 
-def _render_digit(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def render_digit(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """(size, size) float in [0, 1]: the 8x8 digit upscaled bilinearly to 80-95% of the canvas and
     placed near the centre, up to size/16 off, so no two renders line up pixel for pixel."""
     side = int(round(size * rng.uniform(0.8, 0.95)))
@@ -144,13 +144,13 @@ def _render_digit(image: np.ndarray, size: int, rng: np.random.Generator) -> np.
     return np.asarray(canvas, dtype=np.float32) / 255.0
 
 
-def _load_photos() -> list[np.ndarray]:
+def load_photos() -> list[np.ndarray]:
     import skimage.data  # heavy import, only needed here
 
     return [getattr(skimage.data, name)() for name in _PHOTOS]  # each (H, W, 3) uint8
 
 
-def _mnist_m(digit: np.ndarray, photos: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+def mnist_m(digit: np.ndarray, photos: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """(size, size, 3) uint8: a random crop of a random photo with the digit blended in as
     |patch - digit|, the MNIST-M rule (Ganin & Lempitsky, 2015): strokes invert the background."""
     size = digit.shape[0]
@@ -161,7 +161,7 @@ def _mnist_m(digit: np.ndarray, photos: list[np.ndarray], rng: np.random.Generat
     return np.uint8(np.abs(patch - digit[..., None] * 255.0))
 
 
-def _encode(pixels: np.ndarray, fmt: str) -> bytes:
+def encode_image(pixels: np.ndarray, fmt: str) -> bytes:
     """`pixels` encoded as `fmt`; a float image in [0, 1] is scaled to 0-255 first. (H, W) -> mode L."""
     if pixels.dtype != np.uint8:
         pixels = np.uint8(np.round(pixels * 255))
