@@ -1,8 +1,23 @@
-"""Errors a user is meant to read: the command line prints the message, never a traceback."""
+"""Errors a user is meant to read: the command line prints the message, never a traceback.
+
+Two families, told apart by what helps:
+- input errors (a bad config, a missing dataset, a store that cannot be written, a damaged model): fix the
+  input; retrying changes nothing. Tasks fail at once; the command line exits with status 2.
+- transient errors (`TransientError`: a store still unreachable after storage's own retries, Prefect's
+  API not starting): the infrastructure may recover. Tasks retry them; the command line exits with 3.
+"""
 
 
 class AdaptflowError(Exception):
-    """Base class for errors caused by input or configuration, with a message fit for a user."""
+    """Base class for errors with a message fit for a user; by default caused by input or configuration."""
+
+    exit_code = 2  # the command line's exit status for it
+
+
+class TransientError(AdaptflowError):
+    """Infrastructure that may recover by itself: retried by tasks, exit status 3 once retries are spent."""
+
+    exit_code = 3
 
 
 class ConfigError(AdaptflowError):
@@ -14,11 +29,23 @@ class DatasetError(AdaptflowError):
 
 
 class StoreError(AdaptflowError):
-    """The store holds something unreadable or incompatible, or cannot be reached or read."""
+    """The store holds something unreadable or incompatible, or cannot be reached or written."""
 
 
 class StoreNotFoundError(StoreError, FileNotFoundError):
     """A missing object or bucket in a remote store; still a FileNotFoundError for callers that expect one."""
+
+
+class StoreUnavailableError(StoreError, TransientError):
+    """A store still unreachable (connection refused, timeouts, 5xx) after storage's own backoff."""
+
+
+class ModelError(StoreError):
+    """A model folder is missing or damaged: its card, its weights, or the two disagree."""
+
+
+class ApiUnavailableError(TransientError):
+    """Prefect's API cannot be reached, or its temporary server did not start."""
 
 
 class UnknownNameError(AdaptflowError):
@@ -35,3 +62,11 @@ def lookup(registry: dict, family: str, name: str):
         return registry[name]
     except KeyError:
         raise UnknownNameError(family, name, list(registry)) from None
+
+
+def is_transient(e: BaseException) -> bool:
+    """Worth retrying: a TransientError, or an error that is not adaptflow's own (an unexpected OSError
+    from a library, say). Input errors are not, and neither is a timeout: it would run out again."""
+    if isinstance(e, TransientError):
+        return True
+    return not isinstance(e, (AdaptflowError, TimeoutError))

@@ -3,7 +3,7 @@ from prefect.events import emit_event
 
 from adaptflow import monitor
 from adaptflow.config import Config
-from adaptflow.errors import StoreError
+from adaptflow.errors import StoreError, StoreUnavailableError
 from adaptflow.features import ExtractionPlan
 from adaptflow.manifests import IngestManifest
 from adaptflow.monitor import Champion, ModelScores, PromotionManifest, ShiftManifest
@@ -33,6 +33,8 @@ def score_champion(champion: Champion, source: IngestManifest, target: IngestMan
     try:
         return monitor.score_model(champion.model_uri, source, target, target_labels, features, cfg.adapt.policy,
                                    cfg.seed)
+    except StoreUnavailableError:
+        raise  # the store is away, not the champion unfit: fail (and retry) rather than retrain without it
     except StoreError as e:
         get_run_logger().warning("champion v%s cannot be scored on this run's data: %s", champion.version, e)
         return None
