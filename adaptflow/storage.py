@@ -7,9 +7,14 @@ anything without one, so a crash mid-write never exposes half an output.
 Remote stores (S3 and the like) take their credentials and endpoint from the environment, as botocore
 does (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, `AWS_ENDPOINT_URL`, ...), never from
 the configuration. On them, transient faults (connection refused or reset, timeouts, 5xx) are retried
-with exponential backoff for up to `ADAPTFLOW_STORE_PATIENCE_S` seconds (default 60); every other
-failure, and a store still unreachable after that, is a StoreError naming the URI. Local files are
-read and written once, with Python's own errors.
+with exponential backoff for up to `ADAPTFLOW_STORE_PATIENCE_S` seconds (default 60); a store still
+unreachable after that is a StoreUnavailableError (transient: Prefect's task retries try again), every
+other failure a StoreError naming the URI. Local files are read once, with Python's own errors; a local
+write that fails (a read-only folder, a path through a file) is a StoreError too. An unknown scheme
+(`foo://x`) is a StoreError before anything is tried.
+
+URIs a store records are absolute (`absolute`), and readers find what a store names by where the store
+is now (`rebase`), so a store keeps working after it is moved, or copied to object storage.
 """
 
 from __future__ import annotations
@@ -32,10 +37,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import HTTPClientError, IncompleteReadError
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
 
 from adaptflow import accounting
-from adaptflow.errors import StoreError, StoreNotFoundError
+from adaptflow.errors import StoreError, StoreNotFoundError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,8 +55,61 @@ _CREATE_LOCK = threading.Lock()
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem for `uri` and the path inside it (protocol stripped)."""
-    return url_to_fs(uri)
+    """The filesystem for `uri` and the path inside it (protocol stripped); a StoreError for a scheme
+    fsspec does not know, or one whose package is not installed."""
+    protocol = split_protocol(uri)[0]
+    if protocol and protocol not in fsspec.available_protocols():
+        raise StoreError(f"unknown storage scheme {protocol}:// in {uri} (local paths need none; known: file://, "
+                         "s3://, memory:// and the other fsspec protocols)")
+    try:
+        return url_to_fs(uri)
+    except ImportError as e:  # a known protocol whose package is missing, e.g. gs:// without gcsfs
+        raise StoreError(f"cannot open {uri}: {e}") from None
+
+
+def absolute(uri: str) -> str:
+    """`uri` independent of the working directory: a relative local path (or `file://` URI) made absolute;
+    other filesystems' URIs as they are. Every URI a store records goes through this first."""
+    if "://" not in uri:
+        return os.path.abspath(uri)
+    protocol, rest = uri.split("://", 1)
+    return f"{protocol}://{os.path.abspath(rest)}" if protocol in ("file", "local") else uri
+
+
+def rebase(uri: str, old_root: str, new_root: str) -> str:
+    """`uri`, recorded under `old_root`, at the same place under `new_root` (a store that was moved,
+    copied to object storage, or recorded relative to another working directory); as it is otherwise."""
+    old = old_root.rstrip("/")
+    if uri == old:
+        return new_root
+    return join(new_root, uri[len(old) + 1:]) if uri.startswith(old + "/") else uri
+
+
+def check_writable(uri: str) -> None:
+    """Fail at once, with one line, when `uri` cannot hold a store or outputs: an unknown scheme, a path that
+    is a file, a folder this process may not write. Writes and deletes a small probe file (creating the
+    folder, which the run would create anyway)."""
+    fs, path = filesystem(uri)
+    probe = f".adaptflow-probe-{uuid.uuid4().hex[:12]}"
+    if _is_local(fs):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise StoreError(f"cannot use {uri}: it is a file, not a folder")
+        try:
+            os.makedirs(path, exist_ok=True)
+            with open(os.path.join(path, probe), "wb"):
+                pass
+            os.remove(os.path.join(path, probe))
+        except OSError as e:
+            raise StoreError(f"cannot write to {uri}: {_why(e, path)}") from None
+        return
+    try:
+        write_bytes(join(uri, probe), b"")
+    except StoreUnavailableError:
+        raise
+    except StoreError as e:
+        raise StoreError(f"cannot write to {uri}: {e}") from None
+    with contextlib.suppress(StoreError, OSError):  # may write but not delete: the probe is harmless
+        remove(join(uri, probe))
 
 
 def join(uri: str, *parts: str) -> str:
@@ -94,8 +152,8 @@ def _call(uri: str, op: Callable[[fsspec.AbstractFileSystem, str], T]) -> T:
                     raise
                 raise error from None
             if time.monotonic() + delay > deadline:
-                raise StoreError(f"store unreachable: {uri} (gave up after {patience:g} s; last error: "
-                                 f"{_describe(e, fs)})") from None
+                raise StoreUnavailableError(f"store unreachable: {uri} (gave up after {patience:g} s; last "
+                                            f"error: {_describe(e, fs)})") from None
             log.warning("store unreachable: %s (%s); retrying in %g s", uri, _describe(e, fs), delay)
             time.sleep(delay)
             delay = min(2 * delay, _MAX_DELAY_S)
@@ -167,15 +225,32 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     accounting.count(written=len(data))
     if _is_local(fs):
-        parent = posixpath.dirname(path)
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
+        try:
+            parent = posixpath.dirname(path)
+            if parent:
+                fs.makedirs(parent, exist_ok=True)
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise _local_write_error(uri, e) from None
     else:
         _call(uri, lambda fs, path: fs.pipe_file(path, data))
+
+
+def _local_write_error(uri: str, e: OSError) -> StoreError:
+    """A failed local write, in one line."""
+    message = f"cannot write {uri}: {_why(e, uri)}"
+    return StoreUnavailableError(message) if e.errno in _TRANSIENT_ERRNOS else StoreError(message)
+
+
+def _why(e: OSError, path: str) -> str:
+    """What the system said, and where when that is not `path` itself (the part of it that was refused)."""
+    where = f" ({e.filename})" if e.filename and str(e.filename) != path else ""
+    return f"{(e.strerror or str(e)).lower()}{where}"
 
 
 def read_json(uri: str) -> Any:
@@ -185,7 +260,9 @@ def read_json(uri: str) -> Any:
         raise
     except FileNotFoundError:
         raise StoreError(f"not found: {uri}") from None
-    except json.JSONDecodeError as e:
+    except OSError as e:  # a local file this process may not read, a folder where a file should be
+        raise StoreError(f"cannot read {uri}: {_why(e, uri)}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"not valid JSON: {uri} ({e})") from None
 
 
@@ -217,6 +294,8 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
         raise
     except FileNotFoundError:
         raise StoreError(f"not found: {uri}") from None
+    except OSError as e:
+        raise StoreError(f"cannot read {uri}: {_why(e, uri)}") from None
 
 
 def list_uris(uri: str, suffix: str = "") -> list[str]:
@@ -270,17 +349,20 @@ def create_only(uri: str, data: bytes) -> bool:
     fs, path = filesystem(uri)
     if _is_local(fs):
         # A complete temporary file, then a hard link: atomic and exclusive, so no reader sees half a file.
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
         try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.remove(tmp)
+            fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(tmp)
+        except OSError as e:
+            raise _local_write_error(uri, e) from None
 
     def op(fs: fsspec.AbstractFileSystem, path: str) -> bool:
         # s3fs reports a lost If-None-Match race as a 412 in a plain OSError: look at what is there now

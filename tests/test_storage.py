@@ -43,3 +43,85 @@ def test_manifest_schema_version_is_checked(memory_uri):
     storage.write_json(uri, {**m.model_dump(), "schema_version": 99})
     with pytest.raises(StoreError, match="schema version 99"):
         IngestManifest.load(uri)
+
+
+def test_relative_paths_are_made_absolute_and_other_uris_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute("store0") == str(tmp_path / "store0")
+    assert storage.absolute("./a/../store0/") == str(tmp_path / "store0")
+    assert storage.absolute("/abs/store") == "/abs/store"
+    assert storage.absolute("file://store0") == f"file://{tmp_path}/store0"
+    assert storage.absolute("s3://bucket/store") == "s3://bucket/store"
+    assert storage.absolute("memory://x/y") == "memory://x/y"
+
+
+def test_rebase_follows_a_moved_root():
+    assert storage.rebase("/old/store/runs/r1/x.parquet", "/old/store", "s3://b/s") == "s3://b/s/runs/r1/x.parquet"
+    assert storage.rebase("store0/runs/r1", "store0/", "/new/store0") == "/new/store0/runs/r1"
+    assert storage.rebase("/old/store", "/old/store", "/new") == "/new"
+    assert storage.rebase("/elsewhere/x", "/old/store", "/new") == "/elsewhere/x"
+    assert storage.rebase("/old/store2/x", "/old/store", "/new") == "/old/store2/x"  # a sibling, not inside
+
+
+def _read_only(folder) -> None:
+    """Make `folder` unwritable for this process: mode bits for a user; for root, who ignores them, the
+    immutable attribute (skips where chattr is not allowed)."""
+    import os
+    import subprocess
+
+    folder.chmod(0o555)
+    if os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without chattr: no way to make a folder read-only")
+
+
+def _writable_again(folder) -> None:
+    import os
+    import subprocess
+
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("case", ["plain file", "read-only folder", "unknown scheme", "path through a file"])
+def test_a_bad_store_location_is_one_store_error_at_once(case, tmp_path):
+    import time
+
+    (tmp_path / "plain").write_text("not a folder")
+    (tmp_path / "ro").mkdir()
+    uri = {"plain file": str(tmp_path / "plain"), "read-only folder": str(tmp_path / "ro" / "store"),
+           "unknown scheme": "foo://x", "path through a file": str(tmp_path / "plain" / "store")}[case]
+    expected = {"plain file": f"cannot use {uri}: it is a file, not a folder",
+                "read-only folder": f"cannot write to {uri}: ",
+                "unknown scheme": "unknown storage scheme foo:// in foo://x",
+                "path through a file": f"cannot write to {uri}: not a directory"}[case]
+    if case == "read-only folder":
+        _read_only(tmp_path / "ro")
+    try:
+        start = time.monotonic()
+        with pytest.raises(StoreError) as e:
+            storage.check_writable(uri)
+        assert str(e.value).startswith(expected) and "\n" not in str(e.value)
+        assert e.value.exit_code == 2 and time.monotonic() - start < 1
+        if case != "unknown scheme":  # and a write deeper in the run fails the same way, never a raw OSError
+            with pytest.raises(StoreError, match=f"^cannot write {uri}/runs/r1/x.json: "):
+                storage.write_json(f"{uri}/runs/r1/x.json", {"a": 1})
+    finally:
+        _writable_again(tmp_path / "ro")
+    assert not list((tmp_path / "ro").iterdir())  # nothing was left behind
+
+
+def test_check_writable_creates_the_store_and_leaves_no_probe(tmp_path, memory_uri):
+    storage.check_writable(str(tmp_path / "new" / "store"))
+    assert (tmp_path / "new" / "store").is_dir() and not list((tmp_path / "new" / "store").iterdir())
+    storage.check_writable(memory_uri)
+    assert storage.list_uris(memory_uri) == []
+
+
+def test_an_unreachable_store_is_a_transient_error_and_a_missing_file_is_not():
+    from adaptflow.errors import StoreUnavailableError, TransientError, is_transient
+
+    unreachable = StoreUnavailableError("store unreachable: s3://b/x (gave up after 60 s)")
+    assert isinstance(unreachable, StoreError) and isinstance(unreachable, TransientError)
+    assert unreachable.exit_code == 3 and is_transient(unreachable)
+    assert StoreError("not found: x").exit_code == 2 and not is_transient(StoreError("not found: x"))
