@@ -73,8 +73,54 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
 
 
 def test_user_errors_are_not_retried_but_io_errors_are():
+    from prefect.task_engine import TaskRunTimeoutError
+
+    from adaptflow.errors import ModelError, StoreError, StoreUnavailableError
+
     assert not retry_unless_user_error(None, None, Failed(data=DatasetError("dataset not found: x")))
+    assert not retry_unless_user_error(None, None, Failed(data=StoreError("cannot write x: permission denied")))
+    assert not retry_unless_user_error(None, None, Failed(data=ModelError("damaged model at m: ...")))
+    assert not retry_unless_user_error(None, None, Failed(data=TaskRunTimeoutError("Scope timed out")))
     assert retry_unless_user_error(None, None, Failed(data=OSError("connection reset")))
+    # a store unreachable after storage's own patience is a StoreError, and transient: worth another try
+    assert retry_unless_user_error(None, None, Failed(data=StoreUnavailableError("store unreachable: s3://b")))
+
+
+def test_prefect_retries_a_store_that_was_unreachable_and_not_a_bad_one(memory_uri, fast_config, demo_data,
+                                                                        prefect_harness, monkeypatch):
+    """The ingest task itself, run by Prefect: an unreachable store is retried (and the run goes on once it is
+    back); a store that refuses the write fails at once, after one try."""
+    from prefect import flow
+
+    import tasks.ingest
+    from adaptflow.errors import StoreError, StoreUnavailableError
+
+    real, calls = tasks.ingest.ingest.ingest, []
+
+    def flaky(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise StoreUnavailableError("store unreachable: s3://b/store (gave up after 60 s)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.ingest.ingest, "ingest", flaky)
+    monkeypatch.setattr(ingest_dataset, "retry_delay_seconds", [0.1])
+
+    @flow
+    def one_ingest(uri: str, out: str):
+        return ingest_dataset(uri, "target", out, fast_config.ingest, 0)
+
+    assert one_ingest(demo_data.target_uri, f"{memory_uri}/a").n_images > 0 and len(calls) == 2
+
+    def refused(*args, **kwargs):
+        calls.append(args[0])
+        raise StoreError("cannot write s3://b/store/x: access denied")
+
+    calls.clear()
+    monkeypatch.setattr(tasks.ingest.ingest, "ingest", refused)
+    with pytest.raises(StoreError, match="access denied"):
+        one_ingest(demo_data.target_uri, f"{memory_uri}/b")
+    assert len(calls) == 1
 
 
 def test_ingest_task_raises_the_user_message(memory_uri, fast_config):
