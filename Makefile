@@ -25,4 +25,4 @@ lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) adaptflow-store .pytest_cache
+	rm -rf $(VENV) adaptflow-store .pytest_cache .hypothesis

@@ -7,6 +7,7 @@ reads through workers reports them with `count(read=...)` from what the workers 
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -62,14 +63,16 @@ def count(read: int = 0, written: int = 0) -> None:
 
 
 def carry(fn: Callable[..., T]) -> Callable[..., T]:
-    """`fn` for a pool thread, feeding the calling thread's meters: `pool.map(carry(check), items)`."""
+    """`fn` for a pool thread, feeding the calling thread's meters and running in a copy of its context
+    (so that, say, a log record from the pool knows which run it belongs to): `pool.map(carry(check), items)`."""
     meters = list(_meters())
+    context = contextvars.copy_context()
 
     def run(*args, **kwargs) -> T:
         stack = _meters()
         stack.extend(meters)
         try:
-            return fn(*args, **kwargs)
+            return context.copy().run(fn, *args, **kwargs)  # a copy each: one context enters one thread at a time
         finally:
             del stack[len(stack) - len(meters):]
 

@@ -4,16 +4,21 @@ the valid images beside a table of refused files, each with a reason a user can 
 Three layouts are recognised from what `dataset_uri` names:
 - a `.csv` or `.parquet` file: a manifest with a `uri` column (absolute, or relative to the
   manifest's folder) and optional `label` and `split` columns;
-- a folder holding sub-folders: a class-folder tree `root/<class>/.../<image>`;
-- any other folder: a flat folder of unlabeled images.
-A bad file never stops the run; only a dataset with no valid image at all is an error.
+- a folder holding sub-folders with files in them: a class-folder tree `root/<class>/.../<image>`;
+- any other folder: a flat folder of unlabeled images (an empty sub-folder, even one named like an
+  image, `x.png/`, holds nothing to ingest and does not make the folder a class tree).
+A bad file never stops the run; only a dataset with no valid image at all is an error. A reason never
+quotes a file's content (the file may be anything: a password file given by mistake). Image URIs are
+recorded absolute, so the index reads the same from any working directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import posixpath
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +32,8 @@ from adaptflow import accounting, storage
 from adaptflow.config import IngestConfig
 from adaptflow.errors import DatasetError
 from adaptflow.manifests import IngestManifest
+
+log = logging.getLogger(__name__)
 
 # PIL's default, pinned: a truncated file must be refused here, not padded with grey and trained on.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -82,6 +89,7 @@ def ingest(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed:
     hash of each image's bytes, so an image keeps its split however the dataset grows. With `classes`
     (the source's, when ingesting target labels), any other label is refused as unknown."""
     start = time.perf_counter()
+    dataset_uri = storage.absolute(dataset_uri)
     entries, rejects = _list_dataset(dataset_uri)
     if not entries and not rejects:
         raise DatasetError(f"no images found under {dataset_uri}")
@@ -120,6 +128,11 @@ def ingest(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed:
         bytes_written=written,
     )
     manifest.commit(storage.join(out_uri, "manifest.json"))
+    if reject_rows:
+        example = reject_rows[0]
+        log.warning("%s: %d of %d files rejected (e.g. %s: %s); every reason is in %s", dataset_uri,
+                    len(reject_rows), len(rows) + len(reject_rows), posixpath.basename(example["uri"]),
+                    example["reason"], rejects_uri)
     return manifest
 
 
@@ -136,19 +149,20 @@ def _list_dataset(uri: str) -> tuple[list[_Entry], list[_Reject]]:
     if storage.isfile(uri):
         return _list_manifest(uri, storage.filesystem(uri)[1])
     children = [c for c in storage.ls(uri) if not _hidden(c["name"])]
-    if any(c["type"] == "directory" for c in children):
-        return _list_class_tree(uri, children)
+    folders = {}  # class name -> the files under it; folders with no (visible) file in them count for nothing
+    for child in children:
+        name = posixpath.basename(child["name"].rstrip("/"))
+        if child["type"] == "directory" and (files := _find(storage.join(uri, name))):
+            folders[name] = files
+    if folders:
+        return _list_class_tree(uri, children, folders)
     return [_Entry(u, None) for u in _find(uri)], []
 
 
-def _list_class_tree(uri: str, children: list[dict]) -> tuple[list[_Entry], list[_Reject]]:
-    entries, rejects = [], []
-    for child in children:
-        name = posixpath.basename(child["name"].rstrip("/"))
-        if child["type"] == "directory":
-            entries += [_Entry(u, name) for u in _find(storage.join(uri, name))]
-        else:
-            rejects.append((storage.join(uri, name), "file outside class folders", None))
+def _list_class_tree(uri: str, children: list[dict], folders: dict[str, list[str]]) -> tuple[list[_Entry], list[_Reject]]:
+    entries = [_Entry(u, name) for name, files in folders.items() for u in files]
+    rejects = [(storage.join(uri, posixpath.basename(c["name"].rstrip("/"))), "file outside class folders", None)
+               for c in children if c["type"] != "directory"]
     return entries, rejects
 
 
@@ -265,7 +279,7 @@ def _decode(data: bytes, max_pixels: int) -> tuple[int, int, str]:
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise _Rejected(f"not an image (unrecognised content {data[:8]!r})") from None
+        raise _Rejected(f"not an image (unrecognised content, {len(data)} bytes)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _Rejected(f"decompression bomb: {e}") from None
     except Exception as e:  # PIL's header parsers raise many types (SyntaxError, struct.error, ...)
@@ -282,7 +296,14 @@ def _decode(data: bytes, max_pixels: int) -> tuple[int, int, str]:
 
 
 def _describe(e: Exception) -> str:
-    return str(e) or type(e).__name__
+    """A decoder's message, without the bytes some quote from the file (PNG's "broken PNG file (chunk
+    b'...')"), and short."""
+    text = _QUOTED_BYTES.sub("b'…'", str(e)) or type(e).__name__
+    return text if len(text) <= 160 else text[:159] + "…"
+
+
+# b'...' or b"...", escapes included, not the b of a word ("the tab's 'x'")
+_QUOTED_BYTES = re.compile(r"(?<!\w)(?:b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*")')
 
 
 def _deduplicate(valid: list[_Checked]) -> tuple[list[_Checked], list[_Reject]]:

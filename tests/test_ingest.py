@@ -157,7 +157,7 @@ def test_every_bad_file_in_a_class_tree_is_rejected_with_its_reason(tmp_path):
     assert list(_index(m).uri) == [f"{root}/cat/no_extension", f"{root}/cat/original.png"]
     assert reasons.pop(f"{root}/cat/renamed.jpg") == "extension .jpg but the content is PNG"
     assert reasons.pop(f"{root}/cat/empty.png") == "empty file"
-    assert reasons.pop(f"{root}/cat/notes.png") == "not an image (unrecognised content b'hello wo')"
+    assert reasons.pop(f"{root}/cat/notes.png") == "not an image (unrecognised content, 11 bytes)"
     assert reasons.pop(f"{root}/cat/cut.png").startswith("truncated or corrupt image (")
     assert reasons.pop(f"{root}/cat/cut.jpg").startswith("truncated or corrupt image (")
     assert reasons.pop(f"{root}/cat/huge.png") == "decompression bomb: 20x20 pixels exceeds limit 100"
@@ -229,7 +229,7 @@ def test_all_files_rejected_is_an_error_naming_the_reasons(tmp_path):
         ingest(str(tmp_path / "data"), "source", str(tmp_path / "out"), CFG)
     assert str(e.value) == (
         f"no valid images under {tmp_path}/data: 2 files rejected "
-        "(first reasons: a.png: empty file; b.png: not an image (unrecognised content b'hello wo'))"
+        "(first reasons: a.png: empty file; b.png: not an image (unrecognised content, 11 bytes))"
     )
     assert not (tmp_path / "out/manifest.json").exists()
 
@@ -247,3 +247,58 @@ def test_unreadable_manifest_is_an_error(tmp_path, name, data):
     (tmp_path / name).write_bytes(data)
     with pytest.raises(DatasetError, match=f"^{re.escape(f'cannot read manifest {tmp_path}/{name}: ')}"):
         ingest(str(tmp_path / name), "source", str(tmp_path / "out"), CFG)
+
+
+def test_empty_folders_named_like_images_do_not_make_a_flat_folder_a_class_tree(tmp_path):
+    """`x.png/` (empty) or `y.jpg/` (only a hidden file) hold nothing to ingest: the folder stays flat, every
+    image is indexed, unlabeled."""
+    root = tmp_path / "target"
+    _write(root, {"a.png": _image(1), "b.jpg": _image(2, fmt="JPEG"), "y.jpg/.DS_Store": b"junk"})
+    (root / "x.png").mkdir()
+    m = ingest(str(root), "target", str(tmp_path / "out"), CFG)
+    index = _index(m)
+    assert sorted(index.uri) == [f"{root}/a.png", f"{root}/b.jpg"] and index.label.isna().all()
+    assert m.n_rejected == 0 and m.classes == []
+    # a folder with files in it is a class folder, as before, and an empty one beside it changes nothing
+    _write(root, {"cat/c.png": _image(3)})
+    m = ingest(str(root), "target", str(tmp_path / "out2"), CFG)
+    assert list(_index(m).uri) == [f"{root}/cat/c.png"] and m.classes == ["cat"]
+    assert _reasons(m) == {f"{root}/a.png": "file outside class folders", f"{root}/b.jpg": "file outside class folders"}
+
+
+def test_a_reason_never_quotes_the_file(tmp_path, caplog):
+    """A password file given by absolute path, say: its reason says what it is not, not what it holds."""
+    secret = b"root:x:0:0:root:/root:/bin/bash\nalice:$6$saltsalt$hash:1000:1000::/home/alice:/bin/sh\n"
+    _write(tmp_path / "data", {"passwd": secret, "ok.png": _image(1)})
+    (tmp_path / "list.csv").write_text(f"uri\n{tmp_path}/data/passwd\n{tmp_path}/data/ok.png\n")
+    m = ingest(str(tmp_path / "list.csv"), "target", str(tmp_path / "out"), CFG)
+    reason = _reasons(m)[f"{tmp_path}/data/passwd"]
+    assert reason == f"not an image (unrecognised content, {len(secret)} bytes)"
+    for piece in (b"root:x", b"x:0", b"alice", b"saltsalt", b"/bin/"):
+        assert piece.decode() not in reason
+        assert piece.decode() not in caplog.text  # the ingest warning names the file, never its content
+
+
+def test_decoder_messages_lose_the_bytes_they_quote():
+    from adaptflow.ingest import _describe
+
+    assert _describe(SyntaxError("broken PNG file (chunk b'root')")) == "broken PNG file (chunk b'…')"
+    assert _describe(ValueError('bad marker b"\\xff\\xd8" at 3')) == "bad marker b'…' at 3"
+    assert _describe(ValueError("the tab's header 'x'")) == "the tab's header 'x'"  # a word's b stays
+    assert _describe(ValueError("")) == "ValueError" and len(_describe(ValueError("x" * 500))) == 160
+
+
+def test_rejections_are_logged_as_one_warning_naming_the_rejects_table(tmp_path, caplog):
+    _write(tmp_path / "data", {"a.png": _image(1), "b.png": b"", "c.png": b"text"})
+    m = ingest(str(tmp_path / "data"), "target", str(tmp_path / "out"), CFG)
+    (warning,) = [r for r in caplog.records if r.name == "adaptflow.ingest"]
+    assert warning.levelname == "WARNING"
+    assert warning.getMessage() == (f"{tmp_path}/data: 2 of 3 files rejected (e.g. b.png: empty file); every reason "
+                                    f"is in {m.rejects_uri}")
+
+
+def test_relative_dataset_paths_are_recorded_absolute(tmp_path, monkeypatch):
+    _write(tmp_path / "data", {"a.png": _image(1)})
+    monkeypatch.chdir(tmp_path)
+    m = ingest("data", "target", str(tmp_path / "out"), CFG)
+    assert m.dataset_uri == str(tmp_path / "data") and list(_index(m).uri) == [str(tmp_path / "data" / "a.png")]
