@@ -1,6 +1,8 @@
 """Saved models of every kind, behind one card: save, load, and predict for indexed images.
 
-A model folder holds `weights.safetensors` and `model.json` (the card), written last. Kinds:
+A model folder holds `weights.safetensors` and `model.json` (the card), written last. Loading one that is
+missing or damaged (no weights, a card edited or cut short, an unknown backbone or method, weights that do
+not fit the card) is a ModelError saying what is wrong, in one line. Kinds:
     head      a Head on cached backbone features (the source-only baseline)
     features  an adaptation Algorithm on cached backbone features (featurizer = identity)
     images    an adaptation Algorithm whose featurizer is the backbone itself, trained end to end
@@ -14,14 +16,14 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from adaptflow import storage
 from adaptflow.config import Config
-from adaptflow.errors import StoreError
+from adaptflow.errors import AdaptflowError, ModelError, StoreError
 from adaptflow.features import ExtractionPlan, load_features
 from adaptflow.manifests import SCHEMA_VERSION
 
@@ -56,13 +58,25 @@ def save_model(model_uri: str, model: nn.Module, card: ModelCard) -> None:
 def load_card(model_uri: str) -> ModelCard:
     card_uri = storage.join(model_uri, "model.json")
     if not storage.exists(card_uri):
-        raise StoreError(f"no model at {model_uri} (expected {card_uri})")
-    data = storage.read_json(card_uri)
+        raise ModelError(f"no model at {model_uri} (expected {card_uri})")
+    try:
+        data = storage.read_json(card_uri)
+    except StoreError as e:
+        raise ModelError(f"damaged model at {model_uri}: {e}") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version != SCHEMA_VERSION:
-        raise StoreError(f"{card_uri} was written by an incompatible adaptflow (schema version {version}, "
+        raise ModelError(f"{card_uri} was written by an incompatible adaptflow (schema version {version}, "
                          f"expected {SCHEMA_VERSION})")
-    return ModelCard.model_validate(data)
+    try:
+        return ModelCard.model_validate(data)
+    except ValidationError as e:
+        raise ModelError(f"damaged model card {card_uri}: {_problems(e)}") from None
+
+
+def _problems(e: ValidationError) -> str:
+    """Pydantic's errors on one line: `dim: Field required; config.backbone.name: unknown backbone 'x'; ...`."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'card'}: {err['msg'].removeprefix('Value error, ')}"
+                     for err in e.errors())
 
 
 def build_model(card: ModelCard) -> nn.Module:
@@ -84,9 +98,27 @@ def build_model(card: ModelCard) -> nn.Module:
 
 def load_model(model_uri: str) -> tuple[nn.Module, ModelCard]:
     card = load_card(model_uri)
-    model = build_model(card)
-    state = load_safetensors(storage.read_bytes(storage.join(model_uri, "weights.safetensors")))
-    model.load_state_dict(state)
+    weights_uri = storage.join(model_uri, "weights.safetensors")
+    try:
+        blob = storage.read_bytes(weights_uri)
+    except FileNotFoundError:
+        raise ModelError(f"damaged model at {model_uri}: weights.safetensors is missing") from None
+    try:
+        state = load_safetensors(blob)
+    except Exception as e:  # safetensors raises its own SafetensorError (and others) for a damaged header
+        raise ModelError(f"damaged model at {model_uri}: weights.safetensors cannot be read ({e})") from None
+    try:
+        model = build_model(card)
+    except ModelError:
+        raise
+    except AdaptflowError as e:  # an unknown method, a backbone without weights: said of this model
+        raise ModelError(f"cannot rebuild the model at {model_uri}: {e}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # torch lists every mismatch on lines of their own: the first says enough
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise ModelError(f"damaged model at {model_uri}: its weights do not fit model.json (classes, dim or "
+                         f"method changed?): {first}") from None
     return model.eval(), card
 
 

@@ -43,3 +43,56 @@ def test_features_algorithm_round_trip(memory_uri):
 def test_loading_a_missing_model_names_the_uri(memory_uri):
     with pytest.raises(StoreError, match=f"no model at {memory_uri}/nothing"):
         load_model(f"{memory_uri}/nothing")
+
+
+def _saved_head(uri: str):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 16)).astype(np.float32), rng.integers(0, 3, 30)
+    head, _ = train_head(x, y, x, y, 3, HeadConfig(kind="mlp", hidden_dim=8, max_epochs=2), seed=0)
+    save_model(uri, head, _card())
+
+
+def _edit_card(uri: str, edit) -> None:
+    from adaptflow import storage
+
+    card = storage.read_json(f"{uri}/model.json")
+    edit(card)
+    storage.write_json(f"{uri}/model.json", card)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("weights missing", "damaged model at {uri}: weights.safetensors is missing"),
+    ("weights cut short", "damaged model at {uri}: weights.safetensors cannot be read ("),
+    ("classes edited", "damaged model at {uri}: its weights do not fit model.json (classes, dim or method changed?): "
+                       "size mismatch for "),
+    ("dim removed", "damaged model card {uri}/model.json: dim: Field required"),
+    ("unknown backbone", "damaged model card {uri}/model.json: config.backbone.name: unknown backbone 'resnet9000'; "
+                         "valid backbones: "),
+    ("unknown method", "cannot rebuild the model at {uri}: unknown algorithm 'nope'"),
+    ("card not JSON", "damaged model at {uri}: not valid JSON: {uri}/model.json"),
+])
+def test_a_damaged_model_is_one_model_error_naming_what_is_wrong(damage, message, memory_uri):
+    from adaptflow import storage
+    from adaptflow.errors import ModelError
+
+    uri = f"{memory_uri}/model"
+    _saved_head(uri)
+    if damage == "weights missing":
+        storage.remove(f"{uri}/weights.safetensors")
+    elif damage == "weights cut short":
+        storage.write_bytes(f"{uri}/weights.safetensors", storage.read_bytes(f"{uri}/weights.safetensors")[:40])
+    elif damage == "classes edited":
+        _edit_card(uri, lambda c: c.update(classes=["a", "b", "c", "d"]))
+    elif damage == "dim removed":
+        _edit_card(uri, lambda c: c.pop("dim"))
+    elif damage == "unknown backbone":
+        _edit_card(uri, lambda c: c["config"]["backbone"].update(name="resnet9000"))
+    elif damage == "unknown method":
+        _edit_card(uri, lambda c: c.update(kind="features", method="nope"))
+    else:
+        storage.write_bytes(f"{uri}/model.json", b'{"schema_version": 1, "kind": ')
+    with pytest.raises(ModelError) as e:
+        load_model(uri)
+    text = str(e.value)
+    assert text.startswith(message.format(uri=uri)), text
+    assert "\n" not in text and e.value.exit_code == 2 and e.value.__suppress_context__
