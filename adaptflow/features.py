@@ -5,7 +5,8 @@ Layout under `{store}/features/{backbone}-{fingerprint}/`:
     plans/{plan}.parquet    rows a planning step found missing, read by the shard tasks
     shards/{key}-{nonce}.parquet  image_id, label, domain, split, embedding (fixed-size list, float16/32)
     shards/{key}.json       the shard's manifest, written last: it names its data file, and a data
-                            file no manifest names does not exist
+                            file no manifest names does not exist. Readers take the data file from the
+                            manifest's own folder, so a store keeps working after it is moved or copied
 
 A re-run plans only the images that no committed shard holds, so only new images cost extraction
 time. Shard keys hash the image ids they hold; every attempt writes its data under a fresh nonce, so
@@ -122,7 +123,7 @@ def extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractCon
     it is, and an attempt that died before its commit left nothing a reader can see."""
     manifest_uri = storage.join(plan.features_uri, "shards", f"{plan.shard_key}.json")
     if storage.exists(manifest_uri):
-        return ShardManifest.load(manifest_uri)
+        return _load_shard_manifest(manifest_uri)
     return _extract_shard(plan, backbone, extract, manifest_uri)
 
 
@@ -276,11 +277,19 @@ def _mtime(info: dict, default: float) -> float:
 def committed_shards(features_uri: str, include_replaced: bool = False) -> list[ShardManifest]:
     """Manifests of every committed shard; data files no manifest names are invisible, and so are shards
     a committed compaction replaced (until it deletes them)."""
-    shards = [ShardManifest.load(u) for u in storage.list_uris(storage.join(features_uri, "shards"), ".json")]
+    shards = [_load_shard_manifest(u) for u in storage.list_uris(storage.join(features_uri, "shards"), ".json")]
     if include_replaced:
         return shards
     replaced = {key for s in shards for key in s.replaces}
     return [s for s in shards if s.shard_key not in replaced]
+
+
+def _load_shard_manifest(manifest_uri: str) -> ShardManifest:
+    """A shard's manifest, its data file found beside it: the URI it recorded may be from where the store
+    was written (another folder, another machine, a relative path from another working directory)."""
+    shard = ShardManifest.load(manifest_uri)
+    here = storage.join(posixpath.dirname(manifest_uri), posixpath.basename(shard.data_uri))
+    return shard if here == shard.data_uri else shard.model_copy(update={"data_uri": here})
 
 
 def committed_files(features_uri: str) -> list[str]:

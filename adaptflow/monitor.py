@@ -63,8 +63,12 @@ def find_champion(store: str) -> Champion | None:
     if registry.CHAMPION not in registry.aliases(store):
         return None
     mv = registry.resolve(store, registry.CHAMPION)
-    summary_uri = storage.join(run_uri(store, mv.run_id), "summary.json")
-    reference = storage.read_json(summary_uri)["datasets"]["target"]["index_uri"] if storage.exists(summary_uri) else None
+    run = run_uri(store, mv.run_id)
+    summary_uri = storage.join(run, "summary.json")
+    reference = None
+    if storage.exists(summary_uri):  # its target index, where it is now (the store may have moved since)
+        summary = storage.read_json(summary_uri)
+        reference = storage.rebase(summary["datasets"]["target"]["index_uri"], summary["run_uri"], run)
     if reference is not None and not storage.exists(reference):
         reference = None
     return Champion(version=mv.version, model_uri=mv.model_uri, run_id=mv.run_id,

@@ -290,9 +290,23 @@ def get_version(store: str, version: int) -> ModelVersion:
             raise StoreError(f"no models registered in {registry_uri(store)}")
         raise StoreError(f"no model version {version} in {registry_uri(store)}; versions: {_names(registered)}")
     try:
-        return ModelVersion.load(uri)
+        return _located(store, ModelVersion.load(uri))
     except ValidationError as e:
         raise StoreError(f"{uri} is not a model version: {_first_error(e)}") from None
+
+
+def _located(store: str, mv: ModelVersion) -> ModelVersion:
+    """`mv` with its model's URI as it is now. A version records the URI it was registered with; a store
+    moved or copied elsewhere (another folder, object storage), or written through a path relative to
+    another working directory, holds that model at the same place under its own root: `models/{run_id}`
+    or `runs/{run_id}/...`, the layout `adaptflow.runs` gives every run's models."""
+    found = re.search(rf"(?:^|/)((?:models|runs)/{re.escape(mv.run_id)}(?:/.*)?)$", mv.model_uri)
+    if found is None:
+        return mv
+    here = storage.join(store, found.group(1))
+    if here == mv.model_uri or not storage.exists(storage.join(here, "model.json")):
+        return mv
+    return mv.model_copy(update={"model_uri": here})
 
 
 def list_versions(store: str) -> list[ModelVersion]:
