@@ -6,5 +6,7 @@ tasks, and `cli/` is the command line.
 
 from adaptflow.errors import AdaptflowError
 
-__all__ = ["AdaptflowError"]
+__all__ = ["DEFAULT_STORE", "AdaptflowError"]
 __version__ = "0.1.0"
+
+DEFAULT_STORE = "adaptflow-store"  # the store when none is named: a folder in the working directory

@@ -166,7 +166,7 @@ class PromotionConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    max_workers: int = Field(2, ge=1, description="Prefect tasks run at once (threads)")
+    max_workers: int = Field(2, ge=1, description="Prefect tasks run at once (threads), in deployments too")
     task_runner: Literal["threads", "dask"] = Field("threads", description="threads, or Dask through prefect-dask")
     dask_address: str | None = Field(None, description="an existing Dask scheduler; null: a LocalCluster")
     dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes")
@@ -176,6 +176,13 @@ class RuntimeConfig(_Section):
         None, description="the name of a Prefect Secret block holding store credentials as a JSON object of "
         "environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...); the name "
         "only: credentials never live in the config")
+    flow_timeout_s: float | None = Field(
+        43_200, gt=0, description="a run still going after this many seconds fails as TimedOut, so one hung "
+        "scheduled run cannot hold a deployment's concurrency slot for ever (12 h); null: no limit")
+    task_timeout_s: float | None = Field(
+        14_400, gt=0, description="limit for each long task (ingest, extraction shard, training, scoring): a "
+        "task past it fails the run (4 h); on worker threads it can stop only between Python steps, not inside "
+        "a blocking read; null: no limit")
 
 
 class Config(_Section):

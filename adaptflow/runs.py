@@ -15,15 +15,13 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Literal
 
-from adaptflow import storage
+from adaptflow import DEFAULT_STORE, storage  # noqa: F401  (DEFAULT_STORE: re-exported, defined in the package)
 from adaptflow.accounting import stage_stats
 from adaptflow.adaptation import CandidateManifest, SelectionManifest
 from adaptflow.config import Config
 from adaptflow.features import CompactionManifest, ExtractionPlan, ShardManifest
 from adaptflow.manifests import IngestManifest, Manifest
 from adaptflow.pipeline import EvaluationManifest, ModelManifest, PredictionManifest
-
-DEFAULT_STORE = "adaptflow-store"
 
 
 def run_uri(store: str, run_id: str) -> str:

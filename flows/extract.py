@@ -1,25 +1,35 @@
 from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from adaptflow.config import validate_config
+from adaptflow import DEFAULT_STORE
+from adaptflow.config import Config, validate_config
 from adaptflow.pipeline import new_run_id
-from adaptflow.runs import DEFAULT_STORE, ingest_uri
-from adaptflow.storage import join
+from adaptflow.runs import ingest_uri
+from adaptflow.storage import absolute, join
 from tasks.credentials import use_credentials
 from tasks.extract import compact_features, extract_all, plan_extraction
 from tasks.ingest import ingest_dataset
+from tasks.logs import forward_library_logs
+from tasks.runners import configured, limited
 
 
-@flow(name="extract", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="extract")
 def backfill(images: list[str], store: str = DEFAULT_STORE, config: dict | None = None) -> str:
     """Embed every valid image of the datasets `images` into the feature store ahead of the runs that
-    will need them; returns the features URI. Images the store already holds are not embedded again."""
+    will need them; returns the features URI. Images the store already holds are not embedded again.
+    The stages run on the task runner, and within the time limits, that `config.runtime` names."""
     cfg = validate_config(config or {})
+    forward_library_logs()
     use_credentials(cfg.runtime.credentials_block)
+    return configured(backfill_stages, cfg.runtime)([absolute(uri) for uri in images], absolute(store), cfg)
+
+
+@flow(name="extract-stages")
+def backfill_stages(images: list[str], store: str, cfg: Config) -> str:
     work = join(store, "backfills", new_run_id())
+    (ingest,) = limited(cfg.runtime, ingest_dataset)  # failing as TimedOut past runtime.task_timeout_s
 
     # 1. ingest: validate and index every dataset, in parallel
-    futures = [ingest_dataset.submit(uri, "backfill", ingest_uri(work, str(i)), cfg.ingest, cfg.seed)
+    futures = [ingest.submit(uri, "backfill", ingest_uri(work, str(i)), cfg.ingest, cfg.seed)
                for i, uri in enumerate(images)]
     datasets = [f.result() for f in futures]
 

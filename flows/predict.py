@@ -1,31 +1,48 @@
 from prefect import flow
 
+from adaptflow import DEFAULT_STORE
+from adaptflow.config import RuntimeConfig, validate_config
 from adaptflow.models import load_card
 from adaptflow.pipeline import new_run_id
 from adaptflow.registry import model_uri_for
-from adaptflow.runs import DEFAULT_STORE, ingest_uri
-from adaptflow.storage import join
+from adaptflow.runs import ingest_uri
+from adaptflow.storage import absolute, join
+from tasks.credentials import use_credentials
 from tasks.evaluate import predict
 from tasks.extract import extract_all, plan_extraction
 from tasks.ingest import ingest_dataset
+from tasks.logs import forward_library_logs
+from tasks.runners import configured, limited
 
 
 @flow(name="predict")
-def batch_predict(model_uri: str, images: str, out: str, store: str = DEFAULT_STORE) -> str:
+def batch_predict(model_uri: str, images: str, out: str, store: str = DEFAULT_STORE,
+                  config: dict | None = None) -> str:
     """Predict a class for every valid image under `images` with a saved model — a model folder, or a name
-    in the store's registry (`champion`, `challenger`, `v3`); returns `out`."""
+    in the store's registry (`champion`, `challenger`, `v3`); returns `out`. `config` is this run's own:
+    its `runtime` (credentials block, task runner, time limits) applies; ingestion, backbone and
+    preprocessing are the model's, from its card."""
+    cfg = validate_config(config or {})
+    forward_library_logs()
+    use_credentials(cfg.runtime.credentials_block)
+    return configured(predict_stages, cfg.runtime)(model_uri, absolute(images), out, absolute(store), cfg.runtime)
+
+
+@flow(name="predict-stages")
+def predict_stages(model_uri: str, images: str, out: str, store: str, runtime: RuntimeConfig) -> str:
     model_uri = model_uri_for(store, model_uri)
     card = load_card(model_uri)
     cfg = card.config
     work = join(store, "predictions", new_run_id())
+    ingest, apply = limited(runtime, ingest_dataset, predict)  # each failing as TimedOut past task_timeout_s
 
     # 1. ingest the images to predict
-    dataset = ingest_dataset(images, "predict", ingest_uri(work, "predict"), cfg.ingest, cfg.seed)
+    dataset = ingest(images, "predict", ingest_uri(work, "predict"), cfg.ingest, cfg.seed)
     # 2-3. models on cached features: embed the images with the model's own extractor, reusing the store
     plan = None
     if card.kind != "images":
         plan = plan_extraction([dataset.index_uri], store, cfg.backbone, cfg.extract.shard_size)
-        extract_all(plan, cfg.backbone, cfg.extract, cfg.runtime)
+        extract_all(plan, cfg.backbone, cfg.extract, runtime)
     # 4. apply the model
-    predict(model_uri, dataset, plan, out)
+    apply(model_uri, dataset, plan, out)
     return out

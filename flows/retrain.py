@@ -1,42 +1,55 @@
 from prefect import flow, unmapped
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from adaptflow.config import validate_config
+from adaptflow import DEFAULT_STORE
+from adaptflow.config import Config, validate_config
 from adaptflow.pipeline import new_run_id
-from adaptflow.runs import DEFAULT_STORE, StageClock, ingest_uri, model_uri, run_uri
-from adaptflow.storage import join
+from adaptflow.runs import StageClock, ingest_uri, model_uri, run_uri
+from adaptflow.storage import absolute, join
 from tasks.adapt import plan_candidates, select_model, train_candidate
 from tasks.credentials import use_credentials
 from tasks.evaluate import evaluate, predict
 from tasks.extract import compact_features, extract_all, plan_extraction
 from tasks.ingest import ingest_dataset
+from tasks.logs import forward_library_logs
 from tasks.monitor import check_shift, find_champion, promote_if_better, score_champion, score_model
 from tasks.report import publish_run, write_no_shift_summary, write_report, write_summary
+from tasks.runners import configured, limited
 from tasks.train import fit_head
 
 
-@flow(name="retrain", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="retrain")
 def retrain(source: str, target: str, target_labels: str | None = None, store: str = DEFAULT_STORE,
             config: dict | None = None) -> str:
     """Train a classifier on labeled `source` images for unlabeled `target` images; returns the run URI.
     With a champion in the store's registry, retrain only if the target shifted or the champion degraded,
-    and promote the new model only if it beats the champion on this run's data."""
+    and promote the new model only if it beats the champion on this run's data. The stages run on the
+    task runner, and within the time limits, that `config.runtime` names."""
     cfg = validate_config(config or {})
+    forward_library_logs()
     use_credentials(cfg.runtime.credentials_block)
+    return configured(retrain_stages, cfg.runtime)(absolute(source), absolute(target),
+                                                   absolute(target_labels) if target_labels else None,
+                                                   absolute(store), cfg)
+
+
+@flow(name="retrain-stages")
+def retrain_stages(source: str, target: str, target_labels: str | None, store: str, cfg: Config) -> str:
     run_id = new_run_id()
     run = run_uri(store, run_id)
     clock = StageClock()
     champion = find_champion(store)
+    # the long tasks, each failing as TimedOut past runtime.task_timeout_s
+    ingest, fit, train, score, rescore_champion = limited(cfg.runtime, ingest_dataset, fit_head, train_candidate,
+                                                          score_model, score_champion)
 
     # 1. ingest: validate and index every image, in parallel per dataset; target labels must name source classes
     with clock("ingest"):
-        futures = {domain: ingest_dataset.submit(uri, domain, ingest_uri(run, domain), cfg.ingest, cfg.seed)
+        futures = {domain: ingest.submit(uri, domain, ingest_uri(run, domain), cfg.ingest, cfg.seed)
                    for domain, uri in (("source", source), ("target", target))}
         datasets = {domain: f.result() for domain, f in futures.items()}
         if target_labels:
-            datasets["target_labels"] = ingest_dataset(target_labels, "target_labels",
-                                                       ingest_uri(run, "target_labels"), cfg.ingest, cfg.seed,
-                                                       classes=datasets["source"].classes)
+            datasets["target_labels"] = ingest(target_labels, "target_labels", ingest_uri(run, "target_labels"),
+                                               cfg.ingest, cfg.seed, classes=datasets["source"].classes)
     src, tgt, labels = datasets["source"], datasets["target"], datasets.get("target_labels")
 
     # 2-3. preprocess + extract: embed only images the feature store lacks (the champion's reference
@@ -52,7 +65,7 @@ def retrain(source: str, target: str, target_labels: str | None = None, store: s
     shift = champion_scores = None
     if champion:
         with clock("monitor"):
-            champion_scores = score_champion(champion, src, tgt, labels, plan, cfg)
+            champion_scores = rescore_champion(champion, src, tgt, labels, plan, cfg)
             shift = check_shift(store, champion, tgt, plan, champion_scores, cfg) if cfg.monitor.enabled else None
         if shift and not shift.retrain:
             summary = write_no_shift_summary(run_id, run, cfg, datasets, plan, shards, compaction, shift,
@@ -62,10 +75,10 @@ def retrain(source: str, target: str, target_labels: str | None = None, store: s
 
     # 4. fine-tune and adapt: the source-only head, then adaptation candidates, chosen without target labels
     with clock("train"):
-        head = fit_head(src, plan, cfg, model_uri(store, run_id))
+        head = fit(src, plan, cfg, model_uri(store, run_id))
         specs = plan_candidates(cfg)
-        candidates = train_candidate.map(specs, unmapped(src), unmapped(tgt), unmapped(labels), unmapped(plan),
-                                         unmapped(cfg), unmapped(join(run, "candidates"))).result()
+        candidates = train.map(specs, unmapped(src), unmapped(tgt), unmapped(labels), unmapped(plan), unmapped(cfg),
+                               unmapped(join(run, "candidates"))).result()
         selection = select_model(head, candidates, cfg)
 
     # 5. evaluate: the chosen model and the source-only head, on source test and (if labeled) target
@@ -78,7 +91,7 @@ def retrain(source: str, target: str, target_labels: str | None = None, store: s
 
     # 6. promote: register the chosen model; the gate compares it with the champion on this run's data
     with clock("promote"):
-        challenger = score_model(selection.model_uri, src, tgt, labels, plan, cfg)
+        challenger = score(selection.model_uri, src, tgt, labels, plan, cfg)
         promotion = promote_if_better(store, run_id, selection.name, datasets, plan, cfg, challenger, champion_scores,
                                       evaluation.source_test["accuracy"])
 

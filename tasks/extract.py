@@ -7,7 +7,7 @@ from adaptflow.config import BackboneConfig, ExtractConfig, RuntimeConfig
 from adaptflow.features import CompactionManifest, ExtractionPlan, ShardManifest, ShardPlan
 from tasks._retry import IO_TASK
 from tasks._work import measured
-from tasks.runners import gpu_placement
+from tasks.runners import gpu_placement, limited
 
 
 @task(name="plan-extraction", **IO_TASK)
@@ -39,8 +39,9 @@ def extract_all(plan: ExtractionPlan, backbone: BackboneConfig, extract: Extract
         return []
     progress = create_progress_artifact(0.0, key="adaptflow-extraction",
                                         description=f"{sum(s.length for s in plan.shards)} images to embed")
+    (extract_one,) = limited(runtime, extract_shard)
     with gpu_placement(runtime):
-        futures = extract_shard.map(plan.shards, unmapped(backbone), unmapped(extract))
+        futures = extract_one.map(plan.shards, unmapped(backbone), unmapped(extract))
     done: dict[str, ShardManifest] = {}
     for future in as_completed(futures):
         shard = future.result()

@@ -1,10 +1,16 @@
-"""The task runner is a configuration choice: threads in this process, or Dask through prefect-dask."""
+"""The task runner and the time limits are configuration choices (`runtime`), for a run from the command
+line and for a deployment's run alike: threads in this process or Dask through prefect-dask, and timeouts
+for the flow and its long tasks."""
 
 from contextlib import AbstractContextManager, nullcontext
+from typing import TypeVar
 
+from prefect import Flow, Task
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from adaptflow.config import RuntimeConfig
+
+T = TypeVar("T", bound=Task)
 
 
 def build_task_runner(runtime: RuntimeConfig) -> TaskRunner:
@@ -20,6 +26,19 @@ def build_task_runner(runtime: RuntimeConfig) -> TaskRunner:
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs={"n_workers": runtime.dask_workers, "threads_per_worker": 1,
                                           "processes": True, "host": "127.0.0.1", "dashboard_address": None})
+
+
+def configured(flow: Flow, runtime: RuntimeConfig) -> Flow:
+    """`flow` on the configured task runner, failing as TimedOut past `runtime.flow_timeout_s`. A flow's
+    runner and timeout are fixed when it starts, and a deployment's run gets its config only as a
+    parameter: so each entry flow runs its stages as this subflow."""
+    return flow.with_options(task_runner=build_task_runner(runtime), timeout_seconds=runtime.flow_timeout_s)
+
+
+def limited(runtime: RuntimeConfig, *tasks: T) -> tuple[T, ...]:
+    """The `tasks`, each failing as TimedOut past `runtime.task_timeout_s` (for the long ones: ingest,
+    extraction, training, scoring)."""
+    return tuple(task.with_options(timeout_seconds=runtime.task_timeout_s) for task in tasks)
 
 
 def gpu_placement(runtime: RuntimeConfig) -> AbstractContextManager:

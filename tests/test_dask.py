@@ -1,4 +1,5 @@
-"""The same retrain flow on Dask: a real LocalCluster with two worker processes, via prefect-dask."""
+"""The same retrain flow on Dask: a real LocalCluster with two worker processes, via prefect-dask — chosen by
+the config alone, as a deployment's run gets it (a parameter), not by the caller's `with_options`."""
 
 import pytest
 
@@ -10,21 +11,28 @@ from tasks.runners import build_task_runner
 pytestmark = pytest.mark.slow
 
 
-def test_retrain_runs_on_a_dask_local_cluster(demo_data, fast_config, tmp_path, prefect_harness, monkeypatch):
+def test_retrain_runs_on_the_dask_cluster_its_config_names(demo_data, fast_config, tmp_path, prefect_harness,
+                                                            monkeypatch):
     import prefect.settings
+    from distributed import Client, LocalCluster, get_task_stream
 
     # Worker processes must report to the harness's server, not start temporary servers of their own.
     monkeypatch.setenv("PREFECT_API_URL", prefect.settings.PREFECT_API_URL.value())
-    cfg = fast_config.model_copy(update={
-        "runtime": fast_config.runtime.model_copy(update={"task_runner": "dask", "dask_workers": 2}),
-        "adapt": fast_config.adapt.model_copy(update={"method": "coral", "image_methods": []}),
-    })
-    runner = build_task_runner(cfg.runtime)
-    assert type(runner).__name__ == "DaskTaskRunner"
-    store = str(tmp_path / "store")
-    run = retrain.with_options(task_runner=runner)(demo_data.source_uri, demo_data.target_uri,
-                                                   demo_data.target_labels_uri, store, cfg.model_dump(mode="json"))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        cfg = fast_config.model_copy(update={
+            "runtime": fast_config.runtime.model_copy(update={"task_runner": "dask",
+                                                              "dask_address": cluster.scheduler_address}),
+            "adapt": fast_config.adapt.model_copy(update={"method": "coral", "image_methods": []}),
+        })
+        assert type(build_task_runner(cfg.runtime)).__name__ == "DaskTaskRunner"
+        store = str(tmp_path / "store")
+        with get_task_stream(client) as stream:
+            run = retrain(demo_data.source_uri, demo_data.target_uri, demo_data.target_labels_uri, store,
+                          cfg.model_dump(mode="json"))
+        workers = {task["worker"] for task in stream.data}
     summary = RunSummary.load(storage.join(run, "summary.json"))
     assert summary.extraction["images_extracted"] == summary.extraction["images_requested"] > 0
-    assert summary.extraction["shards"] >= 2  # the map really fanned out
+    assert summary.extraction["shards"] >= 2  # the map really fanned out ...
+    assert len(stream.data) >= summary.extraction["shards"] and len(workers) == 2  # ... onto this cluster
     assert storage.read_table(summary.predictions_uri).num_rows == summary.datasets["target"]["images"]
