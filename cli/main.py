@@ -1,69 +1,98 @@
-"""The `adaptflow` command: run, demo, predict, models, backbones.
+"""The `adaptflow` command: run, demo, extract, predict, models, backbones.
 
-Errors caused by input (a bad config, a missing dataset, an unknown name) print one `error:` line
-and exit with status 2; nothing a user did wrong ends in a traceback.
+Exit status: 0 done; 2 an error in the input (a bad config, a missing dataset, a store that cannot be
+written, a damaged model), printed as one `error:` line; 3 the infrastructure failed after its retries (a
+store unreachable, Prefect's API not starting, a time limit reached), one `error:` line too; 130
+interrupted (Ctrl-C): committed work is kept, and the same command resumes. Nothing a user did wrong
+ends in a traceback.
+
+Only the standard library is imported before a command runs, so `--help` and `--version` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import textwrap
 
-from adaptflow import storage
-from adaptflow.errors import AdaptflowError, DatasetError
+from adaptflow import DEFAULT_STORE
+from adaptflow.errors import AdaptflowError, DatasetError, TransientError
+from cli import interrupt, prefect_api
 
 # The demo runs at 64 px, where EfficientNet-Lite0 embeds a few hundred images/s on 2 cores.
 DEMO_SETTINGS = ["backbone.image_size=64", "extract.batch_size=128"]
+TIMED_OUT = TransientError.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    # The ephemeral API's telemetry service races the run for its SQLite file ("database is locked").
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    prefect_api.configure_environment()
     for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
         logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
-    try:
-        return args.command(args)
-    except AdaptflowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with interrupt.interruptible(prefect_api.stop_now):
+        try:
+            return args.command(args)
+        except AdaptflowError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        except TimeoutError as e:  # Prefect's FlowRunTimeoutError or TaskRunTimeoutError
+            print(f"error: {_timed_out(e)}", file=sys.stderr)
+            return TIMED_OUT
+        except KeyboardInterrupt:
+            interrupt.announce()
+            interrupt.exit_now(prefect_api.stop_now)
+
+
+def _timed_out(e: TimeoutError) -> str:
+    which = {"FlowRunTimeoutError": "the run took longer than runtime.flow_timeout_s",
+             "TaskRunTimeoutError": "a task took longer than runtime.task_timeout_s"}.get(type(e).__name__, "timed out")
+    return f"{which} ({e}); committed work is kept, rerun the same command to resume"
+
+
+def _check_inputs(*datasets: str | None, store: str | None = None) -> None:
+    """Fail in a second, before Prefect starts, on what would fail later anyway."""
+    from adaptflow import storage
+
+    if store is not None:
+        storage.check_writable(store)
+    for uri in datasets:
+        if uri and not storage.exists(uri):
+            raise DatasetError(f"dataset not found: {uri}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from adaptflow.config import load_config
 
     cfg = load_config(args.config, [*args.set, f"adapt.method={args.method}"] if args.method else args.set)
-    for uri in (args.source, args.target, args.target_labels):
-        if uri and not storage.exists(uri):
-            raise DatasetError(f"dataset not found: {uri}")
+    _check_inputs(args.source, args.target, args.target_labels, store=args.store)
     run = _retrain(args.source, args.target, args.target_labels, args.store, cfg)
     print(run)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from adaptflow import storage
     from adaptflow.config import load_config
     from adaptflow.demo import make_demo_data
 
     extra = [f"adapt.method={args.method}"] if args.method else []
     cfg = load_config(args.config, [*DEMO_SETTINGS, *args.set, *extra])
-    if args.nightly:
-        return _nightly_demo(args.store, cfg)
-    demo = make_demo_data(storage.join(args.store, "demo-data"), seed=cfg.seed)
-    print(f"demo data: source {demo.source_uri} (class folders, grey digits), "
-          f"target {demo.target_uri} (flat folder, digits on colour photos)")
-    run = _retrain(demo.source_uri, demo.target_uri, demo.target_labels_uri, args.store, cfg)
+    _check_inputs(store=args.store)
+    with prefect_api.prefect_api():  # one API for every run of the command
+        if args.nightly:
+            return _nightly_demo(args.store, cfg)
+        demo = make_demo_data(storage.join(args.store, "demo-data"), seed=cfg.seed)
+        print(f"demo data: source {demo.source_uri} (class folders, grey digits), "
+              f"target {demo.target_uri} (flat folder, digits on colour photos)")
+        run = _retrain(demo.source_uri, demo.target_uri, demo.target_labels_uri, args.store, cfg)
     print(run)
     return 0
 
 
 def _nightly_demo(store: str, cfg) -> int:
     """Three scheduled-style runs on one store, as a cron deployment would make them."""
-    from adaptflow import registry
+    from adaptflow import registry, storage
     from adaptflow.demo import make_nightly_batches
     from adaptflow.runs import RunSummary, headline
 
@@ -81,27 +110,33 @@ def _nightly_demo(store: str, cfg) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from adaptflow.config import load_config
-    from flows.extract import backfill
-    from tasks.runners import build_task_runner
 
     cfg = load_config(args.config, args.set)
-    for uri in args.images:
-        if not storage.exists(uri):
-            raise DatasetError(f"dataset not found: {uri}")
-    flow = backfill.with_options(task_runner=build_task_runner(cfg.runtime))
-    print(flow(args.images, args.store, cfg.model_dump(mode="json")))
+    _check_inputs(*args.images, store=args.store)
+    from flows.extract import backfill  # Prefect loads only once the inputs are known good
+
+    with prefect_api.prefect_api():
+        print(backfill(args.images, args.store, cfg.model_dump(mode="json")))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    import posixpath
+
+    from adaptflow import storage
+    from adaptflow.config import load_config
+    from adaptflow.models import load_model
     from adaptflow.registry import model_uri_for
 
-    if not storage.exists(args.images):
-        raise DatasetError(f"dataset not found: {args.images}")
+    cfg = load_config(args.config, args.set)
+    _check_inputs(args.images, store=args.store)
     model = model_uri_for(args.store, args.model)  # a bad registry name fails here, before Prefect starts
+    load_model(model)  # and so does a damaged model: no weights, an edited card, an unknown backbone
+    storage.check_writable(posixpath.dirname(storage.absolute(args.out)))
     from flows.predict import batch_predict  # Prefect loads only once the inputs are known good
 
-    out = batch_predict(model, args.images, args.out, args.store)
+    with prefect_api.prefect_api():
+        out = batch_predict(model, args.images, args.out, args.store, cfg.model_dump(mode="json"))
     print(out)
     return 0
 
@@ -155,12 +190,12 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def _retrain(source: str, target: str, target_labels: str | None, store: str, cfg) -> str:
+    from adaptflow import storage
     from adaptflow.runs import RunSummary, render_table
     from flows.retrain import retrain
-    from tasks.runners import build_task_runner
 
-    flow = retrain.with_options(task_runner=build_task_runner(cfg.runtime))
-    run = flow(source, target, target_labels, store, cfg.model_dump(mode="json"))
+    with prefect_api.prefect_api():
+        run = retrain(source, target, target_labels, store, cfg.model_dump(mode="json"))
     print(render_table(RunSummary.load(storage.join(run, "summary.json"))))
     return run
 
@@ -170,14 +205,26 @@ class _NoTracebackForUserErrors(logging.Filter):
     (A logger's filters see only records logged to that logger itself, hence one per engine logger.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], AdaptflowError):
+        if record.exc_info and isinstance(record.exc_info[1], (AdaptflowError, TimeoutError, KeyboardInterrupt)):
             record.exc_info = None
         return True
 
 
-def _parser() -> argparse.ArgumentParser:
-    from adaptflow.runs import DEFAULT_STORE
+class _Version(argparse.Action):
+    """`--version`: the package version and the git commit it runs from, looked up only when asked."""
 
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from adaptflow.registry import code_version
+
+        version, _, commit = code_version().partition("+g")
+        print(f"adaptflow {version} (git commit {commit or 'unknown: not run from a git checkout'})")
+        parser.exit()
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="adaptflow",
         description="Transfer learning and domain adaptation for image classifiers, as Prefect flows.",
@@ -190,8 +237,11 @@ def _parser() -> argparse.ArgumentParser:
               adaptflow run --source data/old_camera --target data/new_camera --set backbone.image_size=160
               adaptflow predict adaptflow-store/models/RUN_ID new_images/ --out preds.parquet
               adaptflow predict champion new_images/ --out preds.parquet
-              adaptflow models list"""),
+              adaptflow models list
+            exit status: 0 done, 2 error in the input, 3 infrastructure failed after retries (store
+            unreachable, Prefect API not starting, time limit), 130 interrupted (rerun to resume)"""),
     )
+    p.add_argument("--version", action=_Version, help="print the version and git commit, and exit")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser, config: bool = True, method: bool = True) -> None:
@@ -237,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
                                                      "store's registry: champion, challenger, v3 or 3")
     pred.add_argument("images", metavar="IMAGES_URI", help="a folder of images or a manifest")
     pred.add_argument("--out", required=True, help="where to write the predictions Parquet file")
-    common(pred, config=False)
+    common(pred, method=False)
     pred.set_defaults(command=cmd_predict)
 
     models = sub.add_parser("models", help="the model registry: list versions, promote one, roll back the champion",

@@ -3,17 +3,28 @@
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from adaptflow import storage
 from cli.main import main
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def _adaptflow(*args, cwd):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+def _adaptflow(*args, cwd, env=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=600)
+
+
+def _one_error_line(stderr: str) -> str:
+    """The command's `error:` line; there must be exactly one, and no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    (line,) = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    return line
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["predict"]])
@@ -126,3 +137,73 @@ def test_models_help(command, capsys):
         main([*command, "--help"])
     assert done.value.code == 0
     assert "usage: adaptflow models" in capsys.readouterr().out
+
+
+def test_help_answers_at_once_without_loading_the_heavy_libraries():
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "cli.main", "--help"], capture_output=True, text=True, cwd=ROOT)
+    seconds = time.monotonic() - start
+    assert done.returncode == 0 and "usage: adaptflow" in done.stdout and "--version" in done.stdout
+    assert seconds < 1.0, f"adaptflow --help took {seconds:.2f} s"
+    probe = ("import sys; from cli.main import main\ntry: main(['run', '--help'])\nexcept SystemExit: pass\n"
+             "print(sorted(m for m in ('torch', 'prefect', 'pyarrow', 'fsspec', 'pydantic') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert loaded.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_version_prints_the_version_and_the_git_commit():
+    import adaptflow
+
+    done = subprocess.run([sys.executable, "-m", "cli.main", "--version"], capture_output=True, text=True, cwd=ROOT)
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"adaptflow {adaptflow.__version__} (git commit {commit})"
+
+
+@pytest.mark.parametrize("case", ["plain file", "read-only folder", "unknown scheme"])
+def test_a_bad_store_is_one_error_line_within_seconds(case, demo_data, tmp_path):
+    from test_storage import _read_only, _writable_again
+
+    (tmp_path / "plain").write_text("x")
+    (tmp_path / "ro").mkdir()
+    store = {"plain file": str(tmp_path / "plain"), "read-only folder": str(tmp_path / "ro" / "store"),
+             "unknown scheme": "foo://x"}[case]
+    if case == "read-only folder":
+        _read_only(tmp_path / "ro")
+    try:
+        start = time.monotonic()
+        done = _adaptflow("extract", demo_data.target_uri, "--store", store, cwd=tmp_path)
+        seconds = time.monotonic() - start
+    finally:
+        _writable_again(tmp_path / "ro")
+    assert done.returncode == 2
+    assert store in _one_error_line(done.stderr)
+    assert seconds < 3, f"{seconds:.1f} s"  # no Prefect server, no retries: measured 0.6 s
+
+
+def test_a_store_unreachable_after_the_patience_exits_3_not_2(s3_env, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "1", storage.PATIENCE_ENV: "1"}
+    done = _adaptflow("models", "list", "--store", "s3://bucket/store", cwd=tmp_path, env=env)
+    assert done.returncode == 3
+    assert _one_error_line(done.stderr).startswith("error: store unreachable: s3://bucket/store/registry")
+
+
+def test_predict_with_a_damaged_model_is_one_line_before_prefect_starts(demo_data, tmp_path, capsys):
+    from test_models import _saved_head
+
+    model = str(tmp_path / "model")
+    _saved_head(model)
+    (tmp_path / "model" / "weights.safetensors").unlink()
+    start = time.monotonic()
+    assert main(["predict", model, demo_data.target_uri, "--out", str(tmp_path / "p.parquet"),
+                 "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert _one_error_line(err) == f"error: damaged model at {model}: weights.safetensors is missing"
+    assert time.monotonic() - start < 10  # measured 1 s: no retries
+    assert not (tmp_path / "store" / "predictions").exists()  # the flow never started
