@@ -6,7 +6,8 @@ store unreachable, Prefect's API not starting, a time limit reached), one `error
 interrupted (Ctrl-C): committed work is kept, and the same command resumes. Nothing a user did wrong
 ends in a traceback.
 
-Only the standard library is imported before a command runs, so `--help` and `--version` answer at once.
+Before a command runs, only the standard library and adaptflow's error classes are imported (no torch,
+Prefect, pyarrow or fsspec), so `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -51,14 +52,15 @@ def _timed_out(e: TimeoutError) -> str:
 
 
 def _check_inputs(*datasets: str | None, store: str | None = None) -> None:
-    """Fail in a second, before Prefect starts, on what would fail later anyway."""
+    """Fail in a second, before Prefect starts, on what would fail later anyway: missing datasets first,
+    then a store that cannot be written (checking it creates its folder)."""
     from adaptflow import storage
 
-    if store is not None:
-        storage.check_writable(store)
     for uri in datasets:
         if uri and not storage.exists(uri):
             raise DatasetError(f"dataset not found: {uri}")
+    if store is not None:
+        storage.check_writable(store)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
