@@ -10,6 +10,7 @@ import logging
 
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
+from prefect.settings import PREFECT_LOGGING_EXTRA_LOGGERS
 
 LIBRARY_LOGGER = "adaptflow"
 
@@ -33,7 +34,8 @@ def forward_library_logs() -> None:
     """Attach the handler and the filter in this process, once; call it where runs start (flows, task bodies:
     a Dask worker is another process)."""
     library = logging.getLogger(LIBRARY_LOGGER)
-    if not any(isinstance(h, _RunLogHandler) for h in library.handlers):
+    extra = PREFECT_LOGGING_EXTRA_LOGGERS.value()  # a user who names it there already has Prefect's own handler
+    if LIBRARY_LOGGER not in extra and not any(isinstance(h, _RunLogHandler) for h in library.handlers):
         library.addHandler(_RunLogHandler())
     tasks = logging.getLogger("prefect.task_runs")
     if not any(isinstance(f, _NoThreadTimeoutNotice) for f in tasks.filters):
