@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from adaptflow import storage
-from adaptflow.adapt import domain_gap, validators
+from adaptflow.adapt import domain_gap, selection, validators
 from adaptflow.adapt.algorithms import get_algorithm
 from adaptflow.adapt.hparams import candidate_hparams
 from adaptflow.config import Config
@@ -52,6 +52,7 @@ class CandidateManifest(Manifest):
     spec: CandidateSpec
     model_uri: str
     predictions_uri: str
+    outputs_uri: str | None = None  # per-image predictions on source validation (`_save_outputs`); None: older runs
     embedding_uri: str  # a small sample of the model's own features per domain, for the report
     scores: dict[str, float]  # label-free validators, higher is better
     collapsed: bool
@@ -70,6 +71,11 @@ class SelectionManifest(Manifest):
     policy: list[str]
     model_uri: str
     oracle_index: int | None  # best target accuracy, when target labels were given
+    confident: bool = True  # see adapt.selection: False when the evidence against the pick is not nil
+    confidence: str = ""  # why (not), in words
+    reference_index: int | None = None  # the source-only candidate a cautious run falls back to
+    reference_model_uri: str | None = None
+    ranks: list[float | None] = []  # each candidate's mean percentile rank (1 best); None: not ranked
 
 
 def plan_candidates(cfg: Config, cuda: bool) -> list[CandidateSpec]:
@@ -131,10 +137,11 @@ def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestM
 
     out = {name: data.infer(algorithm, load(rows), device) for name, rows in
            (("val", val), ("train", train), ("test", test), ("target", tgt))}
+    shared = shared_features(features, train, val, tgt, cfg.seed)
     inputs = validators.ValidationInputs(
         source_logits=out["val"][0], source_labels=torch.tensor(val.label.map(code).to_numpy()),
         source_features=out["val"][1], target_logits=out["target"][0], target_features=out["target"][1],
-        source_train_features=out["train"][1], seed=spec.seed)
+        source_train_features=out["train"][1], seed=spec.seed, **shared)
     scores = {k: float(v) for k, v in validators.score(inputs).items()}
     collapsed = validators.is_collapsed(out["target"][0], len(classes))
 
@@ -154,9 +161,11 @@ def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestM
            "mmd": domain_gap.mmd_distance(out["train"][1], out["target"][1], seed=spec.seed)}
     embedding_uri = storage.join(out_uri, "embedding_sample.parquet")
     _save_embedding_sample(embedding_uri, out["train"][1], out["target"][1], spec.seed)
+    outputs_uri = storage.join(out_uri, "outputs.parquet")
+    _save_outputs(outputs_uri, val, out["val"][0], code)
 
     manifest = CandidateManifest(spec=spec, model_uri=model_uri, predictions_uri=predictions_uri,
-                                 embedding_uri=embedding_uri, scores=scores,
+                                 outputs_uri=outputs_uri, embedding_uri=embedding_uri, scores=scores,
                                  collapsed=collapsed, source_test_accuracy=test_acc, target_accuracy=target_acc,
                                  domain_gap=gap, curve=curve, steps=steps, seconds=time.perf_counter() - start)
     manifest.commit(storage.join(out_uri, "candidate.json"))
@@ -164,18 +173,63 @@ def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestM
 
 
 def select_model(head: ModelManifest, candidates: list[CandidateManifest], policy: list[str]) -> SelectionManifest:
-    """The label-free pick among the candidates (`validators.select`) and, for the report only, the
-    oracle pick. With no candidates (`adapt.method: none`) the source-only head is the model."""
+    """The label-free pick among the candidates (`adapt.selection.select`: no candidate judged by what it
+    optimised, never a collapsed one, never one less accurate on source validation than the source-only
+    reference), how confident it is, and, for the report only, the oracle pick. With no candidates
+    (`adapt.method: none`) the source-only head is the model."""
     if not candidates:
         return SelectionManifest(index=-1, name="head", reason="adaptation off (adapt.method: none)",
-                                 policy=list(policy), model_uri=head.model_uri, oracle_index=None)
-    pick = validators.select([{"name": c.spec.name, "scores": c.scores, "collapsed": c.collapsed}
-                              for c in candidates], policy)
+                                 policy=list(policy), model_uri=head.model_uri, oracle_index=None,
+                                 confidence="no adaptation: the source-only head")
+    pool = selection_candidates(candidates)
+    pick = selection.select(pool, policy)
     known = [i for i, c in enumerate(candidates) if c.target_accuracy is not None]
     oracle = max(known, key=lambda i: candidates[i].target_accuracy) if known else None
     chosen = candidates[pick.index]
     return SelectionManifest(index=pick.index, name=chosen.spec.name, reason=pick.reason, policy=list(policy),
-                             model_uri=chosen.model_uri, oracle_index=oracle)
+                             model_uri=chosen.model_uri, oracle_index=oracle, confident=pick.confident,
+                             confidence=pick.confidence, reference_index=pick.reference, ranks=pick.scores,
+                             reference_model_uri=None if pick.reference is None else candidates[pick.reference].model_uri)
+
+
+def selection_candidates(candidates: list[CandidateManifest]) -> list[selection.Candidate]:
+    """What `adapt.selection.select` needs of each candidate: its scores, its algorithm's objectives, and
+    whether it got each source-validation image right."""
+    return [selection.Candidate(name=c.spec.name, scores=c.scores, collapsed=c.collapsed,
+                                objectives=get_algorithm(c.spec.method).objectives,
+                                source_only=c.spec.method == "source_only", val_correct=_val_correct(c))
+            for c in candidates]
+
+
+def shared_features(features: ExtractionPlan, train: pd.DataFrame, val: pd.DataFrame, target: pd.DataFrame,
+                    seed: int, sample: int = 2000) -> dict[str, torch.Tensor]:
+    """The frozen backbone's features of the source-validation images, and of seeded samples of at most
+    `sample` source-training and target images: the same for every candidate of a run (`validators.iwa`)."""
+    def rows(df: pd.DataFrame, n: int | None) -> list[str]:
+        ids = df.image_id if n is None or len(df) <= n else df.image_id.sample(n, random_state=seed)
+        return ids.tolist()
+
+    load = lambda ids: torch.from_numpy(load_features(features.features_uri, ids)).float()  # noqa: E731
+    return {"shared_source_train": load(rows(train, sample)), "shared_source": load(rows(val, None)),
+            "shared_target": load(rows(target, sample))}
+
+
+def _save_outputs(uri: str, val: pd.DataFrame, logits: torch.Tensor, code: dict[str, int]) -> None:
+    """Each source-validation image's label and this candidate's prediction: selection compares candidates
+    image by image on them (`adapt.selection`)."""
+    import pyarrow as pa
+
+    storage.write_table(uri, pa.table({"image_id": val.image_id.tolist(),
+                                       "label": val.label.map(code).to_numpy(dtype=np.int32),
+                                       "prediction": logits.argmax(1).numpy().astype(np.int32)}))
+
+
+def _val_correct(c: CandidateManifest) -> np.ndarray | None:
+    """(Ns,) bool in image_id order, or None for a candidate written before outputs were kept."""
+    if c.outputs_uri is None or not storage.exists(c.outputs_uri):
+        return None
+    t = storage.read_table(c.outputs_uri).to_pandas().sort_values("image_id")
+    return (t.label.to_numpy() == t.prediction.to_numpy())
 
 
 def _save_embedding_sample(uri: str, source: torch.Tensor, target: torch.Tensor, seed: int,

@@ -163,6 +163,9 @@ class MonitorConfig(_Section):
 class PromotionConfig(_Section):
     margin: float = Field(0.01, ge=0, description="a challenger must beat the champion's gate score on the "
                           "same data (and its target accuracy, when target labels exist) by this much")
+    allow_low_confidence: bool = Field(
+        False, description="let a pick that selection is not confident about replace a champion (or become the "
+        "first one); false: it stays challenger, and with no champion the source-only reference is promoted")
 
 
 class RuntimeConfig(_Section):

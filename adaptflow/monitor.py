@@ -16,7 +16,8 @@ import torch
 
 from adaptflow import registry, storage
 from adaptflow.adapt import validators
-from adaptflow.config import MonitorConfig
+from adaptflow.adaptation import SelectionManifest, shared_features
+from adaptflow.config import Config, MonitorConfig
 from adaptflow.errors import DatasetError, StoreError
 from adaptflow.features import ExtractionPlan, load_features
 from adaptflow.manifests import IngestManifest, Manifest
@@ -40,8 +41,9 @@ class ModelScores(Manifest):
     """One model's validator scores on one run's data (source validation + target batch)."""
 
     model_uri: str
+    method: str = "head"  # the model card's: what it optimised decides which validators may judge it
     scores: dict[str, float]
-    selection_score: float
+    selection_score: float | None  # the policy's validators that may judge it, averaged (`judged_by`)
     target_accuracy: float | None  # with target labels (reporting and the gate only)
     collapsed: bool
     n_target: int
@@ -92,7 +94,8 @@ def score_model(model_uri: str, source: IngestManifest, target: IngestManifest,
     target_logits, target_features = infer(model, card, tgt, features)
     inputs = validators.ValidationInputs(
         source_logits=source_logits, source_labels=torch.tensor(val.label.map(code).to_numpy()),
-        source_features=source_features, target_logits=target_logits, target_features=target_features, seed=seed)
+        source_features=source_features, target_logits=target_logits, target_features=target_features, seed=seed,
+        **shared_features(features, src[src.split == "train"], val, tgt, seed))
     scores = validators.score(inputs, sorted({"source_val_acc", "im", "bnm", *policy}))
     accuracy = None
     if target_labels is not None:
@@ -102,7 +105,8 @@ def score_model(model_uri: str, source: IngestManifest, target: IngestManifest,
         if known.any():
             predicted = target_logits.argmax(1).numpy()[known]
             accuracy = float((predicted == labels[known].map(code).to_numpy()).mean())
-    return ModelScores(model_uri=model_uri, scores=scores, selection_score=registry.selection_score(scores, policy),
+    return ModelScores(model_uri=model_uri, method=card.method, scores=scores,
+                       selection_score=registry.selection_score(scores, judged_by(policy, card.method)),
                        target_accuracy=accuracy, collapsed=validators.is_collapsed(target_logits, len(card.classes)),
                        n_target=len(tgt))
 
@@ -154,8 +158,17 @@ def _normalised(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def judged_by(policy: list[str], *methods: str) -> list[str]:
+    """The policy's validators that none of `methods` optimised (`Algorithm.objectives`; a head none)."""
+    from adaptflow.adapt.algorithms import ALGORITHMS
+
+    optimised = set().union(*(ALGORITHMS[m].objectives for m in methods if m in ALGORITHMS))
+    return [v for v in policy if v not in optimised]
+
+
 class PromotionManifest(Manifest):
-    """The selected model registered as `version`, and what the gate decided for it."""
+    """The selected model registered as `version`, and what the gate decided for it. A low-confidence pick
+    with no champion to keep leaves the champion to the source-only `stand_in_version`."""
 
     version: int
     promoted: bool
@@ -163,26 +176,46 @@ class PromotionManifest(Manifest):
     champion_version: int | None  # before the decision
     champion_after: int | None
     compared: dict
+    stand_in_version: int | None = None
 
 
-def register_and_gate(store: str, run_id: str, method: str, datasets: dict[str, IngestManifest],
-                      features: ExtractionPlan, config_hash: str, challenger: ModelScores,
-                      champion: ModelScores | None, source_test_accuracy: float | None,
-                      margin: float) -> PromotionManifest:
+def register_and_gate(store: str, run_id: str, selection: SelectionManifest, datasets: dict[str, IngestManifest],
+                      features: ExtractionPlan, cfg: Config, challenger: ModelScores,
+                      champion: ModelScores | None, source_test_accuracy: float | None) -> PromotionManifest:
     """Register the run's selected model, then let the gate compare it with the champion re-scored on the
-    same data (`champion`; None: the champion's stored metrics, or no champion at all)."""
+    same data (`champion`; None: the champion's stored metrics, or no champion at all), on the validators
+    that neither optimised. A pick selection is not confident about never replaces a champion
+    (`promotion.allow_low_confidence` lifts this); with no champion yet, the source-only reference is
+    registered and promoted in its place."""
     lineage = registry.Lineage(
         dataset_snapshot=registry.dataset_snapshot({d: m.fingerprint for d, m in datasets.items()}),
-        extractor_fingerprint=features.fingerprint, config_hash=config_hash, code_version=registry.code_version())
+        extractor_fingerprint=features.fingerprint, config_hash=cfg.fingerprint(),
+        code_version=registry.code_version())
+    policy, margin = cfg.adapt.policy, cfg.promotion.margin
     version = registry.register(store, challenger.model_uri, run_id, lineage, _metrics(challenger, source_test_accuracy),
-                                method)
-    rescored = None if champion is None else _metrics(champion, None)
-    decision = registry.gate(store, version.version, rescored, margin)
+                                challenger.method)
+    held = None if selection.confident or cfg.promotion.allow_low_confidence else f"low confidence: {selection.confidence}"
+    rescored = ours = None
+    if champion is not None:
+        common = judged_by(policy, challenger.method, champion.method)
+        rescored, ours = _metrics(champion, None, common), _metrics(challenger, source_test_accuracy, common)
+    decision = registry.gate(store, version.version, rescored, margin, challenger_metrics=ours, hold=held)
+    stand_in = None
+    if held and decision.champion_version is None and selection.reference_model_uri:
+        reference = score_model(selection.reference_model_uri, datasets["source"], datasets["target"],
+                                datasets.get("target_labels"), features, policy, cfg.seed)
+        stand_in = registry.register(store, reference.model_uri, run_id, lineage, _metrics(reference, None),
+                                     reference.method).version
+        registry.gate(store, stand_in, None, margin)  # no champion: promoted
     return PromotionManifest(version=version.version, promoted=decision.promoted, reason=decision.reason,
                              champion_version=decision.champion_version,
-                             champion_after=registry.aliases(store).get(registry.CHAMPION), compared=decision.compared)
+                             champion_after=registry.aliases(store).get(registry.CHAMPION), compared=decision.compared,
+                             stand_in_version=stand_in)
 
 
-def _metrics(s: ModelScores, source_test_accuracy: float | None) -> dict[str, float | None]:
-    return {"selection_score": s.selection_score, "source_val_accuracy": s.scores["source_val_acc"],
+def _metrics(s: ModelScores, source_test_accuracy: float | None,
+             over: list[str] | None = None) -> dict[str, float | None]:
+    """Registry metrics; `over`: the selection score over these validators instead of the model's own."""
+    score = s.selection_score if over is None else registry.selection_score(s.scores, over)
+    return {"selection_score": score, "source_val_accuracy": s.scores["source_val_acc"],
             "target_accuracy": s.target_accuracy, "source_test_accuracy": source_test_accuracy}

@@ -135,13 +135,14 @@ def dataset_snapshot(fingerprints: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(dict(fingerprints), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def selection_score(scores: Mapping[str, float], policy: list[str]) -> float:
-    """A label-free score comparable across runs: the mean of the policy's validator scores. (Selection
-    within a run ranks candidates; ranks mean nothing across runs, the scores themselves do.)"""
+def selection_score(scores: Mapping[str, float], policy: list[str]) -> float | None:
+    """A label-free score comparable across runs: the mean of the policy's validator scores; None for an
+    empty policy. (Selection within a run ranks candidates; ranks mean nothing across runs, the scores
+    themselves do.) Pass only the validators that may judge the model (`monitor.judged_by`)."""
     missing = [name for name in policy if name not in scores]
     if missing:
         raise StoreError(f"scores lack the policy's validators {', '.join(missing)}")
-    return sum(float(scores[name]) for name in policy) / len(policy)
+    return sum(float(scores[name]) for name in policy) / len(policy) if policy else None
 
 
 def decide(challenger: ModelVersion | Mapping[str, float | None],
@@ -202,12 +203,15 @@ def register(store: str, model_uri: str, run_id: str, lineage: Lineage, metrics:
     raise StoreError(f"could not claim a version number in {registry_uri(store)} after {_MAX_CLAIMS} tries")
 
 
-def gate(store: str, version: int, champion_metrics: Mapping[str, float | None] | None,
-         margin: float) -> PromotionDecision:
+def gate(store: str, version: int, champion_metrics: Mapping[str, float | None] | None, margin: float,
+         challenger_metrics: Mapping[str, float | None] | None = None, hold: str | None = None) -> PromotionDecision:
     """Apply `decide` to `version` and move the aliases: promoted, it becomes champion (the previous one
     stays in the history for `rollback`); rejected, it becomes challenger. Records the event.
     `champion_metrics` are the champion's metrics re-scored on this run's data; None uses the metrics
-    stored with the champion (or promotes at once when there is no champion)."""
+    stored with the champion (or promotes at once when there is no champion). `challenger_metrics`, when
+    given, stand in for the version's registered ones in the comparison (scored on the same validators as
+    the champion's). `hold`, a reason, keeps the version from replacing a champion whatever its numbers;
+    with no champion it is not promoted either."""
     candidate = get_version(store, version)
     state = _read_aliases(store)
     champion = state["aliases"].get(CHAMPION)
@@ -217,9 +221,11 @@ def gate(store: str, version: int, champion_metrics: Mapping[str, float | None] 
     baseline = None
     if champion is not None:
         baseline = champion_metrics if champion_metrics is not None else get_version(store, champion).metrics
-    promoted, reason, compared = _compare(candidate, baseline, margin)
+    promoted, reason, compared = _compare(challenger_metrics or candidate, baseline, margin)
     if champion is not None:
         compared["champion_metrics"] = "rescored" if champion_metrics is not None else "stored"
+    if hold:
+        promoted, reason = False, hold
     decision = PromotionDecision(promoted=promoted, reason=reason, version=version, champion_version=champion,
                                  margin=margin, compared=compared)
     _point(state, CHAMPION if promoted else CHALLENGER, version)

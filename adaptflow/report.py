@@ -36,7 +36,7 @@ th{background:#f6f8fa;font-weight:600}td.n{text-align:right;font-variant-numeric
 th.policy{text-decoration:underline}.hp{font-size:12px;color:#57606a;max-width:280px}.scroll{overflow-x:auto}
 tr.selected td{background:#e6f4ea}tr.collapsed td{background:#fdecea}
 .badge{display:inline-block;font-size:11px;font-weight:600;padding:0 6px;border-radius:8px;margin-right:3px}
-.b-selected{background:#1a7f37;color:#fff}.b-oracle{background:#8250df;color:#fff}
+.b-selected{background:#1a7f37;color:#fff}.b-oracle{background:#8250df;color:#fff}.b-reference{background:#57606a;color:#fff}
 .b-collapsed{background:#cf222e;color:#fff}
 .row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}img{max-width:100%;height:auto}
 """
@@ -165,6 +165,8 @@ def _verdict(report: dict) -> str:
         names = [n for n in ((report.get("selection") or {}).get("policy") or scores) if n in scores]
         text = f"selected {_describe(c)}; label-free scores " + ", ".join(f"{n} {_num(scores[n])}" for n in names)
         text += " (no target labels)"
+    if (report.get("selection") or {}).get("confident") is False:
+        text += " — LOW CONFIDENCE: " + str(report["selection"].get("confidence", ""))
     return text + (" — WARNING: the selected model is collapsed" if c.get("collapsed") else "")
 
 
@@ -179,30 +181,20 @@ def _summary(report: dict) -> str:
     return "<h2>Summary</h2>\n" + _table(["", "value"], rows)
 
 
-def _order(cands: list[dict], chosen: int | None, policy: list[str]) -> tuple[list[int], dict[int, float]]:
-    """Indices in selection order and each non-collapsed candidate's mean rank over `policy`, ranked as
-    `validators.select` ranks them: the chosen one first, the other non-collapsed ones by mean rank,
-    the collapsed ones last; ties go to the higher source_val_acc, then to the earlier candidate."""
-    alive = [i for i, c in enumerate(cands) if not c.get("collapsed")]
-    names = [n for n in policy if all(n in (cands[i].get("scores") or {}) for i in alive)]
-    mean_rank = dict.fromkeys(alive, 0.0)
-    for n in names:
-        x = np.array([_finite(cands[i]["scores"][n]) for i in alive])
-        for i, v in zip(alive, x, strict=True):  # rank 1 = highest; ties share their mean rank
-            mean_rank[i] += ((x > v).sum() + ((x == v).sum() + 1) / 2) / len(names)
-
-    def acc(i: int) -> float:
-        return _finite((cands[i].get("scores") or {}).get("source_val_acc"))
-
-    order = sorted(range(len(cands)), key=lambda i: (i != chosen, i not in mean_rank, mean_rank.get(i, 0), -acc(i), i))
-    return order, (mean_rank if names else {})
+def _order(cands: list[dict], chosen: int | None, ranks: list) -> list[int]:
+    """Indices in selection order: the chosen one first, then by the selection's own mean rank
+    (`adapt.selection`), unranked (collapsed) ones last; ties go to the earlier candidate."""
+    rank = {i: r for i, r in enumerate(ranks or []) if r is not None}
+    return sorted(range(len(cands)), key=lambda i: (i != chosen, i not in rank, -rank.get(i, 0.0), i))
 
 
 def _candidates(report: dict) -> str:
     cands, sel = report["candidates"], report.get("selection") or {}
     chosen, oracle = _selected(report)
     policy = list(sel.get("policy") or [])
-    order, mean_rank = _order(cands, chosen, policy)
+    mean_rank = {i: r for i, r in enumerate(sel.get("ranks") or []) if r is not None}
+    order = _order(cands, chosen, sel.get("ranks") or [])
+    reference = sel.get("reference_index")
     validators = list(dict.fromkeys(policy + [k for c in cands for k in (c.get("scores") or {})]))
     show_acc = any(c.get("target_accuracy") is not None for c in cands)
     head = ["#", "", "name", "method", "mode", *(["mean rank"] if mean_rank else []),
@@ -211,7 +203,7 @@ def _candidates(report: dict) -> str:
     rows, classes = [], []
     for rank, i in enumerate(order, 1):
         c = cands[i]
-        marks = (("selected", i == chosen), ("oracle", i == oracle))
+        marks = (("selected", i == chosen), ("oracle", i == oracle), ("reference", i == reference))
         badges = "".join(f'<span class="badge b-{b}">{b}</span>' for b, on in marks if on)
         hp = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (c.get("hparams") or {}).items())
         scores = c.get("scores") or {}
@@ -227,10 +219,15 @@ def _candidates(report: dict) -> str:
         classes.append(" ".join(k for k, on in (("selected", i == chosen), ("collapsed", c.get("collapsed"))) if on))
     notes = []
     if policy:
-        notes.append(f"Ranked by mean rank over {_e(', '.join(policy))} (underlined) among the non-collapsed "
-                     "candidates; collapsed ones are listed last and picked only if every candidate collapsed.")
+        notes.append(f"Ranked by mean rank (1 best) over {_e(', '.join(policy))} (underlined) among the "
+                     "non-collapsed candidates, each judged only by the validators its own training did not "
+                     "optimise; collapsed ones are listed last and picked only if every candidate collapsed. "
+                     "The reference is the source-only candidate a cautious run falls back to.")
     if sel.get("reason"):
         notes.append(f"Selection: {_e(sel['reason'].rstrip('.'))}.")
+    if sel.get("confidence"):
+        label = "Confident" if sel.get("confident", True) else "<b>Low confidence</b>"
+        notes.append(f"{label}: {_e(sel['confidence'])}.")
     if chosen is not None and oracle is not None:
         a, b = cands[chosen].get("target_accuracy"), cands[oracle].get("target_accuracy")
         if a is not None and b is not None:

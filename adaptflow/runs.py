@@ -122,7 +122,6 @@ def write_summary(run_id: str, run: str, cfg: Config, datasets: dict[str, Ingest
                   stages: dict[str, dict] | None = None, shift: Manifest | None = None,
                   promotion: Manifest | None = None) -> RunSummary:
     chosen = candidates[selection.index] if selection.index >= 0 else None
-    oracle = candidates[selection.oracle_index] if selection.oracle_index is not None else None
     summary = RunSummary(
         run_id=run_id, run_uri=run, finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
         config=cfg.model_dump(mode="json"), config_hash=cfg.fingerprint(),
@@ -133,17 +132,7 @@ def write_summary(run_id: str, run: str, cfg: Config, datasets: dict[str, Ingest
                  "source_test": evaluation.source_test, "target": evaluation.target},
         baseline={"model_uri": head.model_uri, "source_val_accuracy": head.val_accuracy,
                   "source_test": baseline.source_test, "target": baseline.target},
-        adaptation={
-            "selected": selection.name, "method": chosen.spec.method if chosen else "head",
-            "mode": chosen.spec.mode if chosen else "features", "reason": selection.reason,
-            "policy": selection.policy, "scores": chosen.scores if chosen else {},
-            "oracle": oracle.spec.name if oracle else None,
-            "oracle_target_accuracy": oracle.target_accuracy if oracle else None,
-            "candidates": [{"name": c.spec.name, "method": c.spec.method, "mode": c.spec.mode, "scores": c.scores,
-                            "collapsed": c.collapsed, "source_test_accuracy": c.source_test_accuracy,
-                            "target_accuracy": c.target_accuracy, "seconds": round(c.seconds, 2),
-                            "model_uri": c.model_uri} for c in candidates],
-        },
+        adaptation=_adaptation(selection, candidates),
         timings=timings,
         stages=stages or {},
         shift=_dump(shift),
@@ -151,6 +140,31 @@ def write_summary(run_id: str, run: str, cfg: Config, datasets: dict[str, Ingest
     )
     summary.commit(storage.join(run, "summary.json"))
     return summary
+
+
+def _adaptation(selection: SelectionManifest, candidates: list[CandidateManifest]) -> dict:
+    """The selection, how confident it is, and every candidate; with target labels (scoring only), the
+    oracle pick and the regret: oracle accuracy minus the selected candidate's."""
+    chosen = candidates[selection.index] if selection.index >= 0 else None
+    oracle = candidates[selection.oracle_index] if selection.oracle_index is not None else None
+    reference = candidates[selection.reference_index] if selection.reference_index is not None else None
+    selected_acc = chosen.target_accuracy if chosen else None
+    ranks = selection.ranks or [None] * len(candidates)
+    return {
+        "selected": selection.name, "method": chosen.spec.method if chosen else "head",
+        "mode": chosen.spec.mode if chosen else "features", "reason": selection.reason,
+        "policy": selection.policy, "scores": chosen.scores if chosen else {},
+        "confident": selection.confident, "confidence": selection.confidence,
+        "reference": reference.spec.name if reference else None,
+        "oracle": oracle.spec.name if oracle else None,
+        "oracle_target_accuracy": oracle.target_accuracy if oracle else None,
+        "selected_target_accuracy": selected_acc,
+        "regret": (oracle.target_accuracy - selected_acc) if oracle and selected_acc is not None else None,
+        "candidates": [{"name": c.spec.name, "method": c.spec.method, "mode": c.spec.mode, "scores": c.scores,
+                        "collapsed": c.collapsed, "rank": rank, "source_test_accuracy": c.source_test_accuracy,
+                        "target_accuracy": c.target_accuracy, "seconds": round(c.seconds, 2),
+                        "model_uri": c.model_uri} for c, rank in zip(candidates, ranks, strict=True)],
+    }
 
 
 def write_no_shift_summary(run_id: str, run: str, cfg: Config, datasets: dict[str, IngestManifest],
@@ -200,10 +214,18 @@ def headline(summary: RunSummary) -> list[str]:
         return lines
     a = summary.adaptation
     lines.append(f"selected: {a['selected']} ({a['reason']})")
+    if a.get("confident") is False:
+        lines.append(f"low confidence: {a['confidence']}")
+    if a.get("regret") is not None:
+        lines.append(f"target labels (scoring only): selected {a['selected_target_accuracy']:.3f}, oracle "
+                     f"{a['oracle']} {a['oracle_target_accuracy']:.3f}, regret {a['regret']:.3f}")
     if summary.promotion:
         p = summary.promotion
         verdict = "promoted to champion" if p["promoted"] else "kept as challenger"
         lines.append(f"registered as v{p['version']}, {verdict}: {p['reason']}")
+        if p.get("stand_in_version") is not None:
+            lines.append(f"the source-only reference {a.get('reference')} was registered as "
+                         f"v{p['stand_in_version']} and promoted to champion in its place")
     return lines
 
 
@@ -228,8 +250,13 @@ def render_markdown(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
-def _fmt(x: float | None) -> str:
-    return "" if x is None else f"{x:.3f}"
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def _short(validator: str) -> str:
+    """A column title for a validator: `source_val_acc` is long."""
+    return {"source_val_acc": "src val"}.get(validator, validator)
 
 
 def _pct(x: float | None) -> str:
@@ -260,10 +287,11 @@ def render_table(summary: RunSummary) -> str:
                   for r in metrics_rows(summary)]
     if a.get("candidates"):
         known = any(c["target_accuracy"] is not None for c in a["candidates"])
-        lines += ["", f"{'candidate':<24}{'src val':>9}{'IM':>8}{'BNM':>8}{'collapsed':>11}"
-                      + (f"{'target*':>9}" if known else "") + f"{'seconds':>9}"]
-        lines += [f"{c['name']:<24}{c['scores']['source_val_acc']:>9.3f}{c['scores']['im']:>8.3f}"
-                  f"{c['scores']['bnm']:>8.3f}{'yes' if c['collapsed'] else 'no':>11}"
+        policy = [v for v in a.get("policy", []) if all(v in c["scores"] for c in a["candidates"])]
+        lines += ["", f"{'candidate':<24}" + "".join(f"{_short(v):>9}" for v in policy) + f"{'rank':>7}"
+                  + f"{'collapsed':>11}" + (f"{'target*':>9}" if known else "") + f"{'seconds':>9}"]
+        lines += [f"{c['name']:<24}" + "".join(f"{c['scores'][v]:>9.3f}" for v in policy)
+                  + f"{_fmt(c.get('rank'), '.2f'):>7}{'yes' if c['collapsed'] else 'no':>11}"
                   + (f"{_fmt(c['target_accuracy']):>9}" if known else "") + f"{c['seconds']:>9.1f}"
                   for c in a["candidates"]]
         if known:
@@ -306,7 +334,7 @@ def stage_rows(summary: RunSummary) -> list[dict]:
 
 def candidate_rows(summary: RunSummary) -> list[dict]:
     return [{"candidate": c["name"], "selected": c["name"] == summary.adaptation["selected"],
-             **{k: round(v, 4) for k, v in c["scores"].items()}, "collapsed": c["collapsed"],
+             **{k: round(v, 4) for k, v in c["scores"].items()}, "rank": c.get("rank"), "collapsed": c["collapsed"],
              "target_accuracy (labels, scoring only)": c["target_accuracy"], "seconds": c["seconds"]}
             for c in summary.adaptation.get("candidates", [])]
 

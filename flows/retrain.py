@@ -92,7 +92,7 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
     # 6. promote: register the chosen model; the gate compares it with the champion on this run's data
     with clock("promote"):
         challenger = score(selection.model_uri, src, tgt, labels, plan, cfg)
-        promotion = promote_if_better(store, run_id, selection.name, datasets, plan, cfg, challenger, champion_scores,
+        promotion = promote_if_better(store, run_id, selection, datasets, plan, cfg, challenger, champion_scores,
                                       evaluation.source_test["accuracy"])
 
     summary = write_summary(run_id, run, cfg, datasets, plan, shards, compaction, head, candidates, selection,

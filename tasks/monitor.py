@@ -2,6 +2,7 @@ from prefect import get_run_logger, task
 from prefect.events import emit_event
 
 from adaptflow import monitor
+from adaptflow.adaptation import SelectionManifest
 from adaptflow.config import Config
 from adaptflow.errors import StoreError, StoreUnavailableError
 from adaptflow.features import ExtractionPlan
@@ -58,15 +59,20 @@ def check_shift(store: str, champion: Champion, target: IngestManifest, features
 
 @task(name="promote-if-better")  # not retried: a retry would register the model twice
 @measured
-def promote_if_better(store: str, run_id: str, method: str, datasets: dict[str, IngestManifest],
+def promote_if_better(store: str, run_id: str, selection: SelectionManifest, datasets: dict[str, IngestManifest],
                       features: ExtractionPlan, cfg: Config, challenger: ModelScores, champion: ModelScores | None,
                       source_test_accuracy: float | None) -> PromotionManifest:
-    """Register the selected model; the gate makes it champion only if it beats the champion on this data."""
-    decision = monitor.register_and_gate(store, run_id, method, datasets, features, cfg.fingerprint(), challenger,
-                                         champion, source_test_accuracy, cfg.promotion.margin)
+    """Register the selected model; the gate makes it champion only if it beats the champion on this data
+    and selection is confident in it (with no champion yet, the source-only reference stands in)."""
+    decision = monitor.register_and_gate(store, run_id, selection, datasets, features, cfg, challenger,
+                                         champion, source_test_accuracy)
     _emit("adaptflow.model.promoted" if decision.promoted else "adaptflow.model.rejected", store,
           {"version": decision.version, "reason": decision.reason, "champion_before": decision.champion_version,
            "champion_after": decision.champion_after, "run_id": run_id})
+    if decision.stand_in_version is not None:
+        _emit("adaptflow.model.promoted", store,
+              {"version": decision.stand_in_version, "reason": "source-only stand-in for a low-confidence pick",
+               "champion_before": None, "champion_after": decision.champion_after, "run_id": run_id})
     return decision
 
 

@@ -1,5 +1,5 @@
-"""Small synthetic domains with a shift that source-only training cannot cross, shared by the
-adaptation tests."""
+"""Small synthetic domains with a shift that source-only training cannot cross, and the outputs of
+made-up models of chosen accuracy and confidence, shared by the adaptation and selection tests."""
 
 import torch
 from torch import nn
@@ -33,3 +33,31 @@ def shifted_domains(seed: int, n: int = 800):
 
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(DIM, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+
+
+def _outputs(gen: torch.Generator, labels: torch.Tensor, accuracy: float, confidence: float, collapse: bool,
+             classes: int):
+    """Logits and 8-D features of a model that is right on `accuracy` of `labels` (or predicts class 0
+    everywhere when `collapse`), with `confidence` the logit margin; its features cluster by prediction."""
+    pred = labels.clone()
+    wrong = torch.rand(len(labels), generator=gen) > accuracy
+    pred[wrong] = (labels[wrong] + 1) % classes
+    if collapse:
+        pred = torch.zeros_like(labels)
+    logits = torch.randn(len(labels), classes, generator=gen) * 0.5
+    logits[torch.arange(len(labels)), pred] += confidence
+    feats = torch.eye(classes).repeat(1, 2)[pred] * 3 + torch.randn(len(labels), 2 * classes, generator=gen)
+    return logits, feats
+
+
+def model_outputs(seed: int, src_acc: float, tgt_acc: float, confidence: float, collapse_source: bool = False,
+                  collapse_target: bool = False, n: int = 200, classes: int = 4):
+    """`ValidationInputs` of a made-up model: accurate on `src_acc` of n source-validation images (always the
+    same images and labels, whatever the seed) and `tgt_acc` of n target images, logit margin `confidence`."""
+    from adaptflow.adapt.validators import ValidationInputs
+
+    gen = torch.Generator().manual_seed(seed)
+    ys, yt = torch.arange(n) % classes, torch.arange(n) % classes
+    sl, sf = _outputs(gen, ys, src_acc, confidence, collapse_source, classes)
+    tl, tf = _outputs(gen, yt, tgt_acc, confidence, collapse_target, classes)
+    return ValidationInputs(sl, ys, sf, tl, tf, source_train_features=sf + 0.1 * torch.randn(sf.shape, generator=gen))

@@ -1,43 +1,22 @@
-"""Label-free validators, the collapse guard, model selection, and domain-gap measures."""
+"""Label-free validators, the collapse guard, and domain-gap measures (selection: test_adapt_selection.py)."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
-from synthetic import CLASSES, mlp, shifted_domains
+from synthetic import model_outputs
 
-from adaptflow.adapt.algorithms import get_algorithm
 from adaptflow.adapt.domain_gap import mmd_distance, proxy_a_distance
-from adaptflow.adapt.train import fit, infer
-from adaptflow.adapt.validators import VALIDATORS, ValidationInputs, is_collapsed, score, select
-from adaptflow.errors import UnknownNameError
+from adaptflow.adapt.validators import VALIDATORS, is_collapsed, score
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-C, N = 4, 200
-
-
-def _outputs(gen: torch.Generator, labels: torch.Tensor, accuracy: float, confidence: float, collapse: bool):
-    """Logits and 8-D features of a model that is right on `accuracy` of `labels` (or predicts class 0
-    everywhere when `collapse`), with `confidence` the logit margin; its features cluster by prediction."""
-    pred = labels.clone()
-    wrong = torch.rand(len(labels), generator=gen) > accuracy
-    pred[wrong] = (labels[wrong] + 1) % C
-    if collapse:
-        pred = torch.zeros_like(labels)
-    logits = torch.randn(len(labels), C, generator=gen) * 0.5
-    logits[torch.arange(len(labels)), pred] += confidence
-    feats = torch.eye(C).repeat(1, 2)[pred] * 3 + torch.randn(len(labels), 2 * C, generator=gen)
-    return logits, feats
+C = 4
 
 
 def _model(seed: int, src_acc: float, tgt_acc: float, confidence: float, collapse_source: bool, collapse_target: bool):
-    gen = torch.Generator().manual_seed(seed)
-    ys, yt = torch.arange(N) % C, torch.arange(N) % C
-    sl, sf = _outputs(gen, ys, src_acc, confidence, collapse_source)
-    tl, tf = _outputs(gen, yt, tgt_acc, confidence, collapse_target)
-    return ValidationInputs(sl, ys, sf, tl, tf, source_train_features=sf + 0.1 * torch.randn(sf.shape, generator=gen))
+    return model_outputs(seed, src_acc, tgt_acc, confidence, collapse_source, collapse_target)
 
 
 # A grid of four candidates; the good one is not the best on source accuracy.
@@ -85,50 +64,6 @@ def test_is_collapsed_flags_one_class_predictions():
     assert not is_collapsed(two_classes(70), 2)  # 70/30 is a plausible imbalance for two classes
     three = torch.eye(3)[torch.tensor([0] * 7 + [1, 2, 1])]  # 70% in one of three classes
     assert is_collapsed(three, 3) and not is_collapsed(three, 3, threshold=0.75)
-
-
-def _candidates(grid_scores, names):
-    return [
-        {"name": n, "scores": grid_scores[n], "collapsed": is_collapsed(GRID[n].target_logits, C)} for n in names
-    ]
-
-
-def test_select_never_picks_a_collapsed_model(grid_scores):
-    names = ["target_collapsed", "collapsed", "mediocre", "good"]
-    choice = select(_candidates(grid_scores, names))
-    assert names[choice.index] == "good"
-    assert "2 collapsed skipped" in choice.reason
-    # Even a policy of collapse-loving validators cannot pick a collapsed model.
-    assert names[select(_candidates(grid_scores, names), policy=("entropy", "snd")).index] in {"good", "mediocre"}
-
-
-def test_select_ties_and_fallback(grid_scores):
-    cands = _candidates(grid_scores, ["collapsed", "target_collapsed"])
-    choice = select(cands)
-    assert choice.index == 1 and "all 2 candidates collapsed" in choice.reason  # best source accuracy
-    tied = [{"name": n, "scores": {"source_val_acc": a, "im": 1.0, "bnm": 0.1}, "collapsed": False}
-            for n, a in (("a", 0.8), ("b", 0.9), ("c", 0.9))]  # fmt: skip
-    assert select(tied).index == 1  # mean ranks tie between b and c; b is first
-    with pytest.raises(UnknownNameError, match="valid validators"):
-        select(tied, policy=("oracle",))
-    with pytest.raises(ValueError, match="lack validator scores"):
-        select([{"name": "x", "scores": {"im": 1.0}, "collapsed": False}])
-
-
-def test_selection_prefers_an_adapted_model_on_the_synthetic_shift():
-    xs, ys, xt, yt = shifted_domains(seed=0, n=400)
-    xv, yv, _, _ = shifted_domains(seed=50, n=200)  # a held-out source validation split
-    candidates, target_acc = [], []
-    for name, steps in (("source_only", 300), ("dann", 400)):
-        torch.manual_seed(0)
-        alg = get_algorithm(name)(mlp(), 32, CLASSES, {"bottleneck_dim": 16, "backbone_lr_mult": 1.0}, steps)
-        fit(alg, xs, ys, xt, steps, batch_size=64, seed=0)
-        (sl, sf), (tl, tf) = infer(alg, xv), infer(alg, xt)
-        v = ValidationInputs(sl, yv, sf, tl, tf, source_train_features=infer(alg, xs)[1])
-        candidates.append({"name": name, "scores": score(v), "collapsed": is_collapsed(tl, CLASSES)})
-        target_acc.append(float((tl.argmax(1) == yt).float().mean()))
-    assert target_acc[1] > target_acc[0] + 0.2, target_acc
-    assert select(candidates).index == 1, candidates
 
 
 def test_proxy_a_distance():

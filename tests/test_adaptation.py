@@ -3,10 +3,11 @@
 import pytest
 
 from adaptflow import adaptation, features, storage
-from adaptflow.adapt.validators import DEFAULT_POLICY
-from adaptflow.config import load_config
+from adaptflow.config import AdaptConfig, load_config
 from adaptflow.ingest import ingest
 from adaptflow.pipeline import ModelManifest
+
+POLICY = AdaptConfig().policy
 
 
 def _cfg(*overrides):
@@ -62,17 +63,19 @@ def test_a_candidate_trains_scores_and_commits(run_inputs, mode):
         update={"method": "dann"})}), cuda=False) if s.mode == mode)
     out = f"{root}/candidates/{spec.name}"
     c = adaptation.train_candidate(spec, d["source"], d["target"], d["target_labels"], plan, cfg, out)
-    assert set(c.scores) >= set(DEFAULT_POLICY) and all(v == v for v in c.scores.values())
+    assert set(c.scores) >= set(POLICY) and all(v == v for v in c.scores.values())
     assert 0 <= c.target_accuracy <= 1 and c.steps > 0 and c.curve
     assert storage.exists(f"{out}/candidate.json") and storage.exists(f"{c.model_uri}/model.json")
     assert storage.read_table(c.predictions_uri).num_rows == d["target"].n_images
     assert set(c.domain_gap) == {"proxy_a_distance", "mmd"}
+    outputs = storage.read_table(c.outputs_uri).to_pandas()  # what selection compares candidates on
+    assert list(outputs.columns) == ["image_id", "label", "prediction"] and len(outputs) > 0
 
 
 def test_without_candidates_the_head_is_the_model():
     head = ModelManifest(model_uri="memory://head", classes=["a"], fingerprint="f", val_accuracy=0.5, epochs=1,
                          seconds=0.1)
-    alone = adaptation.select_model(head, [], list(DEFAULT_POLICY))
+    alone = adaptation.select_model(head, [], list(POLICY))
     assert (alone.index, alone.model_uri) == (-1, "memory://head")
 
 

@@ -70,3 +70,40 @@ def test_score_model_measures_a_saved_model_on_this_runs_data(store, demo_data):
     assert 0 <= scores.target_accuracy <= 1
     again = monitor.score_model(head.model_uri, src, tgt, None, plan, ["source_val_acc", "im", "bnm"])
     assert again.target_accuracy is None and again.selection_score == scores.selection_score  # deterministic
+
+
+def test_a_low_confidence_pick_never_replaces_a_champion_and_a_source_only_one_stands_in(store, fast_config, tmp_path):
+    from adaptflow import registry
+    from adaptflow.adaptation import SelectionManifest
+
+    src, tgt, plan, head = store
+    reg, policy, datasets = str(tmp_path / "registry"), fast_config.adapt.policy, {"source": src, "target": tgt}
+    scores = monitor.score_model(head.model_uri, src, tgt, None, plan, policy)  # the pick's scores (any model's)
+    better = scores.model_copy(update={"scores": {k: v + 0.5 for k, v in scores.scores.items()}})
+    unsure = SelectionManifest(index=1, name="dann-images", reason="best mean rank", policy=policy,
+                               model_uri=head.model_uri, oracle_index=None, confident=False,
+                               confidence="source-only source_only-images scores higher on im", reference_index=0,
+                               reference_model_uri=head.model_uri)
+
+    # No champion yet: the pick waits as challenger, the source-only reference is registered and promoted.
+    first = monitor.register_and_gate(reg, "r1", unsure, datasets, plan, fast_config, scores, None, 0.9)
+    assert not first.promoted and first.reason == "low confidence: source-only source_only-images scores higher on im"
+    assert (first.version, first.stand_in_version, first.champion_after) == (1, 2, 2)
+    assert registry.aliases(reg) == {"champion": 2, "challenger": 1}
+    # A champion is never replaced by a low-confidence pick, however good its numbers.
+    second = monitor.register_and_gate(reg, "r2", unsure, datasets, plan, fast_config, better, scores, 0.9)
+    assert not second.promoted and second.stand_in_version is None and registry.aliases(reg)["champion"] == 2
+    # Unless the user opts in; and a confident pick goes through the gate as ever.
+    opted = fast_config.model_copy(update={"promotion": fast_config.promotion.model_copy(
+        update={"allow_low_confidence": True})})
+    third = monitor.register_and_gate(reg, "r3", unsure, datasets, plan, opted, better, scores, 0.9)
+    assert third.promoted and third.compared["metric"] == "selection_score"
+    sure = unsure.model_copy(update={"confident": True})
+    fourth = monitor.register_and_gate(reg, "r4", sure, datasets, plan, fast_config, scores, better, 0.9)
+    assert not fourth.promoted and fourth.reason.startswith("selection score")
+
+
+def test_the_gate_judges_neither_model_by_what_it_optimised():
+    assert monitor.judged_by(["source_val_acc", "im", "bnm"], "dann", "head") == ["source_val_acc", "im", "bnm"]
+    assert monitor.judged_by(["source_val_acc", "im", "bnm"], "dann", "im") == ["source_val_acc"]
+    assert monitor.judged_by(["source_val_acc", "bnm"], "mcc") == ["source_val_acc"]

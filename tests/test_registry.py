@@ -134,3 +134,15 @@ def test_versions_are_validated_and_lineage_records_code_version(store):
     assert registry.code_version().startswith("0.1.0")
     assert registry.is_ref("champion") and registry.is_ref("v3") and registry.is_ref("12")
     assert not registry.is_ref("models/v3") and not registry.is_ref("/tmp/x")
+
+
+def test_a_held_version_is_not_promoted_whatever_its_numbers(store):
+    _register(store, 0.40)
+    held = registry.gate(store, 1, None, margin=0.0, hold="low confidence: because")
+    assert not held.promoted and held.reason == "low confidence: because" and registry.aliases(store) == {"challenger": 1}
+    _register(store, 0.30)
+    assert registry.gate(store, 2, None, margin=0.0).promoted  # the first unheld one becomes champion
+    _register(store, 0.10)
+    # the comparison may use metrics other than the registered ones (e.g. on validators both may be judged by)
+    decision = registry.gate(store, 3, _metrics(0.30), margin=0.0, challenger_metrics=_metrics(0.5))
+    assert decision.promoted and decision.compared["challenger"] == 0.5

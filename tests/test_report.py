@@ -48,8 +48,10 @@ def report() -> dict:
         "run_id": "run-<42>",
         "summary": {"source images": 300, "target images": 200, "rejected": 3, "backbone": "resnet18"},
         "candidates": cands,
-        "selection": {"index": 2, "reason": "best mean rank 1.67 over source_val_acc, im, bnm",
-                      "policy": ["source_val_acc", "im", "bnm"], "oracle_index": 3},
+        "selection": {"index": 2, "reason": "best mean rank 0.83 over source_val_acc, im, bnm",
+                      "policy": ["source_val_acc", "im", "bnm"], "oracle_index": 3,
+                      "ranks": [0.33, None, 0.83, 0.67], "reference_index": 0, "confident": True,
+                      "confidence": "no worse than source-only source_only on any validator that may judge it"},
         "metrics": {"source_test": _metrics(0), "target": _metrics(1)},
         "domain_gap": {"before": {"proxy_a_distance": 1.6, "mmd": 0.21}, "after": {"proxy_a_distance": 0.4, "mmd": 0.03}},
         "embeddings": {"before": embed_2d(*_domains(0), max_points=40), "after": embed_2d(*_domains(1), max_points=40)},
@@ -79,10 +81,19 @@ def test_candidates_are_in_selection_order_with_markers(page):
     assert len(rows) == 4
     assert rows[0].startswith('<tr class="selected">') and "badge b-selected" in rows[0] and ">dann<" in rows[0]
     assert "badge b-oracle" in rows[1] and ">cdan<" in rows[1]
-    assert ">source_only<" in rows[2]
+    assert ">source_only<" in rows[2] and "badge b-reference" in rows[2]
     assert rows[3].startswith('<tr class="collapsed">') and "entmin &lt;i&gt;" in rows[3]
     assert "<th>target acc</th>" in page
     assert "Selected vs oracle</b>: target accuracy 0.830 vs 0.860 (gap 0.030)" in page
+
+
+def test_low_confidence_is_said_at_the_top_and_under_the_candidates(report):
+    unsure = {**report, "selection": {**report["selection"], "confident": False,
+                                      "confidence": "source-only source_only scores higher on im 0.6 < 0.7"}}
+    page = render_report(unsure)
+    assert "LOW CONFIDENCE: source-only source_only scores higher on im 0.6 &lt; 0.7" in page
+    assert "<b>Low confidence</b>: source-only source_only scores higher on im" in page
+    assert "Confident: no worse than source-only" in render_report(report)
 
 
 def test_user_text_is_escaped(page):

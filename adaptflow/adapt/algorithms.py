@@ -78,9 +78,13 @@ _OPTIMIZERS = {
 
 
 class Algorithm(nn.Module):
-    """The contract. Subclasses implement `update`; `key` is the registry name, hence the hparams."""
+    """The contract. Subclasses implement `update`; `key` is the registry name, hence the hparams.
+    `objectives` names the label-free validators (`adapt.validators.VALIDATORS`) that the algorithm's
+    own training loss optimises, or comes close to: selection never scores a candidate by those, since
+    a model trained to maximise a score cannot be judged by it."""
 
     key: ClassVar[str]
+    objectives: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self, featurizer: nn.Module, feature_dim: int, num_classes: int, hparams: dict[str, Any], max_steps: int
@@ -284,6 +288,9 @@ class MCC(Algorithm):
     """Source cross-entropy plus Minimum Class Confusion on the target predictions (Jin et al. 2020)."""
 
     key = "mcc"
+    # Less confusion between classes = confident, diverse target predictions: what BNM, IM, entropy and
+    # SND reward.
+    objectives = frozenset({"bnm", "im", "entropy", "snd"})
 
     def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
         xs, ys = source
@@ -297,6 +304,7 @@ class IM(Algorithm):
     """Source cross-entropy plus information maximisation on the target (SHOT's entropy + diversity)."""
 
     key = "im"
+    objectives = frozenset({"im", "entropy", "bnm", "snd"})  # IM itself, and the scores of confident, diverse predictions
 
     def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
         xs, ys = source

@@ -2,8 +2,8 @@
 
 Every validator reads one `ValidationInputs`. Two of them, `entropy` and `snd`, reward confident or
 tightly clustered target predictions and so rate a model that predicts one class everywhere highly
-(skada's benchmark saw SND and DEV pick ~5%-accuracy models). Hence `is_collapsed`, and `select`
-never promotes a collapsed candidate.
+(skada's benchmark saw SND and DEV pick ~5%-accuracy models). Hence `is_collapsed`, and
+`adapt.selection.select` never promotes a collapsed candidate.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +35,11 @@ class ValidationInputs:
     target_features: Tensor  # (Nt, d)
     source_train_features: Tensor | None = None  # (Nr, d) for DEV's domain classifier; else source-val is used
     seed: int = 0  # for the subsampling in SND and DEV
+    # The frozen backbone's features of the same images, identical for every candidate of a run: a space no
+    # candidate shaped, where importance weights mean the same for all (`iwa`). None: iwa is NaN.
+    shared_source_train: Tensor | None = None  # (Nr', D) source training images (a sample will do)
+    shared_source: Tensor | None = None  # (Ns, D) the source-validation images, in source_logits' order
+    shared_target: Tensor | None = None  # (Nt', D) target images (a sample will do)
 
 
 def source_val_acc(v: ValidationInputs) -> float:
@@ -105,6 +109,56 @@ def dev(v: ValidationInputs, max_points: int = 4000, max_weight: float = 100.0) 
     return -float(wl.mean() + eta * w.mean() - eta)
 
 
+def rv(v: ValidationInputs, max_points: int = 4000) -> float:
+    """Reverse validation (Zhong et al. 2010, as a validator in pytorch-adapt): fit a linear classifier on
+    the model's own target features with its own target predictions as labels, then measure it on the
+    labelled source-validation features. Pseudo-labels that follow the structure the model gave the
+    target, and carry it back to the source, score high; a labelling the features do not support does
+    not. One class predicted everywhere scores at most that class's source share."""
+    idx = _subsample(len(v.target_features), max_points, v.seed)
+    pseudo = v.target_logits.argmax(1)[idx].cpu().numpy()
+    if len(np.unique(pseudo)) < 2:
+        return float((v.source_labels.cpu().numpy() == pseudo[0]).mean()) if len(pseudo) else 0.0
+    xt = v.target_features[idx].double().cpu().numpy()
+    scaler = StandardScaler().fit(xt)
+    clf = LogisticRegression(C=0.1, max_iter=500).fit(scaler.transform(xt), pseudo)
+    predicted = clf.predict(scaler.transform(v.source_features.double().cpu().numpy()))
+    return float((predicted == v.source_labels.cpu().numpy()).mean())
+
+
+def iwa(v: ValidationInputs, max_points: int = 4000, max_weight: float = 20.0) -> float:
+    """Importance-weighted source-validation accuracy, weights from the shared frozen space: a logistic
+    domain classifier on the frozen backbone's features (source training vs target) gives each
+    source-validation image w = p_t(x)/p_s(x), so source images that look like the target count more.
+    Unlike DEV, the weights come from a space no candidate shaped, so they are the same for every
+    candidate of a run and an aligned featurizer cannot flatten them. Clipped at `max_weight`, then
+    normalised to mean 1. NaN without shared features."""
+    if v.shared_source is None or v.shared_target is None or v.shared_source_train is None:
+        return math.nan
+    correct = (v.source_logits.argmax(1) == v.source_labels).double().cpu().numpy()
+    w = _density_ratio(v.shared_source_train, v.shared_target, v.shared_source, max_points, max_weight)
+    return float((w * correct).mean())
+
+
+def _density_ratio(source: Tensor, target: Tensor, at: Tensor, max_points: int, max_weight: float) -> np.ndarray:
+    """w = p_target(x) / p_source(x) at the rows of `at`, from a logistic domain classifier on 64 principal
+    components (standardised), clipped and normalised to mean 1. Seeded by nothing a candidate owns: the
+    same inputs give every candidate the same weights."""
+    from sklearn.decomposition import PCA
+
+    seed = 0
+    i, j = _subsample(len(source), max_points // 2, seed), _subsample(len(target), max_points // 2, seed)
+    xs, xt = source[i].double().cpu().numpy(), target[j].double().cpu().numpy()
+    x = np.concatenate([xs, xt])
+    pca = PCA(min(64, *x.shape), random_state=seed).fit(x)
+    scaler = StandardScaler().fit(pca.transform(x))
+    clf = LogisticRegression(C=0.1, max_iter=2000).fit(scaler.transform(pca.transform(x)),
+                                                        np.r_[np.zeros(len(xs)), np.ones(len(xt))])
+    p = clf.predict_proba(scaler.transform(pca.transform(at.double().cpu().numpy())))[:, 1]
+    w = np.clip(p / np.clip(1 - p, 1e-12, None) * len(xs) / len(xt), 0.0, max_weight)
+    return w / w.mean() if w.mean() > 0 else np.ones_like(w)
+
+
 VALIDATORS: dict[str, Callable[[ValidationInputs], float]] = {
     "source_val_acc": source_val_acc,
     "entropy": entropy,
@@ -112,11 +166,9 @@ VALIDATORS: dict[str, Callable[[ValidationInputs], float]] = {
     "snd": snd,
     "dev": dev,
     "bnm": bnm,
+    "rv": rv,
+    "iwa": iwa,
 }
-# What `select` ranks by. Each of the three penalises collapse on its own, and source accuracy is the
-# strong baseline of pytorch-adapt's benchmark. Entropy and SND reward collapse and DEV is high-variance:
-# they are scored and reported beside these, not ranked.
-DEFAULT_POLICY: tuple[str, ...] = ("source_val_acc", "im", "bnm")
 
 
 def get_validator(name: str) -> Callable[[ValidationInputs], float]:
@@ -141,52 +193,3 @@ def is_collapsed(target_logits: Tensor, num_classes: int, threshold: float = 0.6
     q = torch.bincount(target_logits.argmax(1), minlength=num_classes).double() / len(target_logits)
     h = float(-(q[q > 0] * q[q > 0].log()).sum()) / math.log(num_classes)
     return h < min_entropy or (num_classes >= 3 and float(q.max()) > threshold)
-
-
-class Selection(NamedTuple):
-    index: int
-    reason: str
-
-
-def _ranks(values: list[float]) -> np.ndarray:
-    """Rank 1 = highest; ties share their mean rank; NaN ranks last."""
-    x = np.array([v if math.isfinite(v) else -np.inf for v in values])
-    order = (-x).argsort(kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(1, len(x) + 1)
-    for value in np.unique(x):
-        ranks[x == value] = ranks[x == value].mean()
-    return ranks
-
-
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else -math.inf
-
-
-def select(candidates: list[dict], policy: Sequence[str] = DEFAULT_POLICY) -> Selection:
-    """Pick a model from `candidates` = [{"name", "scores": {validator: float}, "collapsed": bool}].
-
-    Among the non-collapsed candidates, the lowest mean of per-validator ranks over `policy` wins;
-    ties go to the higher source_val_acc, then to the earlier candidate. A collapsed candidate is
-    never picked unless all are, in which case the best source_val_acc is, and the reason says so.
-    """
-    if not candidates:
-        raise ValueError("select needs at least one candidate")
-    for name in policy:
-        get_validator(name)
-    acc = [float(c["scores"].get("source_val_acc", float("nan"))) for c in candidates]
-    alive = [i for i, c in enumerate(candidates) if not c["collapsed"]]
-    if not alive:
-        best = max(range(len(candidates)), key=lambda i: (_finite(acc[i]), -i))
-        return Selection(best, f"all {len(candidates)} candidates collapsed; fell back to the best source_val_acc")
-    missing = [(candidates[i]["name"], n) for i in alive for n in policy if n not in candidates[i]["scores"]]
-    if missing:
-        raise ValueError(f"candidates lack validator scores (name, validator): {missing}")
-    ranks = np.mean([_ranks([float(candidates[i]["scores"][n]) for i in alive]) for n in policy], axis=0)
-    k = min(range(len(alive)), key=lambda k: (ranks[k], -_finite(acc[alive[k]]), k))
-    skipped = len(candidates) - len(alive)
-    return Selection(
-        alive[k],
-        f"best mean rank {ranks[k]:.2f} over {', '.join(policy)} among {len(alive)} non-collapsed "
-        f"candidates ({skipped} collapsed skipped)",
-    )

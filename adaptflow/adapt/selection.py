@@ -1,0 +1,174 @@
+"""Choosing a model without target labels, and saying how sure the choice is.
+
+`select` ranks candidates by their label-free validator scores (`adapt.validators`) under three rules:
+
+1. **No candidate judges itself.** A validator that a candidate's training loss optimises (its
+   algorithm's `objectives`: `im` trains on IM, `mcc` on class confusion, which BNM rewards) is never
+   used to score that candidate. Ranks are percentiles among the candidates each validator may judge,
+   so every candidate's score is the mean over the validators that may judge it.
+2. **Never a collapsed model** (one class taking over the target predictions; `validators.is_collapsed`).
+3. **Never clearly worse than doing nothing.** The *reference* is the healthy `source_only` candidate
+   with the best source-validation accuracy: what a run that trusts no adaptation keeps. A candidate
+   that lost more than `MAX_SOURCE_DROP` of the reference's source-validation accuracy, significantly
+   so on the same images (an exact one-sided McNemar test), is skipped: it forgot what the source
+   taught. Smaller drops are the usual price of adaptation (DANN trades a little source accuracy for
+   target accuracy), so they only lower the confidence.
+
+The pick is **confident** when it is the reference itself, or when no evidence the run has says it is
+worse than the reference: not significantly less accurate on source validation, and at least as good
+on every other validator of the policy that may judge it. Otherwise the confidence names the evidence
+against it, and the promotion gate treats the pick as a risk (`monitor.register_and_gate`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+from scipy.stats import binomtest
+
+from adaptflow.adapt.validators import get_validator
+
+SIGNIFICANCE = 0.05  # one-sided level at which "less accurate on source validation than the reference" counts
+MAX_SOURCE_DROP = 0.05  # source-validation accuracy a candidate may lose against the reference and be picked
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What selection knows of one trained candidate."""
+
+    name: str
+    scores: Mapping[str, float]  # validator -> score, higher is better
+    collapsed: bool
+    objectives: frozenset[str] = frozenset()  # validators its own training optimised: never scored by them
+    source_only: bool = False
+    # (Ns,) bool: right or wrong on each source-validation image, the same images in the same order for
+    # every candidate; None skips the source-validation test for this candidate.
+    val_correct: np.ndarray | None = field(default=None, compare=False)
+
+
+class Selection(NamedTuple):
+    index: int
+    reason: str
+    confident: bool
+    confidence: str  # why (not) confident, in words
+    reference: int | None  # the source-only candidate a cautious run falls back to; None if there is none
+    scores: list[float | None]  # each candidate's mean percentile rank, 1 = best; None: not ranked
+
+
+def select(candidates: Sequence[Candidate], policy: Sequence[str]) -> Selection:
+    """Pick one of `candidates` by the mean percentile rank over the `policy` validators (see the module
+    docstring for the rules); ties go to the higher source_val_acc, then to the earlier candidate."""
+    if not candidates:
+        raise ValueError("select needs at least one candidate")
+    for name in policy:
+        get_validator(name)  # an unknown name fails here, listing the valid ones
+    acc = [_finite(c.scores.get("source_val_acc", math.nan)) for c in candidates]
+    alive = [i for i, c in enumerate(candidates) if not c.collapsed]
+    if not alive:
+        best = max(range(len(candidates)), key=lambda i: (acc[i], -i))
+        return Selection(best, f"all {len(candidates)} candidates collapsed; fell back to the best source_val_acc",
+                         False, "every candidate collapsed", None, [None] * len(candidates))
+    missing = [(candidates[i].name, n) for i in alive for n in policy if n not in candidates[i].scores]
+    if missing:
+        raise ValueError(f"candidates lack validator scores (name, validator): {missing}")
+
+    rank = mean_ranks(candidates, alive, policy)
+    reference = _reference(candidates, alive, acc, rank)
+    order = sorted((i for i in alive if rank[i] is not None), key=lambda i: (-rank[i], -acc[i], i))
+    if not order:
+        raise ValueError(f"no validator of the policy {list(policy)} may judge any candidate: every one "
+                         "optimised them all; add source_val_acc to the policy")
+    skipped, pick = [], reference
+    for i in order:
+        drop = acc[reference] - acc[i] if reference is not None else 0.0
+        worse, p = _less_accurate(candidates[i], None if i == reference or reference is None else candidates[reference])
+        if not (worse and drop > MAX_SOURCE_DROP):
+            pick = i
+            break
+        skipped.append(f"{candidates[i].name} ({drop:.3f} lower, p = {p:.3f})")
+
+    n_collapsed = len(candidates) - len(alive)
+    reason = (f"best mean rank {rank[pick]:.2f} over {', '.join(policy)} among {len(alive)} non-collapsed "
+              f"candidates ({n_collapsed} collapsed skipped)")
+    gamed = sorted(f"{candidates[i].name}: {'/'.join(sorted(candidates[i].objectives & set(policy)))}"
+                   for i in alive if candidates[i].objectives & set(policy))
+    if gamed:
+        reason += f"; not judged by what they optimised: {', '.join(gamed)}"
+    if skipped:
+        reason += (f"; skipped, more than {MAX_SOURCE_DROP} less accurate on source validation than source-only "
+                   f"{candidates[reference].name}: " + ", ".join(skipped))
+    confident, why = _confidence(candidates, pick, reference, policy)
+    return Selection(pick, reason, confident, why, reference, rank)
+
+
+def mean_ranks(candidates: Sequence[Candidate], alive: Sequence[int], policy: Sequence[str]) -> list[float | None]:
+    """Each candidate's mean percentile rank (0 worst, 1 best) over the policy validators allowed to judge
+    it, ranked among the alive candidates those validators may judge; None for the others."""
+    ranks: dict[int, list[float]] = {i: [] for i in alive}
+    for name in policy:
+        judged = [i for i in alive if name not in candidates[i].objectives]
+        for i, r in zip(judged, percentile_ranks([candidates[i].scores[name] for i in judged]), strict=True):
+            ranks[i].append(r)
+    return [float(np.mean(ranks[i])) if ranks.get(i) else None for i in range(len(candidates))]
+
+
+def percentile_ranks(values: Sequence[float]) -> list[float]:
+    """1 for the highest, 0 for the lowest, ties sharing their mean; NaN counts as the lowest."""
+    x = np.array([_finite(v) for v in values])
+    if len(x) == 1:
+        return [1.0]
+    below = (x[None, :] < x[:, None]).sum(1)  # how many each value beats
+    ties = (x[None, :] == x[:, None]).sum(1) - 1
+    return list((below + ties / 2) / (len(x) - 1))
+
+
+def _reference(candidates: Sequence[Candidate], alive: Sequence[int], acc: list[float],
+               rank: list[float | None]) -> int | None:
+    """The healthy source-only candidate with the best source_val_acc (then rank, then the earlier one)."""
+    pool = [i for i in alive if candidates[i].source_only]
+    return max(pool, key=lambda i: (acc[i], rank[i] if rank[i] is not None else -1.0, -i)) if pool else None
+
+
+def _less_accurate(a: Candidate, b: Candidate | None) -> tuple[bool, float]:
+    """Is `a` significantly less accurate than `b` on the same source-validation images? An exact
+    one-sided McNemar test on the images exactly one of them gets right. No `b`: no test."""
+    if b is None or a.val_correct is None or b.val_correct is None or len(a.val_correct) != len(b.val_correct):
+        return False, 1.0
+    a_only = int((a.val_correct & ~b.val_correct).sum())
+    b_only = int((b.val_correct & ~a.val_correct).sum())
+    if a_only + b_only == 0:
+        return False, 1.0
+    p = float(binomtest(b_only, a_only + b_only, 0.5, alternative="greater").pvalue)
+    return p < SIGNIFICANCE, p
+
+
+def _confidence(candidates: Sequence[Candidate], pick: int, reference: int | None,
+                policy: Sequence[str]) -> tuple[bool, str]:
+    if reference is None:
+        return False, "no healthy source-only candidate to compare the pick with"
+    ref = candidates[reference]
+    if pick == reference:
+        return True, f"the pick is the source-only reference {ref.name}: no adaptation was trusted"
+    chosen = candidates[pick]
+    judged = [n for n in policy if n not in chosen.objectives]
+    against = []
+    for n in judged:
+        a, b = _finite(chosen.scores[n]), _finite(ref.scores[n])
+        if n == "source_val_acc" and chosen.val_correct is not None and ref.val_correct is not None:
+            worse, p = _less_accurate(chosen, ref)  # paired: a difference of a few images is noise
+            if worse:
+                against.append(f"source_val_acc {a:.3f} < {b:.3f} (p = {p:.3f})")
+        elif a < b:
+            against.append(f"{n} {a:.3f} < {b:.3f}")
+    if against:
+        return False, f"source-only {ref.name} scores higher on " + ", ".join(against)
+    return True, (f"no worse than source-only {ref.name} on any validator that may judge it "
+                  f"({', '.join(judged)})")
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -math.inf

@@ -1,0 +1,191 @@
+"""Benchmark: label-free model selection (`--method auto`) on a suite of digit shifts.
+
+    .venv/bin/python benchmarks/selection.py                       # every shift, the default candidates
+    .venv/bin/python benchmarks/selection.py --shifts mnist-m clutter --work /tmp/sel   # keep and reuse
+
+For each shift (benchmarks/shifts.py) it ingests, extracts and trains the candidates `auto` trains on a
+CPU with the library's own functions, then asks each selection policy (POLICIES) for a pick with the
+library's own `adapt.selection.select`. Target labels are read only to score the picks. Per shift and
+policy it prints the selected candidate's target accuracy, the oracle's (the best candidate's), the
+regret (oracle - selected), the source-only reference's accuracy (the healthy `source_only` candidate
+with the best source-validation accuracy: what a run that trusts no adaptation keeps), whether the
+pick fell below it, and whether selection was confident. "promoted" is what a first run on an empty
+store would make champion: a low-confidence pick gives way to the source-only reference. Then, per
+policy, mean and worst regret over the suite and the number of picks below source-only; and a
+leave-one-shift-out estimate: the policy with the lowest mean regret on the other shifts, scored on
+the one left out, for each shift in turn.
+
+Trained candidates are kept under --work (default: a temporary folder), so a second run with other
+policies retrains nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from shifts import SHIFTS, make_shift  # noqa: E402
+
+from adaptflow import adaptation, features  # noqa: E402
+from adaptflow.adapt import selection  # noqa: E402
+from adaptflow.adaptation import CandidateManifest  # noqa: E402
+from adaptflow.config import load_config  # noqa: E402
+from adaptflow.ingest import ingest  # noqa: E402
+
+# Validators a policy ranks by, and whether a candidate may be judged by what it optimised (True: the
+# rule before this benchmark, without the source-validation guard either).
+POLICIES: dict[str, tuple[list[str], bool]] = {
+    "before: src_val+im+bnm, all judge all": (["source_val_acc", "im", "bnm"], True),
+    "source_val_acc": (["source_val_acc"], False),
+    "src_val+im+bnm": (["source_val_acc", "im", "bnm"], False),
+    "src_val+im+bnm+rv": (["source_val_acc", "im", "bnm", "rv"], False),
+    "src_val+im+bnm+iwa": (["source_val_acc", "im", "bnm", "iwa"], False),
+    "src_val+rv+iwa": (["source_val_acc", "rv", "iwa"], False),
+    "iwa": (["iwa"], False),
+    "rv": (["rv"], False),
+    "dev": (["dev"], False),
+}
+TOLERANCE = 0.01  # "below source-only" also counted with this slack: 6 of 600 target images
+
+# The product's defaults on a CPU, with a smaller backbone input so the suite fits in well under an hour.
+SETTINGS = ["backbone.image_size=64", "extract.num_workers=0", "ingest.workers=2", "adapt.time_budget_s=1e9"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=list(SHIFTS))
+    p.add_argument("--work", default=None, help="folder for data, stores and candidates; reused when present")
+    p.add_argument("--per-domain", type=int, default=600, help="images per domain")
+    p.add_argument("--image-size", type=int, default=32, help="size the shift's images are rendered at")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every shift (e.g. adapt.image_epochs=5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write every candidate's scores and accuracy here")
+    return p
+
+
+def prepare_shift(name: str, root: Path, cfg, args) -> dict:
+    """Data, ingest and features for one shift; returns the manifests train_candidate needs."""
+    data = root / "data"
+    if not (data / "target_labels.csv").exists():
+        make_shift(SHIFTS[name], str(data), args.per_domain, args.image_size, args.seed)
+    run = root / "run"
+    store = str(root / "store")
+    manifests = {}
+    for domain, uri in (("source", data / "source"), ("target", data / "target"),
+                        ("target_labels", data / "target_labels.csv")):
+        out = run / "ingest" / domain
+        if (out / "manifest.json").exists():
+            manifests[domain] = adaptation.IngestManifest.load(str(out / "manifest.json"))
+        else:
+            classes = manifests["source"].classes if domain == "target_labels" else None
+            manifests[domain] = ingest(str(uri), domain, str(out), cfg.ingest, cfg.seed, classes)
+    plan = features.plan_extraction([manifests["source"].index_uri, manifests["target"].index_uri], store,
+                                    cfg.backbone, cfg.extract.shard_size)
+    for shard in plan.shards:
+        features.extract_shard(shard, cfg.backbone, cfg.extract)
+    return {**manifests, "plan": plan, "run": run}
+
+
+def train_candidates(prepared: dict, cfg) -> list[CandidateManifest]:
+    out = []
+    for spec in adaptation.plan_candidates(cfg, cuda=False):
+        folder = prepared["run"] / "candidates" / spec.name
+        if (folder / "candidate.json").exists():
+            out.append(CandidateManifest.load(str(folder / "candidate.json")))
+            continue
+        t = time.perf_counter()
+        c = adaptation.train_candidate(spec, prepared["source"], prepared["target"], prepared["target_labels"],
+                                       prepared["plan"], cfg, str(folder), "cpu")
+        print(f"  {spec.name:<22} target {c.target_accuracy:.3f}  {time.perf_counter() - t:6.1f} s", flush=True)
+        out.append(c)
+    return out
+
+
+def evaluate(candidates: list[CandidateManifest], validators: list[str], all_judge_all: bool) -> dict:
+    """One policy's pick on one shift, scored with the target labels the run never showed it."""
+    pool = adaptation.selection_candidates(candidates)
+    if all_judge_all:
+        pool = [selection.Candidate(c.name, c.scores, c.collapsed, frozenset(), c.source_only) for c in pool]
+    pick = selection.select(pool, validators)
+    acc = [c.target_accuracy for c in candidates]
+    ref = pick.reference
+    promoted = ref if not pick.confident and ref is not None else pick.index
+    return {"pick": candidates[pick.index].spec.name, "selected": acc[pick.index], "oracle": max(acc),
+            "regret": max(acc) - acc[pick.index], "reference": acc[ref] if ref is not None else None,
+            "best_source_only": max(a for a, c in zip(acc, candidates, strict=True) if c.spec.method == "source_only"),
+            "confident": pick.confident, "promoted": acc[promoted], "promoted_regret": max(acc) - acc[promoted]}
+
+
+def report(results: dict[str, dict[str, dict]]) -> None:
+    """results[shift][policy] = evaluate(...)."""
+    shifts = list(results)
+    for policy in POLICIES:
+        print(f"\n-- policy: {policy}")
+        print(f"{'shift':<18}{'pick':<22}{'selected':>9}{'oracle':>8}{'regret':>8}{'src-only':>9}{'below':>7}"
+              f"{'confident':>10}{'promoted':>9}")
+        for shift in shifts:
+            r = results[shift][policy]
+            ref = "-" if r["reference"] is None else f"{r['reference']:.3f}"
+            below = "yes" if r["reference"] is not None and r["selected"] < r["reference"] else "no"
+            print(f"{shift:<18}{r['pick']:<22}{r['selected']:>9.3f}{r['oracle']:>8.3f}{r['regret']:>8.3f}{ref:>9}"
+                  f"{below:>7}{'yes' if r['confident'] else 'LOW':>10}{r['promoted']:>9.3f}")
+    print(f"\n{'policy':<40}{'mean regret':>12}{'worst':>7}{'below src-only':>15}{'below by >0.01':>15}"
+          f"{'low conf.':>10}{'promoted mean/worst':>21}")
+    for policy in POLICIES:
+        rs = [results[s][policy] for s in shifts]
+        regret = [r["regret"] for r in rs]
+        below = sum(r["reference"] is not None and r["selected"] < r["reference"] for r in rs)
+        below_tol = sum(r["reference"] is not None and r["selected"] < r["reference"] - TOLERANCE for r in rs)
+        promoted = [r["promoted_regret"] for r in rs]
+        print(f"{policy:<40}{np.mean(regret):>12.3f}{max(regret):>7.3f}{below:>15}{below_tol:>15}"
+              f"{sum(not r['confident'] for r in rs):>10}{np.mean(promoted):>12.3f} / {max(promoted):.3f}")
+    if len(shifts) > 2:  # choosing the policy on the suite is itself fitted: estimate it on held-out shifts
+        held_out = []
+        for shift in shifts:
+            rest = [s for s in shifts if s != shift]
+            best = min(POLICIES, key=lambda p: (np.mean([results[s][p]["regret"] for s in rest]), p))
+            held_out.append((shift, best, results[shift][best]["regret"]))
+        print("\nleave one shift out (policy with the lowest mean regret on the others -> regret on this one):")
+        for shift, best, regret in held_out:
+            print(f"  {shift:<18}{best:<40}{regret:.3f}")
+        print(f"  mean {np.mean([r for *_, r in held_out]):.3f}, worst {max(r for *_, r in held_out):.3f}")
+
+
+def main(args) -> None:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    print("$", shlex.join([sys.executable, *sys.argv]))
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    cfg = load_config(None, [*SETTINGS, f"seed={args.seed}", *args.set])
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="adaptflow-selection-"))
+    results, dumped = {}, {}
+    start = time.perf_counter()
+    for name in args.shifts:
+        t = time.perf_counter()
+        print(f"\n== {name}: {SHIFTS[name].gap}", flush=True)
+        prepared = prepare_shift(name, work / name, cfg, args)
+        candidates = train_candidates(prepared, cfg)
+        results[name] = {p: evaluate(candidates, *spec) for p, spec in POLICIES.items()}
+        dumped[name] = [json.loads(c.model_dump_json(include={"spec", "scores", "collapsed", "target_accuracy",
+                                                               "steps", "seconds"})) for c in candidates]
+        print(f"  {name}: {len(candidates)} candidates in {time.perf_counter() - t:.0f} s", flush=True)
+    report(results)
+    print(f"\n{len(args.shifts)} shifts in {(time.perf_counter() - start) / 60:.1f} min; work folder: {work}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"candidates": dumped, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
