@@ -60,4 +60,9 @@ def model_outputs(seed: int, src_acc: float, tgt_acc: float, confidence: float, 
     ys, yt = torch.arange(n) % classes, torch.arange(n) % classes
     sl, sf = _outputs(gen, ys, src_acc, confidence, collapse_source, classes)
     tl, tf = _outputs(gen, yt, tgt_acc, confidence, collapse_target, classes)
-    return ValidationInputs(sl, ys, sf, tl, tf, source_train_features=sf + 0.1 * torch.randn(sf.shape, generator=gen))
+    # The frozen backbone's space is the same for every candidate of a run: drawn from a fixed seed.
+    frozen = torch.Generator().manual_seed(1234)
+    shared = {name: torch.randn(n, 16, generator=frozen) + shift
+              for name, shift in (("shared_source_train", 0.0), ("shared_source", 0.0), ("shared_target", 0.5))}
+    return ValidationInputs(sl, ys, sf, tl, tf, source_train_features=sf + 0.1 * torch.randn(sf.shape, generator=gen),
+                            **shared)

@@ -40,6 +40,14 @@ def test_scores_are_finite_floats(grid_scores):
         assert all(isinstance(s, float) and math.isfinite(s) for s in scores.values())
 
 
+def test_iwa_needs_the_shared_space():
+    import dataclasses
+
+    inputs = GRID["good"]
+    assert math.isfinite(score(inputs)["iwa"])
+    assert math.isnan(score(dataclasses.replace(inputs, shared_source=None))["iwa"])
+
+
 def test_good_model_beats_collapsed_where_validators_claim_it(grid_scores):
     good, collapsed, half = grid_scores["good"], grid_scores["collapsed"], grid_scores["target_collapsed"]
     for name in ("source_val_acc", "im", "bnm", "dev"):
