@@ -31,6 +31,13 @@ class Work(BaseModel):
     bytes_written: int = 0
 
 
+def merge(works: list[Work]) -> Work:
+    """One record for work done in pieces (a candidate trained over several rungs): the first start, the
+    summed seconds and bytes."""
+    return Work(started_at=min(w.started_at for w in works), seconds=sum(w.seconds for w in works),
+                bytes_read=sum(w.bytes_read for w in works), bytes_written=sum(w.bytes_written for w in works))
+
+
 class Meter:
     def __init__(self) -> None:
         self.started_at = time.time()

@@ -60,9 +60,9 @@ def _decode_pil(data: bytes) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
 
 
-def build_transform(data_config: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-    """(3, H, W) uint8 -> (3, S, S) float32, normalised: resize the short side to S / crop_pct, crop the
-    centre S x S, scale to [0, 1], normalise with the backbone's mean and std (timm's eval transform)."""
+def geometric_transform(data_config: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(3, H, W) uint8 -> (3, S, S) uint8: resize the short side to S / crop_pct, crop the centre S x S
+    (timm's eval transform, without its float conversion). The training-image cache stores its output."""
     size = data_config["input_size"][-1]
     resize = math.floor(size / data_config["crop_pct"])
     mode = data_config.get("crop_mode", "center")
@@ -77,10 +77,30 @@ def build_transform(data_config: dict) -> Callable[[torch.Tensor], torch.Tensor]
                 antialias=True,
             ),
             v2.CenterCrop(size),
+        ]
+    )
+
+
+def build_transform(data_config: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(3, H, W) uint8 -> (3, S, S) float32, normalised: `geometric_transform`, then scale to [0, 1] and
+    normalise with the backbone's mean and std."""
+    return v2.Compose(
+        [
+            geometric_transform(data_config),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(data_config["mean"]), std=list(data_config["std"])),
         ]
     )
+
+
+class Both:
+    """Two transforms of one decoded image, as a tuple: extraction embeds one and caches the other."""
+
+    def __init__(self, first: Callable[[torch.Tensor], torch.Tensor], second: Callable[[torch.Tensor], torch.Tensor]):
+        self.first, self.second = first, second
+
+    def __call__(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.first(img), self.second(img)
 
 
 class ImageDataset(Dataset):
@@ -116,10 +136,10 @@ def _collate_encoded(items: list[tuple[torch.Tensor, int, int]]) -> tuple[list[t
     return list(data), torch.tensor(idx), torch.tensor(nbytes)
 
 
-def decode_on_device(encoded: list[torch.Tensor], transform: Callable[[torch.Tensor], torch.Tensor],
-                     device: torch.device) -> torch.Tensor:
-    """Encoded files -> (B, 3, S, S) float32 on `device`: JPEGs decoded there in one batched
-    `decode_jpeg` call (nvJPEG on CUDA), anything else decoded on the CPU; resized on the device."""
+def decode_on_device(encoded: list[torch.Tensor], transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+                     device: torch.device) -> list[torch.Tensor]:
+    """Encoded files -> one (B, 3, S, S) batch on `device` per transform: JPEGs decoded there in one
+    batched `decode_jpeg` call (nvJPEG on CUDA), anything else decoded on the CPU; resized on the device."""
     from torchvision.io import decode_jpeg
 
     jpeg = [i for i, d in enumerate(encoded) if bytes(d[:3].tolist()) == _TV_MAGIC[0]]
@@ -135,24 +155,25 @@ def decode_on_device(encoded: list[torch.Tensor], transform: Callable[[torch.Ten
     for i, img in enumerate(images):
         if img is None:
             images[i] = decode_image(encoded[i].numpy().tobytes()).to(device, non_blocking=True)
-    return torch.stack([transform(img) for img in images])
+    return [torch.stack([t(img) for img in images]) for t in transforms]
 
 
 def make_loader(
-    uris: Sequence[str], data_config: dict, batch_size: int, num_workers: int, device: str | torch.device,
-    encoded: bool = False,
+    uris: Sequence[str], transform: Callable[[torch.Tensor], object] | None, batch_size: int, num_workers: int,
+    device: str | torch.device,
 ) -> DataLoader:
-    """Batches (x (B, 3, S, S) float32, index (B,) int64, bytes read (B,) int64) in the order of `uris`.
-    With `encoded`, x is a list of encoded files for `decode_on_device`."""
+    """Batches (x, index (B,) int64, bytes read (B,) int64) in the order of `uris`: x is the batch of
+    `transform`'s outputs (a tuple of batches for `Both`), or with `transform=None` a list of encoded
+    files for `decode_on_device`."""
     workers = {}
     if num_workers > 0:
         # fork: workers inherit fsspec state (memory:// filesystems, open connections' settings);
         # each keeps 4 batches ready so the model never waits on a slow read
         workers = {"multiprocessing_context": "fork", "prefetch_factor": 4}
     return DataLoader(
-        ImageDataset(uris, None if encoded else build_transform(data_config)),
+        ImageDataset(uris, transform),
         batch_size=batch_size,
-        collate_fn=_collate_encoded if encoded else None,
+        collate_fn=_collate_encoded if transform is None else None,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda",

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from adaptflow import features, storage
+from adaptflow import shards, storage
 from cli.interrupt import MESSAGE
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ def test_ctrl_c_mid_extraction_stops_at_once_and_the_same_command_resumes(demo_d
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     features_uri = second.stdout.strip().splitlines()[-1]
-    ids = [i for f in features.committed_files(features_uri)
+    ids = [i for f in shards.committed_files(features_uri)
            for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()]
     assert len(ids) == len(set(ids)) == _valid_images(demo_data)  # one row per valid image, none twice
     assert interrupted_at < len(_committed(store))  # the rerun did the rest, keeping what was committed

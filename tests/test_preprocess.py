@@ -7,7 +7,14 @@ from PIL import Image
 
 from adaptflow import storage
 from adaptflow.errors import DatasetError
-from adaptflow.preprocess import ImageDataset, build_transform, decode_image, make_loader
+from adaptflow.preprocess import (
+    Both,
+    ImageDataset,
+    build_transform,
+    decode_image,
+    geometric_transform,
+    make_loader,
+)
 
 COLOUR = (200, 100, 50)
 H, W = 20, 30
@@ -130,7 +137,7 @@ def test_dataset_reads_through_fsspec(memory_uri):
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_loader_batches_in_order(where, num_workers, tmp_path, memory_uri):
     uris = _write_images(str(tmp_path) if where == "local" else memory_uri, 5)
-    loader = make_loader(uris, DATA_CONFIG, batch_size=2, num_workers=num_workers, device="cpu")
+    loader = make_loader(uris, build_transform(DATA_CONFIG), batch_size=2, num_workers=num_workers, device="cpu")
     assert not loader.pin_memory and not loader.persistent_workers
     batches = list(loader)
     assert [len(idx) for _, idx, _ in batches] == [2, 2, 1]
@@ -149,9 +156,22 @@ def test_decoding_on_the_device_matches_the_worker_path(memory_uri):
     from adaptflow.preprocess import decode_on_device
 
     uris = _write_images(memory_uri, 4)  # 2 JPEGs, 2 PNGs
-    (x, idx, nbytes), = list(make_loader(uris, DATA_CONFIG, 4, 0, "cpu"))
-    (enc, idx2, nbytes2), = list(make_loader(uris, DATA_CONFIG, 4, 0, "cpu", encoded=True))
+    (x, idx, nbytes), = list(make_loader(uris, build_transform(DATA_CONFIG), 4, 0, "cpu"))
+    (enc, idx2, nbytes2), = list(make_loader(uris, None, 4, 0, "cpu"))
     assert isinstance(enc, list) and enc[0].dtype == torch.uint8
     assert torch.equal(idx, idx2) and torch.equal(nbytes, nbytes2)
-    y = decode_on_device(enc, build_transform(DATA_CONFIG), torch.device("cpu"))
+    y, pixels = decode_on_device(enc, [build_transform(DATA_CONFIG), geometric_transform(DATA_CONFIG)],
+                                 torch.device("cpu"))
     torch.testing.assert_close(y, x, atol=0.05, rtol=0)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, 32, 32)  # the cache's form of the same images
+
+
+def test_both_gives_two_transforms_of_one_decode(memory_uri):
+    uris = _write_images(memory_uri, 3)
+    (batch, idx, _), = list(make_loader(uris, Both(build_transform(DATA_CONFIG), geometric_transform(DATA_CONFIG)),
+                                        3, 0, "cpu"))
+    x, pixels = batch
+    assert x.dtype == torch.float32 and pixels.dtype == torch.uint8 and x.shape == pixels.shape == (3, 3, 32, 32)
+    # the normalised input is the cached pixels, scaled and normalised
+    std = torch.tensor(DATA_CONFIG["std"]).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, (pixels.float() / 255 - 0.5) / std, atol=1e-5, rtol=0)

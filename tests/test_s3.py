@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from adaptflow import storage
+from adaptflow import shards, storage
 from adaptflow.errors import StoreError, StoreNotFoundError
 
 
@@ -216,7 +216,6 @@ def test_the_s3_server_stopped_and_restarted_during_extraction(demo_data, fast_c
     and the store ends with exactly one row per valid image."""
     import s3fs
 
-    from adaptflow import features
     from flows.extract import backfill
 
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # the outage is storage's to ride out, not botocore's
@@ -253,7 +252,7 @@ def test_the_s3_server_stopped_and_restarted_during_extraction(demo_data, fast_c
     assert outage["at"] < finished  # the server really went away mid-run ...
     logs = caplog.text + "".join(capfd.readouterr())  # Prefect reconfigures logging mid-run: read stderr too
     assert "store unreachable: s3://" in logs and "retrying in" in logs  # ... and was waited for
-    ids = [i for f in features.committed_files(features_uri)
+    ids = [i for f in shards.committed_files(features_uri)
            for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()]
     assert len(ids) == len(set(ids)) == len(list(Path(demo_data.source_uri).rglob("*.png")))
 
