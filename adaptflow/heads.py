@@ -17,6 +17,7 @@ class Head(nn.Module):
     def __init__(self, dim: int, num_classes: int, kind: str = "linear", hidden_dim: int = 512,
                  dropout: float = 0.0):
         super().__init__()
+        self.num_classes, self.feature_dim = num_classes, dim
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
         if kind == "linear":
@@ -29,8 +30,12 @@ class Head(nn.Module):
         """Standardised input: what validators and domain-gap measures read for a head."""
         return (x - self.mean) / self.std
 
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits from `features(x)`."""
+        return self.net(z)
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.features(x))
+        return self.classify(self.features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict(x)

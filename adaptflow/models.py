@@ -24,7 +24,7 @@ from torch import nn
 from adaptflow import storage
 from adaptflow.config import Config
 from adaptflow.errors import AdaptflowError, ModelError, StoreError
-from adaptflow.features import ExtractionPlan, load_features
+from adaptflow.features import ExtractionPlan
 from adaptflow.manifests import SCHEMA_VERSION
 
 Kind = Literal["head", "features", "images"]
@@ -68,9 +68,23 @@ def load_card(model_uri: str) -> ModelCard:
         raise ModelError(f"{card_uri} was written by an incompatible adaptflow (schema version {version}, "
                          f"expected {SCHEMA_VERSION})")
     try:
-        return ModelCard.model_validate(data)
+        return ModelCard.model_validate(_migrated(data))
     except ValidationError as e:
         raise ModelError(f"damaged model card {card_uri}: {_problems(e)}") from None
+
+
+# Settings a card of an earlier release may hold that no longer exist: they only shaped training.
+_RETIRED = {"adapt": ("image_epochs",)}
+
+
+def _migrated(data: dict) -> dict:
+    """A card of an earlier release, read as this one's: retired settings dropped."""
+    config = data.get("config")
+    if not isinstance(config, dict):
+        return data
+    sections = {name: {k: v for k, v in config[name].items() if k not in keys}
+                for name, keys in _RETIRED.items() if isinstance(config.get(name), dict)}
+    return {**data, "config": {**config, **sections}}
 
 
 def _problems(e: ValidationError) -> str:
@@ -122,33 +136,41 @@ def load_model(model_uri: str) -> tuple[nn.Module, ModelCard]:
     return model.eval(), card
 
 
-def infer(model: nn.Module, card: ModelCard, index: pd.DataFrame, features: ExtractionPlan | None,
-          device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, C), model features (N, d)) for the images of `index`, in its row order, on the CPU."""
-    if card.kind == "images":
-        from adaptflow.adapt.images import image_featurizer, infer_images, load_images
+def model_rows(card: ModelCard, index: pd.DataFrame, features: ExtractionPlan | None, device: str = "cpu"):
+    """The rows `card`'s model reads for the images of `index`, in its row order, in bounded memory:
+    cached training images at the model's size (images kind) or its extractor's features. Images not
+    in a cache are decoded here, all at once: plan extraction with the cache for anything large."""
+    from adaptflow.rows import ShardedRows
 
-        _, _, data_config = image_featurizer(card.config.backbone.model_copy(update={"image_size": card.image_size}))
-        x = load_images(index.uri.tolist(), data_config, card.config.extract.num_workers)
-        return infer_images(model, x, device=device)
+    ids = index.image_id.tolist()
+    if card.kind == "images":
+        s = card.image_size
+        cache = features.cache if features is not None else None
+        if cache is not None and cache.size == s:
+            return ShardedRows(cache.uri, ids, "pixels", (3, s, s), pin=str(device).startswith("cuda"))
+        from adaptflow.adapt.images import image_featurizer, load_images
+        from adaptflow.adapt.train import TensorRows
+
+        _, _, data_config = image_featurizer(card.config.backbone.model_copy(update={"image_size": s}))
+        return TensorRows(load_images(index.uri.tolist(), data_config, card.config.extract.num_workers))
     if features is None or features.fingerprint != card.fingerprint:
         got = features.fingerprint if features else None
         raise StoreError(f"this {card.kind} model reads features {card.fingerprint}, got {got}: its backbone "
                          "weights or preprocessing changed")
-    x = torch.from_numpy(load_features(features.features_uri, index.image_id.tolist()))
-    return infer_features(model, x)
+    return ShardedRows(features.features_uri, ids, "embedding", (card.dim,))
 
 
-@torch.no_grad()
-def infer_features(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, model features) of a features-kind or head model on a (N, D) tensor, in eval mode."""
-    model.eval()
-    logits, feats = [], []
-    for chunk in x.float().split(batch_size) if len(x) else [x.float()]:
-        z = model.features(chunk)
-        feats.append(z)
-        logits.append(model.predict(chunk))
-    return torch.cat(logits), torch.cat(feats)
+def infer(model: nn.Module, card: ModelCard, index: pd.DataFrame, features: ExtractionPlan | None,
+          device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, C), model features (N, d)) for the images of `index`, in its row order, on the CPU."""
+    rows = model_rows(card, index, features, device)
+    if card.kind == "images":
+        from adaptflow.adapt.images import infer_images
+
+        return infer_images(model, rows, device=device)
+    from adaptflow.adapt.train import infer as infer_rows
+
+    return infer_rows(model.to(device), rows)
 
 
 def predictions_table(index: pd.DataFrame, logits: torch.Tensor, classes: list[str]):

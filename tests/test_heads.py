@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from adaptflow.adapt.train import infer
 from adaptflow.config import HeadConfig
 from adaptflow.heads import train_head
-from adaptflow.models import infer_features
 
 
 def _blobs(n, seed, dim=16, classes=3):
@@ -15,7 +15,7 @@ def _blobs(n, seed, dim=16, classes=3):
 
 
 def predict_proba(head, x):
-    return infer_features(head, torch.from_numpy(x))[0].softmax(1).numpy()
+    return infer(head, torch.from_numpy(x))[0].softmax(1).numpy()
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])

@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from adaptflow.adapt.algorithms import get_algorithm
+from adaptflow.adapt.train import infer
 from adaptflow.config import Config, HeadConfig
 from adaptflow.errors import StoreError
 from adaptflow.heads import train_head
-from adaptflow.models import ModelCard, infer_features, load_model, save_model
+from adaptflow.models import ModelCard, load_model, save_model
 
 
 def _card(**kw):
@@ -23,7 +24,7 @@ def test_head_round_trip(memory_uri):
     loaded, card = load_model(memory_uri)
     assert card == _card()
     t = torch.from_numpy(x)
-    assert torch.equal(infer_features(loaded, t)[0], infer_features(head, t)[0])
+    assert torch.equal(infer(loaded, t)[0], infer(head, t)[0])
 
 
 def test_features_algorithm_round_trip(memory_uri):
@@ -35,9 +36,9 @@ def test_features_algorithm_round_trip(memory_uri):
     card = _card(kind="features", method="dann", hparams=hp)
     save_model(memory_uri, alg, card)
     loaded, _ = load_model(memory_uri)
-    logits, feats = infer_features(loaded, x)
+    logits, feats = infer(loaded, x)
     assert logits.shape == (32, 3) and feats.shape == (32, 8)
-    assert torch.allclose(logits, infer_features(alg, x)[0])
+    assert torch.allclose(logits, infer(alg, x)[0])
 
 
 def test_loading_a_missing_model_names_the_uri(memory_uri):

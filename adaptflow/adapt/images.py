@@ -1,44 +1,39 @@
 """End-to-end (image-mode) adaptation: the backbone trains inside the algorithm's featurizer.
 
-Images are decoded, resized and cropped once into a uint8 tensor (N, 3, S, S); at 64 px the whole
-demo shift is ~22 MB, so a training epoch costs no decoding at all. Normalisation, the random
+Images are decoded, resized and cropped once into uint8 (N, 3, S, S) — by extraction, into the store's
+training-image cache (`adaptflow.image_cache`), read back in bounded memory through
+`adaptflow.rows.ShardedRows` — so a training step costs no decoding at all. Normalisation, the random
 translation used as augmentation and the backbone all run on the training device.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
 from adaptflow import accounting
 from adaptflow.adapt.algorithms import Algorithm, set_trainable
-from adaptflow.adapt.train import _batches
+from adaptflow.adapt.train import Rows, as_rows, fit, infer, step_seed
 from adaptflow.backbones import build_extractor
 from adaptflow.config import BackboneConfig
 from adaptflow.errors import ConfigError, lookup
-from adaptflow.preprocess import ImageDataset, build_transform
-
-_RESIDENT_BYTES = 1 << 30  # uint8 data sets up to 1 GiB live on the GPU for the whole run
+from adaptflow.preprocess import ImageDataset, geometric_transform
 
 
 def load_images(uris: Sequence[str], data_config: dict, num_workers: int = 2) -> Tensor:
-    """(N, 3, S, S) uint8, row i from `uris[i]`: decoded, resized and centre-cropped once by the
-    backbone's own transform without its float conversion and normalisation (see ImageFeaturizer)."""
+    """(N, 3, S, S) uint8, row i from `uris[i]`: decoded, resized and centre-cropped by the backbone's own
+    transform without its float conversion and normalisation (see ImageFeaturizer), as the training-image
+    cache holds them. Decodes every file: for small sets (tests, benchmarks) and images not yet cached."""
     s = data_config["input_size"][-1]
     out = torch.empty((len(uris), 3, s, s), dtype=torch.uint8)
     if not uris:
         return out
-    # build_transform's resize and crop, minus its ToDtype and Normalize: one transform, not two copies
-    geometric = v2.Compose(
-        [t for t in build_transform(data_config).transforms if not isinstance(t, v2.ToDtype | v2.Normalize)]
-    )
+    geometric = geometric_transform(data_config)
     workers = min(num_workers, max(len(uris) // 64, 1)) if num_workers > 0 else 0
     loader = DataLoader(
         ImageDataset(uris, geometric),
@@ -139,30 +134,11 @@ def _translate(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
     return x.flatten(2).gather(2, idx).view(n, c, h, w)
 
 
-class _Feeder:
-    """Batches of a uint8 data set on `device`: the whole set lives there when it is small (one copy, no
-    per-step transfer), else each batch is gathered on the CPU, pinned and copied asynchronously."""
-
-    def __init__(self, x: Tensor, device: torch.device):
-        self.device = device
-        self.resident = device.type == "cpu" or x.numel() * x.element_size() <= _RESIDENT_BYTES
-        self.x = x.to(device) if self.resident else x
-
-    def __call__(self, idx: Tensor) -> Tensor:
-        if self.resident:
-            return self.x[idx.to(self.device, non_blocking=True)]
-        return self.x[idx].pin_memory().to(self.device, non_blocking=True)
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 def fit_images(
     algorithm: Algorithm,
-    source_x: Tensor,
+    source_x: Tensor | Rows,
     source_y: Tensor,
-    target_x: Tensor,
+    target_x: Tensor | Rows,
     steps: int,
     batch_size: int,
     seed: int,
@@ -173,14 +149,15 @@ def fit_images(
     augment: bool = True,
     time_budget_s: float | None = None,
     log_every: int = 50,
+    start: int = 0,
+    stop: int | None = None,
 ) -> list[dict[str, float]]:
-    """Run up to `steps` updates end to end on uint8 images (source_x, source_y) and unlabelled
-    target_x, moving `algorithm` to `device`; returns the training curve, one dict of losses per
-    `log_every` steps (and the last), each with `step` and `elapsed_s`. `strategy` (a key of STRATEGIES)
-    decides which part of the featurizer trains at each step: "full", "lp_ft" (frozen for the first
-    `lp_fraction` of the steps, then all) or "gradual" (one more block every `unfreeze_every` steps,
-    by default all unfrozen halfway). Past `time_budget_s` seconds training stops and the last entry
-    has `budget_exceeded` = 1. `seed` fixes batch order and augmentation, not the initialisation."""
+    """Run updates `start` .. `stop - 1` of a `steps`-step schedule end to end on uint8 images (source_x, source_y) and unlabelled
+    target_x, moving `algorithm` to `device` (see `adapt.train.fit`, whose curve it returns). `strategy`
+    (a key of STRATEGIES) decides which part of the featurizer trains at each step: "full", "lp_ft"
+    (frozen for the first `lp_fraction` of the steps, then all) or "gradual" (one more block every
+    `unfreeze_every` steps, by default all unfrozen halfway). Each batch is shifted by a random
+    translation drawn from (seed, step)."""
     schedule = lookup(STRATEGIES, "strategy name", strategy)
     if not 0.0 <= lp_fraction <= 1.0:
         raise ConfigError(f"lp_fraction must be in [0, 1], got {lp_fraction}")
@@ -191,58 +168,35 @@ def fit_images(
         unfreeze_every = max(steps // (2 * n_blocks), 1)
     elif unfreeze_every < 1:
         raise ConfigError(f"unfreeze_every must be at least 1, got {unfreeze_every}")
-
     algorithm.to(device)
-    g = torch.Generator().manual_seed(seed)
-    g_aug = torch.Generator(device=device).manual_seed(seed)
-    src, tgt = _batches(len(source_x), batch_size, g), _batches(len(target_x), batch_size, g)
-    xs_all, xt_all = _Feeder(source_x, device), _Feeder(target_x, device)
-    ys_all = source_y.to(device)
-    shift = max(1, round(source_x.shape[-1] / 16))  # 4 px at 64 px, as the demo's own jitter
+    source_x, target_x = as_rows(source_x), as_rows(target_x)
+    size = source_x.gather(np.zeros(1, np.int64)).shape[-1]
+    shift = max(1, round(size / 16))  # 4 px at 64 px, as the demo's own jitter
+    trainable: list[bool | int | None] = [None]
 
-    curve: list[dict[str, float]] = []
-    spec: bool | int | None = None
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        wanted = schedule(step - 1, steps, n_blocks, lp_fraction, unfreeze_every)
-        if wanted != spec:
-            spec = wanted
-            _set_trainable(algorithm.featurizer, blocks, spec)
+    def before_step(step: int) -> None:
+        wanted = schedule(step, steps, n_blocks, lp_fraction, unfreeze_every)
+        if wanted != trainable[0]:
+            trainable[0] = wanted
+            _set_trainable(algorithm.featurizer, blocks, wanted)
             algorithm.train()  # re-run after every change: frozen BatchNorm layers go to eval mode
-        i, j = next(src), next(tgt)
-        xs, xt = xs_all(i), xt_all(j)
+
+    def prepare(x: Tensor, draw: int) -> Tensor:
+        x = x.to(device, non_blocking=True)
         if augment:
-            xs, xt = _translate(xs, shift, g_aug), _translate(xt, shift, g_aug)
-        with _autocast(device):
-            losses = algorithm.update((xs, ys_all[i.to(device, non_blocking=True)]), xt)
-        elapsed = time.perf_counter() - start
-        over = time_budget_s is not None and elapsed > time_budget_s
-        if step % log_every == 0 or step == steps or over:
-            curve.append(
-                {"step": step, **losses, "elapsed_s": elapsed, **({"budget_exceeded": 1.0} if over else {})}
-            )
-        if over:
-            break
-    return curve
+            x = _translate(x, shift, torch.Generator(device=device).manual_seed(step_seed(seed, draw, 4)))
+        return x
+
+    return fit(algorithm, source_x, source_y, target_x, steps, batch_size, seed, start=start, stop=stop, prepare=prepare,
+               before_step=before_step, autocast=True, log_every=log_every, time_budget_s=time_budget_s)
 
 
-@torch.no_grad()
 def infer_images(
-    algorithm: Algorithm, x_uint8: Tensor, batch_size: int = 256, device: str | torch.device = "cpu"
+    algorithm: Algorithm, x_uint8: Tensor | Rows, batch_size: int = 256, device: str | torch.device = "cpu"
 ) -> tuple[Tensor, Tensor]:
     """(logits (N, C), bottleneck features (N, d)) float32 on the CPU, computed in eval mode on `device`
-    (where `algorithm` is moved); the training mode is restored."""
+    (where `algorithm` is moved), `batch_size` images at a time; the training mode is restored."""
     device = torch.device(device)
     algorithm.to(device)
-    was_training = algorithm.training
-    algorithm.eval()
-    logits, feats = [], []
-    with _autocast(device):
-        for chunk in x_uint8.split(batch_size):
-            z = algorithm.features(chunk.to(device, non_blocking=True))
-            feats.append(z.float().cpu())
-            logits.append(algorithm.classifier(z).float().cpu())
-    algorithm.train(was_training)
-    if not logits:
-        return torch.empty(0, algorithm.num_classes), torch.empty(0, algorithm.classifier.in_features)
-    return torch.cat(logits), torch.cat(feats)
+    return infer(algorithm, x_uint8, batch_size, prepare=lambda x, draw: x.to(device, non_blocking=True),
+                 autocast=True)

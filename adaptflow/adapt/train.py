@@ -1,69 +1,165 @@
-"""A flat training loop over in-memory tensors (the cached-feature mode), and batched inference.
+"""One training loop for every candidate, and batched inference, over rows held in bounded memory.
 
-The image mode feeds `Algorithm.update` from DataLoaders instead; nothing here is needed for it.
+Rows are cached features or cached training images (`adaptflow.rows.ShardedRows`), or a tensor in
+memory (`TensorRows`, for small sets and tests). Step t draws its batches and every random number it
+uses from (seed, t) alone, so a candidate trained for 100 steps, checkpointed and resumed for 100 more
+is the one an uninterrupted 200-step run gives, and the machine's load changes nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from typing import Protocol
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from adaptflow.adapt.algorithms import Algorithm
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Endless shuffled index batches of one size; each epoch drops its ragged tail (BatchNorm needs > 1)."""
-    b = min(batch_size, n)
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for i in range(0, n - b + 1, b):
-            yield perm[i : i + b]
+class Rows(Protocol):
+    def __len__(self) -> int: ...
+    def gather(self, index: np.ndarray) -> Tensor: ...
+    def epoch_order(self, seed: int, epoch: int) -> np.ndarray: ...
+    def prefetch(self, index: np.ndarray) -> None: ...
+    def chunks(self, size: int) -> Iterator[np.ndarray]: ...
+
+
+class TensorRows:
+    """Rows of a tensor in memory, behind the interface of `adaptflow.rows.ShardedRows`."""
+
+    def __init__(self, x: Tensor):
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def gather(self, index: np.ndarray) -> Tensor:
+        return self.x[torch.as_tensor(np.asarray(index, dtype=np.int64))]
+
+    def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([zlib.crc32(b"adaptflow-rows"), seed, epoch]).permutation(len(self.x))
+
+    def prefetch(self, index: np.ndarray) -> None:
+        pass
+
+    def chunks(self, size: int) -> Iterator[np.ndarray]:
+        for i in range(0, len(self.x), size):
+            yield np.arange(i, min(i + size, len(self.x)))
+
+
+def as_rows(x: Tensor | Rows) -> Rows:
+    return TensorRows(x) if isinstance(x, Tensor) else x
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A seed for step `step`'s random draws, distinct per stream (batches, augmentation, dropout)."""
+    return zlib.crc32(f"{seed}/{step}/{stream}".encode())
+
+
+class Sampler:
+    """Step -> the rows of that step's batch: epochs of `batch_size` rows (a ragged tail is dropped:
+    BatchNorm needs more than one sample), each epoch in `rows.epoch_order(seed, epoch)`."""
+
+    def __init__(self, rows: Rows, batch_size: int, seed: int):
+        if len(rows) == 0:
+            raise ValueError("cannot sample batches from no rows")
+        self.rows, self.seed = rows, seed
+        self.batch = min(batch_size, len(rows))
+        self.per_epoch = len(rows) // self.batch
+        self._epoch, self._order = -1, np.empty(0, np.int64)
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, k = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, self.rows.epoch_order(self.seed, epoch)
+        return self._order[k * self.batch:(k + 1) * self.batch]
+
+
+# (a batch as stored, draw) -> the model's input on its device; `draw` keys the batch's random numbers
+# (2 * step for the source batch, 2 * step + 1 for the target's)
+Prepare = Callable[[Tensor, int], Tensor]
 
 
 def fit(
     algorithm: Algorithm,
-    source_x: Tensor,
+    source: Tensor | Rows,
     source_y: Tensor,
-    target_x: Tensor,
+    target: Tensor | Rows,
     steps: int,
     batch_size: int,
     seed: int,
+    start: int = 0,
+    stop: int | None = None,
+    prepare: Prepare | None = None,
+    before_step: Callable[[int], None] | None = None,
+    autocast: bool = False,
     log_every: int = 50,
+    time_budget_s: float | None = None,
 ) -> list[dict[str, float]]:
-    """Run `steps` updates on (source_x, source_y) and unlabelled target_x; returns the training curve,
-    one dict of losses per `log_every` steps (and the last). `seed` fixes the batch order only: seed
-    torch yourself before building the algorithm to fix its initialisation."""
-    g = torch.Generator().manual_seed(seed)
-    src, tgt = _batches(len(source_x), batch_size, g), _batches(len(target_x), batch_size, g)
-    p = next(algorithm.parameters())  # features may be cached as float16: compute in the model's dtype
+    """Run updates `start` .. `stop - 1` of a `steps`-step schedule (default stop: `steps`) on (source,
+    source_y) and unlabelled target; returns the curve, one dict of losses per `log_every` steps (and the
+    last), each with `step` (1-based) and `elapsed_s`.
+    `prepare` turns a gathered batch into the model's input (default: the parameters' device and dtype);
+    `before_step(step)` may change what trains (fine-tuning strategies). Past `time_budget_s` (an opt-in
+    safety net) training stops and the last entry has `budget_exceeded` = 1. Seed torch before building
+    the algorithm to fix its initialisation."""
+    source, target = as_rows(source), as_rows(target)
+    p = next(algorithm.parameters())
+    prepare = prepare or (lambda x, draw: x.to(p.device, p.dtype, non_blocking=True))
+    src, tgt = Sampler(source, batch_size, step_seed(seed, 0, 1)), Sampler(target, batch_size, step_seed(seed, 0, 2))
+    ys = source_y.to(p.device)
     algorithm.train()
-    curve = []
-    for step in range(1, steps + 1):
-        i, j = next(src), next(tgt)
-        xs, xt = source_x[i].to(p.device, p.dtype), target_x[j].to(p.device, p.dtype)
-        losses = algorithm.update((xs, source_y[i].to(p.device)), xt)
-        if step % log_every == 0 or step == steps:
-            curve.append({"step": step, **losses})
+    curve: list[dict[str, float]] = []
+    began = time.perf_counter()
+    stop = steps if stop is None else min(stop, steps)
+    for step in range(start, stop):
+        if before_step is not None:
+            before_step(step)
+        i, j = src(step), tgt(step)
+        source.prefetch(src(step + 1))
+        target.prefetch(tgt(step + 1))
+        torch.manual_seed(step_seed(seed, step, 3))  # dropout and any other draw inside the model
+        xs, xt = prepare(source.gather(i), 2 * step), prepare(target.gather(j), 2 * step + 1)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if autocast and p.device.type == "cuda" else nullcontext():
+            losses = algorithm.update((xs, ys[torch.from_numpy(i).to(ys.device)]), xt)
+        elapsed = time.perf_counter() - began
+        over = time_budget_s is not None and elapsed > time_budget_s
+        if (step + 1) % log_every == 0 or step + 1 == stop or over:
+            curve.append({"step": step + 1, **losses, "elapsed_s": elapsed, **({"budget_exceeded": 1.0} if over else {})})
+        if over:
+            break
     return curve
 
 
 @torch.no_grad()
-def infer(algorithm: Algorithm, x: Tensor, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
-    """(logits (N, C), bottleneck features (N, d)) on the CPU, in eval mode; the mode is restored."""
-    was_training = algorithm.training
-    algorithm.eval()
-    p = next(algorithm.parameters())
-    logits, feats = [], []
-    for chunk in x.split(batch_size):
-        z = algorithm.features(chunk.to(p.device, p.dtype))
-        feats.append(z.cpu())
-        logits.append(algorithm.classifier(z).cpu())
-    algorithm.train(was_training)
-    return torch.cat(logits), torch.cat(feats)
+def infer(model: nn.Module, x: Tensor | Rows, batch_size: int = 1024, prepare: Prepare | None = None,
+          autocast: bool = False) -> tuple[Tensor, Tensor]:
+    """(logits (N, C), model features (N, d)) float32 on the CPU in row order, in eval mode, reading
+    `batch_size` rows at a time; the training mode is restored. `model` is an `Algorithm` or a head:
+    anything with `features(x)`, `classify(z)`, `num_classes` and `feature_dim`."""
+    rows = as_rows(x)
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    prepare = prepare or (lambda batch, draw: batch.to(device, torch.float32, non_blocking=True))
+    was_training = model.training
+    model.eval()
+    logits = torch.empty(len(rows), model.num_classes)
+    feats = torch.empty(len(rows), model.feature_dim)
+    with torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device.type == "cuda" else nullcontext():
+        for index in rows.chunks(batch_size):
+            z = model.features(prepare(rows.gather(index), 0))
+            at = torch.from_numpy(index)
+            feats[at] = z.float().cpu()
+            logits[at] = model.classify(z).float().cpu()
+    model.train(was_training)
+    return logits, feats
 
 
-def predict_proba(algorithm: Algorithm, x: Tensor, batch_size: int = 1024) -> Tensor:
+def predict_proba(algorithm: Algorithm, x: Tensor | Rows, batch_size: int = 1024) -> Tensor:
     """(N, C) softmax probabilities on the CPU."""
     return infer(algorithm, x, batch_size)[0].softmax(1)
