@@ -255,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
         if config and method:
             sp.add_argument("--method", help="auto (default): train the adaptation candidates and select one "
                                              "without target labels; an algorithm (source_only, dann, cdan, coral, "
-                                             "mmd, mcc, im) trains only that one; none: only the source-only head")
+                                             "mmd, mcc, im, adda) trains only that one; none: only the source-only head")
 
     run = sub.add_parser("run", help="ingest, extract, train and evaluate on a source and a target dataset",
                          description="Train a classifier on labeled source images for unlabeled target images. "

@@ -8,6 +8,7 @@ labelled source batch and one unlabelled target batch and performs one optimisat
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 import torch
@@ -118,9 +119,10 @@ class Algorithm(nn.Module):
         """
         if self.optimizer is None:
             hp = self.hparams
-            feat_ids = {id(p) for p in self.featurizer.parameters()}
+            backbone = list(self._backbone_parameters())
+            feat_ids = {id(p) for p in backbone}
             groups = [
-                {"params": list(self.featurizer.parameters()), "lr": hp["lr"] * hp["backbone_lr_mult"]},
+                {"params": backbone, "lr": hp["lr"] * hp["backbone_lr_mult"]},
                 {"params": [p for p in self.parameters() if id(p) not in feat_ids], "lr": hp["lr"]},
             ]
             groups = [g for g in groups if g["params"]]
@@ -130,6 +132,10 @@ class Algorithm(nn.Module):
                 self.optimizer, lambda i: (1 + 10 * i / self.max_steps) ** -0.75 if anneal else 1.0
             )
         return self.optimizer
+
+    def _backbone_parameters(self):
+        """The parameters that learn at lr * backbone_lr_mult."""
+        return self.featurizer.parameters()
 
     def train(self, mode: bool = True) -> Algorithm:
         """As nn.Module.train, but frozen parts of the featurizer stay in eval mode: a frozen backbone
@@ -147,9 +153,17 @@ class Algorithm(nn.Module):
         """(N, bottleneck_dim) bottleneck features, the ones validators and domain-gap measures read."""
         return self.bottleneck(self.featurizer(x))
 
+    @property
+    def feature_dim(self) -> int:
+        return self.classifier.in_features
+
+    def classify(self, z: Tensor) -> Tensor:
+        """(N, C) logits from `features(x)`."""
+        return self.classifier(z)
+
     def predict(self, x: Tensor) -> Tensor:
         """(N, C) logits."""
-        return self.classifier(self.features(x))
+        return self.classify(self.features(x))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.predict(x)
@@ -314,6 +328,77 @@ class IM(Algorithm):
         return self._step(cls + self.hparams["lambda"] * transfer, cls_loss=cls, transfer_loss=transfer)
 
 
+class ADDA(Algorithm):
+    """Adversarial discriminative domain adaptation (Tzeng et al. 2017), the GAN-style asymmetric method.
+
+    Two phases within one step budget. For the first `pretrain_fraction` of `max_steps` the source encoder
+    (featurizer + bottleneck) and the classifier learn the source labels. Then a separate target encoder,
+    initialised from the source one, learns to fool a discriminator that tells the frozen source
+    encoder's features (label 1) from its own (label 0), with the GAN's inverted-label loss; the
+    classifier stays fixed, so target features are mapped into the space it was trained on. From then on
+    `features` (and so `predict`) use the target encoder. `source_cls` > 0 keeps the target encoder
+    accurate on source images too (0: the paper's method). One optimizer step updates the discriminator
+    on detached features and the target encoder through the discriminator's detached weights, so
+    neither objective leaks into the other's parameters.
+    """
+
+    key = "adda"
+
+    def __init__(self, featurizer, feature_dim, num_classes, hparams, max_steps):
+        super().__init__(featurizer, feature_dim, num_classes, hparams, max_steps)
+        self.target_featurizer = copy.deepcopy(self.featurizer)
+        self.target_bottleneck = copy.deepcopy(self.bottleneck)
+        self.discriminator = _discriminator(self.classifier.in_features, self.hparams["disc_hidden"])
+
+    @property
+    def switch_step(self) -> int:
+        """The step at which the target encoder takes over."""
+        return max(1, round(self.hparams["pretrain_fraction"] * self.max_steps))
+
+    def _adapting(self) -> bool:
+        return int(self.num_updates) >= self.switch_step
+
+    def _backbone_parameters(self):
+        return [*self.featurizer.parameters(), *self.target_featurizer.parameters()]
+
+    def features(self, x: Tensor) -> Tensor:
+        if self._adapting():
+            return self.target_bottleneck(self.target_featurizer(x))
+        return self.bottleneck(self.featurizer(x))
+
+    def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
+        xs, ys = source
+        if not self._adapting():
+            cls = self._classification(self.predict(xs), ys)
+            out = self._step(cls, cls_loss=cls)
+            if self._adapting():  # the source encoder is trained: the target encoder starts as its copy
+                self.target_featurizer.load_state_dict(self.featurizer.state_dict())
+                self.target_bottleneck.load_state_dict(self.bottleneck.state_dict())
+            return out
+        # Phase 2 (also after resuming from a checkpoint): the source encoder and the classifier are fixed.
+        for fixed in (self.featurizer, self.bottleneck, self.classifier):
+            fixed.requires_grad_(False)
+        with torch.no_grad():
+            self.featurizer.eval(), self.bottleneck.eval()
+            zs = self.bottleneck(self.featurizer(xs))
+        # Source images through the target encoder too (one pass, shared BatchNorm statistics).
+        z = self.target_bottleneck(self.target_featurizer(torch.cat([xs, target])))
+        zs_t, zt = z[: len(xs)], z[len(xs) :]
+        d = self.discriminator(torch.cat([zs, zt.detach()])).squeeze(1)  # 1 = source encoder
+        domain = torch.cat([torch.ones(len(zs)), torch.zeros(len(zt))]).to(d)
+        disc = F.binary_cross_entropy_with_logits(d, domain)
+        frozen = {n: p.detach() for n, p in self.discriminator.named_parameters()}
+        buffers = dict(self.discriminator.named_buffers())
+        fooled = torch.func.functional_call(self.discriminator, {**frozen, **buffers}, (zt,)).squeeze(1)
+        gen = F.binary_cross_entropy_with_logits(fooled, torch.ones_like(fooled))  # inverted labels
+        loss = disc + self.hparams["lambda"] * gen
+        parts = {"disc_loss": disc, "transfer_loss": gen, "disc_acc": ((d > 0).to(d) == domain).float().mean()}
+        if self.hparams["source_cls"] > 0:
+            cls = self._classification(self.classifier(zs_t), ys)
+            loss, parts["cls_loss"] = loss + self.hparams["source_cls"] * cls, cls
+        return self._step(loss, **parts)
+
+
 ALGORITHMS: dict[str, type[Algorithm]] = {
     "source_only": SourceOnly,
     "dann": DANN,
@@ -322,6 +407,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "mmd": MMD,
     "mcc": MCC,
     "im": IM,
+    "adda": ADDA,
 }
 
 

@@ -76,6 +76,13 @@ HPARAMS: dict[str, dict[str, tuple[Any, Sampler]]] = {
         "lambda": _log_uniform(1.0, -1.0, 0.5),
         "diversity": _choice(1.0, [0.5, 1.0, 2.0]),
     },
+    "adda": {
+        **_SHARED,
+        "lambda": _log_uniform(1.0, -1.0, 0.5),  # weight of the target encoder's fooling loss
+        "disc_hidden": _choice(256, [256, 512, 1024]),
+        "pretrain_fraction": _choice(0.5, [0.3, 0.5, 0.7]),  # of max_steps spent on the source encoder
+        "source_cls": _choice(1.0, [0.0, 1.0]),  # source labels through the target encoder (0: as the paper)
+    },
 }
 
 
