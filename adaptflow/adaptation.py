@@ -1,12 +1,18 @@
-"""Domain adaptation in a run: plan candidates, train each, and select one without target labels.
+"""Domain adaptation in a run: plan candidates, train each for a fixed number of steps, and select one
+without target labels.
 
 A candidate is (method, mode, hyperparameters, seed). Mode `features` adapts a small bottleneck and
 classifier on cached backbone features (seconds on a CPU); mode `images` trains through the backbone
-(the large gains; minutes on a CPU at small image sizes). Each candidate's folder holds the model
-(`weights.safetensors`, `model.json`), its target predictions, and `candidate.json`, written last.
+on the store's cached training images (the large gains; minutes on a CPU at small image sizes). Both
+read their rows in bounded memory (`adaptflow.rows`) and train for a budget in optimizer steps, so the
+same data and seed give the same model whatever the dataset's size or the machine's load. Images-mode
+candidates are trained in rungs of successive halving (`halving_rungs`): each rung resumes from the
+checkpoint the last one left. Each candidate's folder holds the model (`weights.safetensors`,
+`model.json`), its predictions on the validation sample, and `candidate.json`, written last.
 
-Target labels, when given, are used only to report each candidate's target accuracy next to the
-label-free scores; selection never reads them.
+Candidates are scored on a fixed seeded sample of source-validation and target images, the same for
+every candidate. Target labels, when given, are used only to report each candidate's target accuracy
+on that sample next to its label-free scores; selection never reads them.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from __future__ import annotations
 import math
 import threading
 import time
+import zlib
+from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
@@ -23,21 +32,24 @@ from torch import nn
 from adaptflow import storage
 from adaptflow.adapt import domain_gap, selection, validators
 from adaptflow.adapt.algorithms import get_algorithm
+from adaptflow.adapt.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
 from adaptflow.adapt.hparams import candidate_hparams
+from adaptflow.adapt.train import Rows, TensorRows
 from adaptflow.config import Config
 from adaptflow.errors import DatasetError
 from adaptflow.evaluate import classification_metrics
 from adaptflow.features import ExtractionPlan, load_features
 from adaptflow.manifests import IngestManifest, Manifest
-from adaptflow.models import ModelCard, infer_features, predictions_table, save_model
-from adaptflow.pipeline import ModelManifest, read_index, score_predictions
+from adaptflow.models import ModelCard, predictions_table, save_model
+from adaptflow.pipeline import ModelManifest, read_index
+from adaptflow.rows import ShardedRows
 
 # End to end on a CPU: the baseline and the two strongest in benchmarks/adaptation.py on the demo shift.
 CPU_IMAGE_METHODS = ["source_only", "dann", "cdan"]
 CPU_IMAGE_SIZE = 64
-CPU_IMAGE_BUDGET_S = 600.0  # per end-to-end candidate on a CPU when adapt.time_budget_s is unset
-# End-to-end candidates take the whole device: two at once on 2 cores (or one GPU) only slow each other.
-_IMAGE_TRAINING = threading.Lock()
+CPU_IMAGE_STEPS, GPU_IMAGE_STEPS = 300, 3000  # adapt.image_steps when unset
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}  # one images-mode candidate per device and process at a time
+_LOCKS_LOCK = threading.Lock()
 
 
 class CandidateSpec(Manifest):
@@ -46,22 +58,26 @@ class CandidateSpec(Manifest):
     mode: str  # "features" | "images"
     hparams: dict
     seed: int
+    steps: int = 0  # the full budget in optimizer steps (0: the mode's default, for specs written before)
+    image_size: int | None = None  # images mode: the input size
 
 
 class CandidateManifest(Manifest):
     spec: CandidateSpec
     model_uri: str
-    predictions_uri: str
+    predictions_uri: str  # its predictions on the target validation sample
     outputs_uri: str | None = None  # per-image predictions on source validation (`_save_outputs`); None: older runs
     embedding_uri: str  # a small sample of the model's own features per domain, for the report
     scores: dict[str, float]  # label-free validators, higher is better
     collapsed: bool
-    source_test_accuracy: float
-    target_accuracy: float | None  # reporting only: needs target labels
+    source_test_accuracy: float  # on a sample of the source test split
+    target_accuracy: float | None  # on the target validation sample; reporting only: needs target labels
     domain_gap: dict[str, float]  # proxy A-distance and MMD of the model's own features
     curve: list[dict]
-    steps: int
-    seconds: float
+    steps: int  # steps trained so far
+    total_steps: int = 0  # its budget; steps < total_steps: stopped early (halving) or still to resume
+    stopped_at_rung: int | None = None  # successive halving left it behind after this rung (0-based)
+    seconds: float  # training and scoring time, over every rung
 
 
 class SelectionManifest(Manifest):
@@ -79,9 +95,10 @@ class SelectionManifest(Manifest):
 
 
 def plan_candidates(cfg: Config, cuda: bool) -> list[CandidateSpec]:
-    """methods x modes x hyperparameter draws x seeds. `method: auto` trains `adapt.methods` on features
-    and `adapt.image_methods` end to end (by default sized to the hardware); a named method trains
-    that one in both modes; `none` trains nothing (the source-only head stands alone)."""
+    """methods x modes x hyperparameter draws x seeds, each with its budget in steps. `method: auto`
+    trains `adapt.methods` on features and `adapt.image_methods` end to end (by default sized to the
+    hardware); a named method trains that one in both modes; `none` trains nothing (the source-only
+    head stands alone)."""
     a = cfg.adapt
     if a.method == "none":
         return []
@@ -90,6 +107,8 @@ def plan_candidates(cfg: Config, cuda: bool) -> list[CandidateSpec]:
         image_methods = a.image_methods if a.image_methods is not None else (a.methods if cuda else CPU_IMAGE_METHODS)
     else:
         feature_methods = image_methods = [a.method]
+    image_steps = a.image_steps or (GPU_IMAGE_STEPS if cuda else CPU_IMAGE_STEPS)
+    image_size = a.image_size or (_own_size(cfg) if cuda and image_methods else CPU_IMAGE_SIZE)
     specs = []
     for mode, methods in (("features", feature_methods), ("images", image_methods)):
         for method in methods:
@@ -98,14 +117,88 @@ def plan_candidates(cfg: Config, cuda: bool) -> list[CandidateSpec]:
                 hp.update({k: v for k, v in a.hparams.items() if k in hp})  # knobs this method has
                 for seed in a.seeds:
                     name = f"{method}-{mode}" + (f"-h{draw}" if draw else "") + (f"-s{seed}" if len(a.seeds) > 1 else "")
-                    specs.append(CandidateSpec(name=name, method=method, mode=mode, hparams=hp, seed=seed))
+                    specs.append(CandidateSpec(name=name, method=method, mode=mode, hparams=hp, seed=seed,
+                                               steps=a.feature_steps if mode == "features" else image_steps,
+                                               image_size=image_size if mode == "images" else None))
     return specs
+
+
+def training_image_size(specs: list[CandidateSpec]) -> int | None:
+    """The size the images-mode candidates train at, for the training-image cache; None: none trains end
+    to end."""
+    return next((s.image_size for s in specs if s.mode == "images"), None)
+
+
+def _own_size(cfg: Config) -> int:
+    """The backbone's own input size (on a GPU, images-mode candidates train at it by default)."""
+    from adaptflow.backbones import build_extractor
+
+    return int(build_extractor(cfg.backbone.model_copy(update={"image_size": None})).data_config["input_size"][-1])
+
+
+def halving_rungs(steps: int, candidates: int, eta: int) -> list[int]:
+    """The step counts at which successive halving ranks `candidates` and keeps the best 1/eta: e.g.
+    300 steps, 3 candidates, eta 3 -> [100, 300]. No halving (one rung) for eta < 2 or one candidate."""
+    if eta < 2 or candidates < 2:
+        return [steps]
+    levels = math.ceil(math.log(candidates, eta))
+    return [max(1, steps // eta ** k) for k in range(levels, 0, -1)] + [steps]
+
+
+def successive_halving(specs: list[CandidateSpec],
+                       train: Callable[[list[CandidateSpec], list[int | None]], list[CandidateManifest]],
+                       stop: Callable[[CandidateManifest, int], CandidateManifest], policy: list[str],
+                       eta: int) -> list[CandidateManifest]:
+    """Train every candidate: features-mode ones to the end at once, images-mode ones in rungs
+    (`halving_rungs`): all to the first rung's steps, then the best 1/eta of them by the selection policy
+    (`survivors`) on to the next, resuming from their checkpoints. `train(specs, untils)` trains each spec
+    up to its step (None: the end) — a loop here, a map over Prefect tasks in a flow; `stop` records a
+    candidate left behind. Returns the candidates in `specs` order."""
+    images = [s for s in specs if s.mode == "images"]
+    rungs = halving_rungs(max((s.steps for s in images), default=0), len(images), eta)
+    done: dict[str, CandidateManifest] = {}
+    batch = [s for s in specs if s.mode != "images"] + images
+    untils: list[int | None] = [None] * (len(batch) - len(images)) + [rungs[0]] * len(images)
+    for rung in range(len(rungs)):
+        results = train(batch, untils) if batch else []
+        done.update({c.spec.name: c for c in results})
+        racing = [c for c in results if c.spec.mode == "images"]
+        if rung == len(rungs) - 1 or not racing:
+            break
+        keep = survivors(racing, policy, math.ceil(len(racing) / eta))
+        for i, c in enumerate(racing):
+            if i not in keep:
+                done[c.spec.name] = stop(c, rung)
+        batch = [racing[i].spec for i in keep]
+        untils = [rungs[rung + 1]] * len(batch)
+    return [done[s.name] for s in specs]
+
+
+def survivors(candidates: list[CandidateManifest], policy: list[str], keep: int) -> list[int]:
+    """Indices of the `keep` best candidates by the selection policy's ranks (`adapt.selection`): healthy
+    ones first, a collapsed one only if nothing else is left."""
+    pool = selection_candidates(candidates)
+    alive = [i for i, c in enumerate(pool) if not c.collapsed] or list(range(len(pool)))
+    ranks = selection.mean_ranks(pool, alive, policy)
+    acc = [c.scores.get("source_val_acc", 0.0) for c in candidates]
+    order = sorted(range(len(candidates)), key=lambda i: (i not in alive, -(ranks[i] or 0.0), -acc[i], i))
+    return sorted(order[:keep])
 
 
 def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestManifest,
                     target_labels: IngestManifest | None, features: ExtractionPlan, cfg: Config,
-                    out_uri: str, device: str = "cpu") -> CandidateManifest:
+                    out_uri: str, device: str = "cpu", until: int | None = None) -> CandidateManifest:
+    """Train `spec` up to step `until` (default: its whole budget), resuming from the checkpoint a
+    previous rung left under `out_uri`, then score it on the validation sample and commit it. Safe to
+    retry: a candidate already committed at `until` steps or more is returned as it is."""
     start = time.perf_counter()
+    total = spec.steps or (cfg.adapt.feature_steps if spec.mode == "features" else CPU_IMAGE_STEPS)
+    until = total if until is None else min(until, total)
+    committed = storage.join(out_uri, "candidate.json")
+    before = CandidateManifest.load(committed) if storage.exists(committed) else None
+    if before is not None and before.steps >= until:
+        return before
+
     classes = source.classes
     code = {c: i for i, c in enumerate(classes)}
     src, tgt = read_index(source), read_index(target)
@@ -114,82 +207,106 @@ def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestM
         val = train
     if train.empty:
         raise DatasetError(f"the source dataset {source.dataset_uri} has no training images")
-    y_train = torch.tensor(train.label.map(code).to_numpy(), dtype=torch.long)
+    n, seed = cfg.adapt.validation_samples, cfg.seed
+    samples = {"val": validation_sample(val, n, seed), "train": validation_sample(train, n, seed),
+               "test": validation_sample(test, n, seed), "target": validation_sample(tgt, n, seed)}
+
+    data = _ImageData(spec, cfg, features, device) if spec.mode == "images" else _FeatureData(features, device)
     torch.manual_seed(spec.seed)
-
-    data = _IMAGES if spec.mode == "images" else _FEATURES
-    featurizer, dim, load_rows, image_size = data.prepare(cfg, features)
-    loaded: dict[tuple, torch.Tensor] = {}
-
-    def load(rows: pd.DataFrame) -> torch.Tensor:
-        """Each split is read (features) or decoded (images) once, though training and scoring both use it."""
-        key = tuple(rows.image_id)
-        if key not in loaded:
-            loaded[key] = load_rows(rows)
-        return loaded[key]
-
+    algorithm = get_algorithm(spec.method)(data.featurizer, data.dim, len(classes), spec.hparams, max_steps=total)
+    algorithm.to(device)
+    checkpoint = storage.join(out_uri, "checkpoint")
+    begin = load_checkpoint(checkpoint, algorithm) if checkpoint_step(checkpoint) else 0
     batch = int(spec.hparams.get("batch_size", 32))
-    steps = (cfg.adapt.feature_steps if spec.mode == "features"
-             else max(1, math.ceil(cfg.adapt.image_epochs * len(train) / batch)))
-    algorithm = get_algorithm(spec.method)(featurizer, dim, len(classes), spec.hparams, max_steps=steps)
-    x_train, x_target = load(train), load(tgt)
-    curve = data.fit(algorithm, x_train, y_train, x_target, steps, batch, spec.seed, cfg, device)
+    y_train = torch.tensor(train.label.map(code).to_numpy(), dtype=torch.long)
+    with _device_lock(device) if spec.mode == "images" else nullcontext():
+        curve = data.fit(algorithm, data.rows(train), y_train, data.rows(tgt), total, batch, spec.seed, begin, until,
+                         cfg)
+    if until < total:
+        save_checkpoint(checkpoint, algorithm, until)
 
-    out = {name: data.infer(algorithm, load(rows), device) for name, rows in
-           (("val", val), ("train", train), ("test", test), ("target", tgt))}
-    shared = shared_features(features, train, val, tgt, cfg.seed)
+    out = {name: data.infer(algorithm, data.rows(rows)) for name, rows in samples.items()}
     inputs = validators.ValidationInputs(
-        source_logits=out["val"][0], source_labels=torch.tensor(val.label.map(code).to_numpy()),
+        source_logits=out["val"][0], source_labels=torch.tensor(samples["val"].label.map(code).to_numpy()),
         source_features=out["val"][1], target_logits=out["target"][0], target_features=out["target"][1],
-        source_train_features=out["train"][1], seed=spec.seed, **shared)
+        source_train_features=out["train"][1], seed=spec.seed,
+        **shared_features(features, samples["train"], samples["val"], samples["target"]))
     scores = {k: float(v) for k, v in validators.score(inputs).items()}
     collapsed = validators.is_collapsed(out["target"][0], len(classes))
 
-    card = ModelCard(kind=spec.mode, method=spec.method, hparams=spec.hparams, image_size=image_size,
-                     classes=classes, config=cfg, fingerprint=features.fingerprint, dim=dim,
+    card = ModelCard(kind=spec.mode, method=spec.method, hparams=spec.hparams, image_size=data.image_size,
+                     classes=classes, config=cfg, fingerprint=features.fingerprint, dim=data.dim,
                      config_hash=cfg.fingerprint(), dataset_fingerprint=source.fingerprint,
                      metrics={"source_val_accuracy": scores["source_val_acc"]})
     model_uri = storage.join(out_uri, "model")
     save_model(model_uri, algorithm, card)
     predictions_uri = storage.join(out_uri, "predictions.parquet")
-    storage.write_table(predictions_uri, predictions_table(tgt, out["target"][0], classes))
-    test_acc = classification_metrics(test.label.map(code).to_numpy(), out["test"][0].argmax(1).numpy(),
-                                      classes)["accuracy"] if len(test) else float("nan")
-    target_acc = (score_predictions(predictions_uri, target_labels, classes)["accuracy"]
-                  if target_labels is not None else None)
+    storage.write_table(predictions_uri, predictions_table(samples["target"], out["target"][0], classes))
+    test_rows = samples["test"]
+    test_acc = classification_metrics(test_rows.label.map(code).to_numpy(), out["test"][0].argmax(1).numpy(),
+                                      classes)["accuracy"] if len(test_rows) else float("nan")
+    target_acc = _accuracy_on(samples["target"], out["target"][0], target_labels, code)
     gap = {"proxy_a_distance": domain_gap.proxy_a_distance(out["train"][1], out["target"][1], seed=spec.seed),
            "mmd": domain_gap.mmd_distance(out["train"][1], out["target"][1], seed=spec.seed)}
     embedding_uri = storage.join(out_uri, "embedding_sample.parquet")
     _save_embedding_sample(embedding_uri, out["train"][1], out["target"][1], spec.seed)
     outputs_uri = storage.join(out_uri, "outputs.parquet")
-    _save_outputs(outputs_uri, val, out["val"][0], code)
+    _save_outputs(outputs_uri, samples["val"], out["val"][0], code)
 
     manifest = CandidateManifest(spec=spec, model_uri=model_uri, predictions_uri=predictions_uri,
                                  outputs_uri=outputs_uri, embedding_uri=embedding_uri, scores=scores,
                                  collapsed=collapsed, source_test_accuracy=test_acc, target_accuracy=target_acc,
-                                 domain_gap=gap, curve=curve, steps=steps, seconds=time.perf_counter() - start)
-    manifest.commit(storage.join(out_uri, "candidate.json"))
+                                 domain_gap=gap, curve=(before.curve if before else []) + curve, steps=until,
+                                 total_steps=total,
+                                 seconds=(before.seconds if before else 0.0) + time.perf_counter() - start)
+    manifest.commit(committed)
     return manifest
+
+
+def stop_candidate(candidate: CandidateManifest, rung: int, out_uri: str) -> CandidateManifest:
+    """Record that successive halving left `candidate` behind after `rung`; its checkpoint is deleted."""
+    stopped = candidate.model_copy(update={"stopped_at_rung": rung})
+    stopped.commit(storage.join(out_uri, "candidate.json"))
+    for name in ("state.safetensors", "checkpoint.json"):
+        uri = storage.join(out_uri, "checkpoint", name)
+        if storage.exists(uri):
+            storage.remove(uri)
+    return stopped
+
+
+def validation_sample(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """At most `n` of `rows`, chosen by a seeded hash of each image's content hash: the same sample for
+    every candidate, and an image stays in it as the dataset grows (unless crowded out)."""
+    if len(rows) <= n:
+        return rows
+    key = rows.image_id.map(lambda i: zlib.crc32(f"{seed}/{i}".encode()))
+    return rows.loc[key.sort_values(kind="stable").index[:n]].sort_index()
 
 
 def select_model(head: ModelManifest, candidates: list[CandidateManifest], policy: list[str]) -> SelectionManifest:
     """The label-free pick among the candidates (`adapt.selection.select`: no candidate judged by what it
-    optimised, never a collapsed one, never one less accurate on source validation than the source-only
-    reference), how confident it is, and, for the report only, the oracle pick. With no candidates
-    (`adapt.method: none`) the source-only head is the model."""
+    optimised, never a collapsed one, never one clearly less accurate on source validation than the
+    source-only reference), how confident it is, and, for the report only, the oracle pick. Candidates
+    successive halving stopped early take no part. With no candidates (`adapt.method: none`) the
+    source-only head is the model."""
     if not candidates:
         return SelectionManifest(index=-1, name="head", reason="adaptation off (adapt.method: none)",
                                  policy=list(policy), model_uri=head.model_uri, oracle_index=None,
                                  confidence="no adaptation: the source-only head")
-    pool = selection_candidates(candidates)
-    pick = selection.select(pool, policy)
+    finished = [i for i, c in enumerate(candidates) if c.stopped_at_rung is None]
+    pick = selection.select(selection_candidates([candidates[i] for i in finished]), policy)
+    index = finished[pick.index]
+    reference = None if pick.reference is None else finished[pick.reference]
+    ranks: list[float | None] = [None] * len(candidates)
+    for i, r in zip(finished, pick.scores, strict=True):
+        ranks[i] = r
     known = [i for i, c in enumerate(candidates) if c.target_accuracy is not None]
     oracle = max(known, key=lambda i: candidates[i].target_accuracy) if known else None
-    chosen = candidates[pick.index]
-    return SelectionManifest(index=pick.index, name=chosen.spec.name, reason=pick.reason, policy=list(policy),
+    chosen = candidates[index]
+    return SelectionManifest(index=index, name=chosen.spec.name, reason=pick.reason, policy=list(policy),
                              model_uri=chosen.model_uri, oracle_index=oracle, confident=pick.confident,
-                             confidence=pick.confidence, reference_index=pick.reference, ranks=pick.scores,
-                             reference_model_uri=None if pick.reference is None else candidates[pick.reference].model_uri)
+                             confidence=pick.confidence, reference_index=reference, ranks=ranks,
+                             reference_model_uri=None if reference is None else candidates[reference].model_uri)
 
 
 def selection_candidates(candidates: list[CandidateManifest]) -> list[selection.Candidate]:
@@ -201,17 +318,27 @@ def selection_candidates(candidates: list[CandidateManifest]) -> list[selection.
             for c in candidates]
 
 
-def shared_features(features: ExtractionPlan, train: pd.DataFrame, val: pd.DataFrame, target: pd.DataFrame,
-                    seed: int, sample: int = 2000) -> dict[str, torch.Tensor]:
-    """The frozen backbone's features of the source-validation images, and of seeded samples of at most
-    `sample` source-training and target images: the same for every candidate of a run (`validators.iwa`)."""
-    def rows(df: pd.DataFrame, n: int | None) -> list[str]:
-        ids = df.image_id if n is None or len(df) <= n else df.image_id.sample(n, random_state=seed)
-        return ids.tolist()
+def shared_features(features: ExtractionPlan, train: pd.DataFrame, val: pd.DataFrame,
+                    target: pd.DataFrame) -> dict[str, torch.Tensor]:
+    """The frozen backbone's features of the validation samples: the same for every candidate of a run,
+    a space no candidate shaped (`validators.iwa`)."""
+    def load(rows: pd.DataFrame) -> torch.Tensor:
+        return torch.from_numpy(load_features(features.features_uri, rows.image_id.tolist())).float()
 
-    load = lambda ids: torch.from_numpy(load_features(features.features_uri, ids)).float()  # noqa: E731
-    return {"shared_source_train": load(rows(train, sample)), "shared_source": load(rows(val, None)),
-            "shared_target": load(rows(target, sample))}
+    return {"shared_source_train": load(train), "shared_source": load(val), "shared_target": load(target)}
+
+
+def _accuracy_on(rows: pd.DataFrame, logits: torch.Tensor, labels: IngestManifest | None,
+                 code: dict[str, int]) -> float | None:
+    """Target accuracy of `logits` on `rows` against labels matched by content hash; reporting only."""
+    if labels is None:
+        return None
+    truth = read_index(labels).drop_duplicates("image_id").set_index("image_id").label
+    known = rows.image_id.map(truth).map(code)
+    mask = known.notna().to_numpy()
+    if not mask.any():
+        return None
+    return float((logits.argmax(1).numpy()[mask] == known[mask].to_numpy(dtype=np.int64)).mean())
 
 
 def _save_outputs(uri: str, val: pd.DataFrame, logits: torch.Tensor, code: dict[str, int]) -> None:
@@ -246,61 +373,64 @@ def _save_embedding_sample(uri: str, source: torch.Tensor, target: torch.Tensor,
     storage.write_table(uri, pa.table({"domain": df.domain.tolist(), "embedding": [e.tolist() for e in df.embedding]}))
 
 
-class _Features:
-    """Cached backbone features: identity featurizer, in-memory tensors, `adapt.train.fit`."""
+def _device_lock(device: str) -> threading.Lock:
+    """End-to-end candidates take their whole device: two at once on 2 CPU cores or one GPU only slow each
+    other. One lock per device and process: candidates on other workers (Dask) run at the same time."""
+    with _LOCKS_LOCK:
+        return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
 
-    @staticmethod
-    def prepare(cfg: Config, features: ExtractionPlan):
-        def load(rows: pd.DataFrame) -> torch.Tensor:
-            return torch.from_numpy(load_features(features.features_uri, rows.image_id.tolist()))
 
-        return nn.Identity(), features.dim, load, None
+class _FeatureData:
+    """Cached backbone features from the feature store: identity featurizer, `adapt.train.fit`."""
 
-    @staticmethod
-    def fit(algorithm, x, y, xt, steps, batch, seed, cfg, device):
+    def __init__(self, features: ExtractionPlan, device: str):
+        self.features, self.device = features, device
+        self.featurizer, self.dim, self.image_size = nn.Identity(), features.dim, None
+
+    def rows(self, df: pd.DataFrame) -> Rows:
+        return ShardedRows(self.features.features_uri, df.image_id.tolist(), "embedding", (self.dim,))
+
+    def fit(self, algorithm, x, y, xt, steps, batch, seed, start, stop, cfg):
         from adaptflow.adapt.train import fit
 
-        return fit(algorithm.to(device), x, y, xt, steps=steps, batch_size=batch, seed=seed)
+        return fit(algorithm, x, y, xt, steps, batch, seed, start=start, stop=stop)
 
-    @staticmethod
-    def infer(algorithm, x, device):
-        return infer_features(algorithm.cpu(), x)
+    def infer(self, algorithm, rows: Rows):
+        from adaptflow.adapt.train import infer
+
+        return infer(algorithm, rows)
 
 
-class _Images:
-    """End to end: the backbone is the featurizer, images decoded once into uint8 tensors."""
+class _ImageData:
+    """End to end: the backbone is the featurizer, images read from the training-image cache (decoded
+    here only if a caller planned extraction without it)."""
 
-    @staticmethod
-    def prepare(cfg: Config, features: ExtractionPlan):
-        from adaptflow.adapt.images import image_featurizer, load_images
+    def __init__(self, spec: CandidateSpec, cfg: Config, features: ExtractionPlan, device: str):
+        from adaptflow.adapt.images import image_featurizer
 
-        size = cfg.adapt.image_size or (None if torch.cuda.is_available() else CPU_IMAGE_SIZE)
-        featurizer, dim, data_config = image_featurizer(cfg.backbone.model_copy(update={"image_size": size}))
+        backbone = cfg.backbone.model_copy(update={"image_size": spec.image_size})
+        self.featurizer, self.dim, self.data_config = image_featurizer(backbone)
+        self.image_size = int(self.data_config["input_size"][-1])
+        cache = features.cache
+        self.cache = cache if cache is not None and cache.size == self.image_size else None
+        self.device, self.num_workers = device, cfg.extract.num_workers
 
-        def load(rows: pd.DataFrame) -> torch.Tensor:
-            return load_images(rows.uri.tolist(), data_config, cfg.extract.num_workers)
+    def rows(self, df: pd.DataFrame) -> Rows:
+        s = self.image_size
+        if self.cache is not None:
+            return ShardedRows(self.cache.uri, df.image_id.tolist(), "pixels", (3, s, s),
+                               pin=str(self.device).startswith("cuda"))
+        from adaptflow.adapt.images import load_images
 
-        return featurizer, dim, load, data_config["input_size"][-1]
+        return TensorRows(load_images(df.uri.tolist(), self.data_config, self.num_workers))
 
-    @staticmethod
-    def fit(algorithm, x, y, xt, steps, batch, seed, cfg, device):
+    def fit(self, algorithm, x, y, xt, steps, batch, seed, start, stop, cfg):
         from adaptflow.adapt.images import fit_images
 
-        with _IMAGE_TRAINING:
-            return fit_images(algorithm.to(device), x, y, xt, steps=steps, batch_size=batch, seed=seed,
-                              device=device, strategy=cfg.adapt.strategy, time_budget_s=_image_budget(cfg, device))
+        return fit_images(algorithm, x, y, xt, steps, batch, seed, device=self.device, strategy=cfg.adapt.strategy,
+                          time_budget_s=cfg.adapt.time_budget_s, start=start, stop=stop)
 
-    @staticmethod
-    def infer(algorithm, x, device):
+    def infer(self, algorithm, rows: Rows):
         from adaptflow.adapt.images import infer_images
 
-        return infer_images(algorithm, x, device=device)
-
-
-def _image_budget(cfg: Config, device: str) -> float | None:
-    if cfg.adapt.time_budget_s is not None:
-        return cfg.adapt.time_budget_s
-    return None if device.startswith("cuda") else CPU_IMAGE_BUDGET_S
-
-
-_FEATURES, _IMAGES = _Features(), _Images()
+        return infer_images(algorithm, rows, device=self.device)

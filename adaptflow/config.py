@@ -89,12 +89,20 @@ class AdaptConfig(_Section):
     hparam_draws: int = Field(0, ge=0, description="random hyperparameter draws per method beside the defaults")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     feature_steps: int = Field(1500, ge=1, description="updates per features-mode candidate")
-    image_epochs: float = Field(10, gt=0, description="passes over the source images per images-mode candidate")
+    image_steps: int | None = Field(
+        None, ge=1, description="updates per images-mode candidate, whatever the dataset's size or the machine's "
+        "load; null: 300 on a CPU, 3000 on a GPU")
     image_size: int | None = Field(None, ge=16, le=1024, description="images-mode input size; null: 64 on CPU, "
                                                                      "the backbone's own on GPU")
     strategy: Literal["full", "lp_ft", "gradual"] = "full"
-    time_budget_s: float | None = Field(None, gt=0, description="wall-clock budget per images-mode candidate; "
-                                                                   "null: 600 s on CPU, none on GPU")
+    halving: int = Field(3, ge=0, description="successive halving of the images-mode candidates: train all to "
+                         "1/halving of the steps, keep the best 1/halving by the selection policy, and so on; "
+                         "0 or 1: train every candidate to the end")
+    validation_samples: int = Field(2000, ge=10, description="source-validation and target images each "
+                                    "candidate is scored on: a fixed seeded sample, the same for every candidate")
+    time_budget_s: float | None = Field(None, gt=0, description="an opt-in safety net: stop an images-mode "
+                                        "candidate after this many seconds (the result then depends on the "
+                                        "machine's load); null: none")
     hparams: dict[str, Any] = Field(default_factory=dict, description="hyperparameters set for every candidate, "
                                                                      "e.g. {l2sp: 0.01, backbone_lr_mult: 0.1}")
     policy: list[str] = Field(default_factory=lambda: ["source_val_acc", "im", "bnm"], min_length=1,
@@ -173,7 +181,7 @@ class RuntimeConfig(_Section):
     task_runner: Literal["threads", "dask"] = Field("threads", description="threads, or Dask through prefect-dask")
     dask_address: str | None = Field(None, description="an existing Dask scheduler; null: a LocalCluster")
     dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes")
-    gpu_resource: bool = Field(False, description="extraction tasks ask Dask for a GPU=1 resource, so they "
+    gpu_resource: bool = Field(False, description="extraction, training and prediction tasks ask Dask for a GPU=1 resource, so they "
                                                    "land only on workers started with --resources GPU=1")
     credentials_block: str | None = Field(
         None, description="the name of a Prefect Secret block holding store credentials as a JSON object of "

@@ -16,7 +16,7 @@ import torch
 
 from adaptflow import registry, storage
 from adaptflow.adapt import validators
-from adaptflow.adaptation import SelectionManifest, shared_features
+from adaptflow.adaptation import SelectionManifest, shared_features, validation_sample
 from adaptflow.config import Config, MonitorConfig
 from adaptflow.errors import DatasetError, StoreError
 from adaptflow.features import ExtractionPlan, load_features
@@ -79,8 +79,9 @@ def find_champion(store: str) -> Champion | None:
 
 def score_model(model_uri: str, source: IngestManifest, target: IngestManifest,
                 target_labels: IngestManifest | None, features: ExtractionPlan, policy: list[str],
-                seed: int = 0) -> ModelScores:
-    """Validator scores of a saved model on this run's source validation split and target images."""
+                seed: int = 0, samples: int = 2000) -> ModelScores:
+    """Validator scores of a saved model on this run's validation samples (`adaptation.validation_sample`:
+    at most `samples` source-validation and target images, the samples every candidate was scored on)."""
     model, card = load_model(model_uri)
     if card.classes != source.classes:
         raise StoreError(f"the model at {model_uri} predicts classes {card.classes}, this run's source has "
@@ -89,18 +90,19 @@ def score_model(model_uri: str, source: IngestManifest, target: IngestManifest,
     val = src[src.split == "val"]
     if val.empty:
         val = src[src.split == "train"]
+    val, train, tgt_sample = (validation_sample(rows, samples, seed) for rows in (val, src[src.split == "train"], tgt))
     code = {c: i for i, c in enumerate(card.classes)}
     source_logits, source_features = infer(model, card, val, features)
-    target_logits, target_features = infer(model, card, tgt, features)
+    target_logits, target_features = infer(model, card, tgt_sample, features)
     inputs = validators.ValidationInputs(
         source_logits=source_logits, source_labels=torch.tensor(val.label.map(code).to_numpy()),
         source_features=source_features, target_logits=target_logits, target_features=target_features, seed=seed,
-        **shared_features(features, src[src.split == "train"], val, tgt, seed))
+        **shared_features(features, train, val, tgt_sample))
     scores = validators.score(inputs, sorted({"source_val_acc", "im", "bnm", *policy}))
     accuracy = None
     if target_labels is not None:
         truth = read_index(target_labels).drop_duplicates("image_id").set_index("image_id").label
-        labels = tgt.image_id.map(truth)
+        labels = tgt_sample.image_id.map(truth)
         known = labels.isin(code).to_numpy()
         if known.any():
             predicted = target_logits.argmax(1).numpy()[known]
@@ -203,7 +205,7 @@ def register_and_gate(store: str, run_id: str, selection: SelectionManifest, dat
     stand_in = None
     if held and decision.champion_version is None and selection.reference_model_uri:
         reference = score_model(selection.reference_model_uri, datasets["source"], datasets["target"],
-                                datasets.get("target_labels"), features, policy, cfg.seed)
+                                datasets.get("target_labels"), features, policy, cfg.seed, cfg.adapt.validation_samples)
         stand_in = registry.register(store, reference.model_uri, run_id, lineage, _metrics(reference, None),
                                      reference.method).version
         registry.gate(store, stand_in, None, margin)  # no champion: promoted

@@ -1,6 +1,6 @@
-from prefect import task
+from prefect import task, unmapped
 
-from adaptflow import adaptation
+from adaptflow import accounting, adaptation
 from adaptflow.adaptation import CandidateManifest, CandidateSpec, SelectionManifest
 from adaptflow.config import Config
 from adaptflow.features import ExtractionPlan, resolve_device
@@ -8,11 +8,12 @@ from adaptflow.manifests import IngestManifest
 from adaptflow.pipeline import ModelManifest
 from adaptflow.storage import join
 from tasks._work import measured
+from tasks.runners import gpu_placement, limited
 
 
 @task(name="plan-candidates")
 def plan_candidates(cfg: Config) -> list[CandidateSpec]:
-    """The adaptation candidates to train: methods x modes x hyperparameter draws x seeds."""
+    """The adaptation candidates to train: methods x modes x hyperparameter draws x seeds, with budgets."""
     return adaptation.plan_candidates(cfg, cuda=resolve_device(cfg.extract.device).type == "cuda")
 
 
@@ -20,11 +21,18 @@ def plan_candidates(cfg: Config) -> list[CandidateSpec]:
 @measured
 def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestManifest,
                     target_labels: IngestManifest | None, features: ExtractionPlan, cfg: Config,
-                    candidates_uri: str) -> CandidateManifest:
-    """Train one adaptation candidate into `candidates_uri/<name>` and score it without target labels."""
+                    candidates_uri: str, until: int | None = None) -> CandidateManifest:
+    """Train one adaptation candidate into `candidates_uri/<name>` up to step `until` (resuming from its
+    checkpoint) and score it without target labels."""
     device = str(resolve_device(cfg.extract.device))
     out_uri = join(candidates_uri, spec.name)
-    return adaptation.train_candidate(spec, source, target, target_labels, features, cfg, out_uri, device)
+    return adaptation.train_candidate(spec, source, target, target_labels, features, cfg, out_uri, device, until)
+
+
+@task(name="stop-candidate")
+def stop_candidate(candidate: CandidateManifest, rung: int, candidates_uri: str) -> CandidateManifest:
+    """Record that successive halving left a candidate behind."""
+    return adaptation.stop_candidate(candidate, rung, join(candidates_uri, candidate.spec.name))
 
 
 @task(name="select-model")
@@ -32,3 +40,27 @@ def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestM
 def select_model(head: ModelManifest, candidates: list[CandidateManifest], cfg: Config) -> SelectionManifest:
     """Pick the model without target labels; never a collapsed one."""
     return adaptation.select_model(head, candidates, cfg.adapt.policy)
+
+
+def train_candidates(specs: list[CandidateSpec], source: IngestManifest, target: IngestManifest,
+                     target_labels: IngestManifest | None, features: ExtractionPlan, cfg: Config,
+                     candidates_uri: str) -> list[CandidateManifest]:
+    """Every candidate, each its own task (on a GPU worker when configured), images-mode ones in rungs of
+    successive halving (`adaptation.successive_halving`, `adapt.halving`); call it from a flow. Returns
+    the candidates in `specs` order, those left behind marked `stopped_at_rung`, each with the work of
+    all its rungs."""
+    (train,) = limited(cfg.runtime, train_candidate)
+    works: dict[str, list[accounting.Work]] = {}
+
+    def train_all(batch: list[CandidateSpec], untils: list[int | None]) -> list[CandidateManifest]:
+        with gpu_placement(cfg.runtime):
+            futures = train.map(batch, unmapped(source), unmapped(target), unmapped(target_labels),
+                                unmapped(features), unmapped(cfg), unmapped(candidates_uri), untils)
+        results = futures.result()
+        for c in results:
+            works.setdefault(c.spec.name, []).append(c.work)
+        return results
+
+    trained = adaptation.successive_halving(specs, train_all, lambda c, rung: stop_candidate(c, rung, candidates_uri),
+                                            cfg.adapt.policy, cfg.adapt.halving)
+    return [c.model_copy(update={"work": accounting.merge(works[c.spec.name])}) for c in trained]

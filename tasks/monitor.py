@@ -23,7 +23,8 @@ def find_champion(store: str) -> Champion | None:
 def score_model(model_uri: str, source: IngestManifest, target: IngestManifest, target_labels: IngestManifest | None,
                 features: ExtractionPlan, cfg: Config) -> ModelScores:
     """A saved model's label-free scores (and target accuracy, for reporting) on this run's data."""
-    return monitor.score_model(model_uri, source, target, target_labels, features, cfg.adapt.policy, cfg.seed)
+    return monitor.score_model(model_uri, source, target, target_labels, features, cfg.adapt.policy, cfg.seed,
+                               cfg.adapt.validation_samples)
 
 
 @task(name="score-champion")
@@ -33,7 +34,7 @@ def score_champion(champion: Champion, source: IngestManifest, target: IngestMan
     """The champion's scores on this run's data; None when it cannot read it (other classes or features)."""
     try:
         return monitor.score_model(champion.model_uri, source, target, target_labels, features, cfg.adapt.policy,
-                                   cfg.seed)
+                                   cfg.seed, cfg.adapt.validation_samples)
     except StoreUnavailableError:
         raise  # the store is away, not the champion unfit: fail (and retry) rather than retrain without it
     except StoreError as e:

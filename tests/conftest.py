@@ -69,7 +69,7 @@ def fast_config():
     return load_config(None, ["backbone.image_size=64", "extract.shard_size=128", "extract.num_workers=0",
                               "head.max_epochs=300", "head.patience=30", "ingest.workers=2",
                               "adapt.methods=[source_only, dann]", "adapt.image_methods=[dann]",
-                              "adapt.feature_steps=200", "adapt.image_epochs=1", "adapt.image_size=32"])
+                              "adapt.feature_steps=200", "adapt.image_steps=4", "adapt.image_size=32"])
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,13 @@
 """Adaptation inside a run: candidate planning, one candidate per mode, selection."""
 
+import uuid
+
 import pytest
+import torch
 
 from adaptflow import adaptation, features, storage
 from adaptflow.config import AdaptConfig, load_config
+from adaptflow.image_cache import image_cache
 from adaptflow.ingest import ingest
 from adaptflow.pipeline import ModelManifest
 
@@ -33,7 +37,7 @@ def test_candidate_plan_is_sized_to_the_hardware():
 def test_unknown_methods_are_config_errors():
     from adaptflow.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown method 'gan'; valid methods: auto, "):
+    with pytest.raises(ConfigError, match="unknown method 'gan'; valid methods: adda, auto, cdan"):
         _cfg("adapt.method=gan")
     with pytest.raises(ConfigError, match="unknown algorithm 'gan'"):
         _cfg("adapt.methods=[dann, gan]")
@@ -43,14 +47,18 @@ def test_unknown_methods_are_config_errors():
         _cfg("adapt.hparams={lamda: 1}")
 
 
-@pytest.fixture
-def run_inputs(demo_data, fast_config, memory_uri):
+@pytest.fixture(scope="module")
+def run_inputs(demo_data, fast_config):
+    """The demo ingested, embedded and cached once for the module; each test writes its own folders."""
+    memory_uri = f"memory://adaptation-{uuid.uuid4().hex[:8]}"
     cfg = fast_config.model_copy(update={"adapt": fast_config.adapt.model_copy(
-        update={"feature_steps": 200, "image_epochs": 1, "image_size": 32})})
+        update={"feature_steps": 200, "image_steps": 8, "image_size": 32})})
     d = {dom: ingest(uri, dom, f"{memory_uri}/ingest/{dom}", cfg.ingest)
          for dom, uri in [("source", demo_data.source_uri), ("target", demo_data.target_uri),
                           ("target_labels", demo_data.target_labels_uri)]}
-    plan = features.plan_extraction([d["source"].index_uri, d["target"].index_uri], memory_uri, cfg.backbone, 512)
+    cache = image_cache(memory_uri, cfg.backbone, 32)  # the size images-mode candidates train at here
+    plan = features.plan_extraction([d["source"].index_uri, d["target"].index_uri], memory_uri, cfg.backbone, 64,
+                                    cache=cache)
     for shard in plan.shards:
         features.extract_shard(shard, cfg.backbone, cfg.extract)
     return cfg, d, plan, memory_uri
@@ -79,7 +87,85 @@ def test_without_candidates_the_head_is_the_model():
     assert (alone.index, alone.model_uri) == (-1, "memory://head")
 
 
-def test_end_to_end_candidates_get_a_cpu_time_budget_by_default():
-    assert adaptation._image_budget(_cfg(), "cpu") == adaptation.CPU_IMAGE_BUDGET_S
-    assert adaptation._image_budget(_cfg(), "cuda") is None
-    assert adaptation._image_budget(_cfg("adapt.time_budget_s=30"), "cuda") == 30
+def _images_spec(cfg, method="dann", steps=8):
+    spec = next(s for s in adaptation.plan_candidates(cfg.model_copy(update={"adapt": cfg.adapt.model_copy(
+        update={"method": method})}), cuda=False) if s.mode == "images")
+    return spec.model_copy(update={"steps": steps})
+
+
+@pytest.mark.parametrize("method", ["dann", "adda"])  # ADDA: its target encoder takes over at the rung's step
+def test_training_resumed_from_a_checkpoint_equals_an_uninterrupted_run(run_inputs, method):
+    """Same data, same seed: the same model, whether trained in one go or in two rungs with a checkpoint in
+    the store between them (and whatever else the machine is doing: budgets are steps)."""
+    from safetensors.torch import load
+
+    cfg, d, plan, root = run_inputs
+    spec = _images_spec(cfg, method)
+    args = (d["source"], d["target"], None, plan, cfg)
+    straight = adaptation.train_candidate(spec, *args, f"{root}/straight-{method}")
+    half = adaptation.train_candidate(spec, *args, f"{root}/rungs-{method}", until=4)
+    assert (half.steps, half.total_steps) == (4, 8)
+    assert storage.exists(f"{root}/rungs-{method}/checkpoint/checkpoint.json")
+    resumed = adaptation.train_candidate(spec, *args, f"{root}/rungs-{method}", until=8)
+    assert resumed.steps == straight.steps == 8
+    a, b = (load(storage.read_bytes(f"{c.model_uri}/weights.safetensors")) for c in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.scores == straight.scores
+    assert adaptation.train_candidate(spec, *args, f"{root}/rungs-{method}", until=8) == resumed  # a retry: nothing
+
+
+def test_images_mode_trains_and_scores_from_the_cache_within_a_memory_ceiling(run_inputs, monkeypatch):
+    """With room for 2 shards of 64 images, a candidate trains and predicts on 150 source and 150 target
+    images without ever holding a whole split: the rows held at once stay under the ceiling."""
+    from adaptflow import rows
+
+    cfg, d, plan, root = run_inputs
+    opened = []
+
+    class Watched(rows.ShardedRows):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **{**kw, "resident_bytes": 0, "max_shards": 2})
+            opened.append(self)
+
+    monkeypatch.setattr(adaptation, "ShardedRows", Watched)
+    c = adaptation.train_candidate(_images_spec(cfg, "source_only"), d["source"], d["target"], d["target_labels"],
+                                   plan, cfg, f"{root}/bounded")
+    assert c.steps == 8 and 0 <= c.target_accuracy <= 1
+    assert {r.column for r in opened} == {"pixels"}
+    splits = max(len(r) for r in opened)
+    assert splits >= 100 and max(r.peak_rows for r in opened) <= 2 * 64 < splits
+
+
+def test_successive_halving_keeps_the_best_third_and_records_who_stopped():
+    assert adaptation.halving_rungs(300, 3, 3) == [100, 300]
+    assert adaptation.halving_rungs(300, 9, 3) == [33, 100, 300]
+    assert adaptation.halving_rungs(300, 3, 0) == adaptation.halving_rungs(300, 1, 3) == [300]
+    cfg = _cfg("adapt.methods=[source_only, coral]", "adapt.image_methods=[source_only, dann, cdan]")
+    specs = adaptation.plan_candidates(cfg, cuda=False)
+    quality = {"source_only-images": 0.5, "dann-images": 0.9, "cdan-images": 0.7, "source_only-features": 0.6,
+               "coral-features": 0.4}
+    calls = []
+
+    def train(batch, untils):
+        calls.append([(s.name, u) for s, u in zip(batch, untils, strict=True)])
+        return [_fake(s, u or s.steps, quality[s.name]) for s, u in zip(batch, untils, strict=True)]
+
+    done = adaptation.successive_halving(specs, train, lambda c, rung: c.model_copy(update={"stopped_at_rung": rung}),
+                                         ["source_val_acc", "im"], eta=3)
+    assert calls == [[("source_only-features", None), ("coral-features", None), ("source_only-images", 100),
+                      ("dann-images", 100), ("cdan-images", 100)], [("dann-images", 300)]]
+    assert [(c.spec.name, c.steps, c.stopped_at_rung) for c in done] == [
+        ("source_only-features", 1500, None), ("coral-features", 1500, None), ("source_only-images", 100, 0),
+        ("dann-images", 300, None), ("cdan-images", 100, 0)]
+    head = ModelManifest(model_uri="m", classes=["a"], fingerprint="f", val_accuracy=0.5, epochs=1, seconds=0.0)
+    picked = adaptation.select_model(head, done, ["source_val_acc", "im"])
+    assert picked.name == "dann-images" and picked.ranks[2] is None and picked.ranks[4] is None  # stopped: unranked
+
+
+def _fake(spec, steps, quality):
+    """A committed-looking candidate whose validators all read `quality`."""
+    scores = {"source_val_acc": quality, "im": quality}
+    return adaptation.CandidateManifest(spec=spec, model_uri=f"m/{spec.name}", predictions_uri="p", embedding_uri="e",
+                                        scores=scores, collapsed=False, source_test_accuracy=quality,
+                                        target_accuracy=None, domain_gap={}, curve=[], steps=steps,
+                                        total_steps=spec.steps, seconds=0.0)

@@ -60,7 +60,7 @@ def test_backbones_lists_the_registry(capsys):
 def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp_path):
     store = str(tmp_path / "store")
     fast = ["--set", "backbone.image_size=32", "--set", "head.max_epochs=20", "--set", "extract.num_workers=0",
-            "--set", "adapt.feature_steps=100", "--set", "adapt.image_epochs=1", "--set", "adapt.image_size=32"]
+            "--set", "adapt.feature_steps=100", "--set", "adapt.image_steps=4", "--set", "adapt.image_size=32"]
     done = _adaptflow("run", "--source", demo_data.source_uri, "--target", demo_data.target_uri,
                       "--target-labels", demo_data.target_labels_uri, "--store", store, "--method", "dann", *fast,
                       cwd=tmp_path)

@@ -1,6 +1,8 @@
 """The same retrain flow on Dask: a real LocalCluster with two worker processes, via prefect-dask — chosen by
 the config alone, as a deployment's run gets it (a parameter), not by the caller's `with_options`."""
 
+import itertools
+
 import pytest
 
 from adaptflow import storage
@@ -23,7 +25,9 @@ def test_retrain_runs_on_the_dask_cluster_its_config_names(demo_data, fast_confi
         cfg = fast_config.model_copy(update={
             "runtime": fast_config.runtime.model_copy(update={"task_runner": "dask",
                                                               "dask_address": cluster.scheduler_address}),
-            "adapt": fast_config.adapt.model_copy(update={"method": "coral", "image_methods": []}),
+            # two end-to-end candidates, no halving: both trained at once, one per worker
+            "adapt": fast_config.adapt.model_copy(update={"methods": ["coral"], "image_methods": ["source_only", "dann"],
+                                                          "halving": 0}),
         })
         assert type(build_task_runner(cfg.runtime)).__name__ == "DaskTaskRunner"
         store = str(tmp_path / "store")
@@ -36,3 +40,17 @@ def test_retrain_runs_on_the_dask_cluster_its_config_names(demo_data, fast_confi
     assert summary.extraction["shards"] >= 2  # the map really fanned out ...
     assert len(stream.data) >= summary.extraction["shards"] and len(workers) == 2  # ... onto this cluster
     assert storage.read_table(summary.predictions_uri).num_rows == summary.datasets["target"]["images"]
+    # the candidates are tasks of their own, each on its own worker process, at the same time
+    trains = [t for t in stream.data if str(t["key"]).startswith("train_candidate")]
+    spans = [(t["worker"], *_compute_span(t)) for t in trains]
+    assert len(trains) == 3 and len({w for w, _, _ in spans}) == 2, spans
+    assert any(w1 != w2 and a0 < b1 and b0 < a1 for (w1, a0, a1), (w2, b0, b1) in itertools.combinations(spans, 2)), \
+        f"no two candidates trained at once on different workers: {spans}"
+    assert {c["name"] for c in summary.adaptation["candidates"]} == {"coral-features", "source_only-images",
+                                                                      "dann-images"}
+
+
+def _compute_span(task: dict) -> tuple[float, float]:
+    """(start, stop) of a task-stream record's compute."""
+    compute = [s for s in task["startstops"] if s["action"] == "compute"]
+    return min(s["start"] for s in compute), max(s["stop"] for s in compute)
