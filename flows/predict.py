@@ -34,15 +34,16 @@ def predict_stages(model_uri: str, images: str, out: str, store: str, runtime: R
     card = load_card(model_uri)
     cfg = card.config
     work = join(store, "predictions", new_run_id())
-    ingest, apply = limited(runtime, ingest_dataset, predict)  # each failing as TimedOut past task_timeout_s
+    (ingest,) = limited(runtime, ingest_dataset)  # failing as TimedOut past task_timeout_s
 
     # 1. ingest the images to predict
     dataset = ingest(images, "predict", ingest_uri(work, "predict"), cfg.ingest, cfg.seed)
-    # 2-3. models on cached features: embed the images with the model's own extractor, reusing the store
-    plan = None
-    if card.kind != "images":
-        plan = plan_extraction([dataset.index_uri], store, cfg.backbone, cfg.extract.shard_size)
-        extract_all(plan, cfg.backbone, cfg.extract, runtime)
-    # 4. apply the model
-    apply(model_uri, dataset, plan, out)
+    # 2-3. models on cached features: embed the images with the model's own extractor; end-to-end models:
+    # decode each image once into the training-image cache at the model's size; both reused from the store
+    images_kind = card.kind == "images"
+    plan = plan_extraction([dataset.index_uri], store, cfg.backbone, cfg.extract.shard_size,
+                           cache_size=card.image_size if images_kind else None, embed=not images_kind)
+    extract_all(plan, cfg.backbone, cfg.extract, runtime)
+    # 4. apply the model, shard by shard; a rerun after a kill finds the shards already predicted
+    predict(model_uri, dataset, plan, out, cfg.extract, runtime)
     return out

@@ -1,11 +1,12 @@
-from prefect import flow, unmapped
+from prefect import flow
 
 from adaptflow import DEFAULT_STORE
+from adaptflow.adaptation import training_image_size
 from adaptflow.config import Config, validate_config
 from adaptflow.pipeline import new_run_id
 from adaptflow.runs import StageClock, ingest_uri, model_uri, run_uri
 from adaptflow.storage import absolute, join
-from tasks.adapt import plan_candidates, select_model, train_candidate
+from tasks.adapt import plan_candidates, select_model, train_candidates
 from tasks.credentials import use_credentials
 from tasks.evaluate import evaluate, predict
 from tasks.extract import compact_features, extract_all, plan_extraction
@@ -39,8 +40,7 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
     clock = StageClock()
     champion = find_champion(store)
     # the long tasks, each failing as TimedOut past runtime.task_timeout_s
-    ingest, fit, train, score, rescore_champion = limited(cfg.runtime, ingest_dataset, fit_head, train_candidate,
-                                                          score_model, score_champion)
+    ingest, fit, score, rescore_champion = limited(cfg.runtime, ingest_dataset, fit_head, score_model, score_champion)
 
     # 1. ingest: validate and index every image, in parallel per dataset; target labels must name source classes
     with clock("ingest"):
@@ -53,13 +53,17 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
     src, tgt, labels = datasets["source"], datasets["target"], datasets.get("target_labels")
 
     # 2-3. preprocess + extract: embed only images the feature store lacks (the champion's reference
-    # images included), shard by shard; merge small shards
+    # images included), and decode each once into the training-image cache when candidates train end to
+    # end; shard by shard; merge small shards
+    specs = plan_candidates(cfg)
     with clock("extract"):
         reference = [champion.reference_index_uri] if champion and champion.reference_index_uri else []
         plan = plan_extraction([src.index_uri, tgt.index_uri, *reference], store, cfg.backbone,
-                               cfg.extract.shard_size)
+                               cfg.extract.shard_size, cache_size=training_image_size(specs))
         shards = extract_all(plan, cfg.backbone, cfg.extract, cfg.runtime)
         compaction = compact_features(plan.features_uri, cfg.extract)
+        if plan.cache:
+            compact_features(plan.cache.uri, cfg.extract)
 
     # 3b. monitor: has the target moved away from the champion's data, or the champion got worse? If not, stop
     shift = champion_scores = None
@@ -73,20 +77,25 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
             publish_run(summary, store)
             return run
 
-    # 4. fine-tune and adapt: the source-only head, then adaptation candidates, chosen without target labels
+    # 4. fine-tune and adapt: the source-only head, then adaptation candidates for a fixed number of steps
+    # (end-to-end ones in rounds of successive halving), chosen without target labels
     with clock("train"):
         head = fit(src, plan, cfg, model_uri(store, run_id))
-        specs = plan_candidates(cfg)
-        candidates = train.map(specs, unmapped(src), unmapped(tgt), unmapped(labels), unmapped(plan), unmapped(cfg),
-                               unmapped(join(run, "candidates"))).result()
+        candidates = train_candidates(specs, src, tgt, labels, plan, cfg, join(run, "candidates"))
         selection = select_model(head, candidates, cfg)
 
-    # 5. evaluate: the chosen model and the source-only head, on source test and (if labeled) target
+    # 5. evaluate: the chosen model and the source-only head on source test and target, shard by shard
     with clock("evaluate"):
-        predictions = predict(selection.model_uri, tgt, plan, join(run, "predictions.parquet"))
-        evaluation = evaluate(selection.model_uri, src, predictions, labels, plan, join(run, "metrics.json"))
-        baseline = predict(head.model_uri, tgt, plan, join(run, "baseline", "predictions.parquet"))
-        baseline_evaluation = evaluate(head.model_uri, src, baseline, labels, plan, join(run, "baseline", "metrics.json"))
+        predictions = predict(selection.model_uri, tgt, plan, join(run, "predictions.parquet"), cfg.extract, cfg.runtime)
+        test = predict(selection.model_uri, src, plan, join(run, "source_test.parquet"), cfg.extract, cfg.runtime,
+                       split="test")
+        evaluation = evaluate(src, test, predictions, labels, src.classes, join(run, "metrics.json"))
+        baseline = predict(head.model_uri, tgt, plan, join(run, "baseline", "predictions.parquet"), cfg.extract,
+                           cfg.runtime)
+        baseline_test = predict(head.model_uri, src, plan, join(run, "baseline", "source_test.parquet"), cfg.extract,
+                                cfg.runtime, split="test")
+        baseline_evaluation = evaluate(src, baseline_test, baseline, labels, src.classes,
+                                       join(run, "baseline", "metrics.json"))
         report = write_report(run, src, tgt, plan, candidates, selection, evaluation, baseline_evaluation)
 
     # 6. promote: register the chosen model; the gate compares it with the champion on this run's data
@@ -96,7 +105,8 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
                                       evaluation.source_test["accuracy"])
 
     summary = write_summary(run_id, run, cfg, datasets, plan, shards, compaction, head, candidates, selection,
-                            [predictions, baseline], evaluation, baseline_evaluation, report, clock.seconds,
+                            [predictions, test, baseline, baseline_test], evaluation, baseline_evaluation, report,
+                            clock.seconds,
                             shift, champion_scores, challenger, promotion)
     publish_run(summary, store)
     return run

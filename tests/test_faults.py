@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptflow import features, storage
+from adaptflow import shards, storage
 
 pytestmark = pytest.mark.slow
 
@@ -47,15 +47,59 @@ def test_sigkill_during_extraction_then_the_same_command_resumes_with_one_row_pe
     assert second.returncode == 0, second.stderr[-3000:]
     features_uri = second.stdout.strip().splitlines()[-1]
 
-    ids = [i for f in features.committed_files(features_uri)
+    ids = [i for f in shards.committed_files(features_uri)
            for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()]
     assert len(ids) == len(set(ids)) == _valid_images(demo_data)  # exactly one row per valid image
     assert killed_at < len(_committed_manifests(store))  # the re-run did the rest, keeping what was committed
 
 
 def _valid_images(demo_data) -> int:
+    return sum(_valid_images_of(uri, d) for d, uri in (("source", demo_data.source_uri), ("target", demo_data.target_uri)))
+
+
+def test_sigkill_during_prediction_then_the_same_command_keeps_the_committed_parts(demo_data, fast_config, tmp_path):
+    """`adaptflow predict` with an end-to-end model, one task per 8 images: killed once parts are committed,
+    the same command predicts only the rest, and the merged file has one row per valid image."""
+    from adaptflow.models import ModelCard, build_model, save_model
+
+    cfg = fast_config.model_copy(update={"extract": fast_config.extract.model_copy(update={"shard_size": 8})})
+    card = ModelCard(kind="images", method="dann", image_size=32, classes=demo_data.classes, config=cfg,
+                     fingerprint="untrained", dim=0, config_hash=cfg.fingerprint(), dataset_fingerprint="none",
+                     metrics={})
+    model = str(tmp_path / "model")
+    save_model(model, build_model(card), card)  # untrained: what is predicted does not matter here
+    store, out = str(tmp_path / "store"), tmp_path / "predictions.parquet"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_HOME": str(tmp_path / "prefect")}
+    cmd = [sys.executable, "-m", "cli.main", "predict", model, demo_data.target_uri, "--out", str(out),
+           "--store", store]
+    parts = Path(f"{out}.parts")
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(parts.glob("*.json"))) < 2:
+            assert first.poll() is None, first.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "prediction never started"
+            time.sleep(0.05)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert not out.exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.json")}
+
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    ids = storage.read_table(str(out), columns=["image_id"])["image_id"].to_pylist()
+    n = _valid_images_of(demo_data.target_uri, "target")
+    assert len(ids) == len(set(ids)) == n
+    now = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.json")}
+    assert len(now) == -(-n // 8) > len(kept)  # one part per 8 images: the rerun made only the missing ones
+    assert all(now[name] == mtime for name, mtime in kept.items())  # committed parts were not redone
+
+
+def _valid_images_of(uri: str, domain: str) -> int:
+    """Valid images under `uri`, as ingest counts them."""
     from adaptflow.config import IngestConfig
     from adaptflow.ingest import ingest
 
-    return sum(ingest(uri, d, f"memory://faults-count/{d}", IngestConfig(workers=2)).n_images
-               for d, uri in (("source", demo_data.source_uri), ("target", demo_data.target_uri)))
+    return ingest(uri, domain, f"memory://faults-count-{domain}", IngestConfig(workers=2)).n_images

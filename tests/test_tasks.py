@@ -6,13 +6,14 @@ from prefect.states import Failed
 from adaptflow import storage
 from adaptflow.adaptation import CandidateManifest, SelectionManifest
 from adaptflow.errors import DatasetError
-from adaptflow.features import ExtractionPlan, ShardManifest
+from adaptflow.features import ExtractionPlan, ShardResult
 from adaptflow.manifests import IngestManifest
-from adaptflow.pipeline import EvaluationManifest, ModelManifest, PredictionManifest
+from adaptflow.pipeline import ModelManifest
+from adaptflow.prediction import EvaluationManifest, PredictionManifest
 from adaptflow.runs import RunSummary, StageClock
 from tasks._retry import retry_unless_user_error
 from tasks.adapt import plan_candidates, select_model, train_candidate
-from tasks.evaluate import evaluate, predict
+from tasks.evaluate import evaluate, merge_predictions, plan_prediction, predict_shard
 from tasks.extract import compact_features, extract_shard, plan_extraction
 from tasks.ingest import ingest_dataset
 from tasks.report import publish_run, write_report, write_summary
@@ -35,7 +36,7 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
                                   cfg.backbone, cfg.extract.shard_size)
         shards = [extract_shard.fn(s, cfg.backbone, cfg.extract) for s in plan.shards]
         compaction = compact_features.fn(plan.features_uri, cfg.extract)
-    assert isinstance(plan, ExtractionPlan) and all(isinstance(s, ShardManifest) for s in shards)
+    assert isinstance(plan, ExtractionPlan) and all(isinstance(s, ShardResult) for s in shards)
     assert compaction.shards_after == len(shards)  # fewer small shards than compact_min_shards
     # every task's manifest carries its work record: time, and the bytes its body moved
     assert all(s.work.seconds > 0 and s.work.bytes_written > s.bytes_written for s in shards)
@@ -52,9 +53,15 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
     selection = select_model.fn(head, candidates, cfg)
     assert isinstance(selection, SelectionManifest) and selection.index in (0, 1)
 
-    preds = predict.fn(selection.model_uri, datasets["target"], plan, f"{run}/predictions.parquet")
+    def predict(images, out, split=None):
+        to_do = plan_prediction.fn(selection.model_uri, images, out, 4, split)
+        assert len(to_do.shards) > 1  # several parts, merged into one file
+        return merge_predictions.fn(to_do, [predict_shard.fn(s, plan, "cpu") for s in to_do.shards])
+
+    preds = predict(datasets["target"], f"{run}/predictions.parquet")
+    test = predict(datasets["source"], f"{run}/source_test.parquet", split="test")
     assert isinstance(preds, PredictionManifest) and preds.n_predictions == datasets["target"].n_images
-    evaluation = evaluate.fn(selection.model_uri, datasets["source"], preds, datasets["target_labels"], plan,
+    evaluation = evaluate.fn(datasets["source"], test, preds, datasets["target_labels"], head.classes,
                              f"{run}/metrics.json")
     assert isinstance(evaluation, EvaluationManifest) and evaluation.target["n"] == datasets["target"].n_images
 
@@ -62,7 +69,7 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
                              evaluation)
     assert storage.read_bytes(report.report_uri).startswith(b"<!DOCTYPE html>")
     summary = write_summary.fn("r1", run, cfg, datasets, plan, shards, compaction, head, candidates, selection,
-                               [preds], evaluation, evaluation, report, clock.seconds)
+                               [preds, test], evaluation, evaluation, report, clock.seconds)
     assert isinstance(summary, RunSummary)
     assert set(summary.stages) == {"ingest", "extract"}  # the stages this test timed
     assert summary.stages["extract"]["images"] == sum(s.n_rows for s in shards)
