@@ -188,6 +188,17 @@ def _order(cands: list[dict], chosen: int | None, ranks: list) -> list[int]:
     return sorted(range(len(cands)), key=lambda i: (i != chosen, i not in rank, -rank.get(i, 0.0), i))
 
 
+def _steps(c: dict) -> str:
+    """Steps trained of the budget; where successive halving stopped the candidate, after which rung."""
+    steps, total = c.get("steps"), c.get("total_steps")
+    if steps is None:
+        return "–"
+    text = f"{steps:,}" + (f" / {total:,}" if total and total != steps else "")
+    if c.get("stopped_at_rung") is not None:
+        text += f'<div class="hp">stopped after rung {c["stopped_at_rung"] + 1}</div>'
+    return text
+
+
 def _candidates(report: dict) -> str:
     cands, sel = report["candidates"], report.get("selection") or {}
     chosen, oracle = _selected(report)
@@ -199,7 +210,7 @@ def _candidates(report: dict) -> str:
     show_acc = any(c.get("target_accuracy") is not None for c in cands)
     head = ["#", "", "name", "method", "mode", *(["mean rank"] if mean_rank else []),
             *(f'<th class="policy">{_e(v)}</th>' if v in policy else v for v in validators),
-            "collapsed", *(["target acc"] if show_acc else []), "seconds"]
+            "collapsed", *(["target acc"] if show_acc else []), "steps", "seconds"]
     rows, classes = [], []
     for rank, i in enumerate(order, 1):
         c = cands[i]
@@ -214,6 +225,7 @@ def _candidates(report: dict) -> str:
             *(_n(scores.get(v)) for v in validators),
             '<span class="badge b-collapsed">collapsed</span>' if c.get("collapsed") else "no",
             *([_n(c.get("target_accuracy"))] if show_acc else []),
+            _steps(c),
             _n(c.get("seconds"), ".1f"),
         ])
         classes.append(" ".join(k for k, on in (("selected", i == chosen), ("collapsed", c.get("collapsed"))) if on))

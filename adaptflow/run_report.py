@@ -9,7 +9,8 @@ from adaptflow.adapt import domain_gap
 from adaptflow.adaptation import CandidateManifest, SelectionManifest
 from adaptflow.features import ExtractionPlan, load_features
 from adaptflow.manifests import IngestManifest, Manifest
-from adaptflow.pipeline import EvaluationManifest, read_index
+from adaptflow.pipeline import read_index
+from adaptflow.prediction import EvaluationManifest
 from adaptflow.report import embed_2d, write_report
 
 _GAP_SAMPLE = 2000  # images per domain for the before-adaptation gap: PAD and MMD need no more
@@ -43,6 +44,7 @@ def write_run_report(run_uri: str, source: IngestManifest, target: IngestManifes
                     "selected model, target accuracy": _fmt((evaluation.target or {}).get("accuracy"))},
         "candidates": [{"name": c.spec.name, "method": c.spec.method, "mode": c.spec.mode, "hparams": c.spec.hparams,
                         "scores": c.scores, "collapsed": c.collapsed, "target_accuracy": c.target_accuracy,
+                        "steps": c.steps, "total_steps": c.total_steps, "stopped_at_rung": c.stopped_at_rung,
                         "seconds": c.seconds} for c in candidates],
         "selection": {"index": selection.index, "reason": selection.reason, "policy": selection.policy,
                       "oracle_index": selection.oracle_index, "ranks": selection.ranks,

@@ -19,9 +19,11 @@ from adaptflow import DEFAULT_STORE, storage  # noqa: F401  (DEFAULT_STORE: re-e
 from adaptflow.accounting import stage_stats
 from adaptflow.adaptation import CandidateManifest, SelectionManifest
 from adaptflow.config import Config
-from adaptflow.features import CompactionManifest, ExtractionPlan, ShardManifest
+from adaptflow.features import ExtractionPlan, ShardResult
 from adaptflow.manifests import IngestManifest, Manifest
-from adaptflow.pipeline import EvaluationManifest, ModelManifest, PredictionManifest
+from adaptflow.pipeline import ModelManifest
+from adaptflow.prediction import EvaluationManifest, PredictionManifest
+from adaptflow.shards import CompactionManifest
 
 
 def run_uri(store: str, run_id: str) -> str:
@@ -80,7 +82,7 @@ def summarize_stages(timings: dict[str, float], manifests: dict[str, list[Manife
     trained on (train), predictions written (evaluate)."""
     images = {
         "ingest": sum(m.n_images + m.n_rejected for m in datasets.values()),
-        "extract": sum(m.n_rows for m in manifests.get("extract", []) if isinstance(m, ShardManifest)),
+        "extract": sum(m.n_rows for m in manifests.get("extract", []) if isinstance(m, ShardResult)),
         "train": sum(m.n_images for d, m in datasets.items() if d in ("source", "target")),
         "evaluate": sum(m.n_predictions for m in manifests.get("evaluate", []) if isinstance(m, PredictionManifest)),
     }
@@ -88,7 +90,7 @@ def summarize_stages(timings: dict[str, float], manifests: dict[str, list[Manife
             for stage, ms in manifests.items() if stage in timings}
 
 
-def summarize_extraction(plan: ExtractionPlan, shards: list[ShardManifest], compaction: CompactionManifest | None,
+def summarize_extraction(plan: ExtractionPlan, shards: list[ShardResult], compaction: CompactionManifest | None,
                          wall_seconds: float) -> dict:
     """`images_per_second` is the stage's: every image embedded over the stage's wall time, planning and
     model loading included; `shard_images_per_second` counts only time inside the shard tasks. The
@@ -101,7 +103,9 @@ def summarize_extraction(plan: ExtractionPlan, shards: list[ShardManifest], comp
         "features_uri": plan.features_uri,
         "images_requested": plan.n_requested,
         "images_cached": plan.n_cached,
-        "images_extracted": extracted,
+        "images_extracted": extracted,  # embedded and/or decoded into the training-image cache
+        "image_cache_uri": plan.cache.uri if plan.cache else None,
+        "images_cached_pixels": plan.n_cached_pixels,
         "shards": len(shards),
         "bytes_read": sum(s.bytes_read for s in shards),
         "bytes_written": sum(s.bytes_written for s in shards),
@@ -162,7 +166,8 @@ def _adaptation(selection: SelectionManifest, candidates: list[CandidateManifest
         "regret": (oracle.target_accuracy - selected_acc) if oracle and selected_acc is not None else None,
         "candidates": [{"name": c.spec.name, "method": c.spec.method, "mode": c.spec.mode, "scores": c.scores,
                         "collapsed": c.collapsed, "rank": rank, "source_test_accuracy": c.source_test_accuracy,
-                        "target_accuracy": c.target_accuracy, "seconds": round(c.seconds, 2),
+                        "target_accuracy": c.target_accuracy, "steps": c.steps, "total_steps": c.total_steps,
+                        "stopped_at_rung": c.stopped_at_rung, "seconds": round(c.seconds, 2),
                         "model_uri": c.model_uri} for c, rank in zip(candidates, ranks, strict=True)],
     }
 
@@ -216,6 +221,10 @@ def headline(summary: RunSummary) -> list[str]:
     lines.append(f"selected: {a['selected']} ({a['reason']})")
     if a.get("confident") is False:
         lines.append(f"low confidence: {a['confidence']}")
+    stopped = [c for c in a.get("candidates", []) if c.get("stopped_at_rung") is not None]
+    if stopped:
+        lines.append("successive halving stopped " + ", ".join(
+            f"{c['name']} at step {c['steps']} of {c['total_steps']}" for c in stopped))
     if a.get("regret") is not None:
         lines.append(f"target labels (scoring only): selected {a['selected_target_accuracy']:.3f}, oracle "
                      f"{a['oracle']} {a['oracle_target_accuracy']:.3f}, regret {a['regret']:.3f}")

@@ -4,13 +4,15 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from adaptflow import run_report, runs
 from adaptflow.adaptation import CandidateManifest, SelectionManifest
 from adaptflow.config import Config
-from adaptflow.features import CompactionManifest, ExtractionPlan, ShardManifest
+from adaptflow.features import ExtractionPlan, ShardResult
 from adaptflow.history import write_history
 from adaptflow.manifests import IngestManifest
 from adaptflow.monitor import ModelScores, PromotionManifest, ShiftManifest
-from adaptflow.pipeline import EvaluationManifest, ModelManifest, PredictionManifest
+from adaptflow.pipeline import ModelManifest
+from adaptflow.prediction import EvaluationManifest, PredictionManifest
 from adaptflow.run_report import ReportManifest
 from adaptflow.runs import RunSummary
+from adaptflow.shards import CompactionManifest
 from tasks._work import measured
 
 
@@ -25,13 +27,14 @@ def write_report(run_uri: str, source: IngestManifest, target: IngestManifest, f
 
 @task(name="write-summary")
 def write_summary(run_id: str, run_uri: str, cfg: Config, datasets: dict[str, IngestManifest], plan: ExtractionPlan,
-                  shards: list[ShardManifest], compaction: CompactionManifest, head: ModelManifest,
+                  shards: list[ShardResult], compaction: CompactionManifest, head: ModelManifest,
                   candidates: list[CandidateManifest], selection: SelectionManifest,
                   predictions: list[PredictionManifest], evaluation: EvaluationManifest,
                   baseline: EvaluationManifest, report: ReportManifest, timings: dict[str, float],
                   shift: ShiftManifest | None = None, champion: ModelScores | None = None,
                   challenger: ModelScores | None = None, promotion: PromotionManifest | None = None) -> RunSummary:
-    """Commit the run: summary.json is written last. `predictions`: the selected model's, then the head's;
+    """Commit the run: summary.json is written last. `predictions`: the selected model's (target, then
+    source test), then the head's;
     `champion`, `challenger`: the two models the gate compared, scored on this run's data."""
     extraction = runs.summarize_extraction(plan, shards, compaction, timings.get("extract", 0.0))
     stages = runs.summarize_stages(timings, {
@@ -45,7 +48,7 @@ def write_summary(run_id: str, run_uri: str, cfg: Config, datasets: dict[str, In
 
 @task(name="write-no-shift-summary")
 def write_no_shift_summary(run_id: str, run_uri: str, cfg: Config, datasets: dict[str, IngestManifest],
-                           plan: ExtractionPlan, shards: list[ShardManifest], compaction: CompactionManifest,
+                           plan: ExtractionPlan, shards: list[ShardResult], compaction: CompactionManifest,
                            shift: ShiftManifest, champion: ModelScores | None,
                            timings: dict[str, float]) -> RunSummary:
     """Commit a run that found no shift: it stops here, cheaply."""

@@ -28,7 +28,8 @@ def _domains(seed: int, ns: int = 30, nt: int = 20, d: int = 8) -> tuple[np.ndar
 
 def _candidate(name, method, mode, scores, collapsed, acc, **hparams):
     return {"name": name, "method": method, "mode": mode, "hparams": hparams, "scores": scores,
-            "collapsed": collapsed, "target_accuracy": acc, "seconds": 12.5}
+            "collapsed": collapsed, "target_accuracy": acc, "seconds": 12.5, "steps": 300, "total_steps": 300,
+            "stopped_at_rung": None}
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,14 @@ def test_candidates_are_in_selection_order_with_markers(page):
     assert rows[3].startswith('<tr class="collapsed">') and "entmin &lt;i&gt;" in rows[3]
     assert "<th>target acc</th>" in page
     assert "Selected vs oracle</b>: target accuracy 0.830 vs 0.860 (gap 0.030)" in page
+
+
+def test_candidates_stopped_by_successive_halving_say_when(report):
+    cands = [{**c, "steps": 100, "stopped_at_rung": 0} if c["name"] == "cdan" else c for c in report["candidates"]]
+    rows = _rows(render_report({**report, "candidates": cands}))
+    stopped = next(r for r in rows if ">cdan<" in r)
+    assert "100 / 300" in stopped and "stopped after rung 1" in stopped
+    assert all("stopped after" not in r and "300" in r for r in rows if r is not stopped)
 
 
 def test_low_confidence_is_said_at_the_top_and_under_the_candidates(report):
