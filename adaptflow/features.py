@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from adaptflow import accounting, storage
+from adaptflow import accounting, progress, storage
 from adaptflow.config import BackboneConfig, ExtractConfig
 from adaptflow.errors import StoreError
 from adaptflow.manifests import Manifest
@@ -165,6 +165,7 @@ def _embed_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConf
                 emb = module(x)
             out[idx.numpy()] = emb.float().cpu().numpy()
             bytes_read += int(nbytes.sum())
+            progress.advance(len(idx))
     if extract.num_workers:  # read in worker processes, out of sight of this thread's meters
         accounting.count(read=bytes_read)
 

@@ -21,7 +21,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from adaptflow import storage
+from adaptflow import progress, storage
 from adaptflow.config import Config
 from adaptflow.errors import AdaptflowError, ModelError, StoreError
 from adaptflow.features import ExtractionPlan, load_features
@@ -148,6 +148,7 @@ def infer_features(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) ->
         z = model.features(chunk)
         feats.append(z)
         logits.append(model.predict(chunk))
+        progress.advance(len(chunk))
     return torch.cat(logits), torch.cat(feats)
 
 

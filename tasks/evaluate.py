@@ -1,6 +1,6 @@
 from prefect import task
 
-from adaptflow import pipeline
+from adaptflow import pipeline, progress
 from adaptflow.features import ExtractionPlan
 from adaptflow.manifests import IngestManifest
 from adaptflow.pipeline import EvaluationManifest, PredictionManifest
@@ -12,7 +12,8 @@ from tasks._work import measured
 @measured
 def predict(model_uri: str, images: IngestManifest, features: ExtractionPlan | None, out_uri: str) -> PredictionManifest:
     """Write the model's prediction for every valid image."""
-    return pipeline.predict(model_uri, images, features, out_uri)
+    with progress.task(f"predict {images.domain}", images.n_images, "images"):
+        return pipeline.predict(model_uri, images, features, out_uri)
 
 
 @task(name="evaluate")

@@ -2,7 +2,7 @@ from prefect import task, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from adaptflow import features
+from adaptflow import features, progress
 from adaptflow.config import BackboneConfig, ExtractConfig, RuntimeConfig
 from adaptflow.features import CompactionManifest, ExtractionPlan, ShardManifest, ShardPlan
 from tasks._retry import IO_TASK
@@ -21,7 +21,8 @@ def plan_extraction(index_uris: list[str], store_uri: str, backbone: BackboneCon
 @measured
 def extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConfig) -> ShardManifest:
     """Embed one shard's images and commit it to the feature store."""
-    return features.extract_shard(plan, backbone, extract)
+    with progress.task(f"extract images {plan.offset}-{plan.offset + plan.length}", plan.length, "images"):
+        return features.extract_shard(plan, backbone, extract)
 
 
 @task(name="compact-features", **IO_TASK)

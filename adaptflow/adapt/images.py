@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from adaptflow import accounting
+from adaptflow import accounting, progress
 from adaptflow.adapt.algorithms import Algorithm, set_trainable
 from adaptflow.adapt.train import _batches
 from adaptflow.backbones import build_extractor
@@ -215,6 +215,7 @@ def fit_images(
             xs, xt = _translate(xs, shift, g_aug), _translate(xt, shift, g_aug)
         with _autocast(device):
             losses = algorithm.update((xs, ys_all[i.to(device, non_blocking=True)]), xt)
+        progress.update(step, steps)
         elapsed = time.perf_counter() - start
         over = time_budget_s is not None and elapsed > time_budget_s
         if step % log_every == 0 or step == steps or over:
@@ -242,6 +243,7 @@ def infer_images(
             z = algorithm.features(chunk.to(device, non_blocking=True))
             feats.append(z.float().cpu())
             logits.append(algorithm.classifier(z).float().cpu())
+            progress.advance(len(chunk))
     algorithm.train(was_training)
     if not logits:
         return torch.empty(0, algorithm.num_classes), torch.empty(0, algorithm.classifier.in_features)

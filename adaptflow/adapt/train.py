@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from adaptflow import progress
 from adaptflow.adapt.algorithms import Algorithm
 
 
@@ -44,6 +45,7 @@ def fit(
         i, j = next(src), next(tgt)
         xs, xt = source_x[i].to(p.device, p.dtype), target_x[j].to(p.device, p.dtype)
         losses = algorithm.update((xs, source_y[i].to(p.device)), xt)
+        progress.update(step, steps)
         if step % log_every == 0 or step == steps:
             curve.append({"step": step, **losses})
     return curve
