@@ -165,7 +165,7 @@ def _embed_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConf
                 emb = module(x)
             out[idx.numpy()] = emb.float().cpu().numpy()
             bytes_read += int(nbytes.sum())
-            progress.advance(len(idx))
+            progress.advance(len(idx), "images")
     if extract.num_workers:  # read in worker processes, out of sight of this thread's meters
         accounting.count(read=bytes_read)
 

@@ -148,7 +148,7 @@ def infer_features(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) ->
         z = model.features(chunk)
         feats.append(z)
         logits.append(model.predict(chunk))
-        progress.advance(len(chunk))
+        progress.advance(len(chunk), "images")
     return torch.cat(logits), torch.cat(feats)
 
 

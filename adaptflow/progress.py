@@ -83,10 +83,11 @@ def task(label: str, total: int | None = None, unit: str = "") -> Iterator[Bar |
         renderer.finished(bar, ok)
 
 
-def advance(n: int = 1) -> None:
-    """`n` more units done in the current task; nothing when there is none."""
+def advance(n: int = 1, unit: str | None = None) -> None:
+    """`n` more units done in the current task; nothing when there is none. With `unit`, only a task counting
+    that unit moves: inference inside a training task (scoring the candidate) is not counted as steps."""
     bar = _current.get()
-    if bar is not None:
+    if bar is not None and (unit is None or unit == bar.unit):
         bar.advance(n)
 
 

@@ -79,13 +79,15 @@ def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp
         assert f"\ndone: {step}" in done.stderr, step
     assert "done: " not in done.stdout and "\r" not in done.stderr
 
-    # the same batch again, quiet and as JSON: one JSON object on stdout, nothing but warnings on stderr
+    # the same batch again (head only: cheap), quiet and as JSON: one JSON object on stdout, the run's summary,
+    # and nothing but warnings on stderr
     again = _adaptflow("run", "--source", demo_data.source_uri, "--target", demo_data.target_uri, "--store", store,
-                       "--quiet", "--json", *fast, cwd=tmp_path)
+                       "--method", "none", "--quiet", "--json", *fast, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     (line,) = again.stdout.strip().splitlines()
     quiet = json.loads(line)
-    assert quiet["status"] == "no_shift" and quiet["run_uri"].startswith(store) and quiet["run_id"] in quiet["run_uri"]
+    assert quiet == storage.read_json(storage.join(quiet["run_uri"], "summary.json"))
+    assert quiet["run_uri"].startswith(store) and quiet["shift"]["champion_version"] == 1
     assert "done: " not in again.stderr and "| INFO " not in again.stderr
 
     broken = tmp_path / "broken"

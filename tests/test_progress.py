@@ -42,6 +42,18 @@ def test_off_a_terminal_each_task_ends_in_one_line_and_long_ones_report_on_the_w
     assert out.getvalue().splitlines() == lines
 
 
+def test_a_unit_names_the_tasks_an_advance_counts_for():
+    out = io.StringIO()
+    with progress.rendering(progress.TerminalRenderer(out, every_s=3600)):
+        with progress.task("train dann-features", unit="steps"):
+            progress.update(100, 100)
+            progress.advance(150, "images")  # scoring the trained candidate: not training steps
+        with progress.task("predict target", 150, "images"):
+            progress.advance(150, "images")
+    assert [line.split(" (")[0] for line in out.getvalue().splitlines()] == [
+        "done: train dann-features: 100/100 steps", "done: predict target: 150/150 images"]
+
+
 def test_threads_report_to_their_own_task_and_pool_threads_to_their_callers():
     out = io.StringIO()
     with progress.rendering(progress.TerminalRenderer(out, every_s=3600)):

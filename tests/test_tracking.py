@@ -77,8 +77,9 @@ def test_runs_and_the_registry_are_mirrored_to_mlflow(demo_data, fast_config, tm
     mirrored = {a: int(client.get_model_version_by_alias("adaptflow", a).tags["adaptflow.version"])
                 for a in client.get_registered_model("adaptflow").aliases}
     assert mirrored == adaptflow_aliases and "champion" in mirrored
-    print(f"\nMLflow runs: {sorted(runs)}; adaptflow aliases {adaptflow_aliases}; MLflow aliases "
-          f"{dict(client.get_registered_model('adaptflow').aliases)} (MLflow version numbers)")
+    with capsys.disabled():  # for the record, with -s
+        print(f"\nMLflow runs: {sorted(runs)}; adaptflow aliases {adaptflow_aliases}; MLflow aliases "
+              f"{dict(client.get_registered_model('adaptflow').aliases)} (MLflow version numbers)")
 
     # a promotion by hand is mirrored too (MLFLOW_TRACKING_URI names the store for the command line)
     monkeypatch.setenv(tracking.ENV, mlflow_uri)

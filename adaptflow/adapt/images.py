@@ -243,7 +243,7 @@ def infer_images(
             z = algorithm.features(chunk.to(device, non_blocking=True))
             feats.append(z.float().cpu())
             logits.append(algorithm.classifier(z).float().cpu())
-            progress.advance(len(chunk))
+            progress.advance(len(chunk), "images")
     algorithm.train(was_training)
     if not logits:
         return torch.empty(0, algorithm.num_classes), torch.empty(0, algorithm.classifier.in_features)
