@@ -196,6 +196,24 @@ class RuntimeConfig(_Section):
         "a blocking read; null: no limit")
 
 
+class TrackingConfig(_Section):
+    """Runs mirrored to MLflow (adaptflow[mlflow]); adaptflow's own registry stays the source of truth."""
+
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (sqlite:///mlflow.db, http://host:5000, databricks, ...): each run "
+        "logs params, metrics and artifacts there and registers its model, with the champion/challenger aliases "
+        "kept in step; null: the MLFLOW_TRACKING_URI environment variable if set, else no tracking")
+    mlflow_experiment: str = Field("adaptflow", min_length=1, description="the MLflow experiment runs are logged to")
+    mlflow_model: str = Field("adaptflow", min_length=1, description="the registered model name in MLflow")
+
+
+class LinksConfig(_Section):
+    expiry_s: int | None = Field(
+        604_800, ge=1, le=604_800, description="the report and history links a run puts on the Prefect UI are, on "
+        "an S3 store, presigned HTTPS URLs valid this many seconds (at most 7 days, S3's limit); null: the s3:// "
+        "URIs themselves (a presigned URL carries the access key ID, never the secret)")
+
+
 class Config(_Section):
     seed: int = 0
     ingest: IngestConfig = IngestConfig()
@@ -206,6 +224,8 @@ class Config(_Section):
     monitor: MonitorConfig = MonitorConfig()
     promotion: PromotionConfig = PromotionConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    links: LinksConfig = LinksConfig()
 
     def fingerprint(self) -> str:
         """A short, stable hash of every setting."""

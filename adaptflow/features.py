@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from adaptflow import accounting, storage
+from adaptflow import accounting, progress, storage
 from adaptflow.config import BackboneConfig, ExtractConfig
 from adaptflow.errors import StoreError
 from adaptflow.image_cache import ImageCache
@@ -187,6 +187,7 @@ def _embed_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConf
             if cache:
                 pixels[i] = batches[-1].to("cpu", torch.uint8).reshape(len(i), -1).numpy()
             bytes_read += int(nbytes.sum())
+            progress.advance(len(idx), "images")
     if extract.num_workers:  # read in worker processes, out of sight of this thread's meters
         accounting.count(read=bytes_read)
 

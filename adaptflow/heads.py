@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adaptflow import progress
 from adaptflow.config import HeadConfig
 
 
@@ -63,6 +64,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
             loss.backward()
             opt.step()
         val_acc, val_loss = _score(head, xv, yv)
+        progress.update(epoch + 1, cfg.max_epochs)
         curve.append({"epoch": epoch, "train_loss": loss.item(), "val_acc": val_acc, "val_loss": val_loss})
         # Patience runs on accuracy alone: on well-separated data the loss creeps down for ever.
         stale = 0 if val_acc > best[0] else stale + 1

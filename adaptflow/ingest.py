@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from adaptflow import accounting, storage
+from adaptflow import accounting, progress, storage
 from adaptflow.config import IngestConfig
 from adaptflow.errors import DatasetError
 from adaptflow.manifests import IngestManifest
@@ -98,8 +98,8 @@ def ingest(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed:
         rejects += [(e.uri, f"unknown label {e.label!r} (known: {', '.join(sorted(known))})", None)
                     for e in entries if e.label is not None and e.label not in known]
         entries = [e for e in entries if e.label is None or e.label in known]
-    with ThreadPoolExecutor(cfg.workers) as pool:
-        checked = list(pool.map(accounting.carry(lambda e: _check(e, cfg.max_image_pixels, cfg.check_extension)),
+    with ThreadPoolExecutor(cfg.workers) as pool, progress.task(f"ingest {domain}", len(entries), "files"):
+        checked = list(pool.map(accounting.carry(lambda e: _counted(e, cfg.max_image_pixels, cfg.check_extension)),
                                 entries))
     rejects += [(c.entry.uri, c.reason, c.image_id) for c in checked if c.reason]
     kept, duplicates = _deduplicate([c for c in checked if not c.reason])
@@ -244,6 +244,12 @@ def _row_reason(label: str | None, split: str | None) -> str | None:
 
 
 # Checking: one file at a time, on worker threads.
+
+
+def _counted(entry: _Entry, max_pixels: int, check_extension: bool) -> _Checked:
+    checked = _check(entry, max_pixels, check_extension)
+    progress.advance()
+    return checked
 
 
 def _check(entry: _Entry, max_pixels: int, check_extension: bool = True) -> _Checked:

@@ -238,7 +238,18 @@ def write_bytes(uri: str, data: bytes) -> None:
                 os.remove(tmp)
             raise _local_write_error(uri, e) from None
     else:
-        _call(uri, lambda fs, path: fs.pipe_file(path, data))
+        extra = _content_type(uri)
+        _call(uri, lambda fs, path: fs.pipe_file(path, data, **extra))
+
+
+_CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".json": "application/json", ".png": "image/png"}
+
+
+def _content_type(uri: str) -> dict[str, str]:
+    """S3 objects that a browser opens (the report, the history page) get their content type, so a link to
+    them shows the page instead of downloading `binary/octet-stream`."""
+    content_type = _CONTENT_TYPES.get(posixpath.splitext(uri)[1].lower())
+    return {"ContentType": content_type} if content_type and split_protocol(uri)[0] in ("s3", "s3a") else {}
 
 
 def _local_write_error(uri: str, e: OSError) -> StoreError:
@@ -341,6 +352,18 @@ def remove(uri: str) -> None:
             fs.rm(path)
 
     _call(uri, op)
+
+
+def browser_url(uri: str, expires_s: int | None) -> str:
+    """A URL a person can open for `uri`: a local path becomes a file:// URL; an s3:// object, with
+    `expires_s`, a presigned URL (HTTPS on AWS: the endpoint's scheme) valid that long, signed as botocore
+    signs for the endpoint; anything else, or `expires_s` None, the URI as it is. A presigned URL carries
+    the access key ID and a signature, never the secret key."""
+    if "://" not in uri:
+        return "file://" + os.path.abspath(uri)
+    if not expires_s or split_protocol(uri)[0] not in ("s3", "s3a"):
+        return uri
+    return _call(uri, lambda fs, path: fs.sign(path, expiration=int(expires_s)))
 
 
 def create_only(uri: str, data: bytes) -> bool:

@@ -13,11 +13,13 @@ Prefect, pyarrow or fsspec), so `--help` answers at once.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import textwrap
+from contextlib import contextmanager
 
-from adaptflow import DEFAULT_STORE
+from adaptflow import DEFAULT_STORE, progress
 from adaptflow.errors import AdaptflowError, DatasetError, TransientError
 from cli import interrupt, prefect_api
 
@@ -28,10 +30,11 @@ TIMED_OUT = TransientError.exit_code
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    prefect_api.configure_environment()
+    quiet = getattr(args, "quiet", None)  # None: a short command, with no progress to show
+    prefect_api.configure_environment(quiet=bool(quiet))
     for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
         logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
-    with interrupt.interruptible(prefect_api.stop_now):
+    with interrupt.interruptible(prefect_api.stop_now), _progress_on_stderr(quiet is False):
         try:
             return args.command(args)
         except AdaptflowError as e:
@@ -43,6 +46,28 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             interrupt.announce()
             interrupt.exit_now(prefect_api.stop_now)
+
+
+@contextmanager
+def _progress_on_stderr(show: bool):
+    """Long work's progress on stderr (a live status line on a terminal, plain lines elsewhere), so that
+    stdout stays the command's result. stderr is routed through the renderer meanwhile, so Prefect's log
+    lines and error messages print above the status line instead of through it."""
+    if not show:
+        yield
+        return
+    renderer = progress.TerminalRenderer(sys.stderr)
+    stderr, sys.stderr = sys.stderr, renderer.stream
+    try:
+        with progress.rendering(renderer):
+            yield
+    finally:
+        sys.stderr = stderr
+
+
+def _print_json(obj) -> None:
+    """Machine-readable output: one JSON document on one line of stdout."""
+    print(json.dumps(obj, sort_keys=True, default=str))
 
 
 def _timed_out(e: TimeoutError) -> str:
@@ -68,8 +93,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, [*args.set, f"adapt.method={args.method}"] if args.method else args.set)
     _check_inputs(args.source, args.target, args.target_labels, store=args.store)
-    run = _retrain(args.source, args.target, args.target_labels, args.store, cfg)
-    print(run)
+    run = _retrain(args.source, args.target, args.target_labels, args.store, cfg, table=not args.json)
+    if args.json:
+        from adaptflow import storage
+
+        _print_json(storage.read_json(storage.join(run, "summary.json")))
+    else:
+        print(run)
     return 0
 
 
@@ -147,6 +177,17 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     from adaptflow import registry
 
     versions = registry.list_versions(args.store)
+    if args.json:
+        from adaptflow.export import list_exports
+
+        exports = list_exports(args.store)
+        _print_json({"registry": registry.registry_uri(args.store), "aliases": registry.aliases(args.store),
+                     "versions": [{**v.model_dump(mode="json", exclude={"schema_version", "work"}),
+                                   "aliases": sorted(a for a, n in registry.aliases(args.store).items() if n == v.version),
+                                   "exports": [e.model_dump(mode="json", exclude={"schema_version", "work"})
+                                               for e in exports if e.version == v.version]}
+                                  for v in versions]})
+        return 0
     if not versions:
         print(f"no models registered in {registry.registry_uri(args.store)}")
         return 0
@@ -161,6 +202,27 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_export(args: argparse.Namespace) -> int:
+    import posixpath
+
+    from adaptflow import storage
+    from adaptflow.export import export_registered
+
+    out = storage.absolute(args.out)
+    storage.check_writable(posixpath.dirname(out))
+    with progress.task(f"export {args.model} to {args.format}"):
+        manifest = export_registered(args.store, args.model, out, args.format)
+    if args.json:
+        _print_json(manifest.model_dump(mode="json", exclude={"schema_version", "work"}))
+        return 0
+    source = f"v{manifest.version}" if manifest.version is not None else manifest.model_uri
+    print(f"exported {source} ({manifest.kind} model, {manifest.method}, {len(manifest.classes)} classes, "
+          f"{manifest.input_size} px) as {manifest.format}: {manifest.bytes / 1e6:.1f} MB; probabilities within "
+          f"{manifest.max_abs_diff:.1e} of the model; metadata in {manifest.metadata_uri}")
+    print(manifest.uri)
+    return 0
+
+
 def cmd_models_promote(args: argparse.Namespace) -> int:
     from adaptflow import registry
 
@@ -168,6 +230,7 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
     decision = registry.promote(args.store, version, reason=args.reason)
     before = f"v{decision.champion_version}" if decision.champion_version is not None else "none"
     print(f"champion: {before} -> v{decision.version} ({decision.reason})")
+    _mirror_to_mlflow(args.store)
     return 0
 
 
@@ -176,7 +239,30 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
 
     event = registry.rollback(args.store, reason=args.reason)
     print(f"champion: v{event.champion_before} -> v{event.champion_after} ({event.reason})")
+    _mirror_to_mlflow(args.store)
     return 0
+
+
+def _mirror_to_mlflow(store: str) -> None:
+    """With MLFLOW_TRACKING_URI set, point MLflow's aliases where the registry now points them. The registry
+    has changed already: MLflow being away is a warning (the next tracked run mirrors them again)."""
+    import os
+
+    from adaptflow import tracking
+
+    if not os.environ.get(tracking.ENV):
+        return
+    from adaptflow import registry
+    from adaptflow.config import TrackingConfig
+
+    try:
+        mirrored = tracking.sync_aliases(store, TrackingConfig()) or {}
+    except Exception as e:  # noqa: BLE001 - a mirror must not turn a done promotion into a failure
+        print(f"warning: MLflow aliases not mirrored ({type(e).__name__}: {tracking.redact(str(e))[:200]})",
+              file=sys.stderr)
+        return
+    ours = registry.aliases(store)
+    print("MLflow aliases mirrored: " + (", ".join(f"{a} -> v{ours[a]}" for a in sorted(mirrored)) or "none"))
 
 
 def _fmt(x: float | None) -> str:
@@ -191,14 +277,15 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
-def _retrain(source: str, target: str, target_labels: str | None, store: str, cfg) -> str:
+def _retrain(source: str, target: str, target_labels: str | None, store: str, cfg, table: bool = True) -> str:
     from adaptflow import storage
     from adaptflow.runs import RunSummary, render_table
     from flows.retrain import retrain
 
     with prefect_api.prefect_api():
         run = retrain(source, target, target_labels, store, cfg.model_dump(mode="json"))
-    print(render_table(RunSummary.load(storage.join(run, "summary.json"))))
+    if table:
+        print(render_table(RunSummary.load(storage.join(run, "summary.json"))))
     return run
 
 
@@ -246,8 +333,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action=_Version, help="print the version and git commit, and exit")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
-    def common(sp: argparse.ArgumentParser, config: bool = True, method: bool = True) -> None:
+    def common(sp: argparse.ArgumentParser, config: bool = True, method: bool = True, long: bool = True) -> None:
         sp.add_argument("--store", default=DEFAULT_STORE, help=f"feature store, models and runs (default: ./{DEFAULT_STORE})")
+        if long:
+            sp.add_argument("--quiet", "-q", action="store_true",
+                            help="no progress on stderr (and only Prefect's warnings and errors); stdout is unchanged")
         if config:
             sp.add_argument("--config", help="YAML config file (see configs/default.yaml)")
             sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -265,6 +355,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--target", required=True, help="unlabeled images: a flat folder or a manifest")
     run.add_argument("--target-labels", help="labels for target images, used for scoring only "
                                              "(class folders or a uri,label manifest; matched by content)")
+    run.add_argument("--json", action="store_true", help="print the run's summary as one JSON object on stdout "
+                                                         "(its run_uri included) instead of the table and the run folder")
     common(run)
     run.set_defaults(command=cmd_run)
 
@@ -296,16 +388,31 @@ def _parser() -> argparse.ArgumentParser:
                             description="Registered model versions and their champion/challenger aliases.")
     actions = models.add_subparsers(required=True, metavar="ACTION")
     ls = actions.add_parser("list", help="every registered version with its aliases and metrics")
-    common(ls, config=False)
+    ls.add_argument("--json", action="store_true", help="one JSON object on stdout: the registry's aliases and every "
+                                                        "version with its lineage, metrics, aliases and exports")
+    common(ls, config=False, long=False)
     ls.set_defaults(command=cmd_models_list)
+    exp = actions.add_parser("export", help="write a model as one ONNX or TorchScript file for serving",
+                             description="Backbone and head in one file: uint8 RGB images (N, 3, S, S), resized and "
+                                         "centre-cropped as recorded, in; logits and probabilities out. The "
+                                         "preprocessing and classes are in the file's metadata and in OUT.json beside "
+                                         "it. The export is checked against the model before it is written, and "
+                                         "recorded in the registry. Prints a summary, then OUT as the last line.")
+    exp.add_argument("model", metavar="MODEL", help="a registry version (champion, challenger, v3 or 3) or a model folder")
+    exp.add_argument("--format", default="onnx", choices=["onnx", "torchscript"],
+                     help="onnx (default; needs adaptflow[onnx]) or torchscript")
+    exp.add_argument("--out", required=True, help="the model file to write, e.g. classifier.onnx (and OUT.json)")
+    exp.add_argument("--json", action="store_true", help="print the export's record as one JSON object")
+    common(exp, config=False)
+    exp.set_defaults(command=cmd_models_export)
     prom = actions.add_parser("promote", help="make a version the champion, whatever its metrics")
     prom.add_argument("version", metavar="VERSION", help="a version number, v3, or an alias (challenger)")
     prom.add_argument("--reason", default="manual", help="why, recorded in the registry's events (default: manual)")
-    common(prom, config=False)
+    common(prom, config=False, long=False)
     prom.set_defaults(command=cmd_models_promote)
     rb = actions.add_parser("rollback", help="point champion back at the previous champion")
     rb.add_argument("--reason", default="rollback", help="why, recorded in the registry's events")
-    common(rb, config=False)
+    common(rb, config=False, long=False)
     rb.set_defaults(command=cmd_models_rollback)
 
     bb = sub.add_parser("backbones", help="list the registered backbones")

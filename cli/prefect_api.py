@@ -28,9 +28,12 @@ _HINT = ("wait for the machine to be less busy and rerun, raise PREFECT_SERVER_E
          "or start a server once (`prefect server start`) and set PREFECT_API_URL to it")
 
 
-def configure_environment() -> None:
-    """Prefect settings for a command-line run, set before Prefect is imported; the user's own win."""
+def configure_environment(quiet: bool = False) -> None:
+    """Prefect settings for a command-line run, set before Prefect is imported; the user's own win. Quiet:
+    Prefect's console shows warnings and errors only (its logs still reach the API in full)."""
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    if quiet:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     # The ephemeral API's telemetry service races the run for its SQLite file ("database is locked").
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 

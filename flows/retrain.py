@@ -15,6 +15,7 @@ from tasks.logs import forward_library_logs
 from tasks.monitor import check_shift, find_champion, promote_if_better, score_champion, score_model
 from tasks.report import publish_run, write_no_shift_summary, write_report, write_summary
 from tasks.runners import configured, limited
+from tasks.track import track_run
 from tasks.train import fit_head
 
 
@@ -75,6 +76,7 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
             summary = write_no_shift_summary(run_id, run, cfg, datasets, plan, shards, compaction, shift,
                                              champion_scores, clock.seconds)
             publish_run(summary, store)
+            track_run(summary, store, cfg.tracking)  # 7. mirror to MLflow, when tracking is on
             return run
 
     # 4. fine-tune and adapt: the source-only head, then adaptation candidates for a fixed number of steps
@@ -109,4 +111,5 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
                             clock.seconds,
                             shift, champion_scores, challenger, promotion)
     publish_run(summary, store)
+    track_run(summary, store, cfg.tracking)  # 7. mirror to MLflow, when tracking is on
     return run

@@ -1,6 +1,6 @@
 from prefect import task, unmapped
 
-from adaptflow import accounting, adaptation
+from adaptflow import accounting, adaptation, progress
 from adaptflow.adaptation import CandidateManifest, CandidateSpec, SelectionManifest
 from adaptflow.config import Config
 from adaptflow.features import ExtractionPlan, resolve_device
@@ -26,7 +26,8 @@ def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestM
     checkpoint) and score it without target labels."""
     device = str(resolve_device(cfg.extract.device))
     out_uri = join(candidates_uri, spec.name)
-    return adaptation.train_candidate(spec, source, target, target_labels, features, cfg, out_uri, device, until)
+    with progress.task(f"train {spec.name}", unit="steps"):
+        return adaptation.train_candidate(spec, source, target, target_labels, features, cfg, out_uri, device, until)
 
 
 @task(name="stop-candidate")

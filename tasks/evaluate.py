@@ -1,7 +1,7 @@
 from prefect import task, unmapped
 from prefect.futures import as_completed
 
-from adaptflow import accounting, prediction
+from adaptflow import accounting, prediction, progress
 from adaptflow.config import ExtractConfig, RuntimeConfig
 from adaptflow.features import ExtractionPlan, resolve_device
 from adaptflow.manifests import IngestManifest
@@ -28,7 +28,8 @@ def plan_prediction(model_uri: str, images: IngestManifest, out_uri: str, shard_
 @measured
 def predict_shard(shard: PredictShard, features: ExtractionPlan | None, device: str) -> PredictionPart:
     """Predict one shard's images and commit them; a committed part is kept."""
-    return prediction.predict_shard(shard, features, str(resolve_device(device)))
+    with progress.task(f"predict images {shard.rows[0]}-{shard.rows[1]}", shard.rows[1] - shard.rows[0], "images"):
+        return prediction.predict_shard(shard, features, str(resolve_device(device)))
 
 
 @task(name="merge-predictions", **IO_TASK)

@@ -2,7 +2,7 @@ from prefect import task, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from adaptflow import features, shards
+from adaptflow import features, progress, shards
 from adaptflow.config import BackboneConfig, ExtractConfig, RuntimeConfig
 from adaptflow.features import ExtractionPlan, ShardPlan, ShardResult
 from adaptflow.image_cache import image_cache
@@ -26,7 +26,8 @@ def plan_extraction(index_uris: list[str], store_uri: str, backbone: BackboneCon
 @measured
 def extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConfig) -> ShardResult:
     """Embed and/or cache one shard's images (each decoded once) and commit them to the store."""
-    return features.extract_shard(plan, backbone, extract)
+    with progress.task(f"extract images {plan.offset}-{plan.offset + plan.length}", plan.length, "images"):
+        return features.extract_shard(plan, backbone, extract)
 
 
 @task(name="compact-features", **IO_TASK)

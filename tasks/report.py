@@ -3,7 +3,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from adaptflow import run_report, runs
 from adaptflow.adaptation import CandidateManifest, SelectionManifest
-from adaptflow.config import Config
+from adaptflow.config import Config, validate_config
 from adaptflow.features import ExtractionPlan, ShardResult
 from adaptflow.history import write_history
 from adaptflow.manifests import IngestManifest
@@ -13,6 +13,7 @@ from adaptflow.prediction import EvaluationManifest, PredictionManifest
 from adaptflow.run_report import ReportManifest
 from adaptflow.runs import RunSummary
 from adaptflow.shards import CompactionManifest
+from adaptflow.storage import browser_url
 from tasks._work import measured
 
 
@@ -79,10 +80,11 @@ def publish_run(summary: RunSummary, store: str) -> str:
                           description="per stage: wall time, images/s, bytes read and written, orchestration share")
     create_markdown_artifact(key="adaptflow-summary", markdown=runs.render_markdown(summary),
                              description=f"adaptflow run {summary.run_id}")
+    expires_s = validate_config(summary.config).links.expiry_s  # S3: presigned HTTPS links, not s3:// strings
     if summary.report_uri:
-        create_link_artifact(key="adaptflow-report", link=runs.as_link(summary.report_uri),
+        create_link_artifact(key="adaptflow-report", link=browser_url(summary.report_uri, expires_s),
                              description="self-contained HTML report")
     history = write_history(store)
-    create_link_artifact(key="adaptflow-history", link=runs.as_link(history),
+    create_link_artifact(key="adaptflow-history", link=browser_url(history, expires_s),
                          description="every run of this store: target metrics, shift, images over time")
     return history

@@ -9,6 +9,7 @@ from prefect import Flow, Task
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from adaptflow.config import RuntimeConfig
+from adaptflow.errors import ConfigError
 
 T = TypeVar("T", bound=Task)
 
@@ -19,7 +20,10 @@ def build_task_runner(runtime: RuntimeConfig) -> TaskRunner:
     Prefect server first, or every worker starts its own temporary one."""
     if runtime.task_runner == "threads":
         return ThreadPoolTaskRunner(max_workers=runtime.max_workers)
-    from prefect_dask import DaskTaskRunner
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ConfigError("runtime.task_runner=dask needs the dask extra: pip install 'adaptflow[dask]'") from None
 
     if runtime.dask_address:
         return DaskTaskRunner(address=runtime.dask_address)

@@ -1,6 +1,6 @@
 from prefect import task
 
-from adaptflow import pipeline
+from adaptflow import pipeline, progress
 from adaptflow.config import Config
 from adaptflow.features import ExtractionPlan
 from adaptflow.manifests import IngestManifest
@@ -12,4 +12,5 @@ from tasks._work import measured
 @measured
 def fit_head(source: IngestManifest, features: ExtractionPlan, cfg: Config, model_uri: str) -> ModelManifest:
     """Train the classifier head on cached source features; save it to the store."""
-    return pipeline.fit_head(source, features, cfg, model_uri)
+    with progress.task("train source-only head", unit="epochs"):
+        return pipeline.fit_head(source, features, cfg, model_uri)

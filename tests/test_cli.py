@@ -1,5 +1,6 @@
 """The command line as a user meets it: help, clear errors, and the run contract."""
 
+import json
 import os
 import subprocess
 import sys
@@ -72,6 +73,22 @@ def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp
     summary = storage.read_json(storage.join(run, "summary.json"))
     assert summary["adaptation"]["method"] == "dann"
     assert [c["name"] for c in summary["adaptation"]["candidates"]] == ["dann-features", "dann-images"]
+    # progress went to stderr, one line per finished step (no terminal here), stdout untouched by it
+    for step in ("ingest source: ", "ingest target: ", "extract images 0-", "train source-only head: ",
+                 "train dann-features: 100/100 steps", "train dann-images: ", "predict target: "):
+        assert f"\ndone: {step}" in done.stderr, step
+    assert "done: " not in done.stdout and "\r" not in done.stderr
+
+    # the same batch again (head only: cheap), quiet and as JSON: one JSON object on stdout, the run's summary,
+    # and nothing but warnings on stderr
+    again = _adaptflow("run", "--source", demo_data.source_uri, "--target", demo_data.target_uri, "--store", store,
+                       "--method", "none", "--quiet", "--json", *fast, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (line,) = again.stdout.strip().splitlines()
+    quiet = json.loads(line)
+    assert quiet == storage.read_json(storage.join(quiet["run_uri"], "summary.json"))
+    assert quiet["run_uri"].startswith(store) and quiet["shift"]["champion_version"] == 1
+    assert "done: " not in again.stderr and "| INFO " not in again.stderr
 
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -3,6 +3,7 @@ a restart of the server, and the whole retrain flow with every input and output 
 
 import logging
 import posixpath
+import re
 import socket
 import threading
 import time
@@ -10,6 +11,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pyarrow as pa
 import pytest
 
@@ -185,14 +187,30 @@ def test_retrain_flow_entirely_on_s3_leaks_no_credentials(demo_data, fast_config
     logs = caplog.text + out + err  # Prefect's server reconfigures logging mid-run: its console is on stderr
     assert "Finished in state Completed" in logs  # the scan reads real logs
     _assert_no_credentials(logs, s3_env)
-    # ... and so is Prefect's database: flow and task parameters, results, logs, artifacts.
+    # The report and history links on the UI are presigned URLs a browser opens without credentials.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        links = {a.key: a.data for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["adaptflow-report", "adaptflow-history"])))}
+    assert set(links) == {"adaptflow-report", "adaptflow-history"}
+    for link in links.values():
+        url = link.split("(", 1)[1].rstrip(")") if link.startswith("[") else link  # markdown [text](url)
+        assert url.startswith(s3_env.endpoint + "/") and "Signature=" in url, url
+        opened = httpx.get(url, timeout=10)
+        assert opened.status_code == 200 and opened.content.startswith(b"<!DOCTYPE html>")
+    # ... and so is Prefect's database: flow and task parameters, results, logs, artifacts. The access key
+    # ID appears only where a presigned link names its signer; the secret key nowhere.
     from prefect.settings import get_current_settings
 
     database = get_current_settings().server.database.connection_url.get_secret_value()
     db = Path(database.split(":///", 1)[1])
+    signer = re.compile(rb"(AWSAccessKeyId=|X-Amz-Credential=)" + re.escape(s3_env.key.encode()))
     for path in [db, *db.parent.glob(db.name + "-*")]:  # with its -wal, -shm
         blob = path.read_bytes()
-        assert s3_env.secret.encode() not in blob and s3_env.key.encode() not in blob, path
+        assert s3_env.secret.encode() not in blob, path
+        assert s3_env.key.encode() not in signer.sub(b"", blob), path
 
 
 def test_a_dataset_behind_wrong_credentials_is_one_clear_error_naming_it(bucket, s3_env, monkeypatch, tmp_path):

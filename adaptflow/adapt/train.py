@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from adaptflow import progress
 from adaptflow.adapt.algorithms import Algorithm
 
 
@@ -127,6 +128,7 @@ def fit(
         xs, xt = prepare(source.gather(i), 2 * step), prepare(target.gather(j), 2 * step + 1)
         with torch.autocast("cuda", dtype=torch.bfloat16) if autocast and p.device.type == "cuda" else nullcontext():
             losses = algorithm.update((xs, ys[torch.from_numpy(i).to(ys.device)]), xt)
+        progress.update(step + 1, steps)
         elapsed = time.perf_counter() - began
         over = time_budget_s is not None and elapsed > time_budget_s
         if (step + 1) % log_every == 0 or step + 1 == stop or over:
@@ -156,6 +158,7 @@ def infer(model: nn.Module, x: Tensor | Rows, batch_size: int = 1024, prepare: P
             at = torch.from_numpy(index)
             feats[at] = z.float().cpu()
             logits[at] = model.classify(z).float().cpu()
+            progress.advance(len(index), "images")
     model.train(was_training)
     return logits, feats
 
