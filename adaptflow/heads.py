@@ -71,6 +71,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
         if (val_acc, -val_loss) > (best[0], -best[1]):
             best, best_state = (val_acc, val_loss), copy.deepcopy(head.state_dict())
         if stale >= cfg.patience:
+            progress.update(epoch + 1, epoch + 1)  # stopped early: this is all there is to do
             break
     head.load_state_dict(best_state)
     return head.eval(), curve

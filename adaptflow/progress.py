@@ -27,17 +27,26 @@ class Bar:
         self.label, self.total, self.unit = label, total, unit
         self.done = 0
         self.started = time.monotonic()
+        self._first: tuple[float, int] | None = None  # (time, done) at the first progress: the rate's origin
         self._renderer = renderer
 
     def advance(self, n: int = 1) -> None:
         self.done += n
+        self._origin()
         self._renderer.changed(self)
 
     def update(self, done: int, total: int | None = None) -> None:
         self.done = done
         if total is not None:
             self.total = total
+        self._origin()
         self._renderer.changed(self)
+
+    def _origin(self) -> None:
+        """At the first progress, remember when and how far: the rate counts from there, so loading data or a
+        model before the first unit, or units an earlier attempt did (a resumed candidate), do not skew it."""
+        if self._first is None:
+            self._first = (time.monotonic(), self.done)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -47,8 +56,11 @@ class Bar:
         seconds = self.elapsed()
         if self.total:
             share = f", {100 * self.done / self.total:.0f}%"
-            left = f", ~{_duration(seconds * (self.total - self.done) / self.done)} left" if 0 < self.done < self.total \
-                else ""
+            left = ""
+            if self._first is not None and self.done < self.total:
+                at, origin = self._first
+                rate = (self.done - origin) / max(time.monotonic() - at, 1e-9)
+                left = f", ~{_duration((self.total - self.done) / rate)} left" if self.done > origin else ""
             return f"{self.label}: {self.done}/{self.total} {self.unit} ({_duration(seconds)}{share}{left})"
         return f"{self.label}: {self.done} {self.unit} ({_duration(seconds)})"
 
