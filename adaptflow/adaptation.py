@@ -192,7 +192,7 @@ def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestM
     previous rung left under `out_uri`, then score it on the validation sample and commit it. Safe to
     retry: a candidate already committed at `until` steps or more is returned as it is."""
     start = time.perf_counter()
-    total = spec.steps or (cfg.adapt.feature_steps if spec.mode == "features" else CPU_IMAGE_STEPS)
+    total = spec.steps or (cfg.adapt.feature_steps if spec.mode == "features" else cfg.adapt.image_steps or CPU_IMAGE_STEPS)
     until = total if until is None else min(until, total)
     committed = storage.join(out_uri, "candidate.json")
     before = CandidateManifest.load(committed) if storage.exists(committed) else None
@@ -408,7 +408,9 @@ class _ImageData:
     def __init__(self, spec: CandidateSpec, cfg: Config, features: ExtractionPlan, device: str):
         from adaptflow.adapt.images import image_featurizer
 
-        backbone = cfg.backbone.model_copy(update={"image_size": spec.image_size})
+        # a spec without a size (written by hand, or before sizes were planned): the configured one
+        size = spec.image_size or cfg.adapt.image_size or cfg.backbone.image_size
+        backbone = cfg.backbone.model_copy(update={"image_size": size})
         self.featurizer, self.dim, self.data_config = image_featurizer(backbone)
         self.image_size = int(self.data_config["input_size"][-1])
         cache = features.cache

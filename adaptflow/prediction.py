@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import time
 
 import pandas as pd
@@ -50,6 +51,7 @@ class PredictionPart(Manifest):
     part_uri: str
     n_rows: int
     seconds: float
+    reused: bool = False  # committed by an earlier attempt (a killed run) and not predicted again
 
 
 class PredictionManifest(Manifest):
@@ -65,6 +67,8 @@ class EvaluationManifest(Manifest):
     target: dict | None  # same, when target labels were given
     seconds: float
 
+
+log = logging.getLogger(__name__)
 
 PREDICTIONS_SCHEMA = pa.schema([("uri", pa.string()), ("image_id", pa.string()), ("prediction", pa.string()),
                                 ("confidence", pa.float32())])
@@ -89,7 +93,7 @@ def predict_shard(shard: PredictShard, features: ExtractionPlan | None, device: 
     """Predict one shard's images and commit the part; a part already committed is returned as it is."""
     manifest = storage.join(shard.parts_uri, f"{shard.key}.json")
     if storage.exists(manifest):
-        return PredictionPart.load(manifest)
+        return PredictionPart.load(manifest).model_copy(update={"reused": True})
     start = time.perf_counter()
     model, card = _load(shard.model_uri, shard.model_key)
     rows = _rows(shard.index_uri, shard.split).iloc[shard.rows[0]:shard.rows[1]]
@@ -110,6 +114,10 @@ def merge_predictions(plan: PredictionPlan, parts: list[PredictionPart]) -> Pred
     with fs.open(path, "wb") as f, pq.ParquetWriter(f, PREDICTIONS_SCHEMA, compression="zstd") as writer:
         for part in ordered:
             writer.write_table(storage.read_table(part.part_uri).cast(PREDICTIONS_SCHEMA))
+    reused = sum(p.reused for p in ordered)
+    if reused:
+        log.warning("%s: %d of %d parts were committed by an earlier attempt and not predicted again", plan.out_uri,
+                 reused, len(ordered))
     for part in ordered:
         storage.remove(part.part_uri)
         storage.remove(storage.join(plan.parts_uri, f"{part.key}.json"))
