@@ -37,6 +37,7 @@ class PredictShard(Manifest):
     split: str | None  # only rows of this split (e.g. the source's "test"); None: all
     parts_uri: str
     key: str
+    domain: str = ""  # the dataset's, for progress and logs
 
 
 class PredictionPlan(Manifest):
@@ -85,7 +86,8 @@ def plan_prediction(model_uri: str, images: IngestManifest, out_uri: str, shard_
         ids = index.image_id.iloc[start:start + shard_size].tolist()
         key = hashlib.sha256(json.dumps([model, ids]).encode()).hexdigest()[:16]
         shards.append(PredictShard(model_uri=model_uri, model_key=model, index_uri=images.index_uri,
-                                   rows=[start, start + len(ids)], split=split, parts_uri=parts_uri, key=key))
+                                   rows=[start, start + len(ids)], split=split, parts_uri=parts_uri, key=key,
+                                   domain=images.domain))
     return PredictionPlan(out_uri=out_uri, parts_uri=parts_uri, shards=shards, n_images=len(index))
 
 

@@ -28,7 +28,8 @@ def plan_prediction(model_uri: str, images: IngestManifest, out_uri: str, shard_
 @measured
 def predict_shard(shard: PredictShard, features: ExtractionPlan | None, device: str) -> PredictionPart:
     """Predict one shard's images and commit them; a committed part is kept."""
-    with progress.task(f"predict images {shard.rows[0]}-{shard.rows[1]}", shard.rows[1] - shard.rows[0], "images"):
+    label = f"predict {shard.domain}{' ' + shard.split if shard.split else ''} images {shard.rows[0]}-{shard.rows[1]}"
+    with progress.task(label, shard.rows[1] - shard.rows[0], "images"):
         return prediction.predict_shard(shard, features, str(resolve_device(device)))
 
 
