@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from adaptflow import registry, storage
 from adaptflow.errors import StoreError
-from adaptflow.report import _CSS, _e, _img, _mpl, _n, _table
+from adaptflow.report import CSS, escape, figure_img, html_table, mpl_text, num_cell
 
 _FINISHED = ("", "ok", "completed", "succeeded", "success", "trained")  # statuses that say nothing beyond "it ran"
 _BADGES = {"promoted": "#1a7f37", "rejected": "#cf222e", "no shift": "#6e7781", "failed": "#82071e",
@@ -166,7 +166,7 @@ def _short_time(row: HistoryRow) -> str:
 
 def _badge(decision: str) -> str:
     cls = decision.replace(" ", "-") if decision in _BADGES else "other"
-    return f'<span class="badge b-{cls}">{_e(decision)}</span>'
+    return f'<span class="badge b-{cls}">{escape(decision)}</span>'
 
 
 def _overview(rows: list[HistoryRow]) -> str:
@@ -180,7 +180,7 @@ def _overview(rows: list[HistoryRow]) -> str:
     champion = next((r for r in reversed(rows) if r.champion_version is not None), None)
     if champion is not None:
         text += f" · champion: version {champion.champion_version} (as of run {champion.run_id})"
-    out = f'<p class="verdict">{_e(text)}</p>'
+    out = f'<p class="verdict">{escape(text)}</p>'
     if len(rows) == 1:
         out += '\n<p class="note">Only one run so far: the trends below fill in as more runs finish.</p>'
     return out
@@ -190,11 +190,11 @@ def _runs_table(rows: list[HistoryRow]) -> str:
     """`rows` newest first."""
     head = ["finished", "run", "decision", "reason", "images", "extracted", "target acc", "source test acc",
             "selection score", "shift MMD²", "shift p", "champion"]
-    body = [[_e(_short_time(r)), f"<code>{_e(r.run_id)}</code>", _badge(r.decision), ("reason", _e(r.reason)),
-             _n(r.images_processed), _n(r.images_extracted), _n(r.target_accuracy), _n(r.source_test_accuracy),
-             _n(r.selection_score), _n(r.shift_statistic, ".3g"), _n(r.shift_p_value, ".3g"),
-             _n(r.champion_version)] for r in rows]
-    return "<h2>Runs</h2>\n" + f'<div class="scroll">{_table(head, body)}</div>'
+    body = [[escape(_short_time(r)), f"<code>{escape(r.run_id)}</code>", _badge(r.decision), ("reason", escape(r.reason)),
+             num_cell(r.images_processed), num_cell(r.images_extracted), num_cell(r.target_accuracy), num_cell(r.source_test_accuracy),
+             num_cell(r.selection_score), num_cell(r.shift_statistic, ".3g"), num_cell(r.shift_p_value, ".3g"),
+             num_cell(r.champion_version)] for r in rows]
+    return "<h2>Runs</h2>\n" + f'<div class="scroll">{html_table(head, body)}</div>'
 
 
 def _series(rows: list[HistoryRow], field: str) -> np.ndarray:
@@ -235,9 +235,9 @@ def _trends(rows: list[HistoryRow]) -> str:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
     step = math.ceil(len(rows) / _MAX_TICKS)
-    images.set_xticks(x[::step], [_mpl(_short_time(r)) for r in rows[::step]], rotation=30, ha="right")
+    images.set_xticks(x[::step], [mpl_text(_short_time(r)) for r in rows[::step]], rotation=30, ha="right")
     images.set_xlim(-0.6, len(rows) - 0.4)
-    return "<h2>Over time</h2>\n" + _img(fig, "accuracy, shift and images processed per run")
+    return "<h2>Over time</h2>\n" + figure_img(fig, "accuracy, shift and images processed per run")
 
 
 def render_history(rows: list[HistoryRow]) -> str:
@@ -248,7 +248,7 @@ def render_history(rows: list[HistoryRow]) -> str:
     if rows:
         body += [_runs_table(oldest_first[::-1]), _trends(oldest_first)]
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>adaptflow run history</title>'
-            f"<style>{_CSS}{_HISTORY_CSS}</style></head>\n<body><main>\n" + "\n".join(body)
+            f"<style>{CSS}{_HISTORY_CSS}</style></head>\n<body><main>\n" + "\n".join(body)
             + "\n</main></body></html>\n")
 
 

@@ -5,6 +5,9 @@ how far apart the domains are before and after adaptation, and how training went
 key is absent or empty is left out. Plots are PNGs embedded as base64 and the CSS is inline: the page
 loads nothing from anywhere. Figures are `matplotlib.figure.Figure`s on an Agg canvas, never pyplot's,
 so no global backend is switched and no figure is left registered in a long-lived worker.
+
+`CSS`, `escape`, `num_cell`, `html_table`, `figure_img` and `mpl_text` are the building blocks the
+history page (`adaptflow.history`) shares.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from adaptflow import storage
 
-_CSS = """
+CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;margin:0}
 main{max-width:1240px;margin:0 auto;padding:24px 32px 48px}
 h1{font-size:22px;margin:0 0 6px}h3{font-size:15px;margin:18px 0 6px}
@@ -76,14 +79,15 @@ def render_report(report: dict) -> str:
     body += [section(report) for key, section in _SECTIONS if report.get(key)]
     title = html.escape(f"adaptflow run {report['run_id']}")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{_CSS}</style></head>\n<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n")
+            f"<style>{CSS}</style></head>\n<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n")
 
 
 def write_report(uri: str, report: dict) -> None:
     storage.write_bytes(uri, render_report(report).encode("utf-8"))
 
 
-def _e(x: object) -> str:
+def escape(x: object) -> str:
+    """`x` as text safe inside HTML."""
     return html.escape(str(x))
 
 
@@ -92,7 +96,7 @@ def _num(x: float | int | None, spec: str = ".3f") -> str:
     if x is None:
         return "–"
     if isinstance(x, bool) or not isinstance(x, Real):
-        return _e(x)
+        return escape(x)
     return str(int(x)) if isinstance(x, Integral) else format(float(x), spec)
 
 
@@ -100,25 +104,27 @@ def _finite(x: float | None) -> float:
     return x if x is not None and math.isfinite(x) else -math.inf
 
 
-def _mpl(text: object) -> str:
+def mpl_text(text: object) -> str:
     """Text for a matplotlib label: a user's `$` must not switch on (and crash) mathtext."""
     return str(text).replace("$", r"\$")
 
 
-def _img(fig: Figure, alt: str) -> str:
+def figure_img(fig: Figure, alt: str) -> str:
+    """An `<img>` holding `fig` as an embedded PNG: the page needs no file beside it."""
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)
     data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _n(x: float | int | None, spec: str = ".3f") -> tuple[str, str]:
+def num_cell(x: float | int | None, spec: str = ".3f") -> tuple[str, str]:
+    """A right-aligned number cell for `html_table`."""
     return "n", _num(x, spec)
 
 
-def _table(head: list[str], rows: list[list], classes: list[str] | None = None) -> str:
+def html_table(head: list[str], rows: list[list], classes: list[str] | None = None) -> str:
     """`head`: plain text or a ready `<th>`; a cell: HTML escaped by the caller, or (css class, HTML)."""
-    th = "".join(h if h.startswith("<th") else f"<th>{_e(h)}</th>" for h in head)
+    th = "".join(h if h.startswith("<th") else f"<th>{escape(h)}</th>" for h in head)
     trs = []
     for k, row in enumerate(rows):
         cls = f' class="{classes[k]}"' if classes and classes[k] else ""
@@ -172,13 +178,13 @@ def _verdict(report: dict) -> str:
 
 def _header(report: dict) -> str:
     verdict = _verdict(report)
-    out = f"<h1>adaptflow run <code>{_e(report['run_id'])}</code></h1>"
-    return out + (f'\n<p class="verdict">{_e(verdict)}</p>' if verdict else "")
+    out = f"<h1>adaptflow run <code>{escape(report['run_id'])}</code></h1>"
+    return out + (f'\n<p class="verdict">{escape(verdict)}</p>' if verdict else "")
 
 
 def _summary(report: dict) -> str:
-    rows = [[_e(k), _n(v) if isinstance(v, Real) else _e(v)] for k, v in report["summary"].items()]
-    return "<h2>Summary</h2>\n" + _table(["", "value"], rows)
+    rows = [[escape(k), num_cell(v) if isinstance(v, Real) else escape(v)] for k, v in report["summary"].items()]
+    return "<h2>Summary</h2>\n" + html_table(["", "value"], rows)
 
 
 def _order(cands: list[dict], chosen: int | None, ranks: list) -> list[int]:
@@ -209,7 +215,7 @@ def _candidates(report: dict) -> str:
     validators = list(dict.fromkeys(policy + [k for c in cands for k in (c.get("scores") or {})]))
     show_acc = any(c.get("target_accuracy") is not None for c in cands)
     head = ["#", "", "name", "method", "mode", *(["mean rank"] if mean_rank else []),
-            *(f'<th class="policy">{_e(v)}</th>' if v in policy else v for v in validators),
+            *(f'<th class="policy">{escape(v)}</th>' if v in policy else v for v in validators),
             "collapsed", *(["target acc"] if show_acc else []), "steps", "seconds"]
     rows, classes = [], []
     for rank, i in enumerate(order, 1):
@@ -219,40 +225,40 @@ def _candidates(report: dict) -> str:
         hp = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (c.get("hparams") or {}).items())
         scores = c.get("scores") or {}
         rows.append([
-            ("n", str(rank)), badges, f'{_e(c.get("name", "?"))}<div class="hp">{_e(hp)}</div>',
-            _e(c.get("method", "")), _e(c.get("mode", "")),
-            *([_n(mean_rank.get(i), ".2f")] if mean_rank else []),
-            *(_n(scores.get(v)) for v in validators),
+            ("n", str(rank)), badges, f'{escape(c.get("name", "?"))}<div class="hp">{escape(hp)}</div>',
+            escape(c.get("method", "")), escape(c.get("mode", "")),
+            *([num_cell(mean_rank.get(i), ".2f")] if mean_rank else []),
+            *(num_cell(scores.get(v)) for v in validators),
             '<span class="badge b-collapsed">collapsed</span>' if c.get("collapsed") else "no",
-            *([_n(c.get("target_accuracy"))] if show_acc else []),
+            *([num_cell(c.get("target_accuracy"))] if show_acc else []),
             _steps(c),
-            _n(c.get("seconds"), ".1f"),
+            num_cell(c.get("seconds"), ".1f"),
         ])
         classes.append(" ".join(k for k, on in (("selected", i == chosen), ("collapsed", c.get("collapsed"))) if on))
     notes = []
     if policy:
-        notes.append(f"Ranked by mean rank (1 best) over {_e(', '.join(policy))} (underlined) among the "
+        notes.append(f"Ranked by mean rank (1 best) over {escape(', '.join(policy))} (underlined) among the "
                      "non-collapsed candidates, each judged only by the validators its own training did not "
                      "optimise; collapsed ones are listed last and picked only if every candidate collapsed. "
                      "The reference is the source-only candidate a cautious run falls back to.")
     if sel.get("reason"):
-        notes.append(f"Selection: {_e(sel['reason'].rstrip('.'))}.")
+        notes.append(f"Selection: {escape(sel['reason'].rstrip('.'))}.")
     if sel.get("confidence"):
         label = "Confident" if sel.get("confident", True) else "<b>Low confidence</b>"
-        notes.append(f"{label}: {_e(sel['confidence'])}.")
+        notes.append(f"{label}: {escape(sel['confidence'])}.")
     if chosen is not None and oracle is not None:
         a, b = cands[chosen].get("target_accuracy"), cands[oracle].get("target_accuracy")
         if a is not None and b is not None:
             gap = "the same model" if chosen == oracle else f"gap {_num(b - a)}"
             notes.append(f"<b>Selected vs oracle</b>: target accuracy {_num(a)} vs {_num(b)} ({gap}); the oracle "
                          "peeks at target labels and is shown for reference only.")
-    return ('<h2>Candidates</h2>\n<div class="scroll">' + _table(head, rows, classes) + "</div>"
+    return ('<h2>Candidates</h2>\n<div class="scroll">' + html_table(head, rows, classes) + "</div>"
             + "".join(f'\n<p class="note">{n}</p>' for n in notes))
 
 
 def _confusion_png(m: dict, title: str) -> str:
     cm = np.asarray(m["confusion_matrix"], dtype=np.float64)
-    names = [_mpl(c) for c in (m.get("classes") or list(m.get("per_class") or range(len(cm))))]
+    names = [mpl_text(c) for c in (m.get("classes") or list(m.get("per_class") or range(len(cm))))]
     c = len(cm)
     size = min(2.6 + 0.3 * c, 9.0)  # inches: 10 classes fit beside their per-class table
     fig = Figure(figsize=(size + 0.9, size), dpi=100, layout="constrained")
@@ -266,7 +272,7 @@ def _confusion_png(m: dict, title: str) -> str:
             ax.text(k, r, f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if share[r, k] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=f"{title}: confusion matrix")
     fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class")
-    return _img(fig, f"{title} confusion matrix")
+    return figure_img(fig, f"{title} confusion matrix")
 
 
 def _metrics(report: dict) -> str:
@@ -277,8 +283,8 @@ def _metrics(report: dict) -> str:
             continue
         parts.append(f"<h3>{title}</h3>\n<p>accuracy <b>{_num(m.get('accuracy'))}</b> · macro-F1 "
                      f"<b>{_num(m.get('macro_f1'))}</b> · n {_num(m.get('n'))}</p>")
-        table = _table(["class", "precision", "recall", "F1", "support"], [
-            [_e(name), *(_n(v.get(k)) for k in ("precision", "recall", "f1", "support"))]
+        table = html_table(["class", "precision", "recall", "F1", "support"], [
+            [escape(name), *(num_cell(v.get(k)) for k in ("precision", "recall", "f1", "support"))]
             for name, v in (m.get("per_class") or {}).items()]) if m.get("per_class") else ""
         plot = _confusion_png(m, title) if m.get("confusion_matrix") else ""
         parts.append(f'<div class="row">{table}{plot}</div>')
@@ -292,8 +298,8 @@ def _domain_gap(report: dict) -> str:
     for k in dict.fromkeys([*before, *after]):
         b, a = before.get(k), after.get(k)
         change = a - b if isinstance(a, Real) and isinstance(b, Real) else None
-        rows.append([_e(_GAP_NAMES.get(k, k)), _n(b, ".4g"), _n(a, ".4g"), _n(change, "+.4g")])
-    return ("<h2>Domain gap</h2>\n" + _table(["measure", "before", "after", "change"], rows)
+        rows.append([escape(_GAP_NAMES.get(k, k)), num_cell(b, ".4g"), num_cell(a, ".4g"), num_cell(change, "+.4g")])
+    return ("<h2>Domain gap</h2>\n" + html_table(["measure", "before", "after", "change"], rows)
             + '\n<p class="note">Lower is closer: 0 means the domains cannot be told apart.</p>')
 
 
@@ -308,7 +314,7 @@ def _embeddings(report: dict) -> str:
             ax.scatter(xy[:, 0], xy[:, 1], s=7, alpha=0.6, color=_COLOURS[domain], label=f"{domain} ({len(xy)})")
         ax.set(title=f"{when} adaptation", xticks=[], yticks=[])
         ax.legend(loc="best", fontsize=9, markerscale=2)
-    return ("<h2>Feature embedding (t-SNE)</h2>\n" + _img(fig, "t-SNE of source and target features")
+    return ("<h2>Feature embedding (t-SNE)</h2>\n" + figure_img(fig, "t-SNE of source and target features")
             + '\n<p class="note">Source and target embedded together; well-mixed colours mean aligned features.</p>')
 
 
@@ -324,13 +330,13 @@ def _curves(report: dict) -> str:
         keys = dict.fromkeys(k for p in points for k, v in p.items()
                              if k != x_key and isinstance(v, Real) and not isinstance(v, bool))
         for k in keys:
-            ax.plot(xs, [p.get(k, np.nan) for p in points], label=_mpl(k), lw=2.0 if k == "loss" else 1.2)
-        ax.set(title=_mpl(name), xlabel=x_key or "point")
+            ax.plot(xs, [p.get(k, np.nan) for p in points], label=mpl_text(k), lw=2.0 if k == "loss" else 1.2)
+        ax.set(title=mpl_text(name), xlabel=x_key or "point")
         if keys:
             ax.legend(fontsize=8)
     for ax in fig.axes[n:]:
         ax.set_axis_off()
-    return "<h2>Training curves</h2>\n" + _img(fig, "training curves")
+    return "<h2>Training curves</h2>\n" + figure_img(fig, "training curves")
 
 
 _SECTIONS = (

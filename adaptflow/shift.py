@@ -17,8 +17,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from adaptflow.adapt.domain_gap import _as_numpy
-from adaptflow.adapt.losses import _sq_dists
+from adaptflow.adapt.domain_gap import as_numpy
+from adaptflow.adapt.losses import sq_dists
 from adaptflow.errors import DatasetError
 from adaptflow.manifests import Manifest
 
@@ -43,7 +43,7 @@ def _checked(x, name: str, max_samples: int, rng: np.random.Generator) -> np.nda
         raise DatasetError(f"the {name} features must be a 2-d (samples, features) array, got shape {np.shape(x)}")
     if len(x) < MIN_SAMPLES:
         raise DatasetError(f"a shift test needs at least {MIN_SAMPLES} {name} samples, got {len(x)}")
-    x = _as_numpy(x)
+    x = as_numpy(x)
     if not np.isfinite(x).all():
         raise DatasetError(f"the {name} features hold NaN or infinite values")
     if len(x) > max_samples:
@@ -67,7 +67,7 @@ def _gaussian_gram(x: np.ndarray) -> np.ndarray:
     """(n, n) k(x_i, x_j) = exp(-|x_i - x_j|² / (2 σ²)) with σ² the median off-diagonal squared distance
     (the median heuristic); a sample of mostly repeated rows falls back to the mean, then to 1."""
     t = torch.from_numpy(x)
-    d = _sq_dists(t, t).numpy()
+    d = sq_dists(t, t).numpy()
     off = d[~np.eye(len(d), dtype=bool)]
     sigma2 = next((s for s in (np.median(off), off.mean()) if s > 0), 1.0)
     return np.exp(-d / (2.0 * sigma2))

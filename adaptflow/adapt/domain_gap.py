@@ -13,7 +13,8 @@ from sklearn.preprocessing import StandardScaler
 from adaptflow.adapt.losses import mmd
 
 
-def _as_numpy(x) -> np.ndarray:
+def as_numpy(x) -> np.ndarray:
+    """`x` (numpy or torch, N rows) as a float64 (N, D) array, each row flattened."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=np.float64).reshape(len(x), -1)
@@ -27,7 +28,7 @@ def proxy_a_distance(source_feats, target_feats, seed: int = 0, max_points: int 
     separable. An error above 0.5 only means chance, so the result is clipped at 0.
     """
     rng = np.random.default_rng(seed)
-    s, t = _as_numpy(source_feats), _as_numpy(target_feats)
+    s, t = as_numpy(source_feats), as_numpy(target_feats)
     n = min(len(s), len(t), max_points // 2)
     if n < 4:
         raise ValueError(f"proxy_a_distance needs at least 4 samples per domain, got {min(len(s), len(t))}")
@@ -46,7 +47,7 @@ def mmd_distance(a, b, kernel_mul: float = 2.0, kernel_num: int = 5, max_points:
     """Squared multi-kernel MMD between samples `a` and `b` (DAN's estimator, `losses.mmd`), each
     subsampled to `max_points`: its cost is quadratic."""
     rng = np.random.default_rng(seed)
-    a, b = _as_numpy(a), _as_numpy(b)
+    a, b = as_numpy(a), as_numpy(b)
     a = a[rng.choice(len(a), min(len(a), max_points), replace=False)]
     b = b[rng.choice(len(b), min(len(b), max_points), replace=False)]
     with torch.no_grad():

@@ -48,7 +48,8 @@ def coral(a: Tensor, b: Tensor) -> Tensor:
     return (mean_a - mean_b).pow(2).mean() + (cov_a - cov_b).pow(2).mean()
 
 
-def _sq_dists(x: Tensor, y: Tensor) -> Tensor:
+def sq_dists(x: Tensor, y: Tensor) -> Tensor:
+    """(Nx, Ny) squared Euclidean distances between the rows of `x` and `y`."""
     # ||x||^2 + ||y||^2 - 2<x, y>: unlike cdist it has a finite gradient at zero distance.
     d = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1) - 2.0 * x @ y.T
     return d.clamp_min(0.0)
@@ -62,7 +63,7 @@ def mmd(a: Tensor, b: Tensor, kernel_mul: float = 2.0, kernel_num: int = 5) -> T
     `a` and `b` may have different sizes.
     """
     x = torch.cat([a, b])
-    d = _sq_dists(x, x)  # (Na+Nb, Na+Nb)
+    d = sq_dists(x, x)  # (Na+Nb, Na+Nb)
     n = len(x)
     base = d.detach().sum() / max(n * n - n, 1) / kernel_mul ** (kernel_num // 2)
     base = base.clamp_min(1e-12)
