@@ -16,16 +16,18 @@ import posixpath
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from adaptflow import storage
-from adaptflow.config import BackboneConfig
 from adaptflow.errors import AdaptflowError, UnknownNameError, lookup
 from adaptflow.weights import file_sha256, file_stamp, read_state_dict
+
+if TYPE_CHECKING:  # annotations only: config imports this registry to check backbone names
+    from adaptflow.config import BackboneConfig
 
 FEATURE_VERSION = 1  # bump when the same config would produce different features (preprocessing, pooling)
 

@@ -43,6 +43,8 @@ class BackboneConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known_backbone(cls, name: str) -> str:
+        # The registries are imported on use, here and below: they load torch, which `--help` must not wait
+        # for; none of them imports this module back at runtime (tests/test_layers.py).
         from adaptflow.backbones import BACKBONES
 
         if name not in BACKBONES:  # pydantic reports ValueErrors with the key's location
