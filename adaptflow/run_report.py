@@ -12,6 +12,7 @@ from adaptflow.manifests import IngestManifest, Manifest
 from adaptflow.pipeline import read_index
 from adaptflow.prediction import EvaluationManifest
 from adaptflow.report import embed_2d, write_report
+from adaptflow.runs import fmt
 
 _GAP_SAMPLE = 2000  # images per domain for the before-adaptation gap: PAD and MMD need no more
 
@@ -40,8 +41,8 @@ def write_run_report(run_uri: str, source: IngestManifest, target: IngestManifes
         "summary": {"source images": source.n_images, "target images": target.n_images,
                     "rejected": source.n_rejected + target.n_rejected, "classes": len(source.classes),
                     "selected model": selection.name,
-                    "source-only head, target accuracy": _fmt((baseline.target or {}).get("accuracy")),
-                    "selected model, target accuracy": _fmt((evaluation.target or {}).get("accuracy"))},
+                    "source-only head, target accuracy": _target_accuracy(baseline),
+                    "selected model, target accuracy": _target_accuracy(evaluation)},
         "candidates": [{"name": c.spec.name, "method": c.spec.method, "mode": c.spec.mode, "hparams": c.spec.hparams,
                         "scores": c.scores, "collapsed": c.collapsed, "target_accuracy": c.target_accuracy,
                         "steps": c.steps, "total_steps": c.total_steps, "stopped_at_rung": c.stopped_at_rung,
@@ -66,5 +67,5 @@ def _frozen_sample(dataset: IngestManifest, features: ExtractionPlan, seed: int)
     return load_features(features.features_uri, ids)
 
 
-def _fmt(x: float | None) -> str:
-    return "n/a (no target labels)" if x is None else f"{x:.3f}"
+def _target_accuracy(evaluation: EvaluationManifest) -> str:
+    return fmt((evaluation.target or {}).get("accuracy"), missing="n/a (no target labels)")

@@ -243,7 +243,7 @@ def render_markdown(summary: RunSummary) -> str:
     lines = [f"# adaptflow run `{summary.run_id}`", ""] + [f"- {line}" for line in headline(summary)]
     if summary.status != "no_shift":
         lines += ["", "| model | split | accuracy | macro-F1 | n |", "|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['split']} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} | {r['n']} |"
+        lines += [f"| {r['model']} | {r['split']} | {fmt(r['accuracy'])} | {fmt(r['macro_f1'])} | {r['n']} |"
                   for r in metrics_rows(summary)]
     lines += ["", "| dataset | images | rejected |", "|---|---|---|"]
     lines += [f"| {d} | {v['images']} | {v['rejected']} |" for d, v in summary.datasets.items()]
@@ -259,8 +259,9 @@ def render_markdown(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
-def _fmt(x: float | None, spec: str = ".3f") -> str:
-    return "" if x is None else format(x, spec)
+def fmt(x: float | None, spec: str = ".3f", missing: str = "") -> str:
+    """A number for a text table; `missing` stands for None."""
+    return missing if x is None else format(x, spec)
 
 
 def _short(validator: str) -> str:
@@ -292,7 +293,7 @@ def render_table(summary: RunSummary) -> str:
     lines = [f"adaptflow run {summary.run_id}", *headline(summary)]
     if metrics_rows(summary):
         lines += ["", f"{'model':<24}{'split':<13}{'accuracy':>10}{'macro-F1':>10}{'n':>7}"]
-        lines += [f"{r['model']:<24}{r['split']:<13}{_fmt(r['accuracy']):>10}{_fmt(r['macro_f1']):>10}{r['n']:>7}"
+        lines += [f"{r['model']:<24}{r['split']:<13}{fmt(r['accuracy']):>10}{fmt(r['macro_f1']):>10}{r['n']:>7}"
                   for r in metrics_rows(summary)]
     if a.get("candidates"):
         known = any(c["target_accuracy"] is not None for c in a["candidates"])
@@ -300,8 +301,8 @@ def render_table(summary: RunSummary) -> str:
         lines += ["", f"{'candidate':<24}" + "".join(f"{_short(v):>9}" for v in policy) + f"{'rank':>7}"
                   + f"{'collapsed':>11}" + (f"{'target*':>9}" if known else "") + f"{'seconds':>9}"]
         lines += [f"{c['name']:<24}" + "".join(f"{c['scores'][v]:>9.3f}" for v in policy)
-                  + f"{_fmt(c.get('rank'), '.2f'):>7}{'yes' if c['collapsed'] else 'no':>11}"
-                  + (f"{_fmt(c['target_accuracy']):>9}" if known else "") + f"{c['seconds']:>9.1f}"
+                  + f"{fmt(c.get('rank'), '.2f'):>7}{'yes' if c['collapsed'] else 'no':>11}"
+                  + (f"{fmt(c['target_accuracy']):>9}" if known else "") + f"{c['seconds']:>9.1f}"
                   for c in a["candidates"]]
         if known:
             lines.append(f"* target labels used for scoring only; oracle pick: {a['oracle']}")
