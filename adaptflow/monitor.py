@@ -98,7 +98,8 @@ def score_model(model_uri: str, source: IngestManifest, target: IngestManifest,
         source_logits=source_logits, source_labels=torch.tensor(val.label.map(code).to_numpy()),
         source_features=source_features, target_logits=target_logits, target_features=target_features, seed=seed,
         **shared_features(features, train, val, tgt_sample))
-    scores = validators.score(inputs, sorted({"source_val_acc", "im", "bnm", *policy}))
+    # the policy's validators, and source_val_acc, which the registry records as source_val_accuracy
+    scores = validators.score(inputs, sorted({"source_val_acc", *policy}))
     accuracy = None
     if target_labels is not None:
         truth = read_index(target_labels).drop_duplicates("image_id").set_index("image_id").label

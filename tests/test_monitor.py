@@ -70,6 +70,8 @@ def test_score_model_measures_a_saved_model_on_this_runs_data(store, demo_data):
     assert 0 <= scores.target_accuracy <= 1
     again = monitor.score_model(head.model_uri, src, tgt, None, plan, ["source_val_acc", "im", "bnm"])
     assert again.target_accuracy is None and again.selection_score == scores.selection_score  # deterministic
+    only = monitor.score_model(head.model_uri, src, tgt, None, plan, ["bnm"])  # the policy decides what is scored
+    assert set(only.scores) == {"source_val_acc", "bnm"} and only.selection_score == pytest.approx(scores.scores["bnm"])
 
 
 def test_a_low_confidence_pick_never_replaces_a_champion_and_a_source_only_one_stands_in(store, fast_config, tmp_path):
