@@ -71,10 +71,6 @@ def _str(x: object) -> str:
     return x if isinstance(x, str) else ""
 
 
-def _first(*values: object) -> object:
-    return next((v for v in values if v is not None), None)
-
-
 def _selection_score(adaptation: object) -> float | None:
     """`scores.selection_score` when the summary has one, else the registry's: the mean of the policy's
     validator scores (what the promotion gate compares across runs)."""
@@ -102,10 +98,10 @@ def _champion(promotion: dict | None, shift: dict) -> int | None:
 
 def _row(summary: dict) -> HistoryRow:
     shift = summary.get("shift") if isinstance(summary.get("shift"), dict) else {}
-    test = shift.get("test") if isinstance(shift.get("test"), dict) else {}  # the monitor's nested ShiftTest
+    test = shift.get("test") if isinstance(shift.get("test"), dict) else {}  # null when the run had no test
     promotion = summary.get("promotion") if isinstance(summary.get("promotion"), dict) else None
     status = _str(summary.get("status"))
-    p_value = _float(_first(shift.get("p_value"), test.get("p_value")))
+    p_value = _float(test.get("p_value"))
     if status not in _FINISHED:
         decision = status.replace("_", " ")  # "no_shift" -> "no shift", "failed", ...
     elif promotion is not None:
@@ -117,8 +113,7 @@ def _row(summary: dict) -> HistoryRow:
     if not reason and decision == "no shift" and p_value is not None:
         reason = f"no shift detected (p = {p_value:.3g})"
     datasets = summary.get("datasets") if isinstance(summary.get("datasets"), dict) else {}
-    detected = next((d for d in (shift.get("detected"), test.get("detected"), shift.get("shift_detected"))
-                     if isinstance(d, bool)), None)
+    detected = shift.get("shift_detected")
     return HistoryRow(
         run_id=_str(summary.get("run_id")) or "?",
         finished_at=_str(summary.get("finished_at")),
@@ -127,9 +122,9 @@ def _row(summary: dict) -> HistoryRow:
         target_accuracy=_float(_at(summary, "metrics", "target", "accuracy")),
         source_test_accuracy=_float(_at(summary, "metrics", "source_test", "accuracy")),
         selection_score=_selection_score(summary.get("adaptation")),
-        shift_statistic=_float(_first(shift.get("statistic"), test.get("statistic"))),
+        shift_statistic=_float(test.get("statistic")),
         shift_p_value=p_value,
-        shift_detected=detected,
+        shift_detected=detected if isinstance(detected, bool) else None,
         decision=decision,
         reason=reason,
         champion_version=_champion(promotion, shift),
@@ -141,9 +136,9 @@ def rows_from_summaries(summaries: list[dict]) -> list[HistoryRow]:
 
     Reads run_id, finished_at, datasets.*.images (summed over every dataset the run ingested),
     extraction.images_extracted, metrics.target.accuracy, metrics.source_test.accuracy,
-    adaptation.scores.selection_score (else the mean of adaptation.policy's scores), shift.{statistic,
-    p_value, detected} flat or under shift.test (the monitor's ShiftManifest, with shift_detected and
-    reason), promotion.{promoted, reason, version, champion_version, champion_after} and status. The
+    adaptation.scores.selection_score (else the mean of adaptation.policy's scores), shift.test.{statistic,
+    p_value}, shift.shift_detected and shift.reason (the monitor's ShiftManifest, the only shape a run has
+    written), promotion.{promoted, reason, version, champion_version, champion_after} and status. The
     decision is the status when it says more than "finished" ("no_shift" reads "no shift"), else
     "promoted"/"rejected" from the promotion, else "completed".
     """

@@ -17,7 +17,7 @@ def _summary(run_id: str, finished_at: str, **extra) -> dict:
         "metrics": {"source_val_accuracy": 0.91, "source_test": {"accuracy": 0.9, "macro_f1": 0.89, "n": 60},
                     "target": {"accuracy": 0.71, "macro_f1": 0.7, "n": 120}},
         "adaptation": {"selected": "dann", "scores": {"source_val_acc": 0.91, "im": 0.5, "selection_score": 1.5}},
-        "shift": {"statistic": 0.012, "p_value": 0.005, "detected": True},
+        "shift": _monitor_shift(0.012, 0.005, "shift detected: MMD² 0.0120, p = 0.005 < 0.05"),
         "promotion": {"promoted": True, "reason": "target proxy improved", "version": 3, "champion_version": 3},
         **extra,
     }
@@ -39,7 +39,7 @@ SUMMARIES = [
              shift=_monitor_shift(0.02, 0.004975, "shift detected: MMD² 0.0200, p = 0.005 < 0.05"),
              promotion={"version": 4, "promoted": False, "reason": "selection score 0.6 < champion 0.7 + margin 0",
                         "champion_version": 3, "champion_after": 3, "compared": {"metric": "selection_score"}}),
-    _summary("r1-promoted", "2025-06-01T09:00:00+00:00"),  # the flat shift and promotion shapes
+    _summary("r1-promoted", "2025-06-01T09:00:00+00:00"),  # a promotion without champion_after
     {"schema_version": 1, "run_id": "r3-quiet", "finished_at": "2025-06-03T09:00:00+00:00", "status": "no_shift",
      "datasets": {"source": {"images": 300}, "target": {"images": 80}}, "extraction": {"images_extracted": 80},
      "shift": _monitor_shift(-0.0001, 0.62, "no shift: MMD² -0.0001, p = 0.620 >= 0.05"), "promotion": None,
@@ -70,10 +70,12 @@ def test_rows_tolerate_missing_and_malformed_keys():
     rows = rows_from_summaries([
         {"run_id": "bare"},
         {"run_id": "odd", "datasets": {"source": {"images": "many"}, "target": None}, "metrics": {"target": 0.5},
-         "shift": {"statistic": float("nan"), "p_value": True, "detected": "yes"}, "adaptation": {"scores": None},
+         "shift": {"test": {"statistic": float("nan"), "p_value": True}, "shift_detected": "yes"},
+         "adaptation": {"scores": None},
          "promotion": {"promoted": True, "version": 4}, "status": "failed", "error": "disk full"},
         {"finished_at": "2025-01-01", "promotion": {"promoted": True, "version": 7}},
-        {"run_id": "flat", "status": "no_shift", "shift": {"statistic": 0.001, "p_value": 0.3, "detected": False},
+        {"run_id": "terse", "status": "no_shift", "shift": {"test": {"statistic": 0.001, "p_value": 0.3},
+                                                            "shift_detected": False},
          "adaptation": {"scores": {"im": 0.5}, "policy": ["im", "bnm"]}},
         "not a summary",
     ])
@@ -88,10 +90,10 @@ def test_rows_tolerate_missing_and_malformed_keys():
     assert odd.shift_statistic is None and odd.shift_p_value is None and odd.shift_detected is None
     assert odd.champion_version == 4  # promoted without a champion_version: the new version is the champion
     assert (rows[2].run_id, rows[2].decision, rows[2].champion_version) == ("?", "promoted", 7)
-    flat = rows[3]
-    assert (flat.decision, flat.reason, flat.shift_detected, flat.champion_version) == (
+    terse = rows[3]
+    assert (terse.decision, terse.reason, terse.shift_detected, terse.champion_version) == (
         "no shift", "no shift detected (p = 0.3)", False, None)
-    assert flat.selection_score is None  # the policy's scores are incomplete
+    assert terse.selection_score is None  # the policy's scores are incomplete
 
 
 def _table_rows(page: str) -> list[str]:
