@@ -1,10 +1,13 @@
 """A run's folder and its summary.
 
     {store}/runs/{run_id}/ingest/{domain}/   index.parquet, rejects.parquet, manifest.json
+    {store}/runs/{run_id}/candidates/{name}/ each adaptation candidate (`adaptflow.adaptation`)
+    {store}/runs/{run_id}/baseline/          the source-only head's predictions and metrics.json
     {store}/runs/{run_id}/predictions.parquet
     {store}/runs/{run_id}/metrics.json
+    {store}/runs/{run_id}/report.html
     {store}/runs/{run_id}/summary.json       written last: the run's commit
-    {store}/models/{run_id}/                 head.safetensors, model.json, curve.json
+    {store}/models/{run_id}/                 the source-only head: weights.safetensors, model.json, curve.json
 """
 
 from __future__ import annotations
