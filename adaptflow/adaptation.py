@@ -151,18 +151,21 @@ def successive_halving(specs: list[CandidateSpec],
                        eta: int) -> list[CandidateManifest]:
     """Train every candidate: features-mode ones to the end at once, images-mode ones in rungs
     (`halving_rungs`): all to the first rung's steps, then the best 1/eta of them by the selection policy
-    (`survivors`) on to the next, resuming from their checkpoints. `train(specs, untils)` trains each spec
-    up to its step (None: the end) — a loop here, a map over Prefect tasks in a flow; `stop` records a
-    candidate left behind. Returns the candidates in `specs` order."""
-    images = [s for s in specs if s.mode == "images"]
+    (`survivors`) on to the next, resuming from their checkpoints. The source-only images candidate does
+    not race: it is the reference selection's safety net compares the pick with and falls back to
+    (`adapt.selection`), so it trains to the end like the features-mode ones — a reference stopped after
+    a third of its steps would make every adapted pick look safe, or leave no healthy reference at all.
+    `train(specs, untils)` trains each spec up to its step (None: the end) — a loop here, a map over
+    Prefect tasks in a flow; `stop` records a candidate left behind. Returns the candidates in `specs` order."""
+    images = [s for s in specs if s.mode == "images" and s.method != "source_only"]
     rungs = halving_rungs(max((s.steps for s in images), default=0), len(images), eta)
     done: dict[str, CandidateManifest] = {}
-    batch = [s for s in specs if s.mode != "images"] + images
+    batch = [s for s in specs if s not in images] + images
     untils: list[int | None] = [None] * (len(batch) - len(images)) + [rungs[0]] * len(images)
     for rung in range(len(rungs)):
         results = train(batch, untils) if batch else []
         done.update({c.spec.name: c for c in results})
-        racing = [c for c in results if c.spec.mode == "images"]
+        racing = [c for c in results if c.spec in images]
         if rung == len(rungs) - 1 or not racing:
             break
         keep = survivors(racing, policy, math.ceil(len(racing) / eta))

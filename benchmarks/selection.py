@@ -8,8 +8,8 @@ CPU with the library's own functions, then asks each selection policy (POLICIES)
 library's own `adapt.selection.select`. Target labels are read only to score the picks. Per shift and
 policy it prints the selected candidate's target accuracy, the oracle's (the best candidate's), the
 regret (oracle - selected), the source-only reference's accuracy (the healthy `source_only` candidate
-with the best source-validation accuracy: what a run that trusts no adaptation keeps), whether the
-pick fell below it, and whether selection was confident. "promoted" is what a first run on an empty
+with the best source-validation accuracy: what a run that trusts no adaptation keeps; if every one
+collapsed, the best of them), whether the pick fell below it, and whether selection was confident. "promoted" is what a first run on an empty
 store would make champion: a low-confidence pick gives way to the source-only reference. Then, per
 policy, mean and worst regret over the suite and the number of picks below source-only; and a
 leave-one-shift-out estimate: the policy with the lowest mean regret on the other shifts, scored on
@@ -128,18 +128,24 @@ def train_candidates(prepared: dict, cfg) -> list[CandidateManifest]:
 
 
 def evaluate(candidates: list[CandidateManifest], validators: list[str], all_judge_all: bool) -> dict:
-    """One policy's pick on one shift, scored with the target labels the run never showed it."""
-    pool = adaptation.selection_candidates(candidates)
+    """One policy's pick on one shift, scored with the target labels the run never showed it. As in a run
+    (`adaptation.select_model`), candidates successive halving stopped take no part in the pick; the
+    oracle is the best of every candidate trained, stopped ones included."""
+    finished = [c for c in candidates if c.stopped_at_rung is None]
+    pool = adaptation.selection_candidates(finished)
     if all_judge_all:
         pool = [selection.Candidate(c.name, c.scores, c.collapsed, frozenset(), c.source_only) for c in pool]
     pick = selection.select(pool, validators)
-    acc = [c.target_accuracy for c in candidates]
+    acc = [c.target_accuracy for c in finished]
+    oracle = max(c.target_accuracy for c in candidates)
     ref = pick.reference
     promoted = ref if not pick.confident and ref is not None else pick.index
-    return {"pick": candidates[pick.index].spec.name, "selected": acc[pick.index], "oracle": max(acc),
-            "regret": max(acc) - acc[pick.index], "reference": acc[ref] if ref is not None else None,
-            "best_source_only": max(a for a, c in zip(acc, candidates, strict=True) if c.spec.method == "source_only"),
-            "confident": pick.confident, "promoted": acc[promoted], "promoted_regret": max(acc) - acc[promoted]}
+    return {"pick": finished[pick.index].spec.name, "selected": acc[pick.index], "oracle": oracle,
+            "regret": oracle - acc[pick.index],
+            # what "doing nothing" scores: the reference, else (every source-only one collapsed) the best of them
+            "reference": acc[ref] if ref is not None else max(c.target_accuracy for c in finished
+                                                           if c.spec.method == "source_only"),
+            "confident": pick.confident, "promoted": acc[promoted], "promoted_regret": oracle - acc[promoted]}
 
 
 def report(results: dict[str, dict[str, dict]]) -> None:
@@ -151,8 +157,8 @@ def report(results: dict[str, dict[str, dict]]) -> None:
               f"{'confident':>10}{'promoted':>9}")
         for shift in shifts:
             r = results[shift][policy]
-            ref = "-" if r["reference"] is None else f"{r['reference']:.3f}"
-            below = "yes" if r["reference"] is not None and r["selected"] < r["reference"] else "no"
+            ref = f"{r['reference']:.3f}"
+            below = "yes" if r["selected"] < r["reference"] else "no"
             print(f"{shift:<18}{r['pick']:<22}{r['selected']:>9.3f}{r['oracle']:>8.3f}{r['regret']:>8.3f}{ref:>9}"
                   f"{below:>7}{'yes' if r['confident'] else 'LOW':>10}{r['promoted']:>9.3f}")
     print(f"\n{'policy':<40}{'mean regret':>12}{'worst':>7}{'below src-only':>15}{'below by >0.01':>15}"
@@ -160,8 +166,8 @@ def report(results: dict[str, dict[str, dict]]) -> None:
     for policy in POLICIES:
         rs = [results[s][policy] for s in shifts]
         regret = [r["regret"] for r in rs]
-        below = sum(r["reference"] is not None and r["selected"] < r["reference"] for r in rs)
-        below_tol = sum(r["reference"] is not None and r["selected"] < r["reference"] - TOLERANCE for r in rs)
+        below = sum(r["selected"] < r["reference"] for r in rs)
+        below_tol = sum(r["selected"] < r["reference"] - TOLERANCE for r in rs)
         promoted = [r["promoted_regret"] for r in rs]
         print(f"{policy:<40}{np.mean(regret):>12.3f}{max(regret):>7.3f}{below:>15}{below_tol:>15}"
               f"{sum(not r['confident'] for r in rs):>10}{np.mean(promoted):>12.3f} / {max(promoted):.3f}")
