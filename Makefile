@@ -25,11 +25,12 @@ $(STAMP): $(LOCK) pyproject.toml
 demo: setup
 	$(BIN)/adaptflow demo
 
-test: setup
+test: lint
 	$(BIN)/python -m pytest
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The packages a bare GPU image (Python 3.12, torch, timm, pyarrow...) lacks, as wheels in .whl/ for
 # benchmarks/gpu_check.sh to install there.

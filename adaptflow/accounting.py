@@ -34,8 +34,12 @@ class Work(BaseModel):
 def merge(works: list[Work]) -> Work:
     """One record for work done in pieces (a candidate trained over several rungs): the first start, the
     summed seconds and bytes."""
-    return Work(started_at=min(w.started_at for w in works), seconds=sum(w.seconds for w in works),
-                bytes_read=sum(w.bytes_read for w in works), bytes_written=sum(w.bytes_written for w in works))
+    return Work(
+        started_at=min(w.started_at for w in works),
+        seconds=sum(w.seconds for w in works),
+        bytes_read=sum(w.bytes_read for w in works),
+        bytes_written=sum(w.bytes_written for w in works),
+    )
 
 
 class Meter:
@@ -46,8 +50,12 @@ class Meter:
         self.bytes_written = 0
 
     def done(self) -> Work:
-        return Work(started_at=self.started_at, seconds=time.perf_counter() - self._start,
-                    bytes_read=self.bytes_read, bytes_written=self.bytes_written)
+        return Work(
+            started_at=self.started_at,
+            seconds=time.perf_counter() - self._start,
+            bytes_read=self.bytes_read,
+            bytes_written=self.bytes_written,
+        )
 
 
 @contextmanager
@@ -81,7 +89,7 @@ def carry(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return context.copy().run(fn, *args, **kwargs)  # a copy each: one context enters one thread at a time
         finally:
-            del stack[len(stack) - len(meters):]
+            del stack[len(stack) - len(meters) :]
 
     return run
 

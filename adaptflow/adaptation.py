@@ -116,10 +116,20 @@ def plan_candidates(cfg: Config, cuda: bool) -> list[CandidateSpec]:
                 hp = candidate_hparams(method, mode, draw)
                 hp.update({k: v for k, v in a.hparams.items() if k in hp})  # knobs this method has
                 for seed in a.seeds:
-                    name = f"{method}-{mode}" + (f"-h{draw}" if draw else "") + (f"-s{seed}" if len(a.seeds) > 1 else "")
-                    specs.append(CandidateSpec(name=name, method=method, mode=mode, hparams=hp, seed=seed,
-                                               steps=a.feature_steps if mode == "features" else image_steps,
-                                               image_size=image_size if mode == "images" else None))
+                    name = (
+                        f"{method}-{mode}" + (f"-h{draw}" if draw else "") + (f"-s{seed}" if len(a.seeds) > 1 else "")
+                    )
+                    specs.append(
+                        CandidateSpec(
+                            name=name,
+                            method=method,
+                            mode=mode,
+                            hparams=hp,
+                            seed=seed,
+                            steps=a.feature_steps if mode == "features" else image_steps,
+                            image_size=image_size if mode == "images" else None,
+                        )
+                    )
     return specs
 
 
@@ -142,13 +152,16 @@ def halving_rungs(steps: int, candidates: int, eta: int) -> list[int]:
     if eta < 2 or candidates < 2:
         return [steps]
     levels = math.ceil(math.log(candidates, eta))
-    return [max(1, steps // eta ** k) for k in range(levels, 0, -1)] + [steps]
+    return [max(1, steps // eta**k) for k in range(levels, 0, -1)] + [steps]
 
 
-def successive_halving(specs: list[CandidateSpec],
-                       train: Callable[[list[CandidateSpec], list[int | None]], list[CandidateManifest]],
-                       stop: Callable[[CandidateManifest, int], CandidateManifest], policy: list[str],
-                       eta: int) -> list[CandidateManifest]:
+def successive_halving(
+    specs: list[CandidateSpec],
+    train: Callable[[list[CandidateSpec], list[int | None]], list[CandidateManifest]],
+    stop: Callable[[CandidateManifest, int], CandidateManifest],
+    policy: list[str],
+    eta: int,
+) -> list[CandidateManifest]:
     """Train every candidate: features-mode ones to the end at once, images-mode ones in rungs
     (`halving_rungs`): all to the first rung's steps, then the best 1/eta of them by the selection policy
     (`survivors`) on to the next, resuming from their checkpoints. The source-only images candidate does
@@ -188,14 +201,24 @@ def survivors(candidates: list[CandidateManifest], policy: list[str], keep: int)
     return sorted(order[:keep])
 
 
-def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestManifest,
-                    target_labels: IngestManifest | None, features: ExtractionPlan, cfg: Config,
-                    out_uri: str, device: str = "cpu", until: int | None = None) -> CandidateManifest:
+def train_candidate(
+    spec: CandidateSpec,
+    source: IngestManifest,
+    target: IngestManifest,
+    target_labels: IngestManifest | None,
+    features: ExtractionPlan,
+    cfg: Config,
+    out_uri: str,
+    device: str = "cpu",
+    until: int | None = None,
+) -> CandidateManifest:
     """Train `spec` up to step `until` (default: its whole budget), resuming from the checkpoint a
     previous rung left under `out_uri`, then score it on the validation sample and commit it. Safe to
     retry: a candidate already committed at `until` steps or more is returned as it is."""
     start = time.perf_counter()
-    total = spec.steps or (cfg.adapt.feature_steps if spec.mode == "features" else cfg.adapt.image_steps or CPU_IMAGE_STEPS)
+    total = spec.steps or (
+        cfg.adapt.feature_steps if spec.mode == "features" else cfg.adapt.image_steps or CPU_IMAGE_STEPS
+    )
     until = total if until is None else min(until, total)
     committed = storage.join(out_uri, "candidate.json")
     before = CandidateManifest.load(committed) if storage.exists(committed) else None
@@ -211,8 +234,12 @@ def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestM
     if train.empty:
         raise DatasetError(f"the source dataset {source.dataset_uri} has no training images")
     n, seed = cfg.adapt.validation_samples, cfg.seed
-    samples = {"val": validation_sample(val, n, seed), "train": validation_sample(train, n, seed),
-               "test": validation_sample(test, n, seed), "target": validation_sample(tgt, n, seed)}
+    samples = {
+        "val": validation_sample(val, n, seed),
+        "train": validation_sample(train, n, seed),
+        "test": validation_sample(test, n, seed),
+        "target": validation_sample(tgt, n, seed),
+    }
 
     data = _ImageData(spec, cfg, features, device) if spec.mode == "images" else _FeatureData(features, device)
     torch.manual_seed(spec.seed)
@@ -223,45 +250,77 @@ def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestM
     batch = int(spec.hparams.get("batch_size", 32))
     y_train = torch.tensor(train.label.map(code).to_numpy(), dtype=torch.long)
     with _device_lock(device) if spec.mode == "images" else nullcontext():
-        curve = data.fit(algorithm, data.rows(train), y_train, data.rows(tgt), total, batch, spec.seed, begin, until,
-                         cfg)
+        curve = data.fit(
+            algorithm, data.rows(train), y_train, data.rows(tgt), total, batch, spec.seed, begin, until, cfg
+        )
     if until < total:
         save_checkpoint(checkpoint, algorithm, until)
 
     out = {name: data.infer(algorithm, data.rows(rows)) for name, rows in samples.items()}
     inputs = validators.ValidationInputs(
-        source_logits=out["val"][0], source_labels=torch.tensor(samples["val"].label.map(code).to_numpy()),
-        source_features=out["val"][1], target_logits=out["target"][0], target_features=out["target"][1],
-        source_train_features=out["train"][1], seed=spec.seed,
-        **shared_features(features, samples["train"], samples["val"], samples["target"]))
+        source_logits=out["val"][0],
+        source_labels=torch.tensor(samples["val"].label.map(code).to_numpy()),
+        source_features=out["val"][1],
+        target_logits=out["target"][0],
+        target_features=out["target"][1],
+        source_train_features=out["train"][1],
+        seed=spec.seed,
+        **shared_features(features, samples["train"], samples["val"], samples["target"]),
+    )
     scores = {k: float(v) for k, v in validators.score(inputs).items()}
     collapsed = validators.is_collapsed(out["target"][0], len(classes))
 
-    card = ModelCard(kind=spec.mode, method=spec.method, hparams=spec.hparams, image_size=data.image_size,
-                     classes=classes, config=cfg, fingerprint=features.fingerprint, dim=data.dim,
-                     config_hash=cfg.fingerprint(), dataset_fingerprint=source.fingerprint,
-                     metrics={"source_val_accuracy": scores["source_val_acc"]})
+    card = ModelCard(
+        kind=spec.mode,
+        method=spec.method,
+        hparams=spec.hparams,
+        image_size=data.image_size,
+        classes=classes,
+        config=cfg,
+        fingerprint=features.fingerprint,
+        dim=data.dim,
+        config_hash=cfg.fingerprint(),
+        dataset_fingerprint=source.fingerprint,
+        metrics={"source_val_accuracy": scores["source_val_acc"]},
+    )
     model_uri = storage.join(out_uri, "model")
     save_model(model_uri, algorithm, card)
     predictions_uri = storage.join(out_uri, "predictions.parquet")
     storage.write_table(predictions_uri, predictions_table(samples["target"], out["target"][0], classes))
     test_rows = samples["test"]
-    test_acc = classification_metrics(test_rows.label.map(code).to_numpy(), out["test"][0].argmax(1).numpy(),
-                                      classes)["accuracy"] if len(test_rows) else float("nan")
+    test_acc = (
+        classification_metrics(test_rows.label.map(code).to_numpy(), out["test"][0].argmax(1).numpy(), classes)[
+            "accuracy"
+        ]
+        if len(test_rows)
+        else float("nan")
+    )
     target_acc = _accuracy_on(samples["target"], out["target"][0], target_labels, code)
-    gap = {"proxy_a_distance": domain_gap.proxy_a_distance(out["train"][1], out["target"][1], seed=spec.seed),
-           "mmd": domain_gap.mmd_distance(out["train"][1], out["target"][1], seed=spec.seed)}
+    gap = {
+        "proxy_a_distance": domain_gap.proxy_a_distance(out["train"][1], out["target"][1], seed=spec.seed),
+        "mmd": domain_gap.mmd_distance(out["train"][1], out["target"][1], seed=spec.seed),
+    }
     embedding_uri = storage.join(out_uri, "embedding_sample.parquet")
     _save_embedding_sample(embedding_uri, out["train"][1], out["target"][1], spec.seed)
     outputs_uri = storage.join(out_uri, "outputs.parquet")
     _save_outputs(outputs_uri, samples["val"], out["val"][0], code)
 
-    manifest = CandidateManifest(spec=spec, model_uri=model_uri, predictions_uri=predictions_uri,
-                                 outputs_uri=outputs_uri, embedding_uri=embedding_uri, scores=scores,
-                                 collapsed=collapsed, source_test_accuracy=test_acc, target_accuracy=target_acc,
-                                 domain_gap=gap, curve=(before.curve if before else []) + curve, steps=until,
-                                 total_steps=total,
-                                 seconds=(before.seconds if before else 0.0) + time.perf_counter() - start)
+    manifest = CandidateManifest(
+        spec=spec,
+        model_uri=model_uri,
+        predictions_uri=predictions_uri,
+        outputs_uri=outputs_uri,
+        embedding_uri=embedding_uri,
+        scores=scores,
+        collapsed=collapsed,
+        source_test_accuracy=test_acc,
+        target_accuracy=target_acc,
+        domain_gap=gap,
+        curve=(before.curve if before else []) + curve,
+        steps=until,
+        total_steps=total,
+        seconds=(before.seconds if before else 0.0) + time.perf_counter() - start,
+    )
     manifest.commit(committed)
     return manifest
 
@@ -293,9 +352,15 @@ def select_model(head: ModelManifest, candidates: list[CandidateManifest], polic
     successive halving stopped early take no part. With no candidates (`adapt.method: none`) the
     source-only head is the model."""
     if not candidates:
-        return SelectionManifest(index=-1, name="head", reason="adaptation off (adapt.method: none)",
-                                 policy=list(policy), model_uri=head.model_uri, oracle_index=None,
-                                 confidence="no adaptation: the source-only head")
+        return SelectionManifest(
+            index=-1,
+            name="head",
+            reason="adaptation off (adapt.method: none)",
+            policy=list(policy),
+            model_uri=head.model_uri,
+            oracle_index=None,
+            confidence="no adaptation: the source-only head",
+        )
     finished = [i for i, c in enumerate(candidates) if c.stopped_at_rung is None]
     pick = selection.select(selection_candidates([candidates[i] for i in finished]), policy)
     index = finished[pick.index]
@@ -306,33 +371,52 @@ def select_model(head: ModelManifest, candidates: list[CandidateManifest], polic
     known = [i for i, c in enumerate(candidates) if c.target_accuracy is not None]
     oracle = max(known, key=lambda i: candidates[i].target_accuracy) if known else None
     chosen = candidates[index]
-    return SelectionManifest(index=index, name=chosen.spec.name, reason=pick.reason, policy=list(policy),
-                             model_uri=chosen.model_uri, oracle_index=oracle, confident=pick.confident,
-                             confidence=pick.confidence, reference_index=reference, ranks=ranks,
-                             reference_model_uri=None if reference is None else candidates[reference].model_uri)
+    return SelectionManifest(
+        index=index,
+        name=chosen.spec.name,
+        reason=pick.reason,
+        policy=list(policy),
+        model_uri=chosen.model_uri,
+        oracle_index=oracle,
+        confident=pick.confident,
+        confidence=pick.confidence,
+        reference_index=reference,
+        ranks=ranks,
+        reference_model_uri=None if reference is None else candidates[reference].model_uri,
+    )
 
 
 def selection_candidates(candidates: list[CandidateManifest]) -> list[selection.Candidate]:
     """What `adapt.selection.select` needs of each candidate: its scores, its algorithm's objectives, and
     whether it got each source-validation image right."""
-    return [selection.Candidate(name=c.spec.name, scores=c.scores, collapsed=c.collapsed,
-                                objectives=get_algorithm(c.spec.method).objectives,
-                                source_only=c.spec.method == "source_only", val_correct=_val_correct(c))
-            for c in candidates]
+    return [
+        selection.Candidate(
+            name=c.spec.name,
+            scores=c.scores,
+            collapsed=c.collapsed,
+            objectives=get_algorithm(c.spec.method).objectives,
+            source_only=c.spec.method == "source_only",
+            val_correct=_val_correct(c),
+        )
+        for c in candidates
+    ]
 
 
-def shared_features(features: ExtractionPlan, train: pd.DataFrame, val: pd.DataFrame,
-                    target: pd.DataFrame) -> dict[str, torch.Tensor]:
+def shared_features(
+    features: ExtractionPlan, train: pd.DataFrame, val: pd.DataFrame, target: pd.DataFrame
+) -> dict[str, torch.Tensor]:
     """The frozen backbone's features of the validation samples: the same for every candidate of a run,
     a space no candidate shaped (`validators.iwa`)."""
+
     def load(rows: pd.DataFrame) -> torch.Tensor:
         return torch.from_numpy(load_features(features.features_uri, rows.image_id.tolist())).float()
 
     return {"shared_source_train": load(train), "shared_source": load(val), "shared_target": load(target)}
 
 
-def _accuracy_on(rows: pd.DataFrame, logits: torch.Tensor, labels: IngestManifest | None,
-                 code: dict[str, int]) -> float | None:
+def _accuracy_on(
+    rows: pd.DataFrame, logits: torch.Tensor, labels: IngestManifest | None, code: dict[str, int]
+) -> float | None:
     """Target accuracy of `logits` on `rows` against labels matched by content hash; reporting only."""
     if labels is None:
         return None
@@ -349,9 +433,16 @@ def _save_outputs(uri: str, val: pd.DataFrame, logits: torch.Tensor, code: dict[
     image by image on them (`adapt.selection`)."""
     import pyarrow as pa
 
-    storage.write_table(uri, pa.table({"image_id": val.image_id.tolist(),
-                                       "label": val.label.map(code).to_numpy(dtype=np.int32),
-                                       "prediction": logits.argmax(1).numpy().astype(np.int32)}))
+    storage.write_table(
+        uri,
+        pa.table(
+            {
+                "image_id": val.image_id.tolist(),
+                "label": val.label.map(code).to_numpy(dtype=np.int32),
+                "prediction": logits.argmax(1).numpy().astype(np.int32),
+            }
+        ),
+    )
 
 
 def _val_correct(c: CandidateManifest) -> np.ndarray | None:
@@ -359,11 +450,10 @@ def _val_correct(c: CandidateManifest) -> np.ndarray | None:
     if c.outputs_uri is None or not storage.exists(c.outputs_uri):
         return None
     t = storage.read_table(c.outputs_uri).to_pandas().sort_values("image_id")
-    return (t.label.to_numpy() == t.prediction.to_numpy())
+    return t.label.to_numpy() == t.prediction.to_numpy()
 
 
-def _save_embedding_sample(uri: str, source: torch.Tensor, target: torch.Tensor, seed: int,
-                           n: int = 500) -> None:
+def _save_embedding_sample(uri: str, source: torch.Tensor, target: torch.Tensor, seed: int, n: int = 500) -> None:
     """A small seeded sample of the model's own features per domain, for the report's t-SNE."""
     import pyarrow as pa
 
@@ -423,8 +513,9 @@ class _ImageData:
     def rows(self, df: pd.DataFrame) -> Rows:
         s = self.image_size
         if self.cache is not None:
-            return ShardedRows(self.cache.uri, df.image_id.tolist(), "pixels", (3, s, s),
-                               pin=str(self.device).startswith("cuda"))
+            return ShardedRows(
+                self.cache.uri, df.image_id.tolist(), "pixels", (3, s, s), pin=str(self.device).startswith("cuda")
+            )
         from adaptflow.adapt.images import load_images
 
         return TensorRows(load_images(df.uri.tolist(), self.data_config, self.num_workers))
@@ -432,8 +523,20 @@ class _ImageData:
     def fit(self, algorithm, x, y, xt, steps, batch, seed, start, stop, cfg):
         from adaptflow.adapt.images import fit_images
 
-        return fit_images(algorithm, x, y, xt, steps, batch, seed, device=self.device, strategy=cfg.adapt.strategy,
-                          time_budget_s=cfg.adapt.time_budget_s, start=start, stop=stop)
+        return fit_images(
+            algorithm,
+            x,
+            y,
+            xt,
+            steps,
+            batch,
+            seed,
+            device=self.device,
+            strategy=cfg.adapt.strategy,
+            time_budget_s=cfg.adapt.time_budget_s,
+            start=start,
+            stop=stop,
+        )
 
     def infer(self, algorithm, rows: Rows):
         from adaptflow.adapt.images import infer_images

@@ -354,9 +354,7 @@ def _remap_by_position(
         if sv.shape != tv.shape
     ]
     if bad:
-        raise ValueError(
-            f"tensors in the file and in {arch!r} differ in shape, in order: {'; '.join(bad[:4])}"
-        )
+        raise ValueError(f"tensors in the file and in {arch!r} differ in shape, in order: {'; '.join(bad[:4])}")
     return dict(zip(target, source.values(), strict=True))
 
 

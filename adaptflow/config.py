@@ -20,10 +20,15 @@ class _Section(BaseModel):
 class IngestConfig(_Section):
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of labeled images held out for early stopping")
     test_fraction: float = Field(0.2, ge=0, lt=1, description="share of labeled images held out for scoring")
-    max_image_pixels: int = Field(89_478_485, gt=0, description="larger images are rejected as decompression bombs (capped by Pillow's own limit)")
+    max_image_pixels: int = Field(
+        89_478_485, gt=0, description="larger images are rejected as decompression bombs (capped by Pillow's own limit)"
+    )
     workers: int = Field(8, ge=1, description="threads that read and decode images while validating")
-    check_extension: bool = Field(True, description="reject a file whose image extension names another "
-                                  "format than its content (a PNG named .jpg): a sign of a broken export")
+    check_extension: bool = Field(
+        True,
+        description="reject a file whose image extension names another "
+        "format than its content (a PNG named .jpg): a sign of a broken export",
+    )
 
     @model_validator(mode="after")
     def _room_for_training(self) -> IngestConfig:
@@ -53,18 +58,26 @@ class BackboneConfig(_Section):
 
 
 class ExtractConfig(_Section):
-    batch_size: int | None = Field(None, ge=1, le=4096, description="images per forward pass; null: 256 on "
-                                   "CUDA, 8 on a CPU (small channels-last batches run fastest there: measured)")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="images per forward pass; null: 256 on "
+        "CUDA, 8 on a CPU (small channels-last batches run fastest there: measured)",
+    )
     shard_size: int = Field(4096, ge=1, description="images per extraction task")
     num_workers: int = Field(2, ge=0, le=64, description="DataLoader processes that decode and resize")
     dtype: Literal["float16", "float32"] = "float16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     decode_on: Literal["workers", "device"] = Field(
-        "workers", description="workers: DataLoader processes decode and resize; device: JPEGs are decoded "
-        "and resized on the extraction device (nvJPEG on CUDA), the workers only read files")
+        "workers",
+        description="workers: DataLoader processes decode and resize; device: JPEGs are decoded "
+        "and resized on the extraction device (nvJPEG on CUDA), the workers only read files",
+    )
     compile: bool = Field(False, description="torch.compile the backbone on CUDA (pays off on large datasets)")
     compact_min_shards: int = Field(
-        8, ge=0, description="merge small shards (under half of shard_size rows) once there are this many; 0: never")
+        8, ge=0, description="merge small shards (under half of shard_size rows) once there are this many; 0: never"
+    )
 
 
 class HeadConfig(_Section):
@@ -81,34 +94,61 @@ class HeadConfig(_Section):
 class AdaptConfig(_Section):
     """Domain adaptation: which candidates to train, and how; the champion is chosen without target labels."""
 
-    method: str = Field("auto", description="auto: train the candidate set and select; an algorithm name; "
-                                            "or none: only the source-only head")
-    methods: list[str] = Field(default_factory=lambda: ["source_only", "dann", "cdan", "coral", "mmd", "mcc", "im"],
-                               description="the algorithms tried in features mode by method=auto")
+    method: str = Field(
+        "auto",
+        description="auto: train the candidate set and select; an algorithm name; or none: only the source-only head",
+    )
+    methods: list[str] = Field(
+        default_factory=lambda: ["source_only", "dann", "cdan", "coral", "mmd", "mcc", "im"],
+        description="the algorithms tried in features mode by method=auto",
+    )
     image_methods: list[str] | None = Field(
-        None, description="algorithms also trained end to end (images mode); null: sized to the hardware "
-                          "(source_only, dann and cdan on CPU, every method on GPU)")
+        None,
+        description="algorithms also trained end to end (images mode); null: sized to the hardware "
+        "(source_only, dann and cdan on CPU, every method on GPU)",
+    )
     hparam_draws: int = Field(0, ge=0, description="random hyperparameter draws per method beside the defaults")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     feature_steps: int = Field(1500, ge=1, description="updates per features-mode candidate")
     image_steps: int | None = Field(
-        None, ge=1, description="updates per images-mode candidate, whatever the dataset's size or the machine's "
-        "load; null: 300 on a CPU, 3000 on a GPU")
-    image_size: int | None = Field(None, ge=16, le=1024, description="images-mode input size; null: 64 on CPU, "
-                                                                     "the backbone's own on GPU")
+        None,
+        ge=1,
+        description="updates per images-mode candidate, whatever the dataset's size or the machine's "
+        "load; null: 300 on a CPU, 3000 on a GPU",
+    )
+    image_size: int | None = Field(
+        None, ge=16, le=1024, description="images-mode input size; null: 64 on CPU, the backbone's own on GPU"
+    )
     strategy: Literal["full", "lp_ft", "gradual"] = "full"
-    halving: int = Field(3, ge=0, description="successive halving of the images-mode candidates: train all to "
-                         "1/halving of the steps, keep the best 1/halving by the selection policy, and so on; "
-                         "0 or 1: train every candidate to the end")
-    validation_samples: int = Field(2000, ge=10, description="source-validation and target images each "
-                                    "candidate is scored on: a fixed seeded sample, the same for every candidate")
-    time_budget_s: float | None = Field(None, gt=0, description="an opt-in safety net: stop an images-mode "
-                                        "candidate after this many seconds (the result then depends on the "
-                                        "machine's load); null: none")
-    hparams: dict[str, Any] = Field(default_factory=dict, description="hyperparameters set for every candidate, "
-                                                                     "e.g. {l2sp: 0.01, backbone_lr_mult: 0.1}")
-    policy: list[str] = Field(default_factory=lambda: ["source_val_acc", "im", "bnm"], min_length=1,
-                              description="validators whose mean rank selects the model (collapsed ones never)")
+    halving: int = Field(
+        3,
+        ge=0,
+        description="successive halving of the images-mode candidates: train all to "
+        "1/halving of the steps, keep the best 1/halving by the selection policy, and so on; "
+        "0 or 1: train every candidate to the end",
+    )
+    validation_samples: int = Field(
+        2000,
+        ge=10,
+        description="source-validation and target images each "
+        "candidate is scored on: a fixed seeded sample, the same for every candidate",
+    )
+    time_budget_s: float | None = Field(
+        None,
+        gt=0,
+        description="an opt-in safety net: stop an images-mode "
+        "candidate after this many seconds (the result then depends on the "
+        "machine's load); null: none",
+    )
+    hparams: dict[str, Any] = Field(
+        default_factory=dict,
+        description="hyperparameters set for every candidate, e.g. {l2sp: 0.01, backbone_lr_mult: 0.1}",
+    )
+    policy: list[str] = Field(
+        default_factory=lambda: ["source_val_acc", "im", "bnm"],
+        min_length=1,
+        description="validators whose mean rank selects the model (collapsed ones never)",
+    )
 
     @field_validator("method")
     @classmethod
@@ -159,23 +199,34 @@ class MonitorConfig(_Section):
     alpha: float = Field(0.01, gt=0, lt=1, description="MMD permutation-test level: p below it is a shift")
     permutations: int = Field(200, ge=10, description="permutations for the p-value")
     max_samples: int = Field(500, ge=5, description="images per side in the test (subsampled, seeded)")
-    score_drop: float = Field(0.05, ge=0, description="the champion's selection score on the new batch falling "
-                              "this much below its score at registration also triggers retraining")
+    score_drop: float = Field(
+        0.05,
+        ge=0,
+        description="the champion's selection score on the new batch falling "
+        "this much below its score at registration also triggers retraining",
+    )
 
     @model_validator(mode="after")
     def _alpha_reachable(self) -> MonitorConfig:
         if self.alpha * (1 + self.permutations) <= 1:  # the smallest p-value is 1 / (1 + permutations)
-            raise ValueError(f"alpha {self.alpha} needs more than {1 / self.alpha - 1:.0f} permutations, "
-                             f"got {self.permutations}")
+            raise ValueError(
+                f"alpha {self.alpha} needs more than {1 / self.alpha - 1:.0f} permutations, got {self.permutations}"
+            )
         return self
 
 
 class PromotionConfig(_Section):
-    margin: float = Field(0.01, ge=0, description="a challenger must beat the champion's gate score on the "
-                          "same data (and its target accuracy, when target labels exist) by this much")
+    margin: float = Field(
+        0.01,
+        ge=0,
+        description="a challenger must beat the champion's gate score on the "
+        "same data (and its target accuracy, when target labels exist) by this much",
+    )
     allow_low_confidence: bool = Field(
-        False, description="let a pick that selection is not confident about replace a champion (or become the "
-        "first one); false: it stays challenger, and with no champion the source-only reference is promoted")
+        False,
+        description="let a pick that selection is not confident about replace a champion (or become the "
+        "first one); false: it stays challenger, and with no champion the source-only reference is promoted",
+    )
 
 
 class RuntimeConfig(_Section):
@@ -183,37 +234,54 @@ class RuntimeConfig(_Section):
     task_runner: Literal["threads", "dask"] = Field("threads", description="threads, or Dask through prefect-dask")
     dask_address: str | None = Field(None, description="an existing Dask scheduler; null: a LocalCluster")
     dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes")
-    gpu_resource: bool = Field(False, description="extraction, training and prediction tasks ask Dask for a GPU=1 resource, so they "
-                                                   "land only on workers started with --resources GPU=1")
+    gpu_resource: bool = Field(
+        False,
+        description="extraction, training and prediction tasks ask Dask for a GPU=1 resource, so they "
+        "land only on workers started with --resources GPU=1",
+    )
     credentials_block: str | None = Field(
-        None, description="the name of a Prefect Secret block holding store credentials as a JSON object of "
+        None,
+        description="the name of a Prefect Secret block holding store credentials as a JSON object of "
         "environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...); the name "
-        "only: credentials never live in the config")
+        "only: credentials never live in the config",
+    )
     flow_timeout_s: float | None = Field(
-        43_200, gt=0, description="a run still going after this many seconds fails as TimedOut, so one hung "
-        "scheduled run cannot hold a deployment's concurrency slot for ever (12 h); null: no limit")
+        43_200,
+        gt=0,
+        description="a run still going after this many seconds fails as TimedOut, so one hung "
+        "scheduled run cannot hold a deployment's concurrency slot for ever (12 h); null: no limit",
+    )
     task_timeout_s: float | None = Field(
-        14_400, gt=0, description="limit for each long task (ingest, extraction shard, training, scoring): a "
+        14_400,
+        gt=0,
+        description="limit for each long task (ingest, extraction shard, training, scoring): a "
         "task past it fails the run (4 h); on worker threads it can stop only between Python steps, not inside "
-        "a blocking read; null: no limit")
+        "a blocking read; null: no limit",
+    )
 
 
 class TrackingConfig(_Section):
     """Runs mirrored to MLflow (adaptflow[mlflow]); adaptflow's own registry stays the source of truth."""
 
     mlflow_uri: str | None = Field(
-        None, description="MLflow tracking URI (sqlite:///mlflow.db, http://host:5000, databricks, ...): each run "
+        None,
+        description="MLflow tracking URI (sqlite:///mlflow.db, http://host:5000, databricks, ...): each run "
         "logs params, metrics and artifacts there and registers its model, with the champion/challenger aliases "
-        "kept in step; null: the MLFLOW_TRACKING_URI environment variable if set, else no tracking")
+        "kept in step; null: the MLFLOW_TRACKING_URI environment variable if set, else no tracking",
+    )
     mlflow_experiment: str = Field("adaptflow", min_length=1, description="the MLflow experiment runs are logged to")
     mlflow_model: str = Field("adaptflow", min_length=1, description="the registered model name in MLflow")
 
 
 class LinksConfig(_Section):
     expiry_s: int | None = Field(
-        604_800, ge=1, le=604_800, description="the report and history links a run puts on the Prefect UI are, on "
+        604_800,
+        ge=1,
+        le=604_800,
+        description="the report and history links a run puts on the Prefect UI are, on "
         "an S3 store, presigned HTTPS URLs valid this many seconds (at most 7 days, S3's limit); null: the s3:// "
-        "URIs themselves (a presigned URL carries the access key ID, never the secret)")
+        "URIs themselves (a presigned URL carries the access key ID, never the secret)",
+    )
 
 
 class Config(_Section):

@@ -32,9 +32,7 @@ class DemoData:
     classes: list[str]
 
 
-def make_demo_data(
-    out_uri: str, image_size: int = 32, seed: int = 0, max_per_domain: int | None = None
-) -> DemoData:
+def make_demo_data(out_uri: str, image_size: int = 32, seed: int = 0, max_per_domain: int | None = None) -> DemoData:
     """Write the demo dataset under `out_uri` and return where each part is. Deterministic for a
     given `seed`; `max_per_domain` caps the images per domain, balanced across the ten digits."""
     if max_per_domain is not None and max_per_domain < 1:
@@ -77,8 +75,7 @@ class NightlyDemo:
     classes: list[str]
 
 
-def make_nightly_batches(out_uri: str, image_size: int = 32, seed: int = 0,
-                         per_batch: int = 300) -> NightlyDemo:
+def make_nightly_batches(out_uri: str, image_size: int = 32, seed: int = 0, per_batch: int = 300) -> NightlyDemo:
     """The demo's source, then the target digits cut into three batches of `per_batch`: night 1 and
     night 2 in the MNIST-M style (new images, same camera), night 3 from a "new camera" (coloured strokes
     on darkened, tinted, blurred photos): a shift the monitor should catch."""
@@ -88,15 +85,18 @@ def make_nightly_batches(out_uri: str, image_size: int = 32, seed: int = 0,
     target_idx = balanced(np.arange(1, len(labels), 2), labels, 3 * per_batch)
     photos = load_photos()
     batches = []
-    for night, (style, chunk) in enumerate(zip((mnist_m, mnist_m, new_camera),
-                                               np.array_split(np.array(target_idx), 3), strict=True), 1):
+    for night, (style, chunk) in enumerate(
+        zip((mnist_m, mnist_m, new_camera), np.array_split(np.array(target_idx), 3), strict=True), 1
+    ):
         name = f"night{night}"
         rng = np.random.default_rng([seed, 10 + night])
         folder = storage.join(out_uri, name)
         rows = []
         for n in chunk:
-            storage.write_bytes(storage.join(folder, f"{n}.jpg"),
-                                encode_image(style(render_digit(images[n], image_size, rng), photos, rng), "JPEG"))
+            storage.write_bytes(
+                storage.join(folder, f"{n}.jpg"),
+                encode_image(style(render_digit(images[n], image_size, rng), photos, rng), "JPEG"),
+            )
             rows.append(f"{n}.jpg,{labels[n]}")
         labels_uri = storage.join(out_uri, f"{name}_labels.csv")
         storage.write_bytes(labels_uri, ("uri,label\n" + "\n".join(f"{name}/{r}" for r in rows) + "\n").encode())

@@ -10,9 +10,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
     """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix
     (rows: true class, columns: predicted class, both in the order of `classes`)."""
     labels = list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)) if len(y_true) else float("nan"),

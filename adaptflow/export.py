@@ -94,15 +94,19 @@ def serving_model(model: nn.Module, card: ModelCard) -> tuple[ServingModel, dict
 
     backbone_cfg = card.config.backbone
     if backbone_cfg.name == "hog":
-        raise ModelError("a model on the 'hog' backbone cannot be exported: HOG runs in scikit-image on NumPy, "
-                         "outside the graph; export a model on a neural backbone")
+        raise ModelError(
+            "a model on the 'hog' backbone cannot be exported: HOG runs in scikit-image on NumPy, "
+            "outside the graph; export a model on a neural backbone"
+        )
     if card.kind == "images":
         data_config = build_extractor(backbone_cfg.model_copy(update={"image_size": card.image_size})).data_config
         return ServingModel(model, None, data_config).eval(), dict(data_config)
     extractor = build_extractor(backbone_cfg)
     if extractor.fingerprint != card.fingerprint:
-        raise ModelError(f"the model reads features {card.fingerprint}, but its backbone now gives "
-                         f"{extractor.fingerprint}: its weights file changed since training")
+        raise ModelError(
+            f"the model reads features {card.fingerprint}, but its backbone now gives "
+            f"{extractor.fingerprint}: its weights file changed since training"
+        )
     return ServingModel(model, extractor.module, extractor.data_config).eval(), dict(extractor.data_config)
 
 
@@ -127,16 +131,31 @@ def serving_metadata(card: ModelCard, data_config: dict, fmt: str, model_uri: st
     size = int(data_config["input_size"][-1])
     return {
         "format": fmt,
-        "input": {"name": INPUT, "dtype": "uint8", "shape": ["batch", 3, size, size], "layout": "NCHW",
-                  "channels": "RGB", "range": [0, 255]},
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", len(card.classes)]},
-                    {"name": "probabilities", "dtype": "float32", "shape": ["batch", len(card.classes)]}],
+        "input": {
+            "name": INPUT,
+            "dtype": "uint8",
+            "shape": ["batch", 3, size, size],
+            "layout": "NCHW",
+            "channels": "RGB",
+            "range": [0, 255],
+        },
+        "outputs": [
+            {"name": "logits", "dtype": "float32", "shape": ["batch", len(card.classes)]},
+            {"name": "probabilities", "dtype": "float32", "shape": ["batch", len(card.classes)]},
+        ],
         "classes": list(card.classes),
         "preprocessing": preprocessing(data_config),
-        "model": {"kind": card.kind, "method": card.method, "backbone": card.config.backbone.name,
-                  "registry_version": version, "model_uri": model_uri, "fingerprint": card.fingerprint,
-                  "config_hash": card.config_hash, "dataset_fingerprint": card.dataset_fingerprint,
-                  "metrics": card.metrics},
+        "model": {
+            "kind": card.kind,
+            "method": card.method,
+            "backbone": card.config.backbone.name,
+            "registry_version": version,
+            "model_uri": model_uri,
+            "fingerprint": card.fingerprint,
+            "config_hash": card.config_hash,
+            "dataset_fingerprint": card.dataset_fingerprint,
+            "metrics": card.metrics,
+        },
         "exported_by": f"adaptflow {code_version()}",
     }
 
@@ -160,18 +179,38 @@ def export_model(model_uri: str, out_uri: str, fmt: str = "onnx", version: int |
         raise ModelError(f"cannot export the model at {model_uri} to {fmt}: {str(e).strip().splitlines()[0]}") from None
     diff, sizes = _check(module, blob, size, check)
     if not diff <= TOLERANCE:  # NaN fails too
-        raise ModelError(f"the {fmt} export of {model_uri} disagrees with the model: probabilities differ by "
-                         f"{diff:.2e} (> {TOLERANCE:g}); nothing was written")
+        raise ModelError(
+            f"the {fmt} export of {model_uri} disagrees with the model: probabilities differ by "
+            f"{diff:.2e} (> {TOLERANCE:g}); nothing was written"
+        )
     metadata_uri = out_uri + ".json"
     storage.write_bytes(out_uri, blob)
     manifest = ExportManifest(
-        format=fmt, uri=out_uri, metadata_uri=metadata_uri, bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest(),
-        model_uri=model_uri, version=version, kind=card.kind, method=card.method, classes=list(card.classes),
-        input_size=size, max_abs_diff=diff, checked_batch_sizes=sizes,
-        exported_at=datetime.now(UTC).isoformat(timespec="seconds"), code_version=code_version(),
-        seconds=time.perf_counter() - start)
-    storage.write_json(metadata_uri, {**meta, "file": {"uri": out_uri, "bytes": len(blob), "sha256": manifest.sha256},
-                                      "check": {"max_abs_diff": diff, "batch_sizes": sizes, "tolerance": TOLERANCE}})
+        format=fmt,
+        uri=out_uri,
+        metadata_uri=metadata_uri,
+        bytes=len(blob),
+        sha256=hashlib.sha256(blob).hexdigest(),
+        model_uri=model_uri,
+        version=version,
+        kind=card.kind,
+        method=card.method,
+        classes=list(card.classes),
+        input_size=size,
+        max_abs_diff=diff,
+        checked_batch_sizes=sizes,
+        exported_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        code_version=code_version(),
+        seconds=time.perf_counter() - start,
+    )
+    storage.write_json(
+        metadata_uri,
+        {
+            **meta,
+            "file": {"uri": out_uri, "bytes": len(blob), "sha256": manifest.sha256},
+            "check": {"max_abs_diff": diff, "batch_sizes": sizes, "tolerance": TOLERANCE},
+        },
+    )
     return manifest
 
 
@@ -207,8 +246,9 @@ def list_exports(store: str) -> list[ExportManifest]:
     return [ExportManifest.load(u) for u in storage.list_uris(exports_uri(store), ".json")]
 
 
-def _check(module: ServingModel, blob: bytes, size: int,
-           run: Callable[[bytes, np.ndarray], np.ndarray]) -> tuple[float, list[int]]:
+def _check(
+    module: ServingModel, blob: bytes, size: int, run: Callable[[bytes, np.ndarray], np.ndarray]
+) -> tuple[float, list[int]]:
     """Max abs difference of probabilities between `module` and the exported `blob`, on seeded random
     images at two batch sizes (the batch axis must really be free)."""
     gen = torch.Generator().manual_seed(0)
@@ -219,7 +259,9 @@ def _check(module: ServingModel, blob: bytes, size: int,
             expected = module(x)[1].numpy()
         got = run(blob, x.numpy())
         if got.shape != expected.shape:
-            raise ModelError(f"the exported model gives shape {got.shape} for a batch of {n}, expected {expected.shape}")
+            raise ModelError(
+                f"the exported model gives shape {got.shape} for a batch of {n}, expected {expected.shape}"
+            )
         diffs.append(float(np.abs(got - expected).max()))
     return max(diffs), sizes
 
@@ -232,18 +274,31 @@ def _export_onnx(module: ServingModel, size: int, meta: dict) -> bytes:
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals, not the user's business
-        program = torch.onnx.export(module, (example,), None, input_names=[INPUT], output_names=list(OUTPUTS),
-                                    dynamic_shapes={INPUT: {0: torch.export.Dim("batch", min=1)}}, dynamo=True,
-                                    opset_version=OPSET, verbose=False)
+        program = torch.onnx.export(
+            module,
+            (example,),
+            None,
+            input_names=[INPUT],
+            output_names=list(OUTPUTS),
+            dynamic_shapes={INPUT: {0: torch.export.Dim("batch", min=1)}},
+            dynamo=True,
+            opset_version=OPSET,
+            verbose=False,
+        )
         path = os.path.join(tmp, "model.onnx")
         program.save(path)
         proto = onnx.load(path)
-    for key, value in (("adaptflow", json.dumps(meta, sort_keys=True)), ("classes", json.dumps(meta["classes"])),
-                       ("preprocessing", json.dumps(meta["preprocessing"], sort_keys=True))):
+    for key, value in (
+        ("adaptflow", json.dumps(meta, sort_keys=True)),
+        ("classes", json.dumps(meta["classes"])),
+        ("preprocessing", json.dumps(meta["preprocessing"], sort_keys=True)),
+    ):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    proto.doc_string = (f"adaptflow {meta['model']['kind']} model ({meta['model']['method']} on "
-                        f"{meta['model']['backbone']}): uint8 RGB NCHW images in, logits and probabilities out")
+    proto.doc_string = (
+        f"adaptflow {meta['model']['kind']} model ({meta['model']['method']} on "
+        f"{meta['model']['backbone']}): uint8 RGB NCHW images in, logits and probabilities out"
+    )
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
 

@@ -81,8 +81,14 @@ def features_uri_for(store_uri: str, backbone: str, fingerprint: str) -> str:
     return storage.join(store_uri, "features", f"{backbone}-{fingerprint}")
 
 
-def plan_extraction(index_uris: list[str], store_uri: str, backbone: BackboneConfig, shard_size: int,
-                    cache: ImageCache | None = None, features: bool = True) -> ExtractionPlan:
+def plan_extraction(
+    index_uris: list[str],
+    store_uri: str,
+    backbone: BackboneConfig,
+    shard_size: int,
+    cache: ImageCache | None = None,
+    features: bool = True,
+) -> ExtractionPlan:
     """Find which indexed images lack committed features for this extractor (if `features`) or pixels in
     `cache` (if given), and cut them into shards; an image missing both is decoded once for both."""
     from adaptflow.backbones import build_extractor
@@ -107,17 +113,32 @@ def plan_extraction(index_uris: list[str], store_uri: str, backbone: BackboneCon
         offset = 0
         for (f, p), part in zip(groups, parts, strict=True):
             for start_row in range(0, part.num_rows, shard_size):
-                chunk = ids[offset + start_row: offset + min(start_row + shard_size, part.num_rows)]
-                shards.append(ShardPlan(features_uri=features_uri, plan_uri=plan_uri, offset=offset + start_row,
-                                        length=len(chunk), shard_key=hash_ids(chunk), features=f,
-                                        cache=cache if p else None))
+                chunk = ids[offset + start_row : offset + min(start_row + shard_size, part.num_rows)]
+                shards.append(
+                    ShardPlan(
+                        features_uri=features_uri,
+                        plan_uri=plan_uri,
+                        offset=offset + start_row,
+                        length=len(chunk),
+                        shard_key=hash_ids(chunk),
+                        features=f,
+                        cache=cache if p else None,
+                    )
+                )
             offset += part.num_rows
     n_f = int(pc.sum(need_f).as_py() or 0)
     n_p = int(pc.sum(need_p).as_py() or 0)
-    return ExtractionPlan(features_uri=features_uri, fingerprint=extractor.fingerprint, dim=extractor.dim,
-                          n_requested=rows.num_rows, n_cached=rows.num_rows - n_f, shards=shards,
-                          seconds=time.perf_counter() - start, cache=cache,
-                          n_cached_pixels=rows.num_rows - n_p if cache else 0)
+    return ExtractionPlan(
+        features_uri=features_uri,
+        fingerprint=extractor.fingerprint,
+        dim=extractor.dim,
+        n_requested=rows.num_rows,
+        n_cached=rows.num_rows - n_f,
+        shards=shards,
+        seconds=time.perf_counter() - start,
+        cache=cache,
+        n_cached_pixels=rows.num_rows - n_p if cache else 0,
+    )
 
 
 def _missing(rows: pa.Table, folder: str) -> pa.Array:
@@ -130,10 +151,15 @@ def extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractCon
     """Embed and/or cache one shard's images and commit each output. Safe to retry: outputs already
     committed are kept as they are, and an attempt that died before a commit left nothing a reader sees."""
     start = time.perf_counter()
-    folders = {"embedding": plan.features_uri if plan.features else None,
-               "pixels": plan.cache.uri if plan.cache else None}
-    done = {c: load_shard_manifest(manifest_uri(f, plan.shard_key)) for c, f in folders.items()
-            if f and storage.exists(manifest_uri(f, plan.shard_key))}
+    folders = {
+        "embedding": plan.features_uri if plan.features else None,
+        "pixels": plan.cache.uri if plan.cache else None,
+    }
+    done = {
+        c: load_shard_manifest(manifest_uri(f, plan.shard_key))
+        for c, f in folders.items()
+        if f and storage.exists(manifest_uri(f, plan.shard_key))
+    }
     todo = [c for c, f in folders.items() if f and c not in done]
     bytes_read = bytes_written = 0
     if todo:
@@ -146,12 +172,19 @@ def extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractCon
             dtype = extract.dtype if column == "embedding" else "uint8"
             done[column] = commit_shard(folders[column], plan.shard_key, table, fp, dtype, start, bytes_read)
             bytes_written += done[column].bytes_written
-    return ShardResult(shard_key=plan.shard_key, n_rows=plan.length, outputs=[done[c] for c in folders if c in done],
-                       seconds=time.perf_counter() - start, bytes_read=bytes_read, bytes_written=bytes_written)
+    return ShardResult(
+        shard_key=plan.shard_key,
+        n_rows=plan.length,
+        outputs=[done[c] for c in folders if c in done],
+        seconds=time.perf_counter() - start,
+        bytes_read=bytes_read,
+        bytes_written=bytes_written,
+    )
 
 
-def _embed_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConfig,
-                 outputs: list[str]) -> tuple[dict[str, pa.Table], int, str]:
+def _embed_shard(
+    plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConfig, outputs: list[str]
+) -> tuple[dict[str, pa.Table], int, str]:
     """The shard's rows with their `outputs` ("embedding", "pixels"), each image read and decoded once;
     the encoded bytes read; the extractor fingerprint."""
     import torch
@@ -165,20 +198,23 @@ def _embed_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConf
     embed, cache = "embedding" in outputs, "pixels" in outputs
     module = _prepare(extractor.module, device, extract.compile) if embed else None
     on_cuda = device.type == "cuda"
-    transforms = ([build_transform(extractor.data_config)] if embed else []) + \
-        ([geometric_transform(plan.cache.geometry)] if cache else [])
+    transforms = ([build_transform(extractor.data_config)] if embed else []) + (
+        [geometric_transform(plan.cache.geometry)] if cache else []
+    )
     on_device = extract.decode_on == "device" and embed  # decoding on the device pays off for the model
     loader_transform = None if on_device else (transforms[0] if len(transforms) == 1 else Both(*transforms))
-    loader = make_loader(rows["uri"].to_pylist(), loader_transform, batch_size_for(extract, device),
-                         extract.num_workers, device)
+    loader = make_loader(
+        rows["uri"].to_pylist(), loader_transform, batch_size_for(extract, device), extract.num_workers, device
+    )
     emb = np.empty((rows.num_rows, extractor.dim), dtype=np.float32) if embed else None  # (N, D)
     s = plan.cache.size if cache else 0
     pixels = np.empty((rows.num_rows, 3 * s * s), dtype=np.uint8) if cache else None  # (N, 3*S*S)
     bytes_read = 0
     with torch.inference_mode():
         for x, idx, nbytes in loader:
-            batches = decode_on_device(x, transforms, device) if on_device else (list(x) if len(transforms) > 1
-                                                                                 else [x])
+            batches = (
+                decode_on_device(x, transforms, device) if on_device else (list(x) if len(transforms) > 1 else [x])
+            )
             i = idx.numpy()
             if embed:
                 xb = batches[0].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -195,10 +231,12 @@ def _embed_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConf
     tables = {}
     if embed:
         tables["embedding"] = base.append_column("embedding", _value_array(emb, extract.dtype)).replace_schema_metadata(
-            _parquet_metadata(extractor.fingerprint, backbone))
+            _parquet_metadata(extractor.fingerprint, backbone)
+        )
     if cache:
         tables["pixels"] = base.append_column("pixels", _value_array(pixels, "uint8")).replace_schema_metadata(
-            _parquet_metadata(plan.cache.fingerprint, backbone))
+            _parquet_metadata(plan.cache.fingerprint, backbone)
+        )
     return tables, bytes_read, extractor.fingerprint
 
 
@@ -244,14 +282,23 @@ def _value_array(matrix: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
 def _parquet_metadata(fingerprint: str, backbone: BackboneConfig) -> dict[bytes, bytes]:
     from adaptflow.manifests import SCHEMA_VERSION
 
-    return {b"adaptflow.schema_version": str(SCHEMA_VERSION).encode(),
-            b"adaptflow.fingerprint": fingerprint.encode(),
-            b"adaptflow.backbone": backbone.model_dump_json().encode()}
+    return {
+        b"adaptflow.schema_version": str(SCHEMA_VERSION).encode(),
+        b"adaptflow.fingerprint": fingerprint.encode(),
+        b"adaptflow.backbone": backbone.model_dump_json().encode(),
+    }
 
 
 def _describe_extractor(features_uri: str, backbone: BackboneConfig, extractor) -> None:
     uri = storage.join(features_uri, "extractor.json")
     if not storage.exists(uri):
-        storage.write_json(uri, {"fingerprint": extractor.fingerprint, "backbone": backbone.model_dump(),
-                                 "weights_sha256": extractor.weights_sha256, "dim": extractor.dim,
-                                 "data_config": extractor.data_config})
+        storage.write_json(
+            uri,
+            {
+                "fingerprint": extractor.fingerprint,
+                "backbone": backbone.model_dump(),
+                "weights_sha256": extractor.weights_sha256,
+                "dim": extractor.dim,
+                "data_config": extractor.data_config,
+            },
+        )

@@ -15,8 +15,7 @@ from adaptflow.config import HeadConfig
 class Head(nn.Module):
     """Standardise features with source statistics, then a linear layer or a one-hidden-layer MLP."""
 
-    def __init__(self, dim: int, num_classes: int, kind: str = "linear", hidden_dim: int = 512,
-                 dropout: float = 0.0):
+    def __init__(self, dim: int, num_classes: int, kind: str = "linear", hidden_dim: int = 512, dropout: float = 0.0):
         super().__init__()
         self.num_classes, self.feature_dim = num_classes, dim
         self.register_buffer("mean", torch.zeros(dim))
@@ -24,8 +23,9 @@ class Head(nn.Module):
         if kind == "linear":
             self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
         else:
-            self.net = nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
-                                     nn.Linear(hidden_dim, num_classes))
+            self.net = nn.Sequential(
+                nn.Linear(dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, num_classes)
+            )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised input: what validators and domain-gap measures read for a head."""
@@ -42,8 +42,15 @@ class Head(nn.Module):
         return self.predict(x)
 
 
-def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-               num_classes: int, cfg: HeadConfig, seed: int = 0) -> tuple[Head, list[dict]]:
+def train_head(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    num_classes: int,
+    cfg: HeadConfig,
+    seed: int = 0,
+) -> tuple[Head, list[dict]]:
     """Train with AdamW and keep the epoch with the best source-validation accuracy (ties: lower loss);
     stop after `cfg.patience` epochs without a better accuracy. Returns the head and its per-epoch curve."""
     torch.manual_seed(seed)
@@ -82,4 +89,3 @@ def _score(head: Head, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     head.eval()
     logits = head(x)
     return float((logits.argmax(-1) == y).float().mean()), float(nn.functional.cross_entropy(logits, y))
-

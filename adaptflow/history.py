@@ -24,10 +24,17 @@ from adaptflow.errors import StoreError
 from adaptflow.report import CSS, escape, figure_img, html_table, mpl_text, num_cell
 
 _FINISHED = ("", "ok", "completed", "succeeded", "success", "trained")  # statuses that say nothing beyond "it ran"
-_BADGES = {"promoted": "#1a7f37", "rejected": "#cf222e", "no shift": "#6e7781", "failed": "#82071e",
-           "completed": "#0969da"}
-_HISTORY_CSS = ("".join(f".b-{d.replace(' ', '-')}{{background:{c};color:#fff}}" for d, c in _BADGES.items())
-                + ".b-other{background:#d0d7de;color:#1f2328}td.reason{max-width:360px}")
+_BADGES = {
+    "promoted": "#1a7f37",
+    "rejected": "#cf222e",
+    "no shift": "#6e7781",
+    "failed": "#82071e",
+    "completed": "#0969da",
+}
+_HISTORY_CSS = (
+    "".join(f".b-{d.replace(' ', '-')}{{background:{c};color:#fff}}" for d, c in _BADGES.items())
+    + ".b-other{background:#d0d7de;color:#1f2328}td.reason{max-width:360px}"
+)
 _MAX_TICKS = 12
 
 
@@ -108,8 +115,19 @@ def _row(summary: dict) -> HistoryRow:
         decision = "promoted" if promotion.get("promoted") is True else "rejected"
     else:
         decision = "completed"
-    reason = next((r for r in (_str(_at(promotion, "reason")), _str(summary.get("reason")),
-                               _str(summary.get("error")), _str(shift.get("reason"))) if r), "")
+    reason = next(
+        (
+            r
+            for r in (
+                _str(_at(promotion, "reason")),
+                _str(summary.get("reason")),
+                _str(summary.get("error")),
+                _str(shift.get("reason")),
+            )
+            if r
+        ),
+        "",
+    )
     if not reason and decision == "no shift" and p_value is not None:
         reason = f"no shift detected (p = {p_value:.3g})"
     datasets = summary.get("datasets") if isinstance(summary.get("datasets"), dict) else {}
@@ -183,12 +201,37 @@ def _overview(rows: list[HistoryRow]) -> str:
 
 def _runs_table(rows: list[HistoryRow]) -> str:
     """`rows` newest first."""
-    head = ["finished", "run", "decision", "reason", "images", "extracted", "target acc", "source test acc",
-            "selection score", "shift MMD²", "shift p", "champion"]
-    body = [[escape(_short_time(r)), f"<code>{escape(r.run_id)}</code>", _badge(r.decision), ("reason", escape(r.reason)),
-             num_cell(r.images_processed), num_cell(r.images_extracted), num_cell(r.target_accuracy), num_cell(r.source_test_accuracy),
-             num_cell(r.selection_score), num_cell(r.shift_statistic, ".3g"), num_cell(r.shift_p_value, ".3g"),
-             num_cell(r.champion_version)] for r in rows]
+    head = [
+        "finished",
+        "run",
+        "decision",
+        "reason",
+        "images",
+        "extracted",
+        "target acc",
+        "source test acc",
+        "selection score",
+        "shift MMD²",
+        "shift p",
+        "champion",
+    ]
+    body = [
+        [
+            escape(_short_time(r)),
+            f"<code>{escape(r.run_id)}</code>",
+            _badge(r.decision),
+            ("reason", escape(r.reason)),
+            num_cell(r.images_processed),
+            num_cell(r.images_extracted),
+            num_cell(r.target_accuracy),
+            num_cell(r.source_test_accuracy),
+            num_cell(r.selection_score),
+            num_cell(r.shift_statistic, ".3g"),
+            num_cell(r.shift_p_value, ".3g"),
+            num_cell(r.champion_version),
+        ]
+        for r in rows
+    ]
     return "<h2>Runs</h2>\n" + f'<div class="scroll">{html_table(head, body)}</div>'
 
 
@@ -201,8 +244,10 @@ def _trends(rows: list[HistoryRow]) -> str:
     x = np.arange(len(rows))
     fig = Figure(figsize=(max(6.0, min(14.0, 2.0 + 0.45 * len(rows))), 8.4), dpi=100, layout="constrained")
     acc, shift, images = fig.subplots(3, 1, sharex=True)
-    for field, label, colour in (("target_accuracy", "target accuracy", "#ff7f0e"),
-                                 ("source_test_accuracy", "source test accuracy", "#1f77b4")):
+    for field, label, colour in (
+        ("target_accuracy", "target accuracy", "#ff7f0e"),
+        ("source_test_accuracy", "source test accuracy", "#1f77b4"),
+    ):
         y = _series(rows, field)
         if np.isfinite(y).any():
             acc.plot(x, y, marker="o", color=colour, label=label)
@@ -225,8 +270,14 @@ def _trends(rows: list[HistoryRow]) -> str:
     promoted = [k for k, r in enumerate(rows) if r.decision == "promoted"]
     for ax in (acc, shift, images):
         for k in promoted:
-            ax.axvline(k, color="#1a7f37", ls="--", lw=1, alpha=0.5,
-                       label="promoted" if ax is acc and k == promoted[0] else None)
+            ax.axvline(
+                k,
+                color="#1a7f37",
+                ls="--",
+                lw=1,
+                alpha=0.5,
+                label="promoted" if ax is acc and k == promoted[0] else None,
+            )
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
     step = math.ceil(len(rows) / _MAX_TICKS)
@@ -242,9 +293,10 @@ def render_history(rows: list[HistoryRow]) -> str:
     body = ["<h1>adaptflow run history</h1>", _overview(oldest_first)]
     if rows:
         body += [_runs_table(oldest_first[::-1]), _trends(oldest_first)]
-    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>adaptflow run history</title>'
-            f"<style>{CSS}{_HISTORY_CSS}</style></head>\n<body><main>\n" + "\n".join(body)
-            + "\n</main></body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>adaptflow run history</title>'
+        f"<style>{CSS}{_HISTORY_CSS}</style></head>\n<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n"
+    )
 
 
 def read_summaries(store_uri: str) -> list[dict]:
@@ -252,8 +304,7 @@ def read_summaries(store_uri: str) -> list[dict]:
     summary.json is a run still going or one that crashed, and is left out; a summary that cannot be
     read becomes {"run_id", "status": "unreadable", "reason"} so the page shows it rather than fail."""
     runs = storage.join(store_uri, "runs")
-    names = sorted(posixpath.basename(e["name"].rstrip("/")) for e in storage.ls(runs)
-                   if e.get("type") == "directory")
+    names = sorted(posixpath.basename(e["name"].rstrip("/")) for e in storage.ls(runs) if e.get("type") == "directory")
     summaries = []
     for name in names:
         uri = storage.join(runs, name, "summary.json")
@@ -274,4 +325,3 @@ def write_history(store_uri: str) -> str:
     page = render_history(rows_from_summaries(read_summaries(store_uri)))
     storage.write_bytes(uri, page.encode("utf-8"))
     return uri
-

@@ -43,14 +43,16 @@ def image_cache(store_uri: str, backbone: BackboneConfig, size: int | None) -> I
     data_config = build_extractor(backbone.model_copy(update={"image_size": size})).data_config
     geometry = {k: data_config[k] for k in GEOMETRY_KEYS if k in data_config}
     geometry["input_size"] = list(geometry["input_size"])
-    fingerprint = hashlib.sha256(json.dumps({**geometry, "cache_version": CACHE_VERSION},
-                                            sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(
+        json.dumps({**geometry, "cache_version": CACHE_VERSION}, sort_keys=True).encode()
+    ).hexdigest()[:16]
     s = int(geometry["input_size"][-1])
     uri = storage.join(store_uri, "images", f"{s}px-{fingerprint}")
     described = storage.join(uri, "cache.json")
     if not storage.exists(described):
-        storage.write_json(described, {"fingerprint": fingerprint, "size": s, "geometry": geometry,
-                                       "cache_version": CACHE_VERSION})
+        storage.write_json(
+            described, {"fingerprint": fingerprint, "size": s, "geometry": geometry, "cache_version": CACHE_VERSION}
+        )
     return ImageCache(uri=uri, fingerprint=fingerprint, size=s, geometry=geometry)
 
 

@@ -82,8 +82,9 @@ class _Rejected(Exception):
 _Reject = tuple[str, str, str | None]  # (uri, reason, image_id)
 
 
-def ingest(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed: int = 0,
-           classes: list[str] | None = None) -> IngestManifest:
+def ingest(
+    dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed: int = 0, classes: list[str] | None = None
+) -> IngestManifest:
     """Validate every image under `dataset_uri` and commit `out_uri/{index,rejects}.parquet`, then
     `out_uri/manifest.json` last. Splits come from a manifest's `split` column, else from a seeded
     hash of each image's bytes, so an image keeps its split however the dataset grows. With `classes`
@@ -95,12 +96,16 @@ def ingest(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed:
         raise DatasetError(f"no images found under {dataset_uri}")
     if classes is not None:
         known = set(classes)
-        rejects += [(e.uri, f"unknown label {e.label!r} (known: {', '.join(sorted(known))})", None)
-                    for e in entries if e.label is not None and e.label not in known]
+        rejects += [
+            (e.uri, f"unknown label {e.label!r} (known: {', '.join(sorted(known))})", None)
+            for e in entries
+            if e.label is not None and e.label not in known
+        ]
         entries = [e for e in entries if e.label is None or e.label in known]
     with ThreadPoolExecutor(cfg.workers) as pool, progress.task(f"ingest {domain}", len(entries), "files"):
-        checked = list(pool.map(accounting.carry(lambda e: _counted(e, cfg.max_image_pixels, cfg.check_extension)),
-                                entries))
+        checked = list(
+            pool.map(accounting.carry(lambda e: _counted(e, cfg.max_image_pixels, cfg.check_extension)), entries)
+        )
     rejects += [(c.entry.uri, c.reason, c.image_id) for c in checked if c.reason]
     kept, duplicates = _deduplicate([c for c in checked if not c.reason])
     rejects += duplicates
@@ -110,9 +115,7 @@ def ingest(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed:
     rows = [_index_row(c, domain, cfg, seed) for c in kept]
     index_uri, rejects_uri = storage.join(out_uri, "index.parquet"), storage.join(out_uri, "rejects.parquet")
     written = storage.write_table(index_uri, pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
-    reject_rows = [
-        {"uri": u, "reason": r, "domain": domain, "image_id": i} for u, r, i in sorted(rejects, key=_first)
-    ]
+    reject_rows = [{"uri": u, "reason": r, "domain": domain, "image_id": i} for u, r, i in sorted(rejects, key=_first)]
     written += storage.write_table(rejects_uri, pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA))
     manifest = IngestManifest(
         domain=domain,
@@ -130,9 +133,15 @@ def ingest(dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed:
     manifest.commit(storage.join(out_uri, "manifest.json"))
     if reject_rows:
         example = reject_rows[0]
-        log.warning("%s: %d of %d files rejected (e.g. %s: %s); every reason is in %s", dataset_uri,
-                    len(reject_rows), len(rows) + len(reject_rows), posixpath.basename(example["uri"]),
-                    example["reason"], rejects_uri)
+        log.warning(
+            "%s: %d of %d files rejected (e.g. %s: %s); every reason is in %s",
+            dataset_uri,
+            len(reject_rows),
+            len(rows) + len(reject_rows),
+            posixpath.basename(example["uri"]),
+            example["reason"],
+            rejects_uri,
+        )
     return manifest
 
 
@@ -159,10 +168,15 @@ def _list_dataset(uri: str) -> tuple[list[_Entry], list[_Reject]]:
     return [_Entry(u, None) for u in _find(uri)], []
 
 
-def _list_class_tree(uri: str, children: list[dict], folders: dict[str, list[str]]) -> tuple[list[_Entry], list[_Reject]]:
+def _list_class_tree(
+    uri: str, children: list[dict], folders: dict[str, list[str]]
+) -> tuple[list[_Entry], list[_Reject]]:
     entries = [_Entry(u, name) for name, files in folders.items() for u in files]
-    rejects = [(storage.join(uri, posixpath.basename(c["name"].rstrip("/"))), "file outside class folders", None)
-               for c in children if c["type"] != "directory"]
+    rejects = [
+        (storage.join(uri, posixpath.basename(c["name"].rstrip("/"))), "file outside class folders", None)
+        for c in children
+        if c["type"] != "directory"
+    ]
     return entries, rejects
 
 
@@ -274,8 +288,16 @@ def _check(entry: _Entry, max_pixels: int, check_extension: bool = True) -> _Che
 
 
 # Extensions that name one format; a file with another (or none) is judged by its content alone.
-_EXTENSIONS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".webp": "WEBP",
-               ".tif": "TIFF", ".tiff": "TIFF"}
+_EXTENSIONS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".gif": "GIF",
+    ".bmp": "BMP",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
 
 
 def _decode(data: bytes, max_pixels: int) -> tuple[int, int, str]:

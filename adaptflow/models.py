@@ -65,8 +65,9 @@ def load_card(model_uri: str) -> ModelCard:
         raise ModelError(f"damaged model at {model_uri}: {e}") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version != SCHEMA_VERSION:
-        raise ModelError(f"{card_uri} was written by an incompatible adaptflow (schema version {version}, "
-                         f"expected {SCHEMA_VERSION})")
+        raise ModelError(
+            f"{card_uri} was written by an incompatible adaptflow (schema version {version}, expected {SCHEMA_VERSION})"
+        )
     try:
         return ModelCard.model_validate(_migrated(data))
     except ValidationError as e:
@@ -82,15 +83,20 @@ def _migrated(data: dict) -> dict:
     config = data.get("config")
     if not isinstance(config, dict):
         return data
-    sections = {name: {k: v for k, v in config[name].items() if k not in keys}
-                for name, keys in _RETIRED.items() if isinstance(config.get(name), dict)}
+    sections = {
+        name: {k: v for k, v in config[name].items() if k not in keys}
+        for name, keys in _RETIRED.items()
+        if isinstance(config.get(name), dict)
+    }
     return {**data, "config": {**config, **sections}}
 
 
 def _problems(e: ValidationError) -> str:
     """Pydantic's errors on one line: `dim: Field required; config.backbone.name: unknown backbone 'x'; ...`."""
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'card'}: {err['msg'].removeprefix('Value error, ')}"
-                     for err in e.errors())
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'card'}: {err['msg'].removeprefix('Value error, ')}"
+        for err in e.errors()
+    )
 
 
 def build_model(card: ModelCard) -> nn.Module:
@@ -131,8 +137,10 @@ def load_model(model_uri: str) -> tuple[nn.Module, ModelCard]:
         model.load_state_dict(state)
     except RuntimeError as e:  # torch lists every mismatch on lines of their own: the first says enough
         first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
-        raise ModelError(f"damaged model at {model_uri}: its weights do not fit model.json (classes, dim or "
-                         f"method changed?): {first}") from None
+        raise ModelError(
+            f"damaged model at {model_uri}: its weights do not fit model.json (classes, dim or "
+            f"method changed?): {first}"
+        ) from None
     return model.eval(), card
 
 
@@ -155,13 +163,16 @@ def model_rows(card: ModelCard, index: pd.DataFrame, features: ExtractionPlan | 
         return TensorRows(load_images(index.uri.tolist(), data_config, card.config.extract.num_workers))
     if features is None or features.fingerprint != card.fingerprint:
         got = features.fingerprint if features else None
-        raise StoreError(f"this {card.kind} model reads features {card.fingerprint}, got {got}: its backbone "
-                         "weights or preprocessing changed")
+        raise StoreError(
+            f"this {card.kind} model reads features {card.fingerprint}, got {got}: its backbone "
+            "weights or preprocessing changed"
+        )
     return ShardedRows(features.features_uri, ids, "embedding", (card.dim,))
 
 
-def infer(model: nn.Module, card: ModelCard, index: pd.DataFrame, features: ExtractionPlan | None,
-          device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def infer(
+    model: nn.Module, card: ModelCard, index: pd.DataFrame, features: ExtractionPlan | None, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, C), model features (N, d)) for the images of `index`, in its row order, on the CPU."""
     rows = model_rows(card, index, features, device)
     if card.kind == "images":
@@ -178,9 +189,11 @@ def predictions_table(index: pd.DataFrame, logits: torch.Tensor, classes: list[s
     import pyarrow as pa
 
     proba = logits.float().softmax(1).numpy() if len(logits) else np.empty((0, len(classes)), np.float32)
-    return pa.table({
-        "uri": index.uri.tolist(),
-        "image_id": index.image_id.tolist(),
-        "prediction": [classes[i] for i in proba.argmax(1)],
-        "confidence": proba.max(1).astype(np.float32) if len(proba) else np.empty(0, np.float32),
-    })
+    return pa.table(
+        {
+            "uri": index.uri.tolist(),
+            "image_id": index.image_id.tolist(),
+            "prediction": [classes[i] for i in proba.argmax(1)],
+            "confidence": proba.max(1).astype(np.float32) if len(proba) else np.empty(0, np.float32),
+        }
+    )

@@ -73,19 +73,32 @@ def find_champion(store: str) -> Champion | None:
         reference = storage.rebase(summary["datasets"]["target"]["index_uri"], summary["run_uri"], run)
     if reference is not None and not storage.exists(reference):
         reference = None
-    return Champion(version=mv.version, model_uri=mv.model_uri, run_id=mv.run_id,
-                    selection_score=mv.metrics.get("selection_score"), reference_index_uri=reference)
+    return Champion(
+        version=mv.version,
+        model_uri=mv.model_uri,
+        run_id=mv.run_id,
+        selection_score=mv.metrics.get("selection_score"),
+        reference_index_uri=reference,
+    )
 
 
-def score_model(model_uri: str, source: IngestManifest, target: IngestManifest,
-                target_labels: IngestManifest | None, features: ExtractionPlan, policy: list[str],
-                seed: int = 0, samples: int = 2000) -> ModelScores:
+def score_model(
+    model_uri: str,
+    source: IngestManifest,
+    target: IngestManifest,
+    target_labels: IngestManifest | None,
+    features: ExtractionPlan,
+    policy: list[str],
+    seed: int = 0,
+    samples: int = 2000,
+) -> ModelScores:
     """Validator scores of a saved model on this run's validation samples (`adaptation.validation_sample`:
     at most `samples` source-validation and target images, the samples every candidate was scored on)."""
     model, card = load_model(model_uri)
     if card.classes != source.classes:
-        raise StoreError(f"the model at {model_uri} predicts classes {card.classes}, this run's source has "
-                         f"{source.classes}")
+        raise StoreError(
+            f"the model at {model_uri} predicts classes {card.classes}, this run's source has {source.classes}"
+        )
     src, tgt = read_index(source), read_index(target)
     val = src[src.split == "val"]
     if val.empty:
@@ -95,9 +108,14 @@ def score_model(model_uri: str, source: IngestManifest, target: IngestManifest,
     source_logits, source_features = infer(model, card, val, features)
     target_logits, target_features = infer(model, card, tgt_sample, features)
     inputs = validators.ValidationInputs(
-        source_logits=source_logits, source_labels=torch.tensor(val.label.map(code).to_numpy()),
-        source_features=source_features, target_logits=target_logits, target_features=target_features, seed=seed,
-        **shared_features(features, train, val, tgt_sample))
+        source_logits=source_logits,
+        source_labels=torch.tensor(val.label.map(code).to_numpy()),
+        source_features=source_features,
+        target_logits=target_logits,
+        target_features=target_features,
+        seed=seed,
+        **shared_features(features, train, val, tgt_sample),
+    )
     # the policy's validators, and source_val_acc, which the registry records as source_val_accuracy
     scores = validators.score(inputs, sorted({"source_val_acc", *policy}))
     accuracy = None
@@ -108,14 +126,25 @@ def score_model(model_uri: str, source: IngestManifest, target: IngestManifest,
         if known.any():
             predicted = target_logits.argmax(1).numpy()[known]
             accuracy = float((predicted == labels[known].map(code).to_numpy()).mean())
-    return ModelScores(model_uri=model_uri, method=card.method, scores=scores,
-                       selection_score=registry.selection_score(scores, judged_by(policy, card.method)),
-                       target_accuracy=accuracy, collapsed=validators.is_collapsed(target_logits, len(card.classes)),
-                       n_target=len(tgt))
+    return ModelScores(
+        model_uri=model_uri,
+        method=card.method,
+        scores=scores,
+        selection_score=registry.selection_score(scores, judged_by(policy, card.method)),
+        target_accuracy=accuracy,
+        collapsed=validators.is_collapsed(target_logits, len(card.classes)),
+        n_target=len(tgt),
+    )
 
 
-def check_shift(champion: Champion, target: IngestManifest, features: ExtractionPlan,
-                scores: ModelScores | None, cfg: MonitorConfig, seed: int = 0) -> ShiftManifest:
+def check_shift(
+    champion: Champion,
+    target: IngestManifest,
+    features: ExtractionPlan,
+    scores: ModelScores | None,
+    cfg: MonitorConfig,
+    seed: int = 0,
+) -> ShiftManifest:
     """Test the target batch against the champion's reference images, and the champion's score drop."""
     test = auc = None
     untested = None  # why there is no test, when there is none
@@ -140,20 +169,32 @@ def check_shift(champion: Champion, target: IngestManifest, features: Extraction
     if untested:
         reasons.append(untested)
     else:
-        reasons.append(f"MMD² {test.statistic:.4f}, p = {test.p_value:.3f} "
-                       f"{'<' if shifted else '>='} {cfg.alpha} (domain AUC {auc:.2f})")
+        reasons.append(
+            f"MMD² {test.statistic:.4f}, p = {test.p_value:.3f} "
+            f"{'<' if shifted else '>='} {cfg.alpha} (domain AUC {auc:.2f})"
+        )
     if scores is None:
         reasons.append("the champion cannot score this data (its classes differ)")
     elif drop is not None:
-        reasons.append(f"champion selection score {scores.selection_score:.3f} vs {champion.selection_score:.3f} at "
-                       f"registration (drop {drop:+.3f}, limit {cfg.score_drop})")
+        reasons.append(
+            f"champion selection score {scores.selection_score:.3f} vs {champion.selection_score:.3f} at "
+            f"registration (drop {drop:+.3f}, limit {cfg.score_drop})"
+        )
     if scores is not None and scores.collapsed:
         reasons.append("the champion's target predictions collapsed")
     retrain = champion.reference_index_uri is None or shifted or degraded
     verdict = "shift detected" if shifted else ("champion degraded" if degraded else "no shift")
-    return ShiftManifest(champion_version=champion.version, test=test, domain_auc=auc, champion=scores,
-                         score_drop=drop, shift_detected=shifted, degraded=degraded, retrain=retrain,
-                         reason=f"{verdict}: " + "; ".join(reasons))
+    return ShiftManifest(
+        champion_version=champion.version,
+        test=test,
+        domain_auc=auc,
+        champion=scores,
+        score_drop=drop,
+        shift_detected=shifted,
+        degraded=degraded,
+        retrain=retrain,
+        reason=f"{verdict}: " + "; ".join(reasons),
+    )
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
@@ -182,9 +223,17 @@ class PromotionManifest(Manifest):
     stand_in_version: int | None = None
 
 
-def register_and_gate(store: str, run_id: str, selection: SelectionManifest, datasets: dict[str, IngestManifest],
-                      features: ExtractionPlan, cfg: Config, challenger: ModelScores,
-                      champion: ModelScores | None, source_test_accuracy: float | None) -> PromotionManifest:
+def register_and_gate(
+    store: str,
+    run_id: str,
+    selection: SelectionManifest,
+    datasets: dict[str, IngestManifest],
+    features: ExtractionPlan,
+    cfg: Config,
+    challenger: ModelScores,
+    champion: ModelScores | None,
+    source_test_accuracy: float | None,
+) -> PromotionManifest:
     """Register the run's selected model, then let the gate compare it with the champion re-scored on the
     same data (`champion`; None: the champion's stored metrics, or no champion at all), on the validators
     that neither optimised. A pick selection is not confident about never replaces a champion
@@ -192,12 +241,17 @@ def register_and_gate(store: str, run_id: str, selection: SelectionManifest, dat
     registered and promoted in its place."""
     lineage = registry.Lineage(
         dataset_snapshot=registry.dataset_snapshot({d: m.fingerprint for d, m in datasets.items()}),
-        extractor_fingerprint=features.fingerprint, config_hash=cfg.fingerprint(),
-        code_version=registry.code_version())
+        extractor_fingerprint=features.fingerprint,
+        config_hash=cfg.fingerprint(),
+        code_version=registry.code_version(),
+    )
     policy, margin = cfg.adapt.policy, cfg.promotion.margin
-    version = registry.register(store, challenger.model_uri, run_id, lineage, _metrics(challenger, source_test_accuracy),
-                                challenger.method)
-    held = None if selection.confident or cfg.promotion.allow_low_confidence else f"low confidence: {selection.confidence}"
+    version = registry.register(
+        store, challenger.model_uri, run_id, lineage, _metrics(challenger, source_test_accuracy), challenger.method
+    )
+    held = (
+        None if selection.confident or cfg.promotion.allow_low_confidence else f"low confidence: {selection.confidence}"
+    )
     rescored = ours = None
     if champion is not None:
         common = judged_by(policy, challenger.method, champion.method)
@@ -205,20 +259,39 @@ def register_and_gate(store: str, run_id: str, selection: SelectionManifest, dat
     decision = registry.gate(store, version.version, rescored, margin, challenger_metrics=ours, hold=held)
     stand_in = None
     if held and decision.champion_version is None and selection.reference_model_uri:
-        reference = score_model(selection.reference_model_uri, datasets["source"], datasets["target"],
-                                datasets.get("target_labels"), features, policy, cfg.seed, cfg.adapt.validation_samples)
-        stand_in = registry.register(store, reference.model_uri, run_id, lineage, _metrics(reference, None),
-                                     reference.method).version
+        reference = score_model(
+            selection.reference_model_uri,
+            datasets["source"],
+            datasets["target"],
+            datasets.get("target_labels"),
+            features,
+            policy,
+            cfg.seed,
+            cfg.adapt.validation_samples,
+        )
+        stand_in = registry.register(
+            store, reference.model_uri, run_id, lineage, _metrics(reference, None), reference.method
+        ).version
         registry.gate(store, stand_in, None, margin)  # no champion: promoted
-    return PromotionManifest(version=version.version, promoted=decision.promoted, reason=decision.reason,
-                             champion_version=decision.champion_version,
-                             champion_after=registry.aliases(store).get(registry.CHAMPION), compared=decision.compared,
-                             stand_in_version=stand_in)
+    return PromotionManifest(
+        version=version.version,
+        promoted=decision.promoted,
+        reason=decision.reason,
+        champion_version=decision.champion_version,
+        champion_after=registry.aliases(store).get(registry.CHAMPION),
+        compared=decision.compared,
+        stand_in_version=stand_in,
+    )
 
 
-def _metrics(s: ModelScores, source_test_accuracy: float | None,
-             over: list[str] | None = None) -> dict[str, float | None]:
+def _metrics(
+    s: ModelScores, source_test_accuracy: float | None, over: list[str] | None = None
+) -> dict[str, float | None]:
     """Registry metrics; `over`: the selection score over these validators instead of the model's own."""
     score = s.selection_score if over is None else registry.selection_score(s.scores, over)
-    return {"selection_score": score, "source_val_accuracy": s.scores["source_val_acc"],
-            "target_accuracy": s.target_accuracy, "source_test_accuracy": source_test_accuracy}
+    return {
+        "selection_score": score,
+        "source_val_accuracy": s.scores["source_val_acc"],
+        "target_accuracy": s.target_accuracy,
+        "source_test_accuracy": source_test_accuracy,
+    }

@@ -48,12 +48,32 @@ def fit_head(source: IngestManifest, features: ExtractionPlan, cfg: Config, mode
     code = {c: i for i, c in enumerate(classes)}
     x_train = load_features(features.features_uri, train.image_id.tolist())
     x_val = load_features(features.features_uri, val.image_id.tolist())
-    head, curve = train_head(x_train, train.label.map(code).to_numpy(), x_val, val.label.map(code).to_numpy(),
-                             len(classes), cfg.head, cfg.seed)
+    head, curve = train_head(
+        x_train,
+        train.label.map(code).to_numpy(),
+        x_val,
+        val.label.map(code).to_numpy(),
+        len(classes),
+        cfg.head,
+        cfg.seed,
+    )
     val_acc = max(c["val_acc"] for c in curve)
-    card = ModelCard(classes=classes, config=cfg, fingerprint=features.fingerprint, dim=features.dim, config_hash=cfg.fingerprint(), dataset_fingerprint=source.fingerprint,
-                     metrics={"source_val_accuracy": val_acc})
+    card = ModelCard(
+        classes=classes,
+        config=cfg,
+        fingerprint=features.fingerprint,
+        dim=features.dim,
+        config_hash=cfg.fingerprint(),
+        dataset_fingerprint=source.fingerprint,
+        metrics={"source_val_accuracy": val_acc},
+    )
     save_model(model_uri, head, card)
     storage.write_json(storage.join(model_uri, "curve.json"), curve)
-    return ModelManifest(model_uri=model_uri, classes=classes, fingerprint=features.fingerprint,
-                         val_accuracy=val_acc, epochs=len(curve), seconds=time.perf_counter() - start)
+    return ModelManifest(
+        model_uri=model_uri,
+        classes=classes,
+        fingerprint=features.fingerprint,
+        val_accuracy=val_acc,
+        epochs=len(curve),
+        seconds=time.perf_counter() - start,
+    )

@@ -71,23 +71,34 @@ class EvaluationManifest(Manifest):
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS_SCHEMA = pa.schema([("uri", pa.string()), ("image_id", pa.string()), ("prediction", pa.string()),
-                                ("confidence", pa.float32())])
+PREDICTIONS_SCHEMA = pa.schema(
+    [("uri", pa.string()), ("image_id", pa.string()), ("prediction", pa.string()), ("confidence", pa.float32())]
+)
 
 
-def plan_prediction(model_uri: str, images: IngestManifest, out_uri: str, shard_size: int,
-                    split: str | None = None) -> PredictionPlan:
+def plan_prediction(
+    model_uri: str, images: IngestManifest, out_uri: str, shard_size: int, split: str | None = None
+) -> PredictionPlan:
     """Cut the images of `images` (only `split`'s, if given) into shards of `shard_size` for `model_uri`."""
     index = _rows(images.index_uri, split)
     model = _model_key(model_uri)
     parts_uri = f"{out_uri}.parts"
     shards = []
     for start in range(0, len(index), shard_size):
-        ids = index.image_id.iloc[start:start + shard_size].tolist()
+        ids = index.image_id.iloc[start : start + shard_size].tolist()
         key = hashlib.sha256(json.dumps([model, ids]).encode()).hexdigest()[:16]
-        shards.append(PredictShard(model_uri=model_uri, model_key=model, index_uri=images.index_uri,
-                                   rows=[start, start + len(ids)], split=split, parts_uri=parts_uri, key=key,
-                                   domain=images.domain))
+        shards.append(
+            PredictShard(
+                model_uri=model_uri,
+                model_key=model,
+                index_uri=images.index_uri,
+                rows=[start, start + len(ids)],
+                split=split,
+                parts_uri=parts_uri,
+                key=key,
+                domain=images.domain,
+            )
+        )
     return PredictionPlan(out_uri=out_uri, parts_uri=parts_uri, shards=shards, n_images=len(index))
 
 
@@ -98,7 +109,7 @@ def predict_shard(shard: PredictShard, features: ExtractionPlan | None, device: 
         return PredictionPart.load(manifest).model_copy(update={"reused": True})
     start = time.perf_counter()
     model, card = _load(shard.model_uri, shard.model_key)
-    rows = _rows(shard.index_uri, shard.split).iloc[shard.rows[0]:shard.rows[1]]
+    rows = _rows(shard.index_uri, shard.split).iloc[shard.rows[0] : shard.rows[1]]
     logits, _ = infer(model, card, rows, features, device)
     part_uri = storage.join(shard.parts_uri, f"{shard.key}.parquet")
     storage.write_table(part_uri, predictions_table(rows, logits, card.classes))
@@ -118,18 +129,31 @@ def merge_predictions(plan: PredictionPlan, parts: list[PredictionPart]) -> Pred
             writer.write_table(storage.read_table(part.part_uri).cast(PREDICTIONS_SCHEMA))
     reused = sum(p.reused for p in ordered)
     if reused:
-        log.warning("%s: %d of %d parts were committed by an earlier attempt and not predicted again", plan.out_uri,
-                 reused, len(ordered))
+        log.warning(
+            "%s: %d of %d parts were committed by an earlier attempt and not predicted again",
+            plan.out_uri,
+            reused,
+            len(ordered),
+        )
     for part in ordered:
         storage.remove(part.part_uri)
         storage.remove(storage.join(plan.parts_uri, f"{part.key}.json"))
-    return PredictionManifest(predictions_uri=plan.out_uri, n_predictions=sum(p.n_rows for p in ordered),
-                              seconds=time.perf_counter() - start + sum(p.seconds for p in ordered),
-                              parts=len(ordered))
+    return PredictionManifest(
+        predictions_uri=plan.out_uri,
+        n_predictions=sum(p.n_rows for p in ordered),
+        seconds=time.perf_counter() - start + sum(p.seconds for p in ordered),
+        parts=len(ordered),
+    )
 
 
-def evaluate(source: IngestManifest, test: PredictionManifest, target: PredictionManifest,
-             target_labels: IngestManifest | None, classes: list[str], metrics_uri: str) -> EvaluationManifest:
+def evaluate(
+    source: IngestManifest,
+    test: PredictionManifest,
+    target: PredictionManifest,
+    target_labels: IngestManifest | None,
+    classes: list[str],
+    metrics_uri: str,
+) -> EvaluationManifest:
     """Metrics of a model's predictions on the source test split and, with labels given for scoring only,
     on the target; written to `metrics_uri`."""
     start = time.perf_counter()
@@ -137,9 +161,12 @@ def evaluate(source: IngestManifest, test: PredictionManifest, target: Predictio
     if target_labels is not None:
         metrics["target"] = metrics_of(target.predictions_uri, target_labels, classes)
     storage.write_json(metrics_uri, metrics)
-    return EvaluationManifest(metrics_uri=metrics_uri, source_test=_headline(metrics["source_test"]),
-                              target=_headline(metrics["target"]) if "target" in metrics else None,
-                              seconds=time.perf_counter() - start)
+    return EvaluationManifest(
+        metrics_uri=metrics_uri,
+        source_test=_headline(metrics["source_test"]),
+        target=_headline(metrics["target"]) if "target" in metrics else None,
+        seconds=time.perf_counter() - start,
+    )
 
 
 def _headline(m: dict) -> dict:

@@ -131,13 +131,16 @@ class ImageDataset(Dataset):
         return self.transform(img), i, len(data)
 
 
-def _collate_encoded(items: list[tuple[torch.Tensor, int, int]]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+def _collate_encoded(
+    items: list[tuple[torch.Tensor, int, int]],
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     data, idx, nbytes = zip(*items, strict=True)
     return list(data), torch.tensor(idx), torch.tensor(nbytes)
 
 
-def decode_on_device(encoded: list[torch.Tensor], transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]],
-                     device: torch.device) -> list[torch.Tensor]:
+def decode_on_device(
+    encoded: list[torch.Tensor], transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]], device: torch.device
+) -> list[torch.Tensor]:
     """Encoded files -> one (B, 3, S, S) batch on `device` per transform: JPEGs decoded there in one
     batched `decode_jpeg` call (nvJPEG on CUDA), anything else decoded on the CPU; resized on the device."""
     from torchvision.io import decode_jpeg
@@ -159,7 +162,10 @@ def decode_on_device(encoded: list[torch.Tensor], transforms: Sequence[Callable[
 
 
 def make_loader(
-    uris: Sequence[str], transform: Callable[[torch.Tensor], object] | None, batch_size: int, num_workers: int,
+    uris: Sequence[str],
+    transform: Callable[[torch.Tensor], object] | None,
+    batch_size: int,
+    num_workers: int,
     device: str | torch.device,
 ) -> DataLoader:
     """Batches (x, index (B,) int64, bytes read (B,) int64) in the order of `uris`: x is the batch of

@@ -122,8 +122,9 @@ def code_version() -> str:
     if not (root / ".git").exists():  # installed elsewhere: some other repository's commit would lie
         return base
     try:
-        done = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=5)
+        done = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return base
     commit = done.stdout.strip()
@@ -145,8 +146,11 @@ def selection_score(scores: Mapping[str, float], policy: list[str]) -> float | N
     return sum(float(scores[name]) for name in policy) / len(policy) if policy else None
 
 
-def decide(challenger: ModelVersion | Mapping[str, float | None],
-           champion: ModelVersion | Mapping[str, float | None] | None, margin: float) -> tuple[bool, str]:
+def decide(
+    challenger: ModelVersion | Mapping[str, float | None],
+    champion: ModelVersion | Mapping[str, float | None] | None,
+    margin: float,
+) -> tuple[bool, str]:
     """Should `challenger` replace the champion? Yes when there is none. When both have target accuracy
     (target labels), the challenger must beat the champion's by at least `margin`; otherwise its
     selection score must. Pass the champion's metrics re-scored on the challenger's data where you can:
@@ -185,16 +189,24 @@ def _num(x: float) -> str:
     return f"{x:.4g}"
 
 
-def register(store: str, model_uri: str, run_id: str, lineage: Lineage, metrics: Mapping[str, float | None],
-             method: str) -> ModelVersion:
+def register(
+    store: str, model_uri: str, run_id: str, lineage: Lineage, metrics: Mapping[str, float | None], method: str
+) -> ModelVersion:
     """Record a model as the next version number (no alias yet: `gate` decides). Safe to call
     concurrently: each call claims its own number."""
     created_at = datetime.now(UTC).isoformat(timespec="seconds")
     version = max(_version_numbers(store), default=0) + 1
     for _ in range(_MAX_CLAIMS):
         try:
-            mv = ModelVersion(version=version, model_uri=model_uri, run_id=run_id, created_at=created_at,
-                              lineage=lineage, metrics=dict(metrics), method=method)
+            mv = ModelVersion(
+                version=version,
+                model_uri=model_uri,
+                run_id=run_id,
+                created_at=created_at,
+                lineage=lineage,
+                metrics=dict(metrics),
+                method=method,
+            )
         except ValidationError as e:
             raise StoreError(f"cannot register {model_uri}: {_first_error(e)}") from None
         if storage.create_only(version_uri(store, version), json.dumps(mv.model_dump(mode="json"), indent=2).encode()):
@@ -203,8 +215,14 @@ def register(store: str, model_uri: str, run_id: str, lineage: Lineage, metrics:
     raise StoreError(f"could not claim a version number in {registry_uri(store)} after {_MAX_CLAIMS} tries")
 
 
-def gate(store: str, version: int, champion_metrics: Mapping[str, float | None] | None, margin: float,
-         challenger_metrics: Mapping[str, float | None] | None = None, hold: str | None = None) -> PromotionDecision:
+def gate(
+    store: str,
+    version: int,
+    champion_metrics: Mapping[str, float | None] | None,
+    margin: float,
+    challenger_metrics: Mapping[str, float | None] | None = None,
+    hold: str | None = None,
+) -> PromotionDecision:
     """Apply `decide` to `version` and move the aliases: promoted, it becomes champion (the previous one
     stays in the history for `rollback`); rejected, it becomes challenger. Records the event.
     `champion_metrics` are the champion's metrics re-scored on this run's data; None uses the metrics
@@ -216,8 +234,14 @@ def gate(store: str, version: int, champion_metrics: Mapping[str, float | None] 
     state = _read_aliases(store)
     champion = state["aliases"].get(CHAMPION)
     if champion == version:
-        return PromotionDecision(promoted=True, reason=f"v{version} is already the champion", version=version,
-                                 champion_version=champion, margin=margin, compared={})
+        return PromotionDecision(
+            promoted=True,
+            reason=f"v{version} is already the champion",
+            version=version,
+            champion_version=champion,
+            margin=margin,
+            compared={},
+        )
     baseline = None
     if champion is not None:
         baseline = champion_metrics if champion_metrics is not None else get_version(store, champion).metrics
@@ -226,12 +250,20 @@ def gate(store: str, version: int, champion_metrics: Mapping[str, float | None] 
         compared["champion_metrics"] = "rescored" if champion_metrics is not None else "stored"
     if hold:
         promoted, reason = False, hold
-    decision = PromotionDecision(promoted=promoted, reason=reason, version=version, champion_version=champion,
-                                 margin=margin, compared=compared)
+    decision = PromotionDecision(
+        promoted=promoted, reason=reason, version=version, champion_version=champion, margin=margin, compared=compared
+    )
     _point(state, CHAMPION if promoted else CHALLENGER, version)
     _write_aliases(store, state)
-    _record(store, "promoted" if promoted else "rejected", version, champion, state["aliases"].get(CHAMPION),
-            reason, compared)
+    _record(
+        store,
+        "promoted" if promoted else "rejected",
+        version,
+        champion,
+        state["aliases"].get(CHAMPION),
+        reason,
+        compared,
+    )
     return decision
 
 
@@ -241,13 +273,20 @@ def promote(store: str, version: int, reason: str = "manual") -> PromotionDecisi
     state = _read_aliases(store)
     champion = state["aliases"].get(CHAMPION)
     if champion == version:
-        return PromotionDecision(promoted=True, reason=f"v{version} is already the champion", version=version,
-                                 champion_version=champion, margin=None, compared={})
+        return PromotionDecision(
+            promoted=True,
+            reason=f"v{version} is already the champion",
+            version=version,
+            champion_version=champion,
+            margin=None,
+            compared={},
+        )
     _point(state, CHAMPION, version)
     _write_aliases(store, state)
     _record(store, "promoted", version, champion, version, reason)
-    return PromotionDecision(promoted=True, reason=reason, version=version, champion_version=champion, margin=None,
-                             compared={})
+    return PromotionDecision(
+        promoted=True, reason=reason, version=version, champion_version=champion, margin=None, compared={}
+    )
 
 
 def rollback(store: str, reason: str = "rollback") -> RegistryEvent:
@@ -326,8 +365,10 @@ def aliases(store: str) -> dict[str, int]:
 
 def events(store: str) -> list[RegistryEvent]:
     """Every promotion, rejection and rollback, oldest first."""
-    return [RegistryEvent.model_validate(storage.read_json(u))
-            for u in storage.list_uris(storage.join(registry_uri(store), "events"), ".json")]
+    return [
+        RegistryEvent.model_validate(storage.read_json(u))
+        for u in storage.list_uris(storage.join(registry_uri(store), "events"), ".json")
+    ]
 
 
 def _version_numbers(store: str) -> list[int]:
@@ -349,7 +390,10 @@ def _read_aliases(store: str) -> dict:
     if not storage.exists(uri):
         return {"aliases": {}, "history": {}}
     data = storage.read_json(uri)
-    return {"aliases": dict(data.get("aliases", {})), "history": {k: list(v) for k, v in data.get("history", {}).items()}}
+    return {
+        "aliases": dict(data.get("aliases", {})),
+        "history": {k: list(v) for k, v in data.get("history", {}).items()},
+    }
 
 
 def _write_aliases(store: str, state: dict) -> None:
@@ -365,11 +409,25 @@ def _point(state: dict, alias: str, version: int) -> None:
         del state["aliases"][CHALLENGER]  # a challenger promoted is no longer challenging
 
 
-def _record(store: str, action: str, version: int, before: int | None, after: int | None, reason: str,
-            compared: dict | None = None) -> RegistryEvent:
+def _record(
+    store: str,
+    action: str,
+    version: int,
+    before: int | None,
+    after: int | None,
+    reason: str,
+    compared: dict | None = None,
+) -> RegistryEvent:
     now = datetime.now(UTC)
-    event = RegistryEvent(at=now.isoformat(timespec="microseconds"), action=action, version=version,
-                          champion_before=before, champion_after=after, reason=reason, compared=compared or {})
+    event = RegistryEvent(
+        at=now.isoformat(timespec="microseconds"),
+        action=action,
+        version=version,
+        champion_before=before,
+        champion_after=after,
+        reason=reason,
+        compared=compared or {},
+    )
     name = f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}.json"  # names sort by time
     storage.write_json(storage.join(registry_uri(store), "events", name), event.model_dump(mode="json"))
     return event

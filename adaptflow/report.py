@@ -70,7 +70,7 @@ def embed_2d(source_feats: np.ndarray, target_feats: np.ndarray, seed: int = 0, 
     with threadpool_limits(1, user_api="openmp"):
         y = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x)
     y = np.round(y.astype(np.float64), 4)
-    return {"source": y[: len(parts[0])].tolist(), "target": y[len(parts[0]):].tolist()}
+    return {"source": y[: len(parts[0])].tolist(), "target": y[len(parts[0]) :].tolist()}
 
 
 def render_report(report: dict) -> str:
@@ -78,8 +78,10 @@ def render_report(report: dict) -> str:
     body = [_header(report)]
     body += [section(report) for key, section in _SECTIONS if report.get(key)]
     title = html.escape(f"adaptflow run {report['run_id']}")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{CSS}</style></head>\n<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{CSS}</style></head>\n<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n"
+    )
 
 
 def write_report(uri: str, report: dict) -> None:
@@ -162,8 +164,14 @@ def _verdict(report: dict) -> str:
     c = cands[i]
     acc = c.get("target_accuracy") if c.get("target_accuracy") is not None else target.get("accuracy")
     if acc is not None:
-        base = next((x["target_accuracy"] for x in cands if x is not c and x.get("method") == "source_only"
-                     and x.get("target_accuracy") is not None), None)
+        base = next(
+            (
+                x["target_accuracy"]
+                for x in cands
+                if x is not c and x.get("method") == "source_only" and x.get("target_accuracy") is not None
+            ),
+            None,
+        )
         text = f"selected {_describe(c)}; target accuracy {_num(acc)}"
         text += f" vs source-only {_num(base)}" if base is not None else ""
     else:
@@ -214,33 +222,52 @@ def _candidates(report: dict) -> str:
     reference = sel.get("reference_index")
     validators = list(dict.fromkeys(policy + [k for c in cands for k in (c.get("scores") or {})]))
     show_acc = any(c.get("target_accuracy") is not None for c in cands)
-    head = ["#", "", "name", "method", "mode", *(["mean rank"] if mean_rank else []),
-            *(f'<th class="policy">{escape(v)}</th>' if v in policy else v for v in validators),
-            "collapsed", *(["target acc"] if show_acc else []), "steps", "seconds"]
+    head = [
+        "#",
+        "",
+        "name",
+        "method",
+        "mode",
+        *(["mean rank"] if mean_rank else []),
+        *(f'<th class="policy">{escape(v)}</th>' if v in policy else v for v in validators),
+        "collapsed",
+        *(["target acc"] if show_acc else []),
+        "steps",
+        "seconds",
+    ]
     rows, classes = [], []
     for rank, i in enumerate(order, 1):
         c = cands[i]
         marks = (("selected", i == chosen), ("oracle", i == oracle), ("reference", i == reference))
         badges = "".join(f'<span class="badge b-{b}">{b}</span>' for b, on in marks if on)
-        hp = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (c.get("hparams") or {}).items())
+        hp = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (c.get("hparams") or {}).items()
+        )
         scores = c.get("scores") or {}
-        rows.append([
-            ("n", str(rank)), badges, f'{escape(c.get("name", "?"))}<div class="hp">{escape(hp)}</div>',
-            escape(c.get("method", "")), escape(c.get("mode", "")),
-            *([num_cell(mean_rank.get(i), ".2f")] if mean_rank else []),
-            *(num_cell(scores.get(v)) for v in validators),
-            '<span class="badge b-collapsed">collapsed</span>' if c.get("collapsed") else "no",
-            *([num_cell(c.get("target_accuracy"))] if show_acc else []),
-            _steps(c),
-            num_cell(c.get("seconds"), ".1f"),
-        ])
+        rows.append(
+            [
+                ("n", str(rank)),
+                badges,
+                f'{escape(c.get("name", "?"))}<div class="hp">{escape(hp)}</div>',
+                escape(c.get("method", "")),
+                escape(c.get("mode", "")),
+                *([num_cell(mean_rank.get(i), ".2f")] if mean_rank else []),
+                *(num_cell(scores.get(v)) for v in validators),
+                '<span class="badge b-collapsed">collapsed</span>' if c.get("collapsed") else "no",
+                *([num_cell(c.get("target_accuracy"))] if show_acc else []),
+                _steps(c),
+                num_cell(c.get("seconds"), ".1f"),
+            ]
+        )
         classes.append(" ".join(k for k, on in (("selected", i == chosen), ("collapsed", c.get("collapsed"))) if on))
     notes = []
     if policy:
-        notes.append(f"Ranked by mean rank (1 best) over {escape(', '.join(policy))} (underlined) among the "
-                     "non-collapsed candidates, each judged only by the validators its own training did not "
-                     "optimise; collapsed ones are listed last and picked only if every candidate collapsed. "
-                     "The reference is the source-only candidate a cautious run falls back to.")
+        notes.append(
+            f"Ranked by mean rank (1 best) over {escape(', '.join(policy))} (underlined) among the "
+            "non-collapsed candidates, each judged only by the validators its own training did not "
+            "optimise; collapsed ones are listed last and picked only if every candidate collapsed. "
+            "The reference is the source-only candidate a cautious run falls back to."
+        )
     if sel.get("reason"):
         notes.append(f"Selection: {escape(sel['reason'].rstrip('.'))}.")
     if sel.get("confidence"):
@@ -250,10 +277,16 @@ def _candidates(report: dict) -> str:
         a, b = cands[chosen].get("target_accuracy"), cands[oracle].get("target_accuracy")
         if a is not None and b is not None:
             gap = "the same model" if chosen == oracle else f"gap {_num(b - a)}"
-            notes.append(f"<b>Selected vs oracle</b>: target accuracy {_num(a)} vs {_num(b)} ({gap}); the oracle "
-                         "peeks at target labels and is shown for reference only.")
-    return ('<h2>Candidates</h2>\n<div class="scroll">' + html_table(head, rows, classes) + "</div>"
-            + "".join(f'\n<p class="note">{n}</p>' for n in notes))
+            notes.append(
+                f"<b>Selected vs oracle</b>: target accuracy {_num(a)} vs {_num(b)} ({gap}); the oracle "
+                "peeks at target labels and is shown for reference only."
+            )
+    return (
+        '<h2>Candidates</h2>\n<div class="scroll">'
+        + html_table(head, rows, classes)
+        + "</div>"
+        + "".join(f'\n<p class="note">{n}</p>' for n in notes)
+    )
 
 
 def _confusion_png(m: dict, title: str) -> str:
@@ -269,7 +302,9 @@ def _confusion_png(m: dict, title: str) -> str:
     ax.set_yticks(range(c), names)
     if c <= 20:
         for (r, k), v in np.ndenumerate(cm):
-            ax.text(k, r, f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if share[r, k] > 0.5 else "black")
+            ax.text(
+                k, r, f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if share[r, k] > 0.5 else "black"
+            )
     ax.set(xlabel="predicted", ylabel="true", title=f"{title}: confusion matrix")
     fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class")
     return figure_img(fig, f"{title} confusion matrix")
@@ -281,11 +316,21 @@ def _metrics(report: dict) -> str:
         m = report["metrics"].get(key)
         if not m:
             continue
-        parts.append(f"<h3>{title}</h3>\n<p>accuracy <b>{_num(m.get('accuracy'))}</b> · macro-F1 "
-                     f"<b>{_num(m.get('macro_f1'))}</b> · n {_num(m.get('n'))}</p>")
-        table = html_table(["class", "precision", "recall", "F1", "support"], [
-            [escape(name), *(num_cell(v.get(k)) for k in ("precision", "recall", "f1", "support"))]
-            for name, v in (m.get("per_class") or {}).items()]) if m.get("per_class") else ""
+        parts.append(
+            f"<h3>{title}</h3>\n<p>accuracy <b>{_num(m.get('accuracy'))}</b> · macro-F1 "
+            f"<b>{_num(m.get('macro_f1'))}</b> · n {_num(m.get('n'))}</p>"
+        )
+        table = (
+            html_table(
+                ["class", "precision", "recall", "F1", "support"],
+                [
+                    [escape(name), *(num_cell(v.get(k)) for k in ("precision", "recall", "f1", "support"))]
+                    for name, v in (m.get("per_class") or {}).items()
+                ],
+            )
+            if m.get("per_class")
+            else ""
+        )
         plot = _confusion_png(m, title) if m.get("confusion_matrix") else ""
         parts.append(f'<div class="row">{table}{plot}</div>')
     return "\n".join(parts)
@@ -299,8 +344,11 @@ def _domain_gap(report: dict) -> str:
         b, a = before.get(k), after.get(k)
         change = a - b if isinstance(a, Real) and isinstance(b, Real) else None
         rows.append([escape(_GAP_NAMES.get(k, k)), num_cell(b, ".4g"), num_cell(a, ".4g"), num_cell(change, "+.4g")])
-    return ("<h2>Domain gap</h2>\n" + html_table(["measure", "before", "after", "change"], rows)
-            + '\n<p class="note">Lower is closer: 0 means the domains cannot be told apart.</p>')
+    return (
+        "<h2>Domain gap</h2>\n"
+        + html_table(["measure", "before", "after", "change"], rows)
+        + '\n<p class="note">Lower is closer: 0 means the domains cannot be told apart.</p>'
+    )
 
 
 def _embeddings(report: dict) -> str:
@@ -314,8 +362,11 @@ def _embeddings(report: dict) -> str:
             ax.scatter(xy[:, 0], xy[:, 1], s=7, alpha=0.6, color=_COLOURS[domain], label=f"{domain} ({len(xy)})")
         ax.set(title=f"{when} adaptation", xticks=[], yticks=[])
         ax.legend(loc="best", fontsize=9, markerscale=2)
-    return ("<h2>Feature embedding (t-SNE)</h2>\n" + figure_img(fig, "t-SNE of source and target features")
-            + '\n<p class="note">Source and target embedded together; well-mixed colours mean aligned features.</p>')
+    return (
+        "<h2>Feature embedding (t-SNE)</h2>\n"
+        + figure_img(fig, "t-SNE of source and target features")
+        + '\n<p class="note">Source and target embedded together; well-mixed colours mean aligned features.</p>'
+    )
 
 
 def _curves(report: dict) -> str:
@@ -323,12 +374,14 @@ def _curves(report: dict) -> str:
     n = len(curves)
     cols = min(n, 3)
     fig = Figure(figsize=(4.2 * cols, 3.2 * math.ceil(n / cols)), dpi=100, layout="constrained")
-    for ax, (name, points) in zip(fig.subplots(math.ceil(n / cols), cols, squeeze=False).ravel(), curves.items(),
-                                  strict=False):
+    for ax, (name, points) in zip(
+        fig.subplots(math.ceil(n / cols), cols, squeeze=False).ravel(), curves.items(), strict=False
+    ):
         x_key = next((k for k in ("step", "epoch") if points and k in points[0]), None)
         xs = [p.get(x_key, j) for j, p in enumerate(points)] if x_key else list(range(len(points)))
-        keys = dict.fromkeys(k for p in points for k, v in p.items()
-                             if k != x_key and isinstance(v, Real) and not isinstance(v, bool))
+        keys = dict.fromkeys(
+            k for p in points for k, v in p.items() if k != x_key and isinstance(v, Real) and not isinstance(v, bool)
+        )
         for k in keys:
             ax.plot(xs, [p.get(k, np.nan) for p in points], label=mpl_text(k), lw=2.0 if k == "loss" else 1.2)
         ax.set(title=mpl_text(name), xlabel=x_key or "point")

@@ -34,8 +34,16 @@ class ShardedRows:
     """Rows of `column` for `image_ids` (in that order) from the committed shards under `folder`, as
     tensors of `shape` per row (e.g. (3, S, S) uint8 pixels, (D,) features)."""
 
-    def __init__(self, folder: str, image_ids: list[str], column: str, shape: tuple[int, ...],
-                 resident_bytes: int = RESIDENT_BYTES, max_shards: int = MAX_SHARDS, pin: bool = False):
+    def __init__(
+        self,
+        folder: str,
+        image_ids: list[str],
+        column: str,
+        shape: tuple[int, ...],
+        resident_bytes: int = RESIDENT_BYTES,
+        max_shards: int = MAX_SHARDS,
+        pin: bool = False,
+    ):
         self.column, self.shape, self.pin = column, tuple(shape), pin
         self.n = len(image_ids)
         self._shards = committed_shards(folder)
@@ -104,16 +112,19 @@ class ShardedRows:
         """A permutation of range(N) for `epoch`: shards in a seeded random order, rows shuffled within."""
         rng = np.random.default_rng([zlib.crc32(b"adaptflow-rows"), seed, epoch])
         shards = list(self._members)
-        return np.concatenate([rng.permutation(self._members[s]) for s in rng.permutation(shards)]) \
-            if shards else np.empty(0, np.int64)
+        return (
+            np.concatenate([rng.permutation(self._members[s]) for s in rng.permutation(shards)])
+            if shards
+            else np.empty(0, np.int64)
+        )
 
     def chunks(self, size: int):
         """Consecutive index chunks covering every row, shard by shard (for inference)."""
         order = np.concatenate(list(self._members.values())) if self._members else np.empty(0, np.int64)
         for i in range(0, len(order), size):
             if i + size < len(order):
-                self.prefetch(order[i + size: i + 2 * size])
-            yield order[i: i + size]
+                self.prefetch(order[i + size : i + 2 * size])
+            yield order[i : i + size]
 
     def _block(self, s: int) -> torch.Tensor:
         with self._lock:

@@ -21,13 +21,25 @@ class ReportManifest(Manifest):
     report_uri: str
 
 
-def write_run_report(run_uri: str, source: IngestManifest, target: IngestManifest, features: ExtractionPlan,
-                     candidates: list[CandidateManifest], selection: SelectionManifest,
-                     evaluation: EvaluationManifest, baseline: EvaluationManifest, seed: int = 0) -> ReportManifest:
+def write_run_report(
+    run_uri: str,
+    source: IngestManifest,
+    target: IngestManifest,
+    features: ExtractionPlan,
+    candidates: list[CandidateManifest],
+    selection: SelectionManifest,
+    evaluation: EvaluationManifest,
+    baseline: EvaluationManifest,
+    seed: int = 0,
+) -> ReportManifest:
     """Write `{run}/report.html`."""
     before_s, before_t = _frozen_sample(source, features, seed), _frozen_sample(target, features, seed)
-    gap = {"before": {"proxy_a_distance": domain_gap.proxy_a_distance(before_s, before_t, seed=seed),
-                      "mmd": domain_gap.mmd_distance(before_s, before_t, seed=seed)}}
+    gap = {
+        "before": {
+            "proxy_a_distance": domain_gap.proxy_a_distance(before_s, before_t, seed=seed),
+            "mmd": domain_gap.mmd_distance(before_s, before_t, seed=seed),
+        }
+    }
     embeddings = {"before": embed_2d(before_s, before_t, seed=seed)}
     if selection.index >= 0:
         chosen = candidates[selection.index]
@@ -38,19 +50,41 @@ def write_run_report(run_uri: str, source: IngestManifest, target: IngestManifes
     metrics = storage.read_json(evaluation.metrics_uri)
     report = {
         "run_id": run_uri.rstrip("/").rsplit("/", 1)[-1],
-        "summary": {"source images": source.n_images, "target images": target.n_images,
-                    "rejected": source.n_rejected + target.n_rejected, "classes": len(source.classes),
-                    "selected model": selection.name,
-                    "source-only head, target accuracy": _target_accuracy(baseline),
-                    "selected model, target accuracy": _target_accuracy(evaluation)},
-        "candidates": [{"name": c.spec.name, "method": c.spec.method, "mode": c.spec.mode, "hparams": c.spec.hparams,
-                        "scores": c.scores, "collapsed": c.collapsed, "target_accuracy": c.target_accuracy,
-                        "steps": c.steps, "total_steps": c.total_steps, "stopped_at_rung": c.stopped_at_rung,
-                        "seconds": c.seconds} for c in candidates],
-        "selection": {"index": selection.index, "reason": selection.reason, "policy": selection.policy,
-                      "oracle_index": selection.oracle_index, "ranks": selection.ranks,
-                      "confident": selection.confident, "confidence": selection.confidence,
-                      "reference_index": selection.reference_index},
+        "summary": {
+            "source images": source.n_images,
+            "target images": target.n_images,
+            "rejected": source.n_rejected + target.n_rejected,
+            "classes": len(source.classes),
+            "selected model": selection.name,
+            "source-only head, target accuracy": _target_accuracy(baseline),
+            "selected model, target accuracy": _target_accuracy(evaluation),
+        },
+        "candidates": [
+            {
+                "name": c.spec.name,
+                "method": c.spec.method,
+                "mode": c.spec.mode,
+                "hparams": c.spec.hparams,
+                "scores": c.scores,
+                "collapsed": c.collapsed,
+                "target_accuracy": c.target_accuracy,
+                "steps": c.steps,
+                "total_steps": c.total_steps,
+                "stopped_at_rung": c.stopped_at_rung,
+                "seconds": c.seconds,
+            }
+            for c in candidates
+        ],
+        "selection": {
+            "index": selection.index,
+            "reason": selection.reason,
+            "policy": selection.policy,
+            "oracle_index": selection.oracle_index,
+            "ranks": selection.ranks,
+            "confident": selection.confident,
+            "confidence": selection.confidence,
+            "reference_index": selection.reference_index,
+        },
         "metrics": {"source_test": metrics["source_test"], "target": metrics.get("target")},
         "domain_gap": gap,
         "embeddings": embeddings,

@@ -60,19 +60,37 @@ def value_column(table: pa.Table | pa.Schema) -> str:
     return found[0]
 
 
-def commit_shard(folder: str, key: str, table: pa.Table, fingerprint: str, dtype: str, start: float,
-                 bytes_read: int, replaces: list[str] | None = None) -> ShardManifest:
+def commit_shard(
+    folder: str,
+    key: str,
+    table: pa.Table,
+    fingerprint: str,
+    dtype: str,
+    start: float,
+    bytes_read: int,
+    replaces: list[str] | None = None,
+) -> ShardManifest:
     """Data under a fresh name first, the manifest naming it last. Float embeddings are stored with
     byte-stream-split (about 9% smaller); dictionaries only for the few-valued columns (dictionary-encoded
     embeddings read ~3x slower)."""
     column = value_column(table)
     data_uri = storage.join(folder, "shards", f"{key}-{uuid.uuid4().hex[:12]}.parquet")
     split = [f"{column}.list.element"] if pa.types.is_floating(table[column].type.value_type) else False
-    nbytes = storage.write_table(data_uri, table, use_dictionary=["label", "domain", "split"],
-                                 use_byte_stream_split=split)
-    manifest = ShardManifest(shard_key=key, data_uri=data_uri, fingerprint=fingerprint, n_rows=table.num_rows,
-                             dim=table[column].type.list_size, dtype=dtype, seconds=time.perf_counter() - start,
-                             bytes_read=bytes_read, bytes_written=nbytes, replaces=replaces or [])
+    nbytes = storage.write_table(
+        data_uri, table, use_dictionary=["label", "domain", "split"], use_byte_stream_split=split
+    )
+    manifest = ShardManifest(
+        shard_key=key,
+        data_uri=data_uri,
+        fingerprint=fingerprint,
+        n_rows=table.num_rows,
+        dim=table[column].type.list_size,
+        dtype=dtype,
+        seconds=time.perf_counter() - start,
+        bytes_read=bytes_read,
+        bytes_written=nbytes,
+        replaces=replaces or [],
+    )
     manifest.commit(manifest_uri(folder, key))
     return manifest
 
@@ -81,8 +99,7 @@ def manifest_uri(folder: str, key: str) -> str:
     return storage.join(folder, "shards", f"{key}.json")
 
 
-def compact_shards(folder: str, target_rows: int, min_shards: int,
-                   orphan_age_s: float = 3600.0) -> CompactionManifest:
+def compact_shards(folder: str, target_rows: int, min_shards: int, orphan_age_s: float = 3600.0) -> CompactionManifest:
     """Merge committed shards under `target_rows // 2` rows into shards of up to `target_rows`, once there
     are at least `min_shards` of them, and delete data files no manifest names that are older than
     `orphan_age_s` (left by killed attempts; younger ones may belong to a run still writing).
@@ -99,8 +116,16 @@ def compact_shards(folder: str, target_rows: int, min_shards: int,
             parts = [read_shard(s) for s in group]
             table = first_per_image(pa.concat_tables(parts)).sort_by("image_id")
             key = hash_ids(table["image_id"].to_pylist())  # the parts' Parquet metadata carries over
-            manifest = commit_shard(folder, key, table, group[0].fingerprint, group[0].dtype, time.perf_counter(), 0,
-                                    replaces=[s.shard_key for s in group])
+            manifest = commit_shard(
+                folder,
+                key,
+                table,
+                group[0].fingerprint,
+                group[0].dtype,
+                time.perf_counter(),
+                0,
+                replaces=[s.shard_key for s in group],
+            )
             bytes_read += sum(s.bytes_written for s in group)
             bytes_written += manifest.bytes_written
             merged += len(group) - 1
@@ -108,10 +133,16 @@ def compact_shards(folder: str, target_rows: int, min_shards: int,
                 storage.remove(manifest_uri(folder, s.shard_key))
                 storage.remove(s.data_uri)
     orphans = _remove_orphans(folder, orphan_age_s)
-    return CompactionManifest(features_uri=folder, shards_before=len(shards), shards_after=len(shards) - merged,
-                              rows=sum(s.n_rows for s in shards), bytes_read=bytes_read,
-                              bytes_written=bytes_written, orphans_removed=orphans,
-                              seconds=time.perf_counter() - start)
+    return CompactionManifest(
+        features_uri=folder,
+        shards_before=len(shards),
+        shards_after=len(shards) - merged,
+        rows=sum(s.n_rows for s in shards),
+        bytes_read=bytes_read,
+        bytes_written=bytes_written,
+        orphans_removed=orphans,
+        seconds=time.perf_counter() - start,
+    )
 
 
 def _groups(shards: list[ShardManifest], target_rows: int) -> list[list[ShardManifest]]:
@@ -185,8 +216,10 @@ def read_shard(shard: ShardManifest, columns: list[str] | None = None) -> pa.Tab
     table = storage.read_table(shard.data_uri, columns=columns)
     version = (table.schema.metadata or {}).get(b"adaptflow.schema_version", b"?").decode()
     if version != str(SCHEMA_VERSION):
-        raise StoreError(f"{shard.data_uri} has schema version {version}, this adaptflow reads version "
-                         f"{SCHEMA_VERSION}; use a new store or the adaptflow release that wrote it")
+        raise StoreError(
+            f"{shard.data_uri} has schema version {version}, this adaptflow reads version "
+            f"{SCHEMA_VERSION}; use a new store or the adaptflow release that wrote it"
+        )
     return table
 
 
@@ -205,8 +238,9 @@ def load_rows(folder: str, image_ids: list[str], column: str, what: str = "featu
     position = {image_id: i for i, image_id in enumerate(table["image_id"].to_pylist())}
     missing = [i for i in image_ids if i not in position]
     if missing:
-        raise StoreError(f"{len(missing)} images have no committed {what} under {folder} "
-                         f"(first: {missing[0]}); run extraction first")
+        raise StoreError(
+            f"{len(missing)} images have no committed {what} under {folder} (first: {missing[0]}); run extraction first"
+        )
     values = table[column].combine_chunks()
     matrix = values.values.to_numpy(zero_copy_only=False).reshape(-1, values.type.list_size)
     return matrix[[position[i] for i in image_ids]]

@@ -58,8 +58,10 @@ def _pair(reference, batch, max_samples: int, seed: int) -> tuple[np.ndarray, np
     ref = _checked(reference, "reference", max_samples, rng)
     new = _checked(batch, "batch", max_samples, rng)
     if ref.shape[1] != new.shape[1]:
-        raise DatasetError(f"reference and batch features differ in width: {ref.shape[1]} vs {new.shape[1]}; "
-                           "were they embedded by the same extractor?")
+        raise DatasetError(
+            f"reference and batch features differ in width: {ref.shape[1]} vs {new.shape[1]}; "
+            "were they embedded by the same extractor?"
+        )
     return ref, new, rng
 
 
@@ -89,8 +91,9 @@ def _mmd2_unbiased(k: np.ndarray, first: np.ndarray, m: int) -> np.ndarray:
     return s_aa / (m * (m - 1)) + s_bb / (r * (r - 1)) - 2.0 * s_ab / (m * r)
 
 
-def mmd_permutation_test(reference, batch, n_permutations: int = 200, seed: int = 0, max_samples: int = 500,
-                         alpha: float = 0.05) -> ShiftTest:
+def mmd_permutation_test(
+    reference, batch, n_permutations: int = 200, seed: int = 0, max_samples: int = 500, alpha: float = 0.05
+) -> ShiftTest:
     """Test whether `batch` (M, D) comes from the distribution of `reference` (N, D).
 
     Each side is subsampled without replacement to at most `max_samples` rows with `seed`; the Gram
@@ -120,8 +123,15 @@ def mmd_permutation_test(reference, batch, n_permutations: int = 200, seed: int 
     # A permutation that reproduces the observed split must count as >=, whatever the rounding.
     tol = 1e-12 * max(1.0, abs(observed))
     p_value = float((1 + np.count_nonzero(stats[1:] >= observed - tol)) / (1 + n_permutations))
-    return ShiftTest(statistic=observed, p_value=p_value, n_reference=n_ref, n_batch=len(new),
-                     n_permutations=n_permutations, detected=p_value < alpha, alpha=alpha)
+    return ShiftTest(
+        statistic=observed,
+        p_value=p_value,
+        n_reference=n_ref,
+        n_batch=len(new),
+        n_permutations=n_permutations,
+        detected=p_value < alpha,
+        alpha=alpha,
+    )
 
 
 def domain_classifier_auc(reference, batch, seed: int = 0, max_samples: int = 500, folds: int = 5) -> float:

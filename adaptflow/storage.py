@@ -48,8 +48,13 @@ T = TypeVar("T")
 PATIENCE_ENV = "ADAPTFLOW_STORE_PATIENCE_S"
 _FIRST_DELAY_S, _MAX_DELAY_S = 0.5, 8.0  # 0.5, 1, 2, 4, 8, 8, ... s between tries
 _TRANSIENT = (ConnectionError, TimeoutError, BotoConnectionError, HTTPClientError, IncompleteReadError)
-_TRANSIENT_ERRNOS = {errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
-                     getattr(errno, "EREMOTEIO", errno.EIO)}
+_TRANSIENT_ERRNOS = {
+    errno.EBUSY,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    getattr(errno, "EREMOTEIO", errno.EIO),
+}
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
 _CREATE_LOCK = threading.Lock()
 
@@ -59,8 +64,10 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fsspec does not know, or one whose package is not installed."""
     protocol = split_protocol(uri)[0]
     if protocol and protocol not in fsspec.available_protocols():
-        raise StoreError(f"unknown storage scheme {protocol}:// in {uri} (local paths need none; known: file://, "
-                         "s3://, memory:// and the other fsspec protocols)")
+        raise StoreError(
+            f"unknown storage scheme {protocol}:// in {uri} (local paths need none; known: file://, "
+            "s3://, memory:// and the other fsspec protocols)"
+        )
     try:
         return url_to_fs(uri)
     except ImportError as e:  # a known protocol whose package is missing, e.g. gs:// without gcsfs
@@ -82,7 +89,7 @@ def rebase(uri: str, old_root: str, new_root: str) -> str:
     old = old_root.rstrip("/")
     if uri == old:
         return new_root
-    return join(new_root, uri[len(old) + 1:]) if uri.startswith(old + "/") else uri
+    return join(new_root, uri[len(old) + 1 :]) if uri.startswith(old + "/") else uri
 
 
 def check_writable(uri: str) -> None:
@@ -152,8 +159,9 @@ def _call(uri: str, op: Callable[[fsspec.AbstractFileSystem, str], T]) -> T:
                     raise
                 raise error from None
             if time.monotonic() + delay > deadline:
-                raise StoreUnavailableError(f"store unreachable: {uri} (gave up after {patience:g} s; last "
-                                            f"error: {_describe(e, fs)})") from None
+                raise StoreUnavailableError(
+                    f"store unreachable: {uri} (gave up after {patience:g} s; last error: {_describe(e, fs)})"
+                ) from None
             log.warning("store unreachable: %s (%s); retrying in %g s", uri, _describe(e, fs), delay)
             time.sleep(delay)
             delay = min(2 * delay, _MAX_DELAY_S)
@@ -169,9 +177,12 @@ def _is_transient(e: BaseException) -> bool:
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         status = (getattr(err, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if (isinstance(err, _TRANSIENT) or type(err).__module__.startswith("aiohttp")
-                or (isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS)
-                or (isinstance(status, int) and (status >= 500 or status == 429))):
+        if (
+            isinstance(err, _TRANSIENT)
+            or type(err).__module__.startswith("aiohttp")
+            or (isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS)
+            or (isinstance(status, int) and (status >= 500 or status == 429))
+        ):
             return True
         err = err.__cause__ or err.__context__
     return False
@@ -186,8 +197,10 @@ def _store_error(uri: str, e: Exception, fs: fsspec.AbstractFileSystem) -> Store
         detail = _describe(e, fs)
         return StoreNotFoundError(f"not found: {uri}" + ("" if detail in uri else f" ({detail})"))
     if isinstance(e, PermissionError):
-        return StoreError(f"access denied: {uri} ({_describe(e, fs)}); check the credentials in the "
-                          "environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
+        return StoreError(
+            f"access denied: {uri} ({_describe(e, fs)}); check the credentials in the "
+            "environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+        )
     if isinstance(e, OSError) or type(e).__module__.startswith(("botocore", "s3fs")):
         return StoreError(f"cannot access {uri}: {_describe(e, fs)}")
     return None

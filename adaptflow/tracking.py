@@ -78,9 +78,13 @@ def run_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     metrics["oracle_target_accuracy"] = adaptation.get("oracle_target_accuracy")
     shift = summary.get("shift") or {}
     test = shift.get("test") or {}
-    metrics |= {"shift.p_value": test.get("p_value"), "shift.statistic": test.get("statistic"),
-                "shift.domain_auc": shift.get("domain_auc"), "shift.score_drop": shift.get("score_drop"),
-                "shift.detected": _flag(shift.get("shift_detected"))}
+    metrics |= {
+        "shift.p_value": test.get("p_value"),
+        "shift.statistic": test.get("statistic"),
+        "shift.domain_auc": shift.get("domain_auc"),
+        "shift.score_drop": shift.get("score_drop"),
+        "shift.detected": _flag(shift.get("shift_detected")),
+    }
     promotion = summary.get("promotion") or {}
     metrics["promoted"] = _flag(promotion.get("promoted"))
     metrics |= {f"images.{d}": v.get("images") for d, v in (summary.get("datasets") or {}).items()}
@@ -89,10 +93,13 @@ def run_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
 
 
 def candidate_metrics(candidate: Mapping[str, Any]) -> dict[str, float]:
-    values = {**{f"score.{k}": v for k, v in (candidate.get("scores") or {}).items()},
-              "target_accuracy": candidate.get("target_accuracy"),
-              "source_test_accuracy": candidate.get("source_test_accuracy"),
-              "collapsed": _flag(candidate.get("collapsed")), "seconds": candidate.get("seconds")}
+    values = {
+        **{f"score.{k}": v for k, v in (candidate.get("scores") or {}).items()},
+        "target_accuracy": candidate.get("target_accuracy"),
+        "source_test_accuracy": candidate.get("source_test_accuracy"),
+        "collapsed": _flag(candidate.get("collapsed")),
+        "seconds": candidate.get("seconds"),
+    }
     return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and v == v}
 
 
@@ -120,24 +127,38 @@ def log_run(summary: Mapping[str, Any], store: str, cfg: TrackingConfig) -> Trac
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     adaptation = summary.get("adaptation") or {}
-    tags = {"adaptflow.run_id": summary["run_id"], "adaptflow.run_uri": redact(summary["run_uri"]),
-            "adaptflow.store": redact(store), "adaptflow.status": summary.get("status", "trained"),
-            "adaptflow.selected": str(adaptation.get("selected")), "adaptflow.config_hash": summary["config_hash"]}
+    tags = {
+        "adaptflow.run_id": summary["run_id"],
+        "adaptflow.run_uri": redact(summary["run_uri"]),
+        "adaptflow.store": redact(store),
+        "adaptflow.status": summary.get("status", "trained"),
+        "adaptflow.selected": str(adaptation.get("selected")),
+        "adaptflow.config_hash": summary["config_hash"],
+    }
     run = client.create_run(experiment_id, run_name=summary["run_id"], tags=tags)
     run_id = run.info.run_id
     ok = False
     try:
         log(run_id, flatten(summary.get("config") or {}), run_metrics(summary), {})
         for candidate in adaptation.get("candidates") or []:
-            child = client.create_run(experiment_id, run_name=candidate["name"],
-                                      tags={"mlflow.parentRunId": run_id, "adaptflow.run_id": summary["run_id"]})
-            log(child.info.run_id, {"name": candidate["name"], "method": candidate["method"],
-                                    "mode": candidate["mode"]}, candidate_metrics(candidate),
-                {"adaptflow.selected": str(candidate["name"] == adaptation.get("selected")).lower()})
+            child = client.create_run(
+                experiment_id,
+                run_name=candidate["name"],
+                tags={"mlflow.parentRunId": run_id, "adaptflow.run_id": summary["run_id"]},
+            )
+            log(
+                child.info.run_id,
+                {"name": candidate["name"], "method": candidate["method"], "mode": candidate["mode"]},
+                candidate_metrics(candidate),
+                {"adaptflow.selected": str(candidate["name"] == adaptation.get("selected")).lower()},
+            )
             client.set_terminated(child.info.run_id)
         with tempfile.TemporaryDirectory() as tmp:
-            for name, source in (("summary.json", storage.join(summary["run_uri"], "summary.json")),
-                                 ("metrics.json", summary.get("metrics_uri")), ("report.html", summary.get("report_uri"))):
+            for name, source in (
+                ("summary.json", storage.join(summary["run_uri"], "summary.json")),
+                ("metrics.json", summary.get("metrics_uri")),
+                ("report.html", summary.get("report_uri")),
+            ):
                 if source and storage.exists(source):
                     path = os.path.join(tmp, name)
                     with open(path, "wb") as f:
@@ -148,8 +169,15 @@ def log_run(summary: Mapping[str, Any], store: str, cfg: TrackingConfig) -> Trac
         ok = True
     finally:
         client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
-    return TrackingManifest(status="logged", tracking_uri=redact(uri), experiment=cfg.mlflow_experiment,
-                            run_id=run_id, model_name=cfg.mlflow_model, model_version=model_version, aliases=aliases)
+    return TrackingManifest(
+        status="logged",
+        tracking_uri=redact(uri),
+        experiment=cfg.mlflow_experiment,
+        run_id=run_id,
+        model_name=cfg.mlflow_model,
+        model_version=model_version,
+        aliases=aliases,
+    )
 
 
 def _register(client, run_id: str, summary: Mapping[str, Any], name: str) -> str | None:
@@ -175,10 +203,16 @@ def _register(client, run_id: str, summary: Mapping[str, Any], name: str) -> str
         client.create_registered_model(name, description="mirrored from adaptflow's registry (the source of truth)")
     artifact_uri = client.get_run(run_id).info.artifact_uri
     mv = client.create_model_version(
-        name, f"{artifact_uri}/model", run_id=run_id,
-        tags={VERSION_TAG: str(version), "adaptflow.method": str((summary.get("adaptation") or {}).get("selected")),
-              "adaptflow.model_uri": redact(summary["model_uri"])},
-        description=f"adaptflow v{version}: {promotion.get('reason', '')}")
+        name,
+        f"{artifact_uri}/model",
+        run_id=run_id,
+        tags={
+            VERSION_TAG: str(version),
+            "adaptflow.method": str((summary.get("adaptation") or {}).get("selected")),
+            "adaptflow.model_uri": redact(summary["model_uri"]),
+        },
+        description=f"adaptflow v{version}: {promotion.get('reason', '')}",
+    )
     return str(mv.version)
 
 
@@ -229,7 +263,9 @@ def _check_reachable(uri: str) -> None:
     try:
         httpx.get(uri.rstrip("/") + "/health", timeout=5)
     except httpx.HTTPError as e:
-        raise ConnectionError(f"the MLflow tracking server {redact(uri)} does not answer ({type(e).__name__})") from None
+        raise ConnectionError(
+            f"the MLflow tracking server {redact(uri)} does not answer ({type(e).__name__})"
+        ) from None
 
 
 def _flag(value: Any) -> float | None:
@@ -238,4 +274,4 @@ def _flag(value: Any) -> float | None:
 
 def _chunks(items: list) -> Iterator[list]:
     for i in range(0, len(items), _MAX_BATCH):
-        yield items[i:i + _MAX_BATCH]
+        yield items[i : i + _MAX_BATCH]

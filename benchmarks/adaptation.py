@@ -44,9 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--weights", default=None, help="backbone weights; default: the offline default")
     p.add_argument("--image-size", type=int, default=64, help="backbone input size")
-    p.add_argument(
-        "--demo-size", type=int, default=None, help="size the demo is rendered at; default image size"
-    )
+    p.add_argument("--demo-size", type=int, default=None, help="size the demo is rendered at; default image size")
     p.add_argument("--max-per-domain", type=int, default=None, help="cap images per domain, for quick runs")
     p.add_argument("--epochs", type=int, default=4, help="images mode: passes over the source training set")
     p.add_argument("--steps", type=int, default=None, help="images mode: a fixed number of steps (overrides --epochs)")
@@ -54,9 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="per domain; default: the hparam")
     p.add_argument("--strategy", default="full", choices=list(STRATEGIES))
     p.add_argument("--no-augment", action="store_true")
-    p.add_argument(
-        "--hp", action="append", default=[], metavar="KEY=VALUE", help="hparam override, both modes"
-    )
+    p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="hparam override, both modes")
     p.add_argument("--image-hp", action="append", default=[], metavar="KEY=VALUE", help="images mode only")
     p.add_argument("--val-fraction", type=float, default=0.2, help="source images held out for source-val")
     p.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's choice")
@@ -179,9 +175,7 @@ def main(args) -> None:
                     log_every=steps,
                 )
                 fit_s = time.perf_counter() - t
-                acc_v, acc_t = (
-                    accuracy(infer_images(alg, x, device=device)[0], y) for x, y in ((xv, yv), (xt, yt))
-                )
+                acc_v, acc_t = (accuracy(infer_images(alg, x, device=device)[0], y) for x, y in ((xv, yv), (xt, yt)))
                 epochs = curve[-1]["step"] / steps_per_epoch
             total = time.perf_counter() - t
             last = {k: round(v, 3) for k, v in curve[-1].items() if k not in ("step", "elapsed_s")}

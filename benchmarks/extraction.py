@@ -46,17 +46,28 @@ _JPEG_SIZE = (500, 375)  # (W, H): a typical photo-dataset JPEG
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backbone", action="append", default=None,
-                   help="repeatable, or a comma list; default efficientnet_lite0")
-    p.add_argument("--weights", default="default", choices=["default", "random"],
-                   help="default: the offline default, falling back to random when no file is present")
+    p.add_argument(
+        "--backbone", action="append", default=None, help="repeatable, or a comma list; default efficientnet_lite0"
+    )
+    p.add_argument(
+        "--weights",
+        default="default",
+        choices=["default", "random"],
+        help="default: the offline default, falling back to random when no file is present",
+    )
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--images", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=None, help="default: extract.batch_size's (8 on a CPU, 256 on CUDA)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default: extract.batch_size's (8 on a CPU, 256 on CUDA)"
+    )
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--decode-on", default="workers", choices=["workers", "device"],
-                   help="device: JPEGs decoded and resized on the extraction device (nvJPEG on CUDA)")
+    p.add_argument(
+        "--decode-on",
+        default="workers",
+        choices=["workers", "device"],
+        help="device: JPEGs decoded and resized on the extraction device (nvJPEG on CUDA)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (CUDA only)")
     p.add_argument("--per-image", type=int, default=96, help="images timed in the per-image loop")
     p.add_argument("--rss-images", type=int, default=100, help="RSS runs use N and 10*N images")
@@ -120,8 +131,13 @@ def run_pipeline(index_uri: str, store: str, cfg: BackboneConfig, extract: Extra
     plan = features.plan_extraction([index_uri], store, cfg, extract.shard_size)
     shards = [features.extract_shard(s, cfg, extract) for s in plan.shards]
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "plan_s": plan.seconds, "n": sum(s.n_rows for s in shards),
-            "cached": plan.n_cached, "shards": len(shards)}
+    return {
+        "seconds": seconds,
+        "plan_s": plan.seconds,
+        "n": sum(s.n_rows for s in shards),
+        "cached": plan.n_cached,
+        "shards": len(shards),
+    }
 
 
 def model_only(cfg: BackboneConfig, uris: list[str], n: int, batch_size: int, device: torch.device) -> float:
@@ -151,9 +167,14 @@ def per_image_loop(cfg: BackboneConfig, uris: list[str], device: torch.device) -
     """images/s of the classic loop: PIL open, torchvision transform, one forward per image."""
     extractor = build_extractor(cfg)
     dc = extractor.data_config
-    transform = T.Compose([
-        T.Resize(math.floor(dc["input_size"][-1] / dc["crop_pct"]), T.InterpolationMode(dc["interpolation"])),
-        T.CenterCrop(dc["input_size"][-1]), T.ToTensor(), T.Normalize(dc["mean"], dc["std"])])
+    transform = T.Compose(
+        [
+            T.Resize(math.floor(dc["input_size"][-1] / dc["crop_pct"]), T.InterpolationMode(dc["interpolation"])),
+            T.CenterCrop(dc["input_size"][-1]),
+            T.ToTensor(),
+            T.Normalize(dc["mean"], dc["std"]),
+        ]
+    )
     module = extractor.module.to(device)
     with torch.inference_mode():
         module(transform(Image.open(uris[0]).convert("RGB"))[None].to(device))  # warm-up
@@ -186,9 +207,22 @@ def rss_child(index_uri: str, store: str, cfg_json: str, extract: ExtractConfig)
 
 def peak_rss(root: Path, n: int, cfg: BackboneConfig, args: argparse.Namespace) -> dict:
     _, index_uri = make_dataset(root, n)
-    cmd = [sys.executable, __file__, "--rss-child", index_uri, str(root / "store"), cfg.model_dump_json(),
-           "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers), "--device", args.device,
-           "--decode-on", args.decode_on] + (["--compile"] if args.compile else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--rss-child",
+        index_uri,
+        str(root / "store"),
+        cfg.model_dump_json(),
+        "--batch-size",
+        str(args.batch_size),
+        "--num-workers",
+        str(args.num_workers),
+        "--device",
+        args.device,
+        "--decode-on",
+        args.decode_on,
+    ] + (["--compile"] if args.compile else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -199,14 +233,18 @@ def peak_rss(root: Path, n: int, cfg: BackboneConfig, args: argparse.Namespace) 
 def print_header(argv: list[str], device: torch.device) -> None:
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"$ {shlex.join([Path(sys.executable).name, *argv])}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, device {device}{gpu}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, device {device}{gpu}"
+    )
 
 
 def bench_backbone(name: str, args: argparse.Namespace, extract: ExtractConfig, device: torch.device) -> None:
     cfg, weights = backbone_config(name, args.weights, args.image_size)
-    print(f"\n== {name} (weights: {weights}), {args.image_size} px, {args.images} JPEGs "
-          f"{_JPEG_SIZE[0]}x{_JPEG_SIZE[1]}, batch {args.batch_size}, {args.num_workers} workers")
+    print(
+        f"\n== {name} (weights: {weights}), {args.image_size} px, {args.images} JPEGs "
+        f"{_JPEG_SIZE[0]}x{_JPEG_SIZE[1]}, batch {args.batch_size}, {args.num_workers} workers"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         images, index_uri = make_dataset(root, args.images)
@@ -219,8 +257,10 @@ def bench_backbone(name: str, args: argparse.Namespace, extract: ExtractConfig, 
         model = model_only(cfg, uris, args.images, args.batch_size, device)
         loop = per_image_loop(cfg, uris[: args.per_image], device)
         print(f"model-only      {model:9.1f} img/s")
-        print(f"pipeline        {pipe:9.1f} img/s  ({first['n']} images, {first['shards']} shard(s), "
-              f"{first['seconds']:.2f} s, of which plan {first['plan_s']:.2f} s)")
+        print(
+            f"pipeline        {pipe:9.1f} img/s  ({first['n']} images, {first['shards']} shard(s), "
+            f"{first['seconds']:.2f} s, of which plan {first['plan_s']:.2f} s)"
+        )
         print(f"per-image loop  {loop:9.1f} img/s  ({len(uris[: args.per_image])} images)")
         print(f"pipeline / model-only = {pipe / model:.2f}  (goal >= 0.9)")
         print(f"pipeline / per-image  = {pipe / loop:.1f}  (goal >= 10)")
@@ -231,9 +271,11 @@ def bench_backbone(name: str, args: argparse.Namespace, extract: ExtractConfig, 
         index_uri = reingest(root, images)
         ingest_s = time.perf_counter() - t
         rerun = run_pipeline(index_uri, store, cfg, extract)
-        print(f"incremental: +{added} images, re-ingest {ingest_s:.2f} s; re-plan+extract {rerun['n']} new, "
-              f"{rerun['cached']} cached, {rerun['seconds']:.2f} s = {rerun['seconds'] / first['seconds']:.1%} "
-              f"of the first run (goal: a few %)")
+        print(
+            f"incremental: +{added} images, re-ingest {ingest_s:.2f} s; re-plan+extract {rerun['n']} new, "
+            f"{rerun['cached']} cached, {rerun['seconds']:.2f} s = {rerun['seconds'] / first['seconds']:.1%} "
+            f"of the first run (goal: a few %)"
+        )
 
 
 def bench_rss(name: str, args: argparse.Namespace) -> None:
@@ -242,13 +284,20 @@ def bench_rss(name: str, args: argparse.Namespace) -> None:
     for n in (args.rss_images, 10 * args.rss_images):
         with tempfile.TemporaryDirectory() as tmp:
             r = peak_rss(Path(tmp), n, cfg, args)
-        print(f"{r['n']:6d} images: main process {r['self_mb']:7.1f} MiB, largest DataLoader worker "
-              f"{r['worker_mb']:7.1f} MiB")
+        print(
+            f"{r['n']:6d} images: main process {r['self_mb']:7.1f} MiB, largest DataLoader worker "
+            f"{r['worker_mb']:7.1f} MiB"
+        )
 
 
 def main(args: argparse.Namespace) -> None:
-    extract = ExtractConfig(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
-                            decode_on=args.decode_on, compile=args.compile)
+    extract = ExtractConfig(
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        decode_on=args.decode_on,
+        compile=args.compile,
+    )
     if args.rss_child:
         rss_child(*args.rss_child, extract)
         return

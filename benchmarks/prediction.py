@@ -47,9 +47,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def untrained_model(model_uri: str, cfg, classes: list[str], image_size: int) -> str:
     """Save an untrained end-to-end DANN for `cfg`'s backbone at `image_size`; returns its URI."""
-    card = ModelCard(kind="images", method="dann", hparams={}, image_size=image_size, classes=classes, config=cfg,
-                     fingerprint="untrained", dim=0, config_hash=cfg.fingerprint(), dataset_fingerprint="none",
-                     metrics={})
+    card = ModelCard(
+        kind="images",
+        method="dann",
+        hparams={},
+        image_size=image_size,
+        classes=classes,
+        config=cfg,
+        fingerprint="untrained",
+        dim=0,
+        config_hash=cfg.fingerprint(),
+        dataset_fingerprint="none",
+        metrics={},
+    )
     save_model(model_uri, build_model(card), card)
     return model_uri
 
@@ -70,8 +80,9 @@ def throughput(images_uri: str, work: Path, model_uri: str, device: str = "cpu")
     t = time.perf_counter()
     store = str(work / "tp-predict")
     cache = image_cache(store, cfg.backbone, card.image_size)
-    plan = features.plan_extraction([index.index_uri], store, cfg.backbone, cfg.extract.shard_size, cache=cache,
-                                    features=False)
+    plan = features.plan_extraction(
+        [index.index_uri], store, cfg.backbone, cfg.extract.shard_size, cache=cache, features=False
+    )
     for shard in plan.shards:
         features.extract_shard(shard, cfg.backbone, cfg.extract)
     to_do = prediction.plan_prediction(model_uri, index, str(work / "tp-predictions.parquet"), cfg.extract.shard_size)
@@ -87,14 +98,19 @@ def main(args) -> None:
     with tempfile.TemporaryDirectory(prefix="adaptflow-predict-") as tmp:
         work = Path(args.work or tmp)
         data = make_shift(SHIFTS["mnist-m"], str(work / "data"), 10, args.image_size, seed=3, target_size=args.images)
-        cfg = validate_config({"backbone": {"name": args.backbone, "weights": args.weights,
-                                            "image_size": args.image_size},
-                               "extract": {"device": device}})
+        cfg = validate_config(
+            {
+                "backbone": {"name": args.backbone, "weights": args.weights, "image_size": args.image_size},
+                "extract": {"device": device},
+            }
+        )
         model = args.model or untrained_model(str(work / "model"), cfg, [str(d) for d in range(10)], args.image_size)
         tp = throughput(data["target"], work, model, device)
-    print(f"{tp['images']:,} images at {args.image_size} px on {device}: extraction {tp['extract_per_s']:.1f} "
-          f"images/s, images-mode prediction {tp['predict_per_s']:.1f} images/s, ratio "
-          f"{tp['predict_per_s'] / tp['extract_per_s']:.2f} (goal >= 0.8)")
+    print(
+        f"{tp['images']:,} images at {args.image_size} px on {device}: extraction {tp['extract_per_s']:.1f} "
+        f"images/s, images-mode prediction {tp['predict_per_s']:.1f} images/s, ratio "
+        f"{tp['predict_per_s'] / tp['extract_per_s']:.2f} (goal >= 0.8)"
+    )
 
 
 if __name__ == "__main__":

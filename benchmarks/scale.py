@@ -91,8 +91,14 @@ class TreeMemory:
 def command(args: list[str], env: dict) -> tuple[str, float, TreeMemory]:
     """Run the adaptflow command line; returns (its last stdout line, wall seconds, memory)."""
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     memory = TreeMemory(proc.pid)
     out, err = proc.communicate()
     memory.stop()
@@ -111,47 +117,99 @@ def main(args) -> None:
         overrides = [x for s in settings for x in ("--set", s)]
         rows, images_model = [], None
         for n in args.sizes:
-            data = make_shift(SHIFTS[args.shift], str(work / f"data-{n}"), args.source, args.image_size, args.seed,
-                              target_size=n)
-            fresh = make_shift(SHIFTS[args.shift], str(work / f"new-{n}"), 10, args.image_size, args.seed + 1,
-                               target_size=n)
+            data = make_shift(
+                SHIFTS[args.shift], str(work / f"data-{n}"), args.source, args.image_size, args.seed, target_size=n
+            )
+            fresh = make_shift(
+                SHIFTS[args.shift], str(work / f"new-{n}"), 10, args.image_size, args.seed + 1, target_size=n
+            )
             store = str(work / f"store-{n}")
-            run_uri, run_s, run_mem = command(["run", "--source", data["source"], "--target", data["target"],
-                                               "--target-labels", data["target_labels"], "--store", store,
-                                               *overrides], env)
+            run_uri, run_s, run_mem = command(
+                [
+                    "run",
+                    "--source",
+                    data["source"],
+                    "--target",
+                    data["target"],
+                    "--target-labels",
+                    data["target_labels"],
+                    "--store",
+                    store,
+                    *overrides,
+                ],
+                env,
+            )
             summary = storage.read_json(storage.join(run_uri, "summary.json"))
             a = summary["adaptation"]
             images = [c for c in a["candidates"] if c["mode"] == "images"]
             if not images:
                 sys.exit("no images-mode candidate was trained: see adapt.image_methods")
             images_model = images[0]["model_uri"]
-            _, predict_s, predict_mem = command(["predict", images_model, fresh["target"], "--store", store,
-                                                 "--out", str(work / f"predict-{n}.parquet"), *overrides], env)
+            _, predict_s, predict_mem = command(
+                [
+                    "predict",
+                    images_model,
+                    fresh["target"],
+                    "--store",
+                    store,
+                    "--out",
+                    str(work / f"predict-{n}.parquet"),
+                    *overrides,
+                ],
+                env,
+            )
             stopped = [c["name"] for c in a["candidates"] if c.get("stopped_at_rung") is not None]
-            rows.append({"n": n, "run_s": run_s, "timings": summary["timings"], "run_rss": run_mem.peak_total,
-                         "run_rss_single": run_mem.peak_single, "processes": len(run_mem.processes),
-                         "predict_s": predict_s, "predict_rss": predict_mem.peak_total,
-                         "selected": a["selected"], "accuracy": a.get("selected_target_accuracy"),
-                         "stopped": stopped})
+            rows.append(
+                {
+                    "n": n,
+                    "run_s": run_s,
+                    "timings": summary["timings"],
+                    "run_rss": run_mem.peak_total,
+                    "run_rss_single": run_mem.peak_single,
+                    "processes": len(run_mem.processes),
+                    "predict_s": predict_s,
+                    "predict_rss": predict_mem.peak_total,
+                    "selected": a["selected"],
+                    "accuracy": a.get("selected_target_accuracy"),
+                    "stopped": stopped,
+                }
+            )
             r = rows[-1]
-            print(f"target {n:>7,}: run {run_s:7.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in r['timings'].items())}); "
-                  f"peak RSS {r['run_rss'] / 2**20:,.0f} MiB over {r['processes']} processes "
-                  f"(largest {r['run_rss_single'] / 2**20:,.0f}); selected {r['selected']} "
-                  f"(target {r['accuracy']:.3f}); halving stopped {', '.join(stopped) or 'none'}", flush=True)
-            print(f"{'':>15} predict {n:,} new images with {images[0]['name']}: {predict_s:.1f} s, "
-                  f"peak RSS {r['predict_rss'] / 2**20:,.0f} MiB", flush=True)
+            print(
+                f"target {n:>7,}: run {run_s:7.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in r['timings'].items())}); "
+                f"peak RSS {r['run_rss'] / 2**20:,.0f} MiB over {r['processes']} processes "
+                f"(largest {r['run_rss_single'] / 2**20:,.0f}); selected {r['selected']} "
+                f"(target {r['accuracy']:.3f}); halving stopped {', '.join(stopped) or 'none'}",
+                flush=True,
+            )
+            print(
+                f"{'':>15} predict {n:,} new images with {images[0]['name']}: {predict_s:.1f} s, "
+                f"peak RSS {r['predict_rss'] / 2**20:,.0f} MiB",
+                flush=True,
+            )
 
-        fresh = make_shift(SHIFTS[args.shift], str(work / "throughput"), 10, args.image_size, args.seed + 2,
-                           target_size=args.throughput_images)
+        fresh = make_shift(
+            SHIFTS[args.shift],
+            str(work / "throughput"),
+            10,
+            args.image_size,
+            args.seed + 2,
+            target_size=args.throughput_images,
+        )
         tp = throughput(fresh["target"], work, images_model)
-        print(f"throughput over {tp['images']:,} new images: extraction {tp['extract_per_s']:.1f} images/s, "
-              f"images-mode prediction {tp['predict_per_s']:.1f} images/s")
+        print(
+            f"throughput over {tp['images']:,} new images: extraction {tp['extract_per_s']:.1f} images/s, "
+            f"images-mode prediction {tp['predict_per_s']:.1f} images/s"
+        )
 
         small, large = rows[0], rows[-1]
         ratios = {
             "train s": (large["timings"]["train"] / small["timings"]["train"], 1.3, "<="),
-            "peak RSS (run and predict)": (max(large["run_rss"], large["predict_rss"])
-                                           / max(small["run_rss"], small["predict_rss"]), 1.2, "<="),
+            "peak RSS (run and predict)": (
+                max(large["run_rss"], large["predict_rss"]) / max(small["run_rss"], small["predict_rss"]),
+                1.2,
+                "<=",
+            ),
             "prediction / extraction images/s": (tp["predict_per_s"] / tp["extract_per_s"], 0.8, ">="),
         }
         print(f"ratios, target {large['n']:,} over {small['n']:,}:")

@@ -9,11 +9,11 @@ library's own `adapt.selection.select`. Target labels are read only to score the
 policy it prints the selected candidate's target accuracy, the oracle's (the best candidate's), the
 regret (oracle - selected), the source-only reference's accuracy (the healthy `source_only` candidate
 with the best source-validation accuracy: what a run that trusts no adaptation keeps; if every one
-collapsed, the best of them), whether the pick fell below it, and whether selection was confident. "promoted" is what a first run on an empty
-store would make champion: a low-confidence pick gives way to the source-only reference. Then, per
-policy, mean and worst regret over the suite and the number of picks below source-only; and a
-leave-one-shift-out estimate: the policy with the lowest mean regret on the other shifts, scored on
-the one left out, for each shift in turn.
+collapsed, the best of them), whether the pick fell below it, and whether selection was confident.
+"promoted" is what a first run on an empty store would make champion: a low-confidence pick gives way to
+the source-only reference. Then, per policy, mean and worst regret over the suite and the number of picks
+below source-only; and a leave-one-shift-out estimate: the policy with the lowest mean regret on the
+other shifts, scored on the one left out, for each shift in turn.
 
 Trained candidates are kept under --work (default: a temporary folder), so a second run with other
 policies retrains nothing.
@@ -63,8 +63,13 @@ TOLERANCE = 0.01  # "below source-only" also counted with this slack: 6 of 600 t
 # The product's defaults on a CPU with a reduced step budget (a third of the defaults: 500 steps per
 # features-mode candidate, 100 per end-to-end one, halving after 33) and a smaller backbone input, so the
 # suite of eight shifts runs on 2 cores in well under an hour. `--set` restores any default.
-SETTINGS = ["backbone.image_size=64", "extract.num_workers=0", "ingest.workers=2", "adapt.feature_steps=500",
-            "adapt.image_steps=100"]
+SETTINGS = [
+    "backbone.image_size=64",
+    "extract.num_workers=0",
+    "ingest.workers=2",
+    "adapt.feature_steps=500",
+    "adapt.image_steps=100",
+]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -73,8 +78,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default=None, help="folder for data, stores and candidates; reused when present")
     p.add_argument("--per-domain", type=int, default=600, help="images per domain")
     p.add_argument("--image-size", type=int, default=32, help="size the shift's images are rendered at")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every shift (e.g. adapt.image_steps=150 adapt.halving=0)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every shift (e.g. adapt.image_steps=150 adapt.halving=0)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write every candidate's scores and accuracy here")
     return p
@@ -88,8 +98,11 @@ def prepare_shift(name: str, root: Path, cfg, args) -> dict:
     run = root / "run"
     store = str(root / "store")
     manifests = {}
-    for domain, uri in (("source", data / "source"), ("target", data / "target"),
-                        ("target_labels", data / "target_labels.csv")):
+    for domain, uri in (
+        ("source", data / "source"),
+        ("target", data / "target"),
+        ("target_labels", data / "target_labels.csv"),
+    ):
         out = run / "ingest" / domain
         if (out / "manifest.json").exists():
             manifests[domain] = adaptation.IngestManifest.load(str(out / "manifest.json"))
@@ -98,8 +111,13 @@ def prepare_shift(name: str, root: Path, cfg, args) -> dict:
             manifests[domain] = ingest(str(uri), domain, str(out), cfg.ingest, cfg.seed, classes)
     specs = adaptation.plan_candidates(cfg, cuda=False)
     cache = image_cache(store, cfg.backbone, adaptation.training_image_size(specs))
-    plan = features.plan_extraction([manifests["source"].index_uri, manifests["target"].index_uri], store,
-                                    cfg.backbone, cfg.extract.shard_size, cache=cache)
+    plan = features.plan_extraction(
+        [manifests["source"].index_uri, manifests["target"].index_uri],
+        store,
+        cfg.backbone,
+        cfg.extract.shard_size,
+        cache=cache,
+    )
     for shard in plan.shards:
         features.extract_shard(shard, cfg.backbone, cfg.extract)
     return {**manifests, "plan": plan, "run": run}
@@ -108,23 +126,36 @@ def prepare_shift(name: str, root: Path, cfg, args) -> dict:
 def train_candidates(prepared: dict, cfg) -> list[CandidateManifest]:
     """The candidates `auto` trains, as the retrain flow trains them (successive halving included), one
     after the other; kept under the work folder, so a rerun trains none again."""
+
     def train(specs: list, untils: list) -> list[CandidateManifest]:
         out = []
         for spec, until in zip(specs, untils, strict=True):
             t = time.perf_counter()
-            c = adaptation.train_candidate(spec, prepared["source"], prepared["target"], prepared["target_labels"],
-                                           prepared["plan"], cfg, str(prepared["run"] / "candidates" / spec.name),
-                                           "cpu", until)
-            print(f"  {spec.name:<22} {c.steps:>5} steps  target {c.target_accuracy:.3f}  "
-                  f"{time.perf_counter() - t:6.1f} s", flush=True)
+            c = adaptation.train_candidate(
+                spec,
+                prepared["source"],
+                prepared["target"],
+                prepared["target_labels"],
+                prepared["plan"],
+                cfg,
+                str(prepared["run"] / "candidates" / spec.name),
+                "cpu",
+                until,
+            )
+            print(
+                f"  {spec.name:<22} {c.steps:>5} steps  target {c.target_accuracy:.3f}  "
+                f"{time.perf_counter() - t:6.1f} s",
+                flush=True,
+            )
             out.append(c)
         return out
 
     def stop(c: CandidateManifest, rung: int) -> CandidateManifest:
         return adaptation.stop_candidate(c, rung, str(prepared["run"] / "candidates" / c.spec.name))
 
-    return adaptation.successive_halving(adaptation.plan_candidates(cfg, cuda=False), train, stop, cfg.adapt.policy,
-                                         cfg.adapt.halving)
+    return adaptation.successive_halving(
+        adaptation.plan_candidates(cfg, cuda=False), train, stop, cfg.adapt.policy, cfg.adapt.halving
+    )
 
 
 def evaluate(candidates: list[CandidateManifest], validators: list[str], all_judge_all: bool) -> dict:
@@ -140,12 +171,19 @@ def evaluate(candidates: list[CandidateManifest], validators: list[str], all_jud
     oracle = max(c.target_accuracy for c in candidates)
     ref = pick.reference
     promoted = ref if not pick.confident and ref is not None else pick.index
-    return {"pick": finished[pick.index].spec.name, "selected": acc[pick.index], "oracle": oracle,
-            "regret": oracle - acc[pick.index],
-            # what "doing nothing" scores: the reference, else (every source-only one collapsed) the best of them
-            "reference": acc[ref] if ref is not None else max(c.target_accuracy for c in finished
-                                                           if c.spec.method == "source_only"),
-            "confident": pick.confident, "promoted": acc[promoted], "promoted_regret": oracle - acc[promoted]}
+    return {
+        "pick": finished[pick.index].spec.name,
+        "selected": acc[pick.index],
+        "oracle": oracle,
+        "regret": oracle - acc[pick.index],
+        # what "doing nothing" scores: the reference, else (every source-only one collapsed) the best of them
+        "reference": acc[ref]
+        if ref is not None
+        else max(c.target_accuracy for c in finished if c.spec.method == "source_only"),
+        "confident": pick.confident,
+        "promoted": acc[promoted],
+        "promoted_regret": oracle - acc[promoted],
+    }
 
 
 def report(results: dict[str, dict[str, dict]]) -> None:
@@ -153,24 +191,32 @@ def report(results: dict[str, dict[str, dict]]) -> None:
     shifts = list(results)
     for policy in POLICIES:
         print(f"\n-- policy: {policy}")
-        print(f"{'shift':<18}{'pick':<22}{'selected':>9}{'oracle':>8}{'regret':>8}{'src-only':>9}{'below':>7}"
-              f"{'confident':>10}{'promoted':>9}")
+        print(
+            f"{'shift':<18}{'pick':<22}{'selected':>9}{'oracle':>8}{'regret':>8}{'src-only':>9}{'below':>7}"
+            f"{'confident':>10}{'promoted':>9}"
+        )
         for shift in shifts:
             r = results[shift][policy]
             ref = f"{r['reference']:.3f}"
             below = "yes" if r["selected"] < r["reference"] else "no"
-            print(f"{shift:<18}{r['pick']:<22}{r['selected']:>9.3f}{r['oracle']:>8.3f}{r['regret']:>8.3f}{ref:>9}"
-                  f"{below:>7}{'yes' if r['confident'] else 'LOW':>10}{r['promoted']:>9.3f}")
-    print(f"\n{'policy':<40}{'mean regret':>12}{'worst':>7}{'below src-only':>15}{'below by >0.01':>15}"
-          f"{'low conf.':>10}{'promoted mean/worst':>21}")
+            print(
+                f"{shift:<18}{r['pick']:<22}{r['selected']:>9.3f}{r['oracle']:>8.3f}{r['regret']:>8.3f}{ref:>9}"
+                f"{below:>7}{'yes' if r['confident'] else 'LOW':>10}{r['promoted']:>9.3f}"
+            )
+    print(
+        f"\n{'policy':<40}{'mean regret':>12}{'worst':>7}{'below src-only':>15}{'below by >0.01':>15}"
+        f"{'low conf.':>10}{'promoted mean/worst':>21}"
+    )
     for policy in POLICIES:
         rs = [results[s][policy] for s in shifts]
         regret = [r["regret"] for r in rs]
         below = sum(r["selected"] < r["reference"] for r in rs)
         below_tol = sum(r["selected"] < r["reference"] - TOLERANCE for r in rs)
         promoted = [r["promoted_regret"] for r in rs]
-        print(f"{policy:<40}{np.mean(regret):>12.3f}{max(regret):>7.3f}{below:>15}{below_tol:>15}"
-              f"{sum(not r['confident'] for r in rs):>10}{np.mean(promoted):>12.3f} / {max(promoted):.3f}")
+        print(
+            f"{policy:<40}{np.mean(regret):>12.3f}{max(regret):>7.3f}{below:>15}{below_tol:>15}"
+            f"{sum(not r['confident'] for r in rs):>10}{np.mean(promoted):>12.3f} / {max(promoted):.3f}"
+        )
     if len(shifts) > 2:  # choosing the policy on the suite is itself fitted: estimate it on held-out shifts
         held_out = []
         for shift in shifts:
@@ -197,8 +243,12 @@ def main(args) -> None:
         prepared = prepare_shift(name, work / name, cfg, args)
         candidates = train_candidates(prepared, cfg)
         results[name] = {p: evaluate(candidates, *spec) for p, spec in POLICIES.items()}
-        dumped[name] = [json.loads(c.model_dump_json(include={"spec", "scores", "collapsed", "target_accuracy",
-                                                               "steps", "seconds"})) for c in candidates]
+        dumped[name] = [
+            json.loads(
+                c.model_dump_json(include={"spec", "scores", "collapsed", "target_accuracy", "steps", "seconds"})
+            )
+            for c in candidates
+        ]
         print(f"  {name}: {len(candidates)} candidates in {time.perf_counter() - t:.0f} s", flush=True)
     report(results)
     print(f"\n{len(args.shifts)} shifts in {(time.perf_counter() - start) / 60:.1f} min; work folder: {work}")

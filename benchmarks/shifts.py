@@ -28,8 +28,21 @@ from adaptflow.demo import balanced, encode_image, load_photos, mnist_m, new_cam
 
 CLASSES = [str(d) for d in range(10)]
 # Ten visibly different inks; in `coloured` sources digit d is drawn in _INKS[d] most of the time.
-_INKS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                  [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 190]], np.float32)
+_INKS = np.array(
+    [
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 190],
+    ],
+    np.float32,
+)
 
 
 @dataclass(frozen=True)
@@ -47,21 +60,34 @@ class Shift:
     target: Domain
 
 
-SHIFTS: dict[str, Shift] = {s.name: s for s in [
-    Shift("mnist-m", "colour and texture", Domain("hand", "plain"), Domain("hand", "mnist_m")),
-    Shift("degraded", "blur, noise, resolution", Domain("hand", "plain"), Domain("hand", "degraded")),
-    Shift("fonts-to-hand", "stroke style", Domain("font", "plain"), Domain("hand", "plain")),
-    Shift("clutter", "background clutter", Domain("hand", "plain"), Domain("hand", "clutter")),
-    Shift("skewed-inverted", "class prior and polarity", Domain("hand", "plain"),
-          Domain("hand", "inverted", prior="skewed")),
-    Shift("blocky-to-photos", "low-information source", Domain("blocky", "plain"), Domain("font", "mnist_m")),
-    Shift("spurious-colour", "class-conditional (ink colour)", Domain("hand", "coloured"), Domain("hand", "ink")),
-    Shift("new-camera", "camera change", Domain("hand", "mnist_m"), Domain("hand", "new_camera")),
-]}
+SHIFTS: dict[str, Shift] = {
+    s.name: s
+    for s in [
+        Shift("mnist-m", "colour and texture", Domain("hand", "plain"), Domain("hand", "mnist_m")),
+        Shift("degraded", "blur, noise, resolution", Domain("hand", "plain"), Domain("hand", "degraded")),
+        Shift("fonts-to-hand", "stroke style", Domain("font", "plain"), Domain("hand", "plain")),
+        Shift("clutter", "background clutter", Domain("hand", "plain"), Domain("hand", "clutter")),
+        Shift(
+            "skewed-inverted",
+            "class prior and polarity",
+            Domain("hand", "plain"),
+            Domain("hand", "inverted", prior="skewed"),
+        ),
+        Shift("blocky-to-photos", "low-information source", Domain("blocky", "plain"), Domain("font", "mnist_m")),
+        Shift("spurious-colour", "class-conditional (ink colour)", Domain("hand", "coloured"), Domain("hand", "ink")),
+        Shift("new-camera", "camera change", Domain("hand", "mnist_m"), Domain("hand", "new_camera")),
+    ]
+}
 
 
-def make_shift(shift: Shift, out_uri: str, per_domain: int = 600, image_size: int = 32, seed: int = 0,
-               target_size: int | None = None) -> dict:
+def make_shift(
+    shift: Shift,
+    out_uri: str,
+    per_domain: int = 600,
+    image_size: int = 32,
+    seed: int = 0,
+    target_size: int | None = None,
+) -> dict:
     """Write `shift` under `out_uri`, `per_domain` images per domain (`target_size` target images, if
     given); returns {"source", "target", "target_labels"} URIs. Deterministic."""
     digits = load_digits()
@@ -96,8 +122,9 @@ def make_shift(shift: Shift, out_uri: str, per_domain: int = 600, image_size: in
     return uris
 
 
-def _draw_labels(domain: Domain, labels: np.ndarray, indices: np.ndarray, n: int,
-                 rng: np.random.Generator) -> list[tuple[int, int]]:
+def _draw_labels(
+    domain: Domain, labels: np.ndarray, indices: np.ndarray, n: int, rng: np.random.Generator
+) -> list[tuple[int, int]]:
     """(index into load_digits, label) pairs: balanced over the classes, or with shares 0.75**d (skewed).
     Font digits only need labels; their index is unused."""
     if domain.prior == "skewed":
@@ -129,9 +156,12 @@ def _fonts() -> list[str]:
     import matplotlib
 
     folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-    names = [p for p in sorted(folder.glob("*.ttf"))
-             if (p.name.startswith(("DejaVuSans", "DejaVuSerif", "STIXGeneral")) and "Display" not in p.name)
-             or p.stem in ("cmr10", "cmb10", "cmss10", "cmtt10", "cmti10")]
+    names = [
+        p
+        for p in sorted(folder.glob("*.ttf"))
+        if (p.name.startswith(("DejaVuSans", "DejaVuSerif", "STIXGeneral")) and "Display" not in p.name)
+        or p.stem in ("cmr10", "cmb10", "cmss10", "cmtt10", "cmti10")
+    ]
     return [str(p) for p in names]
 
 
@@ -143,8 +173,14 @@ def _render_font_digit(digit: int, size: int, fonts: list[str], rng: np.random.G
     draw = ImageDraw.Draw(big)
     stroke = int(rng.integers(0, 2))
     left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font, stroke_width=stroke)
-    draw.text((size - (left + right) / 2, size - (top + bottom) / 2), str(digit), font=font, fill=255,
-              stroke_width=stroke, stroke_fill=255)
+    draw.text(
+        (size - (left + right) / 2, size - (top + bottom) / 2),
+        str(digit),
+        font=font,
+        fill=255,
+        stroke_width=stroke,
+        stroke_fill=255,
+    )
     big = big.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR)
     dx, dy = rng.integers(-size // 10, size // 10 + 1, size=2)
     crop = big.crop((size // 2 + dx, size // 2 + dy, size // 2 + dx + size, size // 2 + dy + size))
@@ -153,8 +189,12 @@ def _render_font_digit(digit: int, size: int, fonts: list[str], rng: np.random.G
 
 def _blocky(image: np.ndarray, size: int) -> np.ndarray:
     """The 8x8 digit upscaled by nearest neighbour: 64 distinct pixels, hard edges, no texture at all."""
-    return np.asarray(Image.fromarray(np.uint8(image * 255)).resize((size, size), Image.Resampling.NEAREST),
-                      dtype=np.float32) / 255.0
+    return (
+        np.asarray(
+            Image.fromarray(np.uint8(image * 255)).resize((size, size), Image.Resampling.NEAREST), dtype=np.float32
+        )
+        / 255.0
+    )
 
 
 Style = Callable[[np.ndarray, int, list[np.ndarray], np.random.Generator], np.ndarray]
@@ -174,7 +214,9 @@ def _degraded(stroke, label, photos, rng):
     """A poor sensor: a third of the resolution, blur, low contrast, a grey cast and noise."""
     size = stroke.shape[0]
     img = Image.fromarray(np.uint8(stroke * 255))
-    img = img.resize((max(size // 3, 2),) * 2, Image.Resampling.BILINEAR).resize((size, size), Image.Resampling.BILINEAR)
+    img = img.resize((max(size // 3, 2),) * 2, Image.Resampling.BILINEAR).resize(
+        (size, size), Image.Resampling.BILINEAR
+    )
     img = img.filter(ImageFilter.GaussianBlur(size / 40))
     x = np.asarray(img, np.float32) / 255.0
     x = 0.2 + rng.uniform(0.45, 0.75) * x + rng.normal(0, 0.08, x.shape)
@@ -187,7 +229,7 @@ def _clutter(stroke, label, photos, rng):
     size = stroke.shape[0]
     photo = photos[rng.integers(len(photos))]
     top, left = rng.integers(0, photo.shape[0] - size + 1), rng.integers(0, photo.shape[1] - size + 1)
-    canvas = Image.fromarray(np.uint8(photo[top: top + size, left: left + size] * rng.uniform(0.3, 0.6)))
+    canvas = Image.fromarray(np.uint8(photo[top : top + size, left : left + size] * rng.uniform(0.3, 0.6)))
     draw = ImageDraw.Draw(canvas)
     for _ in range(int(rng.integers(4, 9))):
         xy = [tuple(int(v) for v in rng.integers(0, size, 2)) for _ in range(2)]

@@ -31,8 +31,14 @@ def main(port: int) -> None:
 
     threading.Thread(target=_watch, args=(os.getppid(),), daemon=True, name="parent-watch").start()
     # Exits with status 3 when the port is taken: Prefect's start-up then tries another port.
-    uvicorn.run("prefect.server.api.server:create_app", factory=True, host="127.0.0.1", port=port,
-                log_level="error", lifespan="on")
+    uvicorn.run(
+        "prefect.server.api.server:create_app",
+        factory=True,
+        host="127.0.0.1",
+        port=port,
+        log_level="error",
+        lifespan="on",
+    )
 
 
 if __name__ == "__main__":

@@ -71,8 +71,10 @@ def _print_json(obj) -> None:
 
 
 def _timed_out(e: TimeoutError) -> str:
-    which = {"FlowRunTimeoutError": "the run took longer than runtime.flow_timeout_s",
-             "TaskRunTimeoutError": "a task took longer than runtime.task_timeout_s"}.get(type(e).__name__, "timed out")
+    which = {
+        "FlowRunTimeoutError": "the run took longer than runtime.flow_timeout_s",
+        "TaskRunTimeoutError": "a task took longer than runtime.task_timeout_s",
+    }.get(type(e).__name__, "timed out")
     return f"{which} ({e}); committed work is kept, rerun the same command to resume"
 
 
@@ -115,8 +117,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if args.nightly:
             return _nightly_demo(args.store, cfg)
         demo = make_demo_data(storage.join(args.store, "demo-data"), seed=cfg.seed)
-        print(f"demo data: source {demo.source_uri} (class folders, grey digits), "
-              f"target {demo.target_uri} (flat folder, digits on colour photos)")
+        print(
+            f"demo data: source {demo.source_uri} (class folders, grey digits), "
+            f"target {demo.target_uri} (flat folder, digits on colour photos)"
+        )
         run = _retrain(demo.source_uri, demo.target_uri, demo.target_labels_uri, args.store, cfg)
     print(run)
     return 0
@@ -181,12 +185,24 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         from adaptflow.export import list_exports
 
         exports = list_exports(args.store)
-        _print_json({"registry": registry.registry_uri(args.store), "aliases": registry.aliases(args.store),
-                     "versions": [{**v.model_dump(mode="json", exclude={"schema_version", "work"}),
-                                   "aliases": sorted(a for a, n in registry.aliases(args.store).items() if n == v.version),
-                                   "exports": [e.model_dump(mode="json", exclude={"schema_version", "work"})
-                                               for e in exports if e.version == v.version]}
-                                  for v in versions]})
+        _print_json(
+            {
+                "registry": registry.registry_uri(args.store),
+                "aliases": registry.aliases(args.store),
+                "versions": [
+                    {
+                        **v.model_dump(mode="json", exclude={"schema_version", "work"}),
+                        "aliases": sorted(a for a, n in registry.aliases(args.store).items() if n == v.version),
+                        "exports": [
+                            e.model_dump(mode="json", exclude={"schema_version", "work"})
+                            for e in exports
+                            if e.version == v.version
+                        ],
+                    }
+                    for v in versions
+                ],
+            }
+        )
         return 0
     if not versions:
         print(f"no models registered in {registry.registry_uri(args.store)}")
@@ -196,9 +212,11 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         named.setdefault(version, []).append(alias)
     print(f"{'version':<9}{'aliases':<21}{'created':<27}{'method':<18}{'selection':>10}{'target acc':>12}  run id")
     for v in versions:
-        print(f"{'v' + str(v.version):<9}{','.join(named.get(v.version, [])) or '-':<21}{v.created_at:<27}"
-              f"{v.method:<18}{_fmt(v.metrics.get('selection_score')):>10}{_fmt(v.metrics.get('target_accuracy')):>12}"
-              f"  {v.run_id}")
+        print(
+            f"{'v' + str(v.version):<9}{','.join(named.get(v.version, [])) or '-':<21}{v.created_at:<27}"
+            f"{v.method:<18}{_fmt(v.metrics.get('selection_score')):>10}{_fmt(v.metrics.get('target_accuracy')):>12}"
+            f"  {v.run_id}"
+        )
     return 0
 
 
@@ -216,9 +234,11 @@ def cmd_models_export(args: argparse.Namespace) -> int:
         _print_json(manifest.model_dump(mode="json", exclude={"schema_version", "work"}))
         return 0
     source = f"v{manifest.version}" if manifest.version is not None else manifest.model_uri
-    print(f"exported {source} ({manifest.kind} model, {manifest.method}, {len(manifest.classes)} classes, "
-          f"{manifest.input_size} px) as {manifest.format}: {manifest.bytes / 1e6:.1f} MB; probabilities within "
-          f"{manifest.max_abs_diff:.1e} of the model; metadata in {manifest.metadata_uri}")
+    print(
+        f"exported {source} ({manifest.kind} model, {manifest.method}, {len(manifest.classes)} classes, "
+        f"{manifest.input_size} px) as {manifest.format}: {manifest.bytes / 1e6:.1f} MB; probabilities within "
+        f"{manifest.max_abs_diff:.1e} of the model; metadata in {manifest.metadata_uri}"
+    )
     print(manifest.uri)
     return 0
 
@@ -258,8 +278,10 @@ def _mirror_to_mlflow(store: str) -> None:
     try:
         mirrored = tracking.sync_aliases(store, TrackingConfig()) or {}
     except Exception as e:  # noqa: BLE001 - a mirror must not turn a done promotion into a failure
-        print(f"warning: MLflow aliases not mirrored ({type(e).__name__}: {tracking.redact(str(e))[:200]})",
-              file=sys.stderr)
+        print(
+            f"warning: MLflow aliases not mirrored ({type(e).__name__}: {tracking.redact(str(e))[:200]})",
+            file=sys.stderr,
+        )
         return
     ours = registry.aliases(store)
     print("MLflow aliases mirrored: " + (", ".join(f"{a} -> v{ours[a]}" for a in sorted(mirrored)) or "none"))
@@ -334,73 +356,129 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser, config: bool = True, method: bool = True, long: bool = True) -> None:
-        sp.add_argument("--store", default=DEFAULT_STORE, help=f"feature store, models and runs (default: ./{DEFAULT_STORE})")
+        sp.add_argument(
+            "--store", default=DEFAULT_STORE, help=f"feature store, models and runs (default: ./{DEFAULT_STORE})"
+        )
         if long:
-            sp.add_argument("--quiet", "-q", action="store_true",
-                            help="no progress on stderr (and only Prefect's warnings and errors); stdout is unchanged")
+            sp.add_argument(
+                "--quiet",
+                "-q",
+                action="store_true",
+                help="no progress on stderr (and only Prefect's warnings and errors); stdout is unchanged",
+            )
         if config:
             sp.add_argument("--config", help="YAML config file (see configs/default.yaml)")
-            sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                            help="override one setting, e.g. --set backbone.image_size=64 (repeatable)")
+            sp.add_argument(
+                "--set",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="override one setting, e.g. --set backbone.image_size=64 (repeatable)",
+            )
         if config and method:
-            sp.add_argument("--method", help="auto (default): train the adaptation candidates and select one "
-                                             "without target labels; an algorithm (source_only, dann, cdan, coral, "
-                                             "mmd, mcc, im, adda) trains only that one; none: only the source-only head")
+            sp.add_argument(
+                "--method",
+                help="auto (default): train the adaptation candidates and select one "
+                "without target labels; an algorithm (source_only, dann, cdan, coral, "
+                "mmd, mcc, im, adda) trains only that one; none: only the source-only head",
+            )
 
-    run = sub.add_parser("run", help="ingest, extract, train and evaluate on a source and a target dataset",
-                         description="Train a classifier on labeled source images for unlabeled target images. "
-                                     "Prints a metrics table, then the run folder URI as the last line.")
-    run.add_argument("--source", required=True, help="labeled images: class folders root/<class>/<image>, "
-                                                     "or a CSV/Parquet manifest with uri,label[,split]")
+    run = sub.add_parser(
+        "run",
+        help="ingest, extract, train and evaluate on a source and a target dataset",
+        description="Train a classifier on labeled source images for unlabeled target images. "
+        "Prints a metrics table, then the run folder URI as the last line.",
+    )
+    run.add_argument(
+        "--source",
+        required=True,
+        help="labeled images: class folders root/<class>/<image>, or a CSV/Parquet manifest with uri,label[,split]",
+    )
     run.add_argument("--target", required=True, help="unlabeled images: a flat folder or a manifest")
-    run.add_argument("--target-labels", help="labels for target images, used for scoring only "
-                                             "(class folders or a uri,label manifest; matched by content)")
-    run.add_argument("--json", action="store_true", help="print the run's summary as one JSON object on stdout "
-                                                         "(its run_uri included) instead of the table and the run folder")
+    run.add_argument(
+        "--target-labels",
+        help="labels for target images, used for scoring only "
+        "(class folders or a uri,label manifest; matched by content)",
+    )
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help="print the run's summary as one JSON object on stdout "
+        "(its run_uri included) instead of the table and the run folder",
+    )
     common(run)
     run.set_defaults(command=cmd_run)
 
-    demo = sub.add_parser("demo", help="run the whole pipeline offline on a generated digit domain shift",
-                          description="Generate a source (grey digits) and a target (digits on colour photos) "
-                                      "domain, then run the retrain flow on them.")
-    demo.add_argument("--nightly", action="store_true",
-                      help="three scheduled-style runs on new target batches, the third from a new camera: "
-                           "a champion promoted, a night with no shift that stops early, a shift that retrains")
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole pipeline offline on a generated digit domain shift",
+        description="Generate a source (grey digits) and a target (digits on colour photos) "
+        "domain, then run the retrain flow on them.",
+    )
+    demo.add_argument(
+        "--nightly",
+        action="store_true",
+        help="three scheduled-style runs on new target batches, the third from a new camera: "
+        "a champion promoted, a night with no shift that stops early, a shift that retrains",
+    )
     common(demo)
     demo.set_defaults(command=cmd_demo)
 
-    ext = sub.add_parser("extract", help="embed datasets into the feature store ahead of runs (a backfill)",
-                         description="Ingest the datasets and embed every valid image the feature store lacks. "
-                                     "Re-running resumes: committed shards are kept. Prints the features URI.")
+    ext = sub.add_parser(
+        "extract",
+        help="embed datasets into the feature store ahead of runs (a backfill)",
+        description="Ingest the datasets and embed every valid image the feature store lacks. "
+        "Re-running resumes: committed shards are kept. Prints the features URI.",
+    )
     ext.add_argument("images", nargs="+", metavar="IMAGES_URI", help="folders of images or manifests")
     common(ext, method=False)
     ext.set_defaults(command=cmd_extract)
 
     pred = sub.add_parser("predict", help="predict classes for a folder of images with a saved model")
-    pred.add_argument("model", metavar="MODEL", help="a model folder, e.g. STORE/models/RUN_ID, or a version in the "
-                                                     "store's registry: champion, challenger, v3 or 3")
+    pred.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a model folder, e.g. STORE/models/RUN_ID, or a version in the "
+        "store's registry: champion, challenger, v3 or 3",
+    )
     pred.add_argument("images", metavar="IMAGES_URI", help="a folder of images or a manifest")
     pred.add_argument("--out", required=True, help="where to write the predictions Parquet file")
     common(pred, method=False)
     pred.set_defaults(command=cmd_predict)
 
-    models = sub.add_parser("models", help="the model registry: list versions, promote one, roll back the champion",
-                            description="Registered model versions and their champion/challenger aliases.")
+    models = sub.add_parser(
+        "models",
+        help="the model registry: list versions, promote one, roll back the champion",
+        description="Registered model versions and their champion/challenger aliases.",
+    )
     actions = models.add_subparsers(required=True, metavar="ACTION")
     ls = actions.add_parser("list", help="every registered version with its aliases and metrics")
-    ls.add_argument("--json", action="store_true", help="one JSON object on stdout: the registry's aliases and every "
-                                                        "version with its lineage, metrics, aliases and exports")
+    ls.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object on stdout: the registry's aliases and every "
+        "version with its lineage, metrics, aliases and exports",
+    )
     common(ls, config=False, long=False)
     ls.set_defaults(command=cmd_models_list)
-    exp = actions.add_parser("export", help="write a model as one ONNX or TorchScript file for serving",
-                             description="Backbone and head in one file: uint8 RGB images (N, 3, S, S), resized and "
-                                         "centre-cropped as recorded, in; logits and probabilities out. The "
-                                         "preprocessing and classes are in the file's metadata and in OUT.json beside "
-                                         "it. The export is checked against the model before it is written, and "
-                                         "recorded in the registry. Prints a summary, then OUT as the last line.")
-    exp.add_argument("model", metavar="MODEL", help="a registry version (champion, challenger, v3 or 3) or a model folder")
-    exp.add_argument("--format", default="onnx", choices=["onnx", "torchscript"],
-                     help="onnx (default; needs adaptflow[onnx]) or torchscript")
+    exp = actions.add_parser(
+        "export",
+        help="write a model as one ONNX or TorchScript file for serving",
+        description="Backbone and head in one file: uint8 RGB images (N, 3, S, S), resized and "
+        "centre-cropped as recorded, in; logits and probabilities out. The "
+        "preprocessing and classes are in the file's metadata and in OUT.json beside "
+        "it. The export is checked against the model before it is written, and "
+        "recorded in the registry. Prints a summary, then OUT as the last line.",
+    )
+    exp.add_argument(
+        "model", metavar="MODEL", help="a registry version (champion, challenger, v3 or 3) or a model folder"
+    )
+    exp.add_argument(
+        "--format",
+        default="onnx",
+        choices=["onnx", "torchscript"],
+        help="onnx (default; needs adaptflow[onnx]) or torchscript",
+    )
     exp.add_argument("--out", required=True, help="the model file to write, e.g. classifier.onnx (and OUT.json)")
     exp.add_argument("--json", action="store_true", help="print the export's record as one JSON object")
     common(exp, config=False)

@@ -24,8 +24,10 @@ from pathlib import Path
 from adaptflow.errors import ApiUnavailableError
 
 STARTUP_TIMEOUT_S = 120
-_HINT = ("wait for the machine to be less busy and rerun, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, "
-         "or start a server once (`prefect server start`) and set PREFECT_API_URL to it")
+_HINT = (
+    "wait for the machine to be less busy and rerun, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, "
+    "or start a server once (`prefect server start`) and set PREFECT_API_URL to it"
+)
 
 
 def configure_environment(quiet: bool = False) -> None:
@@ -52,11 +54,16 @@ def prefect_api() -> Iterator[None]:
         yield
         return
     if not settings.server.ephemeral.enabled:
-        raise ApiUnavailableError("no Prefect API: set PREFECT_API_URL to a running server (`prefect server start`)"
-                                  ", or allow a temporary one with PREFECT_SERVER_ALLOW_EPHEMERAL_MODE=true")
+        raise ApiUnavailableError(
+            "no Prefect API: set PREFECT_API_URL to a running server (`prefect server start`)"
+            ", or allow a temporary one with PREFECT_SERVER_ALLOW_EPHEMERAL_MODE=true"
+        )
     ephemeral = settings.server.ephemeral
-    timeout = ephemeral.startup_timeout_seconds if "startup_timeout_seconds" in ephemeral.model_fields_set \
+    timeout = (
+        ephemeral.startup_timeout_seconds
+        if "startup_timeout_seconds" in ephemeral.model_fields_set
         else STARTUP_TIMEOUT_S
+    )
     _migrate_fresh_database(settings)
     server = _detached_server()
     try:
@@ -77,8 +84,10 @@ def _check_answers(api_url: str) -> None:
     try:
         httpx.get(f"{api_url.rstrip('/')}/health", timeout=10)
     except httpx.HTTPError as e:
-        raise ApiUnavailableError(f"the Prefect API at {api_url} (PREFECT_API_URL) does not answer ({e}); start "
-                                  "it (`prefect server start`), or unset PREFECT_API_URL for a temporary one") from None
+        raise ApiUnavailableError(
+            f"the Prefect API at {api_url} (PREFECT_API_URL) does not answer ({e}); start "
+            "it (`prefect server start`), or unset PREFECT_API_URL for a temporary one"
+        ) from None
 
 
 def stop_now() -> None:
@@ -107,8 +116,9 @@ def _migrate_fresh_database(settings) -> None:
     if path in ("", ":memory:") or Path(path).exists():
         return
     print("preparing Prefect's database (first run on this PREFECT_HOME) ...", file=sys.stderr, flush=True)
-    done = subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], capture_output=True, text=True
+    )
     if done.returncode != 0:
         last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ApiUnavailableError(f"could not create Prefect's database at {path}: {last[0]}")
@@ -123,10 +133,16 @@ def _detached_server():
     class DetachedServer(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> subprocess.Popen:
             # The environment Prefect gives its own server: no UI, services for an ephemeral server.
-            env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                   "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
-            return subprocess.Popen([sys.executable, "-m", "cli._api_server", str(self.port)], env=env,
-                                    start_new_session=True)
+            env = {
+                **os.environ,
+                "PREFECT_UI_ENABLED": "0",
+                "PREFECT__SERVER_EPHEMERAL": "1",
+                "PREFECT__SERVER_FINAL": "1",
+                **get_current_settings().to_environment_variables(exclude_unset=True),
+            }
+            return subprocess.Popen(
+                [sys.executable, "-m", "cli._api_server", str(self.port)], env=env, start_new_session=True
+            )
 
     SubprocessASGIServer._instances.pop(None, None)  # one that never started, or was stopped
     return DetachedServer()

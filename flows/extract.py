@@ -29,8 +29,9 @@ def backfill_stages(images: list[str], store: str, cfg: Config) -> str:
     (ingest,) = limited(cfg.runtime, ingest_dataset)  # failing as TimedOut past runtime.task_timeout_s
 
     # 1. ingest: validate and index every dataset, in parallel
-    futures = [ingest.submit(uri, "backfill", ingest_uri(work, str(i)), cfg.ingest, cfg.seed)
-               for i, uri in enumerate(images)]
+    futures = [
+        ingest.submit(uri, "backfill", ingest_uri(work, str(i)), cfg.ingest, cfg.seed) for i, uri in enumerate(images)
+    ]
     datasets = [f.result() for f in futures]
 
     # 2-3. preprocess + extract: embed only images the feature store lacks, shard by shard (on GPU

@@ -16,8 +16,7 @@ from tasks.runners import configured, limited
 
 
 @flow(name="predict")
-def batch_predict(model_uri: str, images: str, out: str, store: str = DEFAULT_STORE,
-                  config: dict | None = None) -> str:
+def batch_predict(model_uri: str, images: str, out: str, store: str = DEFAULT_STORE, config: dict | None = None) -> str:
     """Predict a class for every valid image under `images` with a saved model — a model folder, or a name
     in the store's registry (`champion`, `challenger`, `v3`); returns `out`. `config` is this run's own:
     its `runtime` (credentials block, task runner, time limits) applies; ingestion, backbone and
@@ -41,8 +40,14 @@ def predict_stages(model_uri: str, images: str, out: str, store: str, runtime: R
     # 2-3. models on cached features: embed the images with the model's own extractor; end-to-end models:
     # decode each image once into the training-image cache at the model's size; both reused from the store
     images_kind = card.kind == "images"
-    plan = plan_extraction([dataset.index_uri], store, cfg.backbone, cfg.extract.shard_size,
-                           cache_size=card.image_size if images_kind else None, embed=not images_kind)
+    plan = plan_extraction(
+        [dataset.index_uri],
+        store,
+        cfg.backbone,
+        cfg.extract.shard_size,
+        cache_size=card.image_size if images_kind else None,
+        embed=not images_kind,
+    )
     extract_all(plan, cfg.backbone, cfg.extract, runtime)
     # 4. apply the model, shard by shard; a rerun after a kill finds the shards already predicted
     predict(model_uri, dataset, plan, out, cfg.extract, runtime)

@@ -20,8 +20,9 @@ from tasks.train import fit_head
 
 
 @flow(name="retrain")
-def retrain(source: str, target: str, target_labels: str | None = None, store: str = DEFAULT_STORE,
-            config: dict | None = None) -> str:
+def retrain(
+    source: str, target: str, target_labels: str | None = None, store: str = DEFAULT_STORE, config: dict | None = None
+) -> str:
     """Train a classifier on labeled `source` images for unlabeled `target` images; returns the run URI.
     With a champion in the store's registry, retrain only if the target shifted or the champion degraded,
     and promote the new model only if it beats the champion on this run's data. The stages run on the
@@ -29,9 +30,9 @@ def retrain(source: str, target: str, target_labels: str | None = None, store: s
     cfg = validate_config(config or {})
     forward_library_logs()
     use_credentials(cfg.runtime.credentials_block)
-    return configured(retrain_stages, cfg.runtime)(absolute(source), absolute(target),
-                                                   absolute(target_labels) if target_labels else None,
-                                                   absolute(store), cfg)
+    return configured(retrain_stages, cfg.runtime)(
+        absolute(source), absolute(target), absolute(target_labels) if target_labels else None, absolute(store), cfg
+    )
 
 
 @flow(name="retrain-stages")
@@ -45,12 +46,20 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
 
     # 1. ingest: validate and index every image, in parallel per dataset; target labels must name source classes
     with clock("ingest"):
-        futures = {domain: ingest.submit(uri, domain, ingest_uri(run, domain), cfg.ingest, cfg.seed)
-                   for domain, uri in (("source", source), ("target", target))}
+        futures = {
+            domain: ingest.submit(uri, domain, ingest_uri(run, domain), cfg.ingest, cfg.seed)
+            for domain, uri in (("source", source), ("target", target))
+        }
         datasets = {domain: f.result() for domain, f in futures.items()}
         if target_labels:
-            datasets["target_labels"] = ingest(target_labels, "target_labels", ingest_uri(run, "target_labels"),
-                                               cfg.ingest, cfg.seed, classes=datasets["source"].classes)
+            datasets["target_labels"] = ingest(
+                target_labels,
+                "target_labels",
+                ingest_uri(run, "target_labels"),
+                cfg.ingest,
+                cfg.seed,
+                classes=datasets["source"].classes,
+            )
     src, tgt, labels = datasets["source"], datasets["target"], datasets.get("target_labels")
 
     # 2-3. preprocess + extract: embed only images the feature store lacks (the champion's reference
@@ -59,8 +68,13 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
     specs = plan_candidates(cfg)
     with clock("extract"):
         reference = [champion.reference_index_uri] if champion and champion.reference_index_uri else []
-        plan = plan_extraction([src.index_uri, tgt.index_uri, *reference], store, cfg.backbone,
-                               cfg.extract.shard_size, cache_size=training_image_size(specs))
+        plan = plan_extraction(
+            [src.index_uri, tgt.index_uri, *reference],
+            store,
+            cfg.backbone,
+            cfg.extract.shard_size,
+            cache_size=training_image_size(specs),
+        )
         shards = extract_all(plan, cfg.backbone, cfg.extract, cfg.runtime)
         compaction = compact_features(plan.features_uri, cfg.extract)
         if plan.cache:
@@ -73,8 +87,9 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
             champion_scores = rescore_champion(champion, src, tgt, labels, plan, cfg)
             shift = check_shift(store, champion, tgt, plan, champion_scores, cfg) if cfg.monitor.enabled else None
         if shift and not shift.retrain:
-            summary = write_no_shift_summary(run_id, run, cfg, datasets, plan, shards, compaction, shift,
-                                             champion_scores, clock.seconds)
+            summary = write_no_shift_summary(
+                run_id, run, cfg, datasets, plan, shards, compaction, shift, champion_scores, clock.seconds
+            )
             publish_run(summary, store)
             track_run(summary, store, cfg.tracking)  # 7. mirror to MLflow, when tracking is on
             return run
@@ -88,28 +103,66 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
 
     # 5. evaluate: the chosen model and the source-only head on source test and target, shard by shard
     with clock("evaluate"):
-        predictions = predict(selection.model_uri, tgt, plan, join(run, "predictions.parquet"), cfg.extract, cfg.runtime)
-        test = predict(selection.model_uri, src, plan, join(run, "source_test.parquet"), cfg.extract, cfg.runtime,
-                       split="test")
+        predictions = predict(
+            selection.model_uri, tgt, plan, join(run, "predictions.parquet"), cfg.extract, cfg.runtime
+        )
+        test = predict(
+            selection.model_uri, src, plan, join(run, "source_test.parquet"), cfg.extract, cfg.runtime, split="test"
+        )
         evaluation = evaluate(src, test, predictions, labels, src.classes, join(run, "metrics.json"))
-        baseline = predict(head.model_uri, tgt, plan, join(run, "baseline", "predictions.parquet"), cfg.extract,
-                           cfg.runtime)
-        baseline_test = predict(head.model_uri, src, plan, join(run, "baseline", "source_test.parquet"), cfg.extract,
-                                cfg.runtime, split="test")
-        baseline_evaluation = evaluate(src, baseline_test, baseline, labels, src.classes,
-                                       join(run, "baseline", "metrics.json"))
+        baseline = predict(
+            head.model_uri, tgt, plan, join(run, "baseline", "predictions.parquet"), cfg.extract, cfg.runtime
+        )
+        baseline_test = predict(
+            head.model_uri,
+            src,
+            plan,
+            join(run, "baseline", "source_test.parquet"),
+            cfg.extract,
+            cfg.runtime,
+            split="test",
+        )
+        baseline_evaluation = evaluate(
+            src, baseline_test, baseline, labels, src.classes, join(run, "baseline", "metrics.json")
+        )
         report = write_report(run, src, tgt, plan, candidates, selection, evaluation, baseline_evaluation)
 
     # 6. promote: register the chosen model; the gate compares it with the champion on this run's data
     with clock("promote"):
         challenger = score(selection.model_uri, src, tgt, labels, plan, cfg)
-        promotion = promote_if_better(store, run_id, selection, datasets, plan, cfg, challenger, champion_scores,
-                                      evaluation.source_test["accuracy"])
+        promotion = promote_if_better(
+            store,
+            run_id,
+            selection,
+            datasets,
+            plan,
+            cfg,
+            challenger,
+            champion_scores,
+            evaluation.source_test["accuracy"],
+        )
 
-    summary = write_summary(run_id, run, cfg, datasets, plan, shards, compaction, head, candidates, selection,
-                            [predictions, test, baseline, baseline_test], evaluation, baseline_evaluation, report,
-                            clock.seconds,
-                            shift, champion_scores, challenger, promotion)
+    summary = write_summary(
+        run_id,
+        run,
+        cfg,
+        datasets,
+        plan,
+        shards,
+        compaction,
+        head,
+        candidates,
+        selection,
+        [predictions, test, baseline, baseline_test],
+        evaluation,
+        baseline_evaluation,
+        report,
+        clock.seconds,
+        shift,
+        champion_scores,
+        challenger,
+        promotion,
+    )
     publish_run(summary, store)
     track_run(summary, store, cfg.tracking)  # 7. mirror to MLflow, when tracking is on
     return run

@@ -21,8 +21,10 @@ def load_automations(path: Path, notify_block_id: UUID) -> list[Automation]:
     spec = yaml.safe_load(path.read_text())
     automations = []
     for item in spec["automations"]:
-        actions = [{"block_document_id": str(notify_block_id), **a} if a["type"] == "send-notification" else a
-                   for a in item["actions"]]
+        actions = [
+            {"block_document_id": str(notify_block_id), **a} if a["type"] == "send-notification" else a
+            for a in item["actions"]
+        ]
         automations.append(Automation.model_validate({**item, "actions": actions}))
     return automations
 

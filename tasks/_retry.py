@@ -14,5 +14,9 @@ def retry_unless_user_error(task, task_run, state) -> bool:
     return is_transient(state.result(raise_on_failure=False))
 
 
-IO_TASK = {"retries": IO_RETRIES, "retry_delay_seconds": IO_RETRY_DELAYS, "retry_jitter_factor": 0.5,
-           "retry_condition_fn": retry_unless_user_error}
+IO_TASK = {
+    "retries": IO_RETRIES,
+    "retry_delay_seconds": IO_RETRY_DELAYS,
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_unless_user_error,
+}

@@ -19,9 +19,16 @@ def plan_candidates(cfg: Config) -> list[CandidateSpec]:
 
 @task(name="train-candidate")
 @measured
-def train_candidate(spec: CandidateSpec, source: IngestManifest, target: IngestManifest,
-                    target_labels: IngestManifest | None, features: ExtractionPlan, cfg: Config,
-                    candidates_uri: str, until: int | None = None) -> CandidateManifest:
+def train_candidate(
+    spec: CandidateSpec,
+    source: IngestManifest,
+    target: IngestManifest,
+    target_labels: IngestManifest | None,
+    features: ExtractionPlan,
+    cfg: Config,
+    candidates_uri: str,
+    until: int | None = None,
+) -> CandidateManifest:
     """Train one adaptation candidate into `candidates_uri/<name>` up to step `until` (resuming from its
     checkpoint) and score it without target labels."""
     device = str(resolve_device(cfg.extract.device))
@@ -43,9 +50,15 @@ def select_model(head: ModelManifest, candidates: list[CandidateManifest], cfg: 
     return adaptation.select_model(head, candidates, cfg.adapt.policy)
 
 
-def train_candidates(specs: list[CandidateSpec], source: IngestManifest, target: IngestManifest,
-                     target_labels: IngestManifest | None, features: ExtractionPlan, cfg: Config,
-                     candidates_uri: str) -> list[CandidateManifest]:
+def train_candidates(
+    specs: list[CandidateSpec],
+    source: IngestManifest,
+    target: IngestManifest,
+    target_labels: IngestManifest | None,
+    features: ExtractionPlan,
+    cfg: Config,
+    candidates_uri: str,
+) -> list[CandidateManifest]:
     """Every candidate, each its own task (on a GPU worker when configured), images-mode ones in rungs of
     successive halving (`adaptation.successive_halving`, `adapt.halving`); call it from a flow. Returns
     the candidates in `specs` order, those left behind marked `stopped_at_rung`, each with the work of
@@ -55,13 +68,22 @@ def train_candidates(specs: list[CandidateSpec], source: IngestManifest, target:
 
     def train_all(batch: list[CandidateSpec], untils: list[int | None]) -> list[CandidateManifest]:
         with gpu_placement(cfg.runtime):
-            futures = train.map(batch, unmapped(source), unmapped(target), unmapped(target_labels),
-                                unmapped(features), unmapped(cfg), unmapped(candidates_uri), untils)
+            futures = train.map(
+                batch,
+                unmapped(source),
+                unmapped(target),
+                unmapped(target_labels),
+                unmapped(features),
+                unmapped(cfg),
+                unmapped(candidates_uri),
+                untils,
+            )
         results = futures.result()
         for c in results:
             works.setdefault(c.spec.name, []).append(c.work)
         return results
 
-    trained = adaptation.successive_halving(specs, train_all, lambda c, rung: stop_candidate(c, rung, candidates_uri),
-                                            cfg.adapt.policy, cfg.adapt.halving)
+    trained = adaptation.successive_halving(
+        specs, train_all, lambda c, rung: stop_candidate(c, rung, candidates_uri), cfg.adapt.policy, cfg.adapt.halving
+    )
     return [c.model_copy(update={"work": accounting.merge(works[c.spec.name])}) for c in trained]

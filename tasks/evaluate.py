@@ -18,8 +18,9 @@ from tasks.runners import gpu_placement, limited
 
 
 @task(name="plan-prediction", **IO_TASK)
-def plan_prediction(model_uri: str, images: IngestManifest, out_uri: str, shard_size: int,
-                    split: str | None = None) -> PredictionPlan:
+def plan_prediction(
+    model_uri: str, images: IngestManifest, out_uri: str, shard_size: int, split: str | None = None
+) -> PredictionPlan:
     """Cut the images to predict (one split's, if given) into shards."""
     return prediction.plan_prediction(model_uri, images, out_uri, shard_size, split)
 
@@ -42,14 +43,27 @@ def merge_predictions(plan: PredictionPlan, parts: list[PredictionPart]) -> Pred
 
 @task(name="evaluate")
 @measured
-def evaluate(source: IngestManifest, test: PredictionManifest, target: PredictionManifest,
-             target_labels: IngestManifest | None, classes: list[str], metrics_uri: str) -> EvaluationManifest:
+def evaluate(
+    source: IngestManifest,
+    test: PredictionManifest,
+    target: PredictionManifest,
+    target_labels: IngestManifest | None,
+    classes: list[str],
+    metrics_uri: str,
+) -> EvaluationManifest:
     """Score the source test split and, when labels were given for scoring, the target predictions."""
     return prediction.evaluate(source, test, target, target_labels, classes, metrics_uri)
 
 
-def predict(model_uri: str, images: IngestManifest, features: ExtractionPlan | None, out_uri: str,
-            extract: ExtractConfig, runtime: RuntimeConfig, split: str | None = None) -> PredictionManifest:
+def predict(
+    model_uri: str,
+    images: IngestManifest,
+    features: ExtractionPlan | None,
+    out_uri: str,
+    extract: ExtractConfig,
+    runtime: RuntimeConfig,
+    split: str | None = None,
+) -> PredictionManifest:
     """Predict every valid image of `images` (one split's, if given) into `out_uri`: one task per shard of
     `extract.shard_size` images, on GPU workers when configured, then the parts merged; call it from a
     flow. A rerun finds the parts a killed one committed."""

@@ -14,8 +14,14 @@ from tasks.runners import gpu_placement, limited
 
 @task(name="plan-extraction", **IO_TASK)
 @measured
-def plan_extraction(index_uris: list[str], store_uri: str, backbone: BackboneConfig, shard_size: int,
-                    cache_size: int | None = None, embed: bool = True) -> ExtractionPlan:
+def plan_extraction(
+    index_uris: list[str],
+    store_uri: str,
+    backbone: BackboneConfig,
+    shard_size: int,
+    cache_size: int | None = None,
+    embed: bool = True,
+) -> ExtractionPlan:
     """Cut the images that lack committed features for this extractor (if `embed`), or cached training
     images at `cache_size` (if given), into shards."""
     cache = image_cache(store_uri, backbone, cache_size) if cache_size else None
@@ -38,14 +44,16 @@ def compact_features(folder: str, extract: ExtractConfig) -> CompactionManifest:
     return shards.compact_shards(folder, extract.shard_size, extract.compact_min_shards)
 
 
-def extract_all(plan: ExtractionPlan, backbone: BackboneConfig, extract: ExtractConfig,
-                runtime: RuntimeConfig) -> list[ShardResult]:
+def extract_all(
+    plan: ExtractionPlan, backbone: BackboneConfig, extract: ExtractConfig, runtime: RuntimeConfig
+) -> list[ShardResult]:
     """Map `extract_shard` over the plan (on GPU workers when configured), with a progress bar on the
     Prefect UI; call it from a flow. Returns the shard manifests in plan order."""
     if not plan.shards:
         return []
-    progress = create_progress_artifact(0.0, key="adaptflow-extraction",
-                                        description=f"{sum(s.length for s in plan.shards)} images to embed or cache")
+    progress = create_progress_artifact(
+        0.0, key="adaptflow-extraction", description=f"{sum(s.length for s in plan.shards)} images to embed or cache"
+    )
     (extract_one,) = limited(runtime, extract_shard)
     with gpu_placement(runtime):
         futures = extract_one.map(plan.shards, unmapped(backbone), unmapped(extract))

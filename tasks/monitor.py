@@ -20,21 +20,42 @@ def find_champion(store: str) -> Champion | None:
 
 @task(name="score-model")
 @measured
-def score_model(model_uri: str, source: IngestManifest, target: IngestManifest, target_labels: IngestManifest | None,
-                features: ExtractionPlan, cfg: Config) -> ModelScores:
+def score_model(
+    model_uri: str,
+    source: IngestManifest,
+    target: IngestManifest,
+    target_labels: IngestManifest | None,
+    features: ExtractionPlan,
+    cfg: Config,
+) -> ModelScores:
     """A saved model's label-free scores (and target accuracy, for reporting) on this run's data."""
-    return monitor.score_model(model_uri, source, target, target_labels, features, cfg.adapt.policy, cfg.seed,
-                               cfg.adapt.validation_samples)
+    return monitor.score_model(
+        model_uri, source, target, target_labels, features, cfg.adapt.policy, cfg.seed, cfg.adapt.validation_samples
+    )
 
 
 @task(name="score-champion")
 @measured
-def score_champion(champion: Champion, source: IngestManifest, target: IngestManifest,
-                   target_labels: IngestManifest | None, features: ExtractionPlan, cfg: Config) -> ModelScores | None:
+def score_champion(
+    champion: Champion,
+    source: IngestManifest,
+    target: IngestManifest,
+    target_labels: IngestManifest | None,
+    features: ExtractionPlan,
+    cfg: Config,
+) -> ModelScores | None:
     """The champion's scores on this run's data; None when it cannot read it (other classes or features)."""
     try:
-        return monitor.score_model(champion.model_uri, source, target, target_labels, features, cfg.adapt.policy,
-                                   cfg.seed, cfg.adapt.validation_samples)
+        return monitor.score_model(
+            champion.model_uri,
+            source,
+            target,
+            target_labels,
+            features,
+            cfg.adapt.policy,
+            cfg.seed,
+            cfg.adapt.validation_samples,
+        )
     except StoreUnavailableError:
         raise  # the store is away, not the champion unfit: fail (and retry) rather than retrain without it
     except StoreError as e:
@@ -44,13 +65,23 @@ def score_champion(champion: Champion, source: IngestManifest, target: IngestMan
 
 @task(name="check-shift")
 @measured
-def check_shift(store: str, champion: Champion, target: IngestManifest, features: ExtractionPlan,
-                scores: ModelScores | None, cfg: Config) -> ShiftManifest:
+def check_shift(
+    store: str,
+    champion: Champion,
+    target: IngestManifest,
+    features: ExtractionPlan,
+    scores: ModelScores | None,
+    cfg: Config,
+) -> ShiftManifest:
     """Has the target moved away from the champion's data, or the champion got worse on it?"""
     shift = monitor.check_shift(champion, target, features, scores, cfg.monitor, cfg.seed)
-    payload = {"reason": shift.reason, "champion_version": shift.champion_version,
-               "p_value": shift.test.p_value if shift.test else None,
-               "statistic": shift.test.statistic if shift.test else None, "domain_auc": shift.domain_auc}
+    payload = {
+        "reason": shift.reason,
+        "champion_version": shift.champion_version,
+        "p_value": shift.test.p_value if shift.test else None,
+        "statistic": shift.test.statistic if shift.test else None,
+        "domain_auc": shift.domain_auc,
+    }
     if shift.shift_detected:
         _emit("adaptflow.shift.detected", store, payload)
     if shift.degraded:
@@ -60,24 +91,52 @@ def check_shift(store: str, champion: Champion, target: IngestManifest, features
 
 @task(name="promote-if-better")  # not retried: a retry would register the model twice
 @measured
-def promote_if_better(store: str, run_id: str, selection: SelectionManifest, datasets: dict[str, IngestManifest],
-                      features: ExtractionPlan, cfg: Config, challenger: ModelScores, champion: ModelScores | None,
-                      source_test_accuracy: float | None) -> PromotionManifest:
+def promote_if_better(
+    store: str,
+    run_id: str,
+    selection: SelectionManifest,
+    datasets: dict[str, IngestManifest],
+    features: ExtractionPlan,
+    cfg: Config,
+    challenger: ModelScores,
+    champion: ModelScores | None,
+    source_test_accuracy: float | None,
+) -> PromotionManifest:
     """Register the selected model; the gate makes it champion only if it beats the champion on this data
     and selection is confident in it (with no champion yet, the source-only reference stands in)."""
-    decision = monitor.register_and_gate(store, run_id, selection, datasets, features, cfg, challenger,
-                                         champion, source_test_accuracy)
-    _emit("adaptflow.model.promoted" if decision.promoted else "adaptflow.model.rejected", store,
-          {"version": decision.version, "reason": decision.reason, "champion_before": decision.champion_version,
-           "champion_after": decision.champion_after, "run_id": run_id})
+    decision = monitor.register_and_gate(
+        store, run_id, selection, datasets, features, cfg, challenger, champion, source_test_accuracy
+    )
+    _emit(
+        "adaptflow.model.promoted" if decision.promoted else "adaptflow.model.rejected",
+        store,
+        {
+            "version": decision.version,
+            "reason": decision.reason,
+            "champion_before": decision.champion_version,
+            "champion_after": decision.champion_after,
+            "run_id": run_id,
+        },
+    )
     if decision.stand_in_version is not None:
-        _emit("adaptflow.model.promoted", store,
-              {"version": decision.stand_in_version, "reason": "source-only stand-in for a low-confidence pick",
-               "champion_before": None, "champion_after": decision.champion_after, "run_id": run_id})
+        _emit(
+            "adaptflow.model.promoted",
+            store,
+            {
+                "version": decision.stand_in_version,
+                "reason": "source-only stand-in for a low-confidence pick",
+                "champion_before": None,
+                "champion_after": decision.champion_after,
+                "run_id": run_id,
+            },
+        )
     return decision
 
 
 def _emit(event: str, store: str, payload: dict) -> None:
     """An event automations can match on; the resource is the store (its URI names no secret)."""
-    emit_event(event=event, resource={"prefect.resource.id": f"adaptflow.store.{store}",
-                                      "prefect.resource.name": store}, payload=payload)
+    emit_event(
+        event=event,
+        resource={"prefect.resource.id": f"adaptflow.store.{store}", "prefect.resource.name": store},
+        payload=payload,
+    )

@@ -27,9 +27,16 @@ def build_task_runner(runtime: RuntimeConfig) -> TaskRunner:
 
     if runtime.dask_address:
         return DaskTaskRunner(address=runtime.dask_address)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                          cluster_kwargs={"n_workers": runtime.dask_workers, "threads_per_worker": 1,
-                                          "processes": True, "host": "127.0.0.1", "dashboard_address": None})
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": runtime.dask_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": None,
+        },
+    )
 
 
 def configured(flow: Flow, runtime: RuntimeConfig) -> Flow:

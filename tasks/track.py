@@ -14,9 +14,14 @@ def track_run(summary: RunSummary, store: str, cfg: TrackingConfig) -> TrackingM
     try:
         return tracking.log_run(summary.model_dump(mode="json"), store, cfg)
     except ImportError:
-        get_run_logger().warning("MLflow tracking is on but MLflow is not installed: pip install 'adaptflow[mlflow]'"
-                                 "; the run itself is complete")
+        get_run_logger().warning(
+            "MLflow tracking is on but MLflow is not installed: pip install 'adaptflow[mlflow]'"
+            "; the run itself is complete"
+        )
     except Exception as e:  # noqa: BLE001 - tracking is a mirror: nothing it does may fail the run
-        get_run_logger().warning("MLflow tracking failed, the run itself is complete: %s: %s", type(e).__name__,
-                                 tracking.redact(str(e).strip().splitlines()[0] if str(e).strip() else ""))
+        get_run_logger().warning(
+            "MLflow tracking failed, the run itself is complete: %s: %s",
+            type(e).__name__,
+            tracking.redact(str(e).strip().splitlines()[0] if str(e).strip() else ""),
+        )
     return None

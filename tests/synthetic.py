@@ -35,8 +35,9 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(DIM, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
 
 
-def _outputs(gen: torch.Generator, labels: torch.Tensor, accuracy: float, confidence: float, collapse: bool,
-             classes: int):
+def _outputs(
+    gen: torch.Generator, labels: torch.Tensor, accuracy: float, confidence: float, collapse: bool, classes: int
+):
     """Logits and 8-D features of a model that is right on `accuracy` of `labels` (or predicts class 0
     everywhere when `collapse`), with `confidence` the logit margin; its features cluster by prediction."""
     pred = labels.clone()
@@ -50,8 +51,16 @@ def _outputs(gen: torch.Generator, labels: torch.Tensor, accuracy: float, confid
     return logits, feats
 
 
-def model_outputs(seed: int, src_acc: float, tgt_acc: float, confidence: float, collapse_source: bool = False,
-                  collapse_target: bool = False, n: int = 200, classes: int = 4):
+def model_outputs(
+    seed: int,
+    src_acc: float,
+    tgt_acc: float,
+    confidence: float,
+    collapse_source: bool = False,
+    collapse_target: bool = False,
+    n: int = 200,
+    classes: int = 4,
+):
     """`ValidationInputs` of a made-up model: accurate on `src_acc` of n source-validation images (always the
     same images and labels, whatever the seed) and `tgt_acc` of n target images, logit margin `confidence`."""
     from adaptflow.adapt.validators import ValidationInputs
@@ -62,7 +71,10 @@ def model_outputs(seed: int, src_acc: float, tgt_acc: float, confidence: float, 
     tl, tf = _outputs(gen, yt, tgt_acc, confidence, collapse_target, classes)
     # The frozen backbone's space is the same for every candidate of a run: drawn from a fixed seed.
     frozen = torch.Generator().manual_seed(1234)
-    shared = {name: torch.randn(n, 16, generator=frozen) + shift
-              for name, shift in (("shared_source_train", 0.0), ("shared_source", 0.0), ("shared_target", 0.5))}
-    return ValidationInputs(sl, ys, sf, tl, tf, source_train_features=sf + 0.1 * torch.randn(sf.shape, generator=gen),
-                            **shared)
+    shared = {
+        name: torch.randn(n, 16, generator=frozen) + shift
+        for name, shift in (("shared_source_train", 0.0), ("shared_source", 0.0), ("shared_target", 0.5))
+    }
+    return ValidationInputs(
+        sl, ys, sf, tl, tf, source_train_features=sf + 0.1 * torch.randn(sf.shape, generator=gen), **shared
+    )

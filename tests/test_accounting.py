@@ -6,8 +6,11 @@ from adaptflow.accounting import Work, stage_stats
 
 def test_orchestration_share_is_the_wall_time_outside_every_task_interval():
     # two parallel tasks (0-4 s, 1-5 s) and one after them (6-8 s) in a 10 s stage: busy 7 s
-    works = [Work(started_at=100, seconds=4, bytes_read=10), Work(started_at=101, seconds=4, bytes_written=5),
-             Work(started_at=106, seconds=2, bytes_read=1)]
+    works = [
+        Work(started_at=100, seconds=4, bytes_read=10),
+        Work(started_at=101, seconds=4, bytes_written=5),
+        Work(started_at=106, seconds=2, bytes_read=1),
+    ]
     st = stage_stats(10.0, works, images=50)
     assert st["task_seconds"] == 7.0 and st["orchestration_share"] == 0.3
     assert (st["bytes_read"], st["bytes_written"], st["images_per_second"]) == (11, 5, 5.0)

@@ -120,9 +120,7 @@ def test_fit_images_every_strategy(strategy):
     xs, ys = _shapes(24, 0, colour=False)
     xt, _ = _shapes(24, 1, colour=True)
     alg = _algorithm("dann", 6, l2sp=0.01)
-    curve = fit_images(
-        alg, xs, ys, xt, steps=6, batch_size=8, seed=0, strategy=strategy, unfreeze_every=1, log_every=2
-    )
+    curve = fit_images(alg, xs, ys, xt, steps=6, batch_size=8, seed=0, strategy=strategy, unfreeze_every=1, log_every=2)
     assert [c["step"] for c in curve] == [2, 4, 6]
     assert all(math.isfinite(v) for c in curve for v in c.values())
     assert "l2sp" in curve[-1] and curve[-1]["elapsed_s"] >= curve[0]["elapsed_s"] > 0
@@ -146,9 +144,7 @@ def _spy(alg) -> list[tuple[dict, bool, int]]:
     def spied(source, target):
         bn = next(m for m in alg.featurizer.modules() if isinstance(m, nn.BatchNorm2d))
         trainable = sum(p.numel() for p in alg.featurizer.parameters() if p.requires_grad)
-        records.append(
-            ({k: v.clone() for k, v in alg.featurizer.state_dict().items()}, bn.training, trainable)
-        )
+        records.append(({k: v.clone() for k, v in alg.featurizer.state_dict().items()}, bn.training, trainable))
         return update(source, target)
 
     alg.update = spied
@@ -187,9 +183,7 @@ def test_gradual_unfreezes_one_block_at_a_time():
 
 def test_time_budget_stops_training():
     xs, ys = _shapes(16, 0, colour=False)
-    curve = fit_images(
-        _algorithm("source_only", 100), xs, ys, xs, steps=100, batch_size=8, seed=0, time_budget_s=0.0
-    )
+    curve = fit_images(_algorithm("source_only", 100), xs, ys, xs, steps=100, batch_size=8, seed=0, time_budget_s=0.0)
     assert len(curve) == 1 and curve[0]["step"] == 1 and curve[0]["budget_exceeded"] == 1.0
 
 

@@ -23,9 +23,14 @@ def _candidate(name: str, v: ValidationInputs, method: str | None = None) -> Can
     """A candidate as `adaptation.select_model` builds one: its algorithm's objectives, its paired
     source-validation correctness."""
     method = method or name.split("-")[0]
-    return Candidate(name=name, scores=score(v), collapsed=is_collapsed(v.target_logits, v.target_logits.shape[1]),
-                     objectives=get_algorithm(method).objectives, source_only=method == "source_only",
-                     val_correct=(v.source_logits.argmax(1) == v.source_labels).numpy())
+    return Candidate(
+        name=name,
+        scores=score(v),
+        collapsed=is_collapsed(v.target_logits, v.target_logits.shape[1]),
+        objectives=get_algorithm(method).objectives,
+        source_only=method == "source_only",
+        val_correct=(v.source_logits.argmax(1) == v.source_labels).numpy(),
+    )
 
 
 def _as_before(c: Candidate) -> Candidate:
@@ -38,7 +43,8 @@ def test_every_algorithm_names_real_validators_as_its_objectives():
         assert algorithm.objectives <= set(VALIDATORS), name
     assert {"im", "bnm"} <= ALGORITHMS["im"].objectives and "bnm" in ALGORITHMS["mcc"].objectives
     assert not ALGORITHMS["source_only"].objectives and "source_val_acc" not in set().union(
-        *(a.objectives for a in ALGORITHMS.values()))  # held-out source accuracy judges everyone
+        *(a.objectives for a in ALGORITHMS.values())
+    )  # held-out source accuracy judges everyone
 
 
 def test_a_candidate_that_games_a_validator_is_not_picked():
@@ -66,13 +72,16 @@ def test_a_candidate_less_accurate_than_source_only_on_source_validation_is_skip
         _candidate("dann-images", model_outputs(1, src_acc=0.70, tgt_acc=0.30, confidence=6.0)),
         _candidate("cdan-images", model_outputs(2, src_acc=0.93, tgt_acc=0.60, confidence=3.0)),
     ]
-    without_guard = select([Candidate(c.name, c.scores, c.collapsed, c.objectives, c.source_only) for c in cands],
-                           ["im", "bnm"])
+    without_guard = select(
+        [Candidate(c.name, c.scores, c.collapsed, c.objectives, c.source_only) for c in cands], ["im", "bnm"]
+    )
     assert cands[without_guard.index].name == "dann-images"
     pick = select(cands, ["im", "bnm"])
     assert cands[pick.index].name == "cdan-images"
-    assert ("more than 0.05 less accurate on source validation than source-only source_only-features: "
-            "dann-images (0.270 lower, p = 0.000)") in pick.reason
+    assert (
+        "more than 0.05 less accurate on source validation than source-only source_only-features: "
+        "dann-images (0.270 lower, p = 0.000)"
+    ) in pick.reason
     assert pick.reference == 0
 
 
@@ -90,12 +99,14 @@ def test_confidence_says_when_the_evidence_is_against_the_pick():
     shaky = replace(shaky, scores={**shaky.scores, "source_val_acc": 0.955}, val_correct=right & (np.arange(200) >= 9))
     pick = select([perfect, shaky], POLICY)
     assert pick.index == 1 and not pick.confident
-    assert pick.confidence == ("source-only source_only-images scores higher on source_val_acc 0.955 < 1.000 "
-                               "(p = 0.002)")
+    assert pick.confidence == (
+        "source-only source_only-images scores higher on source_val_acc 0.955 < 1.000 (p = 0.002)"
+    )
     # More accurate on source, less confident and diverse on the target than the reference: IM and BNM object.
     timid = _candidate("coral-images", model_outputs(3, src_acc=0.99, tgt_acc=0.6, confidence=1.0))
-    timid = replace(timid, scores={**timid.scores, "source_val_acc": so.scores["source_val_acc"] + 0.01},
-                    val_correct=None)
+    timid = replace(
+        timid, scores={**timid.scores, "source_val_acc": so.scores["source_val_acc"] + 0.01}, val_correct=None
+    )
     assert timid.scores["im"] < so.scores["im"]
     pick = select([so, timid], ["source_val_acc", "im"])  # a tie of mean ranks: the higher source_val_acc
     assert pick.index == 1 and not pick.confident and "scores higher on im " in pick.confidence
@@ -121,12 +132,16 @@ def test_select_never_picks_a_collapsed_model():
 
 
 def test_select_ties_fallback_and_errors():
-    both = [_candidate("dann-images", model_outputs(0, 0.97, 0.0, 8.0, collapse_target=True)),
-            _candidate("cdan-images", model_outputs(1, 0.0, 0.0, 8.0, collapse_source=True, collapse_target=True))]
+    both = [
+        _candidate("dann-images", model_outputs(0, 0.97, 0.0, 8.0, collapse_target=True)),
+        _candidate("cdan-images", model_outputs(1, 0.0, 0.0, 8.0, collapse_source=True, collapse_target=True)),
+    ]
     fallback = select(both, POLICY)
     assert fallback.index == 0 and "all 2 candidates collapsed" in fallback.reason and not fallback.confident
-    tied = [Candidate(n, {"source_val_acc": a, "im": 1.0, "bnm": 0.1}, False) for n, a in (("a", 0.8), ("b", 0.9),
-                                                                                             ("c", 0.9))]
+    tied = [
+        Candidate(n, {"source_val_acc": a, "im": 1.0, "bnm": 0.1}, False)
+        for n, a in (("a", 0.8), ("b", 0.9), ("c", 0.9))
+    ]
     assert select(tied, POLICY).index == 1  # b and c tie; b is first
     with pytest.raises(UnknownNameError, match="valid validators"):
         select(tied, ["oracle"])

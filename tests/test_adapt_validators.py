@@ -65,6 +65,7 @@ def test_good_model_beats_collapsed_where_validators_claim_it(grid_scores):
 def test_is_collapsed_flags_one_class_predictions():
     flags = {name: is_collapsed(v.target_logits, C) for name, v in GRID.items()}
     assert flags == {"good": False, "mediocre": False, "collapsed": True, "target_collapsed": True}
+
     def two_classes(first: int):  # `first` of 100 predictions in class 0, the rest in class 1
         return torch.eye(2)[(torch.arange(100) >= first).long()]
 

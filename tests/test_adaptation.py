@@ -21,17 +21,30 @@ def _cfg(*overrides):
 def test_candidate_plan_is_sized_to_the_hardware():
     names = lambda specs: [s.name for s in specs]  # noqa: E731
     cpu = adaptation.plan_candidates(_cfg(), cuda=False)
-    assert names(cpu) == [f"{m}-features" for m in _cfg().adapt.methods] + ["source_only-images", "dann-images", "cdan-images"]
+    assert names(cpu) == [f"{m}-features" for m in _cfg().adapt.methods] + [
+        "source_only-images",
+        "dann-images",
+        "cdan-images",
+    ]
     assert len(adaptation.plan_candidates(_cfg(), cuda=True)) == 2 * len(_cfg().adapt.methods)
-    assert names(adaptation.plan_candidates(_cfg("adapt.method=coral"), cuda=False)) == ["coral-features", "coral-images"]
+    assert names(adaptation.plan_candidates(_cfg("adapt.method=coral"), cuda=False)) == [
+        "coral-features",
+        "coral-images",
+    ]
     assert adaptation.plan_candidates(_cfg("adapt.method=none"), cuda=False) == []
-    grid = adaptation.plan_candidates(_cfg("adapt.method=mcc", "adapt.hparam_draws=2", "adapt.seeds=[0, 1]"), cuda=False)
+    grid = adaptation.plan_candidates(
+        _cfg("adapt.method=mcc", "adapt.hparam_draws=2", "adapt.seeds=[0, 1]"), cuda=False
+    )
     assert len(grid) == 2 * 3 * 2 and len({s.name for s in grid}) == 12
     assert grid[0].hparams != grid[2].hparams  # a random draw differs from the defaults
     l2sp = adaptation.plan_candidates(_cfg("adapt.method=dann", "adapt.hparams={l2sp: 0.01, lambda: 0.5}"), cuda=False)
     assert all(s.hparams["l2sp"] == 0.01 and s.hparams["lambda"] == 0.5 for s in l2sp)
-    assert "lambda" not in adaptation.plan_candidates(_cfg("adapt.method=source_only", "adapt.hparams={lambda: 2}"),
-                                                      cuda=False)[0].hparams
+    assert (
+        "lambda"
+        not in adaptation.plan_candidates(_cfg("adapt.method=source_only", "adapt.hparams={lambda: 2}"), cuda=False)[
+            0
+        ].hparams
+    )
 
 
 def test_unknown_methods_are_config_errors():
@@ -51,14 +64,23 @@ def test_unknown_methods_are_config_errors():
 def run_inputs(demo_data, fast_config):
     """The demo ingested, embedded and cached once for the module; each test writes its own folders."""
     memory_uri = f"memory://adaptation-{uuid.uuid4().hex[:8]}"
-    cfg = fast_config.model_copy(update={"adapt": fast_config.adapt.model_copy(
-        update={"feature_steps": 200, "image_steps": 8, "image_size": 32})})
-    d = {dom: ingest(uri, dom, f"{memory_uri}/ingest/{dom}", cfg.ingest)
-         for dom, uri in [("source", demo_data.source_uri), ("target", demo_data.target_uri),
-                          ("target_labels", demo_data.target_labels_uri)]}
+    cfg = fast_config.model_copy(
+        update={
+            "adapt": fast_config.adapt.model_copy(update={"feature_steps": 200, "image_steps": 8, "image_size": 32})
+        }
+    )
+    d = {
+        dom: ingest(uri, dom, f"{memory_uri}/ingest/{dom}", cfg.ingest)
+        for dom, uri in [
+            ("source", demo_data.source_uri),
+            ("target", demo_data.target_uri),
+            ("target_labels", demo_data.target_labels_uri),
+        ]
+    }
     cache = image_cache(memory_uri, cfg.backbone, 32)  # the size images-mode candidates train at here
-    plan = features.plan_extraction([d["source"].index_uri, d["target"].index_uri], memory_uri, cfg.backbone, 64,
-                                    cache=cache)
+    plan = features.plan_extraction(
+        [d["source"].index_uri, d["target"].index_uri], memory_uri, cfg.backbone, 64, cache=cache
+    )
     for shard in plan.shards:
         features.extract_shard(shard, cfg.backbone, cfg.extract)
     return cfg, d, plan, memory_uri
@@ -67,8 +89,13 @@ def run_inputs(demo_data, fast_config):
 @pytest.mark.parametrize("mode", ["features", "images"])
 def test_a_candidate_trains_scores_and_commits(run_inputs, mode):
     cfg, d, plan, root = run_inputs
-    spec = next(s for s in adaptation.plan_candidates(cfg.model_copy(update={"adapt": cfg.adapt.model_copy(
-        update={"method": "dann"})}), cuda=False) if s.mode == mode)
+    spec = next(
+        s
+        for s in adaptation.plan_candidates(
+            cfg.model_copy(update={"adapt": cfg.adapt.model_copy(update={"method": "dann"})}), cuda=False
+        )
+        if s.mode == mode
+    )
     out = f"{root}/candidates/{spec.name}"
     c = adaptation.train_candidate(spec, d["source"], d["target"], d["target_labels"], plan, cfg, out)
     assert set(c.scores) >= set(POLICY) and all(v == v for v in c.scores.values())
@@ -81,15 +108,21 @@ def test_a_candidate_trains_scores_and_commits(run_inputs, mode):
 
 
 def test_without_candidates_the_head_is_the_model():
-    head = ModelManifest(model_uri="memory://head", classes=["a"], fingerprint="f", val_accuracy=0.5, epochs=1,
-                         seconds=0.1)
+    head = ModelManifest(
+        model_uri="memory://head", classes=["a"], fingerprint="f", val_accuracy=0.5, epochs=1, seconds=0.1
+    )
     alone = adaptation.select_model(head, [], list(POLICY))
     assert (alone.index, alone.model_uri) == (-1, "memory://head")
 
 
 def _images_spec(cfg, method="dann", steps=8):
-    spec = next(s for s in adaptation.plan_candidates(cfg.model_copy(update={"adapt": cfg.adapt.model_copy(
-        update={"method": method})}), cuda=False) if s.mode == "images")
+    spec = next(
+        s
+        for s in adaptation.plan_candidates(
+            cfg.model_copy(update={"adapt": cfg.adapt.model_copy(update={"method": method})}), cuda=False
+        )
+        if s.mode == "images"
+    )
     return spec.model_copy(update={"steps": steps})
 
 
@@ -128,8 +161,9 @@ def test_images_mode_trains_and_scores_from_the_cache_within_a_memory_ceiling(ru
             opened.append(self)
 
     monkeypatch.setattr(adaptation, "ShardedRows", Watched)
-    c = adaptation.train_candidate(_images_spec(cfg, "source_only"), d["source"], d["target"], d["target_labels"],
-                                   plan, cfg, f"{root}/bounded")
+    c = adaptation.train_candidate(
+        _images_spec(cfg, "source_only"), d["source"], d["target"], d["target_labels"], plan, cfg, f"{root}/bounded"
+    )
     assert c.steps == 8 and 0 <= c.target_accuracy <= 1
     assert {r.column for r in opened} == {"pixels"}
     splits = max(len(r) for r in opened)
@@ -142,22 +176,40 @@ def test_successive_halving_keeps_the_best_third_and_records_who_stopped():
     assert adaptation.halving_rungs(300, 3, 0) == adaptation.halving_rungs(300, 1, 3) == [300]
     cfg = _cfg("adapt.methods=[source_only, coral]", "adapt.image_methods=[source_only, dann, cdan]")
     specs = adaptation.plan_candidates(cfg, cuda=False)
-    quality = {"source_only-images": 0.5, "dann-images": 0.9, "cdan-images": 0.7, "source_only-features": 0.6,
-               "coral-features": 0.4}
+    quality = {
+        "source_only-images": 0.5,
+        "dann-images": 0.9,
+        "cdan-images": 0.7,
+        "source_only-features": 0.6,
+        "coral-features": 0.4,
+    }
     calls = []
 
     def train(batch, untils):
         calls.append([(s.name, u) for s, u in zip(batch, untils, strict=True)])
         return [_fake(s, u or s.steps, quality[s.name]) for s, u in zip(batch, untils, strict=True)]
 
-    done = adaptation.successive_halving(specs, train, lambda c, rung: c.model_copy(update={"stopped_at_rung": rung}),
-                                         ["source_val_acc", "im"], eta=3)
+    done = adaptation.successive_halving(
+        specs, train, lambda c, rung: c.model_copy(update={"stopped_at_rung": rung}), ["source_val_acc", "im"], eta=3
+    )
     # the source-only images candidate (selection's reference) trains to the end at once; the adapting ones race
-    assert calls == [[("source_only-features", None), ("coral-features", None), ("source_only-images", None),
-                      ("dann-images", 100), ("cdan-images", 100)], [("dann-images", 300)]]
+    assert calls == [
+        [
+            ("source_only-features", None),
+            ("coral-features", None),
+            ("source_only-images", None),
+            ("dann-images", 100),
+            ("cdan-images", 100),
+        ],
+        [("dann-images", 300)],
+    ]
     assert [(c.spec.name, c.steps, c.stopped_at_rung) for c in done] == [
-        ("source_only-features", 1500, None), ("coral-features", 1500, None), ("source_only-images", 300, None),
-        ("dann-images", 300, None), ("cdan-images", 100, 0)]
+        ("source_only-features", 1500, None),
+        ("coral-features", 1500, None),
+        ("source_only-images", 300, None),
+        ("dann-images", 300, None),
+        ("cdan-images", 100, 0),
+    ]
     head = ModelManifest(model_uri="m", classes=["a"], fingerprint="f", val_accuracy=0.5, epochs=1, seconds=0.0)
     picked = adaptation.select_model(head, done, ["source_val_acc", "im"])
     assert picked.name == "dann-images" and picked.ranks[4] is None  # stopped: unranked
@@ -167,7 +219,18 @@ def test_successive_halving_keeps_the_best_third_and_records_who_stopped():
 def _fake(spec, steps, quality):
     """A committed-looking candidate whose validators all read `quality`."""
     scores = {"source_val_acc": quality, "im": quality}
-    return adaptation.CandidateManifest(spec=spec, model_uri=f"m/{spec.name}", predictions_uri="p", embedding_uri="e",
-                                        scores=scores, collapsed=False, source_test_accuracy=quality,
-                                        target_accuracy=None, domain_gap={}, curve=[], steps=steps,
-                                        total_steps=spec.steps, seconds=0.0)
+    return adaptation.CandidateManifest(
+        spec=spec,
+        model_uri=f"m/{spec.name}",
+        predictions_uri="p",
+        embedding_uri="e",
+        scores=scores,
+        collapsed=False,
+        source_test_accuracy=quality,
+        target_accuracy=None,
+        domain_gap={},
+        curve=[],
+        steps=steps,
+        total_steps=spec.steps,
+        seconds=0.0,
+    )

@@ -105,9 +105,7 @@ def test_missing_default_weights_say_where_and_how(tmp_path, monkeypatch):
 
 
 def test_missing_weights_file():
-    with pytest.raises(
-        AdaptflowError, match=r"weights file not found: /no/such/w\.pth.*--set backbone.weights"
-    ):
+    with pytest.raises(AdaptflowError, match=r"weights file not found: /no/such/w\.pth.*--set backbone.weights"):
         build_extractor(BackboneConfig(name="resnet18", weights="/no/such/w.pth"))
 
 
@@ -151,9 +149,7 @@ def test_weights_for_another_network_are_refused(tmp_path):
     state["layer4.1.bn2.bias"] = torch.zeros(7)
     path = tmp_path / "bad.safetensors"
     save_file(state, str(path))
-    with pytest.raises(
-        AdaptflowError, match=r"1 missing keys: layer1\.0\.conv1\.weight; 1 wrong shapes: layer4"
-    ):
+    with pytest.raises(AdaptflowError, match=r"1 missing keys: layer1\.0\.conv1\.weight; 1 wrong shapes: layer4"):
         build_extractor(BackboneConfig(name="resnet18", weights=str(path), image_size=SIZE))
     with pytest.raises(
         AdaptflowError,
@@ -230,7 +226,11 @@ def test_nothing_in_the_code_unpickles():
 
     root = Path(__file__).resolve().parents[1]
     unsafe = re.compile(r"pickle\.loads?\(|joblib\.load\(|torch\.load\((?!.*weights_only=True)|cloudpickle")
-    hits = [f"{p.relative_to(root)}:{i}" for folder in ("adaptflow", "tasks", "flows", "cli")
-            for p in (root / folder).rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
-            if unsafe.search(line)]
+    hits = [
+        f"{p.relative_to(root)}:{i}"
+        for folder in ("adaptflow", "tasks", "flows", "cli")
+        for p in (root / folder).rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if unsafe.search(line)
+    ]
     assert hits == []

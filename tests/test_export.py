@@ -20,8 +20,12 @@ KINDS = {"head": 1, "features": 2, "images": 3}  # registry versions the fixture
 
 def _registered(store, model_uri, run_id, method):
     lineage = registry.Lineage(dataset_snapshot="d", extractor_fingerprint="f", config_hash="c", code_version="t")
-    metrics = {"selection_score": 0.5, "source_val_accuracy": 0.5, "target_accuracy": None,
-               "source_test_accuracy": None}
+    metrics = {
+        "selection_score": 0.5,
+        "source_val_accuracy": 0.5,
+        "target_accuracy": None,
+        "source_test_accuracy": None,
+    }
     return registry.register(store, model_uri, run_id, lineage, metrics, method).version
 
 
@@ -29,9 +33,12 @@ def _registered(store, model_uri, run_id, method):
 def store(demo_data, fast_config, tmp_path_factory):
     """A store with three registered models, one of each kind, trained on features stored in float32 (the
     default float16 storage rounds the features a head kind reads: see the test at the end)."""
-    cfg = fast_config.model_copy(update={
-        "extract": fast_config.extract.model_copy(update={"dtype": "float32"}),
-        "adapt": fast_config.adapt.model_copy(update={"feature_steps": 100, "image_steps": 8, "image_size": 32})})
+    cfg = fast_config.model_copy(
+        update={
+            "extract": fast_config.extract.model_copy(update={"dtype": "float32"}),
+            "adapt": fast_config.adapt.model_copy(update={"feature_steps": 100, "image_steps": 8, "image_size": 32}),
+        }
+    )
     root = str(tmp_path_factory.mktemp("export"))
     src = ingest(demo_data.source_uri, "source", f"{root}/ingest/source", cfg.ingest)
     tgt = ingest(demo_data.target_uri, "target", f"{root}/ingest/target", cfg.ingest)
@@ -41,8 +48,9 @@ def store(demo_data, fast_config, tmp_path_factory):
     head = fit_head(src, plan, cfg, f"{root}/models/run0")
     assert _registered(root, head.model_uri, "run0", "head") == KINDS["head"]
     for mode in ("features", "images"):
-        spec = adaptation.CandidateSpec(name=f"dann-{mode}", method="dann", mode=mode, seed=0,
-                                        hparams=candidate_hparams("dann", mode, 0))
+        spec = adaptation.CandidateSpec(
+            name=f"dann-{mode}", method="dann", mode=mode, seed=0, hparams=candidate_hparams("dann", mode, 0)
+        )
         c = adaptation.train_candidate(spec, src, tgt, None, plan, cfg, f"{root}/runs/run1/candidates/{spec.name}")
         assert _registered(root, c.model_uri, "run1", spec.name) == KINDS[mode]
     return root, tgt, plan
@@ -51,8 +59,14 @@ def store(demo_data, fast_config, tmp_path_factory):
 def _data_config(meta: dict) -> dict:
     """The transform a serving client applies, rebuilt from the JSON beside the export."""
     p = meta["preprocessing"]
-    return {"input_size": (3, p["input_size"], p["input_size"]), "interpolation": p["interpolation"],
-            "mean": p["mean"], "std": p["std"], "crop_pct": p["crop_pct"], "crop_mode": p["crop_mode"]}
+    return {
+        "input_size": (3, p["input_size"], p["input_size"]),
+        "interpolation": p["interpolation"],
+        "mean": p["mean"],
+        "std": p["std"],
+        "crop_pct": p["crop_pct"],
+        "crop_mode": p["crop_mode"],
+    }
 
 
 def _adaptflow_probabilities(model_uri, images, plan):
@@ -79,8 +93,14 @@ def test_onnx_runtime_gives_adaptflows_own_probabilities(store, kind, tmp_path):
     props = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(props["classes"]) == meta["classes"] == load_model(model_uri)[1].classes
     assert json.loads(props["adaptflow"]) == {k: v for k, v in meta.items() if k not in ("file", "check")}
-    assert meta["input"] == {"name": "images", "dtype": "uint8", "shape": ["batch", 3, manifest.input_size,
-                             manifest.input_size], "layout": "NCHW", "channels": "RGB", "range": [0, 255]}
+    assert meta["input"] == {
+        "name": "images",
+        "dtype": "uint8",
+        "shape": ["batch", 3, manifest.input_size, manifest.input_size],
+        "layout": "NCHW",
+        "channels": "RGB",
+        "range": [0, 255],
+    }
     assert meta["file"]["bytes"] == manifest.bytes == (tmp_path / f"{kind}.onnx").stat().st_size
     (batch_dim, *_) = proto.graph.input[0].type.tensor_type.shape.dim
     assert batch_dim.dim_param and not batch_dim.dim_value  # dynamic batch
@@ -92,8 +112,10 @@ def test_onnx_runtime_gives_adaptflows_own_probabilities(store, kind, tmp_path):
     logits, probabilities = session.run(None, {"images": x})
     expected = _adaptflow_probabilities(model_uri, index, plan)
     diff = float(np.abs(probabilities - expected).max())
-    print(f"\n{kind}: ONNX Runtime vs adaptflow on {len(x)} images: max abs diff of probabilities {diff:.2e}; "
-          f"{manifest.bytes / 1e6:.1f} MB")
+    print(
+        f"\n{kind}: ONNX Runtime vs adaptflow on {len(x)} images: max abs diff of probabilities {diff:.2e}; "
+        f"{manifest.bytes / 1e6:.1f} MB"
+    )
     assert diff <= 1e-4
     assert (probabilities.argmax(1) == expected.argmax(1)).all()
     assert np.allclose(probabilities, torch.from_numpy(logits).softmax(1).numpy(), atol=1e-6)
@@ -146,7 +168,9 @@ def test_the_readme_serving_example_runs_without_adaptflow(store, tmp_path, demo
 
 def test_bad_exports_are_one_clear_error(store, tmp_path):
     root, _, _ = store
-    with pytest.raises(UnknownNameError, match="unknown export format 'tflite'; valid export formats: onnx, torchscript"):
+    with pytest.raises(
+        UnknownNameError, match="unknown export format 'tflite'; valid export formats: onnx, torchscript"
+    ):
         export.export_registered(root, "v1", str(tmp_path / "m.tflite"), "tflite")
     with pytest.raises(ModelError, match=f"no model at {tmp_path}/nothing"):
         export.export_model(str(tmp_path / "nothing"), str(tmp_path / "m.onnx"))
@@ -159,8 +183,15 @@ def test_hog_models_cannot_be_exported(tmp_path):
     from adaptflow.models import ModelCard, save_model
 
     cfg = load_config(None, ["backbone.name=hog"])
-    card = ModelCard(classes=["a", "b"], config=cfg, fingerprint="f" * 16, dim=8, config_hash="c",
-                     dataset_fingerprint="d", metrics={})
+    card = ModelCard(
+        classes=["a", "b"],
+        config=cfg,
+        fingerprint="f" * 16,
+        dim=8,
+        config_hash="c",
+        dataset_fingerprint="d",
+        metrics={},
+    )
     save_model(str(tmp_path / "hog"), Head(8, 2), card)
     with pytest.raises(ModelError, match="'hog' backbone cannot be exported"):
         export.export_model(str(tmp_path / "hog"), str(tmp_path / "hog.onnx"))
@@ -188,8 +219,9 @@ def test_with_float16_features_the_export_matches_adaptflows_fp32_computation(de
 
     index = read_index(tgt)
     x = load_images(index.uri.tolist(), _data_config(meta), num_workers=0)
-    (probabilities,) = ort.InferenceSession(out, providers=["CPUExecutionProvider"]).run(["probabilities"],
-                                                                                         {"images": x.numpy()})
+    (probabilities,) = ort.InferenceSession(out, providers=["CPUExecutionProvider"]).run(
+        ["probabilities"], {"images": x.numpy()}
+    )
     extractor = build_extractor(fast_config.backbone)
     mean, std = (torch.tensor(meta["preprocessing"][k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     model, _ = load_model(head.model_uri)
@@ -198,8 +230,10 @@ def test_with_float16_features_the_export_matches_adaptflows_fp32_computation(de
     stored = _adaptflow_probabilities(head.model_uri, index, plan)
     fp32_diff, stored_diff = float(np.abs(probabilities - fp32).max()), float(np.abs(probabilities - stored).max())
     agree = float((probabilities.argmax(1) == stored.argmax(1)).mean())
-    print(f"\nhead on float16 features: vs adaptflow fp32 {fp32_diff:.2e}; vs stored-feature predictions "
-          f"{stored_diff:.2e}, same class for {agree:.1%}")
+    print(
+        f"\nhead on float16 features: vs adaptflow fp32 {fp32_diff:.2e}; vs stored-feature predictions "
+        f"{stored_diff:.2e}, same class for {agree:.1%}"
+    )
     assert fp32_diff <= 1e-4
     assert stored_diff <= 1e-2 and agree >= 0.98  # float16 keeps 11 significant bits of each feature
 
@@ -211,11 +245,13 @@ def test_the_command_line_exports_and_lists_the_export(store, tmp_path, capsys, 
     root, _, _ = store
     out = str(tmp_path / "champion.pt")
     registry.gate(root, KINDS["features"], None, 0.0)  # v2 becomes the champion
-    assert main(["models", "export", "champion", "--format", "torchscript", "--out", out, "--store", root,
-                 "--quiet"]) == 0
+    assert (
+        main(["models", "export", "champion", "--format", "torchscript", "--out", out, "--store", root, "--quiet"]) == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1] == out and lines[0].startswith("exported v2 (features model, dann, 10 classes, 64 px) as "
-                                                    "torchscript: ")
+    assert lines[-1] == out and lines[0].startswith(
+        "exported v2 (features model, dann, 10 classes, 64 px) as torchscript: "
+    )
     assert main(["models", "list", "--store", root, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert listed["aliases"] == {"champion": 2}

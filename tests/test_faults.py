@@ -17,9 +17,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _extract_command(demo_data, store):
-    return [sys.executable, "-m", "cli.main", "extract", demo_data.source_uri, demo_data.target_uri,
-            "--store", store, "--set", "extract.shard_size=8", "--set", "extract.num_workers=0",
-            "--set", "backbone.image_size=128", "--set", "extract.compact_min_shards=0"]
+    return [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "extract",
+        demo_data.source_uri,
+        demo_data.target_uri,
+        "--store",
+        store,
+        "--set",
+        "extract.shard_size=8",
+        "--set",
+        "extract.num_workers=0",
+        "--set",
+        "backbone.image_size=128",
+        "--set",
+        "extract.compact_min_shards=0",
+    ]
 
 
 def _committed_manifests(store):
@@ -30,8 +45,9 @@ def test_sigkill_during_extraction_then_the_same_command_resumes_with_one_row_pe
     store = str(tmp_path / "store")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_HOME": str(tmp_path / "prefect")}
     cmd = _extract_command(demo_data, store)
-    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 300
         while len(_committed_manifests(store)) < 2:  # mid-extraction: some shards committed, most not
@@ -47,14 +63,19 @@ def test_sigkill_during_extraction_then_the_same_command_resumes_with_one_row_pe
     assert second.returncode == 0, second.stderr[-3000:]
     features_uri = second.stdout.strip().splitlines()[-1]
 
-    ids = [i for f in shards.committed_files(features_uri)
-           for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()]
+    ids = [
+        i
+        for f in shards.committed_files(features_uri)
+        for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()
+    ]
     assert len(ids) == len(set(ids)) == _valid_images(demo_data)  # exactly one row per valid image
     assert killed_at < len(_committed_manifests(store))  # the re-run did the rest, keeping what was committed
 
 
 def _valid_images(demo_data) -> int:
-    return sum(_valid_images_of(uri, d) for d, uri in (("source", demo_data.source_uri), ("target", demo_data.target_uri)))
+    return sum(
+        _valid_images_of(uri, d) for d, uri in (("source", demo_data.source_uri), ("target", demo_data.target_uri))
+    )
 
 
 def test_sigkill_during_prediction_then_the_same_command_keeps_the_committed_parts(demo_data, fast_config, tmp_path):
@@ -63,18 +84,38 @@ def test_sigkill_during_prediction_then_the_same_command_keeps_the_committed_par
     from adaptflow.models import ModelCard, build_model, save_model
 
     cfg = fast_config.model_copy(update={"extract": fast_config.extract.model_copy(update={"shard_size": 8})})
-    card = ModelCard(kind="images", method="dann", image_size=32, classes=demo_data.classes, config=cfg,
-                     fingerprint="untrained", dim=0, config_hash=cfg.fingerprint(), dataset_fingerprint="none",
-                     metrics={})
+    card = ModelCard(
+        kind="images",
+        method="dann",
+        image_size=32,
+        classes=demo_data.classes,
+        config=cfg,
+        fingerprint="untrained",
+        dim=0,
+        config_hash=cfg.fingerprint(),
+        dataset_fingerprint="none",
+        metrics={},
+    )
     model = str(tmp_path / "model")
     save_model(model, build_model(card), card)  # untrained: what is predicted does not matter here
     store, out = str(tmp_path / "store"), tmp_path / "predictions.parquet"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_HOME": str(tmp_path / "prefect")}
-    cmd = [sys.executable, "-m", "cli.main", "predict", model, demo_data.target_uri, "--out", str(out),
-           "--store", store]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "predict",
+        model,
+        demo_data.target_uri,
+        "--out",
+        str(out),
+        "--store",
+        store,
+    ]
     parts = Path(f"{out}.parts")
-    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 300
         while len(list(parts.glob("*.json"))) < 2:

@@ -59,8 +59,9 @@ def test_shards_are_plain_parquet_with_fingerprint_metadata(indexed, fast_config
 def test_uncommitted_shards_are_invisible(indexed, fast_config):
     store, manifests = indexed
     plan, done = _extract_all(store, manifests[:1], fast_config)
-    storage.filesystem(plan.features_uri)[0].rm(storage.filesystem(
-        storage.join(plan.features_uri, "shards", f"{done[0].shard_key}.json"))[1])
+    storage.filesystem(plan.features_uri)[0].rm(
+        storage.filesystem(storage.join(plan.features_uri, "shards", f"{done[0].shard_key}.json"))[1]
+    )
     replan = features.plan_extraction([manifests[0].index_uri], store, fast_config.backbone, 10_000)
     assert replan.n_cached == manifests[0].n_images - done[0].n_rows
     with pytest.raises(StoreError, match="have no committed features"):
@@ -112,7 +113,9 @@ def test_committed_files_read_as_one_dataset_by_pyarrow_and_duckdb(indexed, fast
         (tmp_path / f"part-{i}.parquet").write_bytes(storage.read_bytes(uri))
     table = ds.dataset(local, format="parquet").to_table(columns=["image_id", "split"])
     assert table.num_rows == manifests[0].n_images == len(set(table["image_id"].to_pylist()))
-    rows = duckdb.execute(f"select split, count(*) from read_parquet({local!r}) group by split order by split").fetchall()
+    rows = duckdb.execute(
+        f"select split, count(*) from read_parquet({local!r}) group by split order by split"
+    ).fetchall()
     assert sum(n for _, n in rows) == manifests[0].n_images and {s for s, _ in rows} <= {"train", "val", "test"}
 
 
@@ -134,8 +137,12 @@ def test_decoding_on_the_device_matches_decoding_in_workers(indexed, fast_config
     store, manifests = indexed
     ids = storage.read_table(manifests[1].index_uri)["image_id"].to_pylist()
     plan, _ = _extract_all(store, manifests[1:], fast_config)
-    on_device = fast_config.model_copy(update={"extract": fast_config.extract.model_copy(update={"decode_on": "device"}),
-                                               "backbone": fast_config.backbone.model_copy(update={"layer": None})})
+    on_device = fast_config.model_copy(
+        update={
+            "extract": fast_config.extract.model_copy(update={"decode_on": "device"}),
+            "backbone": fast_config.backbone.model_copy(update={"layer": None}),
+        }
+    )
     other_store = store + "-device"
     plan2, done = _extract_all(other_store, manifests[1:], on_device)
     assert sum(s.bytes_read for s in done) > 0
@@ -175,8 +182,11 @@ def test_two_runs_extracting_the_same_images_at_once_leave_one_row_per_image(ind
 
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(race, plans))
-    ids = [i for f in shards.committed_files(plans[0].features_uri)
-           for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()]
+    ids = [
+        i
+        for f in shards.committed_files(plans[0].features_uri)
+        for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()
+    ]
     assert len(ids) == len(set(ids)) == manifests[0].n_images
     assert all(storage.exists(f) for f in shards.committed_files(plans[0].features_uri))
 
@@ -193,8 +203,9 @@ def test_the_training_image_cache_is_filled_in_the_same_pass_and_only_where_miss
     for shard in first.shards:  # features only, as before the cache existed
         features.extract_shard(shard, cfg.backbone, cfg.extract)
     cache = image_cache(store, cfg.backbone, 32)
-    plan = features.plan_extraction([m.index_uri for m in manifests], store, cfg.backbone, cfg.extract.shard_size,
-                                    cache=cache)
+    plan = features.plan_extraction(
+        [m.index_uri for m in manifests], store, cfg.backbone, cfg.extract.shard_size, cache=cache
+    )
     kinds: dict[tuple[bool, bool], int] = {}
     for s in plan.shards:
         kinds[s.features, s.cache is not None] = kinds.get((s.features, s.cache is not None), 0) + s.length

@@ -10,8 +10,9 @@ from flows.retrain import retrain
 pytestmark = pytest.mark.slow
 
 
-def test_retrain_then_rerun_reuses_features_then_predict(demo_data, fast_config, tmp_path, prefect_harness,
-                                                        monkeypatch):
+def test_retrain_then_rerun_reuses_features_then_predict(
+    demo_data, fast_config, tmp_path, prefect_harness, monkeypatch
+):
     import tasks.monitor
 
     events = []  # what automations would see: event names and payloads
@@ -46,8 +47,9 @@ def test_retrain_then_rerun_reuses_features_then_predict(demo_data, fast_config,
     assert set(predictions.prediction) <= set(demo_data.classes)
     assert predictions.confidence.between(0, 1).all()
     # 10 classes, chance 0.1: frozen ImageNet features at 64 px, from ~10 training images a class, get
-    # 0.41 on this seed (0.77 with the full demo's 63 a class). The target (digits blended into photos) is scored over every valid image; how
-    # well a source-only head does there is the adaptation issue's business, not this test's.
+    # 0.41 on this seed (0.77 with the full demo's 63 a class). The target (digits blended into photos) is
+    # scored over every valid image; how well a source-only head does there is the adaptation issue's business,
+    # not this test's.
     assert summary.baseline["source_test"]["accuracy"] > 0.3
     assert summary.metrics["target"]["n"] == target["images"]
     assert 0 <= summary.metrics["target"]["accuracy"] <= 1
@@ -72,10 +74,16 @@ def test_retrain_then_rerun_reuses_features_then_predict(demo_data, fast_config,
     assert third.promotion["version"] == 2 and third.promotion["champion_version"] == 1
     assert third.promotion["compared"]["metric"] == "selection_score" and third.promotion["reason"]
     assert registry.aliases(store)["champion"] == (2 if third.promotion["promoted"] else 1)
-    assert [e.action for e in registry.events(store)] == ["promoted", "promoted" if third.promotion["promoted"] else "rejected"]
+    assert [e.action for e in registry.events(store)] == [
+        "promoted",
+        "promoted" if third.promotion["promoted"] else "rejected",
+    ]
     decided = "adaptflow.model.promoted" if third.promotion["promoted"] else "adaptflow.model.rejected"
     assert [e for e, _ in events[1:]] == ["adaptflow.shift.detected", decided]
-    assert events[1][1]["p_value"] == third.shift["test"]["p_value"] and events[2][1]["reason"] == third.promotion["reason"]
+    assert (
+        events[1][1]["p_value"] == third.shift["test"]["p_value"]
+        and events[2][1]["reason"] == third.promotion["reason"]
+    )
 
     out = str(tmp_path / "preds.parquet")
     assert registry.resolve(store, "v1").model_uri == summary.model_uri

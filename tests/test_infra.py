@@ -16,8 +16,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
-ADAPTFLOW_EVENTS = {"adaptflow.shift.detected", "adaptflow.model.promoted", "adaptflow.model.rejected",
-                    "adaptflow.run.degraded"}
+ADAPTFLOW_EVENTS = {
+    "adaptflow.shift.detected",
+    "adaptflow.model.promoted",
+    "adaptflow.model.rejected",
+    "adaptflow.run.degraded",
+}
 # Environment variables whose value is a credential: in compose they may only be `${VAR}` references.
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|API_KEY|CREDENTIAL", re.I)
 REFERENCE = re.compile(r"^\$\{[A-Z_][A-Z0-9_]*(:?[-?][^}]*)?\}$")
@@ -45,6 +49,7 @@ def _flow_of(entrypoint: str):
 
 
 # --- prefect.yaml -------------------------------------------------------------------------------------
+
 
 def test_prefect_yaml_is_what_prefect_deploy_accepts():
     from prefect.cli.deploy._models import PrefectYamlModel  # the model `prefect deploy` validates with
@@ -110,6 +115,7 @@ def test_pull_step_moves_into_the_code_that_the_images_hold():
 
 # --- containers ---------------------------------------------------------------------------------------
 
+
 def _compose() -> dict:
     return _load_yaml(INFRA / "compose.yaml")
 
@@ -171,6 +177,7 @@ def test_dockerfiles_install_the_project(dockerfile):
 
 # --- Kubernetes ---------------------------------------------------------------------------------------
 
+
 def _job_template() -> dict:
     return json.loads((INFRA / "k8s" / "gpu-job-template.json").read_text())
 
@@ -207,6 +214,7 @@ def test_k8s_job_template_renders_a_gpu_job():
 
 
 # --- automations and the local stack ------------------------------------------------------------------
+
 
 def _create_automations_module():
     spec = importlib.util.spec_from_file_location("create_automations", INFRA / "create_automations.py")

@@ -79,9 +79,7 @@ def test_flat_folder_in_memory(memory_uri):
 
 
 def test_csv_manifest_relative_and_absolute_uris(tmp_path):
-    _write(
-        tmp_path, {"data/imgs/a.png": _image(1), "elsewhere/b.png": _image(2), "elsewhere/c.png": _image(3)}
-    )
+    _write(tmp_path, {"data/imgs/a.png": _image(1), "elsewhere/b.png": _image(2), "elsewhere/c.png": _image(3)})
     absolute, as_uri = tmp_path / "elsewhere/b.png", f"file://{tmp_path}/elsewhere/c.png"
     (tmp_path / "data/labels.csv").write_text(f"uri,label\nimgs/a.png,07\n{absolute},NA\n{as_uri},x\n")
     m = ingest(str(tmp_path / "data/labels.csv"), "target_labels", str(tmp_path / "out"), CFG)
@@ -104,9 +102,7 @@ def test_parquet_manifest_honours_split_and_refuses_unknown_split(memory_uri):
     m = ingest(f"{memory_uri}/m.parquet", "source", f"{memory_uri}/out", CFG)
     df = _index(m)
     assert list(df.split) == ["test", "test", "val"] and list(df.label) == ["3", "3", "5"]
-    assert _reasons(m) == {
-        f"{memory_uri}/imgs/3.png": "unknown split 'holdout' (expected train, val or test)"
-    }
+    assert _reasons(m) == {f"{memory_uri}/imgs/3.png": "unknown split 'holdout' (expected train, val or test)"}
 
 
 def test_splits_are_deterministic_seeded_and_roughly_proportional(memory_uri):
@@ -293,8 +289,9 @@ def test_rejections_are_logged_as_one_warning_naming_the_rejects_table(tmp_path,
     m = ingest(str(tmp_path / "data"), "target", str(tmp_path / "out"), CFG)
     (warning,) = [r for r in caplog.records if r.name == "adaptflow.ingest"]
     assert warning.levelname == "WARNING"
-    assert warning.getMessage() == (f"{tmp_path}/data: 2 of 3 files rejected (e.g. b.png: empty file); every reason "
-                                    f"is in {m.rejects_uri}")
+    assert warning.getMessage() == (
+        f"{tmp_path}/data: 2 of 3 files rejected (e.g. b.png: empty file); every reason is in {m.rejects_uri}"
+    )
 
 
 def test_relative_dataset_paths_are_recorded_absolute(tmp_path, monkeypatch):

@@ -21,8 +21,20 @@ from adaptflow.ingest import ingest
 CFG = IngestConfig(workers=2, max_image_pixels=1 << 20)
 FORMATS = ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"]
 # What the decoders key on: signatures (and, for BMP, a header whose sizes are random below).
-HEADERS = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xdb", b"GIF89a", b"GIF87a", b"BM",
-           b"RIFF\x00\x00\x00\x00WEBPVP8 ", b"II*\x00", b"MM\x00*", b"\x00\x00\x01\x00", b"P6\n", b"%PDF-1.4"]
+HEADERS = [
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff\xe0",
+    b"\xff\xd8\xff\xdb",
+    b"GIF89a",
+    b"GIF87a",
+    b"BM",
+    b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+    b"II*\x00",
+    b"MM\x00*",
+    b"\x00\x00\x01\x00",
+    b"P6\n",
+    b"%PDF-1.4",
+]
 
 
 def _encoded(fmt: str, seed: int, size: int) -> bytes:

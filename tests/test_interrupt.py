@@ -27,9 +27,24 @@ def env(tmp_path_factory):
 
 
 def _extract_command(demo_data, store):
-    return [sys.executable, "-m", "cli.main", "extract", demo_data.source_uri, demo_data.target_uri,
-            "--store", store, "--set", "extract.shard_size=8", "--set", "extract.num_workers=0",
-            "--set", "backbone.image_size=128", "--set", "extract.compact_min_shards=0"]
+    return [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "extract",
+        demo_data.source_uri,
+        demo_data.target_uri,
+        "--store",
+        store,
+        "--set",
+        "extract.shard_size=8",
+        "--set",
+        "extract.num_workers=0",
+        "--set",
+        "backbone.image_size=128",
+        "--set",
+        "extract.compact_min_shards=0",
+    ]
 
 
 def _committed(store):
@@ -38,8 +53,9 @@ def _committed(store):
 
 def _start(cmd, env):
     """The command in a process group of its own, as a shell runs a foreground job."""
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _interrupt(proc, times: int = 1) -> tuple[float, str, list[psutil.Process]]:
@@ -90,8 +106,11 @@ def test_ctrl_c_mid_extraction_stops_at_once_and_the_same_command_resumes(demo_d
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     features_uri = second.stdout.strip().splitlines()[-1]
-    ids = [i for f in shards.committed_files(features_uri)
-           for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()]
+    ids = [
+        i
+        for f in shards.committed_files(features_uri)
+        for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()
+    ]
     assert len(ids) == len(set(ids)) == _valid_images(demo_data)  # one row per valid image, none twice
     assert interrupted_at < len(_committed(store))  # the rerun did the rest, keeping what was committed
 
@@ -119,5 +138,7 @@ def _valid_images(demo_data) -> int:
     from adaptflow.config import IngestConfig
     from adaptflow.ingest import ingest
 
-    return sum(ingest(uri, d, f"memory://interrupt-count/{d}", IngestConfig(workers=2)).n_images
-               for d, uri in (("source", demo_data.source_uri), ("target", demo_data.target_uri)))
+    return sum(
+        ingest(uri, d, f"memory://interrupt-count/{d}", IngestConfig(workers=2)).n_images
+        for d, uri in (("source", demo_data.source_uri), ("target", demo_data.target_uri))
+    )

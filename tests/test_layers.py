@@ -49,8 +49,9 @@ def _imports(module: str) -> list[tuple[str, str | None, int]]:
             for alias in node.names:
                 submodule = f"{base}.{alias.name}"
                 # `from adaptflow import storage` imports the module adaptflow.storage, not a name
-                found.append((submodule, None, node.lineno) if submodule in MODULES else
-                             (base, alias.name, node.lineno))
+                found.append(
+                    (submodule, None, node.lineno) if submodule in MODULES else (base, alias.name, node.lineno)
+                )
     return found
 
 
@@ -68,7 +69,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return [*path[path.index(nxt):], nxt]
+                return [*path[path.index(nxt) :], nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -105,6 +106,9 @@ def test_the_library_never_imports_prefect(module):
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_no_private_name_crosses_a_module(module):
-    hits = [f"line {line}: {name} from {target}" for target, name, line in _imports(module)
-            if name and name.startswith("_") and target in MODULES and target != module]
+    hits = [
+        f"line {line}: {name} from {target}"
+        for target, name, line in _imports(module)
+        if name and name.startswith("_") and target in MODULES and target != module
+    ]
     assert not hits, f"{module} imports private names ({', '.join(hits)}); make them public where they live"

@@ -27,8 +27,9 @@ def _lock(path: Path) -> dict[str, tuple[str, list[str]]]:
         text = line.split("#", 1)[0].strip()
         if not text:
             continue
-        assert not text.startswith(("-e", "--index-url", "--extra-index-url", "--find-links", "file:")), \
+        assert not text.startswith(("-e", "--index-url", "--extra-index-url", "--find-links", "file:")), (
             f"{path.name}: {text!r} ties the lock to one machine"
+        )
         found = PIN.match(text)
         if found:
             name = canonicalize_name(found.group(1))
@@ -61,8 +62,11 @@ def test_every_package_is_pinned_exactly_with_hashes(path):
     assert "setuptools" in pins  # the build backend: `pip install --no-build-isolation -e .` takes it from here
 
 
-@pytest.mark.parametrize(("path", "extras"), [(RUNTIME, ("dask", "mlflow", "onnx")),
-                                              (DEV, ("dask", "mlflow", "onnx", "dev"))], ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    ("path", "extras"),
+    [(RUNTIME, ("dask", "mlflow", "onnx")), (DEV, ("dask", "mlflow", "onnx", "dev"))],
+    ids=lambda x: str(x),
+)
 def test_the_locks_satisfy_pyprojects_ranges(path, extras):
     pins = _lock(path)
     for req in _requirements(*extras):
@@ -149,8 +153,12 @@ def test_the_code_imports_only_what_pyproject_declares():
     arrives with another package; one from an extra is imported inside the function that needs it."""
     project = _pyproject()
     core = {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
-    optional = {canonicalize_name(Requirement(r).name): extra for extra, reqs in project["optional-dependencies"].items()
-                if extra != "dev" for r in reqs}
+    optional = {
+        canonicalize_name(Requirement(r).name): extra
+        for extra, reqs in project["optional-dependencies"].items()
+        if extra != "dev"
+        for r in reqs
+    }
     imports = _third_party_imports("adaptflow", "tasks", "flows", "cli")
     assert {"torch", "prefect", "botocore", "httpx", "uvicorn", "skimage", "mlflow", "onnxruntime"} <= set(imports)
     undeclared, eager = [], []
@@ -160,8 +168,12 @@ def test_the_code_imports_only_what_pyproject_declares():
             continue
         if not dists & set(optional):
             undeclared.append(f"{module} ({', '.join(sorted(dists))}) at {places[0][0]}")
-        eager += [f"{module} ([{optional[d]}]) at {where}" for d in dists & set(optional)
-                  for where, lazy in places if not lazy]
+        eager += [
+            f"{module} ([{optional[d]}]) at {where}"
+            for d in dists & set(optional)
+            for where, lazy in places
+            if not lazy
+        ]
     assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
     assert not eager, f"an extra's package imported when the module is: {eager}"
 
@@ -169,12 +181,14 @@ def test_the_code_imports_only_what_pyproject_declares():
 def test_the_tests_import_only_what_pyproject_declares():
     project = _pyproject()
     declared = {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
-    declared |= {canonicalize_name(Requirement(r).name) for reqs in project["optional-dependencies"].values()
-                 for r in reqs}
+    declared |= {
+        canonicalize_name(Requirement(r).name) for reqs in project["optional-dependencies"].values() for r in reqs
+    }
     imports = _third_party_imports("tests", "benchmarks")
     assert {"pytest", "duckdb", "polars", "packaging"} <= set(imports)
-    undeclared = [f"{m} at {places[0][0]}" for m, places in sorted(imports.items())
-                  if not _distributions(m, places) & declared]
+    undeclared = [
+        f"{m} at {places[0][0]}" for m, places in sorted(imports.items()) if not _distributions(m, places) & declared
+    ]
     assert not undeclared, f"imported by tests or benchmarks but not declared in pyproject.toml: {undeclared}"
 
 

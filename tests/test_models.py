@@ -11,8 +11,15 @@ from adaptflow.models import ModelCard, load_model, save_model
 
 
 def _card(**kw):
-    base = dict(classes=["a", "b", "c"], config=Config(head=HeadConfig(kind="mlp", hidden_dim=8)),
-                fingerprint="f" * 16, dim=16, config_hash="c", dataset_fingerprint="d", metrics={"acc": 1.0})
+    base = dict(
+        classes=["a", "b", "c"],
+        config=Config(head=HeadConfig(kind="mlp", hidden_dim=8)),
+        fingerprint="f" * 16,
+        dim=16,
+        config_hash="c",
+        dataset_fingerprint="d",
+        metrics={"acc": 1.0},
+    )
     return ModelCard(**{**base, **kw})
 
 
@@ -61,17 +68,26 @@ def _edit_card(uri: str, edit) -> None:
     storage.write_json(f"{uri}/model.json", card)
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    ("weights missing", "damaged model at {uri}: weights.safetensors is missing"),
-    ("weights cut short", "damaged model at {uri}: weights.safetensors cannot be read ("),
-    ("classes edited", "damaged model at {uri}: its weights do not fit model.json (classes, dim or method changed?): "
-                       "size mismatch for "),
-    ("dim removed", "damaged model card {uri}/model.json: dim: Field required"),
-    ("unknown backbone", "damaged model card {uri}/model.json: config.backbone.name: unknown backbone 'resnet9000'; "
-                         "valid backbones: "),
-    ("unknown method", "cannot rebuild the model at {uri}: unknown algorithm 'nope'"),
-    ("card not JSON", "damaged model at {uri}: not valid JSON: {uri}/model.json"),
-])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("weights missing", "damaged model at {uri}: weights.safetensors is missing"),
+        ("weights cut short", "damaged model at {uri}: weights.safetensors cannot be read ("),
+        (
+            "classes edited",
+            "damaged model at {uri}: its weights do not fit model.json (classes, dim or method changed?): "
+            "size mismatch for ",
+        ),
+        ("dim removed", "damaged model card {uri}/model.json: dim: Field required"),
+        (
+            "unknown backbone",
+            "damaged model card {uri}/model.json: config.backbone.name: unknown backbone 'resnet9000'; "
+            "valid backbones: ",
+        ),
+        ("unknown method", "cannot rebuild the model at {uri}: unknown algorithm 'nope'"),
+        ("card not JSON", "damaged model at {uri}: not valid JSON: {uri}/model.json"),
+    ],
+)
 def test_a_damaged_model_is_one_model_error_naming_what_is_wrong(damage, message, memory_uri):
     from adaptflow import storage
     from adaptflow.errors import ModelError

@@ -26,8 +26,9 @@ def _champion(reference: str | None, score: float | None = 0.5) -> Champion:
 
 
 def _scores(selection: float, collapsed: bool = False) -> ModelScores:
-    return ModelScores(model_uri="m", scores={}, selection_score=selection, target_accuracy=None,
-                       collapsed=collapsed, n_target=100)
+    return ModelScores(
+        model_uri="m", scores={}, selection_score=selection, target_accuracy=None, collapsed=collapsed, n_target=100
+    )
 
 
 def test_the_same_images_are_no_shift_and_another_domain_is(store):
@@ -62,8 +63,13 @@ def test_score_model_measures_a_saved_model_on_this_runs_data(store, demo_data):
     src, tgt, plan, head = store
     from adaptflow.config import IngestConfig
 
-    labels = ingest(demo_data.target_labels_uri, "target_labels", "memory://monitor/labels", IngestConfig(workers=2),
-                    classes=src.classes)
+    labels = ingest(
+        demo_data.target_labels_uri,
+        "target_labels",
+        "memory://monitor/labels",
+        IngestConfig(workers=2),
+        classes=src.classes,
+    )
     scores = monitor.score_model(head.model_uri, src, tgt, labels, plan, ["source_val_acc", "im", "bnm"])
     assert set(scores.scores) >= {"source_val_acc", "im", "bnm"} and scores.n_target == tgt.n_images
     assert scores.selection_score == pytest.approx(sum(scores.scores[k] for k in ("source_val_acc", "im", "bnm")) / 3)
@@ -82,10 +88,18 @@ def test_a_low_confidence_pick_never_replaces_a_champion_and_a_source_only_one_s
     reg, policy, datasets = str(tmp_path / "registry"), fast_config.adapt.policy, {"source": src, "target": tgt}
     scores = monitor.score_model(head.model_uri, src, tgt, None, plan, policy)  # the pick's scores (any model's)
     better = scores.model_copy(update={"scores": {k: v + 0.5 for k, v in scores.scores.items()}})
-    unsure = SelectionManifest(index=1, name="dann-images", reason="best mean rank", policy=policy,
-                               model_uri=head.model_uri, oracle_index=None, confident=False,
-                               confidence="source-only source_only-images scores higher on im", reference_index=0,
-                               reference_model_uri=head.model_uri)
+    unsure = SelectionManifest(
+        index=1,
+        name="dann-images",
+        reason="best mean rank",
+        policy=policy,
+        model_uri=head.model_uri,
+        oracle_index=None,
+        confident=False,
+        confidence="source-only source_only-images scores higher on im",
+        reference_index=0,
+        reference_model_uri=head.model_uri,
+    )
 
     # No champion yet: the pick waits as challenger, the source-only reference is registered and promoted.
     first = monitor.register_and_gate(reg, "r1", unsure, datasets, plan, fast_config, scores, None, 0.9)
@@ -96,8 +110,9 @@ def test_a_low_confidence_pick_never_replaces_a_champion_and_a_source_only_one_s
     second = monitor.register_and_gate(reg, "r2", unsure, datasets, plan, fast_config, better, scores, 0.9)
     assert not second.promoted and second.stand_in_version is None and registry.aliases(reg)["champion"] == 2
     # Unless the user opts in; and a confident pick goes through the gate as ever.
-    opted = fast_config.model_copy(update={"promotion": fast_config.promotion.model_copy(
-        update={"allow_low_confidence": True})})
+    opted = fast_config.model_copy(
+        update={"promotion": fast_config.promotion.model_copy(update={"allow_low_confidence": True})}
+    )
     third = monitor.register_and_gate(reg, "r3", unsure, datasets, plan, opted, better, scores, 0.9)
     assert third.promoted and third.compared["metric"] == "selection_score"
     sure = unsure.model_copy(update={"confident": True})

@@ -35,8 +35,9 @@ def _latest_run(name: str):
     from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
-        (run,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])),
-                                       sort=FlowRunSort.START_TIME_DESC, limit=1)
+        (run,) = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[name])), sort=FlowRunSort.START_TIME_DESC, limit=1
+        )
     return run
 
 
@@ -45,8 +46,22 @@ def test_a_run_past_its_time_limit_stops_as_timed_out(demo_data, tmp_path, prefe
     """A hung nightly run would hold a deployment's concurrency slot: past runtime.flow_timeout_s it ends
     TimedOut (a final state, which frees the slot), and the command says so in one line, with status 3."""
     start = time.monotonic()
-    assert main(["extract", demo_data.source_uri, "--store", str(tmp_path / "store"), *SLOW_EXTRACT,
-                 "--set", "extract.shard_size=8", "--set", "runtime.flow_timeout_s=2"]) == 3
+    assert (
+        main(
+            [
+                "extract",
+                demo_data.source_uri,
+                "--store",
+                str(tmp_path / "store"),
+                *SLOW_EXTRACT,
+                "--set",
+                "extract.shard_size=8",
+                "--set",
+                "runtime.flow_timeout_s=2",
+            ]
+        )
+        == 3
+    )
     line = _one_error_line(capsys.readouterr().err, traceback_free=False)
     assert line.startswith("error: the run took longer than runtime.flow_timeout_s (")
     assert line.endswith("committed work is kept, rerun the same command to resume")
@@ -58,10 +73,28 @@ def test_a_run_past_its_time_limit_stops_as_timed_out(demo_data, tmp_path, prefe
 @pytest.mark.slow
 def test_a_task_past_its_time_limit_fails_the_run_at_once(demo_data, tmp_path):
     """As a user runs it: one line, status 3, and no retry of a task that ran out of time."""
-    done = subprocess.run([sys.executable, "-m", "cli.main", "extract", demo_data.source_uri, "--store",
-                           str(tmp_path / "store"), *SLOW_EXTRACT, "--set", "backbone.image_size=224",
-                           "--set", "extract.shard_size=150", "--set", "runtime.task_timeout_s=1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "extract",
+            demo_data.source_uri,
+            "--store",
+            str(tmp_path / "store"),
+            *SLOW_EXTRACT,
+            "--set",
+            "backbone.image_size=224",
+            "--set",
+            "extract.shard_size=150",
+            "--set",
+            "runtime.task_timeout_s=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 3, done.stderr[-3000:]
     line = _one_error_line(done.stderr)
     assert line.startswith("error: a task took longer than runtime.task_timeout_s (")
@@ -86,8 +119,11 @@ def test_library_warnings_reach_the_task_run_logs_on_the_prefect_api(tmp_path, p
     _images(data, 3)
     (data / "notes.png").write_bytes(b"not an image")
     since = datetime.now(UTC)
-    config = {"backbone": {"weights": "random", "image_size": 32}, "extract": {"num_workers": 0},
-              "ingest": {"workers": 2}}
+    config = {
+        "backbone": {"weights": "random", "image_size": 32},
+        "extract": {"num_workers": 0},
+        "ingest": {"workers": 2},
+    }
     backfill([str(data)], str(tmp_path / "store"), config)
     APILogHandler().flush()  # send what is queued
     with get_client(sync_client=True) as client:
@@ -103,8 +139,13 @@ def test_predict_uses_the_credentials_block_its_config_names(tmp_path, prefect_h
     _images(tmp_path / "images", 1)
     block = f"no-such-block-{uuid.uuid4().hex[:6]}"
     with pytest.raises(ConfigError, match=f"runtime.credentials_block: no Secret block named '{block}'"):
-        batch_predict("champion", str(tmp_path / "images"), str(tmp_path / "p.parquet"), str(tmp_path / "store"),
-                      {"runtime": {"credentials_block": block}})
+        batch_predict(
+            "champion",
+            str(tmp_path / "images"),
+            str(tmp_path / "p.parquet"),
+            str(tmp_path / "store"),
+            {"runtime": {"credentials_block": block}},
+        )
 
 
 class _FakeServer:
@@ -132,8 +173,11 @@ def test_the_temporary_server_waits_long_enough_unless_told_otherwise(env, expec
     monkeypatch.setattr(prefect_api, "_migrate_fresh_database", lambda settings: None)
     monkeypatch.setattr(prefect_api, "_running_server", lambda: None)
     _FakeServer.started_with = []
-    with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(ApiUnavailableError) as e, \
-            prefect_api.prefect_api():
+    with (
+        temporary_settings(restore_defaults={PREFECT_API_URL}),
+        pytest.raises(ApiUnavailableError) as e,
+        prefect_api.prefect_api(),
+    ):
         pass
     assert _FakeServer.started_with == [expected]
     assert str(e.value).startswith(f"Prefect's temporary API server did not start within {expected} s; ")
@@ -149,9 +193,14 @@ def test_a_fresh_prefect_home_on_a_machine_too_busy_to_start_the_server(demo_dat
     home = tmp_path / "fresh-prefect-home"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "extract", demo_data.target_uri, "--store",
-                             str(tmp_path / "store")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "extract", demo_data.target_uri, "--store", str(tmp_path / "store")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     children: set[int] = set()
     while proc.poll() is None:  # whatever it starts must be gone when it is
         try:
@@ -179,9 +228,14 @@ def test_a_prefect_api_url_that_does_not_answer_is_one_line_with_status_3(demo_d
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}/api"
-    done = subprocess.run([sys.executable, "-m", "cli.main", "extract", demo_data.target_uri, "--store",
-                           str(tmp_path / "store")], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PREFECT_API_URL": url})
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "extract", demo_data.target_uri, "--store", str(tmp_path / "store")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PREFECT_API_URL": url},
+    )
     assert done.returncode == 3
     line = _one_error_line(done.stderr)
     assert line.startswith(f"error: the Prefect API at {url} (PREFECT_API_URL) does not answer (")

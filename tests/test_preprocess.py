@@ -145,9 +145,7 @@ def test_loader_batches_in_order(where, num_workers, tmp_path, memory_uri):
     x = torch.cat([x for x, _, _ in batches])
     assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32
     # red rises with the index: (10 i / 255 - 0.5) / 0.25
-    torch.testing.assert_close(
-        x[:, 0].mean(dim=(1, 2)), (torch.arange(5) * 10 / 255 - 0.5) / 0.25, atol=0.05, rtol=0
-    )
+    torch.testing.assert_close(x[:, 0].mean(dim=(1, 2)), (torch.arange(5) * 10 / 255 - 0.5) / 0.25, atol=0.05, rtol=0)
 
 
 def test_decoding_on_the_device_matches_the_worker_path(memory_uri):
@@ -156,20 +154,22 @@ def test_decoding_on_the_device_matches_the_worker_path(memory_uri):
     from adaptflow.preprocess import decode_on_device
 
     uris = _write_images(memory_uri, 4)  # 2 JPEGs, 2 PNGs
-    (x, idx, nbytes), = list(make_loader(uris, build_transform(DATA_CONFIG), 4, 0, "cpu"))
-    (enc, idx2, nbytes2), = list(make_loader(uris, None, 4, 0, "cpu"))
+    ((x, idx, nbytes),) = list(make_loader(uris, build_transform(DATA_CONFIG), 4, 0, "cpu"))
+    ((enc, idx2, nbytes2),) = list(make_loader(uris, None, 4, 0, "cpu"))
     assert isinstance(enc, list) and enc[0].dtype == torch.uint8
     assert torch.equal(idx, idx2) and torch.equal(nbytes, nbytes2)
-    y, pixels = decode_on_device(enc, [build_transform(DATA_CONFIG), geometric_transform(DATA_CONFIG)],
-                                 torch.device("cpu"))
+    y, pixels = decode_on_device(
+        enc, [build_transform(DATA_CONFIG), geometric_transform(DATA_CONFIG)], torch.device("cpu")
+    )
     torch.testing.assert_close(y, x, atol=0.05, rtol=0)
     assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, 32, 32)  # the cache's form of the same images
 
 
 def test_both_gives_two_transforms_of_one_decode(memory_uri):
     uris = _write_images(memory_uri, 3)
-    (batch, idx, _), = list(make_loader(uris, Both(build_transform(DATA_CONFIG), geometric_transform(DATA_CONFIG)),
-                                        3, 0, "cpu"))
+    ((batch, idx, _),) = list(
+        make_loader(uris, Both(build_transform(DATA_CONFIG), geometric_transform(DATA_CONFIG)), 3, 0, "cpu")
+    )
     x, pixels = batch
     assert x.dtype == torch.float32 and pixels.dtype == torch.uint8 and x.shape == pixels.shape == (3, 3, 32, 32)
     # the normalised input is the cached pixels, scaled and normalised

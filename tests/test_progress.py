@@ -53,7 +53,9 @@ def test_a_unit_names_the_tasks_an_advance_counts_for():
         with progress.task("predict target", 150, "images"):
             progress.advance(150, "images")
     assert [line.split(" (")[0] for line in out.getvalue().splitlines()] == [
-        "done: train dann-features: 100/100 steps", "done: predict target: 150/150 images"]
+        "done: train dann-features: 100/100 steps",
+        "done: predict target: 150/150 images",
+    ]
 
 
 def test_threads_report_to_their_own_task_and_pool_threads_to_their_callers():

@@ -13,8 +13,10 @@ from adaptflow.ingest import ingest
 @pytest.fixture(scope="module")
 def store(demo_data, fast_config, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("readers"))
-    manifests = [ingest(uri, domain, f"{root}/ingest/{domain}", fast_config.ingest)
-                 for domain, uri in (("source", demo_data.source_uri), ("target", demo_data.target_uri))]
+    manifests = [
+        ingest(uri, domain, f"{root}/ingest/{domain}", fast_config.ingest)
+        for domain, uri in (("source", demo_data.source_uri), ("target", demo_data.target_uri))
+    ]
     plan = features.plan_extraction([m.index_uri for m in manifests], root, fast_config.backbone, 128)
     for shard in plan.shards:
         features.extract_shard(shard, fast_config.backbone, fast_config.extract)
@@ -38,8 +40,9 @@ def test_duckdb_and_polars_read_the_committed_shards(store):
     frame = pl.read_parquet(files).sort("image_id")
     assert frame.schema["embedding"] == pl.Array(pl.Float16, plan.dim)
     ids = frame["image_id"].head(20).to_list()
-    np.testing.assert_array_equal(frame["embedding"].head(20).to_numpy().astype(np.float32),
-                                  features.load_features(plan.features_uri, ids))
+    np.testing.assert_array_equal(
+        frame["embedding"].head(20).to_numpy().astype(np.float32), features.load_features(plan.features_uri, ids)
+    )
     index = storage.read_table(manifests[0].index_uri).to_pandas()
     joined = pl.from_pandas(index[["image_id", "label"]]).join(frame, on="image_id")
     assert joined.height == manifests[0].n_images and joined["label"].null_count() == 0

@@ -7,18 +7,24 @@ import pytest
 from adaptflow import registry, storage
 from adaptflow.errors import ConfigError, StoreError, UnknownNameError
 
-LINEAGE = registry.Lineage(dataset_snapshot="d" * 16, extractor_fingerprint="f" * 16, config_hash="c" * 16,
-                           code_version="0.1.0")
+LINEAGE = registry.Lineage(
+    dataset_snapshot="d" * 16, extractor_fingerprint="f" * 16, config_hash="c" * 16, code_version="0.1.0"
+)
 
 
 def _metrics(score: float, target: float | None = None) -> dict:
-    return {"selection_score": score, "source_val_accuracy": 0.9, "target_accuracy": target,
-            "source_test_accuracy": 0.88}
+    return {
+        "selection_score": score,
+        "source_val_accuracy": 0.9,
+        "target_accuracy": target,
+        "source_test_accuracy": 0.88,
+    }
 
 
 def _register(store: str, score: float, target: float | None = None, run_id: str = "run") -> registry.ModelVersion:
-    return registry.register(store, storage.join(store, "models", run_id), run_id, LINEAGE, _metrics(score, target),
-                             "dann")
+    return registry.register(
+        store, storage.join(store, "models", run_id), run_id, LINEAGE, _metrics(score, target), "dann"
+    )
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -43,7 +49,12 @@ def test_first_model_is_champion_worse_stays_challenger_better_by_margin_wins(st
     assert better.promoted and better.compared["metric"] == "selection_score"
     assert registry.aliases(store) == {"champion": 3, "challenger": 2}
     assert registry.resolve(store, "champion").run_id == "r3"
-    assert registry.resolve(store, "v2").version == registry.resolve(store, 2).version == registry.resolve(store, "2").version == 2
+    assert (
+        registry.resolve(store, "v2").version
+        == registry.resolve(store, 2).version
+        == registry.resolve(store, "2").version
+        == 2
+    )
     assert [e.action for e in registry.events(store)] == ["promoted", "rejected", "promoted"]
     assert [v.version for v in registry.list_versions(store)] == [1, 2, 3]
 
@@ -60,7 +71,9 @@ def test_gate_uses_the_champion_metrics_it_is_given(store):
 
 def test_margin_is_met_exactly_at_the_boundary():
     assert registry.decide(_metrics(0.44), _metrics(0.43), margin=0.01) == (
-        True, "selection score 0.44 >= champion 0.43 + margin 0.01 (no target accuracy for both)")
+        True,
+        "selection score 0.44 >= champion 0.43 + margin 0.01 (no target accuracy for both)",
+    )
     promoted, reason = registry.decide(_metrics(0.4399), _metrics(0.43), margin=0.01)
     assert not promoted and "0.4399 < champion 0.43 + margin 0.01" in reason
     with pytest.raises(ConfigError, match="margin must be >= 0"):
@@ -129,8 +142,14 @@ def test_unknown_alias_lists_the_valid_ones(store):
 
 def test_versions_are_validated_and_lineage_records_code_version(store):
     with pytest.raises(StoreError, match="metrics lack target_accuracy"):
-        registry.register(store, "m", "r", LINEAGE, {"selection_score": 0.1, "source_val_accuracy": 0.1,
-                                                     "source_test_accuracy": 0.1}, "dann")
+        registry.register(
+            store,
+            "m",
+            "r",
+            LINEAGE,
+            {"selection_score": 0.1, "source_val_accuracy": 0.1, "source_test_accuracy": 0.1},
+            "dann",
+        )
     assert registry.code_version().startswith("0.1.0")
     assert registry.is_ref("champion") and registry.is_ref("v3") and registry.is_ref("12")
     assert not registry.is_ref("models/v3") and not registry.is_ref("/tmp/x")
@@ -139,7 +158,9 @@ def test_versions_are_validated_and_lineage_records_code_version(store):
 def test_a_held_version_is_not_promoted_whatever_its_numbers(store):
     _register(store, 0.40)
     held = registry.gate(store, 1, None, margin=0.0, hold="low confidence: because")
-    assert not held.promoted and held.reason == "low confidence: because" and registry.aliases(store) == {"challenger": 1}
+    assert (
+        not held.promoted and held.reason == "low confidence: because" and registry.aliases(store) == {"challenger": 1}
+    )
     _register(store, 0.30)
     assert registry.gate(store, 2, None, margin=0.0).promoted  # the first unheld one becomes champion
     _register(store, 0.10)

@@ -12,8 +12,18 @@ from cli.main import main
 
 pytestmark = pytest.mark.slow
 
-FAST = ["--set", "backbone.image_size=32", "--set", "extract.num_workers=0", "--set", "head.max_epochs=30",
-        "--set", "ingest.workers=2", "--method", "none"]
+FAST = [
+    "--set",
+    "backbone.image_size=32",
+    "--set",
+    "extract.num_workers=0",
+    "--set",
+    "head.max_epochs=30",
+    "--set",
+    "ingest.workers=2",
+    "--method",
+    "none",
+]
 
 
 def _last_line(capsys) -> str:
@@ -45,14 +55,17 @@ def _recorded_paths(store) -> list[str]:
     return found
 
 
-def test_a_relative_store_works_from_another_folder_and_after_moving_to_s3(demo_data, tmp_path, prefect_harness,
-                                                                           s3_env, monkeypatch, capsys):
+def test_a_relative_store_works_from_another_folder_and_after_moving_to_s3(
+    demo_data, tmp_path, prefect_harness, s3_env, monkeypatch, capsys
+):
     here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
     here.mkdir()
     elsewhere.mkdir()
     monkeypatch.chdir(here)
-    assert main(["run", "--source", demo_data.source_uri, "--target", demo_data.target_uri, "--store", "store0",
-                 *FAST]) == 0
+    assert (
+        main(["run", "--source", demo_data.source_uri, "--target", demo_data.target_uri, "--store", "store0", *FAST])
+        == 0
+    )
     first = RunSummary.load(storage.join(_last_line(capsys), "summary.json"))
     assert first.run_uri.startswith(f"{here}/store0/runs/")
     recorded = _recorded_paths(here / "store0")
@@ -75,8 +88,10 @@ def test_a_relative_store_works_from_another_folder_and_after_moving_to_s3(demo_
     assert _predictions(str(elsewhere / "s3.parquet")) == expected
     # a scheduled run against it: the champion's reference images are found in the S3 copy (the shift test
     # runs, and finds none in the same batch), and the features it needs are all there already
-    assert main(["run", "--source", demo_data.source_uri, "--target", demo_data.target_uri, "--store", s3_store,
-                 *FAST]) == 0
+    assert (
+        main(["run", "--source", demo_data.source_uri, "--target", demo_data.target_uri, "--store", s3_store, *FAST])
+        == 0
+    )
     again = RunSummary.load(storage.join(_last_line(capsys), "summary.json"))
     assert again.shift["test"] is not None and not again.shift["shift_detected"], again.shift
     assert again.extraction["images_extracted"] == 0

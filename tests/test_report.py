@@ -10,8 +10,16 @@ from adaptflow.evaluate import classification_metrics
 from adaptflow.report import embed_2d, render_report, write_report
 
 CLASSES = ["<b>&cat", "dog", "50$ \\frac{$"]  # HTML to escape; a `$` pair that would crash mathtext
-SECTIONS = ["Summary", "Candidates", "Classification metrics", "Source test", "Target", "Domain gap",
-            "Feature embedding (t-SNE)", "Training curves"]
+SECTIONS = [
+    "Summary",
+    "Candidates",
+    "Classification metrics",
+    "Source test",
+    "Target",
+    "Domain gap",
+    "Feature embedding (t-SNE)",
+    "Training curves",
+]
 
 
 def _metrics(seed: int, n: int = 60) -> dict:
@@ -27,37 +35,86 @@ def _domains(seed: int, ns: int = 30, nt: int = 20, d: int = 8) -> tuple[np.ndar
 
 
 def _candidate(name, method, mode, scores, collapsed, acc, **hparams):
-    return {"name": name, "method": method, "mode": mode, "hparams": hparams, "scores": scores,
-            "collapsed": collapsed, "target_accuracy": acc, "seconds": 12.5, "steps": 300, "total_steps": 300,
-            "stopped_at_rung": None}
+    return {
+        "name": name,
+        "method": method,
+        "mode": mode,
+        "hparams": hparams,
+        "scores": scores,
+        "collapsed": collapsed,
+        "target_accuracy": acc,
+        "seconds": 12.5,
+        "steps": 300,
+        "total_steps": 300,
+        "stopped_at_rung": None,
+    }
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
     cands = [
-        _candidate("source_only", "source_only", "features", {"source_val_acc": 0.90, "im": 0.2, "bnm": 0.3,
-                                                               "entropy": -0.4}, False, 0.21, lr=0.01),
-        _candidate("entmin <i>", "im", "features", {"source_val_acc": 0.30, "im": 0.01, "bnm": 0.1,
-                                                     "entropy": -0.01}, True, 0.05, lr=0.01),
-        _candidate("dann", "dann", "images", {"source_val_acc": 0.88, "im": 0.6, "bnm": 0.5,
-                                              "entropy": -0.3}, False, 0.83, lr=0.001, trade_off=1.0),
-        _candidate("cdan", "cdan", "images", {"source_val_acc": 0.87, "im": 0.5, "bnm": 0.6,
-                                              "entropy": -0.2}, False, 0.86, lr=0.001),
+        _candidate(
+            "source_only",
+            "source_only",
+            "features",
+            {"source_val_acc": 0.90, "im": 0.2, "bnm": 0.3, "entropy": -0.4},
+            False,
+            0.21,
+            lr=0.01,
+        ),
+        _candidate(
+            "entmin <i>",
+            "im",
+            "features",
+            {"source_val_acc": 0.30, "im": 0.01, "bnm": 0.1, "entropy": -0.01},
+            True,
+            0.05,
+            lr=0.01,
+        ),
+        _candidate(
+            "dann",
+            "dann",
+            "images",
+            {"source_val_acc": 0.88, "im": 0.6, "bnm": 0.5, "entropy": -0.3},
+            False,
+            0.83,
+            lr=0.001,
+            trade_off=1.0,
+        ),
+        _candidate(
+            "cdan",
+            "cdan",
+            "images",
+            {"source_val_acc": 0.87, "im": 0.5, "bnm": 0.6, "entropy": -0.2},
+            False,
+            0.86,
+            lr=0.001,
+        ),
     ]
     step = np.arange(1, 6)
     return {
         "run_id": "run-<42>",
         "summary": {"source images": 300, "target images": 200, "rejected": 3, "backbone": "resnet18"},
         "candidates": cands,
-        "selection": {"index": 2, "reason": "best mean rank 0.83 over source_val_acc, im, bnm",
-                      "policy": ["source_val_acc", "im", "bnm"], "oracle_index": 3,
-                      "ranks": [0.33, None, 0.83, 0.67], "reference_index": 0, "confident": True,
-                      "confidence": "no worse than source-only source_only on any validator that may judge it"},
+        "selection": {
+            "index": 2,
+            "reason": "best mean rank 0.83 over source_val_acc, im, bnm",
+            "policy": ["source_val_acc", "im", "bnm"],
+            "oracle_index": 3,
+            "ranks": [0.33, None, 0.83, 0.67],
+            "reference_index": 0,
+            "confident": True,
+            "confidence": "no worse than source-only source_only on any validator that may judge it",
+        },
         "metrics": {"source_test": _metrics(0), "target": _metrics(1)},
-        "domain_gap": {"before": {"proxy_a_distance": 1.6, "mmd": 0.21}, "after": {"proxy_a_distance": 0.4, "mmd": 0.03}},
+        "domain_gap": {
+            "before": {"proxy_a_distance": 1.6, "mmd": 0.21},
+            "after": {"proxy_a_distance": 0.4, "mmd": 0.03},
+        },
         "embeddings": {"before": embed_2d(*_domains(0), max_points=40), "after": embed_2d(*_domains(1), max_points=40)},
-        "curves": {c["name"]: [{"step": int(s), "loss": float(2 / s), "cls_loss": float(1 / s)} for s in step]
-                   for c in cands},
+        "curves": {
+            c["name"]: [{"step": int(s), "loss": float(2 / s), "cls_loss": float(1 / s)} for s in step] for c in cands
+        },
     }
 
 
@@ -97,8 +154,14 @@ def test_candidates_stopped_by_successive_halving_say_when(report):
 
 
 def test_low_confidence_is_said_at_the_top_and_under_the_candidates(report):
-    unsure = {**report, "selection": {**report["selection"], "confident": False,
-                                      "confidence": "source-only source_only scores higher on im 0.6 < 0.7"}}
+    unsure = {
+        **report,
+        "selection": {
+            **report["selection"],
+            "confident": False,
+            "confidence": "source-only source_only scores higher on im 0.6 < 0.7",
+        },
+    }
     page = render_report(unsure)
     assert "LOW CONFIDENCE: source-only source_only scores higher on im 0.6 &lt; 0.7" in page
     assert "<b>Low confidence</b>: source-only source_only scores higher on im" in page
@@ -130,7 +193,9 @@ def test_absent_sections_are_skipped():
 
 def test_label_free_verdict_and_no_accuracy_column(report):
     cands = [{**c, "target_accuracy": None} for c in report["candidates"]]
-    page = render_report({"run_id": "r", "candidates": cands, "selection": {**report["selection"], "oracle_index": None}})
+    page = render_report(
+        {"run_id": "r", "candidates": cands, "selection": {**report["selection"], "oracle_index": None}}
+    )
     assert "label-free scores source_val_acc 0.880, im 0.600, bnm 0.500 (no target labels)" in page
     assert "target acc" not in page and "badge b-oracle" not in page and "Selected vs oracle" not in page
 
@@ -164,5 +229,7 @@ def test_write_report_round_trips(report, page, memory_uri):
 
 def test_numpy_scalars_read_as_numbers(report):
     cands = [{**c, "scores": {k: np.float32(v) for k, v in c["scores"].items()}} for c in report["candidates"]]
-    page = render_report({"run_id": "r", "candidates": cands, "selection": {**report["selection"], "index": np.int64(2)}})
+    page = render_report(
+        {"run_id": "r", "candidates": cands, "selection": {**report["selection"], "index": np.int64(2)}}
+    )
     assert _rows(page)[0].startswith('<tr class="selected">') and '<td class="n">0.880</td>' in page

@@ -69,8 +69,11 @@ def test_missing_objects_are_store_errors_that_name_the_uri(bucket):
 @pytest.mark.parametrize("op", ["write", "read", "table"])
 def test_a_missing_bucket_is_a_store_error_naming_the_uri(s3_env, op):
     uri = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/store/x.parquet"
-    call = {"write": lambda: storage.write_bytes(uri, b"x"), "read": lambda: storage.read_bytes(uri),
-            "table": lambda: storage.read_table(uri)}[op]
+    call = {
+        "write": lambda: storage.write_bytes(uri, b"x"),
+        "read": lambda: storage.read_bytes(uri),
+        "table": lambda: storage.read_table(uri),
+    }[op]
     start = time.monotonic()
     with pytest.raises(StoreError, match="not found: s3://no-such-bucket") as e:
         call()
@@ -88,8 +91,12 @@ def test_wrong_credentials_are_refused_with_a_store_error_without_secrets(bucket
     bad = "WRONG" + uuid.uuid4().hex
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY" if wrong == "secret" else "AWS_ACCESS_KEY_ID", bad)
     s3fs.S3FileSystem.clear_instance_cache()
-    for call in (lambda: storage.write_json(uri, {"ok": False}), lambda: storage.read_json(uri),
-                 lambda: storage.exists(uri), lambda: storage.list_uris(storage.join(bucket, "store"))):
+    for call in (
+        lambda: storage.write_json(uri, {"ok": False}),
+        lambda: storage.read_json(uri),
+        lambda: storage.exists(uri),
+        lambda: storage.list_uris(storage.join(bucket, "store")),
+    ):
         start = time.monotonic()
         with pytest.raises(StoreError, match="access denied") as e:
             call()
@@ -150,8 +157,9 @@ def test_a_server_restart_is_ridden_out_with_backoff(bucket, s3_env, caplog, mon
 
 
 @pytest.mark.slow
-def test_retrain_flow_entirely_on_s3_leaks_no_credentials(demo_data, fast_config, s3_env, bucket, prefect_harness,
-                                                          caplog, capfd):
+def test_retrain_flow_entirely_on_s3_leaks_no_credentials(
+    demo_data, fast_config, s3_env, bucket, prefect_harness, caplog, capfd
+):
     from adaptflow.runs import RunSummary
     from flows.retrain import retrain
 
@@ -163,8 +171,13 @@ def test_retrain_flow_entirely_on_s3_leaks_no_credentials(demo_data, fast_config
     caplog.set_level(logging.INFO)
     caplog.set_level(logging.INFO, logger="prefect")  # flow and task run logs too, not only warnings
 
-    run = retrain(storage.join(data, "source"), storage.join(data, "target"),
-                  storage.join(data, "target_labels.csv"), store, fast_config.model_dump(mode="json"))
+    run = retrain(
+        storage.join(data, "source"),
+        storage.join(data, "target"),
+        storage.join(data, "target_labels.csv"),
+        store,
+        fast_config.model_dump(mode="json"),
+    )
 
     assert run.startswith(store + "/runs/")
     summary = RunSummary.load(storage.join(run, "summary.json"))
@@ -192,8 +205,12 @@ def test_retrain_flow_entirely_on_s3_leaks_no_credentials(demo_data, fast_config
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        links = {a.key: a.data for a in client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["adaptflow-report", "adaptflow-history"])))}
+        links = {
+            a.key: a.data
+            for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["adaptflow-report", "adaptflow-history"]))
+            )
+        }
     assert set(links) == {"adaptflow-report", "adaptflow-history"}
     for link in links.values():
         url = link.split("(", 1)[1].rstrip(")") if link.startswith("[") else link  # markdown [text](url)
@@ -228,8 +245,9 @@ def test_a_dataset_behind_wrong_credentials_is_one_clear_error_naming_it(bucket,
 
 
 @pytest.mark.slow
-def test_the_s3_server_stopped_and_restarted_during_extraction(demo_data, fast_config, s3_env, bucket,
-                                                               prefect_harness, monkeypatch, caplog, capfd):
+def test_the_s3_server_stopped_and_restarted_during_extraction(
+    demo_data, fast_config, s3_env, bucket, prefect_harness, monkeypatch, caplog, capfd
+):
     """The extract flow on S3 loses the server for 3 s after its first shard: backoff carries it through,
     and the store ends with exactly one row per valid image."""
     import s3fs
@@ -241,9 +259,12 @@ def test_the_s3_server_stopped_and_restarted_during_extraction(demo_data, fast_c
     fs = s3_env.filesystem()
     fs.put(demo_data.source_uri + "/", storage.join(bucket, "source").removeprefix("s3://"), recursive=True)
     store = storage.join(bucket, "store")
-    settings = fast_config.model_copy(update={  # ~20 shards of ~0.3 s: the outage lands mid-run
-        "extract": fast_config.extract.model_copy(update={"shard_size": 8}),
-        "backbone": fast_config.backbone.model_copy(update={"image_size": 128})})
+    settings = fast_config.model_copy(
+        update={  # ~20 shards of ~0.3 s: the outage lands mid-run
+            "extract": fast_config.extract.model_copy(update={"shard_size": 8}),
+            "backbone": fast_config.backbone.model_copy(update={"image_size": 128}),
+        }
+    )
     outage = {}
 
     def interrupt() -> None:
@@ -270,8 +291,11 @@ def test_the_s3_server_stopped_and_restarted_during_extraction(demo_data, fast_c
     assert outage["at"] < finished  # the server really went away mid-run ...
     logs = caplog.text + "".join(capfd.readouterr())  # Prefect reconfigures logging mid-run: read stderr too
     assert "store unreachable: s3://" in logs and "retrying in" in logs  # ... and was waited for
-    ids = [i for f in shards.committed_files(features_uri)
-           for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()]
+    ids = [
+        i
+        for f in shards.committed_files(features_uri)
+        for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()
+    ]
     assert len(ids) == len(set(ids)) == len(list(Path(demo_data.source_uri).rglob("*.png")))
 
 

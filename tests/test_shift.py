@@ -22,8 +22,7 @@ def _naive_mmd2(a: np.ndarray, b: np.ndarray) -> float:
     k = np.exp(-d / (2 * np.median(d[~np.eye(len(d), dtype=bool)])))
     m, n = len(a), len(b)
     kxx, kyy, kxy = k[:m, :m], k[m:, m:], k[:m, m:]
-    return ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-            - 2 * kxy.mean())
+    return (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean()
 
 
 def test_same_distribution_is_not_detected():
@@ -35,8 +34,10 @@ def test_same_distribution_is_not_detected():
 
 def test_false_positive_rate_is_near_alpha():
     # 20 fresh pairs from one distribution: about one in 20 may fall below 0.05, by design.
-    p = [mmd_permutation_test(_embeddings(60, 2 * s), _embeddings(40, 2 * s + 1), n_permutations=100, seed=s).p_value
-         for s in range(20)]
+    p = [
+        mmd_permutation_test(_embeddings(60, 2 * s), _embeddings(40, 2 * s + 1), n_permutations=100, seed=s).p_value
+        for s in range(20)
+    ]
     assert sum(x < 0.05 for x in p) <= 2, p
 
 

@@ -35,8 +35,17 @@ def test_missing_files_give_store_errors(memory_uri):
 
 
 def test_manifest_schema_version_is_checked(memory_uri):
-    m = IngestManifest(domain="source", dataset_uri="d", index_uri="i", rejects_uri="r", n_images=1,
-                       n_rejected=0, classes=["a"], fingerprint="f", seconds=0.1)
+    m = IngestManifest(
+        domain="source",
+        dataset_uri="d",
+        index_uri="i",
+        rejects_uri="r",
+        n_images=1,
+        n_rejected=0,
+        classes=["a"],
+        fingerprint="f",
+        seconds=0.1,
+    )
     uri = storage.join(memory_uri, "manifest.json")
     m.commit(uri)
     assert IngestManifest.load(uri) == m
@@ -89,12 +98,18 @@ def test_a_bad_store_location_is_one_store_error_at_once(case, tmp_path):
 
     (tmp_path / "plain").write_text("not a folder")
     (tmp_path / "ro").mkdir()
-    uri = {"plain file": str(tmp_path / "plain"), "read-only folder": str(tmp_path / "ro" / "store"),
-           "unknown scheme": "foo://x", "path through a file": str(tmp_path / "plain" / "store")}[case]
-    expected = {"plain file": f"cannot use {uri}: it is a file, not a folder",
-                "read-only folder": f"cannot write to {uri}: ",
-                "unknown scheme": "unknown storage scheme foo:// in foo://x",
-                "path through a file": f"cannot write to {uri}: not a directory"}[case]
+    uri = {
+        "plain file": str(tmp_path / "plain"),
+        "read-only folder": str(tmp_path / "ro" / "store"),
+        "unknown scheme": "foo://x",
+        "path through a file": str(tmp_path / "plain" / "store"),
+    }[case]
+    expected = {
+        "plain file": f"cannot use {uri}: it is a file, not a folder",
+        "read-only folder": f"cannot write to {uri}: ",
+        "unknown scheme": "unknown storage scheme foo:// in foo://x",
+        "path through a file": f"cannot write to {uri}: not a directory",
+    }[case]
     if case == "read-only folder":
         _read_only(tmp_path / "ro")
     try:

@@ -25,15 +25,24 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
     cfg, run = fast_config, f"{memory_uri}/runs/r1"
     clock = StageClock()
     with clock("ingest"):
-        datasets = {d: ingest_dataset.fn(uri, d, f"{run}/ingest/{d}", cfg.ingest, cfg.seed)
-                    for d, uri in [("source", demo_data.source_uri), ("target", demo_data.target_uri),
-                                   ("target_labels", demo_data.target_labels_uri)]}
+        datasets = {
+            d: ingest_dataset.fn(uri, d, f"{run}/ingest/{d}", cfg.ingest, cfg.seed)
+            for d, uri in [
+                ("source", demo_data.source_uri),
+                ("target", demo_data.target_uri),
+                ("target_labels", demo_data.target_labels_uri),
+            ]
+        }
     assert all(isinstance(m, IngestManifest) for m in datasets.values())
     assert datasets["target"].n_rejected == 2
 
     with clock("extract"):
-        plan = plan_extraction.fn([datasets["source"].index_uri, datasets["target"].index_uri], memory_uri,
-                                  cfg.backbone, cfg.extract.shard_size)
+        plan = plan_extraction.fn(
+            [datasets["source"].index_uri, datasets["target"].index_uri],
+            memory_uri,
+            cfg.backbone,
+            cfg.extract.shard_size,
+        )
         shards = [extract_shard.fn(s, cfg.backbone, cfg.extract) for s in plan.shards]
         compaction = compact_features.fn(plan.features_uri, cfg.extract)
     assert isinstance(plan, ExtractionPlan) and all(isinstance(s, ShardResult) for s in shards)
@@ -47,8 +56,12 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
 
     specs = plan_candidates.fn(cfg)
     assert [s.name for s in specs] == ["source_only-features", "dann-features", "dann-images"]
-    candidates = [train_candidate.fn(s, datasets["source"], datasets["target"], datasets["target_labels"], plan,
-                                     cfg, f"{run}/candidates") for s in specs[1:]]
+    candidates = [
+        train_candidate.fn(
+            s, datasets["source"], datasets["target"], datasets["target_labels"], plan, cfg, f"{run}/candidates"
+        )
+        for s in specs[1:]
+    ]
     assert all(isinstance(c, CandidateManifest) for c in candidates)
     selection = select_model.fn(head, candidates, cfg)
     assert isinstance(selection, SelectionManifest) and selection.index in (0, 1)
@@ -61,15 +74,32 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
     preds = predict(datasets["target"], f"{run}/predictions.parquet")
     test = predict(datasets["source"], f"{run}/source_test.parquet", split="test")
     assert isinstance(preds, PredictionManifest) and preds.n_predictions == datasets["target"].n_images
-    evaluation = evaluate.fn(datasets["source"], test, preds, datasets["target_labels"], head.classes,
-                             f"{run}/metrics.json")
+    evaluation = evaluate.fn(
+        datasets["source"], test, preds, datasets["target_labels"], head.classes, f"{run}/metrics.json"
+    )
     assert isinstance(evaluation, EvaluationManifest) and evaluation.target["n"] == datasets["target"].n_images
 
-    report = write_report.fn(run, datasets["source"], datasets["target"], plan, candidates, selection, evaluation,
-                             evaluation)
+    report = write_report.fn(
+        run, datasets["source"], datasets["target"], plan, candidates, selection, evaluation, evaluation
+    )
     assert storage.read_bytes(report.report_uri).startswith(b"<!DOCTYPE html>")
-    summary = write_summary.fn("r1", run, cfg, datasets, plan, shards, compaction, head, candidates, selection,
-                               [preds, test], evaluation, evaluation, report, clock.seconds)
+    summary = write_summary.fn(
+        "r1",
+        run,
+        cfg,
+        datasets,
+        plan,
+        shards,
+        compaction,
+        head,
+        candidates,
+        selection,
+        [preds, test],
+        evaluation,
+        evaluation,
+        report,
+        clock.seconds,
+    )
     assert isinstance(summary, RunSummary)
     assert set(summary.stages) == {"ingest", "extract"}  # the stages this test timed
     assert summary.stages["extract"]["images"] == sum(s.n_rows for s in shards)
@@ -93,8 +123,9 @@ def test_user_errors_are_not_retried_but_io_errors_are():
     assert retry_unless_user_error(None, None, Failed(data=StoreUnavailableError("store unreachable: s3://b")))
 
 
-def test_prefect_retries_a_store_that_was_unreachable_and_not_a_bad_one(memory_uri, fast_config, demo_data,
-                                                                        prefect_harness, monkeypatch):
+def test_prefect_retries_a_store_that_was_unreachable_and_not_a_bad_one(
+    memory_uri, fast_config, demo_data, prefect_harness, monkeypatch
+):
     """The ingest task itself, run by Prefect: an unreachable store is retried (and the run goes on once it is
     back); a store that refuses the write fails at once, after one try."""
     from prefect import flow
@@ -133,4 +164,3 @@ def test_prefect_retries_a_store_that_was_unreachable_and_not_a_bad_one(memory_u
 def test_ingest_task_raises_the_user_message(memory_uri, fast_config):
     with pytest.raises(DatasetError, match="dataset not found"):
         ingest_dataset.fn(f"{memory_uri}/missing", "source", f"{memory_uri}/out", fast_config.ingest, 0)
-

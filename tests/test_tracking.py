@@ -26,24 +26,33 @@ def _client(uri):
 
 
 @pytest.mark.slow
-def test_runs_and_the_registry_are_mirrored_to_mlflow(demo_data, fast_config, tmp_path, prefect_harness, mlflow_uri,
-                                                      monkeypatch, capsys):
+def test_runs_and_the_registry_are_mirrored_to_mlflow(
+    demo_data, fast_config, tmp_path, prefect_harness, mlflow_uri, monkeypatch, capsys
+):
     from flows.retrain import retrain
 
     store = str(tmp_path / "store")
     settings = {**fast_config.model_dump(mode="json"), "tracking": {"mlflow_uri": mlflow_uri}}
-    first = RunSummary.load(storage.join(retrain(demo_data.source_uri, demo_data.target_uri,
-                                                 demo_data.target_labels_uri, store, settings), "summary.json"))
+    first = RunSummary.load(
+        storage.join(
+            retrain(demo_data.source_uri, demo_data.target_uri, demo_data.target_labels_uri, store, settings),
+            "summary.json",
+        )
+    )
     # a shifted batch, head only: retrained and gated, so the registry has a second version
     head_only = {**settings, "adapt": {**settings["adapt"], "method": "none"}}
-    second = RunSummary.load(storage.join(retrain(demo_data.source_uri, demo_data.source_uri, None, store, head_only),
-                                          "summary.json"))
+    second = RunSummary.load(
+        storage.join(retrain(demo_data.source_uri, demo_data.source_uri, None, store, head_only), "summary.json")
+    )
     assert first.promotion["version"] == 1 and second.promotion["version"] == 2
 
     client = _client(mlflow_uri)
     experiment = client.get_experiment_by_name("adaptflow")
-    runs = {r.data.tags["adaptflow.run_id"]: r for r in client.search_runs([experiment.experiment_id])
-            if "mlflow.parentRunId" not in r.data.tags}
+    runs = {
+        r.data.tags["adaptflow.run_id"]: r
+        for r in client.search_runs([experiment.experiment_id])
+        if "mlflow.parentRunId" not in r.data.tags
+    }
     assert set(runs) == {first.run_id, second.run_id}
     run = runs[first.run_id]
     assert run.info.status == "FINISHED" and run.info.run_name == first.run_id
@@ -56,30 +65,39 @@ def test_runs_and_the_registry_are_mirrored_to_mlflow(demo_data, fast_config, tm
     assert run.data.metrics["selected.im"] == pytest.approx(first.adaptation["scores"]["im"])
     assert run.data.metrics["promoted"] == 1.0
     # each candidate a nested run with its scores
-    children = client.search_runs([experiment.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == sorted(c["name"] for c in first.adaptation["candidates"])
     for child in children:
         candidate = next(c for c in first.adaptation["candidates"] if c["name"] == child.info.run_name)
         assert child.data.metrics["score.bnm"] == pytest.approx(candidate["scores"]["bnm"])
         assert child.data.tags["adaptflow.selected"] == str(candidate["name"] == first.adaptation["selected"]).lower()
     # the report and the summary as artifacts
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"summary.json", "metrics.json", "report.html",
-                                                                      "model"}
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/weights.safetensors",
-                                                                                 "model/model.json"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "summary.json",
+        "metrics.json",
+        "report.html",
+        "model",
+    }
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {
+        "model/weights.safetensors",
+        "model/model.json",
+    }
 
     # the registered models and aliases: exactly adaptflow's
     versions = {mv.tags["adaptflow.version"]: mv for mv in client.search_model_versions("name = 'adaptflow'")}
     assert set(versions) == {"1", "2"}
     assert versions["1"].run_id == run.info.run_id and versions["2"].run_id == runs[second.run_id].info.run_id
     adaptflow_aliases = registry.aliases(store)
-    mirrored = {a: int(client.get_model_version_by_alias("adaptflow", a).tags["adaptflow.version"])
-                for a in client.get_registered_model("adaptflow").aliases}
+    mirrored = {
+        a: int(client.get_model_version_by_alias("adaptflow", a).tags["adaptflow.version"])
+        for a in client.get_registered_model("adaptflow").aliases
+    }
     assert mirrored == adaptflow_aliases and "champion" in mirrored
     with capsys.disabled():  # for the record, with -s
-        print(f"\nMLflow runs: {sorted(runs)}; adaptflow aliases {adaptflow_aliases}; MLflow aliases "
-              f"{dict(client.get_registered_model('adaptflow').aliases)} (MLflow version numbers)")
+        print(
+            f"\nMLflow runs: {sorted(runs)}; adaptflow aliases {adaptflow_aliases}; MLflow aliases "
+            f"{dict(client.get_registered_model('adaptflow').aliases)} (MLflow version numbers)"
+        )
 
     # a promotion by hand is mirrored too (MLFLOW_TRACKING_URI names the store for the command line)
     monkeypatch.setenv(tracking.ENV, mlflow_uri)
@@ -93,11 +111,17 @@ def test_runs_and_the_registry_are_mirrored_to_mlflow(demo_data, fast_config, tm
 
 
 def _summary(store: str, run_id: str, version: int | None, model_uri: str) -> dict:
-    return {"run_id": run_id, "run_uri": storage.join(store, "runs", run_id), "status": "trained",
-            "config_hash": "c", "config": {"adapt": {"method": "dann"}, "runtime": {"credentials_block": "aws"}},
-            "model_uri": model_uri, "metrics": {"source_test": {"accuracy": 0.5}},
-            "promotion": {"version": version, "reason": "no champion yet"} if version else None,
-            "adaptation": {"selected": "dann-features", "candidates": []}}
+    return {
+        "run_id": run_id,
+        "run_uri": storage.join(store, "runs", run_id),
+        "status": "trained",
+        "config_hash": "c",
+        "config": {"adapt": {"method": "dann"}, "runtime": {"credentials_block": "aws"}},
+        "model_uri": model_uri,
+        "metrics": {"source_test": {"accuracy": 0.5}},
+        "promotion": {"version": version, "reason": "no champion yet"} if version else None,
+        "adaptation": {"selected": "dann-features", "candidates": []},
+    }
 
 
 def _registered_model(store: str, run_id: str) -> tuple[int, str]:
@@ -106,9 +130,14 @@ def _registered_model(store: str, run_id: str) -> tuple[int, str]:
     model_uri = storage.join(store, "models", run_id)
     _saved_head(model_uri)
     lineage = registry.Lineage(dataset_snapshot="d", extractor_fingerprint="f", config_hash="c", code_version="t")
-    mv = registry.register(store, model_uri, run_id, lineage, {"selection_score": 0.5, "source_val_accuracy": 0.5,
-                                                              "target_accuracy": None, "source_test_accuracy": None},
-                           "dann-features")
+    mv = registry.register(
+        store,
+        model_uri,
+        run_id,
+        lineage,
+        {"selection_score": 0.5, "source_val_accuracy": 0.5, "target_accuracy": None, "source_test_accuracy": None},
+        "dann-features",
+    )
     return mv.version, model_uri
 
 
@@ -149,10 +178,20 @@ def test_an_unreachable_tracking_server_warns_and_the_task_returns(tmp_path, pre
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    summary = RunSummary(run_id="r", run_uri=str(tmp_path / "runs" / "r"), finished_at="t", config={}, config_hash="c",
-                         datasets={}, extraction={}, timings={})
+    summary = RunSummary(
+        run_id="r",
+        run_uri=str(tmp_path / "runs" / "r"),
+        finished_at="t",
+        config={},
+        config_hash="c",
+        datasets={},
+        extraction={},
+        timings={},
+    )
     caplog.set_level(logging.WARNING)
     assert track_run(summary, str(tmp_path), TrackingConfig(mlflow_uri=f"http://127.0.0.1:{port}")) is None
     logs = caplog.text + capfd.readouterr().err  # Prefect's console handler writes the task's logs to stderr
-    assert "MLflow tracking failed, the run itself is complete: ConnectionError: the MLflow tracking server " \
-           f"http://127.0.0.1:{port} does not answer" in logs
+    assert (
+        "MLflow tracking failed, the run itself is complete: ConnectionError: the MLflow tracking server "
+        f"http://127.0.0.1:{port} does not answer" in logs
+    )

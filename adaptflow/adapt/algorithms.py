@@ -318,7 +318,9 @@ class IM(Algorithm):
     """Source cross-entropy plus information maximisation on the target (SHOT's entropy + diversity)."""
 
     key = "im"
-    objectives = frozenset({"im", "entropy", "bnm", "snd"})  # IM itself, and the scores of confident, diverse predictions
+    objectives = frozenset(
+        {"im", "entropy", "bnm", "snd"}
+    )  # IM itself, and the scores of confident, diverse predictions
 
     def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
         xs, ys = source

@@ -35,9 +35,10 @@ def save_checkpoint(folder: str, algorithm: Algorithm, step: int) -> None:
                 state_meta[str(index)][name] = value
     scheduler = {k: v for k, v in algorithm.scheduler.state_dict().items() if k != "lr_lambdas"}
     storage.write_bytes(storage.join(folder, "state.safetensors"), save_safetensors(tensors))
-    storage.write_json(storage.join(folder, "checkpoint.json"),
-                       {"step": step, "param_groups": opt["param_groups"], "state": state_meta,
-                        "scheduler": scheduler})
+    storage.write_json(
+        storage.join(folder, "checkpoint.json"),
+        {"step": step, "param_groups": opt["param_groups"], "state": state_meta, "scheduler": scheduler},
+    )
 
 
 def checkpoint_step(folder: str) -> int | None:
@@ -52,14 +53,14 @@ def load_checkpoint(folder: str, algorithm: Algorithm) -> int:
     meta = storage.read_json(storage.join(folder, "checkpoint.json"))
     tensors = load_safetensors(storage.read_bytes(storage.join(folder, "state.safetensors")))
     try:
-        algorithm.load_state_dict({k[len(_MODEL):]: v for k, v in tensors.items() if k.startswith(_MODEL)})
+        algorithm.load_state_dict({k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)})
     except RuntimeError as e:
         raise StoreError(f"the checkpoint at {folder} does not fit this candidate: {str(e).splitlines()[0]}") from None
     optimizer = algorithm.configure_optimizer()
     state: dict[int, dict] = {int(i): dict(values) for i, values in meta["state"].items()}
     for key, value in tensors.items():
         if key.startswith(_OPTIMIZER):
-            index, name = key[len(_OPTIMIZER):].split(".", 1)
+            index, name = key[len(_OPTIMIZER) :].split(".", 1)
             state.setdefault(int(index), {})[name] = value
     device = next(algorithm.parameters()).device
     state = {i: {k: v.to(device) if isinstance(v, Tensor) else v for k, v in s.items()} for i, s in state.items()}

@@ -152,8 +152,9 @@ def fit_images(
     start: int = 0,
     stop: int | None = None,
 ) -> list[dict[str, float]]:
-    """Run updates `start` .. `stop - 1` of a `steps`-step schedule end to end on uint8 images (source_x, source_y) and unlabelled
-    target_x, moving `algorithm` to `device` (see `adapt.train.fit`, whose curve it returns). `strategy`
+    """Run updates `start` .. `stop - 1` of a `steps`-step schedule end to end on uint8 images (source_x,
+    source_y) and unlabelled target_x, moving `algorithm` to `device` (see `adapt.train.fit`, whose curve it
+    returns). `strategy`
     (a key of STRATEGIES) decides which part of the featurizer trains at each step: "full", "lp_ft"
     (frozen for the first `lp_fraction` of the steps, then all) or "gradual" (one more block every
     `unfreeze_every` steps, by default all unfrozen halfway). Each batch is shifted by a random
@@ -187,8 +188,22 @@ def fit_images(
             x = _translate(x, shift, torch.Generator(device=device).manual_seed(step_seed(seed, draw, 4)))
         return x
 
-    return fit(algorithm, source_x, source_y, target_x, steps, batch_size, seed, start=start, stop=stop, prepare=prepare,
-               before_step=before_step, autocast=True, log_every=log_every, time_budget_s=time_budget_s)
+    return fit(
+        algorithm,
+        source_x,
+        source_y,
+        target_x,
+        steps,
+        batch_size,
+        seed,
+        start=start,
+        stop=stop,
+        prepare=prepare,
+        before_step=before_step,
+        autocast=True,
+        log_every=log_every,
+        time_budget_s=time_budget_s,
+    )
 
 
 def infer_images(
@@ -198,5 +213,4 @@ def infer_images(
     (where `algorithm` is moved), `batch_size` images at a time; the training mode is restored."""
     device = torch.device(device)
     algorithm.to(device)
-    return infer(algorithm, x_uint8, batch_size, prepare=lambda x, draw: x.to(device, non_blocking=True),
-                 autocast=True)
+    return infer(algorithm, x_uint8, batch_size, prepare=lambda x, draw: x.to(device, non_blocking=True), autocast=True)

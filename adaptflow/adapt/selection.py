@@ -70,8 +70,14 @@ def select(candidates: Sequence[Candidate], policy: Sequence[str]) -> Selection:
     alive = [i for i, c in enumerate(candidates) if not c.collapsed]
     if not alive:
         best = max(range(len(candidates)), key=lambda i: (acc[i], -i))
-        return Selection(best, f"all {len(candidates)} candidates collapsed; fell back to the best source_val_acc",
-                         False, "every candidate collapsed", None, [None] * len(candidates))
+        return Selection(
+            best,
+            f"all {len(candidates)} candidates collapsed; fell back to the best source_val_acc",
+            False,
+            "every candidate collapsed",
+            None,
+            [None] * len(candidates),
+        )
     missing = [(candidates[i].name, n) for i in alive for n in policy if n not in candidates[i].scores]
     if missing:
         raise ValueError(f"candidates lack validator scores (name, validator): {missing}")
@@ -80,8 +86,10 @@ def select(candidates: Sequence[Candidate], policy: Sequence[str]) -> Selection:
     reference = _reference(candidates, alive, acc, rank)
     order = sorted((i for i in alive if rank[i] is not None), key=lambda i: (-rank[i], -acc[i], i))
     if not order:
-        raise ValueError(f"no validator of the policy {list(policy)} may judge any candidate: every one "
-                         "optimised them all; add source_val_acc to the policy")
+        raise ValueError(
+            f"no validator of the policy {list(policy)} may judge any candidate: every one "
+            "optimised them all; add source_val_acc to the policy"
+        )
     skipped, pick = [], reference
     for i in order:
         drop = acc[reference] - acc[i] if reference is not None else 0.0
@@ -92,15 +100,22 @@ def select(candidates: Sequence[Candidate], policy: Sequence[str]) -> Selection:
         skipped.append(f"{candidates[i].name} ({drop:.3f} lower, p = {p:.3f})")
 
     n_collapsed = len(candidates) - len(alive)
-    reason = (f"best mean rank {rank[pick]:.2f} over {', '.join(policy)} among {len(alive)} non-collapsed "
-              f"candidates ({n_collapsed} collapsed skipped)")
-    gamed = sorted(f"{candidates[i].name}: {'/'.join(sorted(candidates[i].objectives & set(policy)))}"
-                   for i in alive if candidates[i].objectives & set(policy))
+    reason = (
+        f"best mean rank {rank[pick]:.2f} over {', '.join(policy)} among {len(alive)} non-collapsed "
+        f"candidates ({n_collapsed} collapsed skipped)"
+    )
+    gamed = sorted(
+        f"{candidates[i].name}: {'/'.join(sorted(candidates[i].objectives & set(policy)))}"
+        for i in alive
+        if candidates[i].objectives & set(policy)
+    )
     if gamed:
         reason += f"; not judged by what they optimised: {', '.join(gamed)}"
     if skipped:
-        reason += (f"; skipped, more than {MAX_SOURCE_DROP} less accurate on source validation than source-only "
-                   f"{candidates[reference].name}: " + ", ".join(skipped))
+        reason += (
+            f"; skipped, more than {MAX_SOURCE_DROP} less accurate on source validation than source-only "
+            f"{candidates[reference].name}: " + ", ".join(skipped)
+        )
     confident, why = _confidence(candidates, pick, reference, policy)
     return Selection(pick, reason, confident, why, reference, rank)
 
@@ -126,8 +141,9 @@ def percentile_ranks(values: Sequence[float]) -> list[float]:
     return list((below + ties / 2) / (len(x) - 1))
 
 
-def _reference(candidates: Sequence[Candidate], alive: Sequence[int], acc: list[float],
-               rank: list[float | None]) -> int | None:
+def _reference(
+    candidates: Sequence[Candidate], alive: Sequence[int], acc: list[float], rank: list[float | None]
+) -> int | None:
     """The healthy source-only candidate with the best source_val_acc (then rank, then the earlier one)."""
     pool = [i for i in alive if candidates[i].source_only]
     return max(pool, key=lambda i: (acc[i], rank[i] if rank[i] is not None else -1.0, -i)) if pool else None
@@ -146,8 +162,9 @@ def _less_accurate(a: Candidate, b: Candidate | None) -> tuple[bool, float]:
     return p < SIGNIFICANCE, p
 
 
-def _confidence(candidates: Sequence[Candidate], pick: int, reference: int | None,
-                policy: Sequence[str]) -> tuple[bool, str]:
+def _confidence(
+    candidates: Sequence[Candidate], pick: int, reference: int | None, policy: Sequence[str]
+) -> tuple[bool, str]:
     if reference is None:
         return False, "no healthy source-only candidate to compare the pick with"
     ref = candidates[reference]
@@ -166,8 +183,7 @@ def _confidence(candidates: Sequence[Candidate], pick: int, reference: int | Non
             against.append(f"{n} {a:.3f} < {b:.3f}")
     if against:
         return False, f"source-only {ref.name} scores higher on " + ", ".join(against)
-    return True, (f"no worse than source-only {ref.name} on any validator that may judge it "
-                  f"({', '.join(judged)})")
+    return True, (f"no worse than source-only {ref.name} on any validator that may judge it ({', '.join(judged)})")
 
 
 def _finite(x: float) -> float:

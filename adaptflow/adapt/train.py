@@ -78,7 +78,7 @@ class Sampler:
         epoch, k = divmod(step, self.per_epoch)
         if epoch != self._epoch:
             self._epoch, self._order = epoch, self.rows.epoch_order(self.seed, epoch)
-        return self._order[k * self.batch:(k + 1) * self.batch]
+        return self._order[k * self.batch : (k + 1) * self.batch]
 
 
 # (a batch as stored, draw) -> the model's input on its device; `draw` keys the batch's random numbers
@@ -132,15 +132,18 @@ def fit(
         elapsed = time.perf_counter() - began
         over = time_budget_s is not None and elapsed > time_budget_s
         if (step + 1) % log_every == 0 or step + 1 == stop or over:
-            curve.append({"step": step + 1, **losses, "elapsed_s": elapsed, **({"budget_exceeded": 1.0} if over else {})})
+            curve.append(
+                {"step": step + 1, **losses, "elapsed_s": elapsed, **({"budget_exceeded": 1.0} if over else {})}
+            )
         if over:
             break
     return curve
 
 
 @torch.no_grad()
-def infer(model: nn.Module, x: Tensor | Rows, batch_size: int = 1024, prepare: Prepare | None = None,
-          autocast: bool = False) -> tuple[Tensor, Tensor]:
+def infer(
+    model: nn.Module, x: Tensor | Rows, batch_size: int = 1024, prepare: Prepare | None = None, autocast: bool = False
+) -> tuple[Tensor, Tensor]:
     """(logits (N, C), model features (N, d)) float32 on the CPU in row order, in eval mode, reading
     `batch_size` rows at a time; the training mode is restored. `model` is an `Algorithm` or a head:
     anything with `features(x)`, `classify(z)`, `num_classes` and `feature_dim`."""

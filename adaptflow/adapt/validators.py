@@ -152,8 +152,9 @@ def _density_ratio(source: Tensor, target: Tensor, at: Tensor, max_points: int, 
     x = np.concatenate([xs, xt])
     pca = PCA(min(64, *x.shape), random_state=seed).fit(x)
     scaler = StandardScaler().fit(pca.transform(x))
-    clf = LogisticRegression(C=0.1, max_iter=2000).fit(scaler.transform(pca.transform(x)),
-                                                        np.r_[np.zeros(len(xs)), np.ones(len(xt))])
+    clf = LogisticRegression(C=0.1, max_iter=2000).fit(
+        scaler.transform(pca.transform(x)), np.r_[np.zeros(len(xs)), np.ones(len(xt))]
+    )
     p = clf.predict_proba(scaler.transform(pca.transform(at.double().cpu().numpy())))[:, 1]
     w = np.clip(p / np.clip(1 - p, 1e-12, None) * len(xs) / len(xt), 0.0, max_weight)
     return w / w.mean() if w.mean() > 0 else np.ones_like(w)
