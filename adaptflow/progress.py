@@ -51,13 +51,14 @@ class Bar:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def describe(self) -> str:
-        """`extract shard 1/2: 512/824 images (62%, 3.1 s)`."""
+    def describe(self, finished: bool = False) -> str:
+        """`extract shard 1/2: 512/824 images (62%, 3.1 s, ~2.0 s left)`; no time left once `finished` (a
+        candidate successive halving ends at a rung finishes short of its total)."""
         seconds = self.elapsed()
         if self.total:
             share = f", {100 * self.done / self.total:.0f}%"
             left = ""
-            if self._first is not None and self.done < self.total:
+            if self._first is not None and self.done < self.total and not finished:
                 at, origin = self._first
                 rate = (self.done - origin) / max(time.monotonic() - at, 1e-9)
                 left = f", ~{_duration((self.total - self.done) / rate)} left" if self.done > origin else ""
@@ -164,7 +165,7 @@ class TerminalRenderer:
             if bar in self._active:
                 self._active.remove(bar)
             self._last_line.pop(id(bar), None)
-            self.write_line(f"{'done' if ok else 'stopped'}: {bar.describe()}")
+            self.write_line(f"{'done' if ok else 'stopped'}: {bar.describe(finished=True)}")
 
     def write_line(self, text: str) -> None:
         with self._lock:

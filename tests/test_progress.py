@@ -44,6 +44,18 @@ def test_off_a_terminal_each_task_ends_in_one_line_and_long_ones_report_on_the_w
     assert out.getvalue().splitlines() == lines
 
 
+def test_a_task_that_ends_short_of_its_total_estimates_no_time_left():
+    out = io.StringIO()
+    renderer = progress.TerminalRenderer(out, every_s=0)
+    # successive halving stops the candidate at a rung: its task ends at 100 of 300 steps
+    with progress.rendering(renderer), progress.task("train dann-images", 300, "steps"):
+        for step in (1, 50, 100):
+            progress.update(step)
+    lines = out.getvalue().splitlines()
+    assert "left" in lines[-2]  # on the way
+    assert lines[-1].startswith("done: train dann-images: 100/300 steps (") and "left" not in lines[-1]
+
+
 def test_a_unit_names_the_tasks_an_advance_counts_for():
     out = io.StringIO()
     with progress.rendering(progress.TerminalRenderer(out, every_s=3600)):
