@@ -234,14 +234,7 @@ def gate(
     state = _read_aliases(store)
     champion = state["aliases"].get(CHAMPION)
     if champion == version:
-        return PromotionDecision(
-            promoted=True,
-            reason=f"v{version} is already the champion",
-            version=version,
-            champion_version=champion,
-            margin=margin,
-            compared={},
-        )
+        return _already_champion(version, margin)
     baseline = None
     if champion is not None:
         baseline = champion_metrics if champion_metrics is not None else get_version(store, champion).metrics
@@ -267,20 +260,24 @@ def gate(
     return decision
 
 
+def _already_champion(version: int, margin: float | None) -> PromotionDecision:
+    return PromotionDecision(
+        promoted=True,
+        reason=f"v{version} is already the champion",
+        version=version,
+        champion_version=version,
+        margin=margin,
+        compared={},
+    )
+
+
 def promote(store: str, version: int, reason: str = "manual") -> PromotionDecision:
     """Make `version` the champion whatever its metrics (a person's decision). Recorded like the gate's."""
     get_version(store, version)  # it must exist
     state = _read_aliases(store)
     champion = state["aliases"].get(CHAMPION)
     if champion == version:
-        return PromotionDecision(
-            promoted=True,
-            reason=f"v{version} is already the champion",
-            version=version,
-            champion_version=champion,
-            margin=None,
-            compared={},
-        )
+        return _already_champion(version, None)
     _point(state, CHAMPION, version)
     _write_aliases(store, state)
     _record(store, "promoted", version, champion, version, reason)
