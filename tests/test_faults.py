@@ -8,33 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+from commands import extract_command
 
 from adaptflow import shards, storage
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _extract_command(demo_data, store):
-    return [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "extract",
-        demo_data.source_uri,
-        demo_data.target_uri,
-        "--store",
-        store,
-        "--set",
-        "extract.shard_size=8",
-        "--set",
-        "extract.num_workers=0",
-        "--set",
-        "backbone.image_size=128",
-        "--set",
-        "extract.compact_min_shards=0",
-    ]
 
 
 def _committed_manifests(store):
@@ -44,7 +24,7 @@ def _committed_manifests(store):
 def test_sigkill_during_extraction_then_the_same_command_resumes_with_one_row_per_image(demo_data, tmp_path):
     store = str(tmp_path / "store")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_HOME": str(tmp_path / "prefect")}
-    cmd = _extract_command(demo_data, store)
+    cmd = extract_command(demo_data, store)
     first = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )

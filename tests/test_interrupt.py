@@ -5,12 +5,12 @@ temporary Prefect server included), and the same command run again resumes from 
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from commands import extract_command
 
 from adaptflow import shards, storage
 from cli.interrupt import MESSAGE
@@ -24,27 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def env(tmp_path_factory):
     """One Prefect home for the module: its database is created once (first run), not once per test."""
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect"))}
-
-
-def _extract_command(demo_data, store):
-    return [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "extract",
-        demo_data.source_uri,
-        demo_data.target_uri,
-        "--store",
-        store,
-        "--set",
-        "extract.shard_size=8",
-        "--set",
-        "extract.num_workers=0",
-        "--set",
-        "backbone.image_size=128",
-        "--set",
-        "extract.compact_min_shards=0",
-    ]
 
 
 def _committed(store):
@@ -96,7 +75,7 @@ def _wait_for(condition, proc, what: str, timeout: float = 300) -> None:
 
 def test_ctrl_c_mid_extraction_stops_at_once_and_the_same_command_resumes(demo_data, tmp_path, env):
     store = str(tmp_path / "store")
-    cmd = _extract_command(demo_data, store)
+    cmd = extract_command(demo_data, store)
     first = _start(cmd, env)
     _wait_for(lambda: len(_committed(store)) >= 2, first, "two committed shards")
     seconds, err, family = _interrupt(first)
@@ -117,7 +96,7 @@ def test_ctrl_c_mid_extraction_stops_at_once_and_the_same_command_resumes(demo_d
 
 def test_ctrl_c_twice_exits_at_once(demo_data, tmp_path, env):
     store = str(tmp_path / "store")
-    proc = _start(_extract_command(demo_data, store), env)
+    proc = _start(extract_command(demo_data, store), env)
     _wait_for(lambda: len(_committed(store)) >= 1, proc, "a committed shard")
     seconds, err, family = _interrupt(proc, times=2)
     _assert_stopped_cleanly(seconds, err, family, proc.returncode)
@@ -126,7 +105,7 @@ def test_ctrl_c_twice_exits_at_once(demo_data, tmp_path, env):
 
 def test_ctrl_c_while_prefect_starts(demo_data, tmp_path, env):
     store = str(tmp_path / "store")
-    proc = _start(_extract_command(demo_data, store), env)
+    proc = _start(extract_command(demo_data, store), env)
     # the temporary server is a child of the command: interrupt as soon as it exists
     _wait_for(lambda: psutil.Process(proc.pid).children(), proc, "the Prefect server starting")
     seconds, err, family = _interrupt(proc)
