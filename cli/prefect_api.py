@@ -74,7 +74,19 @@ def prefect_api() -> Iterator[None]:
     try:
         yield
     finally:
+        _send_what_is_queued()
         server.stop()
+
+
+def _send_what_is_queued() -> None:
+    """Send the logs and events still queued for the API while the temporary server is there to take them.
+    A run's last logs (its "Finished in state" lines) wait in a batch for up to 2 s; sent after the stop,
+    they were lost, with "Error logging to API" on stderr and up to a minute of the client's retries."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=10)
 
 
 def _check_answers(api_url: str) -> None:

@@ -239,3 +239,38 @@ def test_a_prefect_api_url_that_does_not_answer_is_one_line_with_status_3(demo_d
     assert done.returncode == 3
     line = _one_error_line(done.stderr)
     assert line.startswith(f"error: the Prefect API at {url} (PREFECT_API_URL) does not answer (")
+
+
+_LAST_LOG_SCRIPT = """
+from cli.prefect_api import configure_environment, prefect_api
+configure_environment()
+from prefect import flow, get_run_logger
+
+@flow
+def last_words():
+    get_run_logger().info("the run's last log line")
+
+with prefect_api():
+    last_words()
+"""
+
+
+@pytest.mark.slow
+def test_a_runs_last_logs_reach_the_temporary_server_before_it_stops(tmp_path):
+    """Logs wait in a batch for up to 2 s before they are sent: the temporary server stays until they are in.
+    Stopped first, it lost them, with "Error logging to API" on stderr (and, measured, up to a minute of
+    the client's retries before the command exited)."""
+    import sqlite3
+
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _LAST_LOG_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Error logging to API" not in done.stderr, done.stderr[-3000:]
+    with sqlite3.connect(home / "prefect.db") as db:
+        messages = {m for (m,) in db.execute("select message from log")}
+    assert "the run's last log line" in messages
+    assert any(m.startswith("Finished in state Completed") for m in messages), sorted(messages)
