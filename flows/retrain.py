@@ -1,11 +1,11 @@
 from prefect import flow
 
 from adaptflow import DEFAULT_STORE
-from adaptflow.adaptation import training_image_size
+from adaptflow.adapt.candidates import training_image_size
 from adaptflow.config import Config, validate_config
-from adaptflow.pipeline import new_run_id
-from adaptflow.runs import StageClock, ingest_uri, model_uri, run_uri
-from adaptflow.storage import absolute, join
+from adaptflow.report.summary import StageClock
+from adaptflow.store.layout import ingest_uri, model_uri, new_run_id, run_uri
+from adaptflow.store.storage import absolute, join
 from tasks.adapt import plan_candidates, select_model, train_candidates
 from tasks.credentials import use_credentials
 from tasks.evaluate import evaluate, predict

@@ -1,17 +1,19 @@
 from prefect import task, unmapped
 from prefect.futures import as_completed
 
-from adaptflow import accounting, prediction, progress
-from adaptflow.config import ExtractConfig, RuntimeConfig
-from adaptflow.features import ExtractionPlan, resolve_device
-from adaptflow.manifests import IngestManifest
-from adaptflow.prediction import (
+from adaptflow import progress
+from adaptflow.config import ExtractConfig, RuntimeConfig, resolve_device
+from adaptflow.evaluate import predict as prediction  # the library's; `predict` below is the task
+from adaptflow.manifests import (
     EvaluationManifest,
+    ExtractionPlan,
+    IngestManifest,
     PredictionManifest,
     PredictionPart,
     PredictionPlan,
     PredictShard,
 )
+from adaptflow.store import accounting
 from tasks._retry import IO_TASK
 from tasks._work import measured
 from tasks.runners import gpu_placement, limited

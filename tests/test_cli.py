@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptflow import storage
+from adaptflow.store import storage
 from cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp
 
 
 def _registry(store: str, scores: list[float]) -> None:
-    from adaptflow import registry
+    from adaptflow.models import registry
 
     lineage = registry.Lineage(dataset_snapshot="d", extractor_fingerprint="f", config_hash="c", code_version="0.1.0")
     for i, score in enumerate(scores):
@@ -202,7 +202,7 @@ def test_models_list_promote_and_rollback(tmp_path, capsys):
 
 
 def test_predict_resolves_registry_names_in_the_store(tmp_path, memory_uri, capsys):
-    from adaptflow.registry import model_uri_for
+    from adaptflow.models.registry import model_uri_for
 
     def resolve_model(model, store):
         return model_uri_for(store, model)

@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 
-from adaptflow import storage
-from adaptflow.runs import RunSummary
+from adaptflow.manifests import RunSummary
+from adaptflow.store import storage
 from flows.retrain import retrain
 from tasks.runners import build_task_runner
 

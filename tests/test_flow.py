@@ -2,8 +2,9 @@
 
 import pytest
 
-from adaptflow import registry, storage
-from adaptflow.runs import RunSummary
+from adaptflow.manifests import RunSummary
+from adaptflow.models import registry
+from adaptflow.store import storage
 from flows.predict import batch_predict
 from flows.retrain import retrain
 

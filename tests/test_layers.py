@@ -48,7 +48,7 @@ def _imports(module: str) -> list[tuple[str, str | None, int]]:
                 base = ".".join([*anchor, *([base] if base else [])])
             for alias in node.names:
                 submodule = f"{base}.{alias.name}"
-                # `from adaptflow import storage` imports the module adaptflow.storage, not a name
+                # `from adaptflow import storage` imports the module adaptflow.store.storage, not a name
                 found.append(
                     (submodule, None, node.lineno) if submodule in MODULES else (base, alias.name, node.lineno)
                 )
@@ -83,7 +83,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_walk_sees_the_package():
-    assert {"adaptflow.config", "adaptflow.backbones", "adaptflow.adapt.algorithms"} <= MODULES.keys()
+    assert {"adaptflow.config", "adaptflow.extract.backbones", "adaptflow.adapt.algorithms"} <= MODULES.keys()
     assert "adaptflow.errors" in _graph()["adaptflow.config"]  # a top-level import
     tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nelse:\n    import b\n")
     assert [n.names[0].name for n in _runtime_nodes(tree) if isinstance(n, ast.Import)] == ["b"]

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from adaptflow import registry, storage
-from adaptflow.demo import make_demo_data
-from adaptflow.features import load_features
-from adaptflow.history import read_summaries, rows_from_summaries
-from adaptflow.manifests import IngestManifest
-from adaptflow.models import load_model
-from adaptflow.pipeline import read_index
-from adaptflow.runs import RunSummary
+from adaptflow.data.demo import make_demo_data
+from adaptflow.data.ingest import read_index
+from adaptflow.extract.features import load_features
+from adaptflow.manifests import IngestManifest, RunSummary
+from adaptflow.models import registry
+from adaptflow.models.card import load_model
+from adaptflow.report.history import read_summaries, rows_from_summaries
+from adaptflow.store import storage
 from cli.main import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store_f6ff59f"

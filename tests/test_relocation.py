@@ -6,8 +6,9 @@ import uuid
 
 import pytest
 
-from adaptflow import registry, storage
-from adaptflow.runs import RunSummary
+from adaptflow.manifests import RunSummary
+from adaptflow.models import registry
+from adaptflow.store import storage
 from cli.main import main
 
 pytestmark = pytest.mark.slow

@@ -3,14 +3,20 @@
 import pytest
 from prefect.states import Failed
 
-from adaptflow import storage
-from adaptflow.adaptation import CandidateManifest, SelectionManifest
 from adaptflow.errors import DatasetError
-from adaptflow.features import ExtractionPlan, ShardResult
-from adaptflow.manifests import IngestManifest
-from adaptflow.pipeline import ModelManifest
-from adaptflow.prediction import EvaluationManifest, PredictionManifest
-from adaptflow.runs import RunSummary, StageClock
+from adaptflow.manifests import (
+    CandidateManifest,
+    EvaluationManifest,
+    ExtractionPlan,
+    IngestManifest,
+    ModelManifest,
+    PredictionManifest,
+    RunSummary,
+    SelectionManifest,
+    ShardResult,
+)
+from adaptflow.report.summary import StageClock
+from adaptflow.store import storage
 from tasks._retry import retry_unless_user_error
 from tasks.adapt import plan_candidates, select_model, train_candidate
 from tasks.evaluate import evaluate, merge_predictions, plan_prediction, predict_shard
