@@ -7,10 +7,10 @@ from adaptflow.models.registry import model_uri_for
 from adaptflow.store.layout import ingest_uri, new_run_id
 from adaptflow.store.storage import absolute, join
 from tasks.credentials import use_credentials
-from tasks.evaluate import predict
 from tasks.extract import extract_all, plan_extraction
 from tasks.ingest import ingest_dataset
 from tasks.logs import forward_library_logs
+from tasks.predict import predict
 from tasks.runners import configured, limited
 
 

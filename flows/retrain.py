@@ -8,11 +8,11 @@ from adaptflow.store.layout import ingest_uri, model_uri, new_run_id, run_uri
 from adaptflow.store.storage import absolute, join
 from tasks.adapt import plan_candidates, select_model, train_candidates
 from tasks.credentials import use_credentials
-from tasks.evaluate import evaluate, predict
 from tasks.extract import compact_features, extract_all, plan_extraction
 from tasks.ingest import ingest_dataset
 from tasks.logs import forward_library_logs
 from tasks.monitor import check_shift, find_champion, promote_if_better, score_champion, score_model
+from tasks.predict import evaluate, predict
 from tasks.report import publish_run, write_no_shift_summary, write_report, write_summary
 from tasks.runners import configured, limited
 from tasks.track import track_run

@@ -253,7 +253,7 @@ def test_version_prints_the_version_and_the_git_commit():
 
 @pytest.mark.parametrize("case", ["plain file", "read-only folder", "unknown scheme"])
 def test_a_bad_store_is_one_error_line_within_seconds(case, demo_data, tmp_path):
-    from test_storage import _read_only, _writable_again
+    from test_store_storage import _read_only, _writable_again
 
     (tmp_path / "plain").write_text("x")
     (tmp_path / "ro").mkdir()
@@ -288,7 +288,7 @@ def test_a_store_unreachable_after_the_patience_exits_3_not_2(s3_env, tmp_path):
 
 
 def test_predict_with_a_damaged_model_is_one_line_before_prefect_starts(demo_data, tmp_path, capsys):
-    from test_models import _saved_head
+    from test_models_card import _saved_head
 
     model = str(tmp_path / "model")
     _saved_head(model)

@@ -127,7 +127,7 @@ def _summary(store: str, run_id: str, version: int | None, model_uri: str) -> di
 
 
 def _registered_model(store: str, run_id: str) -> tuple[int, str]:
-    from test_models import _saved_head
+    from test_models_card import _saved_head
 
     model_uri = storage.join(store, "models", run_id)
     _saved_head(model_uri)

@@ -19,9 +19,9 @@ from adaptflow.report.summary import StageClock
 from adaptflow.store import storage
 from tasks._retry import retry_unless_user_error
 from tasks.adapt import plan_candidates, select_model, train_candidate
-from tasks.evaluate import evaluate, merge_predictions, plan_prediction, predict_shard
 from tasks.extract import compact_features, extract_shard, plan_extraction
 from tasks.ingest import ingest_dataset
+from tasks.predict import evaluate, merge_predictions, plan_prediction, predict_shard
 from tasks.report import publish_run, write_report, write_summary
 from tasks.train import fit_head
 
