@@ -139,7 +139,7 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
             cfg,
             challenger,
             champion_scores,
-            evaluation.source_test["accuracy"],
+            evaluation.source_test.accuracy,
         )
 
     summary = write_summary(

@@ -1,7 +1,7 @@
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from adaptflow.config import Config, validate_config
+from adaptflow.config import Config
 from adaptflow.manifests import (
     CandidateManifest,
     CompactionManifest,
@@ -134,7 +134,7 @@ def publish_run(summary: RunSummary, store: str) -> str:
         create_table_artifact(
             key="adaptflow-metrics", table=tables.metrics_rows(summary), description=f"adaptflow run {summary.run_id}"
         )
-    if summary.adaptation.get("candidates"):
+    if summary.adaptation.candidates:
         create_table_artifact(
             key="adaptflow-candidates",
             table=tables.candidate_rows(summary),
@@ -160,7 +160,7 @@ def publish_run(summary: RunSummary, store: str) -> str:
     create_markdown_artifact(
         key="adaptflow-summary", markdown=tables.render_markdown(summary), description=f"adaptflow run {summary.run_id}"
     )
-    expires_s = validate_config(summary.config).links.expiry_s  # S3: presigned HTTPS links, not s3:// strings
+    expires_s = summary.config.links.expiry_s  # S3: presigned HTTPS links, not s3:// strings
     if summary.report_uri:
         create_link_artifact(
             key="adaptflow-report",

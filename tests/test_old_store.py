@@ -23,6 +23,7 @@ from adaptflow.manifests import IngestManifest, RunSummary
 from adaptflow.models import registry
 from adaptflow.models.card import load_model
 from adaptflow.report.history import read_summaries, rows_from_summaries
+from adaptflow.report.tables import render_table
 from adaptflow.store import storage
 from cli.main import main
 
@@ -46,8 +47,8 @@ def _run(store: str) -> str:
 def test_an_old_store_reads_its_summary_manifests_features_and_registry(store):
     run = _run(store)
     summary = RunSummary.load(storage.join(run, "summary.json"))
-    assert summary.status == "trained" and summary.adaptation["method"] == "head"
-    assert summary.datasets["target"]["images"] == 30 and summary.datasets["target"]["rejected"] == 2
+    assert summary.status == "trained" and summary.adaptation.method == "head"
+    assert summary.datasets["target"].images == 30 and summary.datasets["target"].rejected == 2
 
     manifests = {
         d: IngestManifest.load(storage.join(run, "ingest", d, "manifest.json"))
@@ -60,7 +61,7 @@ def test_an_old_store_reads_its_summary_manifests_features_and_registry(store):
         index[domain] = read_index(moved)
         assert len(index[domain]) == m.n_images
 
-    features_uri = storage.rebase(summary.extraction["features_uri"], WRITTEN_AT, store)
+    features_uri = storage.rebase(summary.extraction.features_uri, WRITTEN_AT, store)
     ids = index["source"].image_id.tolist() + index["target"].image_id.tolist()
     assert load_features(features_uri, ids).shape == (60, 1280)
 
@@ -68,10 +69,12 @@ def test_an_old_store_reads_its_summary_manifests_features_and_registry(store):
     assert champion.version == 1 and champion.model_uri.startswith(store + "/")
     assert registry.aliases(store) == {"champion": 1}
     model, card = load_model(champion.model_uri)
-    assert card.classes == manifests["source"].classes and card.fingerprint == summary.extraction["fingerprint"]
+    assert card.classes == manifests["source"].classes and card.fingerprint == summary.extraction.fingerprint
 
     (row,) = rows_from_summaries(read_summaries(store))
     assert row.run_id == summary.run_id
+    table = render_table(summary)  # the typed summary renders as the terminal shows it
+    assert "source-only head        target            0.067" in table and "target_labels         30         0" in table
 
 
 @pytest.mark.slow

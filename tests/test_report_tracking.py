@@ -3,6 +3,7 @@ and the champion/challenger aliases as adaptflow's registry has them. A local SQ
 
 import logging
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -46,7 +47,7 @@ def test_runs_and_the_registry_are_mirrored_to_mlflow(
     second = RunSummary.load(
         storage.join(retrain(demo_data.source_uri, demo_data.source_uri, None, store, head_only), "summary.json")
     )
-    assert first.promotion["version"] == 1 and second.promotion["version"] == 2
+    assert first.promotion.version == 1 and second.promotion.version == 2
 
     client = _client(mlflow_uri)
     experiment = client.get_experiment_by_name("adaptflow")
@@ -62,17 +63,17 @@ def test_runs_and_the_registry_are_mirrored_to_mlflow(
     assert run.data.params["adapt.method"] == "auto" and run.data.params["backbone.image_size"] == "64"
     assert run.data.params["adapt.methods"] == "['source_only', 'dann']"
     # metrics: the selected model's, the baseline's, and the selected candidate's validators
-    assert run.data.metrics["target.accuracy"] == pytest.approx(first.metrics["target"]["accuracy"])
-    assert run.data.metrics["baseline.source_test.accuracy"] == pytest.approx(first.baseline["source_test"]["accuracy"])
-    assert run.data.metrics["selected.im"] == pytest.approx(first.adaptation["scores"]["im"])
+    assert run.data.metrics["target.accuracy"] == pytest.approx(first.metrics.target.accuracy)
+    assert run.data.metrics["baseline.source_test.accuracy"] == pytest.approx(first.baseline.source_test.accuracy)
+    assert run.data.metrics["selected.im"] == pytest.approx(first.adaptation.scores["im"])
     assert run.data.metrics["promoted"] == 1.0
     # each candidate a nested run with its scores
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
-    assert sorted(c.info.run_name for c in children) == sorted(c["name"] for c in first.adaptation["candidates"])
+    assert sorted(c.info.run_name for c in children) == sorted(c.name for c in first.adaptation.candidates)
     for child in children:
-        candidate = next(c for c in first.adaptation["candidates"] if c["name"] == child.info.run_name)
-        assert child.data.metrics["score.bnm"] == pytest.approx(candidate["scores"]["bnm"])
-        assert child.data.tags["adaptflow.selected"] == str(candidate["name"] == first.adaptation["selected"]).lower()
+        candidate = next(c for c in first.adaptation.candidates if c.name == child.info.run_name)
+        assert child.data.metrics["score.bnm"] == pytest.approx(candidate.scores["bnm"])
+        assert child.data.tags["adaptflow.selected"] == str(candidate.name == first.adaptation.selected).lower()
     # the report and the summary as artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
         "summary.json",
@@ -180,16 +181,8 @@ def test_an_unreachable_tracking_server_warns_and_the_task_returns(tmp_path, pre
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    summary = RunSummary(
-        run_id="r",
-        run_uri=str(tmp_path / "runs" / "r"),
-        finished_at="t",
-        config={},
-        config_hash="c",
-        datasets={},
-        extraction={},
-        timings={},
-    )
+    written = next((Path(__file__).parent / "fixtures" / "store_f6ff59f" / "runs").glob("*/summary.json"))
+    summary = RunSummary.load(str(written)).model_copy(update={"run_id": "r", "run_uri": str(tmp_path / "runs" / "r")})
     caplog.set_level(logging.WARNING)
     assert track_run(summary, str(tmp_path), TrackingConfig(mlflow_uri=f"http://127.0.0.1:{port}")) is None
     logs = caplog.text + capfd.readouterr().err  # Prefect's console handler writes the task's logs to stderr

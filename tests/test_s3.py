@@ -182,10 +182,10 @@ def test_retrain_flow_entirely_on_s3_leaks_no_credentials(
     assert run.startswith(store + "/runs/")
     summary = RunSummary.load(storage.join(run, "summary.json"))
     target = summary.datasets["target"]
-    assert (target["rejected"], summary.datasets["source"]["rejected"]) == (2, 0)
+    assert (target.rejected, summary.datasets["source"].rejected) == (2, 0)
     predictions = storage.read_table(summary.predictions_uri)
-    assert predictions.num_rows == target["images"] > 0
-    assert summary.metrics["target"]["n"] == target["images"]
+    assert predictions.num_rows == target.images > 0
+    assert summary.metrics.target.n == target.images
     assert summary.model_uri.startswith("s3://") and storage.exists(storage.join(summary.model_uri, "model.json"))
     assert storage.list_uris(storage.join(store, "models"))  # the source-only head's folder
     assert storage.read_bytes(summary.report_uri).startswith(b"<!DOCTYPE html>")

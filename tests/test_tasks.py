@@ -83,7 +83,7 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
     evaluation = evaluate.fn(
         datasets["source"], test, preds, datasets["target_labels"], head.classes, f"{run}/metrics.json"
     )
-    assert isinstance(evaluation, EvaluationManifest) and evaluation.target["n"] == datasets["target"].n_images
+    assert isinstance(evaluation, EvaluationManifest) and evaluation.target.n == datasets["target"].n_images
 
     report = write_report.fn(
         run, datasets["source"], datasets["target"], plan, candidates, selection, evaluation, evaluation
@@ -108,8 +108,8 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
     )
     assert isinstance(summary, RunSummary)
     assert set(summary.stages) == {"ingest", "extract"}  # the stages this test timed
-    assert summary.stages["extract"]["images"] == sum(s.n_rows for s in shards)
-    assert summary.stages["ingest"]["bytes_read"] >= sum(d.bytes_read for d in datasets.values())
+    assert summary.stages["extract"].images == sum(s.n_rows for s in shards)
+    assert summary.stages["ingest"].bytes_read >= sum(d.bytes_read for d in datasets.values())
     assert RunSummary.load(f"{run}/summary.json") == summary
     history = publish_run.fn(summary, memory_uri)
     assert storage.read_bytes(history).startswith(b"<!DOCTYPE html>")

@@ -103,4 +103,4 @@ def _frozen_sample(dataset: IngestManifest, features: ExtractionPlan, seed: int)
 
 
 def _target_accuracy(evaluation: EvaluationManifest) -> str:
-    return fmt((evaluation.target or {}).get("accuracy"), missing="n/a (no target labels)")
+    return fmt(evaluation.target.accuracy if evaluation.target else None, missing="n/a (no target labels)")

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import os
 
-from adaptflow.manifests import (
-    RunSummary,
-)
+from adaptflow.manifests import RunSummary, StageStats
 
 
 def metrics_rows(summary: RunSummary) -> list[dict]:
     """One row per (model, scored split), for tables (Prefect artifact, command-line output)."""
     if summary.status == "no_shift":
         return []
-    selected = summary.adaptation["selected"]
+    selected = summary.adaptation.selected
     rows = []
     for model, m in (("source-only head", summary.baseline), (selected, summary.metrics)):
-        for split, key in (("source test", "source_test"), ("target", "target")):
-            if m.get(key):
-                rows.append({"model": model, "split": split, **{k: m[key][k] for k in ("accuracy", "macro_f1", "n")}})
+        for split, scores in (("source test", m.source_test), ("target", m.target)):
+            if scores:
+                rows.append({"model": model, "split": split, **scores.model_dump()})
         if selected == "head":
             break
     return rows
@@ -29,33 +27,32 @@ def headline(summary: RunSummary) -> list[str]:
     """What happened, in a line or three: the shift check, the selection, the promotion decision."""
     lines = []
     if summary.shift:
-        lines.append(f"shift check against champion v{summary.shift['champion_version']}: {summary.shift['reason']}")
+        lines.append(f"shift check against champion v{summary.shift.champion_version}: {summary.shift.reason}")
     if summary.status == "no_shift":
         lines.append("no retraining: the champion stays")
         return lines
     a = summary.adaptation
-    lines.append(f"selected: {a['selected']} ({a['reason']})")
-    if a.get("confident") is False:
-        lines.append(f"low confidence: {a['confidence']}")
-    stopped = [c for c in a.get("candidates", []) if c.get("stopped_at_rung") is not None]
+    lines.append(f"selected: {a.selected} ({a.reason})")
+    if not a.confident:
+        lines.append(f"low confidence: {a.confidence}")
+    stopped = [c for c in a.candidates if c.stopped_at_rung is not None]
     if stopped:
         lines.append(
-            "successive halving stopped "
-            + ", ".join(f"{c['name']} at step {c['steps']} of {c['total_steps']}" for c in stopped)
+            "successive halving stopped " + ", ".join(f"{c.name} at step {c.steps} of {c.total_steps}" for c in stopped)
         )
-    if a.get("regret") is not None:
+    if a.regret is not None:
         lines.append(
-            f"target labels (scoring only): selected {a['selected_target_accuracy']:.3f}, oracle "
-            f"{a['oracle']} {a['oracle_target_accuracy']:.3f}, regret {a['regret']:.3f}"
+            f"target labels (scoring only): selected {a.selected_target_accuracy:.3f}, oracle "
+            f"{a.oracle} {a.oracle_target_accuracy:.3f}, regret {a.regret:.3f}"
         )
     if summary.promotion:
         p = summary.promotion
-        verdict = "promoted to champion" if p["promoted"] else "kept as challenger"
-        lines.append(f"registered as v{p['version']}, {verdict}: {p['reason']}")
-        if p.get("stand_in_version") is not None:
+        verdict = "promoted to champion" if p.promoted else "kept as challenger"
+        lines.append(f"registered as v{p.version}, {verdict}: {p.reason}")
+        if p.stand_in_version is not None:
             lines.append(
-                f"the source-only reference {a.get('reference')} was registered as "
-                f"v{p['stand_in_version']} and promoted to champion in its place"
+                f"the source-only reference {a.reference} was registered as "
+                f"v{p.stand_in_version} and promoted to champion in its place"
             )
     return lines
 
@@ -70,18 +67,18 @@ def render_markdown(summary: RunSummary) -> str:
             for r in metrics_rows(summary)
         ]
     lines += ["", "| dataset | images | rejected |", "|---|---|---|"]
-    lines += [f"| {d} | {v['images']} | {v['rejected']} |" for d, v in summary.datasets.items()]
+    lines += [f"| {d} | {v.images} | {v.rejected} |" for d, v in summary.datasets.items()]
     lines += [
         "",
-        f"Extraction: {ex['images_extracted']} images embedded, {ex['images_cached']} reused from the "
-        f"feature store, {ex['images_per_second'] or '-'} images/s.",
+        f"Extraction: {ex.images_extracted} images embedded, {ex.images_cached} reused from the "
+        f"feature store, {ex.images_per_second or '-'} images/s.",
         "",
         "| stage | seconds | images | images/s | MB read | MB written | orchestration |",
         "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {stage} | {st['seconds']:.1f} | {st['images'] or ''} | {st['images_per_second'] or ''} | "
-        f"{st['bytes_read'] / 1e6:.1f} | {st['bytes_written'] / 1e6:.1f} | {_pct(st['orchestration_share'])} |"
+        f"| {stage} | {st.seconds:.1f} | {st.images or ''} | {st.images_per_second or ''} | "
+        f"{st.bytes_read / 1e6:.1f} | {st.bytes_written / 1e6:.1f} | {_pct(st.orchestration_share)} |"
         for stage, st in _stages(summary).items()
     ]
     if summary.status != "no_shift":
@@ -111,17 +108,10 @@ def _pct(x: float | None) -> str:
 _STAGE_ORDER = ("ingest", "extract", "monitor", "train", "evaluate", "promote")
 
 
-def _stages(summary: RunSummary) -> dict[str, dict]:
+def _stages(summary: RunSummary) -> dict[str, StageStats]:
     """Per-stage statistics in pipeline order (JSON keeps keys sorted); summaries written before they
     existed have wall times only."""
-    empty = {
-        "images": None,
-        "images_per_second": None,
-        "bytes_read": 0,
-        "bytes_written": 0,
-        "orchestration_share": None,
-    }
-    stages = summary.stages or {stage: {**empty, "seconds": sec} for stage, sec in summary.timings.items()}
+    stages = summary.stages or {stage: StageStats(seconds=sec) for stage, sec in summary.timings.items()}
     rank = {stage: i for i, stage in enumerate(_STAGE_ORDER)}
     return dict(sorted(stages.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
@@ -137,9 +127,9 @@ def render_table(summary: RunSummary) -> str:
             f"{r['model']:<24}{r['split']:<13}{fmt(r['accuracy']):>10}{fmt(r['macro_f1']):>10}{r['n']:>7}"
             for r in metrics_rows(summary)
         ]
-    if a.get("candidates"):
-        known = any(c["target_accuracy"] is not None for c in a["candidates"])
-        policy = [v for v in a.get("policy", []) if all(v in c["scores"] for c in a["candidates"])]
+    if a.candidates:
+        known = any(c.target_accuracy is not None for c in a.candidates)
+        policy = [v for v in a.policy if all(v in c.scores for c in a.candidates)]
         lines += [
             "",
             f"{'candidate':<24}"
@@ -150,27 +140,27 @@ def render_table(summary: RunSummary) -> str:
             + f"{'seconds':>9}",
         ]
         lines += [
-            f"{c['name']:<24}"
-            + "".join(f"{c['scores'][v]:>9.3f}" for v in policy)
-            + f"{fmt(c.get('rank'), '.2f'):>7}{'yes' if c['collapsed'] else 'no':>11}"
-            + (f"{fmt(c['target_accuracy']):>9}" if known else "")
-            + f"{c['seconds']:>9.1f}"
-            for c in a["candidates"]
+            f"{c.name:<24}"
+            + "".join(f"{c.scores[v]:>9.3f}" for v in policy)
+            + f"{fmt(c.rank, '.2f'):>7}{'yes' if c.collapsed else 'no':>11}"
+            + (f"{fmt(c.target_accuracy):>9}" if known else "")
+            + f"{c.seconds:>9.1f}"
+            for c in a.candidates
         ]
         if known:
-            lines.append(f"* target labels used for scoring only; oracle pick: {a['oracle']}")
+            lines.append(f"* target labels used for scoring only; oracle pick: {a.oracle}")
     lines += ["", f"{'dataset':<14}{'images':>10}{'rejected':>10}"]
-    lines += [f"{d:<14}{v['images']:>10}{v['rejected']:>10}" for d, v in summary.datasets.items()]
+    lines += [f"{d:<14}{v.images:>10}{v.rejected:>10}" for d, v in summary.datasets.items()]
     lines += [
         "",
-        f"extraction: {ex['images_extracted']} embedded, {ex['images_cached']} reused, "
-        f"{ex['images_per_second'] or '-'} images/s",
+        f"extraction: {ex.images_extracted} embedded, {ex.images_cached} reused, "
+        f"{ex.images_per_second or '-'} images/s",
         "",
         f"{'stage':<14}{'seconds':>10}{'images/s':>10}{'MB read':>10}{'MB written':>12}{'orchestration':>15}",
     ]
     lines += [
-        f"{stage:<14}{st['seconds']:>10.1f}{st['images_per_second'] or '':>10}{st['bytes_read'] / 1e6:>10.1f}"
-        f"{st['bytes_written'] / 1e6:>12.1f}{_pct(st['orchestration_share']):>15}"
+        f"{stage:<14}{st.seconds:>10.1f}{st.images_per_second or '':>10}{st.bytes_read / 1e6:>10.1f}"
+        f"{st.bytes_written / 1e6:>12.1f}{_pct(st.orchestration_share):>15}"
         for stage, st in _stages(summary).items()
     ]
     if summary.report_uri:
@@ -179,56 +169,54 @@ def render_table(summary: RunSummary) -> str:
 
 
 def shift_row(summary: RunSummary) -> dict:
-    sh = summary.shift or {}
-    test = sh.get("test") or {}
-    champion = sh.get("champion") or {}
+    sh, test = summary.shift, summary.shift.test if summary.shift else None
     return {
-        "champion": f"v{sh.get('champion_version')}",
-        "mmd2": test.get("statistic"),
-        "p_value": test.get("p_value"),
-        "alpha": test.get("alpha"),
-        "domain_auc": sh.get("domain_auc"),
-        "shift_detected": sh.get("shift_detected"),
-        "champion_selection_score": champion.get("selection_score"),
-        "score_drop": sh.get("score_drop"),
-        "degraded": sh.get("degraded"),
-        "retrain": sh.get("retrain"),
-        "reason": sh.get("reason"),
+        "champion": f"v{sh.champion_version if sh else None}",
+        "mmd2": test.statistic if test else None,
+        "p_value": test.p_value if test else None,
+        "alpha": test.alpha if test else None,
+        "domain_auc": sh.domain_auc if sh else None,
+        "shift_detected": sh.shift_detected if sh else None,
+        "champion_selection_score": sh.champion.selection_score if sh and sh.champion else None,
+        "score_drop": sh.score_drop if sh else None,
+        "degraded": sh.degraded if sh else None,
+        "retrain": sh.retrain if sh else None,
+        "reason": sh.reason if sh else None,
     }
 
 
 def promotion_row(summary: RunSummary) -> dict:
-    p = summary.promotion or {}
-    c = p.get("compared") or {}
+    p = summary.promotion
+    c = (p.compared if p else None) or {}
     return {
-        "version": f"v{p.get('version')}",
-        "promoted": p.get("promoted"),
+        "version": f"v{p.version if p else None}",
+        "promoted": p.promoted if p else None,
         "metric": c.get("metric"),
         "challenger": c.get("challenger"),
         "champion": c.get("champion"),
         "margin": c.get("margin"),
-        "champion_before": p.get("champion_version"),
-        "champion_after": p.get("champion_after"),
-        "reason": p.get("reason"),
+        "champion_before": p.champion_version if p else None,
+        "champion_after": p.champion_after if p else None,
+        "reason": p.reason if p else None,
     }
 
 
 def stage_rows(summary: RunSummary) -> list[dict]:
-    return [{"stage": stage, **st} for stage, st in _stages(summary).items()]
+    return [{"stage": stage, **st.model_dump()} for stage, st in _stages(summary).items()]
 
 
 def candidate_rows(summary: RunSummary) -> list[dict]:
     return [
         {
-            "candidate": c["name"],
-            "selected": c["name"] == summary.adaptation["selected"],
-            **{k: round(v, 4) for k, v in c["scores"].items()},
-            "rank": c.get("rank"),
-            "collapsed": c["collapsed"],
-            "target_accuracy (labels, scoring only)": c["target_accuracy"],
-            "seconds": c["seconds"],
+            "candidate": c.name,
+            "selected": c.name == summary.adaptation.selected,
+            **{k: round(v, 4) for k, v in c.scores.items()},
+            "rank": c.rank,
+            "collapsed": c.collapsed,
+            "target_accuracy (labels, scoring only)": c.target_accuracy,
+            "seconds": c.seconds,
         }
-        for c in summary.adaptation.get("candidates", [])
+        for c in summary.adaptation.candidates
     ]
 
 
