@@ -7,7 +7,7 @@ parts merged into one Parquet file. A killed run resumes: committed parts are no
 
 A part's key hashes the model and the images it holds, so a rerun with the same model and images finds
 its parts, and any other model or image set makes new ones. Every part reads its rows in bounded memory
-(`models.model_rows`): features from the feature store, pixels from the training-image cache.
+(`models.card.model_rows`): features from the feature store, pixels from the training-image cache.
 """
 
 from __future__ import annotations

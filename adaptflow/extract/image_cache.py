@@ -7,7 +7,7 @@ decoding files again, in any process and any later run.
 
 The fingerprint hashes the geometric transform alone (input size, interpolation, crop): pixels do not
 depend on a backbone's weights or normalisation, so backbones that resize alike share one cache.
-Extraction fills it (`features.plan_extraction(..., cache=...)`) in the same pass that embeds.
+Extraction fills it (`extract.features.plan_extraction(..., cache=...)`) in the same pass that embeds.
 """
 
 from __future__ import annotations

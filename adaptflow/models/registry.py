@@ -100,7 +100,7 @@ def dataset_snapshot(fingerprints: Mapping[str, str]) -> str:
 def selection_score(scores: Mapping[str, float], policy: list[str]) -> float | None:
     """A label-free score comparable across runs: the mean of the policy's validator scores; None for an
     empty policy. (Selection within a run ranks candidates; ranks mean nothing across runs, the scores
-    themselves do.) Pass only the validators that may judge the model (`monitor.judged_by`)."""
+    themselves do.) Pass only the validators that may judge the model (`monitor.champion.judged_by`)."""
     missing = [name for name in policy if name not in scores]
     if missing:
         raise StoreError(f"scores lack the policy's validators {', '.join(missing)}")
