@@ -38,7 +38,7 @@ class IngestConfig(_Section):
 
 
 class BackboneConfig(_Section):
-    name: str = Field("efficientnet_lite0", description="a key of adaptflow.backbones.BACKBONES")
+    name: str = Field("efficientnet_lite0", description="a key of adaptflow.extract.backbones.BACKBONES")
     weights: str | None = Field(
         None, description="null: the backbone's offline default; a path or URI to a weights file; 'random'"
     )
@@ -50,7 +50,7 @@ class BackboneConfig(_Section):
     def _known_backbone(cls, name: str) -> str:
         # The registries are imported on use, here and below: they load torch, which `--help` must not wait
         # for; none of them imports this module back at runtime (tests/test_layers.py).
-        from adaptflow.backbones import BACKBONES
+        from adaptflow.extract.backbones import BACKBONES
 
         if name not in BACKBONES:  # pydantic reports ValueErrors with the key's location
             raise ValueError(str(UnknownNameError("backbone", name, list(BACKBONES))))
@@ -357,3 +357,15 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
             return None
         model = field.annotation
     return model
+
+
+def resolve_device(name: str):
+    """The torch device a setting names (`extract.device`: auto, cpu, cuda, cuda:1, ...); auto picks CUDA when
+    there is one. Every stage that computes (extraction, training, prediction) runs where this says."""
+    import torch  # here, not at the top: the command line's --help must not load torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"extract.device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)

@@ -4,13 +4,18 @@ written last, as its commit."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
 
-from adaptflow import storage
-from adaptflow.accounting import Work
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from adaptflow.config import Config
 from adaptflow.errors import StoreError
+from adaptflow.store import storage
+from adaptflow.store.accounting import Work
 
 SCHEMA_VERSION = 1
+# what every registered model version records, so the gate can always compare two of them
+REQUIRED_METRICS = ("selection_score", "source_val_accuracy", "target_accuracy", "source_test_accuracy")
 
 
 class Manifest(BaseModel):
@@ -34,6 +39,12 @@ class Manifest(BaseModel):
         return cls.model_validate(data)
 
 
+class Record(BaseModel):
+    """A part of a manifest (a section of the run summary): frozen, and no key it does not declare."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
 class IngestManifest(Manifest):
     """One ingested dataset: `index_uri` lists valid images, `rejects_uri` the refused files."""
 
@@ -48,3 +59,408 @@ class IngestManifest(Manifest):
     seconds: float
     bytes_read: int = 0  # every file read while validating
     bytes_written: int = 0  # index and rejects
+
+
+class ShardManifest(Manifest):
+    shard_key: str
+    data_uri: str
+    fingerprint: str
+    n_rows: int
+    dim: int  # values per image: D features, or 3 * S * S pixels
+    dtype: str
+    seconds: float
+    bytes_read: int = 0  # encoded images read
+    bytes_written: int = 0
+    replaces: list[str] = []  # keys of the shards this one merged (compaction)
+
+
+class CompactionManifest(Manifest):
+    features_uri: str  # the store folder compacted (features or the image cache)
+    shards_before: int
+    shards_after: int
+    rows: int
+    bytes_read: int
+    bytes_written: int
+    orphans_removed: int
+    seconds: float
+
+
+class ImageCache(Manifest):
+    """Where the training images of one size live, and the transform that made them."""
+
+    uri: str
+    fingerprint: str
+    size: int
+    geometry: dict  # GEOMETRY_KEYS of the backbone's data_config at `size`
+
+
+class ShardPlan(Manifest):
+    """One extraction task's work: rows [offset, offset+length) of the plan file, and what to make of them."""
+
+    features_uri: str
+    plan_uri: str
+    offset: int
+    length: int
+    shard_key: str
+    features: bool = True  # embed the rows into features_uri
+    cache: ImageCache | None = None  # decode the rows into this training-image cache
+
+
+class ExtractionPlan(Manifest):
+    features_uri: str
+    fingerprint: str
+    dim: int
+    n_requested: int  # distinct images asked for
+    n_cached: int  # of those, already embedded for this extractor
+    shards: list[ShardPlan]
+    seconds: float
+    cache: ImageCache | None = None  # the training-image cache also filled, if any
+    n_cached_pixels: int = 0  # images already in it
+
+
+class ShardResult(Manifest):
+    """What one extraction task committed: a features shard, a cache shard, or both, of the same rows."""
+
+    shard_key: str
+    n_rows: int
+    outputs: list[ShardManifest]
+    seconds: float
+    bytes_read: int = 0  # encoded images read (once, whatever the outputs)
+    bytes_written: int = 0
+
+
+class ModelManifest(Manifest):
+    model_uri: str
+    classes: list[str]
+    fingerprint: str
+    val_accuracy: float
+    epochs: int
+    seconds: float
+
+
+class CandidateSpec(Manifest):
+    name: str
+    method: str
+    mode: str  # "features" | "images"
+    hparams: dict
+    seed: int
+    steps: int = 0  # the full budget in optimizer steps (0: the mode's default, for specs written before)
+    image_size: int | None = None  # images mode: the input size
+
+
+class CandidateManifest(Manifest):
+    spec: CandidateSpec
+    model_uri: str
+    predictions_uri: str  # its predictions on the target validation sample
+    outputs_uri: str | None = None  # source-validation predictions (`samples.save_outputs`); None: older runs
+    embedding_uri: str  # a small sample of the model's own features per domain, for the report
+    scores: dict[str, float]  # label-free validators, higher is better
+    collapsed: bool
+    source_test_accuracy: float  # on a sample of the source test split
+    target_accuracy: float | None  # on the target validation sample; reporting only: needs target labels
+    domain_gap: dict[str, float]  # proxy A-distance and MMD of the model's own features
+    curve: list[dict]
+    steps: int  # steps trained so far
+    total_steps: int = 0  # its budget; steps < total_steps: stopped early (halving) or still to resume
+    stopped_at_rung: int | None = None  # successive halving left it behind after this rung (0-based)
+    seconds: float  # training and scoring time, over every rung
+
+
+class SelectionManifest(Manifest):
+    index: int  # into the candidates; -1: the source-only head
+    name: str
+    reason: str
+    policy: list[str]
+    model_uri: str
+    oracle_index: int | None  # best target accuracy, when target labels were given
+    confident: bool = True  # see adapt.selection: False when the evidence against the pick is not nil
+    confidence: str = ""  # why (not), in words
+    reference_index: int | None = None  # the source-only candidate a cautious run falls back to
+    reference_model_uri: str | None = None
+    ranks: list[float | None] = []  # each candidate's mean percentile rank (1 best); None: not ranked
+
+
+class PredictShard(Manifest):
+    model_uri: str
+    model_key: str  # a hash of the model's card and weights
+    index_uri: str  # the ingest index the rows come from
+    rows: list[int]  # [start, stop) of the index's rows (after the split filter)
+    split: str | None  # only rows of this split (e.g. the source's "test"); None: all
+    parts_uri: str
+    key: str
+    domain: str = ""  # the dataset's, for progress and logs
+
+
+class PredictionPlan(Manifest):
+    out_uri: str
+    parts_uri: str
+    shards: list[PredictShard]
+    n_images: int
+
+
+class PredictionPart(Manifest):
+    key: str
+    part_uri: str
+    n_rows: int
+    seconds: float
+    reused: bool = False  # committed by an earlier attempt (a killed run) and not predicted again
+
+
+class PredictionManifest(Manifest):
+    predictions_uri: str
+    n_predictions: int
+    seconds: float
+    parts: int = 1  # shards it was predicted in
+
+
+class SplitScores(Record):
+    """A model's headline scores on one labelled split (`evaluate.predict.evaluate`)."""
+
+    accuracy: float  # NaN for an empty split
+    macro_f1: float
+    n: int
+
+
+class EvaluationManifest(Manifest):
+    metrics_uri: str
+    source_test: SplitScores
+    target: SplitScores | None  # when target labels were given
+    seconds: float
+
+
+class Lineage(BaseModel):
+    """What a model was made from: enough to tell whether two models saw the same data and code."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    dataset_snapshot: str  # hash of the ingested image indexes (see `dataset_snapshot`)
+    extractor_fingerprint: str
+    config_hash: str
+    code_version: str  # see `code_version()`
+
+
+class ModelVersion(Manifest):
+    """One registered model. Immutable: aliases point at versions, versions never change."""
+
+    version: int
+    model_uri: str
+    run_id: str
+    created_at: str
+    lineage: Lineage
+    metrics: dict[str, float | None]  # REQUIRED_METRICS at least; target_accuracy is None without labels
+    method: str
+
+    @field_validator("metrics")
+    @classmethod
+    def _has_required_metrics(cls, metrics: dict[str, float | None]) -> dict[str, float | None]:
+        missing = [k for k in REQUIRED_METRICS if k not in metrics]
+        if missing:
+            raise ValueError(f"metrics lack {', '.join(missing)} (required: {', '.join(REQUIRED_METRICS)})")
+        return metrics
+
+
+class ExportManifest(Manifest):
+    """One exported model file, recorded in `{store}/registry/exports/` when it came from the registry."""
+
+    format: str  # onnx | torchscript
+    uri: str  # the model file
+    metadata_uri: str  # the JSON beside it: `uri` + ".json"
+    bytes: int
+    sha256: str
+    model_uri: str  # the adaptflow model it was made from
+    version: int | None  # its registry version, if it came from the registry
+    kind: str
+    method: str
+    classes: list[str]
+    input_size: int
+    max_abs_diff: float  # probabilities, exported file vs adaptflow model, on the check batches
+    checked_batch_sizes: list[int]
+    exported_at: str
+    code_version: str
+    seconds: float
+
+
+class Champion(Manifest):
+    """The registry's champion and the target images it was trained with (the shift reference)."""
+
+    version: int
+    model_uri: str
+    run_id: str
+    selection_score: float | None  # as registered
+    reference_index_uri: str | None  # its run's target index; None if that run's summary is gone
+
+
+class ModelScores(Manifest):
+    """One model's validator scores on one run's data (source validation + target batch)."""
+
+    model_uri: str
+    method: str = "head"  # the model card's: what it optimised decides which validators may judge it
+    scores: dict[str, float]
+    selection_score: float | None  # the policy's validators that may judge it, averaged (`judged_by`)
+    target_accuracy: float | None  # with target labels (reporting and the gate only)
+    collapsed: bool
+    n_target: int
+
+
+class ShiftTest(Manifest):
+    """The outcome of `mmd_permutation_test`; `detected` is `p_value < alpha`."""
+
+    statistic: float  # unbiased MMD², may be slightly negative when the samples agree
+    p_value: float  # in [1 / (1 + n_permutations), 1]
+    n_reference: int  # rows used after subsampling
+    n_batch: int
+    n_permutations: int
+    detected: bool
+    alpha: float
+
+
+class ShiftManifest(Manifest):
+    champion_version: int
+    test: ShiftTest | None  # None when the champion's reference images are gone
+    domain_auc: float | None
+    champion: ModelScores | None  # None when the champion cannot read this run's data (other classes)
+    score_drop: float | None  # registered selection score minus today's; positive = worse
+    shift_detected: bool
+    degraded: bool
+    retrain: bool
+    reason: str
+
+
+class PromotionManifest(Manifest):
+    """The selected model registered as `version`, and what the gate decided for it. A low-confidence pick
+    with no champion to keep leaves the champion to the source-only `stand_in_version`."""
+
+    version: int
+    promoted: bool
+    reason: str
+    champion_version: int | None  # before the decision
+    champion_after: int | None
+    compared: dict
+    stand_in_version: int | None = None
+
+
+class ReportManifest(Manifest):
+    report_uri: str
+
+
+class TrackingManifest(Manifest):
+    status: Literal["logged", "off"]
+    tracking_uri: str | None = None  # without credentials
+    experiment: str | None = None
+    run_id: str | None = None  # the MLflow run
+    model_name: str | None = None
+    model_version: str | None = None  # this run's model in MLflow's registry
+    aliases: dict[str, str] = {}  # MLflow's aliases after mirroring: alias -> MLflow version
+
+
+class DatasetSummary(Record):
+    uri: str
+    images: int
+    rejected: int
+    classes: list[str]  # empty for unlabeled data
+    fingerprint: str
+    index_uri: str
+    rejects_uri: str
+
+
+class ExtractionSummary(Record):
+    """The extract stage of a run (`report.summary.summarize_extraction`)."""
+
+    fingerprint: str
+    features_uri: str
+    images_requested: int
+    images_cached: int  # already in the feature store
+    images_extracted: int  # embedded and/or decoded into the training-image cache
+    image_cache_uri: str | None
+    images_cached_pixels: int
+    shards: int
+    bytes_read: int
+    bytes_written: int
+    shards_compacted: int
+    orphans_removed: int
+    wall_seconds: float
+    plan_seconds: float
+    images_per_second: float | None  # the stage's: planning and model loading included
+    shard_images_per_second: float | None  # inside the shard tasks only
+    orchestration_share: float | None
+
+
+class StageStats(Record):
+    """One stage's wall time, images, bytes and orchestration share (`store.accounting.stage_stats`)."""
+
+    seconds: float
+    images: int | None = None
+    images_per_second: float | None = None
+    bytes_read: int = 0
+    bytes_written: int = 0
+    task_seconds: float | None = None
+    orchestration_share: float | None = None
+
+
+class ModelMetrics(Record):
+    """A model's scores in a run; all None in a run that trained nothing (`no_shift`)."""
+
+    source_val_accuracy: float | None = None
+    source_test: SplitScores | None = None
+    target: SplitScores | None = None  # with target labels only
+
+
+class BaselineMetrics(ModelMetrics):
+    model_uri: str = ""  # the source-only head
+
+
+class CandidateSummary(Record):
+    name: str
+    method: str
+    mode: str
+    scores: dict[str, float]  # label-free validators, higher is better
+    collapsed: bool
+    rank: float | None  # the policy's mean percentile rank; None for a candidate that took no part
+    source_test_accuracy: float | None
+    target_accuracy: float | None  # with target labels: reporting only
+    steps: int
+    total_steps: int
+    stopped_at_rung: int | None
+    seconds: float
+    model_uri: str
+
+
+class AdaptationSummary(Record):
+    """What selection picked, why, and how sure it is; every candidate; with target labels (scoring only)
+    the oracle pick and the regret. Empty in a run that trained nothing (`no_shift`)."""
+
+    selected: str = ""  # a candidate's name, or "head" (the source-only head, adaptation off)
+    method: str = ""
+    mode: str = ""
+    reason: str = ""
+    policy: list[str] = []
+    scores: dict[str, float] = {}  # the selected candidate's
+    confident: bool = True
+    confidence: str = ""
+    reference: str | None = None  # the source-only candidate selection compared the pick with
+    oracle: str | None = None
+    oracle_target_accuracy: float | None = None
+    selected_target_accuracy: float | None = None
+    regret: float | None = None  # oracle minus selected target accuracy
+    candidates: list[CandidateSummary] = []
+
+
+class RunSummary(Manifest):
+    run_id: str
+    run_uri: str
+    finished_at: str
+    status: Literal["trained", "no_shift"] = "trained"  # no_shift: stopped after the shift check
+    config: Config
+    config_hash: str
+    datasets: dict[str, DatasetSummary]  # domain -> what was ingested
+    extraction: ExtractionSummary
+    shift: ShiftManifest | None = None  # the shift check against the champion; None without one
+    promotion: PromotionManifest | None = None  # the registry's decision on this run's model
+    model_uri: str = ""  # the selected model ("" when no model was trained)
+    predictions_uri: str = ""
+    metrics_uri: str = ""
+    report_uri: str = ""
+    metrics: ModelMetrics = ModelMetrics()  # the selected model's
+    baseline: BaselineMetrics = BaselineMetrics()  # the source-only head's
+    adaptation: AdaptationSummary = AdaptationSummary()
+    timings: dict[str, float]  # stage -> wall seconds
+    stages: dict[str, StageStats] = {}

@@ -30,9 +30,11 @@ from adaptflow.adapt.algorithms import ALGORITHMS, get_algorithm  # noqa: E402
 from adaptflow.adapt.hparams import candidate_hparams  # noqa: E402
 from adaptflow.adapt.images import STRATEGIES, fit_images, image_featurizer, infer_images, load_images  # noqa: E402
 from adaptflow.adapt.train import fit, infer  # noqa: E402
-from adaptflow.config import BackboneConfig  # noqa: E402
-from adaptflow.demo import make_demo_data  # noqa: E402
-from adaptflow.features import resolve_device  # noqa: E402
+from adaptflow.config import (
+    BackboneConfig,  # noqa: E402
+    resolve_device,  # noqa: E402
+)
+from adaptflow.data.demo import make_demo_data  # noqa: E402
 
 MODES = ("features", "images")
 

@@ -33,12 +33,12 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
-from adaptflow import features  # noqa: E402
-from adaptflow.backbones import build_extractor  # noqa: E402
-from adaptflow.config import BackboneConfig, ExtractConfig, IngestConfig  # noqa: E402
+from adaptflow.config import BackboneConfig, ExtractConfig, IngestConfig, resolve_device  # noqa: E402
+from adaptflow.data.ingest import ingest  # noqa: E402
+from adaptflow.data.preprocess import build_transform, decode_image  # noqa: E402
 from adaptflow.errors import AdaptflowError  # noqa: E402
-from adaptflow.ingest import ingest  # noqa: E402
-from adaptflow.preprocess import build_transform, decode_image  # noqa: E402
+from adaptflow.extract import features  # noqa: E402
+from adaptflow.extract.backbones import build_extractor  # noqa: E402
 
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 _JPEG_SIZE = (500, 375)  # (W, H): a typical photo-dataset JPEG
@@ -301,7 +301,7 @@ def main(args: argparse.Namespace) -> None:
     if args.rss_child:
         rss_child(*args.rss_child, extract)
         return
-    device = features.resolve_device(args.device)
+    device = resolve_device(args.device)
     args.batch_size = features.batch_size_for(extract, device)
     names = [n for item in args.backbone or ["efficientnet_lite0"] for n in item.split(",") if n]
     print_header(sys.argv, device)

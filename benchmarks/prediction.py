@@ -26,11 +26,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from shifts import SHIFTS, make_shift  # noqa: E402
 
-from adaptflow import features, prediction  # noqa: E402
-from adaptflow.config import validate_config  # noqa: E402
-from adaptflow.image_cache import image_cache  # noqa: E402
-from adaptflow.ingest import ingest  # noqa: E402
-from adaptflow.models import ModelCard, build_model, load_card, save_model  # noqa: E402
+from adaptflow.config import resolve_device, validate_config  # noqa: E402
+from adaptflow.data.ingest import ingest  # noqa: E402
+from adaptflow.evaluate import predict  # noqa: E402
+from adaptflow.extract import features  # noqa: E402
+from adaptflow.extract.image_cache import image_cache  # noqa: E402
+from adaptflow.models.card import ModelCard, build_model, load_card, save_model  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -85,16 +86,16 @@ def throughput(images_uri: str, work: Path, model_uri: str, device: str = "cpu")
     )
     for shard in plan.shards:
         features.extract_shard(shard, cfg.backbone, cfg.extract)
-    to_do = prediction.plan_prediction(model_uri, index, str(work / "tp-predictions.parquet"), cfg.extract.shard_size)
-    parts = [prediction.predict_shard(s, plan, device) for s in to_do.shards]
-    prediction.merge_predictions(to_do, parts)
+    to_do = predict.plan_prediction(model_uri, index, str(work / "tp-predictions.parquet"), cfg.extract.shard_size)
+    parts = [predict.predict_shard(s, plan, device) for s in to_do.shards]
+    predict.merge_predictions(to_do, parts)
     predict_s = time.perf_counter() - t
     return {"images": n, "extract_per_s": n / extract_s, "predict_per_s": n / predict_s}
 
 
 def main(args) -> None:
     print("$", shlex.join([sys.executable, *sys.argv]))
-    device = str(features.resolve_device(args.device))
+    device = str(resolve_device(args.device))
     with tempfile.TemporaryDirectory(prefix="adaptflow-predict-") as tmp:
         work = Path(args.work or tmp)
         data = make_shift(SHIFTS["mnist-m"], str(work / "data"), 10, args.image_size, seed=3, target_size=args.images)

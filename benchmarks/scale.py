@@ -41,7 +41,7 @@ import psutil  # noqa: E402
 from prediction import throughput  # noqa: E402  (benchmarks/prediction.py)
 from shifts import SHIFTS, make_shift  # noqa: E402
 
-from adaptflow import storage  # noqa: E402
+from adaptflow.store import storage  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -38,12 +38,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from shifts import SHIFTS, make_shift  # noqa: E402
 
-from adaptflow import adaptation, features  # noqa: E402
+from adaptflow.adapt import candidates as adaptation  # noqa: E402
 from adaptflow.adapt import selection  # noqa: E402
-from adaptflow.adaptation import CandidateManifest  # noqa: E402
 from adaptflow.config import load_config  # noqa: E402
-from adaptflow.image_cache import image_cache  # noqa: E402
-from adaptflow.ingest import ingest  # noqa: E402
+from adaptflow.data.ingest import ingest  # noqa: E402
+from adaptflow.extract import features  # noqa: E402
+from adaptflow.extract.image_cache import image_cache  # noqa: E402
+from adaptflow.manifests import CandidateManifest  # noqa: E402
 
 # Validators a policy ranks by, and whether a candidate may be judged by what it optimised (True: the
 # rule before this benchmark, without the source-validation guard either).

@@ -3,7 +3,7 @@ with installed packages: scikit-learn's 8x8 handwritten digits, the fonts bundle
 scikit-image's photos.
 
 Each shift writes `source/<digit>/<n>.png` (class folders), `target/<n>.{png,jpg}` (a flat folder) and
-`target_labels.csv` (for scoring only), like `adaptflow.demo`. Handwritten source and target digits
+`target_labels.csv` (for scoring only), like `adaptflow.data.demo`. Handwritten source and target digits
 never share an image (even / odd indices of `load_digits`); font digits are drawn afresh per domain.
 
     content  "hand": a handwritten digit upscaled and jittered; "blocky": the same at its native 8x8,
@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from sklearn.datasets import load_digits
 
-from adaptflow import storage
-from adaptflow.demo import balanced, encode_image, load_photos, mnist_m, new_camera, render_digit
+from adaptflow.data.demo import balanced, encode_image, load_photos, mnist_m, new_camera, render_digit
+from adaptflow.store import storage
 
 CLASSES = [str(d) for d in range(10)]
 # Ten visibly different inks; in `coloured` sources digit d is drawn in _INKS[d] most of the time.

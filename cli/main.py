@@ -13,15 +13,15 @@ Prefect, pyarrow or fsspec), so `--help` answers at once.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import textwrap
-from contextlib import contextmanager
 
-from adaptflow import DEFAULT_STORE, progress
+from adaptflow import DEFAULT_STORE
 from adaptflow.errors import AdaptflowError, DatasetError, TransientError
 from cli import interrupt, prefect_api
+from cli.models import cmd_models_export, cmd_models_list, cmd_models_promote, cmd_models_rollback
+from cli.output import print_json, progress_on_stderr
 
 # The demo runs at 64 px, where EfficientNet-Lite0 embeds a few hundred images/s on 2 cores.
 DEMO_SETTINGS = ["backbone.image_size=64", "extract.batch_size=128"]
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     prefect_api.configure_environment(quiet=bool(quiet))
     for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
         logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
-    with interrupt.interruptible(prefect_api.stop_now), _progress_on_stderr(quiet is False):
+    with interrupt.interruptible(prefect_api.stop_now), progress_on_stderr(quiet is False):
         try:
             return args.command(args)
         except AdaptflowError as e:
@@ -48,28 +48,6 @@ def main(argv: list[str] | None = None) -> int:
             interrupt.exit_now(prefect_api.stop_now)
 
 
-@contextmanager
-def _progress_on_stderr(show: bool):
-    """Long work's progress on stderr (a live status line on a terminal, plain lines elsewhere), so that
-    stdout stays the command's result. stderr is routed through the renderer meanwhile, so Prefect's log
-    lines and error messages print above the status line instead of through it."""
-    if not show:
-        yield
-        return
-    renderer = progress.TerminalRenderer(sys.stderr)
-    stderr, sys.stderr = sys.stderr, renderer.stream
-    try:
-        with progress.rendering(renderer):
-            yield
-    finally:
-        sys.stderr = stderr
-
-
-def _print_json(obj) -> None:
-    """Machine-readable output: one JSON document on one line of stdout."""
-    print(json.dumps(obj, sort_keys=True, default=str))
-
-
 def _timed_out(e: TimeoutError) -> str:
     which = {
         "FlowRunTimeoutError": "the run took longer than runtime.flow_timeout_s",
@@ -81,7 +59,7 @@ def _timed_out(e: TimeoutError) -> str:
 def _check_inputs(*datasets: str | None, store: str | None = None) -> None:
     """Fail in a second, before Prefect starts, on what would fail later anyway: missing datasets first,
     then a store that cannot be written (checking it creates its folder)."""
-    from adaptflow import storage
+    from adaptflow.store import storage
 
     for uri in datasets:
         if uri and not storage.exists(uri):
@@ -97,18 +75,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_inputs(args.source, args.target, args.target_labels, store=args.store)
     run = _retrain(args.source, args.target, args.target_labels, args.store, cfg, table=not args.json)
     if args.json:
-        from adaptflow import storage
+        from adaptflow.store import storage
 
-        _print_json(storage.read_json(storage.join(run, "summary.json")))
+        print_json(storage.read_json(storage.join(run, "summary.json")))
     else:
         print(run)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from adaptflow import storage
     from adaptflow.config import load_config
-    from adaptflow.demo import make_demo_data
+    from adaptflow.data.demo import make_demo_data
+    from adaptflow.store import storage
 
     extra = [f"adapt.method={args.method}"] if args.method else []
     cfg = load_config(args.config, [*DEMO_SETTINGS, *args.set, *extra])
@@ -128,9 +106,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _nightly_demo(store: str, cfg) -> int:
     """Three scheduled-style runs on one store, as a cron deployment would make them."""
-    from adaptflow import registry, storage
-    from adaptflow.demo import make_nightly_batches
-    from adaptflow.runs import RunSummary, headline
+    from adaptflow.data.demo import make_nightly_batches
+    from adaptflow.manifests import RunSummary
+    from adaptflow.models import registry
+    from adaptflow.report.tables import headline
+    from adaptflow.store import storage
 
     demo = make_nightly_batches(storage.join(store, "nightly-data"), seed=cfg.seed)
     print(f"nightly demo: source {demo.source_uri}; nights 1-2 from the MNIST-M-style camera, night 3 from a new one")
@@ -159,10 +139,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import posixpath
 
-    from adaptflow import storage
     from adaptflow.config import load_config
-    from adaptflow.models import load_model
-    from adaptflow.registry import model_uri_for
+    from adaptflow.models.card import load_model
+    from adaptflow.models.registry import model_uri_for
+    from adaptflow.store import storage
 
     cfg = load_config(args.config, args.set)
     _check_inputs(args.images, store=args.store)
@@ -177,122 +157,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models_list(args: argparse.Namespace) -> int:
-    from adaptflow import registry
-
-    versions = registry.list_versions(args.store)
-    if args.json:
-        from adaptflow.export import list_exports
-
-        exports = list_exports(args.store)
-        _print_json(
-            {
-                "registry": registry.registry_uri(args.store),
-                "aliases": registry.aliases(args.store),
-                "versions": [
-                    {
-                        **v.model_dump(mode="json", exclude={"schema_version", "work"}),
-                        "aliases": sorted(a for a, n in registry.aliases(args.store).items() if n == v.version),
-                        "exports": [
-                            e.model_dump(mode="json", exclude={"schema_version", "work"})
-                            for e in exports
-                            if e.version == v.version
-                        ],
-                    }
-                    for v in versions
-                ],
-            }
-        )
-        return 0
-    if not versions:
-        print(f"no models registered in {registry.registry_uri(args.store)}")
-        return 0
-    named: dict[int, list[str]] = {}
-    for alias, version in sorted(registry.aliases(args.store).items()):
-        named.setdefault(version, []).append(alias)
-    print(f"{'version':<9}{'aliases':<21}{'created':<27}{'method':<18}{'selection':>10}{'target acc':>12}  run id")
-    for v in versions:
-        print(
-            f"{'v' + str(v.version):<9}{','.join(named.get(v.version, [])) or '-':<21}{v.created_at:<27}"
-            f"{v.method:<18}{_fmt(v.metrics.get('selection_score')):>10}{_fmt(v.metrics.get('target_accuracy')):>12}"
-            f"  {v.run_id}"
-        )
-    return 0
-
-
-def cmd_models_export(args: argparse.Namespace) -> int:
-    import posixpath
-
-    from adaptflow import storage
-    from adaptflow.export import export_registered
-
-    out = storage.absolute(args.out)
-    storage.check_writable(posixpath.dirname(out))
-    with progress.task(f"export {args.model} to {args.format}"):
-        manifest = export_registered(args.store, args.model, out, args.format)
-    if args.json:
-        _print_json(manifest.model_dump(mode="json", exclude={"schema_version", "work"}))
-        return 0
-    source = f"v{manifest.version}" if manifest.version is not None else manifest.model_uri
-    print(
-        f"exported {source} ({manifest.kind} model, {manifest.method}, {len(manifest.classes)} classes, "
-        f"{manifest.input_size} px) as {manifest.format}: {manifest.bytes / 1e6:.1f} MB; probabilities within "
-        f"{manifest.max_abs_diff:.1e} of the model; metadata in {manifest.metadata_uri}"
-    )
-    print(manifest.uri)
-    return 0
-
-
-def cmd_models_promote(args: argparse.Namespace) -> int:
-    from adaptflow import registry
-
-    version = registry.resolve(args.store, args.version).version
-    decision = registry.promote(args.store, version, reason=args.reason)
-    before = f"v{decision.champion_version}" if decision.champion_version is not None else "none"
-    print(f"champion: {before} -> v{decision.version} ({decision.reason})")
-    _mirror_to_mlflow(args.store)
-    return 0
-
-
-def cmd_models_rollback(args: argparse.Namespace) -> int:
-    from adaptflow import registry
-
-    event = registry.rollback(args.store, reason=args.reason)
-    print(f"champion: v{event.champion_before} -> v{event.champion_after} ({event.reason})")
-    _mirror_to_mlflow(args.store)
-    return 0
-
-
-def _mirror_to_mlflow(store: str) -> None:
-    """With MLFLOW_TRACKING_URI set, point MLflow's aliases where the registry now points them. The registry
-    has changed already: MLflow being away is a warning (the next tracked run mirrors them again)."""
-    import os
-
-    from adaptflow import tracking
-
-    if not os.environ.get(tracking.ENV):
-        return
-    from adaptflow import registry
-    from adaptflow.config import TrackingConfig
-
-    try:
-        mirrored = tracking.sync_aliases(store, TrackingConfig()) or {}
-    except Exception as e:  # noqa: BLE001 - a mirror must not turn a done promotion into a failure
-        print(
-            f"warning: MLflow aliases not mirrored ({type(e).__name__}: {tracking.redact(str(e))[:200]})",
-            file=sys.stderr,
-        )
-        return
-    ours = registry.aliases(store)
-    print("MLflow aliases mirrored: " + (", ".join(f"{a} -> v{ours[a]}" for a in sorted(mirrored)) or "none"))
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from adaptflow.backbones import BACKBONES
+    from adaptflow.extract.backbones import BACKBONES
 
     for name in sorted(BACKBONES):
         print(name)
@@ -300,8 +166,9 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def _retrain(source: str, target: str, target_labels: str | None, store: str, cfg, table: bool = True) -> str:
-    from adaptflow import storage
-    from adaptflow.runs import RunSummary, render_table
+    from adaptflow.manifests import RunSummary
+    from adaptflow.report.tables import render_table
+    from adaptflow.store import storage
     from flows.retrain import retrain
 
     with prefect_api.prefect_api():
@@ -328,7 +195,7 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from adaptflow.registry import code_version
+        from adaptflow.models.registry import code_version
 
         version, _, commit = code_version().partition("+g")
         print(f"adaptflow {version} (git commit {commit or 'unknown: not run from a git checkout'})")

@@ -2,9 +2,8 @@ from prefect import flow
 
 from adaptflow import DEFAULT_STORE
 from adaptflow.config import Config, validate_config
-from adaptflow.pipeline import new_run_id
-from adaptflow.runs import ingest_uri
-from adaptflow.storage import absolute, join
+from adaptflow.store.layout import ingest_uri, new_run_id
+from adaptflow.store.storage import absolute, join
 from tasks.credentials import use_credentials
 from tasks.extract import compact_features, extract_all, plan_extraction
 from tasks.ingest import ingest_dataset

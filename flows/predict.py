@@ -2,16 +2,15 @@ from prefect import flow
 
 from adaptflow import DEFAULT_STORE
 from adaptflow.config import RuntimeConfig, validate_config
-from adaptflow.models import load_card
-from adaptflow.pipeline import new_run_id
-from adaptflow.registry import model_uri_for
-from adaptflow.runs import ingest_uri
-from adaptflow.storage import absolute, join
+from adaptflow.models.card import load_card
+from adaptflow.models.registry import model_uri_for
+from adaptflow.store.layout import ingest_uri, new_run_id
+from adaptflow.store.storage import absolute, join
 from tasks.credentials import use_credentials
-from tasks.evaluate import predict
 from tasks.extract import extract_all, plan_extraction
 from tasks.ingest import ingest_dataset
 from tasks.logs import forward_library_logs
+from tasks.predict import predict
 from tasks.runners import configured, limited
 
 

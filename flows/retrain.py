@@ -1,18 +1,18 @@
 from prefect import flow
 
 from adaptflow import DEFAULT_STORE
-from adaptflow.adaptation import training_image_size
+from adaptflow.adapt.candidates import training_image_size
 from adaptflow.config import Config, validate_config
-from adaptflow.pipeline import new_run_id
-from adaptflow.runs import StageClock, ingest_uri, model_uri, run_uri
-from adaptflow.storage import absolute, join
+from adaptflow.report.summary import StageClock
+from adaptflow.store.layout import ingest_uri, model_uri, new_run_id, run_uri
+from adaptflow.store.storage import absolute, join
 from tasks.adapt import plan_candidates, select_model, train_candidates
 from tasks.credentials import use_credentials
-from tasks.evaluate import evaluate, predict
 from tasks.extract import compact_features, extract_all, plan_extraction
 from tasks.ingest import ingest_dataset
 from tasks.logs import forward_library_logs
 from tasks.monitor import check_shift, find_champion, promote_if_better, score_champion, score_model
+from tasks.predict import evaluate, predict
 from tasks.report import publish_run, write_no_shift_summary, write_report, write_summary
 from tasks.runners import configured, limited
 from tasks.track import track_run
@@ -139,7 +139,7 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
             cfg,
             challenger,
             champion_scores,
-            evaluation.source_test["accuracy"],
+            evaluation.source_test.accuracy,
         )
 
     summary = write_summary(

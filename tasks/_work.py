@@ -3,7 +3,7 @@ The library's logs of the body go to the task run's logs, in whichever process r
 
 import functools
 
-from adaptflow.accounting import measure
+from adaptflow.store.accounting import measure
 from tasks.logs import forward_library_logs
 
 

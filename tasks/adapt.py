@@ -1,12 +1,18 @@
 from prefect import task, unmapped
 
-from adaptflow import accounting, adaptation, progress
-from adaptflow.adaptation import CandidateManifest, CandidateSpec, SelectionManifest
-from adaptflow.config import Config
-from adaptflow.features import ExtractionPlan, resolve_device
-from adaptflow.manifests import IngestManifest
-from adaptflow.pipeline import ModelManifest
-from adaptflow.storage import join
+from adaptflow import progress
+from adaptflow.adapt import candidates as adaptation
+from adaptflow.config import Config, resolve_device
+from adaptflow.manifests import (
+    CandidateManifest,
+    CandidateSpec,
+    ExtractionPlan,
+    IngestManifest,
+    ModelManifest,
+    SelectionManifest,
+)
+from adaptflow.store import accounting
+from adaptflow.store.storage import join
 from tasks._work import measured
 from tasks.runners import gpu_placement, limited
 

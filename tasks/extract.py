@@ -2,11 +2,12 @@ from prefect import task, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from adaptflow import features, progress, shards
+from adaptflow import progress
 from adaptflow.config import BackboneConfig, ExtractConfig, RuntimeConfig
-from adaptflow.features import ExtractionPlan, ShardPlan, ShardResult
-from adaptflow.image_cache import image_cache
-from adaptflow.shards import CompactionManifest
+from adaptflow.extract import features
+from adaptflow.extract.image_cache import image_cache
+from adaptflow.manifests import CompactionManifest, ExtractionPlan, ShardPlan, ShardResult
+from adaptflow.store import shards
 from tasks._retry import IO_TASK
 from tasks._work import measured
 from tasks.runners import gpu_placement, limited

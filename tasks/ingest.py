@@ -1,7 +1,7 @@
 from prefect import task
 
-from adaptflow import ingest
 from adaptflow.config import IngestConfig
+from adaptflow.data import ingest
 from adaptflow.manifests import IngestManifest
 from tasks._retry import IO_TASK
 from tasks._work import measured

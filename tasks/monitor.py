@@ -1,13 +1,20 @@
 from prefect import get_run_logger, task
 from prefect.events import emit_event
 
-from adaptflow import monitor
-from adaptflow.adaptation import SelectionManifest
 from adaptflow.config import Config
 from adaptflow.errors import StoreError, StoreUnavailableError
-from adaptflow.features import ExtractionPlan
-from adaptflow.manifests import IngestManifest
-from adaptflow.monitor import Champion, ModelScores, PromotionManifest, ShiftManifest
+from adaptflow.manifests import (
+    Champion,
+    ExtractionPlan,
+    IngestManifest,
+    ModelScores,
+    PromotionManifest,
+    SelectionManifest,
+    ShiftManifest,
+)
+from adaptflow.monitor import champion as scoring
+from adaptflow.monitor import gate
+from adaptflow.monitor import shift as shift_test
 from tasks._retry import IO_TASK
 from tasks._work import measured
 
@@ -15,7 +22,7 @@ from tasks._work import measured
 @task(name="find-champion", **IO_TASK)
 def find_champion(store: str) -> Champion | None:
     """The registry's champion and the target images it was trained with, if there is one."""
-    return monitor.find_champion(store)
+    return scoring.find_champion(store)
 
 
 @task(name="score-model")
@@ -29,7 +36,7 @@ def score_model(
     cfg: Config,
 ) -> ModelScores:
     """A saved model's label-free scores (and target accuracy, for reporting) on this run's data."""
-    return monitor.score_model(
+    return scoring.score_model(
         model_uri, source, target, target_labels, features, cfg.adapt.policy, cfg.seed, cfg.adapt.validation_samples
     )
 
@@ -46,7 +53,7 @@ def score_champion(
 ) -> ModelScores | None:
     """The champion's scores on this run's data; None when it cannot read it (other classes or features)."""
     try:
-        return monitor.score_model(
+        return scoring.score_model(
             champion.model_uri,
             source,
             target,
@@ -74,7 +81,7 @@ def check_shift(
     cfg: Config,
 ) -> ShiftManifest:
     """Has the target moved away from the champion's data, or the champion got worse on it?"""
-    shift = monitor.check_shift(champion, target, features, scores, cfg.monitor, cfg.seed)
+    shift = shift_test.check_shift(champion, target, features, scores, cfg.monitor, cfg.seed)
     payload = {
         "reason": shift.reason,
         "champion_version": shift.champion_version,
@@ -104,7 +111,7 @@ def promote_if_better(
 ) -> PromotionManifest:
     """Register the selected model; the gate makes it champion only if it beats the champion on this data
     and selection is confident in it (with no champion yet, the source-only reference stands in)."""
-    decision = monitor.register_and_gate(
+    decision = gate.register_and_gate(
         store, run_id, selection, datasets, features, cfg, challenger, champion, source_test_accuracy
     )
     _emit(

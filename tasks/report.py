@@ -1,19 +1,27 @@
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from adaptflow import run_report, runs
-from adaptflow.adaptation import CandidateManifest, SelectionManifest
-from adaptflow.config import Config, validate_config
-from adaptflow.features import ExtractionPlan, ShardResult
-from adaptflow.history import write_history
-from adaptflow.manifests import IngestManifest
-from adaptflow.monitor import ModelScores, PromotionManifest, ShiftManifest
-from adaptflow.pipeline import ModelManifest
-from adaptflow.prediction import EvaluationManifest, PredictionManifest
-from adaptflow.run_report import ReportManifest
-from adaptflow.runs import RunSummary
-from adaptflow.shards import CompactionManifest
-from adaptflow.storage import browser_url
+from adaptflow.config import Config
+from adaptflow.manifests import (
+    CandidateManifest,
+    CompactionManifest,
+    EvaluationManifest,
+    ExtractionPlan,
+    IngestManifest,
+    ModelManifest,
+    ModelScores,
+    PredictionManifest,
+    PromotionManifest,
+    ReportManifest,
+    RunSummary,
+    SelectionManifest,
+    ShardResult,
+    ShiftManifest,
+)
+from adaptflow.report import run_page, tables
+from adaptflow.report import summary as run_summary
+from adaptflow.report.history import write_history
+from adaptflow.store.storage import browser_url
 from tasks._work import measured
 
 
@@ -30,7 +38,7 @@ def write_report(
     baseline: EvaluationManifest,
 ) -> ReportManifest:
     """The run's self-contained HTML report: candidates, selection, metrics, domain gap, plots."""
-    return run_report.write_run_report(run_uri, source, target, features, candidates, selection, evaluation, baseline)
+    return run_page.write_run_report(run_uri, source, target, features, candidates, selection, evaluation, baseline)
 
 
 @task(name="write-summary")
@@ -58,8 +66,8 @@ def write_summary(
     """Commit the run: summary.json is written last. `predictions`: the selected model's (target, then
     source test), then the head's;
     `champion`, `challenger`: the two models the gate compared, scored on this run's data."""
-    extraction = runs.summarize_extraction(plan, shards, compaction, timings.get("extract", 0.0))
-    stages = runs.summarize_stages(
+    extraction = run_summary.summarize_extraction(plan, shards, compaction, timings.get("extract", 0.0))
+    stages = run_summary.summarize_stages(
         timings,
         {
             "ingest": list(datasets.values()),
@@ -71,7 +79,7 @@ def write_summary(
         },
         datasets,
     )
-    return runs.write_summary(
+    return run_summary.write_summary(
         run_id,
         run_uri,
         cfg,
@@ -105,8 +113,8 @@ def write_no_shift_summary(
     timings: dict[str, float],
 ) -> RunSummary:
     """Commit a run that found no shift: it stops here, cheaply."""
-    extraction = runs.summarize_extraction(plan, shards, compaction, timings.get("extract", 0.0))
-    stages = runs.summarize_stages(
+    extraction = run_summary.summarize_extraction(plan, shards, compaction, timings.get("extract", 0.0))
+    stages = run_summary.summarize_stages(
         timings,
         {
             "ingest": list(datasets.values()),
@@ -115,7 +123,7 @@ def write_no_shift_summary(
         },
         datasets,
     )
-    return runs.write_no_shift_summary(run_id, run_uri, cfg, datasets, extraction, shift, timings, stages)
+    return run_summary.write_no_shift_summary(run_id, run_uri, cfg, datasets, extraction, shift, timings, stages)
 
 
 @task(name="publish-run")
@@ -124,35 +132,35 @@ def publish_run(summary: RunSummary, store: str) -> str:
     store's history page. Returns the history page's URI."""
     if summary.status != "no_shift":
         create_table_artifact(
-            key="adaptflow-metrics", table=runs.metrics_rows(summary), description=f"adaptflow run {summary.run_id}"
+            key="adaptflow-metrics", table=tables.metrics_rows(summary), description=f"adaptflow run {summary.run_id}"
         )
-    if summary.adaptation.get("candidates"):
+    if summary.adaptation.candidates:
         create_table_artifact(
             key="adaptflow-candidates",
-            table=runs.candidate_rows(summary),
+            table=tables.candidate_rows(summary),
             description="adaptation candidates and their label-free scores",
         )
     if summary.shift:
         create_table_artifact(
             key="adaptflow-shift",
-            table=[runs.shift_row(summary)],
+            table=[tables.shift_row(summary)],
             description="the new target batch against the champion's data",
         )
     if summary.promotion:
         create_table_artifact(
             key="adaptflow-promotion",
-            table=[runs.promotion_row(summary)],
+            table=[tables.promotion_row(summary)],
             description="the registry's decision on this run's model",
         )
     create_table_artifact(
         key="adaptflow-stages",
-        table=runs.stage_rows(summary),
+        table=tables.stage_rows(summary),
         description="per stage: wall time, images/s, bytes read and written, orchestration share",
     )
     create_markdown_artifact(
-        key="adaptflow-summary", markdown=runs.render_markdown(summary), description=f"adaptflow run {summary.run_id}"
+        key="adaptflow-summary", markdown=tables.render_markdown(summary), description=f"adaptflow run {summary.run_id}"
     )
-    expires_s = validate_config(summary.config).links.expiry_s  # S3: presigned HTTPS links, not s3:// strings
+    expires_s = summary.config.links.expiry_s  # S3: presigned HTTPS links, not s3:// strings
     if summary.report_uri:
         create_link_artifact(
             key="adaptflow-report",

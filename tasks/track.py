@@ -1,9 +1,8 @@
 from prefect import get_run_logger, task
 
-from adaptflow import tracking
 from adaptflow.config import TrackingConfig
-from adaptflow.runs import RunSummary
-from adaptflow.tracking import TrackingManifest
+from adaptflow.manifests import RunSummary, TrackingManifest
+from adaptflow.report import tracking
 
 
 @task(name="track-run")  # not retried: MLflow being away must cost the run seconds, not minutes

@@ -56,7 +56,7 @@ def memory_uri():
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """A small copy of the demo shift: 10 digit classes, grey source folders, colour target folder."""
-    from adaptflow.demo import make_demo_data
+    from adaptflow.data.demo import make_demo_data
 
     return make_demo_data(str(tmp_path_factory.mktemp("demo")), image_size=32, seed=0, max_per_domain=150)
 

@@ -21,10 +21,10 @@ from adaptflow.adapt.images import (
     infer_images,
     load_images,
 )
-from adaptflow.backbones import build_extractor
 from adaptflow.config import BackboneConfig
+from adaptflow.data.preprocess import build_transform, decode_image
 from adaptflow.errors import UnknownNameError
-from adaptflow.preprocess import build_transform, decode_image
+from adaptflow.extract.backbones import build_extractor
 
 LITE0 = BackboneConfig(name="efficientnet_lite0", weights="random", image_size=32)
 CLASSES, SIZE = 3, 16

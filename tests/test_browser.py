@@ -15,12 +15,12 @@ import threading
 import numpy as np
 import pytest
 from PIL import Image
-from test_history import SUMMARIES
-from test_report import _candidate, _domains, _metrics
+from test_report_history import SUMMARIES
+from test_report_html import _candidate, _domains, _metrics
 
-from adaptflow import storage
-from adaptflow.history import write_history
-from adaptflow.report import embed_2d, write_report
+from adaptflow.report.history import write_history
+from adaptflow.report.html import embed_2d, write_report
+from adaptflow.store import storage
 
 CHROMIUM = next(
     (

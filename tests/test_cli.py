@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptflow import storage
+from adaptflow.store import storage
 from cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp
 
 
 def _registry(store: str, scores: list[float]) -> None:
-    from adaptflow import registry
+    from adaptflow.models import registry
 
     lineage = registry.Lineage(dataset_snapshot="d", extractor_fingerprint="f", config_hash="c", code_version="0.1.0")
     for i, score in enumerate(scores):
@@ -202,7 +202,7 @@ def test_models_list_promote_and_rollback(tmp_path, capsys):
 
 
 def test_predict_resolves_registry_names_in_the_store(tmp_path, memory_uri, capsys):
-    from adaptflow.registry import model_uri_for
+    from adaptflow.models.registry import model_uri_for
 
     def resolve_model(model, store):
         return model_uri_for(store, model)
@@ -253,7 +253,7 @@ def test_version_prints_the_version_and_the_git_commit():
 
 @pytest.mark.parametrize("case", ["plain file", "read-only folder", "unknown scheme"])
 def test_a_bad_store_is_one_error_line_within_seconds(case, demo_data, tmp_path):
-    from test_storage import _read_only, _writable_again
+    from test_store_storage import _read_only, _writable_again
 
     (tmp_path / "plain").write_text("x")
     (tmp_path / "ro").mkdir()
@@ -288,7 +288,7 @@ def test_a_store_unreachable_after_the_patience_exits_3_not_2(s3_env, tmp_path):
 
 
 def test_predict_with_a_damaged_model_is_one_line_before_prefect_starts(demo_data, tmp_path, capsys):
-    from test_models import _saved_head
+    from test_models_card import _saved_head
 
     model = str(tmp_path / "model")
     _saved_head(model)

@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 
-from adaptflow import storage
-from adaptflow.runs import RunSummary
+from adaptflow.manifests import RunSummary
+from adaptflow.store import storage
 from flows.retrain import retrain
 from tasks.runners import build_task_runner
 
@@ -50,10 +50,10 @@ def test_retrain_runs_on_the_dask_cluster_its_config_names(
             )
         workers = {task["worker"] for task in stream.data}
     summary = RunSummary.load(storage.join(run, "summary.json"))
-    assert summary.extraction["images_extracted"] == summary.extraction["images_requested"] > 0
-    assert summary.extraction["shards"] >= 2  # the map really fanned out ...
-    assert len(stream.data) >= summary.extraction["shards"] and len(workers) == 2  # ... onto this cluster
-    assert storage.read_table(summary.predictions_uri).num_rows == summary.datasets["target"]["images"]
+    assert summary.extraction.images_extracted == summary.extraction.images_requested > 0
+    assert summary.extraction.shards >= 2  # the map really fanned out ...
+    assert len(stream.data) >= summary.extraction.shards and len(workers) == 2  # ... onto this cluster
+    assert storage.read_table(summary.predictions_uri).num_rows == summary.datasets["target"].images
     # the candidates are tasks of their own, each on its own worker process, at the same time
     trains = [t for t in stream.data if str(t["key"]).startswith("train_candidate")]
     spans = [(t["worker"], *_compute_span(t)) for t in trains]
@@ -61,7 +61,7 @@ def test_retrain_runs_on_the_dask_cluster_its_config_names(
     assert any(w1 != w2 and a0 < b1 and b0 < a1 for (w1, a0, a1), (w2, b0, b1) in itertools.combinations(spans, 2)), (
         f"no two candidates trained at once on different workers: {spans}"
     )
-    assert {c["name"] for c in summary.adaptation["candidates"]} == {
+    assert {c.name for c in summary.adaptation.candidates} == {
         "coral-features",
         "source_only-images",
         "dann-images",

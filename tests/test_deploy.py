@@ -144,7 +144,7 @@ def test_deploy_prefect_yaml_and_run_a_backfill_through_a_worker(stack, tmp_path
     # every image, embedded once and committed: read back as a user would, with the stack's credentials
     import s3fs
 
-    from adaptflow.features import committed_image_ids
+    from adaptflow.extract.features import committed_image_ids
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"):
         monkeypatch.setenv(name, stack[name])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from commands import extract_command
 
-from adaptflow import shards, storage
+from adaptflow.store import shards, storage
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def _valid_images(demo_data) -> int:
 def test_sigkill_during_prediction_then_the_same_command_keeps_the_committed_parts(demo_data, fast_config, tmp_path):
     """`adaptflow predict` with an end-to-end model, one task per 8 images: killed once parts are committed,
     the same command predicts only the rest, and the merged file has one row per valid image."""
-    from adaptflow.models import ModelCard, build_model, save_model
+    from adaptflow.models.card import ModelCard, build_model, save_model
 
     cfg = fast_config.model_copy(update={"extract": fast_config.extract.model_copy(update={"shard_size": 8})})
     card = ModelCard(
@@ -122,6 +122,6 @@ def test_sigkill_during_prediction_then_the_same_command_keeps_the_committed_par
 def _valid_images_of(uri: str, domain: str) -> int:
     """Valid images under `uri`, as ingest counts them."""
     from adaptflow.config import IngestConfig
-    from adaptflow.ingest import ingest
+    from adaptflow.data.ingest import ingest
 
     return ingest(uri, domain, f"memory://faults-count-{domain}", IngestConfig(workers=2)).n_images

@@ -2,8 +2,9 @@
 
 import pytest
 
-from adaptflow import registry, storage
-from adaptflow.runs import RunSummary
+from adaptflow.manifests import RunSummary
+from adaptflow.models import registry
+from adaptflow.store import storage
 from flows.predict import batch_predict
 from flows.retrain import retrain
 
@@ -23,67 +24,64 @@ def test_retrain_then_rerun_reuses_features_then_predict(
 
     summary = RunSummary.load(storage.join(run, "summary.json"))
     target = summary.datasets["target"]
-    assert (target["rejected"], summary.datasets["source"]["rejected"]) == (2, 0)
-    assert summary.extraction["images_extracted"] == summary.extraction["images_requested"] > 0
+    assert (target.rejected, summary.datasets["source"].rejected) == (2, 0)
+    assert summary.extraction.images_extracted == summary.extraction.images_requested > 0
     assert set(summary.timings) == {"ingest", "extract", "train", "evaluate", "promote"}
-    assert summary.stages["extract"]["images"] == summary.extraction["images_extracted"]
-    assert all(0 <= st["orchestration_share"] < 1 for st in summary.stages.values())
+    assert summary.stages["extract"].images == summary.extraction.images_extracted
+    assert all(0 <= st.orchestration_share < 1 for st in summary.stages.values())
     # the first model of a store becomes its champion
-    assert summary.shift is None and summary.promotion["promoted"] and summary.promotion["version"] == 1
+    assert summary.shift is None and summary.promotion.promoted and summary.promotion.version == 1
     assert registry.aliases(store) == {"champion": 1}
     assert [e for e, _ in events] == ["adaptflow.model.promoted"] and events[0][1]["version"] == 1
     assert storage.read_bytes(storage.join(store, "history.html")).startswith(b"<!DOCTYPE html>")
     adaptation = summary.adaptation
-    assert [c["name"] for c in adaptation["candidates"]] == ["source_only-features", "dann-features", "dann-images"]
-    chosen = next(c for c in adaptation["candidates"] if c["name"] == adaptation["selected"])
-    assert not chosen["collapsed"] and chosen["model_uri"] == summary.model_uri
-    assert set(adaptation["scores"]) >= {"source_val_acc", "im", "bnm", "snd", "dev", "entropy"}
-    assert adaptation["oracle_target_accuracy"] >= chosen["target_accuracy"]
+    assert [c.name for c in adaptation.candidates] == ["source_only-features", "dann-features", "dann-images"]
+    chosen = next(c for c in adaptation.candidates if c.name == adaptation.selected)
+    assert not chosen.collapsed and chosen.model_uri == summary.model_uri
+    assert set(adaptation.scores) >= {"source_val_acc", "im", "bnm", "snd", "dev", "entropy"}
+    assert adaptation.oracle_target_accuracy >= chosen.target_accuracy
     assert storage.read_bytes(summary.report_uri).startswith(b"<!DOCTYPE html>")
-    assert 0 <= summary.extraction["orchestration_share"] < 1
+    assert 0 <= summary.extraction.orchestration_share < 1
 
     predictions = storage.read_table(summary.predictions_uri).to_pandas()
-    assert len(predictions) == target["images"] and predictions.image_id.is_unique
+    assert len(predictions) == target.images and predictions.image_id.is_unique
     assert set(predictions.prediction) <= set(demo_data.classes)
     assert predictions.confidence.between(0, 1).all()
     # 10 classes, chance 0.1: frozen ImageNet features at 64 px, from ~10 training images a class, get
     # 0.41 on this seed (0.77 with the full demo's 63 a class). The target (digits blended into photos) is
     # scored over every valid image; how well a source-only head does there is the adaptation issue's business,
     # not this test's.
-    assert summary.baseline["source_test"]["accuracy"] > 0.3
-    assert summary.metrics["target"]["n"] == target["images"]
-    assert 0 <= summary.metrics["target"]["accuracy"] <= 1
+    assert summary.baseline.source_test.accuracy > 0.3
+    assert summary.metrics.target.n == target.images
+    assert 0 <= summary.metrics.target.accuracy <= 1
 
     # the same target again: no shift, so the run stops after extraction, having embedded nothing
     head_only = {**settings, "adapt": {**settings["adapt"], "method": "none"}}
     rerun = retrain(demo_data.source_uri, demo_data.target_uri, None, store, head_only)
     again = RunSummary.load(storage.join(rerun, "summary.json"))
     assert again.status == "no_shift" and again.model_uri == "" and again.promotion is None
-    assert again.extraction["images_extracted"] == 0
-    assert again.extraction["images_cached"] == summary.extraction["images_requested"]
-    assert not again.shift["shift_detected"] and again.shift["test"]["p_value"] >= again.shift["test"]["alpha"]
-    assert again.shift["reason"].startswith("no shift") and again.shift["score_drop"] == pytest.approx(0, abs=1e-6)
+    assert again.extraction.images_extracted == 0
+    assert again.extraction.images_cached == summary.extraction.images_requested
+    assert not again.shift.shift_detected and again.shift.test.p_value >= again.shift.test.alpha
+    assert again.shift.reason.startswith("no shift") and again.shift.score_drop == pytest.approx(0, abs=1e-6)
     assert [v.version for v in registry.list_versions(store)] == [1]
     assert len(events) == 1  # nothing new to report
 
     # a shifted batch (grey digits where the champion saw colour ones): detected, retrained, gated
     shifted = retrain(demo_data.source_uri, demo_data.source_uri, None, store, head_only)
     third = RunSummary.load(storage.join(shifted, "summary.json"))
-    assert third.status == "trained" and third.shift["shift_detected"] and third.shift["test"]["p_value"] < 0.01
-    assert third.adaptation["selected"] == "head" and third.model_uri == third.baseline["model_uri"]
-    assert third.promotion["version"] == 2 and third.promotion["champion_version"] == 1
-    assert third.promotion["compared"]["metric"] == "selection_score" and third.promotion["reason"]
-    assert registry.aliases(store)["champion"] == (2 if third.promotion["promoted"] else 1)
+    assert third.status == "trained" and third.shift.shift_detected and third.shift.test.p_value < 0.01
+    assert third.adaptation.selected == "head" and third.model_uri == third.baseline.model_uri
+    assert third.promotion.version == 2 and third.promotion.champion_version == 1
+    assert third.promotion.compared["metric"] == "selection_score" and third.promotion.reason
+    assert registry.aliases(store)["champion"] == (2 if third.promotion.promoted else 1)
     assert [e.action for e in registry.events(store)] == [
         "promoted",
-        "promoted" if third.promotion["promoted"] else "rejected",
+        "promoted" if third.promotion.promoted else "rejected",
     ]
-    decided = "adaptflow.model.promoted" if third.promotion["promoted"] else "adaptflow.model.rejected"
+    decided = "adaptflow.model.promoted" if third.promotion.promoted else "adaptflow.model.rejected"
     assert [e for e, _ in events[1:]] == ["adaptflow.shift.detected", decided]
-    assert (
-        events[1][1]["p_value"] == third.shift["test"]["p_value"]
-        and events[2][1]["reason"] == third.promotion["reason"]
-    )
+    assert events[1][1]["p_value"] == third.shift.test.p_value and events[2][1]["reason"] == third.promotion.reason
 
     out = str(tmp_path / "preds.parquet")
     assert registry.resolve(store, "v1").model_uri == summary.model_uri

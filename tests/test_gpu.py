@@ -4,11 +4,11 @@ Skipped without CUDA (see conftest)."""
 import pytest
 import torch
 
-from adaptflow import features
 from adaptflow.adapt.algorithms import get_algorithm
 from adaptflow.adapt.images import fit_images, image_featurizer, infer_images
 from adaptflow.config import BackboneConfig
-from adaptflow.ingest import ingest
+from adaptflow.data.ingest import ingest
+from adaptflow.extract import features
 
 pytestmark = pytest.mark.gpu
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 from commands import extract_command
 
-from adaptflow import shards, storage
+from adaptflow.store import shards, storage
 from cli.interrupt import MESSAGE
 
 pytestmark = pytest.mark.slow
@@ -115,7 +115,7 @@ def test_ctrl_c_while_prefect_starts(demo_data, tmp_path, env):
 
 def _valid_images(demo_data) -> int:
     from adaptflow.config import IngestConfig
-    from adaptflow.ingest import ingest
+    from adaptflow.data.ingest import ingest
 
     return sum(
         ingest(uri, d, f"memory://interrupt-count/{d}", IngestConfig(workers=2)).n_images

@@ -48,7 +48,7 @@ def _imports(module: str) -> list[tuple[str, str | None, int]]:
                 base = ".".join([*anchor, *([base] if base else [])])
             for alias in node.names:
                 submodule = f"{base}.{alias.name}"
-                # `from adaptflow import storage` imports the module adaptflow.storage, not a name
+                # `from adaptflow import storage` imports the module adaptflow.store.storage, not a name
                 found.append(
                     (submodule, None, node.lineno) if submodule in MODULES else (base, alias.name, node.lineno)
                 )
@@ -83,7 +83,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_walk_sees_the_package():
-    assert {"adaptflow.config", "adaptflow.backbones", "adaptflow.adapt.algorithms"} <= MODULES.keys()
+    assert {"adaptflow.config", "adaptflow.extract.backbones", "adaptflow.adapt.algorithms"} <= MODULES.keys()
     assert "adaptflow.errors" in _graph()["adaptflow.config"]  # a top-level import
     tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nelse:\n    import b\n")
     assert [n.names[0].name for n in _runtime_nodes(tree) if isinstance(n, ast.Import)] == ["b"]
@@ -112,3 +112,38 @@ def test_no_private_name_crosses_a_module(module):
         if name and name.startswith("_") and target in MODULES and target != module
     ]
     assert not hits, f"{module} imports private names ({', '.join(hits)}); make them public where they live"
+
+
+# One room per stage: the package's top level is its edge, everything else lives in a stage's folder.
+EDGE = {"adaptflow", "adaptflow.config", "adaptflow.errors", "adaptflow.manifests", "adaptflow.progress"}
+STAGES = {"store", "data", "extract", "adapt", "evaluate", "models", "monitor", "report"}
+
+
+def test_every_module_lives_at_the_edge_or_in_a_stage():
+    stray = [m for m in MODULES if m not in EDGE and m.split(".")[1] not in STAGES]
+    assert not stray, f"modules outside the edge and the stage folders: {stray}"
+
+
+def test_no_source_file_is_over_500_lines():
+    roots = [PACKAGE.parent / d for d in ("adaptflow", "tasks", "flows", "cli")]
+    long = {str(p): n for r in roots for p in r.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, f"over 500 lines, split them along their seams: {long}"
+
+
+def _returned_names(annotation: ast.expr | None) -> set[str]:
+    """The class names a task's return annotation mentions (`list[X]`, `X | None`)."""
+    if annotation is None:
+        return set()
+    return {n.id for n in ast.walk(annotation) if isinstance(n, ast.Name) and n.id[:1].isupper()}
+
+
+def test_every_record_a_task_returns_is_a_manifest():
+    import adaptflow.manifests as manifests
+
+    for path in sorted((PACKAGE.parent / "tasks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            is_task = isinstance(node, ast.FunctionDef) and any(
+                isinstance(d, ast.Call) and ast.unparse(d.func) == "task" for d in node.decorator_list
+            )
+            for name in _returned_names(node.returns) - {"None"} if is_task else ():
+                assert hasattr(manifests, name), f"{path.name}: {node.name} returns {name}, not in adaptflow.manifests"

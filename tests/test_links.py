@@ -8,8 +8,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from adaptflow import storage
 from adaptflow.config import load_config
+from adaptflow.store import storage
 
 
 @pytest.fixture

@@ -1,12 +1,15 @@
-"""adaptflow.monitor on real features: the shift check's verdicts and the scores it compares."""
+"""adaptflow.monitor.champion on real features: the shift check's verdicts and the scores it compares."""
 
 import pytest
 
-from adaptflow import features, monitor
+from adaptflow.adapt.baseline import fit_head
 from adaptflow.config import MonitorConfig
-from adaptflow.ingest import ingest
-from adaptflow.monitor import Champion, ModelScores
-from adaptflow.pipeline import fit_head
+from adaptflow.data.ingest import ingest
+from adaptflow.extract import features
+from adaptflow.manifests import Champion, ModelScores
+from adaptflow.monitor.champion import judged_by, score_model
+from adaptflow.monitor.gate import register_and_gate
+from adaptflow.monitor.shift import check_shift
 
 
 @pytest.fixture(scope="module")
@@ -34,28 +37,28 @@ def _scores(selection: float, collapsed: bool = False) -> ModelScores:
 def test_the_same_images_are_no_shift_and_another_domain_is(store):
     src, tgt, plan, _ = store
     cfg = MonitorConfig()
-    same = monitor.check_shift(_champion(tgt.index_uri), tgt, plan, _scores(0.5), cfg)
+    same = check_shift(_champion(tgt.index_uri), tgt, plan, _scores(0.5), cfg)
     assert not same.shift_detected and not same.retrain and same.reason.startswith("no shift")
     assert same.test.p_value >= cfg.alpha and same.score_drop == 0
-    moved = monitor.check_shift(_champion(src.index_uri), tgt, plan, _scores(0.5), cfg)
+    moved = check_shift(_champion(src.index_uri), tgt, plan, _scores(0.5), cfg)
     assert moved.shift_detected and moved.retrain and moved.test.p_value < 0.01 and moved.domain_auc > 0.9
 
 
 def test_a_degraded_champion_retrains_without_a_shift(store):
     _, tgt, plan, _ = store
     cfg = MonitorConfig(score_drop=0.05)
-    dropped = monitor.check_shift(_champion(tgt.index_uri, score=0.6), tgt, plan, _scores(0.5), cfg)
+    dropped = check_shift(_champion(tgt.index_uri, score=0.6), tgt, plan, _scores(0.5), cfg)
     assert not dropped.shift_detected and dropped.degraded and dropped.retrain
     assert dropped.reason.startswith("champion degraded") and "drop +0.100, limit 0.05" in dropped.reason
-    collapsed = monitor.check_shift(_champion(tgt.index_uri), tgt, plan, _scores(0.5, collapsed=True), cfg)
+    collapsed = check_shift(_champion(tgt.index_uri), tgt, plan, _scores(0.5, collapsed=True), cfg)
     assert collapsed.retrain and "collapsed" in collapsed.reason
-    unscorable = monitor.check_shift(_champion(tgt.index_uri), tgt, plan, None, cfg)
+    unscorable = check_shift(_champion(tgt.index_uri), tgt, plan, None, cfg)
     assert unscorable.retrain and "cannot score this data" in unscorable.reason
 
 
 def test_without_reference_images_the_run_retrains_and_says_why(store):
     _, tgt, plan, _ = store
-    gone = monitor.check_shift(_champion(None), tgt, plan, _scores(0.5), MonitorConfig())
+    gone = check_shift(_champion(None), tgt, plan, _scores(0.5), MonitorConfig())
     assert gone.test is None and gone.retrain and "reference images (run r0) are gone" in gone.reason
 
 
@@ -70,23 +73,23 @@ def test_score_model_measures_a_saved_model_on_this_runs_data(store, demo_data):
         IngestConfig(workers=2),
         classes=src.classes,
     )
-    scores = monitor.score_model(head.model_uri, src, tgt, labels, plan, ["source_val_acc", "im", "bnm"])
+    scores = score_model(head.model_uri, src, tgt, labels, plan, ["source_val_acc", "im", "bnm"])
     assert set(scores.scores) >= {"source_val_acc", "im", "bnm"} and scores.n_target == tgt.n_images
     assert scores.selection_score == pytest.approx(sum(scores.scores[k] for k in ("source_val_acc", "im", "bnm")) / 3)
     assert 0 <= scores.target_accuracy <= 1
-    again = monitor.score_model(head.model_uri, src, tgt, None, plan, ["source_val_acc", "im", "bnm"])
+    again = score_model(head.model_uri, src, tgt, None, plan, ["source_val_acc", "im", "bnm"])
     assert again.target_accuracy is None and again.selection_score == scores.selection_score  # deterministic
-    only = monitor.score_model(head.model_uri, src, tgt, None, plan, ["bnm"])  # the policy decides what is scored
+    only = score_model(head.model_uri, src, tgt, None, plan, ["bnm"])  # the policy decides what is scored
     assert set(only.scores) == {"source_val_acc", "bnm"} and only.selection_score == pytest.approx(scores.scores["bnm"])
 
 
 def test_a_low_confidence_pick_never_replaces_a_champion_and_a_source_only_one_stands_in(store, fast_config, tmp_path):
-    from adaptflow import registry
-    from adaptflow.adaptation import SelectionManifest
+    from adaptflow.manifests import SelectionManifest
+    from adaptflow.models import registry
 
     src, tgt, plan, head = store
     reg, policy, datasets = str(tmp_path / "registry"), fast_config.adapt.policy, {"source": src, "target": tgt}
-    scores = monitor.score_model(head.model_uri, src, tgt, None, plan, policy)  # the pick's scores (any model's)
+    scores = score_model(head.model_uri, src, tgt, None, plan, policy)  # the pick's scores (any model's)
     better = scores.model_copy(update={"scores": {k: v + 0.5 for k, v in scores.scores.items()}})
     unsure = SelectionManifest(
         index=1,
@@ -102,25 +105,25 @@ def test_a_low_confidence_pick_never_replaces_a_champion_and_a_source_only_one_s
     )
 
     # No champion yet: the pick waits as challenger, the source-only reference is registered and promoted.
-    first = monitor.register_and_gate(reg, "r1", unsure, datasets, plan, fast_config, scores, None, 0.9)
+    first = register_and_gate(reg, "r1", unsure, datasets, plan, fast_config, scores, None, 0.9)
     assert not first.promoted and first.reason == "low confidence: source-only source_only-images scores higher on im"
     assert (first.version, first.stand_in_version, first.champion_after) == (1, 2, 2)
     assert registry.aliases(reg) == {"champion": 2, "challenger": 1}
     # A champion is never replaced by a low-confidence pick, however good its numbers.
-    second = monitor.register_and_gate(reg, "r2", unsure, datasets, plan, fast_config, better, scores, 0.9)
+    second = register_and_gate(reg, "r2", unsure, datasets, plan, fast_config, better, scores, 0.9)
     assert not second.promoted and second.stand_in_version is None and registry.aliases(reg)["champion"] == 2
     # Unless the user opts in; and a confident pick goes through the gate as ever.
     opted = fast_config.model_copy(
         update={"promotion": fast_config.promotion.model_copy(update={"allow_low_confidence": True})}
     )
-    third = monitor.register_and_gate(reg, "r3", unsure, datasets, plan, opted, better, scores, 0.9)
+    third = register_and_gate(reg, "r3", unsure, datasets, plan, opted, better, scores, 0.9)
     assert third.promoted and third.compared["metric"] == "selection_score"
     sure = unsure.model_copy(update={"confident": True})
-    fourth = monitor.register_and_gate(reg, "r4", sure, datasets, plan, fast_config, scores, better, 0.9)
+    fourth = register_and_gate(reg, "r4", sure, datasets, plan, fast_config, scores, better, 0.9)
     assert not fourth.promoted and fourth.reason.startswith("selection score")
 
 
 def test_the_gate_judges_neither_model_by_what_it_optimised():
-    assert monitor.judged_by(["source_val_acc", "im", "bnm"], "dann", "head") == ["source_val_acc", "im", "bnm"]
-    assert monitor.judged_by(["source_val_acc", "im", "bnm"], "dann", "im") == ["source_val_acc"]
-    assert monitor.judged_by(["source_val_acc", "bnm"], "mcc") == ["source_val_acc"]
+    assert judged_by(["source_val_acc", "im", "bnm"], "dann", "head") == ["source_val_acc", "im", "bnm"]
+    assert judged_by(["source_val_acc", "im", "bnm"], "dann", "im") == ["source_val_acc"]
+    assert judged_by(["source_val_acc", "bnm"], "mcc") == ["source_val_acc"]

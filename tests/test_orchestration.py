@@ -128,7 +128,7 @@ def test_library_warnings_reach_the_task_run_logs_on_the_prefect_api(tmp_path, p
     APILogHandler().flush()  # send what is queued
     with get_client(sync_client=True) as client:
         logs = client.read_logs(LogFilter(level=LogFilterLevel(ge_=30), timestamp=LogFilterTimestamp(after_=since)))
-    (log,) = [lg for lg in logs if lg.name == "adaptflow.ingest"]
+    (log,) = [lg for lg in logs if lg.name == "adaptflow.data.ingest"]
     assert log.message.startswith(f"{data}: 1 of 4 files rejected (e.g. notes.png: not an image")
     assert log.task_run_id is not None  # in the ingest task's own logs, as the UI shows them
 

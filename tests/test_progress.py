@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from adaptflow import accounting, progress
+from adaptflow import progress
+from adaptflow.store import accounting
 
 
 class _Terminal(io.StringIO):

@@ -6,8 +6,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from adaptflow import features, shards, storage
-from adaptflow.ingest import ingest
+from adaptflow.data.ingest import ingest
+from adaptflow.extract import features
+from adaptflow.store import shards, storage
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import uuid
 
 import pytest
 
-from adaptflow import registry, storage
-from adaptflow.runs import RunSummary
+from adaptflow.manifests import RunSummary
+from adaptflow.models import registry
+from adaptflow.store import storage
 from cli.main import main
 
 pytestmark = pytest.mark.slow
@@ -76,7 +77,7 @@ def test_a_relative_store_works_from_another_folder_and_after_moving_to_s3(
     store = str(here / "store0")
     assert main(["predict", "champion", demo_data.target_uri, "--store", store, "--out", "local.parquet"]) == 0
     expected = _predictions(str(elsewhere / "local.parquet"))
-    assert len(expected) == first.datasets["target"]["images"]
+    assert len(expected) == first.datasets["target"].images
 
     # copied to object storage, the local copy moved away: everything it names is found on S3
     bucket = s3_env.bucket(f"moved-{uuid.uuid4().hex[:8]}")
@@ -93,8 +94,8 @@ def test_a_relative_store_works_from_another_folder_and_after_moving_to_s3(
         == 0
     )
     again = RunSummary.load(storage.join(_last_line(capsys), "summary.json"))
-    assert again.shift["test"] is not None and not again.shift["shift_detected"], again.shift
-    assert again.extraction["images_extracted"] == 0
+    assert again.shift.test is not None and not again.shift.shift_detected, again.shift
+    assert again.extraction.images_extracted == 0
 
     # and the moved local copy works where it now is
     moved = str(here / "moved")

@@ -15,8 +15,8 @@ import httpx
 import pyarrow as pa
 import pytest
 
-from adaptflow import shards, storage
 from adaptflow.errors import StoreError, StoreNotFoundError
+from adaptflow.store import shards, storage
 
 
 @pytest.fixture
@@ -151,7 +151,7 @@ def test_a_server_restart_is_ridden_out_with_backoff(bucket, s3_env, caplog, mon
         if s3_env.proc is None:  # the restart failed: later tests still need a server
             s3_env.start()
     assert storage.read_bytes(new) == b"x"
-    retries = [r.getMessage() for r in caplog.records if r.name == "adaptflow.storage"]
+    retries = [r.getMessage() for r in caplog.records if r.name == "adaptflow.store.storage"]
     assert any(old in m for m in retries) and any(new in m for m in retries)
     assert all(m.startswith("store unreachable: s3://") for m in retries)
 
@@ -160,7 +160,7 @@ def test_a_server_restart_is_ridden_out_with_backoff(bucket, s3_env, caplog, mon
 def test_retrain_flow_entirely_on_s3_leaks_no_credentials(
     demo_data, fast_config, s3_env, bucket, prefect_harness, caplog, capfd
 ):
-    from adaptflow.runs import RunSummary
+    from adaptflow.manifests import RunSummary
     from flows.retrain import retrain
 
     fs = s3_env.filesystem()
@@ -182,10 +182,10 @@ def test_retrain_flow_entirely_on_s3_leaks_no_credentials(
     assert run.startswith(store + "/runs/")
     summary = RunSummary.load(storage.join(run, "summary.json"))
     target = summary.datasets["target"]
-    assert (target["rejected"], summary.datasets["source"]["rejected"]) == (2, 0)
+    assert (target.rejected, summary.datasets["source"].rejected) == (2, 0)
     predictions = storage.read_table(summary.predictions_uri)
-    assert predictions.num_rows == target["images"] > 0
-    assert summary.metrics["target"]["n"] == target["images"]
+    assert predictions.num_rows == target.images > 0
+    assert summary.metrics.target.n == target.images
     assert summary.model_uri.startswith("s3://") and storage.exists(storage.join(summary.model_uri, "model.json"))
     assert storage.list_uris(storage.join(store, "models"))  # the source-only head's folder
     assert storage.read_bytes(summary.report_uri).startswith(b"<!DOCTYPE html>")
@@ -233,7 +233,7 @@ def test_a_dataset_behind_wrong_credentials_is_one_clear_error_naming_it(bucket,
     import s3fs
 
     from adaptflow.config import IngestConfig
-    from adaptflow.ingest import ingest
+    from adaptflow.data.ingest import ingest
 
     storage.write_bytes(storage.join(bucket, "images", "a.png"), b"not even an image")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-" + s3_env.secret)

@@ -3,19 +3,25 @@
 import pytest
 from prefect.states import Failed
 
-from adaptflow import storage
-from adaptflow.adaptation import CandidateManifest, SelectionManifest
 from adaptflow.errors import DatasetError
-from adaptflow.features import ExtractionPlan, ShardResult
-from adaptflow.manifests import IngestManifest
-from adaptflow.pipeline import ModelManifest
-from adaptflow.prediction import EvaluationManifest, PredictionManifest
-from adaptflow.runs import RunSummary, StageClock
+from adaptflow.manifests import (
+    CandidateManifest,
+    EvaluationManifest,
+    ExtractionPlan,
+    IngestManifest,
+    ModelManifest,
+    PredictionManifest,
+    RunSummary,
+    SelectionManifest,
+    ShardResult,
+)
+from adaptflow.report.summary import StageClock
+from adaptflow.store import storage
 from tasks._retry import retry_unless_user_error
 from tasks.adapt import plan_candidates, select_model, train_candidate
-from tasks.evaluate import evaluate, merge_predictions, plan_prediction, predict_shard
 from tasks.extract import compact_features, extract_shard, plan_extraction
 from tasks.ingest import ingest_dataset
+from tasks.predict import evaluate, merge_predictions, plan_prediction, predict_shard
 from tasks.report import publish_run, write_report, write_summary
 from tasks.train import fit_head
 
@@ -77,7 +83,7 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
     evaluation = evaluate.fn(
         datasets["source"], test, preds, datasets["target_labels"], head.classes, f"{run}/metrics.json"
     )
-    assert isinstance(evaluation, EvaluationManifest) and evaluation.target["n"] == datasets["target"].n_images
+    assert isinstance(evaluation, EvaluationManifest) and evaluation.target.n == datasets["target"].n_images
 
     report = write_report.fn(
         run, datasets["source"], datasets["target"], plan, candidates, selection, evaluation, evaluation
@@ -102,8 +108,8 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
     )
     assert isinstance(summary, RunSummary)
     assert set(summary.stages) == {"ingest", "extract"}  # the stages this test timed
-    assert summary.stages["extract"]["images"] == sum(s.n_rows for s in shards)
-    assert summary.stages["ingest"]["bytes_read"] >= sum(d.bytes_read for d in datasets.values())
+    assert summary.stages["extract"].images == sum(s.n_rows for s in shards)
+    assert summary.stages["ingest"].bytes_read >= sum(d.bytes_read for d in datasets.values())
     assert RunSummary.load(f"{run}/summary.json") == summary
     history = publish_run.fn(summary, memory_uri)
     assert storage.read_bytes(history).startswith(b"<!DOCTYPE html>")

@@ -13,9 +13,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from adaptflow import storage
 from adaptflow.adapt.algorithms import Algorithm
 from adaptflow.errors import StoreError
+from adaptflow.store import storage
 
 _MODEL, _OPTIMIZER = "model.", "optimizer."
 

@@ -1,8 +1,8 @@
 """End-to-end (image-mode) adaptation: the backbone trains inside the algorithm's featurizer.
 
 Images are decoded, resized and cropped once into uint8 (N, 3, S, S) — by extraction, into the store's
-training-image cache (`adaptflow.image_cache`), read back in bounded memory through
-`adaptflow.rows.ShardedRows` — so a training step costs no decoding at all. Normalisation, the random
+training-image cache (`adaptflow.extract.image_cache`), read back in bounded memory through
+`adaptflow.store.rows.ShardedRows` — so a training step costs no decoding at all. Normalisation, the random
 translation used as augmentation and the backbone all run on the training device.
 """
 
@@ -16,13 +16,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from adaptflow import accounting
 from adaptflow.adapt.algorithms import Algorithm, set_trainable
 from adaptflow.adapt.train import Rows, as_rows, fit, infer, step_seed
-from adaptflow.backbones import build_extractor
 from adaptflow.config import BackboneConfig
+from adaptflow.data.preprocess import ImageDataset, geometric_transform
 from adaptflow.errors import ConfigError, lookup
-from adaptflow.preprocess import ImageDataset, geometric_transform
+from adaptflow.extract.backbones import build_extractor
+from adaptflow.store import accounting
 
 
 def load_images(uris: Sequence[str], data_config: dict, num_workers: int = 2) -> Tensor:

@@ -1,6 +1,6 @@
 """One training loop for every candidate, and batched inference, over rows held in bounded memory.
 
-Rows are cached features or cached training images (`adaptflow.rows.ShardedRows`), or a tensor in
+Rows are cached features or cached training images (`adaptflow.store.rows.ShardedRows`), or a tensor in
 memory (`TensorRows`, for small sets and tests). Step t draws its batches and every random number it
 uses from (seed, t) alone, so a candidate trained for 100 steps, checkpointed and resumed for 100 more
 is the one an uninterrupted 200-step run gives, and the machine's load changes nothing.
@@ -31,7 +31,7 @@ class Rows(Protocol):
 
 
 class TensorRows:
-    """Rows of a tensor in memory, behind the interface of `adaptflow.rows.ShardedRows`."""
+    """Rows of a tensor in memory, behind the interface of `adaptflow.store.rows.ShardedRows`."""
 
     def __init__(self, x: Tensor):
         self.x = x

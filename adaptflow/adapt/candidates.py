@@ -1,0 +1,376 @@
+"""Domain adaptation in a run: plan candidates, train each for a fixed number of steps, and select one
+without target labels.
+
+A candidate is (method, mode, hyperparameters, seed). Mode `features` adapts a small bottleneck and
+classifier on cached backbone features (seconds on a CPU); mode `images` trains through the backbone
+on the store's cached training images (the large gains; minutes on a CPU at small image sizes). Both
+read their rows in bounded memory (`adaptflow.store.rows`) and train for a budget in optimizer steps, so the
+same data and seed give the same model whatever the dataset's size or the machine's load (`adapt.samples`). Images-mode
+candidates are trained in rungs of successive halving (`halving_rungs`): each rung resumes from the
+checkpoint the last one left. Each candidate's folder holds the model (`weights.safetensors`,
+`model.json`), its predictions on the validation sample, and `candidate.json`, written last.
+
+Candidates are scored on a fixed seeded sample of source-validation and target images, the same for
+every candidate. Target labels, when given, are used only to report each candidate's target accuracy
+on that sample next to its label-free scores; selection never reads them.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from adaptflow.adapt import domain_gap, selection, validators
+from adaptflow.adapt.algorithms import get_algorithm
+from adaptflow.adapt.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
+from adaptflow.adapt.hparams import candidate_hparams
+from adaptflow.adapt.samples import (
+    FeatureData,
+    ImageData,
+    accuracy_on,
+    save_embedding_sample,
+    save_outputs,
+    shared_features,
+    validation_sample,
+)
+from adaptflow.config import Config
+from adaptflow.data.ingest import read_index
+from adaptflow.errors import DatasetError
+from adaptflow.evaluate.metrics import classification_metrics
+from adaptflow.manifests import (
+    CandidateManifest,
+    CandidateSpec,
+    ExtractionPlan,
+    IngestManifest,
+    ModelManifest,
+    SelectionManifest,
+)
+from adaptflow.models.card import ModelCard, predictions_table, save_model
+from adaptflow.store import storage
+
+# End to end on a CPU: the baseline and the two strongest in benchmarks/adaptation.py on the demo shift.
+CPU_IMAGE_METHODS = ["source_only", "dann", "cdan"]
+CPU_IMAGE_SIZE = 64
+CPU_IMAGE_STEPS, GPU_IMAGE_STEPS = 300, 3000  # adapt.image_steps when unset
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}  # one images-mode candidate per device and process at a time
+_LOCKS_LOCK = threading.Lock()
+
+
+def plan_candidates(cfg: Config, cuda: bool) -> list[CandidateSpec]:
+    """methods x modes x hyperparameter draws x seeds, each with its budget in steps. `method: auto`
+    trains `adapt.methods` on features and `adapt.image_methods` end to end (by default sized to the
+    hardware); a named method trains that one in both modes; `none` trains nothing (the source-only
+    head stands alone)."""
+    a = cfg.adapt
+    if a.method == "none":
+        return []
+    if a.method == "auto":
+        feature_methods = a.methods
+        image_methods = a.image_methods if a.image_methods is not None else (a.methods if cuda else CPU_IMAGE_METHODS)
+    else:
+        feature_methods = image_methods = [a.method]
+    image_steps = a.image_steps or (GPU_IMAGE_STEPS if cuda else CPU_IMAGE_STEPS)
+    image_size = a.image_size or (_own_size(cfg) if cuda and image_methods else CPU_IMAGE_SIZE)
+    specs = []
+    for mode, methods in (("features", feature_methods), ("images", image_methods)):
+        for method in methods:
+            for draw in range(a.hparam_draws + 1):
+                hp = candidate_hparams(method, mode, draw)
+                hp.update({k: v for k, v in a.hparams.items() if k in hp})  # knobs this method has
+                for seed in a.seeds:
+                    name = (
+                        f"{method}-{mode}" + (f"-h{draw}" if draw else "") + (f"-s{seed}" if len(a.seeds) > 1 else "")
+                    )
+                    specs.append(
+                        CandidateSpec(
+                            name=name,
+                            method=method,
+                            mode=mode,
+                            hparams=hp,
+                            seed=seed,
+                            steps=a.feature_steps if mode == "features" else image_steps,
+                            image_size=image_size if mode == "images" else None,
+                        )
+                    )
+    return specs
+
+
+def training_image_size(specs: list[CandidateSpec]) -> int | None:
+    """The size the images-mode candidates train at, for the training-image cache; None: none trains end
+    to end."""
+    return next((s.image_size for s in specs if s.mode == "images"), None)
+
+
+def _own_size(cfg: Config) -> int:
+    """The backbone's own input size (on a GPU, images-mode candidates train at it by default)."""
+    from adaptflow.extract.backbones import build_extractor
+
+    return int(build_extractor(cfg.backbone.model_copy(update={"image_size": None})).data_config["input_size"][-1])
+
+
+def halving_rungs(steps: int, candidates: int, eta: int) -> list[int]:
+    """The step counts at which successive halving ranks `candidates` and keeps the best 1/eta: e.g.
+    300 steps, 3 candidates, eta 3 -> [100, 300]. No halving (one rung) for eta < 2 or one candidate."""
+    if eta < 2 or candidates < 2:
+        return [steps]
+    levels = math.ceil(math.log(candidates, eta))
+    return [max(1, steps // eta**k) for k in range(levels, 0, -1)] + [steps]
+
+
+def successive_halving(
+    specs: list[CandidateSpec],
+    train: Callable[[list[CandidateSpec], list[int | None]], list[CandidateManifest]],
+    stop: Callable[[CandidateManifest, int], CandidateManifest],
+    policy: list[str],
+    eta: int,
+) -> list[CandidateManifest]:
+    """Train every candidate: features-mode ones to the end at once, images-mode ones in rungs
+    (`halving_rungs`): all to the first rung's steps, then the best 1/eta of them by the selection policy
+    (`survivors`) on to the next, resuming from their checkpoints. The source-only images candidate does
+    not race: it is the reference selection's safety net compares the pick with and falls back to
+    (`adapt.selection`), so it trains to the end like the features-mode ones — a reference stopped after
+    a third of its steps would make every adapted pick look safe, or leave no healthy reference at all.
+    `train(specs, untils)` trains each spec up to its step (None: the end) — a loop here, a map over
+    Prefect tasks in a flow; `stop` records a candidate left behind. Returns the candidates in `specs` order."""
+    images = [s for s in specs if s.mode == "images" and s.method != "source_only"]
+    rungs = halving_rungs(max((s.steps for s in images), default=0), len(images), eta)
+    done: dict[str, CandidateManifest] = {}
+    batch = [s for s in specs if s not in images] + images
+    untils: list[int | None] = [None] * (len(batch) - len(images)) + [rungs[0]] * len(images)
+    for rung in range(len(rungs)):
+        results = train(batch, untils) if batch else []
+        done.update({c.spec.name: c for c in results})
+        racing = [c for c in results if c.spec in images]
+        if rung == len(rungs) - 1 or not racing:
+            break
+        keep = survivors(racing, policy, math.ceil(len(racing) / eta))
+        for i, c in enumerate(racing):
+            if i not in keep:
+                done[c.spec.name] = stop(c, rung)
+        batch = [racing[i].spec for i in keep]
+        untils = [rungs[rung + 1]] * len(batch)
+    return [done[s.name] for s in specs]
+
+
+def survivors(candidates: list[CandidateManifest], policy: list[str], keep: int) -> list[int]:
+    """Indices of the `keep` best candidates by the selection policy's ranks (`adapt.selection`): healthy
+    ones first, a collapsed one only if nothing else is left."""
+    pool = selection_candidates(candidates)
+    alive = [i for i, c in enumerate(pool) if not c.collapsed] or list(range(len(pool)))
+    ranks = selection.mean_ranks(pool, alive, policy)
+    acc = [c.scores.get("source_val_acc", 0.0) for c in candidates]
+    order = sorted(range(len(candidates)), key=lambda i: (i not in alive, -(ranks[i] or 0.0), -acc[i], i))
+    return sorted(order[:keep])
+
+
+def train_candidate(
+    spec: CandidateSpec,
+    source: IngestManifest,
+    target: IngestManifest,
+    target_labels: IngestManifest | None,
+    features: ExtractionPlan,
+    cfg: Config,
+    out_uri: str,
+    device: str = "cpu",
+    until: int | None = None,
+) -> CandidateManifest:
+    """Train `spec` up to step `until` (default: its whole budget), resuming from the checkpoint a
+    previous rung left under `out_uri`, then score it on the validation sample and commit it. Safe to
+    retry: a candidate already committed at `until` steps or more is returned as it is."""
+    start = time.perf_counter()
+    total = spec.steps or (
+        cfg.adapt.feature_steps if spec.mode == "features" else cfg.adapt.image_steps or CPU_IMAGE_STEPS
+    )
+    until = total if until is None else min(until, total)
+    committed = storage.join(out_uri, "candidate.json")
+    before = CandidateManifest.load(committed) if storage.exists(committed) else None
+    if before is not None and before.steps >= until:
+        return before
+
+    classes = source.classes
+    code = {c: i for i, c in enumerate(classes)}
+    src, tgt = read_index(source), read_index(target)
+    train, val, test = (src[src.split == s] for s in ("train", "val", "test"))
+    if val.empty:
+        val = train
+    if train.empty:
+        raise DatasetError(f"the source dataset {source.dataset_uri} has no training images")
+    n, seed = cfg.adapt.validation_samples, cfg.seed
+    samples = {
+        "val": validation_sample(val, n, seed),
+        "train": validation_sample(train, n, seed),
+        "test": validation_sample(test, n, seed),
+        "target": validation_sample(tgt, n, seed),
+    }
+
+    data = ImageData(spec, cfg, features, device) if spec.mode == "images" else FeatureData(features, device)
+    torch.manual_seed(spec.seed)
+    algorithm = get_algorithm(spec.method)(data.featurizer, data.dim, len(classes), spec.hparams, max_steps=total)
+    algorithm.to(device)
+    checkpoint = storage.join(out_uri, "checkpoint")
+    begin = load_checkpoint(checkpoint, algorithm) if checkpoint_step(checkpoint) else 0
+    batch = int(spec.hparams.get("batch_size", 32))
+    y_train = torch.tensor(train.label.map(code).to_numpy(), dtype=torch.long)
+    with _device_lock(device) if spec.mode == "images" else nullcontext():
+        curve = data.fit(
+            algorithm, data.rows(train), y_train, data.rows(tgt), total, batch, spec.seed, begin, until, cfg
+        )
+    if until < total:
+        save_checkpoint(checkpoint, algorithm, until)
+
+    out = {name: data.infer(algorithm, data.rows(rows)) for name, rows in samples.items()}
+    inputs = validators.ValidationInputs(
+        source_logits=out["val"][0],
+        source_labels=torch.tensor(samples["val"].label.map(code).to_numpy()),
+        source_features=out["val"][1],
+        target_logits=out["target"][0],
+        target_features=out["target"][1],
+        source_train_features=out["train"][1],
+        seed=spec.seed,
+        **shared_features(features, samples["train"], samples["val"], samples["target"]),
+    )
+    scores = {k: float(v) for k, v in validators.score(inputs).items()}
+    collapsed = validators.is_collapsed(out["target"][0], len(classes))
+
+    card = ModelCard(
+        kind=spec.mode,
+        method=spec.method,
+        hparams=spec.hparams,
+        image_size=data.image_size,
+        classes=classes,
+        config=cfg,
+        fingerprint=features.fingerprint,
+        dim=data.dim,
+        config_hash=cfg.fingerprint(),
+        dataset_fingerprint=source.fingerprint,
+        metrics={"source_val_accuracy": scores["source_val_acc"]},
+    )
+    model_uri = storage.join(out_uri, "model")
+    save_model(model_uri, algorithm, card)
+    predictions_uri = storage.join(out_uri, "predictions.parquet")
+    storage.write_table(predictions_uri, predictions_table(samples["target"], out["target"][0], classes))
+    test_rows = samples["test"]
+    test_acc = (
+        classification_metrics(test_rows.label.map(code).to_numpy(), out["test"][0].argmax(1).numpy(), classes)[
+            "accuracy"
+        ]
+        if len(test_rows)
+        else float("nan")
+    )
+    target_acc = accuracy_on(samples["target"], out["target"][0], target_labels, code)
+    gap = {
+        "proxy_a_distance": domain_gap.proxy_a_distance(out["train"][1], out["target"][1], seed=spec.seed),
+        "mmd": domain_gap.mmd_distance(out["train"][1], out["target"][1], seed=spec.seed),
+    }
+    embedding_uri = storage.join(out_uri, "embedding_sample.parquet")
+    save_embedding_sample(embedding_uri, out["train"][1], out["target"][1], spec.seed)
+    outputs_uri = storage.join(out_uri, "outputs.parquet")
+    save_outputs(outputs_uri, samples["val"], out["val"][0], code)
+
+    manifest = CandidateManifest(
+        spec=spec,
+        model_uri=model_uri,
+        predictions_uri=predictions_uri,
+        outputs_uri=outputs_uri,
+        embedding_uri=embedding_uri,
+        scores=scores,
+        collapsed=collapsed,
+        source_test_accuracy=test_acc,
+        target_accuracy=target_acc,
+        domain_gap=gap,
+        curve=(before.curve if before else []) + curve,
+        steps=until,
+        total_steps=total,
+        seconds=(before.seconds if before else 0.0) + time.perf_counter() - start,
+    )
+    manifest.commit(committed)
+    return manifest
+
+
+def stop_candidate(candidate: CandidateManifest, rung: int, out_uri: str) -> CandidateManifest:
+    """Record that successive halving left `candidate` behind after `rung`; its checkpoint is deleted."""
+    stopped = candidate.model_copy(update={"stopped_at_rung": rung})
+    stopped.commit(storage.join(out_uri, "candidate.json"))
+    for name in ("state.safetensors", "checkpoint.json"):
+        uri = storage.join(out_uri, "checkpoint", name)
+        if storage.exists(uri):
+            storage.remove(uri)
+    return stopped
+
+
+def select_model(head: ModelManifest, candidates: list[CandidateManifest], policy: list[str]) -> SelectionManifest:
+    """The label-free pick among the candidates (`adapt.selection.select`: no candidate judged by what it
+    optimised, never a collapsed one, never one clearly less accurate on source validation than the
+    source-only reference), how confident it is, and, for the report only, the oracle pick. Candidates
+    successive halving stopped early take no part. With no candidates (`adapt.method: none`) the
+    source-only head is the model."""
+    if not candidates:
+        return SelectionManifest(
+            index=-1,
+            name="head",
+            reason="adaptation off (adapt.method: none)",
+            policy=list(policy),
+            model_uri=head.model_uri,
+            oracle_index=None,
+            confidence="no adaptation: the source-only head",
+        )
+    finished = [i for i, c in enumerate(candidates) if c.stopped_at_rung is None]
+    pick = selection.select(selection_candidates([candidates[i] for i in finished]), policy)
+    index = finished[pick.index]
+    reference = None if pick.reference is None else finished[pick.reference]
+    ranks: list[float | None] = [None] * len(candidates)
+    for i, r in zip(finished, pick.scores, strict=True):
+        ranks[i] = r
+    known = [i for i, c in enumerate(candidates) if c.target_accuracy is not None]
+    oracle = max(known, key=lambda i: candidates[i].target_accuracy) if known else None
+    chosen = candidates[index]
+    return SelectionManifest(
+        index=index,
+        name=chosen.spec.name,
+        reason=pick.reason,
+        policy=list(policy),
+        model_uri=chosen.model_uri,
+        oracle_index=oracle,
+        confident=pick.confident,
+        confidence=pick.confidence,
+        reference_index=reference,
+        ranks=ranks,
+        reference_model_uri=None if reference is None else candidates[reference].model_uri,
+    )
+
+
+def selection_candidates(candidates: list[CandidateManifest]) -> list[selection.Candidate]:
+    """What `adapt.selection.select` needs of each candidate: its scores, its algorithm's objectives, and
+    whether it got each source-validation image right."""
+    return [
+        selection.Candidate(
+            name=c.spec.name,
+            scores=c.scores,
+            collapsed=c.collapsed,
+            objectives=get_algorithm(c.spec.method).objectives,
+            source_only=c.spec.method == "source_only",
+            val_correct=_val_correct(c),
+        )
+        for c in candidates
+    ]
+
+
+def _val_correct(c: CandidateManifest) -> np.ndarray | None:
+    """(Ns,) bool in image_id order, or None for a candidate written before outputs were kept."""
+    if c.outputs_uri is None or not storage.exists(c.outputs_uri):
+        return None
+    t = storage.read_table(c.outputs_uri).to_pandas().sort_values("image_id")
+    return t.label.to_numpy() == t.prediction.to_numpy()
+
+
+def _device_lock(device: str) -> threading.Lock:
+    """End-to-end candidates take their whole device: two at once on 2 CPU cores or one GPU only slow each
+    other. One lock per device and process: candidates on other workers (Dask) run at the same time."""
+    with _LOCKS_LOCK:
+        return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())

@@ -1,0 +1,161 @@
+"""What a candidate trains and is scored on: its rows (cached backbone features, or cached training images
+for end-to-end training: `FeatureData`, `ImageData`, each read in bounded memory), the fixed seeded samples
+every candidate of a run is scored on, the frozen backbone's features all validators share, and the small
+outputs a candidate leaves beside its model (its source-validation predictions, an embedding sample)."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from adaptflow.adapt.train import Rows, TensorRows
+from adaptflow.config import Config
+from adaptflow.data.ingest import read_index
+from adaptflow.extract.features import load_features
+from adaptflow.manifests import (
+    CandidateSpec,
+    ExtractionPlan,
+    IngestManifest,
+)
+from adaptflow.store import storage
+from adaptflow.store.rows import ShardedRows
+
+
+def validation_sample(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """At most `n` of `rows`, chosen by a seeded hash of each image's content hash: the same sample for
+    every candidate, and an image stays in it as the dataset grows (unless crowded out)."""
+    if len(rows) <= n:
+        return rows
+    key = rows.image_id.map(lambda i: zlib.crc32(f"{seed}/{i}".encode()))
+    return rows.loc[key.sort_values(kind="stable").index[:n]].sort_index()
+
+
+def shared_features(
+    features: ExtractionPlan, train: pd.DataFrame, val: pd.DataFrame, target: pd.DataFrame
+) -> dict[str, torch.Tensor]:
+    """The frozen backbone's features of the validation samples: the same for every candidate of a run,
+    a space no candidate shaped (`validators.iwa`)."""
+
+    def load(rows: pd.DataFrame) -> torch.Tensor:
+        return torch.from_numpy(load_features(features.features_uri, rows.image_id.tolist())).float()
+
+    return {"shared_source_train": load(train), "shared_source": load(val), "shared_target": load(target)}
+
+
+class FeatureData:
+    """Cached backbone features from the feature store: identity featurizer, `adapt.train.fit`."""
+
+    def __init__(self, features: ExtractionPlan, device: str):
+        self.features, self.device = features, device
+        self.featurizer, self.dim, self.image_size = nn.Identity(), features.dim, None
+
+    def rows(self, df: pd.DataFrame) -> Rows:
+        return ShardedRows(self.features.features_uri, df.image_id.tolist(), "embedding", (self.dim,))
+
+    def fit(self, algorithm, x, y, xt, steps, batch, seed, start, stop, cfg):
+        from adaptflow.adapt.train import fit
+
+        return fit(algorithm, x, y, xt, steps, batch, seed, start=start, stop=stop)
+
+    def infer(self, algorithm, rows: Rows):
+        from adaptflow.adapt.train import infer
+
+        return infer(algorithm, rows)
+
+
+class ImageData:
+    """End to end: the backbone is the featurizer, images read from the training-image cache (decoded
+    here only if a caller planned extraction without it)."""
+
+    def __init__(self, spec: CandidateSpec, cfg: Config, features: ExtractionPlan, device: str):
+        from adaptflow.adapt.images import image_featurizer
+
+        # a spec without a size (written by hand, or before sizes were planned): the configured one
+        size = spec.image_size or cfg.adapt.image_size or cfg.backbone.image_size
+        backbone = cfg.backbone.model_copy(update={"image_size": size})
+        self.featurizer, self.dim, self.data_config = image_featurizer(backbone)
+        self.image_size = int(self.data_config["input_size"][-1])
+        cache = features.cache
+        self.cache = cache if cache is not None and cache.size == self.image_size else None
+        self.device, self.num_workers = device, cfg.extract.num_workers
+
+    def rows(self, df: pd.DataFrame) -> Rows:
+        s = self.image_size
+        if self.cache is not None:
+            return ShardedRows(
+                self.cache.uri, df.image_id.tolist(), "pixels", (3, s, s), pin=str(self.device).startswith("cuda")
+            )
+        from adaptflow.adapt.images import load_images
+
+        return TensorRows(load_images(df.uri.tolist(), self.data_config, self.num_workers))
+
+    def fit(self, algorithm, x, y, xt, steps, batch, seed, start, stop, cfg):
+        from adaptflow.adapt.images import fit_images
+
+        return fit_images(
+            algorithm,
+            x,
+            y,
+            xt,
+            steps,
+            batch,
+            seed,
+            device=self.device,
+            strategy=cfg.adapt.strategy,
+            time_budget_s=cfg.adapt.time_budget_s,
+            start=start,
+            stop=stop,
+        )
+
+    def infer(self, algorithm, rows: Rows):
+        from adaptflow.adapt.images import infer_images
+
+        return infer_images(algorithm, rows, device=self.device)
+
+
+def accuracy_on(
+    rows: pd.DataFrame, logits: torch.Tensor, labels: IngestManifest | None, code: dict[str, int]
+) -> float | None:
+    """Target accuracy of `logits` on `rows` against labels matched by content hash; reporting only."""
+    if labels is None:
+        return None
+    truth = read_index(labels).drop_duplicates("image_id").set_index("image_id").label
+    known = rows.image_id.map(truth).map(code)
+    mask = known.notna().to_numpy()
+    if not mask.any():
+        return None
+    return float((logits.argmax(1).numpy()[mask] == known[mask].to_numpy(dtype=np.int64)).mean())
+
+
+def save_outputs(uri: str, val: pd.DataFrame, logits: torch.Tensor, code: dict[str, int]) -> None:
+    """Each source-validation image's label and this candidate's prediction: selection compares candidates
+    image by image on them (`adapt.selection`)."""
+    import pyarrow as pa
+
+    storage.write_table(
+        uri,
+        pa.table(
+            {
+                "image_id": val.image_id.tolist(),
+                "label": val.label.map(code).to_numpy(dtype=np.int32),
+                "prediction": logits.argmax(1).numpy().astype(np.int32),
+            }
+        ),
+    )
+
+
+def save_embedding_sample(uri: str, source: torch.Tensor, target: torch.Tensor, seed: int, n: int = 500) -> None:
+    """A small seeded sample of the model's own features per domain, for the report's t-SNE."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    parts = []
+    for domain, z in (("source", source), ("target", target)):
+        idx = np.sort(rng.choice(len(z), size=min(n, len(z)), replace=False))
+        parts.append(pd.DataFrame({"domain": domain, "embedding": list(z[idx].float().numpy())}))
+    df = pd.concat(parts)
+    storage.write_table(uri, pa.table({"domain": df.domain.tolist(), "embedding": [e.tolist() for e in df.embedding]}))

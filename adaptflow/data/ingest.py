@@ -1,0 +1,393 @@
+"""Ingest one dataset: list its files, read, hash and fully decode each one, and commit an index of
+the valid images beside a table of refused files, each with a reason a user can act on.
+
+Three layouts are recognised from what `dataset_uri` names:
+- a `.csv` or `.parquet` file: a manifest with a `uri` column (absolute, or relative to the
+  manifest's folder) and optional `label` and `split` columns;
+- a folder holding sub-folders with files in them: a class-folder tree `root/<class>/.../<image>`;
+- any other folder: a flat folder of unlabeled images (an empty sub-folder, even one named like an
+  image, `x.png/`, holds nothing to ingest and does not make the folder a class tree).
+A bad file never stops the run; only a dataset with no valid image at all is an error. A reason never
+quotes a file's content (the file may be anything: a password file given by mistake). Image URIs are
+recorded absolute, so the index reads the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import posixpath
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import pandas as pd
+import pyarrow as pa
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from adaptflow import progress
+from adaptflow.config import IngestConfig
+from adaptflow.errors import DatasetError
+from adaptflow.manifests import IngestManifest
+from adaptflow.store import accounting, storage
+
+log = logging.getLogger(__name__)
+
+# PIL's default, pinned: a truncated file must be refused here, not padded with grey and trained on.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+SPLITS = ("train", "val", "test")
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),  # sha256 hex of the file's bytes
+        ("uri", pa.string()),
+        ("label", pa.string()),  # null when unlabeled
+        ("domain", pa.string()),
+        ("split", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),  # PIL's format name: PNG, JPEG, ...
+    ]
+)
+REJECTS_SCHEMA = pa.schema(
+    [("uri", pa.string()), ("reason", pa.string()), ("domain", pa.string()), ("image_id", pa.string())]
+)
+
+
+class _Entry(NamedTuple):
+    """One file a layout lists; `split` is None unless a manifest fixes it."""
+
+    uri: str
+    label: str | None
+    split: str | None = None
+
+
+class _Checked(NamedTuple):
+    entry: _Entry
+    image_id: str | None
+    reason: str | None  # None for a valid image
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    nbytes: int = 0
+
+
+class _Rejected(Exception):
+    """A file is refused; the message is the reason recorded for it."""
+
+
+_Reject = tuple[str, str, str | None]  # (uri, reason, image_id)
+
+
+def ingest(
+    dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed: int = 0, classes: list[str] | None = None
+) -> IngestManifest:
+    """Validate every image under `dataset_uri` and commit `out_uri/{index,rejects}.parquet`, then
+    `out_uri/manifest.json` last. Splits come from a manifest's `split` column, else from a seeded
+    hash of each image's bytes, so an image keeps its split however the dataset grows. With `classes`
+    (the source's, when ingesting target labels), any other label is refused as unknown."""
+    start = time.perf_counter()
+    dataset_uri = storage.absolute(dataset_uri)
+    entries, rejects = _list_dataset(dataset_uri)
+    if not entries and not rejects:
+        raise DatasetError(f"no images found under {dataset_uri}")
+    if classes is not None:
+        known = set(classes)
+        rejects += [
+            (e.uri, f"unknown label {e.label!r} (known: {', '.join(sorted(known))})", None)
+            for e in entries
+            if e.label is not None and e.label not in known
+        ]
+        entries = [e for e in entries if e.label is None or e.label in known]
+    with ThreadPoolExecutor(cfg.workers) as pool, progress.task(f"ingest {domain}", len(entries), "files"):
+        checked = list(
+            pool.map(accounting.carry(lambda e: _counted(e, cfg.max_image_pixels, cfg.check_extension)), entries)
+        )
+    rejects += [(c.entry.uri, c.reason, c.image_id) for c in checked if c.reason]
+    kept, duplicates = _deduplicate([c for c in checked if not c.reason])
+    rejects += duplicates
+    if not kept:
+        raise DatasetError(_all_rejected_message(dataset_uri, rejects))
+
+    rows = [_index_row(c, domain, cfg, seed) for c in kept]
+    index_uri, rejects_uri = storage.join(out_uri, "index.parquet"), storage.join(out_uri, "rejects.parquet")
+    written = storage.write_table(index_uri, pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
+    reject_rows = [{"uri": u, "reason": r, "domain": domain, "image_id": i} for u, r, i in sorted(rejects, key=_first)]
+    written += storage.write_table(rejects_uri, pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA))
+    manifest = IngestManifest(
+        domain=domain,
+        dataset_uri=dataset_uri,
+        index_uri=index_uri,
+        rejects_uri=rejects_uri,
+        n_images=len(rows),
+        n_rejected=len(reject_rows),
+        classes=sorted({r["label"] for r in rows if r["label"] is not None}),
+        fingerprint=_fingerprint(rows),
+        seconds=time.perf_counter() - start,
+        bytes_read=sum(c.nbytes for c in checked),
+        bytes_written=written,
+    )
+    manifest.commit(storage.join(out_uri, "manifest.json"))
+    if reject_rows:
+        example = reject_rows[0]
+        log.warning(
+            "%s: %d of %d files rejected (e.g. %s: %s); every reason is in %s",
+            dataset_uri,
+            len(reject_rows),
+            len(rows) + len(reject_rows),
+            posixpath.basename(example["uri"]),
+            example["reason"],
+            rejects_uri,
+        )
+    return manifest
+
+
+def _first(reject: _Reject) -> str:
+    return reject[0]
+
+
+# Listing: each layout returns the files to check and the rows it already refuses.
+
+
+def _list_dataset(uri: str) -> tuple[list[_Entry], list[_Reject]]:
+    if not storage.exists(uri):
+        raise DatasetError(f"dataset not found: {uri}")
+    if storage.isfile(uri):
+        return _list_manifest(uri, storage.filesystem(uri)[1])
+    children = [c for c in storage.ls(uri) if not _hidden(c["name"])]
+    folders = {}  # class name -> the files under it; folders with no (visible) file in them count for nothing
+    for child in children:
+        name = posixpath.basename(child["name"].rstrip("/"))
+        if child["type"] == "directory" and (files := _find(storage.join(uri, name))):
+            folders[name] = files
+    if folders:
+        return _list_class_tree(uri, children, folders)
+    return [_Entry(u, None) for u in _find(uri)], []
+
+
+def _list_class_tree(
+    uri: str, children: list[dict], folders: dict[str, list[str]]
+) -> tuple[list[_Entry], list[_Reject]]:
+    entries = [_Entry(u, name) for name, files in folders.items() for u in files]
+    rejects = [
+        (storage.join(uri, posixpath.basename(c["name"].rstrip("/"))), "file outside class folders", None)
+        for c in children
+        if c["type"] != "directory"
+    ]
+    return entries, rejects
+
+
+def _find(folder_uri: str) -> list[str]:
+    """URIs of the files anywhere under `folder_uri`, written like it, hidden ones left out."""
+    fs, folder = storage.filesystem(folder_uri)
+    prefix = folder.rstrip("/") + "/"
+    uris = []
+    for path in storage.find(folder_uri):
+        rel = path[len(prefix) :] if path.startswith(prefix) else None
+        if rel is None:  # not under the folder as listed (a link, say): fall back to fsspec's own URI
+            uris.append(storage.to_uri(fs, path, folder_uri))
+        elif not any(part.startswith(".") for part in rel.split("/")):
+            uris.append(storage.join(folder_uri, rel))
+    return uris
+
+
+def _hidden(path: str) -> bool:
+    return posixpath.basename(path.rstrip("/")).startswith(".")
+
+
+def _read_csv(uri: str) -> dict[str, list[str | None]]:
+    # All strings, no NA guessing: a label "07" or "NA" is kept as written.
+    df = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype=str, keep_default_na=False)
+    return {str(name).strip(): df[name].str.strip().tolist() for name in df.columns}
+
+
+def _read_parquet(uri: str) -> dict[str, list[str | None]]:
+    table = storage.read_table(uri)
+    return {name: table.column(name).cast(pa.string()).to_pylist() for name in table.column_names}
+
+
+_MANIFEST_READERS: dict[str, Callable[[str], dict[str, list[str | None]]]] = {
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+}
+
+
+def _list_manifest(uri: str, path: str) -> tuple[list[_Entry], list[_Reject]]:
+    suffix = posixpath.splitext(path)[1].lower()
+    if suffix not in _MANIFEST_READERS:
+        raise DatasetError(f"dataset {uri} is a file but not a .csv or .parquet manifest")
+    try:
+        columns = _MANIFEST_READERS[suffix](uri)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise DatasetError(f"cannot read manifest {uri}: {e}") from None
+    if "uri" not in columns:
+        raise DatasetError(f"manifest {uri} has no 'uri' column (columns: {', '.join(columns) or 'none'})")
+    base = posixpath.dirname(uri)
+    labels, splits = columns.get("label"), columns.get("split")
+    entries, rejects = [], []
+    for i, raw in enumerate(columns["uri"]):
+        label = None if labels is None else labels[i] or ""
+        split = None if splits is None else splits[i] or ""
+        entry, reason = _manifest_entry(base, raw or "", label, split)
+        if reason:
+            rejects.append((entry.uri, reason, None))
+        else:
+            entries.append(entry)
+    return entries, rejects
+
+
+def _manifest_entry(base: str, raw: str, label: str | None, split: str | None) -> tuple[_Entry, str | None]:
+    """The row as an entry, and the reason it is refused before reading, if any."""
+    if "://" in raw or raw.startswith("/"):
+        return _Entry(raw, label, split), _row_reason(label, split)
+    rel = posixpath.normpath(raw)
+    if rel == ".." or rel.startswith("../"):
+        return _Entry(storage.join(base, raw), label, split), "outside dataset root"
+    return _Entry(storage.join(base, rel), label, split), _row_reason(label, split)
+
+
+def _row_reason(label: str | None, split: str | None) -> str | None:
+    if label == "":
+        return "empty label"
+    if split is not None and split not in SPLITS:
+        return f"unknown split {split!r} (expected train, val or test)"
+    return None
+
+
+# Checking: one file at a time, on worker threads.
+
+
+def _counted(entry: _Entry, max_pixels: int, check_extension: bool) -> _Checked:
+    checked = _check(entry, max_pixels, check_extension)
+    progress.advance()
+    return checked
+
+
+def _check(entry: _Entry, max_pixels: int, check_extension: bool = True) -> _Checked:
+    """Read, hash and fully decode one file. Never raises for a bad file: the reason says why."""
+    try:
+        data = storage.read_bytes(entry.uri)
+    except FileNotFoundError:
+        return _Checked(entry, None, "missing file")
+    except OSError as e:
+        return _Checked(entry, None, f"unreadable file ({e})")
+    if not data:
+        return _Checked(entry, None, "empty file")
+    image_id = hashlib.sha256(data).hexdigest()
+    try:
+        width, height, fmt = _decode(data, max_pixels)
+    except _Rejected as e:
+        return _Checked(entry, image_id, str(e), nbytes=len(data))
+    ext = posixpath.splitext(entry.uri)[1].lower()
+    if check_extension and _EXTENSIONS.get(ext, fmt) != fmt:
+        return _Checked(entry, image_id, f"extension {ext} but the content is {fmt}", nbytes=len(data))
+    return _Checked(entry, image_id, None, width, height, fmt, len(data))
+
+
+# Extensions that name one format; a file with another (or none) is judged by its content alone.
+_EXTENSIONS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".gif": "GIF",
+    ".bmp": "BMP",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+
+
+def _decode(data: bytes, max_pixels: int) -> tuple[int, int, str]:
+    """(width, height, format) of a fully decoded image, or _Rejected with the reason."""
+    # PIL warns above its own MAX_IMAGE_PIXELS; such an image is refused too, so the limit is the lower one.
+    limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise _Rejected(f"not an image (unrecognised content, {len(data)} bytes)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _Rejected(f"decompression bomb: {e}") from None
+    except Exception as e:  # PIL's header parsers raise many types (SyntaxError, struct.error, ...)
+        raise _Rejected(f"truncated or corrupt image ({_describe(e)})") from None
+    with im:
+        width, height = im.size  # declared in the header: checked before a byte of pixels is decoded
+        if width * height > limit:
+            raise _Rejected(f"decompression bomb: {width}x{height} pixels exceeds limit {limit}")
+        try:
+            im.load()
+        except Exception as e:  # OSError for truncation, but decoders also raise ValueError, EOFError, ...
+            raise _Rejected(f"truncated or corrupt image ({_describe(e)})") from None
+        return width, height, im.format or ""
+
+
+def _describe(e: Exception) -> str:
+    """A decoder's message, without the bytes some quote from the file (PNG's "broken PNG file (chunk
+    b'...')"), and short."""
+    text = _QUOTED_BYTES.sub("b'…'", str(e)) or type(e).__name__
+    return text if len(text) <= 160 else text[:159] + "…"
+
+
+# b'...' or b"...", escapes included, not the b of a word ("the tab's 'x'")
+_QUOTED_BYTES = re.compile(r"(?<!\w)(?:b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*")')
+
+
+def _deduplicate(valid: list[_Checked]) -> tuple[list[_Checked], list[_Reject]]:
+    """One row per distinct image, the first by uri. Identical bytes under different labels are all
+    refused: no copy's label can be trusted, and keeping one would leak it across splits."""
+    groups: dict[str, list[_Checked]] = {}
+    for c in sorted(valid, key=lambda c: c.entry.uri):
+        groups.setdefault(c.image_id, []).append(c)
+    kept, rejects = [], []
+    for copies in groups.values():
+        labels = sorted({str(c.entry.label) for c in copies})
+        if len(labels) > 1:
+            reason = f"conflicting labels for identical images: {', '.join(labels)}"
+            rejects += [(c.entry.uri, reason, c.image_id) for c in copies]
+        else:
+            kept.append(copies[0])
+            rejects += [(c.entry.uri, f"duplicate of {copies[0].entry.uri}", c.image_id) for c in copies[1:]]
+    return sorted(kept, key=lambda c: c.entry.uri), rejects
+
+
+# Output rows.
+
+
+def _index_row(c: _Checked, domain: str, cfg: IngestConfig, seed: int) -> dict:
+    return {
+        "image_id": c.image_id,
+        "uri": c.entry.uri,
+        "label": c.entry.label,
+        "domain": domain,
+        "split": c.entry.split or _split_of(c.image_id, cfg, seed),
+        "width": c.width,
+        "height": c.height,
+        "format": c.format,
+    }
+
+
+def _split_of(image_id: str, cfg: IngestConfig, seed: int) -> str:
+    """A split fixed by the image's bytes and the seed: stable as the dataset grows or is reordered."""
+    h = hashlib.sha256(f"{seed}:{image_id}".encode()).hexdigest()
+    u = int(h[:8], 16) / 16**8  # uniform in [0, 1)
+    if u < cfg.test_fraction:
+        return "test"
+    return "val" if u < cfg.test_fraction + cfg.val_fraction else "train"
+
+
+def _fingerprint(rows: list[dict]) -> str:
+    lines = sorted(f"{r['image_id']},{r['label'] or ''},{r['split']}" for r in rows)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def _all_rejected_message(uri: str, rejects: list[_Reject]) -> str:
+    first = "; ".join(f"{posixpath.basename(u)}: {r}" for u, r, _ in sorted(rejects, key=_first)[:3])
+    return f"no valid images under {uri}: {len(rejects)} files rejected (first reasons: {first})"
+
+
+def read_index(manifest: IngestManifest) -> pd.DataFrame:
+    """The valid images of an ingested dataset: image_id, uri, label, split, ..."""
+    return storage.read_table(manifest.index_uri).to_pandas()

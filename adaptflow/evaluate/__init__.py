@@ -1,0 +1,1 @@
+"""How well a model does: classification metrics, and prediction at any size."""

@@ -1,0 +1,198 @@
+"""Saved models of every kind, behind one card: save, load, and predict for indexed images.
+
+A model folder holds `weights.safetensors` and `model.json` (the card), written last. Loading one that is
+missing or damaged (no weights, a card edited or cut short, an unknown backbone or method, weights that do
+not fit the card) is a ModelError saying what is wrong, in one line. Kinds:
+    head      a Head on cached backbone features (the source-only baseline)
+    features  an adaptation Algorithm on cached backbone features (featurizer = identity)
+    images    an adaptation Algorithm whose featurizer is the backbone itself, trained end to end
+Every predictor has `features(x)` (what validators read) and `predict(x)` (logits).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from adaptflow.config import Config
+from adaptflow.errors import AdaptflowError, ModelError, StoreError
+from adaptflow.manifests import SCHEMA_VERSION, ExtractionPlan
+from adaptflow.store import storage
+
+Kind = Literal["head", "features", "images"]
+
+
+class ModelCard(BaseModel):
+    """Everything needed to rebuild and trust a saved model, next to its weights."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    kind: Kind = "head"
+    method: str = "head"  # "head" or an adaptation algorithm's registry key
+    hparams: dict = {}
+    image_size: int | None = None  # images kind: the input size it was trained at
+    classes: list[str]
+    config: Config  # the run's settings: backbone and preprocessing are rebuilt from them
+    fingerprint: str  # extractor fingerprint of the features it reads (head and features kinds)
+    dim: int  # backbone feature dimension
+    config_hash: str
+    dataset_fingerprint: str
+    metrics: dict[str, float]
+
+
+def save_model(model_uri: str, model: nn.Module, card: ModelCard) -> None:
+    """Weights first, the card last: a model folder without `model.json` is not a model."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    storage.write_bytes(storage.join(model_uri, "weights.safetensors"), save_safetensors(tensors))
+    storage.write_json(storage.join(model_uri, "model.json"), card.model_dump(mode="json"))
+
+
+def load_card(model_uri: str) -> ModelCard:
+    card_uri = storage.join(model_uri, "model.json")
+    if not storage.exists(card_uri):
+        raise ModelError(f"no model at {model_uri} (expected {card_uri})")
+    try:
+        data = storage.read_json(card_uri)
+    except StoreError as e:
+        raise ModelError(f"damaged model at {model_uri}: {e}") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ModelError(
+            f"{card_uri} was written by an incompatible adaptflow (schema version {version}, expected {SCHEMA_VERSION})"
+        )
+    try:
+        return ModelCard.model_validate(_migrated(data))
+    except ValidationError as e:
+        raise ModelError(f"damaged model card {card_uri}: {_problems(e)}") from None
+
+
+# Settings a card of an earlier release may hold that no longer exist: they only shaped training.
+_RETIRED = {"adapt": ("image_epochs",)}
+
+
+def _migrated(data: dict) -> dict:
+    """A card of an earlier release, read as this one's: retired settings dropped."""
+    config = data.get("config")
+    if not isinstance(config, dict):
+        return data
+    sections = {
+        name: {k: v for k, v in config[name].items() if k not in keys}
+        for name, keys in _RETIRED.items()
+        if isinstance(config.get(name), dict)
+    }
+    return {**data, "config": {**config, **sections}}
+
+
+def _problems(e: ValidationError) -> str:
+    """Pydantic's errors on one line: `dim: Field required; config.backbone.name: unknown backbone 'x'; ...`."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'card'}: {err['msg'].removeprefix('Value error, ')}"
+        for err in e.errors()
+    )
+
+
+def build_model(card: ModelCard) -> nn.Module:
+    """An untrained model of the card's architecture (images kind: backbone with its pretrained weights)."""
+    if card.kind == "head":
+        from adaptflow.adapt.heads import Head
+
+        h = card.config.head
+        return Head(card.dim, len(card.classes), h.kind, h.hidden_dim, h.dropout)
+    from adaptflow.adapt.algorithms import get_algorithm
+
+    featurizer, dim = nn.Identity(), card.dim
+    if card.kind == "images":
+        from adaptflow.adapt.images import image_featurizer
+
+        featurizer, dim, _ = image_featurizer(card.config.backbone.model_copy(update={"image_size": card.image_size}))
+    return get_algorithm(card.method)(featurizer, dim, len(card.classes), card.hparams, max_steps=1)
+
+
+def load_model(model_uri: str) -> tuple[nn.Module, ModelCard]:
+    card = load_card(model_uri)
+    weights_uri = storage.join(model_uri, "weights.safetensors")
+    try:
+        blob = storage.read_bytes(weights_uri)
+    except FileNotFoundError:
+        raise ModelError(f"damaged model at {model_uri}: weights.safetensors is missing") from None
+    try:
+        state = load_safetensors(blob)
+    except Exception as e:  # safetensors raises its own SafetensorError (and others) for a damaged header
+        raise ModelError(f"damaged model at {model_uri}: weights.safetensors cannot be read ({e})") from None
+    try:
+        model = build_model(card)
+    except ModelError:
+        raise
+    except AdaptflowError as e:  # an unknown method, a backbone without weights: said of this model
+        raise ModelError(f"cannot rebuild the model at {model_uri}: {e}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # torch lists every mismatch on lines of their own: the first says enough
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise ModelError(
+            f"damaged model at {model_uri}: its weights do not fit model.json (classes, dim or "
+            f"method changed?): {first}"
+        ) from None
+    return model.eval(), card
+
+
+def model_rows(card: ModelCard, index: pd.DataFrame, features: ExtractionPlan | None, device: str = "cpu"):
+    """The rows `card`'s model reads for the images of `index`, in its row order, in bounded memory:
+    cached training images at the model's size (images kind) or its extractor's features. Images not
+    in a cache are decoded here, all at once: plan extraction with the cache for anything large."""
+    from adaptflow.store.rows import ShardedRows
+
+    ids = index.image_id.tolist()
+    if card.kind == "images":
+        s = card.image_size
+        cache = features.cache if features is not None else None
+        if cache is not None and cache.size == s:
+            return ShardedRows(cache.uri, ids, "pixels", (3, s, s), pin=str(device).startswith("cuda"))
+        from adaptflow.adapt.images import image_featurizer, load_images
+        from adaptflow.adapt.train import TensorRows
+
+        _, _, data_config = image_featurizer(card.config.backbone.model_copy(update={"image_size": s}))
+        return TensorRows(load_images(index.uri.tolist(), data_config, card.config.extract.num_workers))
+    if features is None or features.fingerprint != card.fingerprint:
+        got = features.fingerprint if features else None
+        raise StoreError(
+            f"this {card.kind} model reads features {card.fingerprint}, got {got}: its backbone "
+            "weights or preprocessing changed"
+        )
+    return ShardedRows(features.features_uri, ids, "embedding", (card.dim,))
+
+
+def infer(
+    model: nn.Module, card: ModelCard, index: pd.DataFrame, features: ExtractionPlan | None, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, C), model features (N, d)) for the images of `index`, in its row order, on the CPU."""
+    rows = model_rows(card, index, features, device)
+    if card.kind == "images":
+        from adaptflow.adapt.images import infer_images
+
+        return infer_images(model, rows, device=device)
+    from adaptflow.adapt.train import infer as infer_rows
+
+    return infer_rows(model.to(device), rows)
+
+
+def predictions_table(index: pd.DataFrame, logits: torch.Tensor, classes: list[str]):
+    """The predictions contract: uri, image_id, prediction (class name), confidence."""
+    import pyarrow as pa
+
+    proba = logits.float().softmax(1).numpy() if len(logits) else np.empty((0, len(classes)), np.float32)
+    return pa.table(
+        {
+            "uri": index.uri.tolist(),
+            "image_id": index.image_id.tolist(),
+            "prediction": [classes[i] for i in proba.argmax(1)],
+            "confidence": proba.max(1).astype(np.float32) if len(proba) else np.empty(0, np.float32),
+        }
+    )

@@ -1,0 +1,108 @@
+"""The champion on this run's data: the registry's champion and the target images it was trained with
+(`find_champion`), and any saved model's label-free validator scores re-measured on this run's images
+(`score_model`). Its selection score falling `monitor.score_drop` below the one it was registered with
+counts as degradation (`adaptflow.monitor.shift.check_shift`); the same `score_model` measures the challenger,
+so the promotion gate (`adaptflow.monitor.gate`) compares two models on one data set."""
+
+from __future__ import annotations
+
+import torch
+
+from adaptflow.adapt import validators
+from adaptflow.adapt.samples import shared_features, validation_sample
+from adaptflow.data.ingest import read_index
+from adaptflow.errors import StoreError
+from adaptflow.manifests import (
+    Champion,
+    ExtractionPlan,
+    IngestManifest,
+    ModelScores,
+)
+from adaptflow.models import registry
+from adaptflow.models.card import infer, load_model
+from adaptflow.store import storage
+from adaptflow.store.layout import run_uri
+
+
+def find_champion(store: str) -> Champion | None:
+    if registry.CHAMPION not in registry.aliases(store):
+        return None
+    mv = registry.resolve(store, registry.CHAMPION)
+    run = run_uri(store, mv.run_id)
+    summary_uri = storage.join(run, "summary.json")
+    reference = None
+    if storage.exists(summary_uri):  # its target index, where it is now (the store may have moved since)
+        summary = storage.read_json(summary_uri)
+        reference = storage.rebase(summary["datasets"]["target"]["index_uri"], summary["run_uri"], run)
+    if reference is not None and not storage.exists(reference):
+        reference = None
+    return Champion(
+        version=mv.version,
+        model_uri=mv.model_uri,
+        run_id=mv.run_id,
+        selection_score=mv.metrics.get("selection_score"),
+        reference_index_uri=reference,
+    )
+
+
+def score_model(
+    model_uri: str,
+    source: IngestManifest,
+    target: IngestManifest,
+    target_labels: IngestManifest | None,
+    features: ExtractionPlan,
+    policy: list[str],
+    seed: int = 0,
+    samples: int = 2000,
+) -> ModelScores:
+    """Validator scores of a saved model on this run's validation samples (`adapt.samples.validation_sample`:
+    at most `samples` source-validation and target images, the samples every candidate was scored on)."""
+    model, card = load_model(model_uri)
+    if card.classes != source.classes:
+        raise StoreError(
+            f"the model at {model_uri} predicts classes {card.classes}, this run's source has {source.classes}"
+        )
+    src, tgt = read_index(source), read_index(target)
+    val = src[src.split == "val"]
+    if val.empty:
+        val = src[src.split == "train"]
+    val, train, tgt_sample = (validation_sample(rows, samples, seed) for rows in (val, src[src.split == "train"], tgt))
+    code = {c: i for i, c in enumerate(card.classes)}
+    source_logits, source_features = infer(model, card, val, features)
+    target_logits, target_features = infer(model, card, tgt_sample, features)
+    inputs = validators.ValidationInputs(
+        source_logits=source_logits,
+        source_labels=torch.tensor(val.label.map(code).to_numpy()),
+        source_features=source_features,
+        target_logits=target_logits,
+        target_features=target_features,
+        seed=seed,
+        **shared_features(features, train, val, tgt_sample),
+    )
+    # the policy's validators, and source_val_acc, which the registry records as source_val_accuracy
+    scores = validators.score(inputs, sorted({"source_val_acc", *policy}))
+    accuracy = None
+    if target_labels is not None:
+        truth = read_index(target_labels).drop_duplicates("image_id").set_index("image_id").label
+        labels = tgt_sample.image_id.map(truth)
+        known = labels.isin(code).to_numpy()
+        if known.any():
+            predicted = target_logits.argmax(1).numpy()[known]
+            accuracy = float((predicted == labels[known].map(code).to_numpy()).mean())
+    return ModelScores(
+        model_uri=model_uri,
+        method=card.method,
+        scores=scores,
+        selection_score=registry.selection_score(scores, judged_by(policy, card.method)),
+        target_accuracy=accuracy,
+        collapsed=validators.is_collapsed(target_logits, len(card.classes)),
+        n_target=len(tgt),
+    )
+
+
+def judged_by(policy: list[str], *methods: str) -> list[str]:
+    """The policy's validators that none of `methods` optimised (`Algorithm.objectives`; a head none)."""
+    from adaptflow.adapt.algorithms import ALGORITHMS
+
+    optimised = set().union(*(ALGORITHMS[m].objectives for m in methods if m in ALGORITHMS))
+    return [v for v in policy if v not in optimised]

@@ -1,0 +1,90 @@
+"""The promotion gate after a retrain: register the selected model, then make it champion only if it beats
+the champion re-scored on this run's data and selection is confident in it; with no champion yet, a pick
+selection is not confident about gives way to the source-only reference (`promotion.allow_low_confidence`)."""
+
+from __future__ import annotations
+
+from adaptflow.config import Config
+from adaptflow.manifests import (
+    ExtractionPlan,
+    IngestManifest,
+    ModelScores,
+    PromotionManifest,
+    SelectionManifest,
+)
+from adaptflow.models import registry
+from adaptflow.monitor.champion import judged_by, score_model
+
+
+def register_and_gate(
+    store: str,
+    run_id: str,
+    selection: SelectionManifest,
+    datasets: dict[str, IngestManifest],
+    features: ExtractionPlan,
+    cfg: Config,
+    challenger: ModelScores,
+    champion: ModelScores | None,
+    source_test_accuracy: float | None,
+) -> PromotionManifest:
+    """Register the run's selected model, then let the gate compare it with the champion re-scored on the
+    same data (`champion`; None: the champion's stored metrics, or no champion at all), on the validators
+    that neither optimised. A pick selection is not confident about never replaces a champion
+    (`promotion.allow_low_confidence` lifts this); with no champion yet, the source-only reference is
+    registered and promoted in its place."""
+    lineage = registry.Lineage(
+        dataset_snapshot=registry.dataset_snapshot({d: m.fingerprint for d, m in datasets.items()}),
+        extractor_fingerprint=features.fingerprint,
+        config_hash=cfg.fingerprint(),
+        code_version=registry.code_version(),
+    )
+    policy, margin = cfg.adapt.policy, cfg.promotion.margin
+    version = registry.register(
+        store, challenger.model_uri, run_id, lineage, _metrics(challenger, source_test_accuracy), challenger.method
+    )
+    held = (
+        None if selection.confident or cfg.promotion.allow_low_confidence else f"low confidence: {selection.confidence}"
+    )
+    rescored = ours = None
+    if champion is not None:
+        common = judged_by(policy, challenger.method, champion.method)
+        rescored, ours = _metrics(champion, None, common), _metrics(challenger, source_test_accuracy, common)
+    decision = registry.gate(store, version.version, rescored, margin, challenger_metrics=ours, hold=held)
+    stand_in = None
+    if held and decision.champion_version is None and selection.reference_model_uri:
+        reference = score_model(
+            selection.reference_model_uri,
+            datasets["source"],
+            datasets["target"],
+            datasets.get("target_labels"),
+            features,
+            policy,
+            cfg.seed,
+            cfg.adapt.validation_samples,
+        )
+        stand_in = registry.register(
+            store, reference.model_uri, run_id, lineage, _metrics(reference, None), reference.method
+        ).version
+        registry.gate(store, stand_in, None, margin)  # no champion: promoted
+    return PromotionManifest(
+        version=version.version,
+        promoted=decision.promoted,
+        reason=decision.reason,
+        champion_version=decision.champion_version,
+        champion_after=registry.aliases(store).get(registry.CHAMPION),
+        compared=decision.compared,
+        stand_in_version=stand_in,
+    )
+
+
+def _metrics(
+    s: ModelScores, source_test_accuracy: float | None, over: list[str] | None = None
+) -> dict[str, float | None]:
+    """Registry metrics; `over`: the selection score over these validators instead of the model's own."""
+    score = s.selection_score if over is None else registry.selection_score(s.scores, over)
+    return {
+        "selection_score": score,
+        "source_val_accuracy": s.scores["source_val_acc"],
+        "target_accuracy": s.target_accuracy,
+        "source_test_accuracy": source_test_accuracy,
+    }

@@ -1,0 +1,54 @@
+"""Where everything lives in a store: every URI below is derived from the store's root, never recorded apart.
+
+{store}/runs/{run_id}/ingest/{domain}/   index.parquet, rejects.parquet, manifest.json
+{store}/runs/{run_id}/candidates/{name}/ each adaptation candidate (`adaptflow.adapt.candidates`)
+{store}/runs/{run_id}/baseline/          the source-only head's predictions and metrics.json
+{store}/runs/{run_id}/predictions.parquet
+{store}/runs/{run_id}/metrics.json
+{store}/runs/{run_id}/report.html
+{store}/runs/{run_id}/summary.json       written last: the run's commit
+{store}/models/{run_id}/                 the source-only head: weights.safetensors, model.json, curve.json
+{store}/features/{backbone}-{fp}/        the feature store (`adaptflow.extract.features`)
+{store}/images/{S}px-{fp}/               the training-image cache (`adaptflow.extract.image_cache`)
+{store}/registry/                        versions, aliases, events and exports (`adaptflow.models.registry`)
+{store}/history.html                     every committed run (`adaptflow.report.history`)
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+
+from adaptflow.store import storage
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def run_uri(store: str, run_id: str) -> str:
+    return storage.join(store, "runs", run_id)
+
+
+def ingest_uri(run: str, domain: str) -> str:
+    return storage.join(run, "ingest", domain)
+
+
+def model_uri(store: str, run_id: str) -> str:
+    return storage.join(store, "models", run_id)
+
+
+def features_uri_for(store_uri: str, backbone: str, fingerprint: str) -> str:
+    return storage.join(store_uri, "features", f"{backbone}-{fingerprint}")
+
+
+def registry_uri(store: str) -> str:
+    return storage.join(store, "registry")
+
+
+def version_uri(store: str, version: int) -> str:
+    return storage.join(registry_uri(store), "versions", f"{version:06d}.json")
+
+
+def exports_uri(store: str) -> str:
+    return storage.join(registry_uri(store), "exports")

@@ -1,0 +1,152 @@
+"""Random access to the rows of a sharded store (`adaptflow.store.shards`) for a list of images, in bounded
+memory: training and inference read features or cached pixels through `ShardedRows`, never a whole
+split at once.
+
+Rows live in shards. `ShardedRows` keeps the wanted rows of at most `max_shards` shards in memory (least
+recently used out first, the next one read ahead on a background thread), unless all wanted rows fit in
+`resident_bytes`, when it reads them once and keeps them. `epoch_order` shuffles shard by shard (shards
+in a random order, rows shuffled within each), so consecutive batches touch one or two shards; a step's
+batch is a pure function of (seed, step), so training resumed from a checkpoint draws what an
+uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from adaptflow.errors import StoreError
+from adaptflow.store.shards import committed_shards, read_shard
+
+RESIDENT_BYTES = 512 << 20  # wanted rows up to this size are read once and kept
+MAX_SHARDS = 3  # shards held at once otherwise: the one in use, the last one, the next one read ahead
+
+
+class ShardedRows:
+    """Rows of `column` for `image_ids` (in that order) from the committed shards under `folder`, as
+    tensors of `shape` per row (e.g. (3, S, S) uint8 pixels, (D,) features)."""
+
+    def __init__(
+        self,
+        folder: str,
+        image_ids: list[str],
+        column: str,
+        shape: tuple[int, ...],
+        resident_bytes: int = RESIDENT_BYTES,
+        max_shards: int = MAX_SHARDS,
+        pin: bool = False,
+    ):
+        self.column, self.shape, self.pin = column, tuple(shape), pin
+        self.n = len(image_ids)
+        self._shards = committed_shards(folder)
+        located = self._locate(folder, image_ids)
+        self.shard_of = located["shard"].to_numpy()  # (N,) index into self._shards
+        self.row_of = located["row"].to_numpy()  # (N,) row within that shard's file
+        self._members = {s: np.flatnonzero(self.shard_of == s) for s in np.unique(self.shard_of)}
+        self._blocks: OrderedDict[int, torch.Tensor] = OrderedDict()  # shard -> its wanted rows, in _members order
+        self._pending: dict[int, Future] = {}
+        self._max_shards = max(2, max_shards)
+        self._lock = threading.Lock()
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="adaptflow-rows")
+        self._resident: torch.Tensor | None = None
+        self.peak_rows = 0  # the most rows held in memory at once: the bound tests check
+        itemsize = np.dtype(self._shards[0].dtype).itemsize if self._shards else 4
+        if self.n and self.n * int(np.prod(self.shape)) * itemsize <= resident_bytes:
+            self._resident = self.gather(np.arange(self.n))
+            self._blocks.clear()
+            self.peak_rows = self.n
+
+    def _locate(self, folder: str, image_ids: list[str]) -> pd.DataFrame:
+        wanted = pa.array(sorted(set(image_ids)), pa.string())
+        parts = []
+        for k, shard in enumerate(self._shards):
+            ids = read_shard(shard, ["image_id"])["image_id"]
+            hit = pc.is_in(ids, value_set=wanted)
+            rows = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
+            parts.append(pd.DataFrame({"image_id": ids.filter(hit).to_pylist(), "shard": k, "row": rows}))
+        found = pd.concat(parts) if parts else pd.DataFrame({"image_id": [], "shard": [], "row": []})
+        found = found.drop_duplicates("image_id").set_index("image_id")
+        missing = [i for i in image_ids if i not in found.index]
+        if missing:
+            raise StoreError(f"{len(missing)} images are not in {folder} (first: {missing[0]}); run extraction first")
+        return found.loc[image_ids]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def gather(self, index: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(len(index), *shape): the rows at `index` (positions in `image_ids`)."""
+        index = np.asarray(index, dtype=np.int64)
+        if self._resident is not None:
+            return self._resident[torch.from_numpy(index)]
+        out = None
+        for s in dict.fromkeys(self.shard_of[index].tolist()):  # shards in order of first use
+            block = self._block(s)
+            at = np.flatnonzero(self.shard_of[index] == s)
+            local = np.searchsorted(self._members[s], index[at])  # positions within the block
+            rows = block[torch.from_numpy(local)]
+            if out is None:
+                out = torch.empty((len(index), *rows.shape[1:]), dtype=rows.dtype)
+            out[torch.from_numpy(at)] = rows
+        if out is None:
+            return torch.empty((0, *self.shape))
+        return out.pin_memory() if self.pin else out
+
+    def prefetch(self, index: np.ndarray) -> None:
+        """Start reading the shards `index` needs, on the background thread."""
+        if self._resident is None:
+            for s in dict.fromkeys(self.shard_of[np.asarray(index, dtype=np.int64)].tolist()):
+                with self._lock:
+                    if s not in self._blocks and s not in self._pending:
+                        self._pending[s] = self._reader.submit(self._read, s)
+
+    def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
+        """A permutation of range(N) for `epoch`: shards in a seeded random order, rows shuffled within."""
+        rng = np.random.default_rng([zlib.crc32(b"adaptflow-rows"), seed, epoch])
+        shards = list(self._members)
+        return (
+            np.concatenate([rng.permutation(self._members[s]) for s in rng.permutation(shards)])
+            if shards
+            else np.empty(0, np.int64)
+        )
+
+    def chunks(self, size: int):
+        """Consecutive index chunks covering every row, shard by shard (for inference)."""
+        order = np.concatenate(list(self._members.values())) if self._members else np.empty(0, np.int64)
+        for i in range(0, len(order), size):
+            if i + size < len(order):
+                self.prefetch(order[i + size : i + 2 * size])
+            yield order[i : i + size]
+
+    def _block(self, s: int) -> torch.Tensor:
+        with self._lock:
+            if s in self._blocks:
+                self._blocks.move_to_end(s)
+                return self._blocks[s]
+            pending = self._pending.pop(s, None)
+        block = pending.result() if pending is not None else self._read(s)
+        with self._lock:
+            self._blocks[s] = block
+            while len(self._blocks) > self._max_shards:
+                self._blocks.popitem(last=False)
+            self.peak_rows = max(self.peak_rows, sum(len(b) for b in self._blocks.values()))
+        return block
+
+    def _read(self, s: int) -> torch.Tensor:
+        """The wanted rows of shard `s`, in `_members[s]` order, as a (k, *shape) tensor."""
+        table = read_shard(self._shards[s], [self.column])
+        values = table[self.column].combine_chunks().take(pa.array(self.row_of[self._members[s]]))
+        flat = values.values.to_numpy(zero_copy_only=False).reshape(len(values), -1)
+        return torch.from_numpy(np.array(flat, copy=not flat.flags.writeable)).view(len(values), *self.shape)
+
+    def close(self) -> None:
+        self._reader.shutdown(wait=False, cancel_futures=True)
+        self._blocks.clear()

@@ -1,0 +1,239 @@
+"""Adaptation inside a run: candidate planning, one candidate per mode, selection."""
+
+import uuid
+
+import pytest
+import torch
+
+from adaptflow.adapt import candidates as adaptation
+from adaptflow.adapt import samples
+from adaptflow.config import AdaptConfig, load_config
+from adaptflow.data.ingest import ingest
+from adaptflow.extract import features
+from adaptflow.extract.image_cache import image_cache
+from adaptflow.manifests import ModelManifest
+from adaptflow.store import storage
+
+POLICY = AdaptConfig().policy
+
+
+def _cfg(*overrides):
+    return load_config(None, list(overrides))
+
+
+def test_candidate_plan_is_sized_to_the_hardware():
+    names = lambda specs: [s.name for s in specs]  # noqa: E731
+    cpu = adaptation.plan_candidates(_cfg(), cuda=False)
+    assert names(cpu) == [f"{m}-features" for m in _cfg().adapt.methods] + [
+        "source_only-images",
+        "dann-images",
+        "cdan-images",
+    ]
+    assert len(adaptation.plan_candidates(_cfg(), cuda=True)) == 2 * len(_cfg().adapt.methods)
+    assert names(adaptation.plan_candidates(_cfg("adapt.method=coral"), cuda=False)) == [
+        "coral-features",
+        "coral-images",
+    ]
+    assert adaptation.plan_candidates(_cfg("adapt.method=none"), cuda=False) == []
+    grid = adaptation.plan_candidates(
+        _cfg("adapt.method=mcc", "adapt.hparam_draws=2", "adapt.seeds=[0, 1]"), cuda=False
+    )
+    assert len(grid) == 2 * 3 * 2 and len({s.name for s in grid}) == 12
+    assert grid[0].hparams != grid[2].hparams  # a random draw differs from the defaults
+    l2sp = adaptation.plan_candidates(_cfg("adapt.method=dann", "adapt.hparams={l2sp: 0.01, lambda: 0.5}"), cuda=False)
+    assert all(s.hparams["l2sp"] == 0.01 and s.hparams["lambda"] == 0.5 for s in l2sp)
+    assert (
+        "lambda"
+        not in adaptation.plan_candidates(_cfg("adapt.method=source_only", "adapt.hparams={lambda: 2}"), cuda=False)[
+            0
+        ].hparams
+    )
+
+
+def test_unknown_methods_are_config_errors():
+    from adaptflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown method 'gan'; valid methods: adda, auto, cdan"):
+        _cfg("adapt.method=gan")
+    with pytest.raises(ConfigError, match="unknown algorithm 'gan'"):
+        _cfg("adapt.methods=[dann, gan]")
+    with pytest.raises(ConfigError, match="unknown validator 'vibes'; valid validators: bnm, dev, entropy"):
+        _cfg("adapt.policy=[im, vibes]")
+    with pytest.raises(ConfigError, match="unknown hyperparameter 'lamda'"):
+        _cfg("adapt.hparams={lamda: 1}")
+
+
+@pytest.fixture(scope="module")
+def run_inputs(demo_data, fast_config):
+    """The demo ingested, embedded and cached once for the module; each test writes its own folders."""
+    memory_uri = f"memory://adaptation-{uuid.uuid4().hex[:8]}"
+    cfg = fast_config.model_copy(
+        update={
+            "adapt": fast_config.adapt.model_copy(update={"feature_steps": 200, "image_steps": 8, "image_size": 32})
+        }
+    )
+    d = {
+        dom: ingest(uri, dom, f"{memory_uri}/ingest/{dom}", cfg.ingest)
+        for dom, uri in [
+            ("source", demo_data.source_uri),
+            ("target", demo_data.target_uri),
+            ("target_labels", demo_data.target_labels_uri),
+        ]
+    }
+    cache = image_cache(memory_uri, cfg.backbone, 32)  # the size images-mode candidates train at here
+    plan = features.plan_extraction(
+        [d["source"].index_uri, d["target"].index_uri], memory_uri, cfg.backbone, 64, cache=cache
+    )
+    for shard in plan.shards:
+        features.extract_shard(shard, cfg.backbone, cfg.extract)
+    return cfg, d, plan, memory_uri
+
+
+@pytest.mark.parametrize("mode", ["features", "images"])
+def test_a_candidate_trains_scores_and_commits(run_inputs, mode):
+    cfg, d, plan, root = run_inputs
+    spec = next(
+        s
+        for s in adaptation.plan_candidates(
+            cfg.model_copy(update={"adapt": cfg.adapt.model_copy(update={"method": "dann"})}), cuda=False
+        )
+        if s.mode == mode
+    )
+    out = f"{root}/candidates/{spec.name}"
+    c = adaptation.train_candidate(spec, d["source"], d["target"], d["target_labels"], plan, cfg, out)
+    assert set(c.scores) >= set(POLICY) and all(v == v for v in c.scores.values())
+    assert 0 <= c.target_accuracy <= 1 and c.steps > 0 and c.curve
+    assert storage.exists(f"{out}/candidate.json") and storage.exists(f"{c.model_uri}/model.json")
+    assert storage.read_table(c.predictions_uri).num_rows == d["target"].n_images
+    assert set(c.domain_gap) == {"proxy_a_distance", "mmd"}
+    outputs = storage.read_table(c.outputs_uri).to_pandas()  # what selection compares candidates on
+    assert list(outputs.columns) == ["image_id", "label", "prediction"] and len(outputs) > 0
+
+
+def test_without_candidates_the_head_is_the_model():
+    head = ModelManifest(
+        model_uri="memory://head", classes=["a"], fingerprint="f", val_accuracy=0.5, epochs=1, seconds=0.1
+    )
+    alone = adaptation.select_model(head, [], list(POLICY))
+    assert (alone.index, alone.model_uri) == (-1, "memory://head")
+
+
+def _images_spec(cfg, method="dann", steps=8):
+    spec = next(
+        s
+        for s in adaptation.plan_candidates(
+            cfg.model_copy(update={"adapt": cfg.adapt.model_copy(update={"method": method})}), cuda=False
+        )
+        if s.mode == "images"
+    )
+    return spec.model_copy(update={"steps": steps})
+
+
+@pytest.mark.parametrize("method", ["dann", "adda"])  # ADDA: its target encoder takes over at the rung's step
+def test_training_resumed_from_a_checkpoint_equals_an_uninterrupted_run(run_inputs, method):
+    """Same data, same seed: the same model, whether trained in one go or in two rungs with a checkpoint in
+    the store between them (and whatever else the machine is doing: budgets are steps)."""
+    from safetensors.torch import load
+
+    cfg, d, plan, root = run_inputs
+    spec = _images_spec(cfg, method)
+    args = (d["source"], d["target"], None, plan, cfg)
+    straight = adaptation.train_candidate(spec, *args, f"{root}/straight-{method}")
+    half = adaptation.train_candidate(spec, *args, f"{root}/rungs-{method}", until=4)
+    assert (half.steps, half.total_steps) == (4, 8)
+    assert storage.exists(f"{root}/rungs-{method}/checkpoint/checkpoint.json")
+    resumed = adaptation.train_candidate(spec, *args, f"{root}/rungs-{method}", until=8)
+    assert resumed.steps == straight.steps == 8
+    a, b = (load(storage.read_bytes(f"{c.model_uri}/weights.safetensors")) for c in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.scores == straight.scores
+    assert adaptation.train_candidate(spec, *args, f"{root}/rungs-{method}", until=8) == resumed  # a retry: nothing
+
+
+def test_images_mode_trains_and_scores_from_the_cache_within_a_memory_ceiling(run_inputs, monkeypatch):
+    """With room for 2 shards of 64 images, a candidate trains and predicts on 150 source and 150 target
+    images without ever holding a whole split: the rows held at once stay under the ceiling."""
+    from adaptflow.store import rows
+
+    cfg, d, plan, root = run_inputs
+    opened = []
+
+    class Watched(rows.ShardedRows):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **{**kw, "resident_bytes": 0, "max_shards": 2})
+            opened.append(self)
+
+    monkeypatch.setattr(samples, "ShardedRows", Watched)
+    c = adaptation.train_candidate(
+        _images_spec(cfg, "source_only"), d["source"], d["target"], d["target_labels"], plan, cfg, f"{root}/bounded"
+    )
+    assert c.steps == 8 and 0 <= c.target_accuracy <= 1
+    assert {r.column for r in opened} == {"pixels"}
+    splits = max(len(r) for r in opened)
+    assert splits >= 100 and max(r.peak_rows for r in opened) <= 2 * 64 < splits
+
+
+def test_successive_halving_keeps_the_best_third_and_records_who_stopped():
+    assert adaptation.halving_rungs(300, 3, 3) == [100, 300]
+    assert adaptation.halving_rungs(300, 9, 3) == [33, 100, 300]
+    assert adaptation.halving_rungs(300, 3, 0) == adaptation.halving_rungs(300, 1, 3) == [300]
+    cfg = _cfg("adapt.methods=[source_only, coral]", "adapt.image_methods=[source_only, dann, cdan]")
+    specs = adaptation.plan_candidates(cfg, cuda=False)
+    quality = {
+        "source_only-images": 0.5,
+        "dann-images": 0.9,
+        "cdan-images": 0.7,
+        "source_only-features": 0.6,
+        "coral-features": 0.4,
+    }
+    calls = []
+
+    def train(batch, untils):
+        calls.append([(s.name, u) for s, u in zip(batch, untils, strict=True)])
+        return [_fake(s, u or s.steps, quality[s.name]) for s, u in zip(batch, untils, strict=True)]
+
+    done = adaptation.successive_halving(
+        specs, train, lambda c, rung: c.model_copy(update={"stopped_at_rung": rung}), ["source_val_acc", "im"], eta=3
+    )
+    # the source-only images candidate (selection's reference) trains to the end at once; the adapting ones race
+    assert calls == [
+        [
+            ("source_only-features", None),
+            ("coral-features", None),
+            ("source_only-images", None),
+            ("dann-images", 100),
+            ("cdan-images", 100),
+        ],
+        [("dann-images", 300)],
+    ]
+    assert [(c.spec.name, c.steps, c.stopped_at_rung) for c in done] == [
+        ("source_only-features", 1500, None),
+        ("coral-features", 1500, None),
+        ("source_only-images", 300, None),
+        ("dann-images", 300, None),
+        ("cdan-images", 100, 0),
+    ]
+    head = ModelManifest(model_uri="m", classes=["a"], fingerprint="f", val_accuracy=0.5, epochs=1, seconds=0.0)
+    picked = adaptation.select_model(head, done, ["source_val_acc", "im"])
+    assert picked.name == "dann-images" and picked.ranks[4] is None  # stopped: unranked
+    assert picked.ranks[2] is not None  # the source-only images candidate finished: ranked, a possible reference
+
+
+def _fake(spec, steps, quality):
+    """A committed-looking candidate whose validators all read `quality`."""
+    scores = {"source_val_acc": quality, "im": quality}
+    return adaptation.CandidateManifest(
+        spec=spec,
+        model_uri=f"m/{spec.name}",
+        predictions_uri="p",
+        embedding_uri="e",
+        scores=scores,
+        collapsed=False,
+        source_test_accuracy=quality,
+        target_accuracy=None,
+        domain_gap={},
+        curve=[],
+        steps=steps,
+        total_steps=spec.steps,
+        seconds=0.0,
+    )

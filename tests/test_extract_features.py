@@ -1,0 +1,224 @@
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from adaptflow.data.ingest import ingest
+from adaptflow.errors import StoreError
+from adaptflow.extract import features
+from adaptflow.store import shards, storage
+
+
+@pytest.fixture
+def indexed(demo_data, fast_config, memory_uri):
+    """The demo source and target ingested into a fresh memory store."""
+    src = ingest(demo_data.source_uri, "source", f"{memory_uri}/ingest/source", fast_config.ingest)
+    tgt = ingest(demo_data.target_uri, "target", f"{memory_uri}/ingest/target", fast_config.ingest)
+    return memory_uri, [src, tgt]
+
+
+def _extract_all(store, manifests, cfg):
+    plan = features.plan_extraction([m.index_uri for m in manifests], store, cfg.backbone, cfg.extract.shard_size)
+    return plan, [features.extract_shard(s, cfg.backbone, cfg.extract) for s in plan.shards]
+
+
+def test_extraction_commits_shards_and_only_new_images_cost_time(indexed, fast_config):
+    store, manifests = indexed
+    n = sum(m.n_images for m in manifests)
+    plan, done = _extract_all(store, manifests, fast_config)
+    assert (plan.n_requested, plan.n_cached) == (n, 0)
+    assert len(done) == -(-n // fast_config.extract.shard_size) and sum(s.n_rows for s in done) == n
+    assert plan.features_uri.endswith(f"features/efficientnet_lite0-{plan.fingerprint}")
+
+    again, _ = _extract_all(store, manifests, fast_config)
+    assert (again.n_cached, again.shards) == (n, [])
+
+    ids = storage.read_table(manifests[0].index_uri)["image_id"].to_pylist()
+    emb = features.load_features(plan.features_uri, ids[::-1])
+    assert emb.shape == (len(ids), plan.dim) and emb.dtype == np.float32 and np.isfinite(emb).all()
+    assert np.array_equal(emb[::-1], features.load_features(plan.features_uri, ids))
+
+
+def test_shards_are_plain_parquet_with_fingerprint_metadata(indexed, fast_config, tmp_path):
+    store, manifests = indexed
+    plan, done = _extract_all(store, manifests[:1], fast_config)
+    local = tmp_path / "shard.parquet"
+    local.write_bytes(storage.read_bytes(done[0].outputs[0].data_uri))
+    f = pq.ParquetFile(local)
+    meta = f.schema_arrow.metadata
+    assert meta[b"adaptflow.fingerprint"].decode() == plan.fingerprint
+    assert meta[b"adaptflow.schema_version"] == b"1"
+    assert str(f.schema_arrow.field("embedding").type) == f"fixed_size_list<element: halffloat>[{plan.dim}]"
+    emb_col = f.metadata.row_group(0).column(f.schema_arrow.names.index("embedding") + 0)
+    assert not emb_col.has_dictionary_page
+    assert f.schema_arrow.names == ["image_id", "label", "domain", "split", "embedding"]
+    n = duckdb.execute(f"select count(distinct image_id) from read_parquet('{local}')").fetchall()[0][0]
+    assert n == done[0].n_rows
+
+
+def test_uncommitted_shards_are_invisible(indexed, fast_config):
+    store, manifests = indexed
+    plan, done = _extract_all(store, manifests[:1], fast_config)
+    storage.filesystem(plan.features_uri)[0].rm(
+        storage.filesystem(storage.join(plan.features_uri, "shards", f"{done[0].shard_key}.json"))[1]
+    )
+    replan = features.plan_extraction([manifests[0].index_uri], store, fast_config.backbone, 10_000)
+    assert replan.n_cached == manifests[0].n_images - done[0].n_rows
+    with pytest.raises(StoreError, match="have no committed features"):
+        ids = storage.read_table(manifests[0].index_uri)["image_id"].to_pylist()
+        features.load_features(plan.features_uri, ids)
+
+
+def test_a_different_image_size_is_a_different_extractor(indexed, fast_config):
+    store, manifests = indexed
+    plan, _ = _extract_all(store, manifests[:1], fast_config)
+    other = fast_config.model_copy(update={"backbone": fast_config.backbone.model_copy(update={"image_size": 48})})
+    replan = features.plan_extraction([manifests[0].index_uri], store, other.backbone, 64)
+    assert replan.fingerprint != plan.fingerprint and replan.n_cached == 0
+
+
+def _small_shards(indexed, cfg, shard_size):
+    store, manifests = indexed
+    plan = features.plan_extraction([manifests[0].index_uri], store, cfg.backbone, shard_size)
+    return plan, [features.extract_shard(s, cfg.backbone, cfg.extract) for s in plan.shards]
+
+
+def test_compaction_merges_small_shards_without_changing_a_row(indexed, fast_config):
+    store, manifests = indexed
+    plan, done = _small_shards(indexed, fast_config, 16)
+    ids = storage.read_table(manifests[0].index_uri)["image_id"].to_pylist()
+    before = features.load_features(plan.features_uri, ids)
+
+    result = shards.compact_shards(plan.features_uri, target_rows=64, min_shards=4)
+    after = shards.committed_shards(plan.features_uri)
+    assert result.shards_before == len(done) > result.shards_after == len(after) == -(-len(ids) // 64)
+    assert sum(s.n_rows for s in after) == len(ids) and all(s.replaces for s in after)
+    assert np.array_equal(before, features.load_features(plan.features_uri, ids))
+    # the parts are gone: only the merged files remain, so a plain glob over shards/ is the dataset too
+    fs, path = storage.filesystem(storage.join(plan.features_uri, "shards"))
+    on_disk = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    assert len(on_disk) == len(after)
+    # fewer than min_shards small shards: nothing to do
+    assert shards.compact_shards(plan.features_uri, 64, min_shards=4).shards_after == len(after)
+
+
+def test_committed_files_read_as_one_dataset_by_pyarrow_and_duckdb(indexed, fast_config, tmp_path):
+    import pyarrow.dataset as ds
+
+    store, manifests = indexed
+    plan, done = _small_shards(indexed, fast_config, 40)
+    local = []
+    for i, uri in enumerate(shards.committed_files(plan.features_uri)):
+        local.append(str(tmp_path / f"part-{i}.parquet"))
+        (tmp_path / f"part-{i}.parquet").write_bytes(storage.read_bytes(uri))
+    table = ds.dataset(local, format="parquet").to_table(columns=["image_id", "split"])
+    assert table.num_rows == manifests[0].n_images == len(set(table["image_id"].to_pylist()))
+    rows = duckdb.execute(
+        f"select split, count(*) from read_parquet({local!r}) group by split order by split"
+    ).fetchall()
+    assert sum(n for _, n in rows) == manifests[0].n_images and {s for s, _ in rows} <= {"train", "val", "test"}
+
+
+def test_a_retried_shard_is_not_extracted_twice_and_a_dead_attempt_leaves_only_an_orphan(indexed, fast_config):
+    store, manifests = indexed
+    plan, done = _small_shards(indexed, fast_config, 64)
+    again = features.extract_shard(plan.shards[0], fast_config.backbone, fast_config.extract)
+    assert again.outputs == done[0].outputs and again.bytes_read == 0  # committed already: no second data file
+    # an attempt killed after writing its data but before its manifest
+    orphan = storage.join(plan.features_uri, "shards", f"{done[0].shard_key}-deadbeef.parquet")
+    storage.write_bytes(orphan, storage.read_bytes(done[0].outputs[0].data_uri))
+    assert orphan not in shards.committed_files(plan.features_uri)
+    assert shards.compact_shards(plan.features_uri, 64, min_shards=0).orphans_removed == 0  # too young
+    assert shards.compact_shards(plan.features_uri, 64, min_shards=0, orphan_age_s=-1).orphans_removed == 1
+    assert not storage.exists(orphan) and storage.exists(done[0].outputs[0].data_uri)
+
+
+def test_decoding_on_the_device_matches_decoding_in_workers(indexed, fast_config):
+    store, manifests = indexed
+    ids = storage.read_table(manifests[1].index_uri)["image_id"].to_pylist()
+    plan, _ = _extract_all(store, manifests[1:], fast_config)
+    on_device = fast_config.model_copy(
+        update={
+            "extract": fast_config.extract.model_copy(update={"decode_on": "device"}),
+            "backbone": fast_config.backbone.model_copy(update={"layer": None}),
+        }
+    )
+    other_store = store + "-device"
+    plan2, done = _extract_all(other_store, manifests[1:], on_device)
+    assert sum(s.bytes_read for s in done) > 0
+    a = features.load_features(plan.features_uri, ids)
+    b = features.load_features(plan2.features_uri, ids)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99
+
+
+def test_a_store_written_by_an_incompatible_version_is_refused_with_a_clear_message(indexed, fast_config):
+    store, manifests = indexed
+    plan, done = _small_shards(indexed, fast_config, 10_000)
+    table = storage.read_table(done[0].outputs[0].data_uri)
+    old = table.replace_schema_metadata({**table.schema.metadata, b"adaptflow.schema_version": b"0"})
+    storage.write_table(done[0].outputs[0].data_uri, old)
+    with pytest.raises(StoreError, match=r"has schema version 0, this adaptflow reads version 1"):
+        features.plan_extraction([manifests[0].index_uri], store, fast_config.backbone, 64)
+    manifest_uri = storage.join(plan.features_uri, "shards", f"{done[0].shard_key}.json")
+    storage.write_json(manifest_uri, {**storage.read_json(manifest_uri), "schema_version": 2})
+    with pytest.raises(StoreError, match=r"schema version 2, this adaptflow reads version 1"):
+        shards.committed_shards(plan.features_uri)
+
+
+def test_two_runs_extracting_the_same_images_at_once_leave_one_row_per_image(indexed, fast_config):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store, manifests = indexed
+    plans = [features.plan_extraction([manifests[0].index_uri], store, fast_config.backbone, 32) for _ in range(2)]
+    # both runs planned before either committed: the same shards, extracted twice, side by side
+    assert [s.shard_key for s in plans[0].shards] == [s.shard_key for s in plans[1].shards]
+    raw = fast_config.extract
+
+    def race(plan):  # each attempt past the "already committed?" check before the other commits
+        for s in plan.shards:
+            tables, nbytes, fingerprint = features._embed_shard(s, fast_config.backbone, raw, ["embedding"])
+            shards.commit_shard(s.features_uri, s.shard_key, tables["embedding"], fingerprint, raw.dtype, 0.0, nbytes)
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(race, plans))
+    ids = [
+        i
+        for f in shards.committed_files(plans[0].features_uri)
+        for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()
+    ]
+    assert len(ids) == len(set(ids)) == manifests[0].n_images
+    assert all(storage.exists(f) for f in shards.committed_files(plans[0].features_uri))
+
+
+def test_the_training_image_cache_is_filled_in_the_same_pass_and_only_where_missing(indexed, fast_config):
+    """Images missing both features and pixels are read and decoded once for both; a store that has
+    features but no cache (written before the cache existed) gets the pixels alone, no forward pass."""
+    from adaptflow.adapt.images import image_featurizer, load_images
+    from adaptflow.extract.image_cache import image_cache, load_pixels
+
+    store, manifests = indexed
+    cfg = fast_config
+    first = features.plan_extraction([manifests[0].index_uri], store, cfg.backbone, cfg.extract.shard_size)
+    for shard in first.shards:  # features only, as before the cache existed
+        features.extract_shard(shard, cfg.backbone, cfg.extract)
+    cache = image_cache(store, cfg.backbone, 32)
+    plan = features.plan_extraction(
+        [m.index_uri for m in manifests], store, cfg.backbone, cfg.extract.shard_size, cache=cache
+    )
+    kinds: dict[tuple[bool, bool], int] = {}
+    for s in plan.shards:
+        kinds[s.features, s.cache is not None] = kinds.get((s.features, s.cache is not None), 0) + s.length
+    assert kinds == {(True, True): manifests[1].n_images, (False, True): manifests[0].n_images}
+    results = [features.extract_shard(s, cfg.backbone, cfg.extract) for s in plan.shards]
+    target_bytes = sum(storage.info(u)["size"] for u in storage.read_table(manifests[1].index_uri)["uri"].to_pylist())
+    both = [r for r, s in zip(results, plan.shards, strict=True) if s.features]
+    assert sum(r.bytes_read for r in both) == target_bytes  # each file read once for both outputs
+    assert all(len(r.outputs) == 2 for r in both)
+    index = storage.read_table(manifests[1].index_uri).to_pandas()
+    pixels = load_pixels(cache, index.image_id.tolist())
+    _, _, data_config = image_featurizer(cfg.backbone.model_copy(update={"image_size": 32}))
+    assert torch.equal(pixels, load_images(index.uri.tolist(), data_config, 0))  # what decoding gives, bit for bit
+    replan = features.plan_extraction([m.index_uri for m in manifests], store, cfg.backbone, 64, cache=cache)
+    assert replan.shards == [] and replan.n_cached_pixels == replan.n_requested
