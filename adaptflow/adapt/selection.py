@@ -17,7 +17,7 @@
 The pick is **confident** when it is the reference itself, or when no evidence the run has says it is
 worse than the reference: not significantly less accurate on source validation, and at least as good
 on every other validator of the policy that may judge it. Otherwise the confidence names the evidence
-against it, and the promotion gate treats the pick as a risk (`monitor.register_and_gate`).
+against it, and the promotion gate treats the pick as a risk (`monitor.gate.register_and_gate`).
 """
 
 from __future__ import annotations
