@@ -1,5 +1,6 @@
 """Adaptation inside a run: candidate planning, one candidate per mode, selection."""
 
+import threading
 import uuid
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from adaptflow.adapt import candidates as adaptation
 from adaptflow.adapt import samples
+from adaptflow.adapt.seeding import seeded
 from adaptflow.config import AdaptConfig, load_config
 from adaptflow.data.ingest import ingest
 from adaptflow.extract import features
@@ -108,6 +110,44 @@ def test_a_candidate_trains_scores_and_commits(run_inputs, mode):
     assert set(c.domain_gap) == {"proxy_a_distance", "mmd"}
     outputs = storage.read_table(c.outputs_uri).to_pandas()  # what selection compares candidates on
     assert list(outputs.columns) == ["image_id", "label", "prediction"] and len(outputs) > 0
+
+
+@pytest.mark.parametrize("mode", ["features", "images"])
+def test_a_candidate_is_the_same_while_another_thread_draws_random_numbers(run_inputs, mode):
+    """The flow trains candidates at once on threads that share torch's global generator. A neighbour
+    seeding it and drawing from it as fast as it can (as another candidate does at every step) must
+    change nothing: unlocked, it landed between a candidate's seed and its initialisation."""
+    cfg, d, plan, root = run_inputs
+    spec = next(
+        s
+        for s in adaptation.plan_candidates(
+            cfg.model_copy(update={"adapt": cfg.adapt.model_copy(update={"method": "dann"})}), cuda=False
+        )
+        if s.mode == mode
+    )
+
+    def train(name: str):
+        out = f"{root}/race-{mode}-{name}"
+        return adaptation.train_candidate(spec, d["source"], d["target"], d["target_labels"], plan, cfg, out)
+
+    alone = train("alone")
+    stop = threading.Event()
+
+    def neighbour():
+        k = 0
+        while not stop.is_set():
+            with seeded(k):
+                torch.randn(64)
+            k += 1
+
+    thread = threading.Thread(target=neighbour)
+    thread.start()
+    try:
+        crowded = train("crowded")
+    finally:
+        stop.set()
+        thread.join()
+    assert crowded.scores == alone.scores and crowded.target_accuracy == alone.target_accuracy
 
 
 def test_without_candidates_the_head_is_the_model():

@@ -39,6 +39,7 @@ from adaptflow.adapt.samples import (
     shared_features,
     validation_sample,
 )
+from adaptflow.adapt.seeding import seeded
 from adaptflow.config import Config
 from adaptflow.data.ingest import read_index
 from adaptflow.errors import DatasetError
@@ -210,8 +211,8 @@ def train_candidate(
     }
 
     data = ImageData(spec, cfg, features, device) if spec.mode == "images" else FeatureData(features, device)
-    torch.manual_seed(spec.seed)
-    algorithm = get_algorithm(spec.method)(data.featurizer, data.dim, len(classes), spec.hparams, max_steps=total)
+    with seeded(spec.seed):
+        algorithm = get_algorithm(spec.method)(data.featurizer, data.dim, len(classes), spec.hparams, max_steps=total)
     algorithm.to(device)
     checkpoint = storage.join(out_uri, "checkpoint")
     begin = load_checkpoint(checkpoint, algorithm) if checkpoint_step(checkpoint) else 0

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from adaptflow import progress
+from adaptflow.adapt.seeding import seeded
 from adaptflow.config import HeadConfig
 
 
@@ -53,7 +54,19 @@ def train_head(
 ) -> tuple[Head, list[dict]]:
     """Train with AdamW and keep the epoch with the best source-validation accuracy (ties: lower loss);
     stop after `cfg.patience` epochs without a better accuracy. Returns the head and its per-epoch curve."""
-    torch.manual_seed(seed)
+    with seeded(seed):  # its initialisation and dropout draw from torch's global generator: a few seconds
+        return _train_head(x_train, y_train, x_val, y_val, num_classes, cfg, seed)
+
+
+def _train_head(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    num_classes: int,
+    cfg: HeadConfig,
+    seed: int,
+) -> tuple[Head, list[dict]]:
     xt, yt = torch.tensor(x_train, dtype=torch.float32), torch.tensor(y_train, dtype=torch.long)
     xv, yv = torch.tensor(x_val, dtype=torch.float32), torch.tensor(y_val, dtype=torch.long)
     head = Head(xt.shape[1], num_classes, cfg.kind, cfg.hidden_dim, cfg.dropout)

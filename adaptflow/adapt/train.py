@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from adaptflow import progress
 from adaptflow.adapt.algorithms import Algorithm
+from adaptflow.adapt.seeding import seeded
 
 
 class Rows(Protocol):
@@ -107,8 +108,8 @@ def fit(
     last), each with `step` (1-based) and `elapsed_s`.
     `prepare` turns a gathered batch into the model's input (default: the parameters' device and dtype);
     `before_step(step)` may change what trains (fine-tuning strategies). Past `time_budget_s` (an opt-in
-    safety net) training stops and the last entry has `budget_exceeded` = 1. Seed torch before building
-    the algorithm to fix its initialisation."""
+    safety net) training stops and the last entry has `budget_exceeded` = 1. Build the algorithm inside
+    `seeded` to fix its initialisation."""
     source, target = as_rows(source), as_rows(target)
     p = next(algorithm.parameters())
     prepare = prepare or (lambda x, draw: x.to(p.device, p.dtype, non_blocking=True))
@@ -124,9 +125,11 @@ def fit(
         i, j = src(step), tgt(step)
         source.prefetch(src(step + 1))
         target.prefetch(tgt(step + 1))
-        torch.manual_seed(step_seed(seed, step, 3))  # dropout and any other draw inside the model
         xs, xt = prepare(source.gather(i), 2 * step), prepare(target.gather(j), 2 * step + 1)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if autocast and p.device.type == "cuda" else nullcontext():
+        with (
+            seeded(step_seed(seed, step, 3)),  # dropout and any other draw inside the model
+            torch.autocast("cuda", dtype=torch.bfloat16) if autocast and p.device.type == "cuda" else nullcontext(),
+        ):
             losses = algorithm.update((xs, ys[torch.from_numpy(i).to(ys.device)]), xt)
         progress.update(step + 1, steps)
         elapsed = time.perf_counter() - began
