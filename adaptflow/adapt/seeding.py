@@ -3,8 +3,10 @@
 torch has one global CPU generator per process, and the flow trains candidates at once on its threads:
 whoever seeds it holds `seeded`'s lock until the draws that seed is for are done (a model's
 initialisation, a step's dropout). Unlocked, one candidate's seed landing between another's seed and its
-draws changed that one's model with the machine's timing (measured: three features-mode candidates of
-the demo scored differently from one run to the next, while each trained alone gave the same numbers).
+draws changed that one's model with the machine's timing (tests/test_adapt_candidates.py shows it).
+Not every source of run-to-run variation is closed by this: with it, the demo's features-mode candidates
+still scored differently from one run to the next (trained one after another, they give the same
+numbers every time); module construction and DataLoader seeds elsewhere also draw from this generator.
 """
 
 from __future__ import annotations
