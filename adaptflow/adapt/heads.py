@@ -55,46 +55,34 @@ def train_head(
     """Train with AdamW and keep the epoch with the best source-validation accuracy (ties: lower loss);
     stop after `cfg.patience` epochs without a better accuracy. Returns the head and its per-epoch curve."""
     with seeded(seed):  # its initialisation and dropout draw from torch's global generator: a few seconds
-        return _train_head(x_train, y_train, x_val, y_val, num_classes, cfg, seed)
+        xt, yt = torch.tensor(x_train, dtype=torch.float32), torch.tensor(y_train, dtype=torch.long)
+        xv, yv = torch.tensor(x_val, dtype=torch.float32), torch.tensor(y_val, dtype=torch.long)
+        head = Head(xt.shape[1], num_classes, cfg.kind, cfg.hidden_dim, cfg.dropout)
+        head.mean.copy_(xt.mean(0))
+        head.std.copy_(xt.std(0).clamp_min(1e-6))
+        opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(seed)
 
-
-def _train_head(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
-    num_classes: int,
-    cfg: HeadConfig,
-    seed: int,
-) -> tuple[Head, list[dict]]:
-    xt, yt = torch.tensor(x_train, dtype=torch.float32), torch.tensor(y_train, dtype=torch.long)
-    xv, yv = torch.tensor(x_val, dtype=torch.float32), torch.tensor(y_val, dtype=torch.long)
-    head = Head(xt.shape[1], num_classes, cfg.kind, cfg.hidden_dim, cfg.dropout)
-    head.mean.copy_(xt.mean(0))
-    head.std.copy_(xt.std(0).clamp_min(1e-6))
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-
-    best, best_state, stale, curve = (-1.0, float("inf")), None, 0, []
-    for epoch in range(cfg.max_epochs):
-        head.train()
-        for batch in torch.randperm(len(xt), generator=gen).split(cfg.batch_size):
-            loss = nn.functional.cross_entropy(head(xt[batch]), yt[batch])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        val_acc, val_loss = _score(head, xv, yv)
-        progress.update(epoch + 1, cfg.max_epochs)
-        curve.append({"epoch": epoch, "train_loss": loss.item(), "val_acc": val_acc, "val_loss": val_loss})
-        # Patience runs on accuracy alone: on well-separated data the loss creeps down for ever.
-        stale = 0 if val_acc > best[0] else stale + 1
-        if (val_acc, -val_loss) > (best[0], -best[1]):
-            best, best_state = (val_acc, val_loss), copy.deepcopy(head.state_dict())
-        if stale >= cfg.patience:
-            progress.update(epoch + 1, epoch + 1)  # stopped early: this is all there is to do
-            break
-    head.load_state_dict(best_state)
-    return head.eval(), curve
+        best, best_state, stale, curve = (-1.0, float("inf")), None, 0, []
+        for epoch in range(cfg.max_epochs):
+            head.train()
+            for batch in torch.randperm(len(xt), generator=gen).split(cfg.batch_size):
+                loss = nn.functional.cross_entropy(head(xt[batch]), yt[batch])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            val_acc, val_loss = _score(head, xv, yv)
+            progress.update(epoch + 1, cfg.max_epochs)
+            curve.append({"epoch": epoch, "train_loss": loss.item(), "val_acc": val_acc, "val_loss": val_loss})
+            # Patience runs on accuracy alone: on well-separated data the loss creeps down for ever.
+            stale = 0 if val_acc > best[0] else stale + 1
+            if (val_acc, -val_loss) > (best[0], -best[1]):
+                best, best_state = (val_acc, val_loss), copy.deepcopy(head.state_dict())
+            if stale >= cfg.patience:
+                progress.update(epoch + 1, epoch + 1)  # stopped early: this is all there is to do
+                break
+        head.load_state_dict(best_state)
+        return head.eval(), curve
 
 
 @torch.inference_mode()

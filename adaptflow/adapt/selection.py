@@ -66,7 +66,7 @@ def select(candidates: Sequence[Candidate], policy: Sequence[str]) -> Selection:
         raise ValueError("select needs at least one candidate")
     for name in policy:
         get_validator(name)  # an unknown name fails here, listing the valid ones
-    acc = [_finite(c.scores.get("source_val_acc", math.nan)) for c in candidates]
+    acc = [finite_or_lowest(c.scores.get("source_val_acc", math.nan)) for c in candidates]
     alive = [i for i, c in enumerate(candidates) if not c.collapsed]
     if not alive:
         best = max(range(len(candidates)), key=lambda i: (acc[i], -i))
@@ -133,7 +133,7 @@ def mean_ranks(candidates: Sequence[Candidate], alive: Sequence[int], policy: Se
 
 def percentile_ranks(values: Sequence[float]) -> list[float]:
     """1 for the highest, 0 for the lowest, ties sharing their mean; NaN counts as the lowest."""
-    x = np.array([_finite(v) for v in values])
+    x = np.array([finite_or_lowest(v) for v in values])
     if len(x) == 1:
         return [1.0]
     below = (x[None, :] < x[:, None]).sum(1)  # how many each value beats
@@ -174,7 +174,7 @@ def _confidence(
     judged = [n for n in policy if n not in chosen.objectives]
     against = []
     for n in judged:
-        a, b = _finite(chosen.scores[n]), _finite(ref.scores[n])
+        a, b = finite_or_lowest(chosen.scores[n]), finite_or_lowest(ref.scores[n])
         if n == "source_val_acc" and chosen.val_correct is not None and ref.val_correct is not None:
             worse, p = _less_accurate(chosen, ref)  # paired: a difference of a few images is noise
             if worse:
@@ -186,5 +186,6 @@ def _confidence(
     return True, (f"no worse than source-only {ref.name} on any validator that may judge it ({', '.join(judged)})")
 
 
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else -math.inf
+def finite_or_lowest(x: float | None) -> float:
+    """`x`, or -inf for NaN, infinities and None: a missing score sorts last."""
+    return x if x is not None and math.isfinite(x) else -math.inf

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from sklearn.manifold import TSNE
 from threadpoolctl import threadpool_limits
 
+from adaptflow.adapt.selection import finite_or_lowest
 from adaptflow.store import storage
 
 CSS = """
@@ -102,10 +103,6 @@ def _num(x: float | int | None, spec: str = ".3f") -> str:
     return str(int(x)) if isinstance(x, Integral) else format(float(x), spec)
 
 
-def _finite(x: float | None) -> float:
-    return x if x is not None and math.isfinite(x) else -math.inf
-
-
 def mpl_text(text: object) -> str:
     """Text for a matplotlib label: a user's `$` must not switch on (and crash) mathtext."""
     return str(text).replace("$", r"\$")
@@ -141,7 +138,7 @@ def _selected(report: dict) -> tuple[int | None, int | None]:
     index, oracle = sel.get("index"), sel.get("oracle_index")
     known = [i for i, c in enumerate(cands) if c.get("target_accuracy") is not None]
     if oracle is None and known:
-        oracle = max(known, key=lambda i: (_finite(cands[i]["target_accuracy"]), -i))
+        oracle = max(known, key=lambda i: (finite_or_lowest(cands[i]["target_accuracy"]), -i))
     valid = [int(i) if isinstance(i, Integral) and 0 <= i < len(cands) else None for i in (index, oracle)]
     return valid[0], valid[1]
 
