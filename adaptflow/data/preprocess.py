@@ -184,5 +184,8 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda",
         persistent_workers=False,
+        # its own generator: iterating a loader draws a base seed, which would otherwise come from torch's
+        # global generator while a candidate on another thread is seeded (adapt.seeding)
+        generator=torch.Generator(),
         **workers,
     )

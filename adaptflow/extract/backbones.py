@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adaptflow.adapt.seeding import seeded
 from adaptflow.errors import AdaptflowError, UnknownNameError, lookup
 from adaptflow.extract.weights import file_sha256, file_stamp, read_state_dict
 from adaptflow.store import storage
@@ -298,9 +299,10 @@ def _build_extractor(cfg: BackboneConfig, uri: str | None, stamp: tuple | None) 
 
 
 def _create(spec: BackboneSpec) -> nn.Module:
-    # seeded, so that "random" weights are the same weights in every process and the fingerprint holds
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    # seeded, so that "random" weights are the same weights in every process and the fingerprint holds;
+    # under the seeding lock, so that building a model never moves the generator under a candidate that
+    # is initialising on another thread
+    with seeded(0):
         return spec.create()
 
 
