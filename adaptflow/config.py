@@ -119,7 +119,15 @@ class AdaptConfig(_Section):
     image_size: int | None = Field(
         None, ge=16, le=1024, description="images-mode input size; null: 64 on CPU, the backbone's own on GPU"
     )
-    strategy: Literal["full", "lp_ft", "gradual"] = "full"
+    strategy: Literal["full", "partial", "lp_ft", "gradual"] | None = Field(
+        None,
+        description="which part of the backbone fine-tunes in images mode: full | partial (the first "
+        "frozen_fraction of its blocks stay frozen) | lp_ft (linear probe, then fine-tune) | gradual "
+        "(unfreeze block by block); null: partial on a CPU, full on a GPU",
+    )
+    frozen_fraction: float = Field(
+        0.5, ge=0.0, lt=1.0, description="partial: the share of the backbone's blocks, from the input on, kept frozen"
+    )
     halving: int = Field(
         3,
         ge=0,

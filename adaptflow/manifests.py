@@ -146,6 +146,7 @@ class CandidateSpec(Manifest):
     seed: int
     steps: int = 0  # the full budget in optimizer steps (0: the mode's default, for specs written before)
     image_size: int | None = None  # images mode: the input size
+    strategy: str | None = None  # images mode: what of the backbone fine-tunes (None: written before, "full")
 
 
 class CandidateManifest(Manifest):

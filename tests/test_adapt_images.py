@@ -14,6 +14,7 @@ from adaptflow.adapt.algorithms import ALGORITHMS, get_algorithm
 from adaptflow.adapt.images import (
     STRATEGIES,
     ImageFeaturizer,
+    Knobs,
     _blocks,
     _translate,
     fit_images,
@@ -23,7 +24,7 @@ from adaptflow.adapt.images import (
 )
 from adaptflow.config import BackboneConfig
 from adaptflow.data.preprocess import build_transform, decode_image
-from adaptflow.errors import UnknownNameError
+from adaptflow.errors import ConfigError, UnknownNameError
 from adaptflow.extract.backbones import build_extractor
 
 LITE0 = BackboneConfig(name="efficientnet_lite0", weights="random", image_size=32)
@@ -181,6 +182,35 @@ def test_gradual_unfreezes_one_block_at_a_time():
     assert [r[2] for r in records] == [0, 0, 16, 16, 600, 600, 616, 616, 840, 840]
 
 
+def test_partial_never_trains_the_first_blocks():
+    xs, ys = _shapes(16, 0, colour=False)
+    xt, _ = _shapes(16, 1, colour=True)
+    alg = _algorithm("dann", 4)
+    first_bn = alg.featurizer.backbone[1]
+    start = {k: v.clone() for k, v in alg.featurizer.state_dict().items()}
+    # four blocks (conv, BN, conv, BN): half frozen, the first conv and its BatchNorm, in eval mode
+    fit_images(alg, xs, ys, xt, steps=4, batch_size=8, seed=0, strategy="partial", frozen_fraction=0.5)
+    end = alg.featurizer.state_dict()
+    frozen = [k for k in start if k.startswith(("backbone.0.", "backbone.1."))]
+    trained = [k for k in start if k.startswith(("backbone.3.", "backbone.4.")) and "num_batches" not in k]
+    assert frozen and trained
+    assert all(torch.equal(start[k], end[k]) for k in frozen)  # weights and BatchNorm statistics
+    assert not any(torch.equal(start[k], end[k]) for k in trained)
+    assert not first_bn.training and alg.featurizer.backbone[4].training
+
+
+def test_partial_with_nothing_frozen_is_full():
+    knobs = Knobs(steps=10, n_blocks=11, lp_fraction=0.25, unfreeze_every=1, frozen_fraction=0.0)
+    assert STRATEGIES["partial"](0, knobs) is True
+    assert STRATEGIES["partial"](0, knobs._replace(frozen_fraction=0.5)) == 6  # EfficientNet: 5 of 11 frozen
+
+
+def test_bad_frozen_fraction_is_a_config_error():
+    xs, ys = _shapes(8, 0, colour=False)
+    with pytest.raises(ConfigError, match="frozen_fraction"):
+        fit_images(_algorithm("source_only", 1), xs, ys, xs, steps=1, batch_size=4, seed=0, frozen_fraction=1.0)
+
+
 def test_time_budget_stops_training():
     xs, ys = _shapes(16, 0, colour=False)
     curve = fit_images(_algorithm("source_only", 100), xs, ys, xs, steps=100, batch_size=8, seed=0, time_budget_s=0.0)
@@ -199,5 +229,5 @@ def test_translate_moves_each_image_a_few_pixels():
 
 def test_unknown_strategy_is_listed():
     xs, ys = _shapes(8, 0, colour=False)
-    with pytest.raises(UnknownNameError, match="valid strategy names: full, gradual, lp_ft"):
+    with pytest.raises(UnknownNameError, match="valid strategy names: full, gradual, lp_ft, partial"):
         fit_images(_algorithm("dann", 1), xs, ys, xs, steps=1, batch_size=4, seed=0, strategy="warmup")

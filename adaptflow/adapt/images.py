@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ def load_images(uris: Sequence[str], data_config: dict, num_workers: int = 2) ->
         ImageDataset(uris, geometric),
         batch_size=64,
         num_workers=workers,
+        generator=torch.Generator(),  # not torch's global one (see data.preprocess.make_loader)
         **({"multiprocessing_context": "fork", "prefetch_factor": 4} if workers else {}),
     )
     for x, idx, nbytes in loader:
@@ -93,25 +95,40 @@ def _blocks(module: nn.Module) -> list[nn.Module]:
     return blocks or [module]
 
 
-# A strategy maps (step, steps, number of blocks, lp_fraction, unfreeze_every) to what of the featurizer
-# trains at that step: True (all), False (none: a linear probe of the heads), or k (the last k blocks).
-Schedule = Callable[[int, int, int, float, int], bool | int]
+class Knobs(NamedTuple):
+    """What a strategy may read besides the step: see `fit_images`."""
+
+    steps: int
+    n_blocks: int
+    lp_fraction: float
+    unfreeze_every: int
+    frozen_fraction: float
 
 
-def _full(step: int, steps: int, n_blocks: int, lp_fraction: float, unfreeze_every: int) -> bool | int:
+# A strategy maps (step, knobs) to what of the featurizer trains at that step: True (all), False (none: a
+# linear probe of the heads), or k (the last k blocks).
+Schedule = Callable[[int, Knobs], bool | int]
+
+
+def _full(step: int, k: Knobs) -> bool | int:
     return True
 
 
-def _lp_ft(step: int, steps: int, n_blocks: int, lp_fraction: float, unfreeze_every: int) -> bool | int:
-    return step >= int(lp_fraction * steps)
+def _partial(step: int, k: Knobs) -> bool | int:
+    frozen = int(k.frozen_fraction * k.n_blocks)
+    return True if frozen == 0 else k.n_blocks - frozen
 
 
-def _gradual(step: int, steps: int, n_blocks: int, lp_fraction: float, unfreeze_every: int) -> bool | int:
-    k = step // unfreeze_every
-    return True if k >= n_blocks else k
+def _lp_ft(step: int, k: Knobs) -> bool | int:
+    return step >= int(k.lp_fraction * k.steps)
 
 
-STRATEGIES: dict[str, Schedule] = {"full": _full, "lp_ft": _lp_ft, "gradual": _gradual}
+def _gradual(step: int, k: Knobs) -> bool | int:
+    n = step // k.unfreeze_every
+    return True if n >= k.n_blocks else n
+
+
+STRATEGIES: dict[str, Schedule] = {"full": _full, "partial": _partial, "lp_ft": _lp_ft, "gradual": _gradual}
 
 
 def _set_trainable(featurizer: nn.Module, blocks: nn.Module, spec: bool | int) -> None:
@@ -146,6 +163,7 @@ def fit_images(
     strategy: str = "full",
     lp_fraction: float = 0.25,
     unfreeze_every: int | None = None,
+    frozen_fraction: float = 0.5,
     augment: bool = True,
     time_budget_s: float | None = None,
     log_every: int = 50,
@@ -155,13 +173,17 @@ def fit_images(
     """Run updates `start` .. `stop - 1` of a `steps`-step schedule end to end on uint8 images (source_x,
     source_y) and unlabelled target_x, moving `algorithm` to `device` (see `adapt.train.fit`, whose curve it
     returns). `strategy`
-    (a key of STRATEGIES) decides which part of the featurizer trains at each step: "full", "lp_ft"
-    (frozen for the first `lp_fraction` of the steps, then all) or "gradual" (one more block every
-    `unfreeze_every` steps, by default all unfrozen halfway). Each batch is shifted by a random
-    translation drawn from (seed, step)."""
+    (a key of STRATEGIES) decides which part of the featurizer trains at each step: "full", "partial"
+    (its first `frozen_fraction` of blocks never train: no gradient flows through the high-resolution
+    layers, the costliest part of a step), "lp_ft" (frozen for the first `lp_fraction` of the steps, then
+    all) or "gradual" (one more block every `unfreeze_every` steps, by default all unfrozen halfway).
+    Frozen blocks keep their BatchNorm statistics. Each batch is shifted by a random translation drawn
+    from (seed, step)."""
     schedule = lookup(STRATEGIES, "strategy name", strategy)
     if not 0.0 <= lp_fraction <= 1.0:
         raise ConfigError(f"lp_fraction must be in [0, 1], got {lp_fraction}")
+    if not 0.0 <= frozen_fraction < 1.0:
+        raise ConfigError(f"frozen_fraction must be in [0, 1), got {frozen_fraction}")
     device = torch.device(device)
     blocks = nn.Sequential(*_blocks(algorithm.featurizer))  # a view: the same modules, not copies
     n_blocks = len(blocks)
@@ -169,6 +191,7 @@ def fit_images(
         unfreeze_every = max(steps // (2 * n_blocks), 1)
     elif unfreeze_every < 1:
         raise ConfigError(f"unfreeze_every must be at least 1, got {unfreeze_every}")
+    knobs = Knobs(steps, n_blocks, lp_fraction, unfreeze_every, frozen_fraction)
     algorithm.to(device)
     source_x, target_x = as_rows(source_x), as_rows(target_x)
     size = source_x.gather(np.zeros(1, np.int64)).shape[-1]
@@ -176,7 +199,7 @@ def fit_images(
     trainable: list[bool | int | None] = [None]
 
     def before_step(step: int) -> None:
-        wanted = schedule(step, steps, n_blocks, lp_fraction, unfreeze_every)
+        wanted = schedule(step, knobs)
         if wanted != trainable[0]:
             trainable[0] = wanted
             _set_trainable(algorithm.featurizer, blocks, wanted)

@@ -82,6 +82,9 @@ class ImageData:
         cache = features.cache
         self.cache = cache if cache is not None and cache.size == self.image_size else None
         self.device, self.num_workers = device, cfg.extract.num_workers
+        # planned per device (`candidates.plan_candidates`); a spec written before strategies were planned
+        # trained with the configured one, then "full"
+        self.strategy = spec.strategy or cfg.adapt.strategy or "full"
 
     def rows(self, df: pd.DataFrame) -> Rows:
         s = self.image_size
@@ -105,7 +108,8 @@ class ImageData:
             batch,
             seed,
             device=self.device,
-            strategy=cfg.adapt.strategy,
+            strategy=self.strategy,
+            frozen_fraction=cfg.adapt.frozen_fraction,
             time_budget_s=cfg.adapt.time_budget_s,
             start=start,
             stop=stop,
