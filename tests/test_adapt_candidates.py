@@ -2,6 +2,7 @@
 
 import threading
 import uuid
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from adaptflow.adapt import samples
 from adaptflow.adapt.seeding import seeded
 from adaptflow.config import AdaptConfig, load_config
 from adaptflow.data.ingest import ingest
-from adaptflow.extract import features
+from adaptflow.data.preprocess import make_loader
+from adaptflow.extract import backbones, features
 from adaptflow.extract.image_cache import image_cache
 from adaptflow.manifests import ModelManifest
 from adaptflow.store import storage
@@ -148,6 +150,62 @@ def test_a_candidate_is_the_same_while_another_thread_draws_random_numbers(run_i
         stop.set()
         thread.join()
     assert crowded.scores == alone.scores and crowded.target_accuracy == alone.target_accuracy
+
+
+def _build_a_module():
+    backbones._create(SimpleNamespace(create=lambda: torch.nn.Linear(4, 4)))  # as build_extractor does
+
+
+def _iterate_a_loader():
+    for _ in make_loader([], None, 1, 0, "cpu"):  # iterating draws the loader's base seed
+        pass
+
+
+@pytest.mark.parametrize("neighbour", [_build_a_module, _iterate_a_loader])
+def test_a_candidate_is_the_same_while_another_thread_builds_models_or_reads_images(run_inputs, neighbour):
+    """Two other users of torch's global generator on the flow's threads: building a backbone (seeded,
+    for the same "random" weights everywhere) and iterating a DataLoader (extraction, prediction). Neither
+    may move the generator under a candidate that is initialising."""
+    cfg, d, plan, root = run_inputs
+    spec = next(s for s in adaptation.plan_candidates(cfg, cuda=False) if s.name == "dann-features")
+
+    def train(name: str):
+        out = f"{root}/neighbour-{neighbour.__name__}-{name}"
+        return adaptation.train_candidate(spec, d["source"], d["target"], d["target_labels"], plan, cfg, out)
+
+    alone = train("alone")
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: [neighbour() for _ in iter(stop.is_set, True)])
+    thread.start()
+    try:
+        crowded = [train(f"crowded-{k}") for k in range(3)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(c.scores == alone.scores and c.target_accuracy == alone.target_accuracy for c in crowded)
+
+
+def test_candidates_trained_at_once_on_threads_equal_those_trained_one_by_one(run_inputs):
+    """What the flow does with `runtime.max_workers` threads: every features-mode candidate and an
+    images-mode one, all at once, must give exactly what each gives trained alone."""
+    cfg, d, plan, root = run_inputs
+    specs = [s for s in adaptation.plan_candidates(cfg, cuda=False) if s.mode == "features"]
+    specs += [next(s for s in adaptation.plan_candidates(cfg, cuda=False) if s.mode == "images")]
+
+    def train(spec, where):
+        out = f"{root}/{where}-{spec.name}"
+        return adaptation.train_candidate(spec, d["source"], d["target"], d["target_labels"], plan, cfg, out)
+
+    alone = [train(s, "alone") for s in specs]
+    at_once: dict[str, object] = {}
+    threads = [threading.Thread(target=lambda s=s: at_once.update({s.name: train(s, "at-once")})) for s in specs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [(c.spec.name, c.scores, c.target_accuracy) for c in alone] == [
+        (s.name, at_once[s.name].scores, at_once[s.name].target_accuracy) for s in specs
+    ]
 
 
 def test_without_candidates_the_head_is_the_model():

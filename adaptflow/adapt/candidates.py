@@ -40,6 +40,7 @@ from adaptflow.adapt.samples import (
     validation_sample,
 )
 from adaptflow.adapt.seeding import seeded
+from adaptflow.adapt.train import PROCESS_THREADS, intra_op_threads
 from adaptflow.config import Config
 from adaptflow.data.ingest import read_index
 from adaptflow.errors import DatasetError
@@ -224,7 +225,11 @@ def train_candidate(
     begin = load_checkpoint(checkpoint, algorithm) if checkpoint_step(checkpoint) else 0
     batch = int(spec.hparams.get("batch_size", 32))
     y_train = torch.tensor(train.label.map(code).to_numpy(), dtype=torch.long)
-    with _device_lock(device) if spec.mode == "images" else nullcontext():
+    with (
+        _device_lock(device) if spec.mode == "images" else nullcontext(),
+        # features mode: tiny ops, one thread each (see intra_op_threads); images mode: all of them
+        intra_op_threads(1 if spec.mode == "features" else PROCESS_THREADS) if str(device) == "cpu" else nullcontext(),
+    ):
         curve = data.fit(
             algorithm, data.rows(train), y_train, data.rows(tgt), total, batch, spec.seed, begin, until, cfg
         )

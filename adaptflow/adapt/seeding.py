@@ -16,8 +16,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 _GLOBAL_RNG = threading.Lock()
+_DRAWING_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU)
+_DRAW_RATES = ("drop_rate", "drop_prob")  # timm: a model's functional head dropout, DropPath
 
 
 @contextmanager
@@ -35,3 +38,19 @@ def manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
     if torch.cuda.is_initialized():
         torch.cuda.manual_seed_all(seed)
+
+
+def draws_random(model: nn.Module) -> bool:
+    """Does a training step of `model` draw from torch's global generator? True for dropout-like modules
+    (torch's, timm's DropPath, a timm model's head dropout) with a rate above 0, and for a model that says
+    so (`draws_random = True`, e.g. an algorithm whose update samples). A step that draws nothing needs
+    neither a seed nor the lock, so it never waits on another thread's candidate;
+    tests/test_adapt_seeding.py runs every algorithm's step and checks that the generator did not move."""
+    for m in model.modules():
+        if getattr(m, "draws_random", False) is True:
+            return True
+        if isinstance(m, _DRAWING_MODULES) and (not hasattr(m, "p") or m.p > 0):
+            return True
+        if any(isinstance(getattr(m, a, None), float | int) and getattr(m, a) > 0 for a in _DRAW_RATES):
+            return True
+    return False

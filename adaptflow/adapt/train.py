@@ -8,10 +8,11 @@ is the one an uninterrupted 200-step run gives, and the machine's load changes n
 
 from __future__ import annotations
 
+import functools
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Protocol
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from adaptflow import progress
 from adaptflow.adapt.algorithms import Algorithm
-from adaptflow.adapt.seeding import seeded
+from adaptflow.adapt.seeding import draws_random, seeded
 
 
 class Rows(Protocol):
@@ -56,6 +57,35 @@ class TensorRows:
 
 def as_rows(x: Tensor | Rows) -> Rows:
     return TensorRows(x) if isinstance(x, Tensor) else x
+
+
+@functools.cache
+def _per_thread_counts() -> bool:
+    """Does torch keep its intra-op thread count per calling thread? Yes with its OpenMP backend (the
+    count is an OpenMP per-thread setting), the one CPU builds of torch for Linux use."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+PROCESS_THREADS = torch.get_num_threads()  # torch's intra-op threads when this module was imported
+
+
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's ops on this thread use `n` threads for the block, other threads unchanged; a no-op where
+    the count is process-wide. For small models trained beside others on a few cores: a features-mode
+    step is many tiny ops, which gain nothing from a second thread but spin-wait on a core another
+    candidate is using (measured: two DANN/CDAN features-mode candidates at once on 2 cores, 18.8 s with
+    2 threads each, 2.8 s with 1). On exit the thread goes back to PROCESS_THREADS, not to what it had:
+    torch gives a thread that first runs an op while another thread is inside this block that thread's
+    count, and the count it would restore."""
+    if not _per_thread_counts():
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(PROCESS_THREADS)
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
@@ -115,6 +145,7 @@ def fit(
     prepare = prepare or (lambda x, draw: x.to(p.device, p.dtype, non_blocking=True))
     src, tgt = Sampler(source, batch_size, step_seed(seed, 0, 1)), Sampler(target, batch_size, step_seed(seed, 0, 2))
     ys = source_y.to(p.device)
+    random_steps = draws_random(algorithm)
     algorithm.train()
     curve: list[dict[str, float]] = []
     began = time.perf_counter()
@@ -127,7 +158,7 @@ def fit(
         target.prefetch(tgt(step + 1))
         xs, xt = prepare(source.gather(i), 2 * step), prepare(target.gather(j), 2 * step + 1)
         with (
-            seeded(step_seed(seed, step, 3)),  # dropout and any other draw inside the model
+            seeded(step_seed(seed, step, 3)) if random_steps else nullcontext(),  # dropout, any draw inside
             torch.autocast("cuda", dtype=torch.bfloat16) if autocast and p.device.type == "cuda" else nullcontext(),
         ):
             losses = algorithm.update((xs, ys[torch.from_numpy(i).to(ys.device)]), xt)
