@@ -93,12 +93,13 @@ class TreeMemory:
         self._thread.join()
 
 
-def command(args: list[str], env: dict) -> tuple[str, float, TreeMemory]:
-    """Run the adaptflow command line; returns (its last stdout line, wall seconds, memory)."""
+def command(args: list[str], env: dict, cwd: Path = ROOT) -> tuple[str, float, TreeMemory]:
+    """Run the adaptflow command line of the checkout at `cwd`; returns (its last stdout line, wall
+    seconds, memory)."""
     t = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         text=True,
         stdout=subprocess.PIPE,
