@@ -13,6 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from adaptflow.errors import ConfigError, UnknownNameError
 
 
+def _known_validators(names: list[str]) -> list[str]:
+    from adaptflow.adapt.validators import VALIDATORS
+
+    for name in names:
+        if name not in VALIDATORS:
+            raise ValueError(str(UnknownNameError("validator", name, list(VALIDATORS))))
+    return names
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -153,9 +162,10 @@ class AdaptConfig(_Section):
         description="hyperparameters set for every candidate, e.g. {l2sp: 0.01, backbone_lr_mult: 0.1}",
     )
     policy: list[str] = Field(
-        default_factory=lambda: ["source_val_acc", "im", "bnm"],
+        default_factory=lambda: ["source_val_acc"],
         min_length=1,
-        description="validators whose mean rank selects the model (collapsed ones never)",
+        description="validators whose mean rank selects the model among a run's candidates and ranks them "
+        "for successive halving (collapsed ones never); chosen by benchmarks/selection.py",
     )
 
     @field_validator("method")
@@ -181,12 +191,7 @@ class AdaptConfig(_Section):
     @field_validator("policy")
     @classmethod
     def _known_validators(cls, names: list[str]) -> list[str]:
-        from adaptflow.adapt.validators import VALIDATORS
-
-        for name in names:
-            if name not in VALIDATORS:
-                raise ValueError(str(UnknownNameError("validator", name, list(VALIDATORS))))
-        return names
+        return _known_validators(names)
 
     @field_validator("methods", "image_methods")
     @classmethod
@@ -235,6 +240,18 @@ class PromotionConfig(_Section):
         description="let a pick that selection is not confident about replace a champion (or become the "
         "first one); false: it stays challenger, and with no champion the source-only reference is promoted",
     )
+    policy: list[str] = Field(
+        default_factory=lambda: ["source_val_acc", "im", "bnm"],
+        min_length=1,
+        description="validators whose mean the gate compares champion and challenger by, both scored on the "
+        "run's data (and the champion's drop that triggers retraining): unlike adapt.policy it must see the "
+        "target, since a champion and a challenger for a new target can be equally accurate on the source",
+    )
+
+    @field_validator("policy")
+    @classmethod
+    def _known_validators(cls, names: list[str]) -> list[str]:
+        return _known_validators(names)
 
 
 class RuntimeConfig(_Section):

@@ -37,7 +37,7 @@ def score_model(
 ) -> ModelScores:
     """A saved model's label-free scores (and target accuracy, for reporting) on this run's data."""
     return scoring.score_model(
-        model_uri, source, target, target_labels, features, cfg.adapt.policy, cfg.seed, cfg.adapt.validation_samples
+        model_uri, source, target, target_labels, features, cfg.promotion.policy, cfg.seed, cfg.adapt.validation_samples
     )
 
 
@@ -59,7 +59,7 @@ def score_champion(
             target,
             target_labels,
             features,
-            cfg.adapt.policy,
+            cfg.promotion.policy,
             cfg.seed,
             cfg.adapt.validation_samples,
         )

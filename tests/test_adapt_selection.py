@@ -16,7 +16,7 @@ from adaptflow.config import AdaptConfig
 from adaptflow.errors import UnknownNameError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-POLICY = AdaptConfig().policy
+POLICY = ["source_val_acc", "im", "bnm"]  # the default before benchmarks/selection.py chose source_val_acc alone
 
 
 def _candidate(name: str, v: ValidationInputs, method: str | None = None) -> Candidate:
@@ -63,6 +63,8 @@ def test_a_candidate_that_games_a_validator_is_not_picked():
     assert cands[after.index].name == "cdan-images"
     assert "im-features: bnm/im" in after.reason  # the report says who was not judged by what
     assert after.scores[2] < after.scores[1]
+    default = select(cands, AdaptConfig().policy)  # source validation accuracy, which no candidate games
+    assert cands[default.index].name != "im-features"
 
 
 def test_a_candidate_less_accurate_than_source_only_on_source_validation_is_skipped():

@@ -88,7 +88,7 @@ def test_a_low_confidence_pick_never_replaces_a_champion_and_a_source_only_one_s
     from adaptflow.models import registry
 
     src, tgt, plan, head = store
-    reg, policy, datasets = str(tmp_path / "registry"), fast_config.adapt.policy, {"source": src, "target": tgt}
+    reg, policy, datasets = str(tmp_path / "registry"), fast_config.promotion.policy, {"source": src, "target": tgt}
     scores = score_model(head.model_uri, src, tgt, None, plan, policy)  # the pick's scores (any model's)
     better = scores.model_copy(update={"scores": {k: v + 0.5 for k, v in scores.scores.items()}})
     unsure = SelectionManifest(

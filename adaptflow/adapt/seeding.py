@@ -2,11 +2,11 @@
 
 torch has one global CPU generator per process, and the flow trains candidates at once on its threads:
 whoever seeds it holds `seeded`'s lock until the draws that seed is for are done (a model's
-initialisation, a step's dropout). Unlocked, one candidate's seed landing between another's seed and its
-draws changed that one's model with the machine's timing (tests/test_adapt_candidates.py shows it).
-Not every source of run-to-run variation is closed by this: with it, the demo's features-mode candidates
-still scored differently from one run to the next (trained one after another, they give the same
-numbers every time); module construction and DataLoader seeds elsewhere also draw from this generator.
+initialisation, the dropout of a step that has any: `draws_random`). Unlocked, one candidate's seed
+landing between another's seed and its draws changed that one's model with the machine's timing
+(tests/test_adapt_candidates.py shows it). The library's other users of the generator take the lock too
+(building a backbone, `extract.backbones`) or keep their own (DataLoaders, `data.preprocess.make_loader`).
+A step that draws nothing takes no lock, so a features-mode candidate never waits on an end-to-end step.
 """
 
 from __future__ import annotations

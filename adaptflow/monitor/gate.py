@@ -38,7 +38,7 @@ def register_and_gate(
         config_hash=cfg.fingerprint(),
         code_version=registry.code_version(),
     )
-    policy, margin = cfg.adapt.policy, cfg.promotion.margin
+    policy, margin = cfg.promotion.policy, cfg.promotion.margin
     version = registry.register(
         store, challenger.model_uri, run_id, lineage, _metrics(challenger, source_test_accuracy), challenger.method
     )
