@@ -16,8 +16,9 @@ setup: $(STAMP)
 
 # Every package from the lock, exact versions checked against their hashes; then adaptflow itself, without
 # dependencies and built with the lock's setuptools (no build isolation: nothing unhashed is fetched).
-$(STAMP): $(LOCK) pyproject.toml
+$(STAMP): requirements-pip.lock $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --require-hashes -r requirements-pip.lock
 	$(BIN)/python -m pip install -q --require-hashes -r $(LOCK)
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)

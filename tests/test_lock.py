@@ -195,12 +195,15 @@ def test_the_tests_import_only_what_pyproject_declares():
 def test_make_ci_and_the_images_install_from_the_lock():
     makefile = (ROOT / "Makefile").read_text()
     assert "pip install -q --require-hashes -r $(LOCK)" in makefile and "LOCK   := requirements-dev.lock" in makefile
+    # the locked pip first: the one a new venv brings refuses the lock when the index has newer releases
+    assert makefile.index("-r requirements-pip.lock") < makefile.index("-r $(LOCK)")
     assert "--no-deps --no-build-isolation -e ." in makefile and re.search(r"^lock:", makefile, re.M)
     assert "make test" in (ROOT / ".ci" / "run").read_text()  # which sets up .venv from the lock
     for dockerfile in ("Dockerfile", "Dockerfile.gpu"):
         text = (ROOT / "infra" / dockerfile).read_text()
         assert re.search(r"^COPY .*requirements\.lock", text, re.M)
         assert "pip install --no-cache-dir --require-hashes -r requirements.lock" in text
+        assert text.index("-r requirements-pip.lock") < text.index("-r requirements.lock")
         assert "--no-deps --no-build-isolation ." in text
 
 
