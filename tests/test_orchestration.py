@@ -42,9 +42,17 @@ def _latest_run(name: str):
 
 
 @pytest.mark.slow
-def test_a_run_past_its_time_limit_stops_as_timed_out(demo_data, tmp_path, prefect_harness, capsys):
+def test_a_run_past_its_time_limit_stops_as_timed_out(demo_data, tmp_path, prefect_harness, capsys, monkeypatch):
     """A hung nightly run would hold a deployment's concurrency slot: past runtime.flow_timeout_s it ends
     TimedOut (a final state, which frees the slot), and the command says so in one line, with status 3."""
+    from adaptflow.extract import features
+
+    def slow_shard(*args, **kwargs):  # each of the 19 shards takes a second: the run cannot finish in 2 s
+        time.sleep(1.0)
+        return real_shard(*args, **kwargs)
+
+    real_shard = features.extract_shard
+    monkeypatch.setattr(features, "extract_shard", slow_shard)
     start = time.monotonic()
     assert (
         main(
@@ -65,7 +73,7 @@ def test_a_run_past_its_time_limit_stops_as_timed_out(demo_data, tmp_path, prefe
     line = _one_error_line(capsys.readouterr().err, traceback_free=False)
     assert line.startswith("error: the run took longer than runtime.flow_timeout_s (")
     assert line.endswith("committed work is kept, rerun the same command to resume")
-    assert time.monotonic() - start < 60  # the extraction alone takes longer than that here
+    assert time.monotonic() - start < 60  # the extraction alone takes longer than that
     run = _latest_run("extract-stages")
     assert run.state.is_final() and run.state.name == "TimedOut"
 
