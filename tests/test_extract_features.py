@@ -222,3 +222,40 @@ def test_the_training_image_cache_is_filled_in_the_same_pass_and_only_where_miss
     assert torch.equal(pixels, load_images(index.uri.tolist(), data_config, 0))  # what decoding gives, bit for bit
     replan = features.plan_extraction([m.index_uri for m in manifests], store, cfg.backbone, 64, cache=cache)
     assert replan.shards == [] and replan.n_cached_pixels == replan.n_requested
+
+
+def test_pixels_are_one_binary_value_per_image_and_an_older_stores_lists_still_read_and_merge(indexed, fast_config):
+    """The cache stores each image's pixels as one fixed-size binary value (a list of uint8 reads ~25x
+    slower). A store written before keeps list-layout shards: they read the same, and compaction merges
+    them with new ones into the binary layout."""
+    import pyarrow as pa
+
+    from adaptflow.extract.image_cache import image_cache, load_pixels
+    from adaptflow.store.rows import ShardedRows
+
+    store, manifests = indexed
+    cfg = fast_config
+    cache = image_cache(store, cfg.backbone, 32)
+    plan = features.plan_extraction([m.index_uri for m in manifests], store, cfg.backbone, 64, cache=cache)
+    for s in plan.shards:
+        features.extract_shard(s, cfg.backbone, cfg.extract)
+    committed = shards.committed_shards(cache.uri)
+    assert all(pa.types.is_fixed_size_binary(shards.read_shard(s)["pixels"].type) for s in committed)
+    ids = storage.read_table(manifests[1].index_uri)["image_id"].to_pylist()
+    expected = load_pixels(cache, ids)
+    assert expected.shape == (len(ids), 3, 32, 32) and expected.float().std() > 0
+
+    old = committed[0]  # rewritten as an older adaptflow wrote it: a fixed-size list of uint8
+    table = shards.read_shard(old)
+    matrix = shards.value_matrix(table["pixels"])
+    as_list = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
+    storage.write_table(old.data_uri, table.set_column(table.column_names.index("pixels"), "pixels", as_list))
+    assert pa.types.is_fixed_size_list(shards.read_shard(old)["pixels"].type)
+    assert torch.equal(load_pixels(cache, ids), expected)
+    rows = ShardedRows(cache.uri, ids, "pixels", (3, 32, 32), resident_bytes=0, max_shards=2)
+    assert torch.equal(rows.gather(np.arange(len(ids))), expected)
+
+    assert shards.compact_shards(cache.uri, 10_000, min_shards=2).shards_after == 1
+    (merged,) = shards.committed_shards(cache.uri)
+    assert pa.types.is_fixed_size_binary(shards.read_shard(merged)["pixels"].type)
+    assert torch.equal(load_pixels(cache, ids), expected)

@@ -32,6 +32,7 @@ from adaptflow.store.shards import (
     load_rows,
     load_shard_manifest,
     manifest_uri,
+    value_array,
 )
 
 _PLAN_COLUMNS = ["image_id", "uri", "label", "domain", "split"]
@@ -189,11 +190,11 @@ def _embed_shard(
     base = rows.drop_columns(["uri"])
     tables = {}
     if embed:
-        tables["embedding"] = base.append_column("embedding", _value_array(emb, extract.dtype)).replace_schema_metadata(
+        tables["embedding"] = base.append_column("embedding", value_array(emb, extract.dtype)).replace_schema_metadata(
             _parquet_metadata(extractor.fingerprint, backbone)
         )
     if cache:
-        tables["pixels"] = base.append_column("pixels", _value_array(pixels, "uint8")).replace_schema_metadata(
+        tables["pixels"] = base.append_column("pixels", value_array(pixels, "uint8")).replace_schema_metadata(
             _parquet_metadata(plan.cache.fingerprint, backbone)
         )
     return tables, bytes_read, extractor.fingerprint
@@ -221,11 +222,6 @@ def _prepare(module, device, compile: bool):
     if compile and device.type == "cuda":
         module = torch.compile(module)
     return module
-
-
-def _value_array(matrix: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
-    values = pa.array(matrix.astype(dtype, copy=False).ravel())
-    return pa.FixedSizeListArray.from_arrays(values, matrix.shape[1])
 
 
 def _parquet_metadata(fingerprint: str, backbone: BackboneConfig) -> dict[bytes, bytes]:

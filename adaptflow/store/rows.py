@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import torch
 
 from adaptflow.errors import StoreError
-from adaptflow.store.shards import committed_shards, read_shard
+from adaptflow.store.shards import committed_shards, read_shard, value_matrix
 
 RESIDENT_BYTES = 512 << 20  # wanted rows up to this size are read once and kept
 MAX_SHARDS = 3  # shards held at once otherwise: the one in use, the last one, the next one read ahead
@@ -144,7 +144,7 @@ class ShardedRows:
         """The wanted rows of shard `s`, in `_members[s]` order, as a (k, *shape) tensor."""
         table = read_shard(self._shards[s], [self.column])
         values = table[self.column].combine_chunks().take(pa.array(self.row_of[self._members[s]]))
-        flat = values.values.to_numpy(zero_copy_only=False).reshape(len(values), -1)
+        flat = value_matrix(values)
         return torch.from_numpy(np.array(flat, copy=not flat.flags.writeable)).view(len(values), *self.shape)
 
     def close(self) -> None:

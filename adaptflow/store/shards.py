@@ -1,8 +1,9 @@
 """Sharded Parquet stores keyed by image: the feature store and the training-image cache share them.
 
 A store folder holds `shards/{key}-{nonce}.parquet` data files, each with `image_id` (and `label`,
-`domain`, `split`) and one fixed-size-list value column per image — `embedding` (float16/32) for
-features, `pixels` (uint8, 3 x S x S) for cached training images — and `shards/{key}.json`, the
+`domain`, `split`) and one fixed-size value column per image — `embedding` (a list of float16/32) for
+features, `pixels` (3 x S x S uint8 as one fixed-size binary value; a list of uint8 in stores written
+before 2026-12, still read) for cached training images — and `shards/{key}.json`, the
 shard's manifest, written last: it names its data file, and a data file no manifest names does not
 exist. Every attempt writes its data under a fresh nonce, so a retried, killed or concurrent attempt
 never overwrites a file someone may be reading. Small shards are merged by `compact_shards`; the
@@ -28,6 +29,42 @@ from adaptflow.store import storage
 VALUE_COLUMNS = ("embedding", "pixels")  # the one value column a shard holds
 
 
+def value_array(matrix: np.ndarray, dtype: str) -> pa.Array:
+    """(N, dim) values as a shard's value column: floats as a fixed-size list (vectors to any Parquet
+    reader), uint8 as fixed-size binary, one value per image: Parquet keeps a level for every element of
+    a list and stores uint8 as INT32, so 1,797 cached 64 px images read in 1.45 s as a list, 0.06 s as
+    binary (and 16 MB on disk against 12)."""
+    m = np.ascontiguousarray(matrix.astype(dtype, copy=False))
+    if m.dtype == np.uint8:
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(m.shape[1]), len(m), [None, pa.py_buffer(m)])
+    return pa.FixedSizeListArray.from_arrays(pa.array(m.ravel()), m.shape[1])
+
+
+def value_dim(kind: pa.DataType) -> int:
+    return kind.byte_width if pa.types.is_fixed_size_binary(kind) else kind.list_size
+
+
+def value_matrix(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(N, dim) numpy array of a value column in either layout; read-only where it shares Arrow's memory."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    dim = value_dim(values.type)
+    if pa.types.is_fixed_size_binary(values.type):
+        flat = np.frombuffer(values.buffers()[1], np.uint8)[values.offset * dim : (values.offset + len(values)) * dim]
+        return flat.reshape(len(values), dim)
+    return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), dim)
+
+
+def _current_layout(table: pa.Table) -> pa.Table:
+    """`table` with uint8 values as fixed-size binary (how an older store's pixel lists are merged)."""
+    column = value_column(table)
+    kind = table[column].type
+    if pa.types.is_fixed_size_list(kind) and kind.value_type == pa.uint8():
+        i = table.column_names.index(column)
+        table = table.set_column(i, column, value_array(value_matrix(table[column]), "uint8"))
+    return table
+
+
 def value_column(table: pa.Table | pa.Schema) -> str:
     names = table.column_names if isinstance(table, pa.Table) else table.names
     found = [c for c in VALUE_COLUMNS if c in names]
@@ -51,7 +88,9 @@ def commit_shard(
     embeddings read ~3x slower)."""
     column = value_column(table)
     data_uri = storage.join(folder, "shards", f"{key}-{uuid.uuid4().hex[:12]}.parquet")
-    split = [f"{column}.list.element"] if pa.types.is_floating(table[column].type.value_type) else False
+    kind = table[column].type
+    floats = pa.types.is_fixed_size_list(kind) and pa.types.is_floating(kind.value_type)
+    split = [f"{column}.list.element"] if floats else False
     nbytes = storage.write_table(
         data_uri, table, use_dictionary=["label", "domain", "split"], use_byte_stream_split=split
     )
@@ -60,7 +99,7 @@ def commit_shard(
         data_uri=data_uri,
         fingerprint=fingerprint,
         n_rows=table.num_rows,
-        dim=table[column].type.list_size,
+        dim=value_dim(kind),
         dtype=dtype,
         seconds=time.perf_counter() - start,
         bytes_read=bytes_read,
@@ -89,7 +128,7 @@ def compact_shards(folder: str, target_rows: int, min_shards: int, orphan_age_s:
     merged = 0
     if min_shards and len(small) >= min_shards:
         for group in _groups(small, target_rows):
-            parts = [read_shard(s) for s in group]
+            parts = [_current_layout(read_shard(s)) for s in group]
             table = first_per_image(pa.concat_tables(parts)).sort_by("image_id")
             key = hash_ids(table["image_id"].to_pylist())  # the parts' Parquet metadata carries over
             manifest = commit_shard(
@@ -209,7 +248,7 @@ def load_rows(folder: str, image_ids: list[str], column: str, what: str = "featu
     parts = []
     for shard in shards:
         t = read_shard(shard, ["image_id", column])
-        parts.append(t.filter(pc.is_in(t["image_id"], value_set=wanted)))
+        parts.append(_current_layout(t.filter(pc.is_in(t["image_id"], value_set=wanted))))
     table = first_per_image(pa.concat_tables(parts))
     position = {image_id: i for i, image_id in enumerate(table["image_id"].to_pylist())}
     missing = [i for i in image_ids if i not in position]
@@ -217,9 +256,7 @@ def load_rows(folder: str, image_ids: list[str], column: str, what: str = "featu
         raise StoreError(
             f"{len(missing)} images have no committed {what} under {folder} (first: {missing[0]}); run extraction first"
         )
-    values = table[column].combine_chunks()
-    matrix = values.values.to_numpy(zero_copy_only=False).reshape(-1, values.type.list_size)
-    return matrix[[position[i] for i in image_ids]]
+    return value_matrix(table[column])[[position[i] for i in image_ids]]
 
 
 def first_per_image(table: pa.Table) -> pa.Table:
