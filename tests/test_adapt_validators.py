@@ -48,6 +48,32 @@ def test_iwa_needs_the_shared_space():
     assert math.isnan(score(dataclasses.replace(inputs, shared_source=None))["iwa"])
 
 
+def test_iwa_weights_are_fitted_once_per_shared_space_and_candidates_share_them(monkeypatch):
+    """The weights come from the frozen space alone: a second candidate with the same shared features
+    reuses them (the same score as fitting afresh), and other shared features get their own."""
+    import dataclasses
+
+    from adaptflow.adapt import validators
+
+    fits = []
+    real = validators._fit_density_ratio
+    monkeypatch.setattr(validators, "_fit_density_ratio", lambda *a: fits.append(1) or real(*a))
+    monkeypatch.setattr(validators, "_RATIOS", type(validators._RATIOS)())
+    good, mediocre = GRID["good"], dataclasses.replace(GRID["mediocre"], **_shared(GRID["good"]))
+    first = validators.iwa(good)
+    assert validators.iwa(mediocre) != first and len(fits) == 1  # another candidate, the same weights
+    assert validators.iwa(good) == first and len(fits) == 1
+    other = dataclasses.replace(good, shared_target=good.shared_target + 1.0)
+    validators.iwa(other)
+    assert len(fits) == 2
+    validators._RATIOS.clear()
+    assert validators.iwa(good) == first and len(fits) == 3  # fitted afresh: the same value
+
+
+def _shared(v):
+    return {k: getattr(v, k) for k in ("shared_source", "shared_target", "shared_source_train")}
+
+
 def test_good_model_beats_collapsed_where_validators_claim_it(grid_scores):
     good, collapsed, half = grid_scores["good"], grid_scores["collapsed"], grid_scores["target_collapsed"]
     for name in ("source_val_acc", "im", "bnm", "dev"):
