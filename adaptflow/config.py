@@ -126,7 +126,7 @@ class AdaptConfig(_Section):
         "load; null: 300 on a CPU, 3000 on a GPU",
     )
     image_size: int | None = Field(
-        None, ge=16, le=1024, description="images-mode input size; null: 64 on CPU, the backbone's own on GPU"
+        None, ge=16, le=1024, description="images-mode input size; null: 48 on CPU, the backbone's own on GPU"
     )
     strategy: Literal["full", "partial", "lp_ft", "gradual"] | None = Field(
         None,

@@ -40,7 +40,7 @@ from adaptflow.adapt.samples import (
     validation_sample,
 )
 from adaptflow.adapt.seeding import seeded
-from adaptflow.adapt.train import PROCESS_THREADS, intra_op_threads
+from adaptflow.adapt.train import intra_op_threads
 from adaptflow.config import Config
 from adaptflow.data.ingest import read_index
 from adaptflow.errors import DatasetError
@@ -58,13 +58,22 @@ from adaptflow.store import storage
 
 # End to end on a CPU: the baseline and the two strongest in benchmarks/adaptation.py on the demo shift.
 CPU_IMAGE_METHODS = ["source_only", "dann", "cdan"]
-CPU_IMAGE_SIZE = 64
+# End to end on a CPU at 48 px: on the demo shift (32 px digits; benchmarks/adaptation.py, 300 steps,
+# partial, one thread) 0.550 / 0.777 / 0.737 target accuracy for source_only / dann / cdan at 48 px, at
+# 0.18-0.31 s a step, against 0.347 for source_only at 64 px, at 0.21 s a step and more.
+CPU_IMAGE_SIZE = 48
 CPU_IMAGE_STEPS, GPU_IMAGE_STEPS = 300, 3000  # adapt.image_steps when unset
 # adapt.strategy when unset on a CPU: the stem and first stages stay frozen, so no gradient flows through
 # the high-resolution layers; measured on the demo shift (benchmarks/adaptation.py, 300 steps, 64 px) 1.55x
 # the steps/s of `full` at the same or better target accuracy
 CPU_STRATEGY = "partial"
-_DEVICE_LOCKS: dict[str, threading.Lock] = {}  # one images-mode candidate per device and process at a time
+# On a CPU every candidate trains and is scored on one intra-op thread, and as many run at once as the
+# task runner allows: the thread count changes a model's bits (oneDNN splits its sums by thread), so a
+# fixed count is what makes a candidate the same whatever else runs; and on 2 cores two end-to-end
+# candidates at once on one thread each make 1.22x the steps of one on two (demo, 64 px: 0.36 s a step
+# each against 0.22 s), while a features-mode step, many tiny ops, gains nothing from a second thread.
+CPU_THREADS = 1
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}  # one images-mode candidate per GPU and process at a time
 _LOCKS_LOCK = threading.Lock()
 
 
@@ -142,27 +151,30 @@ def successive_halving(
     (`halving_rungs`): all to the first rung's steps, then the best 1/eta of them by the selection policy
     (`survivors`) on to the next, resuming from their checkpoints. The source-only images candidate does
     not race: it is the reference selection's safety net compares the pick with and falls back to
-    (`adapt.selection`), so it trains to the end like the features-mode ones — a reference stopped after
-    a third of its steps would make every adapted pick look safe, or leave no healthy reference at all.
+    (`adapt.selection`), so it is never left behind — a reference stopped after a third of its steps
+    would make every adapted pick look safe, or leave no healthy reference at all — but it trains in the
+    rungs beside the racers, so that every rung has work for more than one worker (trained alone to the
+    end in the first rung, it left the last rung's survivor alone on the machine).
     `train(specs, untils)` trains each spec up to its step (None: the end) — a loop here, a map over
     Prefect tasks in a flow; `stop` records a candidate left behind. Returns the candidates in `specs` order."""
     images = [s for s in specs if s.mode == "images" and s.method != "source_only"]
-    rungs = halving_rungs(max((s.steps for s in images), default=0), len(images), eta)
+    reference = [s for s in specs if s.mode == "images" and s.method == "source_only"]
+    rungs = halving_rungs(max((s.steps for s in images), default=0), len(images), eta) if images else [0]
     done: dict[str, CandidateManifest] = {}
-    batch = [s for s in specs if s not in images] + images
-    untils: list[int | None] = [None] * (len(batch) - len(images)) + [rungs[0]] * len(images)
+    batch = [s for s in specs if s not in images and s not in reference] + reference + images
     for rung in range(len(rungs)):
+        last = rung == len(rungs) - 1
+        untils = [None if s not in images and (last or s not in reference) else rungs[rung] for s in batch]
         results = train(batch, untils) if batch else []
         done.update({c.spec.name: c for c in results})
         racing = [c for c in results if c.spec in images]
-        if rung == len(rungs) - 1 or not racing:
+        if last:
             break
         keep = survivors(racing, policy, math.ceil(len(racing) / eta))
         for i, c in enumerate(racing):
             if i not in keep:
                 done[c.spec.name] = stop(c, rung)
-        batch = [racing[i].spec for i in keep]
-        untils = [rungs[rung + 1]] * len(batch)
+        batch = reference + [racing[i].spec for i in keep]
     return [done[s.name] for s in specs]
 
 
@@ -225,18 +237,17 @@ def train_candidate(
     begin = load_checkpoint(checkpoint, algorithm) if checkpoint_step(checkpoint) else 0
     batch = int(spec.hparams.get("batch_size", 32))
     y_train = torch.tensor(train.label.map(code).to_numpy(), dtype=torch.long)
+    cpu = str(device) == "cpu"
     with (
-        _device_lock(device) if spec.mode == "images" else nullcontext(),
-        # features mode: tiny ops, one thread each (see intra_op_threads); images mode: all of them
-        intra_op_threads(1 if spec.mode == "features" else PROCESS_THREADS) if str(device) == "cpu" else nullcontext(),
+        _device_lock(device) if spec.mode == "images" and not cpu else nullcontext(),
+        intra_op_threads(CPU_THREADS) if cpu else nullcontext(),
     ):
         curve = data.fit(
             algorithm, data.rows(train), y_train, data.rows(tgt), total, batch, spec.seed, begin, until, cfg
         )
-    if until < total:
-        save_checkpoint(checkpoint, algorithm, until)
-
-    out = {name: data.infer(algorithm, data.rows(rows)) for name, rows in samples.items()}
+        if until < total:
+            save_checkpoint(checkpoint, algorithm, until)
+        out = {name: data.infer(algorithm, data.rows(rows)) for name, rows in samples.items()}
     inputs = validators.ValidationInputs(
         source_logits=out["val"][0],
         source_labels=torch.tensor(samples["val"].label.map(code).to_numpy()),
@@ -382,7 +393,8 @@ def _val_correct(c: CandidateManifest) -> np.ndarray | None:
 
 
 def _device_lock(device: str) -> threading.Lock:
-    """End-to-end candidates take their whole device: two at once on 2 CPU cores or one GPU only slow each
-    other. One lock per device and process: candidates on other workers (Dask) run at the same time."""
+    """End-to-end candidates take their whole GPU: two at once on one only slow each other. One lock per
+    device and process: candidates on other workers (Dask) run at the same time. (A CPU has no lock:
+    see CPU_THREADS.)"""
     with _LOCKS_LOCK:
         return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
