@@ -297,11 +297,11 @@ def test_successive_halving_keeps_the_best_third_and_records_who_stopped():
     # rungs beside the racers, so the last rung is not one survivor alone
     assert calls == [
         [
-            ("source_only-features", None),
-            ("coral-features", None),
             ("source_only-images", 100),
             ("dann-images", 100),
             ("cdan-images", 100),
+            ("source_only-features", None),
+            ("coral-features", None),
         ],
         [("source_only-images", None), ("dann-images", 300)],
     ]

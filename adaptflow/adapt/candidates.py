@@ -161,7 +161,8 @@ def successive_halving(
     reference = [s for s in specs if s.mode == "images" and s.method == "source_only"]
     rungs = halving_rungs(max((s.steps for s in images), default=0), len(images), eta) if images else [0]
     done: dict[str, CandidateManifest] = {}
-    batch = [s for s in specs if s not in images and s not in reference] + reference + images
+    # the long end-to-end tasks first, the short features-mode ones after, filling the workers' gaps
+    batch = reference + images + [s for s in specs if s not in images and s not in reference]
     for rung in range(len(rungs)):
         last = rung == len(rungs) - 1
         untils = [None if s not in images and (last or s not in reference) else rungs[rung] for s in batch]
