@@ -159,13 +159,13 @@ def successive_halving(
     Prefect tasks in a flow; `stop` records a candidate left behind. Returns the candidates in `specs` order."""
     images = [s for s in specs if s.mode == "images" and s.method != "source_only"]
     reference = [s for s in specs if s.mode == "images" and s.method == "source_only"]
-    rungs = halving_rungs(max((s.steps for s in images), default=0), len(images), eta) if images else [0]
+    rungs = halving_rungs(max((s.steps for s in images), default=0), len(images), eta)
     done: dict[str, CandidateManifest] = {}
     # the long end-to-end tasks first, the short features-mode ones after, filling the workers' gaps
     batch = reference + images + [s for s in specs if s not in images and s not in reference]
     for rung in range(len(rungs)):
         last = rung == len(rungs) - 1
-        untils = [None if s not in images and (last or s not in reference) else rungs[rung] for s in batch]
+        untils = [rungs[rung] if s in images or (s in reference and not last) else None for s in batch]
         results = train(batch, untils) if batch else []
         done.update({c.spec.name: c for c in results})
         racing = [c for c in results if c.spec in images]
