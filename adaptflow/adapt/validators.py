@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
@@ -112,19 +112,21 @@ def dev(v: ValidationInputs, max_points: int = 4000, max_weight: float = 100.0) 
     return -float(wl.mean() + eta * w.mean() - eta)
 
 
-def rv(v: ValidationInputs, max_points: int = 4000) -> float:
+def rv(v: ValidationInputs, max_points: int = 4000, alpha: float = 1.0) -> float:
     """Reverse validation (Zhong et al. 2010, as a validator in pytorch-adapt): fit a linear classifier on
     the model's own target features with its own target predictions as labels, then measure it on the
     labelled source-validation features. Pseudo-labels that follow the structure the model gave the
     target, and carry it back to the source, score high; a labelling the features do not support does
-    not. One class predicted everywhere scores at most that class's source share."""
+    not. One class predicted everywhere scores at most that class's source share. The reverse classifier
+    is a ridge classifier (closed form, one solve): a logistic regression fitted by L-BFGS made this
+    validator 2 s of a features-mode candidate's 5 s on the demo."""
     idx = _subsample(len(v.target_features), max_points, v.seed)
     pseudo = v.target_logits.argmax(1)[idx].cpu().numpy()
     if len(np.unique(pseudo)) < 2:
         return float((v.source_labels.cpu().numpy() == pseudo[0]).mean()) if len(pseudo) else 0.0
     xt = v.target_features[idx].double().cpu().numpy()
     scaler = StandardScaler().fit(xt)
-    clf = LogisticRegression(C=0.1, max_iter=500).fit(scaler.transform(xt), pseudo)
+    clf = RidgeClassifier(alpha=alpha).fit(scaler.transform(xt), pseudo)
     predicted = clf.predict(scaler.transform(v.source_features.double().cpu().numpy()))
     return float((predicted == v.source_labels.cpu().numpy()).mean())
 
