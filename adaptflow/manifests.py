@@ -154,12 +154,14 @@ class CandidateManifest(Manifest):
     model_uri: str
     predictions_uri: str  # its predictions on the target validation sample
     outputs_uri: str | None = None  # source-validation predictions (`samples.save_outputs`); None: older runs
-    embedding_uri: str  # a small sample of the model's own features per domain, for the report
+    # a small sample of the model's own features per domain, for the report; None: not at the end of its
+    # budget (a rung of successive halving), where it is scored by the selection policy alone
+    embedding_uri: str | None = None
     scores: dict[str, float]  # label-free validators, higher is better
     collapsed: bool
     source_test_accuracy: float  # on a sample of the source test split
     target_accuracy: float | None  # on the target validation sample; reporting only: needs target labels
-    domain_gap: dict[str, float]  # proxy A-distance and MMD of the model's own features
+    domain_gap: dict[str, float]  # proxy A-distance and MMD of the model's own features; {} before the end
     curve: list[dict]
     steps: int  # steps trained so far
     total_steps: int = 0  # its budget; steps < total_steps: stopped early (halving) or still to resume

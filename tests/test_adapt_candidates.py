@@ -1,5 +1,6 @@
 """Adaptation inside a run: candidate planning, one candidate per mode, selection."""
 
+import math
 import threading
 import uuid
 from types import SimpleNamespace
@@ -240,11 +241,16 @@ def test_training_resumed_from_a_checkpoint_equals_an_uninterrupted_run(run_inpu
     half = adaptation.train_candidate(spec, *args, f"{root}/rungs-{method}", until=4)
     assert (half.steps, half.total_steps) == (4, 8)
     assert storage.exists(f"{root}/rungs-{method}/checkpoint/checkpoint.json")
+    # a rung only ranks: the policy's validators, source_val_acc and the tie-break; no test split, domain gap
+    # or embedding sample
+    assert set(half.scores) == {"source_val_acc", *cfg.adapt.policy, "iwa"} != set(straight.scores)
+    assert half.embedding_uri is None and half.domain_gap == {} and math.isnan(half.source_test_accuracy)
+    assert half.scores["source_val_acc"] >= 0 and half.target_accuracy is None
     resumed = adaptation.train_candidate(spec, *args, f"{root}/rungs-{method}", until=8)
     assert resumed.steps == straight.steps == 8
     a, b = (load(storage.read_bytes(f"{c.model_uri}/weights.safetensors")) for c in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed.scores == straight.scores
+    assert resumed.scores == straight.scores and resumed.embedding_uri and resumed.domain_gap == straight.domain_gap
     assert adaptation.train_candidate(spec, *args, f"{root}/rungs-{method}", until=8) == resumed  # a retry: nothing
 
 

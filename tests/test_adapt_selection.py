@@ -145,6 +145,13 @@ def test_select_ties_fallback_and_errors():
         for n, a in (("a", 0.8), ("b", 0.9), ("c", 0.9))
     ]
     assert select(tied, POLICY).index == 1  # b and c tie; b is first
+    # an exact tie on source validation with the source-only reference (benchmarks/selection.py's `clutter`):
+    # the higher importance-weighted accuracy wins, whatever the plan's order
+    ref = {"source_val_acc": 0.986, "iwa": 0.971}
+    cdan = {"source_val_acc": 0.986, "iwa": 0.983}
+    for order in ((("source_only-images", ref), ("cdan-images", cdan)), (("cdan-images", cdan), ("source_only-images", ref))):
+        pool = [Candidate(n, s, False, source_only=n.startswith("source_only")) for n, s in order]
+        assert pool[select(pool, ["source_val_acc"]).index].name == "cdan-images"
     with pytest.raises(UnknownNameError, match="valid validators"):
         select(tied, ["oracle"])
     with pytest.raises(ValueError, match="lack validator scores"):

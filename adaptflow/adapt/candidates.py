@@ -185,8 +185,7 @@ def survivors(candidates: list[CandidateManifest], policy: list[str], keep: int)
     pool = selection_candidates(candidates)
     alive = [i for i, c in enumerate(pool) if not c.collapsed] or list(range(len(pool)))
     ranks = selection.mean_ranks(pool, alive, policy)
-    acc = [c.scores.get("source_val_acc", 0.0) for c in candidates]
-    order = sorted(range(len(candidates)), key=lambda i: (i not in alive, -(ranks[i] or 0.0), -acc[i], i))
+    order = sorted(range(len(candidates)), key=lambda i: (i not in alive, selection.preference(pool[i], ranks[i], i)))
     return sorted(order[:keep])
 
 
@@ -230,6 +229,14 @@ def train_candidate(
         "target": validation_sample(tgt, n, seed),
     }
 
+    # The end of its budget: every validator, the test split, the domain gap, the report's embedding
+    # sample. An earlier rung of successive halving only ranks the candidates (`survivors`): there it is
+    # scored by what the ranking reads alone (the policy's validators, source_val_acc and the tie-break),
+    # on the samples those need.
+    final = until == total
+    names = None if final else list(dict.fromkeys(["source_val_acc", *cfg.adapt.policy, selection.TIE_BREAK]))
+    wanted = set(samples) if final else {"val", "target"} | ({"train"} if "dev" in names else set())
+    shared = final or "iwa" in names
     data = ImageData(spec, cfg, features, device) if spec.mode == "images" else FeatureData(features, device)
     with seeded(spec.seed):
         algorithm = get_algorithm(spec.method)(data.featurizer, data.dim, len(classes), spec.hparams, max_steps=total)
@@ -248,18 +255,18 @@ def train_candidate(
         )
         if until < total:
             save_checkpoint(checkpoint, algorithm, until)
-        out = {name: data.infer(algorithm, data.rows(rows)) for name, rows in samples.items()}
+        out = {name: data.infer(algorithm, data.rows(rows)) for name, rows in samples.items() if name in wanted}
     inputs = validators.ValidationInputs(
         source_logits=out["val"][0],
         source_labels=torch.tensor(samples["val"].label.map(code).to_numpy()),
         source_features=out["val"][1],
         target_logits=out["target"][0],
         target_features=out["target"][1],
-        source_train_features=out["train"][1],
+        source_train_features=out["train"][1] if "train" in out else None,
         seed=spec.seed,
-        **shared_features(features, samples["train"], samples["val"], samples["target"]),
+        **(shared_features(features, samples["train"], samples["val"], samples["target"]) if shared else {}),
     )
-    scores = {k: float(v) for k, v in validators.score(inputs).items()}
+    scores = {k: float(v) for k, v in validators.score(inputs, names).items()}
     collapsed = validators.is_collapsed(out["target"][0], len(classes))
 
     card = ModelCard(
@@ -284,16 +291,18 @@ def train_candidate(
         classification_metrics(test_rows.label.map(code).to_numpy(), out["test"][0].argmax(1).numpy(), classes)[
             "accuracy"
         ]
-        if len(test_rows)
+        if "test" in out and len(test_rows)
         else float("nan")
     )
     target_acc = accuracy_on(samples["target"], out["target"][0], target_labels, code)
-    gap = {
-        "proxy_a_distance": domain_gap.proxy_a_distance(out["train"][1], out["target"][1], seed=spec.seed),
-        "mmd": domain_gap.mmd_distance(out["train"][1], out["target"][1], seed=spec.seed),
-    }
-    embedding_uri = storage.join(out_uri, "embedding_sample.parquet")
-    save_embedding_sample(embedding_uri, out["train"][1], out["target"][1], spec.seed)
+    gap, embedding_uri = {}, None
+    if final:
+        gap = {
+            "proxy_a_distance": domain_gap.proxy_a_distance(out["train"][1], out["target"][1], seed=spec.seed),
+            "mmd": domain_gap.mmd_distance(out["train"][1], out["target"][1], seed=spec.seed),
+        }
+        embedding_uri = storage.join(out_uri, "embedding_sample.parquet")
+        save_embedding_sample(embedding_uri, out["train"][1], out["target"][1], spec.seed)
     outputs_uri = storage.join(out_uri, "outputs.parquet")
     save_outputs(outputs_uri, samples["val"], out["val"][0], code)
 
