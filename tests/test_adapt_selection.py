@@ -149,7 +149,8 @@ def test_select_ties_fallback_and_errors():
     # the higher importance-weighted accuracy wins, whatever the plan's order
     ref = {"source_val_acc": 0.986, "iwa": 0.971}
     cdan = {"source_val_acc": 0.986, "iwa": 0.983}
-    for order in ((("source_only-images", ref), ("cdan-images", cdan)), (("cdan-images", cdan), ("source_only-images", ref))):
+    plan = [("source_only-images", ref), ("cdan-images", cdan)]
+    for order in (plan, plan[::-1]):
         pool = [Candidate(n, s, False, source_only=n.startswith("source_only")) for n, s in order]
         assert pool[select(pool, ["source_val_acc"]).index].name == "cdan-images"
     with pytest.raises(UnknownNameError, match="valid validators"):
