@@ -119,7 +119,7 @@ def rv(v: ValidationInputs, max_points: int = 4000, alpha: float = 1.0) -> float
     target, and carry it back to the source, score high; a labelling the features do not support does
     not. One class predicted everywhere scores at most that class's source share. The reverse classifier
     is a ridge classifier (closed form, one solve): a logistic regression fitted by L-BFGS made this
-    validator 2 s of a features-mode candidate's 5 s on the demo."""
+    validator 2.2 s of a features-mode candidate's 5.2 s (benchmarks/selection.py, mnist-m)."""
     idx = _subsample(len(v.target_features), max_points, v.seed)
     pseudo = v.target_logits.argmax(1)[idx].cpu().numpy()
     if len(np.unique(pseudo)) < 2:
