@@ -103,6 +103,46 @@ def test_compaction_merges_small_shards_without_changing_a_row(indexed, fast_con
     assert shards.compact_shards(plan.features_uri, 64, min_shards=4).shards_after == len(after)
 
 
+def test_a_validation_sample_is_read_once_per_process_until_its_shards_change(indexed, fast_config, monkeypatch):
+    """Every candidate of a run is scored on the same samples, and a sample of a large target lies in every
+    shard: `sample_rows` reads it once, again only when the committed shards change; the least recently
+    used samples go past SAMPLE_BYTES, and a larger sample is streamed and not kept."""
+    from collections import OrderedDict
+
+    from adaptflow.adapt import samples
+    from adaptflow.store import rows as rows_module
+
+    store, manifests = indexed
+    plan, _ = _small_shards(indexed, fast_config, 16)
+    ids = storage.read_table(manifests[0].index_uri)["image_id"].to_pylist()
+    expected = features.load_features(plan.features_uri, ids)
+    monkeypatch.setattr(samples, "_SAMPLES", OrderedDict())
+    reads = []
+    read_shard = rows_module.read_shard
+    monkeypatch.setattr(rows_module, "read_shard", lambda *a, **k: reads.append(a[0]) or read_shard(*a, **k))
+
+    def sample(at):
+        return samples.sample_rows(plan.features_uri, [ids[i] for i in at], "embedding", (plan.dim,))
+
+    first = sample(range(0, 40, 2))
+    n = len(reads)
+    assert n > 1 and sample(range(0, 40, 2)) is first and len(reads) == n  # a second candidate reads nothing
+    assert np.array_equal(first.gather(np.arange(20)).numpy(), expected[0:40:2])
+
+    shards.compact_shards(plan.features_uri, target_rows=64, min_shards=4)  # other shards are committed
+    merged = sample(range(0, 40, 2))
+    assert merged is not first and len(reads) > n
+    assert np.array_equal(merged.gather(np.arange(20)).numpy(), expected[0:40:2])
+
+    monkeypatch.setattr(samples, "SAMPLE_BYTES", int(1.5 * merged.resident_bytes))
+    other = sample(range(1, 40, 2))
+    assert list(samples._SAMPLES.values()) == [other]  # the older sample made room
+    monkeypatch.setattr(samples, "SAMPLE_BYTES", 1)
+    streamed = sample(range(40))
+    assert streamed.resident_bytes == 0 and list(samples._SAMPLES.values()) == [other]
+    assert np.array_equal(streamed.gather(np.arange(40)).numpy(), expected[:40])
+
+
 def test_committed_files_read_as_one_dataset_by_pyarrow_and_duckdb(indexed, fast_config, tmp_path):
     import pyarrow.dataset as ds
 

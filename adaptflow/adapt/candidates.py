@@ -255,7 +255,7 @@ def train_candidate(
         )
         if until < total:
             save_checkpoint(checkpoint, algorithm, until)
-        out = {name: data.infer(algorithm, data.rows(rows)) for name, rows in samples.items() if name in wanted}
+        out = {name: data.infer(algorithm, data.sample(rows)) for name, rows in samples.items() if name in wanted}
     inputs = validators.ValidationInputs(
         source_logits=out["val"][0],
         source_labels=torch.tensor(samples["val"].label.map(code).to_numpy()),

@@ -82,6 +82,11 @@ class ShardedRows:
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the rows held whole in memory (0: streamed shard by shard)."""
+        return 0 if self._resident is None else self._resident.nbytes
+
     def gather(self, index: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(len(index), *shape): the rows at `index` (positions in `image_ids`)."""
         index = np.asarray(index, dtype=np.int64)
