@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a fresh clone without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from scale import command  # noqa: E402  (benchmarks/scale.py)
+from scale import command, run_args  # noqa: E402  (benchmarks/scale.py)
 from shifts import SHIFTS, make_shift  # noqa: E402
 
 from adaptflow.store import storage  # noqa: E402
@@ -84,23 +84,9 @@ def main(args) -> None:
                 }
                 flags = ["--method", "none"] if name == "none" else []
                 settings = [*args.set, f"seed={seed}", f"adapt.seeds=[{seed}]"]
-                run_uri, wall, _ = command(
-                    [
-                        "run",
-                        "--source",
-                        data["source"],
-                        "--target",
-                        data["target"],
-                        "--target-labels",
-                        data["target_labels"],
-                        "--store",
-                        str(work / f"store-{tag}"),
-                        *flags,
-                        *[x for s in settings for x in ("--set", s)],
-                    ],
-                    env,
-                    cwd=code,
-                )
+                overrides = [x for s in settings for x in ("--set", s)]
+                store = str(work / f"store-{tag}")
+                run_uri, wall, _ = command(run_args(data, store, *flags, *overrides), env, cwd=code)
                 summary = storage.read_json(storage.join(run_uri, "summary.json"))
                 seconds[name].append(wall)
                 accuracy[name].append(summary["metrics"]["target"]["accuracy"])

@@ -93,6 +93,22 @@ class TreeMemory:
         self._thread.join()
 
 
+def run_args(data: dict, store: str, *extra: str) -> list[str]:
+    """`adaptflow run`'s arguments for a shift made by `shifts.make_shift`, into `store`."""
+    return [
+        "run",
+        "--source",
+        data["source"],
+        "--target",
+        data["target"],
+        "--target-labels",
+        data["target_labels"],
+        "--store",
+        store,
+        *extra,
+    ]
+
+
 def command(args: list[str], env: dict, cwd: Path = ROOT) -> tuple[str, float, TreeMemory]:
     """Run the adaptflow command line of the checkout at `cwd`; returns (its last stdout line, wall
     seconds, memory)."""
@@ -130,21 +146,7 @@ def main(args) -> None:
                 SHIFTS[args.shift], str(work / f"new-{n}"), 10, args.image_size, args.seed + 1, target_size=n
             )
             store = str(work / f"store-{n}")
-            run_uri, run_s, run_mem = command(
-                [
-                    "run",
-                    "--source",
-                    data["source"],
-                    "--target",
-                    data["target"],
-                    "--target-labels",
-                    data["target_labels"],
-                    "--store",
-                    store,
-                    *overrides,
-                ],
-                env,
-            )
+            run_uri, run_s, run_mem = command(run_args(data, store, *overrides), env)
             summary = storage.read_json(storage.join(run_uri, "summary.json"))
             a = summary["adaptation"]
             images = [c for c in a["candidates"] if c["mode"] == "images"]
