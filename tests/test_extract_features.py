@@ -132,6 +132,7 @@ def test_a_validation_sample_is_read_once_per_process_until_its_shards_change(in
     shards.compact_shards(plan.features_uri, target_rows=64, min_shards=4)  # other shards are committed
     merged = sample(range(0, 40, 2))
     assert merged is not first and len(reads) > n
+    assert list(samples._SAMPLES.values()) == [merged]  # the stale copy is not kept beside it
     assert np.array_equal(merged.gather(np.arange(20)).numpy(), expected[0:40:2])
 
     monkeypatch.setattr(samples, "SAMPLE_BYTES", int(1.5 * merged.resident_bytes))

@@ -27,7 +27,7 @@ from adaptflow.store.rows import ShardedRows
 from adaptflow.store.shards import committed_shards
 
 SAMPLE_BYTES = 1 << 30  # the samples one process keeps read, at most
-_SAMPLES: OrderedDict[tuple, ShardedRows] = OrderedDict()  # by (folder, column, committed shards, image ids)
+_SAMPLES: OrderedDict[tuple, ShardedRows] = OrderedDict()  # by (folder, column, shape, image ids, committed shards)
 _SAMPLES_LOCK = threading.Lock()
 
 
@@ -47,15 +47,19 @@ def sample_rows(
     under `folder` stay the same. Every candidate of a run is scored on the same samples, and a sample of a
     large dataset lies in every shard (2,000 of 100,000 target images touch all 25): read per candidate, each
     one's scoring would read the whole target again. The least recently used samples go past
-    `SAMPLE_BYTES`; a sample larger than that is streamed and not kept."""
-    key = (folder, column, tuple(shape), tuple(s.data_uri for s in committed_shards(folder)), tuple(image_ids))
+    `SAMPLE_BYTES`, and a sample read again from changed shards replaces its stale copy; a sample larger
+    than that is streamed and not kept."""
+    shards = committed_shards(folder)
+    key = (folder, column, tuple(shape), tuple(image_ids), tuple(s.data_uri for s in shards))
     with _SAMPLES_LOCK:
         if key in _SAMPLES:
             _SAMPLES.move_to_end(key)
             return _SAMPLES[key]
-    rows = ShardedRows(folder, image_ids, column, shape, resident_bytes=SAMPLE_BYTES, pin=pin)
+    rows = ShardedRows(folder, image_ids, column, shape, resident_bytes=SAMPLE_BYTES, pin=pin, shards=shards)
     if rows.resident_bytes:
         with _SAMPLES_LOCK:
+            for stale in [k for k in _SAMPLES if k[:-1] == key[:-1]]:
+                del _SAMPLES[stale]
             _SAMPLES[key] = rows
             while sum(r.resident_bytes for r in _SAMPLES.values()) > SAMPLE_BYTES:
                 _SAMPLES.popitem(last=False)

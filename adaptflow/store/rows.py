@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import torch
 
 from adaptflow.errors import StoreError
+from adaptflow.manifests import ShardManifest
 from adaptflow.store.shards import committed_shards, read_shard, value_matrix
 
 RESIDENT_BYTES = 512 << 20  # wanted rows up to this size are read once and kept
@@ -43,10 +44,11 @@ class ShardedRows:
         resident_bytes: int = RESIDENT_BYTES,
         max_shards: int = MAX_SHARDS,
         pin: bool = False,
+        shards: list[ShardManifest] | None = None,
     ):
         self.column, self.shape, self.pin = column, tuple(shape), pin
         self.n = len(image_ids)
-        self._shards = committed_shards(folder)
+        self._shards = committed_shards(folder) if shards is None else shards  # a caller that listed them
         located = self._locate(folder, image_ids)
         self.shard_of = located["shard"].to_numpy()  # (N,) index into self._shards
         self.row_of = located["row"].to_numpy()  # (N,) row within that shard's file
