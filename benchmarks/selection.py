@@ -5,15 +5,16 @@
 
 For each shift (benchmarks/shifts.py) it ingests, extracts and trains the candidates `auto` trains on a
 CPU with the library's own functions, then asks each selection policy (POLICIES) for a pick with the
-library's own `adapt.selection.select`. Target labels are read only to score the picks. Per shift and
-policy it prints the selected candidate's target accuracy, the oracle's (the best candidate's), the
-regret (oracle - selected), the source-only reference's accuracy (the healthy `source_only` candidate
-with the best source-validation accuracy: what a run that trusts no adaptation keeps; if every one
-collapsed, the best of them), whether the pick fell below it, and whether selection was confident.
-"promoted" is what a first run on an empty store would make champion: a low-confidence pick gives way to
-the source-only reference. Then, per policy, mean and worst regret over the suite and the number of picks
-below source-only; and a leave-one-shift-out estimate: the policy with the lowest mean regret on the
-other shifts, scored on the one left out, for each shift in turn.
+library's own `adapt.selection.select` (a policy is its validators, what its ties go to, and whether
+source_val_acc counts a difference within the noise of the paired test as a tie). Target labels are read
+only to score the picks. Per shift and policy it prints the selected candidate's target accuracy, the
+oracle's (the best candidate's), the regret (oracle - selected), the source-only reference's accuracy
+(the healthy `source_only` candidate with the best source-validation accuracy: what a run that trusts no
+adaptation keeps; if every one collapsed, the best of them), whether the pick fell below it, and whether
+selection was confident. "promoted" is what a first run on an empty store would make champion: a
+low-confidence pick gives way to the source-only reference. Then, per policy, mean and worst regret over
+the suite and the number of picks below source-only; and a leave-one-shift-out estimate: the policy with
+the lowest mean regret on the other shifts, scored on the one left out, for each shift in turn.
 
 Trained candidates are kept under --work (default: a temporary folder), so a second run with other
 policies retrains nothing.
@@ -29,7 +30,9 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,18 +49,27 @@ from adaptflow.extract import features  # noqa: E402
 from adaptflow.extract.image_cache import image_cache  # noqa: E402
 from adaptflow.manifests import CandidateManifest  # noqa: E402
 
-# Validators a policy ranks by, and whether a candidate may be judged by what it optimised (True: the
-# rule before this benchmark, without the source-validation guard either).
-POLICIES: dict[str, tuple[list[str], bool]] = {
-    "before: src_val+im+bnm, all judge all": (["source_val_acc", "im", "bnm"], True),
-    "source_val_acc": (["source_val_acc"], False),
-    "src_val+im+bnm": (["source_val_acc", "im", "bnm"], False),
-    "src_val+im+bnm+rv": (["source_val_acc", "im", "bnm", "rv"], False),
-    "src_val+im+bnm+iwa": (["source_val_acc", "im", "bnm", "iwa"], False),
-    "src_val+rv+iwa": (["source_val_acc", "rv", "iwa"], False),
-    "iwa": (["iwa"], False),
-    "rv": (["rv"], False),
-    "dev": (["dev"], False),
+
+class Policy(NamedTuple):
+    validators: list[str]  # what the policy ranks by
+    all_judge_all: bool = False  # True: a candidate may be judged by what it optimised (the rule before this benchmark)
+    tie_break: str = selection.TIE_BREAK  # what ties of the mean rank go to first
+    paired: bool = True  # False: source_val_acc ranked as it is, a one-image difference deciding (the rule before)
+
+
+POLICIES: dict[str, Policy] = {
+    "before: src_val+im+bnm, all judge all": Policy(["source_val_acc", "im", "bnm"], True, "iwa", False),
+    "source_val_acc": Policy(["source_val_acc"]),
+    "source_val_acc, ties to iwa": Policy(["source_val_acc"], tie_break="iwa"),
+    "source_val_acc, ties to rv": Policy(["source_val_acc"], tie_break="rv"),
+    "before: source_val_acc as it is, iwa": Policy(["source_val_acc"], tie_break="iwa", paired=False),
+    "src_val+im+bnm": Policy(["source_val_acc", "im", "bnm"]),
+    "src_val+im+bnm+rv": Policy(["source_val_acc", "im", "bnm", "rv"]),
+    "src_val+im+bnm+iwa": Policy(["source_val_acc", "im", "bnm", "iwa"]),
+    "src_val+rv+iwa": Policy(["source_val_acc", "rv", "iwa"]),
+    "iwa": Policy(["iwa"]),
+    "rv": Policy(["rv"]),
+    "dev": Policy(["dev"]),
 }
 TOLERANCE = 0.01  # "below source-only" also counted with this slack: 6 of 600 target images
 
@@ -159,15 +171,22 @@ def train_candidates(prepared: dict, cfg) -> list[CandidateManifest]:
     )
 
 
-def evaluate(candidates: list[CandidateManifest], validators: list[str], all_judge_all: bool) -> dict:
+def evaluate(candidates: list[CandidateManifest], policy: Policy) -> dict:
     """One policy's pick on one shift, scored with the target labels the run never showed it. As in a run
     (`adaptation.select_model`), candidates successive halving stopped take no part in the pick; the
-    oracle is the best of every candidate trained, stopped ones included."""
+    oracle is the best of every candidate trained, stopped ones included. (Successive halving itself
+    ranked with the library's rule: a policy here changes only the final pick.)"""
     finished = [c for c in candidates if c.stopped_at_rung is None]
     pool = adaptation.selection_candidates(finished)
-    if all_judge_all:
-        pool = [selection.Candidate(c.name, c.scores, c.collapsed, frozenset(), c.source_only) for c in pool]
-    pick = selection.select(pool, validators)
+    if policy.all_judge_all:
+        pool = [replace(c, objectives=frozenset()) for c in pool]
+    if not policy.paired:
+        pool = [replace(c, val_correct=None) for c in pool]
+    tie_break, selection.TIE_BREAK = selection.TIE_BREAK, policy.tie_break
+    try:
+        pick = selection.select(pool, policy.validators)
+    finally:
+        selection.TIE_BREAK = tie_break
     acc = [c.target_accuracy for c in finished]
     oracle = max(c.target_accuracy for c in candidates)
     ref = pick.reference
@@ -243,7 +262,7 @@ def main(args) -> None:
         print(f"\n== {name}: {SHIFTS[name].gap}", flush=True)
         prepared = prepare_shift(name, work / name, cfg, args)
         candidates = train_candidates(prepared, cfg)
-        results[name] = {p: evaluate(candidates, *spec) for p, spec in POLICIES.items()}
+        results[name] = {p: evaluate(candidates, policy) for p, policy in POLICIES.items()}
         dumped[name] = [
             json.loads(
                 c.model_dump_json(include={"spec", "scores", "collapsed", "target_accuracy", "steps", "seconds"})

@@ -243,7 +243,7 @@ def test_training_resumed_from_a_checkpoint_equals_an_uninterrupted_run(run_inpu
     assert storage.exists(f"{root}/rungs-{method}/checkpoint/checkpoint.json")
     # a rung only ranks: the policy's validators, source_val_acc and the tie-break; no test split, domain gap
     # or embedding sample
-    assert set(half.scores) == {"source_val_acc", *cfg.adapt.policy, "iwa"} != set(straight.scores)
+    assert set(half.scores) == {"source_val_acc", *cfg.adapt.policy, "im"} != set(straight.scores)
     assert half.embedding_uri is None and half.domain_gap == {} and math.isnan(half.source_test_accuracy)
     assert half.scores["source_val_acc"] >= 0 and half.target_accuracy is None
     resumed = adaptation.train_candidate(spec, *args, f"{root}/rungs-{method}", until=8)
