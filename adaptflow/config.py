@@ -122,8 +122,8 @@ class AdaptConfig(_Section):
     image_steps: int | None = Field(
         None,
         ge=1,
-        description="updates per images-mode candidate, whatever the dataset's size or the machine's "
-        "load; null: 300 on a CPU, 3000 on a GPU",
+        description="updates per images-mode candidate, whatever the machine's load; null: 5 passes over "
+        "the source's training images, at least 300 and at most 500 on a CPU, 3000 on a GPU",
     )
     image_size: int | None = Field(
         None, ge=16, le=1024, description="images-mode input size; null: 48 on CPU, the backbone's own on GPU"

@@ -65,7 +65,7 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
     # 2-3. preprocess + extract: embed only images the feature store lacks (the champion's reference
     # images included), and decode each once into the training-image cache when candidates train end to
     # end; shard by shard; merge small shards
-    specs = plan_candidates(cfg)
+    specs = plan_candidates(cfg, src)
     with clock("extract"):
         reference = [champion.reference_index_uri] if champion and champion.reference_index_uri else []
         plan = plan_extraction(

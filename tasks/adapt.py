@@ -18,9 +18,11 @@ from tasks.runners import gpu_placement, limited
 
 
 @task(name="plan-candidates")
-def plan_candidates(cfg: Config) -> list[CandidateSpec]:
-    """The adaptation candidates to train: methods x modes x hyperparameter draws x seeds, with budgets."""
-    return adaptation.plan_candidates(cfg, cuda=resolve_device(cfg.extract.device).type == "cuda")
+def plan_candidates(cfg: Config, source: IngestManifest) -> list[CandidateSpec]:
+    """The adaptation candidates to train: methods x modes x hyperparameter draws x seeds, with budgets
+    (end to end: sized to the source's training images unless adapt.image_steps is set)."""
+    cuda = resolve_device(cfg.extract.device).type == "cuda"
+    return adaptation.plan_candidates(cfg, cuda, adaptation.training_images(source))
 
 
 @task(name="train-candidate")

@@ -55,6 +55,18 @@ def test_candidate_plan_is_sized_to_the_hardware():
     )
 
 
+def test_the_end_to_end_budget_is_sized_to_the_source_within_the_devices_bounds():
+    steps = lambda n, cuda=False, *o: {  # noqa: E731
+        s.steps for s in adaptation.plan_candidates(_cfg(*o), cuda, n) if s.mode == "images"
+    }
+    assert steps(None) == steps(630) == {300}  # unknown, or the demo's 630 training images: the fewest
+    assert steps(2_400) == {375}  # 5 passes of 2,400 images at batch 32
+    assert steps(3_393) == steps(1_000_000) == {500}  # past the cap a larger source costs nothing more
+    assert steps(3_393, True) == {3000}
+    assert steps(3_393, False, "adapt.image_steps=40") == {40}  # set: whatever the source
+    assert {s.steps for s in adaptation.plan_candidates(_cfg(), False, 3_393) if s.mode == "features"} == {1500}
+
+
 def test_unknown_methods_are_config_errors():
     from adaptflow.errors import ConfigError
 

@@ -60,7 +60,7 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
     head = fit_head.fn(datasets["source"], plan, cfg, f"{memory_uri}/models/r1")
     assert isinstance(head, ModelManifest) and head.classes == demo_data.classes
 
-    specs = plan_candidates.fn(cfg)
+    specs = plan_candidates.fn(cfg, datasets["source"])
     assert [s.name for s in specs] == ["source_only-features", "dann-features", "dann-images"]
     candidates = [
         train_candidate.fn(

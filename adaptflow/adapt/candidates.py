@@ -62,7 +62,13 @@ CPU_IMAGE_METHODS = ["source_only", "dann", "cdan"]
 # partial, one thread) 0.550 / 0.777 / 0.737 target accuracy for source_only / dann / cdan at 48 px, at
 # 0.18-0.31 s a step, against 0.347 for source_only at 64 px, at 0.21 s a step and more.
 CPU_IMAGE_SIZE = 48
-CPU_IMAGE_STEPS, GPU_IMAGE_STEPS = 300, 3000  # adapt.image_steps when unset
+# adapt.image_steps when unset: IMAGE_EPOCHS passes over the source's training images, within the device's
+# (fewest, most) steps. The same data gets the same budget on any machine, and past the cap a larger source
+# costs nothing more. On benchmarks/cost.py's 5,000-image source (3,393 training images, one thread, 48 px,
+# partial) cdan-images reached 0.708 target accuracy at 300 steps and 0.796-0.805 at 480-500; the demo's
+# 630 training images stay at 300 steps.
+IMAGE_EPOCHS = 5
+CPU_IMAGE_STEPS, GPU_IMAGE_STEPS = (300, 500), (3000, 3000)
 # adapt.strategy when unset on a CPU: the stem and first stages stay frozen, so no gradient flows through
 # the high-resolution layers; measured on the demo shift (benchmarks/adaptation.py, 300 steps, 64 px) 1.55x
 # the steps/s of `full` at the same or better target accuracy
@@ -77,11 +83,26 @@ _DEVICE_LOCKS: dict[str, threading.Lock] = {}  # one images-mode candidate per G
 _LOCKS_LOCK = threading.Lock()
 
 
-def plan_candidates(cfg: Config, cuda: bool) -> list[CandidateSpec]:
-    """methods x modes x hyperparameter draws x seeds, each with its budget in steps. `method: auto`
-    trains `adapt.methods` on features and `adapt.image_methods` end to end (by default sized to the
-    hardware); a named method trains that one in both modes; `none` trains nothing (the source-only
-    head stands alone)."""
+def default_image_steps(n_train: int | None, batch_size: int, cuda: bool) -> int:
+    """adapt.image_steps when unset: IMAGE_EPOCHS passes over `n_train` source training images at
+    `batch_size`, within the device's (fewest, most); the fewest when the count is unknown."""
+    fewest, most = GPU_IMAGE_STEPS if cuda else CPU_IMAGE_STEPS
+    if not n_train:
+        return fewest
+    return min(max(math.ceil(IMAGE_EPOCHS * n_train / batch_size), fewest), most)
+
+
+def training_images(source: IngestManifest) -> int:
+    """How many of the source's images are in its training split (what `default_image_steps` sizes to)."""
+    return int((read_index(source).split == "train").sum())
+
+
+def plan_candidates(cfg: Config, cuda: bool, n_train: int | None = None) -> list[CandidateSpec]:
+    """methods x modes x hyperparameter draws x seeds, each with its budget in steps (end to end, unless
+    `adapt.image_steps` is set: sized to the `n_train` source training images by `default_image_steps`).
+    `method: auto` trains `adapt.methods` on features and `adapt.image_methods` end to end (by default
+    sized to the hardware); a named method trains that one in both modes; `none` trains nothing (the
+    source-only head stands alone)."""
     a = cfg.adapt
     if a.method == "none":
         return []
@@ -90,7 +111,6 @@ def plan_candidates(cfg: Config, cuda: bool) -> list[CandidateSpec]:
         image_methods = a.image_methods if a.image_methods is not None else (a.methods if cuda else CPU_IMAGE_METHODS)
     else:
         feature_methods = image_methods = [a.method]
-    image_steps = a.image_steps or (GPU_IMAGE_STEPS if cuda else CPU_IMAGE_STEPS)
     image_size = a.image_size or (_own_size(cfg) if cuda and image_methods else CPU_IMAGE_SIZE)
     strategy = a.strategy or ("full" if cuda else CPU_STRATEGY)
     specs = []
@@ -110,7 +130,9 @@ def plan_candidates(cfg: Config, cuda: bool) -> list[CandidateSpec]:
                             mode=mode,
                             hparams=hp,
                             seed=seed,
-                            steps=a.feature_steps if mode == "features" else image_steps,
+                            steps=a.feature_steps
+                            if mode == "features"
+                            else a.image_steps or default_image_steps(n_train, int(hp["batch_size"]), cuda),
                             image_size=image_size if mode == "images" else None,
                             strategy=strategy if mode == "images" else None,
                         )
@@ -205,7 +227,7 @@ def train_candidate(
     retry: a candidate already committed at `until` steps or more is returned as it is."""
     start = time.perf_counter()
     total = spec.steps or (
-        cfg.adapt.feature_steps if spec.mode == "features" else cfg.adapt.image_steps or CPU_IMAGE_STEPS
+        cfg.adapt.feature_steps if spec.mode == "features" else cfg.adapt.image_steps or CPU_IMAGE_STEPS[0]
     )
     until = total if until is None else min(until, total)
     committed = storage.join(out_uri, "candidate.json")
