@@ -144,6 +144,36 @@ def test_a_validation_sample_is_read_once_per_process_until_its_shards_change(in
     assert np.array_equal(streamed.gather(np.arange(40)).numpy(), expected[:40])
 
 
+def test_a_training_segment_that_draws_fewer_rows_than_there_are_reads_only_the_shards_it_touches(
+    indexed, fast_config, monkeypatch
+):
+    """Rows that fit in RESIDENT_BYTES are read whole, once, only if the caller draws them all: a training
+    segment of 2 steps of 8 rows over a split of many shards reads the one or two shards of its batches,
+    not every shard, and draws the same rows either way."""
+    from adaptflow.store import rows as rows_module
+    from adaptflow.store.rows import ShardedRows
+
+    store, manifests = indexed
+    plan, _ = _small_shards(indexed, fast_config, 16)
+    ids = storage.read_table(manifests[0].index_uri)["image_id"].to_pylist()
+    reads = []
+    read_shard = rows_module.read_shard
+    monkeypatch.setattr(rows_module, "read_shard", lambda s, cols=None: reads.append(cols) or read_shard(s, cols))
+    values = lambda: sum(c == ["embedding"] for c in reads)  # noqa: E731  (not the image_id lookups)
+
+    whole = ShardedRows(plan.features_uri, ids, "embedding", (plan.dim,))
+    n_shards = values()
+    assert whole.resident_bytes and n_shards == len(set(whole.shard_of)) > 3
+    reads.clear()
+    segment = ShardedRows(plan.features_uri, ids, "embedding", (plan.dim,), draws=2 * 8)
+    batches = segment.epoch_order(seed=0, epoch=0)[:16]
+    assert segment.resident_bytes == 0 and values() == 0
+    assert torch.equal(segment.gather(batches[:8]), whole.gather(batches[:8]))
+    assert torch.equal(segment.gather(batches[8:]), whole.gather(batches[8:]))
+    assert values() <= 2 < n_shards
+    assert ShardedRows(plan.features_uri, ids, "embedding", (plan.dim,), draws=len(ids)).resident_bytes
+
+
 def test_committed_files_read_as_one_dataset_by_pyarrow_and_duckdb(indexed, fast_config, tmp_path):
     import pyarrow.dataset as ds
 

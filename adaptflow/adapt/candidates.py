@@ -272,8 +272,18 @@ def train_candidate(
         _device_lock(device) if spec.mode == "images" and not cpu else nullcontext(),
         intra_op_threads(CPU_THREADS) if cpu else nullcontext(),
     ):
+        draws = (until - begin) * batch  # rows this segment reads of each domain: streamed if fewer than all
         curve = data.fit(
-            algorithm, data.rows(train), y_train, data.rows(tgt), total, batch, spec.seed, begin, until, cfg
+            algorithm,
+            data.rows(train, draws),
+            y_train,
+            data.rows(tgt, draws),
+            total,
+            batch,
+            spec.seed,
+            begin,
+            until,
+            cfg,
         )
         if until < total:
             save_checkpoint(checkpoint, algorithm, until)

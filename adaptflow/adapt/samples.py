@@ -86,8 +86,9 @@ class FeatureData:
         self.features, self.device = features, device
         self.featurizer, self.dim, self.image_size = nn.Identity(), features.dim, None
 
-    def rows(self, df: pd.DataFrame) -> Rows:
-        return ShardedRows(self.features.features_uri, df.image_id.tolist(), "embedding", (self.dim,))
+    def rows(self, df: pd.DataFrame, draws: int | None = None) -> Rows:
+        """`df`'s rows, read whole only if `draws` (how many the caller reads at most) covers them."""
+        return ShardedRows(self.features.features_uri, df.image_id.tolist(), "embedding", (self.dim,), draws=draws)
 
     def sample(self, df: pd.DataFrame) -> Rows:
         """A fixed validation sample's rows (`sample_rows`)."""
@@ -124,10 +125,11 @@ class ImageData:
         # trained with the configured one, then "full"
         self.strategy = spec.strategy or cfg.adapt.strategy or "full"
 
-    def rows(self, df: pd.DataFrame) -> Rows:
+    def rows(self, df: pd.DataFrame, draws: int | None = None) -> Rows:
+        """`df`'s rows, read whole only if `draws` (how many the caller reads at most) covers them."""
         s = self.image_size
         if self.cache is not None:
-            return ShardedRows(self.cache.uri, df.image_id.tolist(), "pixels", (3, s, s), pin=self.pin)
+            return ShardedRows(self.cache.uri, df.image_id.tolist(), "pixels", (3, s, s), pin=self.pin, draws=draws)
         from adaptflow.adapt.images import load_images
 
         return TensorRows(load_images(df.uri.tolist(), self.data_config, self.num_workers))

@@ -4,7 +4,9 @@ split at once.
 
 Rows live in shards. `ShardedRows` keeps the wanted rows of at most `max_shards` shards in memory (least
 recently used out first, the next one read ahead on a background thread), unless all wanted rows fit in
-`resident_bytes`, when it reads them once and keeps them. `epoch_order` shuffles shard by shard (shards
+`resident_bytes` and the caller will draw every one of them (`draws`), when it reads them once and keeps
+them: a training segment that draws fewer rows than there are streams, and reads only the shards it
+touches. `epoch_order` shuffles shard by shard (shards
 in a random order, rows shuffled within each), so consecutive batches touch one or two shards; a step's
 batch is a pure function of (seed, step), so training resumed from a checkpoint draws what an
 uninterrupted run would have drawn.
@@ -33,7 +35,8 @@ MAX_SHARDS = 3  # shards held at once otherwise: the one in use, the last one, t
 
 class ShardedRows:
     """Rows of `column` for `image_ids` (in that order) from the committed shards under `folder`, as
-    tensors of `shape` per row (e.g. (3, S, S) uint8 pixels, (D,) features)."""
+    tensors of `shape` per row (e.g. (3, S, S) uint8 pixels, (D,) features). `draws`: at most how many
+    rows the caller will read (None: unknown, maybe all)."""
 
     def __init__(
         self,
@@ -45,6 +48,7 @@ class ShardedRows:
         max_shards: int = MAX_SHARDS,
         pin: bool = False,
         shards: list[ShardManifest] | None = None,
+        draws: int | None = None,
     ):
         self.column, self.shape, self.pin = column, tuple(shape), pin
         self.n = len(image_ids)
@@ -61,7 +65,8 @@ class ShardedRows:
         self._resident: torch.Tensor | None = None
         self.peak_rows = 0  # the most rows held in memory at once: the bound tests check
         itemsize = np.dtype(self._shards[0].dtype).itemsize if self._shards else 4
-        if self.n and self.n * int(np.prod(self.shape)) * itemsize <= resident_bytes:
+        everything = draws is None or draws >= self.n
+        if self.n and everything and self.n * int(np.prod(self.shape)) * itemsize <= resident_bytes:
             self._resident = self.gather(np.arange(self.n))
             self._blocks.clear()
             self.peak_rows = self.n
