@@ -174,6 +174,45 @@ def test_a_training_segment_that_draws_fewer_rows_than_there_are_reads_only_the_
     assert ShardedRows(plan.features_uri, ids, "embedding", (plan.dim,), draws=len(ids)).resident_bytes
 
 
+def test_where_each_image_lies_is_read_once_per_process_until_the_shards_change(indexed, fast_config, monkeypatch):
+    """Every ShardedRows of a run looks its images up in the same committed shards: the image_id column of
+    each shard (on an object store, each shard file whole) is read for the first, not again for the next,
+    and read again once compaction commits other shards, with the same rows found."""
+    from collections import OrderedDict
+
+    from adaptflow.store import rows as rows_module
+    from adaptflow.store.rows import ShardedRows
+
+    store, manifests = indexed
+    plan, _ = _small_shards(indexed, fast_config, 16)
+    ids = storage.read_table(manifests[0].index_uri)["image_id"].to_pylist()
+    expected = features.load_features(plan.features_uri, ids)
+    monkeypatch.setattr(rows_module, "_LOCATIONS", OrderedDict())
+    lookups = []
+    read_shard = rows_module.read_shard
+    monkeypatch.setattr(
+        rows_module, "read_shard", lambda s, cols=None: lookups.append(cols == ["image_id"]) or read_shard(s, cols)
+    )
+
+    def rows(at):
+        return ShardedRows(plan.features_uri, [ids[i] for i in at], "embedding", (plan.dim,), resident_bytes=0)
+
+    first = rows(range(0, 40))
+    n = sum(lookups)
+    assert n == len(shards.committed_shards(plan.features_uri)) > 3
+    second = rows(range(20, 60))  # another candidate, other images of the same store: no lookup read
+    assert sum(lookups) == n
+    assert np.array_equal(second.gather(np.arange(40)).numpy(), expected[20:60])
+    assert np.array_equal(first.gather(np.arange(40)).numpy(), expected[:40])
+
+    shards.compact_shards(plan.features_uri, target_rows=64, min_shards=4)
+    merged = rows(range(0, 40))
+    assert sum(lookups) == n + len(shards.committed_shards(plan.features_uri))
+    assert np.array_equal(merged.gather(np.arange(40)).numpy(), expected[:40])
+    with pytest.raises(StoreError, match="1 images are not in"):
+        ShardedRows(plan.features_uri, [ids[0], "no-such-image"], "embedding", (plan.dim,))
+
+
 def test_committed_files_read_as_one_dataset_by_pyarrow_and_duckdb(indexed, fast_config, tmp_path):
     import pyarrow.dataset as ds
 

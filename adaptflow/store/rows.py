@@ -22,7 +22,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from adaptflow.errors import StoreError
@@ -31,6 +30,37 @@ from adaptflow.store.shards import committed_shards, read_shard, value_matrix
 
 RESIDENT_BYTES = 512 << 20  # wanted rows up to this size are read once and kept
 MAX_SHARDS = 3  # shards held at once otherwise: the one in use, the last one, the next one read ahead
+# Where each image's row is, per folder and list of committed shards: every ShardedRows of a run (each
+# candidate's training splits, each segment of successive halving, each prediction) looks its images up
+# here, and reading the image_id column of every shard each time read every shard file whole (one GET
+# per file from an object store), so the bytes a run read grew with the store. Kept for the LOCATIONS_KEPT
+# lists used last; a changed list (new extraction, compaction) is read again, and a shard file is never
+# rewritten under its name (`shards.commit_shard` puts a uuid in it).
+LOCATIONS_KEPT = 2
+_LOCATIONS: OrderedDict[tuple[str, tuple[str, ...]], pd.DataFrame] = OrderedDict()
+_LOCATIONS_LOCK = threading.Lock()
+
+
+def locations(folder: str, shards: list[ShardManifest]) -> pd.DataFrame:
+    """(shard, row) of every image in the committed `shards` under `folder`, indexed by image_id (the
+    first shard that has an image wins), read once per process while the shard list stays the same."""
+    key = (folder, tuple(s.data_uri for s in shards))
+    with _LOCATIONS_LOCK:
+        if key in _LOCATIONS:
+            _LOCATIONS.move_to_end(key)
+            return _LOCATIONS[key]
+    parts = [
+        pd.DataFrame({"image_id": ids, "shard": k, "row": np.arange(len(ids))})
+        for k, shard in enumerate(shards)
+        for ids in [read_shard(shard, ["image_id"])["image_id"].to_pylist()]
+    ]
+    found = pd.concat(parts) if parts else pd.DataFrame({"image_id": [], "shard": [], "row": []})
+    found = found.drop_duplicates("image_id").set_index("image_id")
+    with _LOCATIONS_LOCK:
+        _LOCATIONS[key] = found
+        while len(_LOCATIONS) > LOCATIONS_KEPT:
+            _LOCATIONS.popitem(last=False)
+    return found
 
 
 class ShardedRows:
@@ -72,16 +102,8 @@ class ShardedRows:
             self.peak_rows = self.n
 
     def _locate(self, folder: str, image_ids: list[str]) -> pd.DataFrame:
-        wanted = pa.array(sorted(set(image_ids)), pa.string())
-        parts = []
-        for k, shard in enumerate(self._shards):
-            ids = read_shard(shard, ["image_id"])["image_id"]
-            hit = pc.is_in(ids, value_set=wanted)
-            rows = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
-            parts.append(pd.DataFrame({"image_id": ids.filter(hit).to_pylist(), "shard": k, "row": rows}))
-        found = pd.concat(parts) if parts else pd.DataFrame({"image_id": [], "shard": [], "row": []})
-        found = found.drop_duplicates("image_id").set_index("image_id")
-        missing = [i for i in image_ids if i not in found.index]
+        found = locations(folder, self._shards)
+        missing = [image_ids[i] for i in np.flatnonzero(~pd.Index(image_ids).isin(found.index))]
         if missing:
             raise StoreError(f"{len(missing)} images are not in {folder} (first: {missing[0]}); run extraction first")
         return found.loc[image_ids]
