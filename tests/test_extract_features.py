@@ -84,6 +84,28 @@ def _small_shards(indexed, cfg, shard_size):
     return plan, [features.extract_shard(s, cfg.backbone, cfg.extract) for s in plan.shards]
 
 
+@pytest.fixture
+def store_reads(indexed, fast_config, monkeypatch):
+    """The demo source in shards of 16 rows, its image ids, and the columns of each shard read through
+    `adaptflow.store.rows` from here on (the process's sample and location caches emptied first)."""
+    from collections import OrderedDict
+
+    from adaptflow.adapt import samples
+    from adaptflow.store import rows as rows_module
+
+    store, manifests = indexed
+    plan, _ = _small_shards(indexed, fast_config, 16)
+    ids = storage.read_table(manifests[0].index_uri)["image_id"].to_pylist()
+    monkeypatch.setattr(samples, "_SAMPLES", OrderedDict())
+    monkeypatch.setattr(rows_module, "_LOCATIONS", OrderedDict())
+    reads = []
+    read_shard = rows_module.read_shard
+    monkeypatch.setattr(
+        rows_module, "read_shard", lambda s, columns=None: reads.append(columns) or read_shard(s, columns)
+    )
+    return plan, ids, reads
+
+
 def test_compaction_merges_small_shards_without_changing_a_row(indexed, fast_config):
     store, manifests = indexed
     plan, done = _small_shards(indexed, fast_config, 16)
@@ -103,23 +125,14 @@ def test_compaction_merges_small_shards_without_changing_a_row(indexed, fast_con
     assert shards.compact_shards(plan.features_uri, 64, min_shards=4).shards_after == len(after)
 
 
-def test_a_validation_sample_is_read_once_per_process_until_its_shards_change(indexed, fast_config, monkeypatch):
+def test_a_validation_sample_is_read_once_per_process_until_its_shards_change(store_reads, monkeypatch):
     """Every candidate of a run is scored on the same samples, and a sample of a large target lies in every
     shard: `sample_rows` reads it once, again only when the committed shards change; the least recently
     used samples go past SAMPLE_BYTES, and a larger sample is streamed and not kept."""
-    from collections import OrderedDict
-
     from adaptflow.adapt import samples
-    from adaptflow.store import rows as rows_module
 
-    store, manifests = indexed
-    plan, _ = _small_shards(indexed, fast_config, 16)
-    ids = storage.read_table(manifests[0].index_uri)["image_id"].to_pylist()
+    plan, ids, reads = store_reads
     expected = features.load_features(plan.features_uri, ids)
-    monkeypatch.setattr(samples, "_SAMPLES", OrderedDict())
-    reads = []
-    read_shard = rows_module.read_shard
-    monkeypatch.setattr(rows_module, "read_shard", lambda *a, **k: reads.append(a[0]) or read_shard(*a, **k))
 
     def sample(at):
         return samples.sample_rows(plan.features_uri, [ids[i] for i in at], "embedding", (plan.dim,))
@@ -144,21 +157,13 @@ def test_a_validation_sample_is_read_once_per_process_until_its_shards_change(in
     assert np.array_equal(streamed.gather(np.arange(40)).numpy(), expected[:40])
 
 
-def test_a_training_segment_that_draws_fewer_rows_than_there_are_reads_only_the_shards_it_touches(
-    indexed, fast_config, monkeypatch
-):
+def test_a_training_segment_that_draws_fewer_rows_than_there_are_reads_only_the_shards_it_touches(store_reads):
     """Rows that fit in RESIDENT_BYTES are read whole, once, only if the caller draws them all: a training
     segment of 2 steps of 8 rows over a split of many shards reads the one or two shards of its batches,
     not every shard, and draws the same rows either way."""
-    from adaptflow.store import rows as rows_module
     from adaptflow.store.rows import ShardedRows
 
-    store, manifests = indexed
-    plan, _ = _small_shards(indexed, fast_config, 16)
-    ids = storage.read_table(manifests[0].index_uri)["image_id"].to_pylist()
-    reads = []
-    read_shard = rows_module.read_shard
-    monkeypatch.setattr(rows_module, "read_shard", lambda s, cols=None: reads.append(cols) or read_shard(s, cols))
+    plan, ids, reads = store_reads
     values = lambda: sum(c == ["embedding"] for c in reads)  # noqa: E731  (not the image_id lookups)
 
     whole = ShardedRows(plan.features_uri, ids, "embedding", (plan.dim,))
@@ -174,40 +179,30 @@ def test_a_training_segment_that_draws_fewer_rows_than_there_are_reads_only_the_
     assert ShardedRows(plan.features_uri, ids, "embedding", (plan.dim,), draws=len(ids)).resident_bytes
 
 
-def test_where_each_image_lies_is_read_once_per_process_until_the_shards_change(indexed, fast_config, monkeypatch):
+def test_where_each_image_lies_is_read_once_per_process_until_the_shards_change(store_reads):
     """Every ShardedRows of a run looks its images up in the same committed shards: the image_id column of
     each shard (on an object store, each shard file whole) is read for the first, not again for the next,
     and read again once compaction commits other shards, with the same rows found."""
-    from collections import OrderedDict
-
-    from adaptflow.store import rows as rows_module
     from adaptflow.store.rows import ShardedRows
 
-    store, manifests = indexed
-    plan, _ = _small_shards(indexed, fast_config, 16)
-    ids = storage.read_table(manifests[0].index_uri)["image_id"].to_pylist()
+    plan, ids, reads = store_reads
     expected = features.load_features(plan.features_uri, ids)
-    monkeypatch.setattr(rows_module, "_LOCATIONS", OrderedDict())
-    lookups = []
-    read_shard = rows_module.read_shard
-    monkeypatch.setattr(
-        rows_module, "read_shard", lambda s, cols=None: lookups.append(cols == ["image_id"]) or read_shard(s, cols)
-    )
+    lookups = lambda: sum(c == ["image_id"] for c in reads)  # noqa: E731
 
     def rows(at):
         return ShardedRows(plan.features_uri, [ids[i] for i in at], "embedding", (plan.dim,), resident_bytes=0)
 
     first = rows(range(0, 40))
-    n = sum(lookups)
+    n = lookups()
     assert n == len(shards.committed_shards(plan.features_uri)) > 3
     second = rows(range(20, 60))  # another candidate, other images of the same store: no lookup read
-    assert sum(lookups) == n
+    assert lookups() == n
     assert np.array_equal(second.gather(np.arange(40)).numpy(), expected[20:60])
     assert np.array_equal(first.gather(np.arange(40)).numpy(), expected[:40])
 
     shards.compact_shards(plan.features_uri, target_rows=64, min_shards=4)
     merged = rows(range(0, 40))
-    assert sum(lookups) == n + len(shards.committed_shards(plan.features_uri))
+    assert lookups() == n + len(shards.committed_shards(plan.features_uri))
     assert np.array_equal(merged.gather(np.arange(40)).numpy(), expected[:40])
     with pytest.raises(StoreError, match="1 images are not in"):
         ShardedRows(plan.features_uri, [ids[0], "no-such-image"], "embedding", (plan.dim,))

@@ -190,12 +190,9 @@ def _reference(
 
 def _paired(a: Candidate, b: Candidate | None) -> bool:
     """Do `a` and `b` both say which of the same source-validation images they got right?"""
-    return (
-        b is not None
-        and a.val_correct is not None
-        and b.val_correct is not None
-        and (len(a.val_correct) == len(b.val_correct))
-    )
+    if b is None or a.val_correct is None or b.val_correct is None:
+        return False
+    return len(a.val_correct) == len(b.val_correct)
 
 
 def _less_accurate(a: Candidate, b: Candidate | None) -> tuple[bool, float]:

@@ -6,10 +6,9 @@ Rows live in shards. `ShardedRows` keeps the wanted rows of at most `max_shards`
 recently used out first, the next one read ahead on a background thread), unless all wanted rows fit in
 `resident_bytes` and the caller will draw every one of them (`draws`), when it reads them once and keeps
 them: a training segment that draws fewer rows than there are streams, and reads only the shards it
-touches. `epoch_order` shuffles shard by shard (shards
-in a random order, rows shuffled within each), so consecutive batches touch one or two shards; a step's
-batch is a pure function of (seed, step), so training resumed from a checkpoint draws what an
-uninterrupted run would have drawn.
+touches. `epoch_order` shuffles shard by shard (shards in a random order, rows shuffled within each), so
+consecutive batches touch one or two shards; a step's batch is a pure function of (seed, step), so
+training resumed from a checkpoint draws what an uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
