@@ -182,11 +182,7 @@ def evaluate(candidates: list[CandidateManifest], policy: Policy) -> dict:
         pool = [replace(c, objectives=frozenset()) for c in pool]
     if not policy.paired:
         pool = [replace(c, val_correct=None) for c in pool]
-    tie_break, selection.TIE_BREAK = selection.TIE_BREAK, policy.tie_break
-    try:
-        pick = selection.select(pool, policy.validators)
-    finally:
-        selection.TIE_BREAK = tie_break
+    pick = selection.select(pool, policy.validators, policy.tie_break)
     acc = [c.target_accuracy for c in finished]
     oracle = max(c.target_accuracy for c in candidates)
     ref = pick.reference

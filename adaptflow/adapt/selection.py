@@ -73,10 +73,10 @@ class Selection(NamedTuple):
     scores: list[float | None]  # each candidate's mean percentile rank, 1 = best; None: not ranked
 
 
-def select(candidates: Sequence[Candidate], policy: Sequence[str]) -> Selection:
+def select(candidates: Sequence[Candidate], policy: Sequence[str], tie_break: str = TIE_BREAK) -> Selection:
     """Pick one of `candidates` by the mean percentile rank over the `policy` validators (see the module
-    docstring for the rules); ties go to the higher TIE_BREAK, then the higher source_val_acc, then to the
-    earlier candidate (`preference`)."""
+    docstring for the rules); ties go to the higher `tie_break` score, then the higher source_val_acc, then
+    to the earlier candidate (`preference`)."""
     if not candidates:
         raise ValueError("select needs at least one candidate")
     for name in policy:
@@ -99,7 +99,9 @@ def select(candidates: Sequence[Candidate], policy: Sequence[str]) -> Selection:
 
     rank = mean_ranks(candidates, alive, policy)
     reference = _reference(candidates, alive, acc, rank)
-    order = sorted((i for i in alive if rank[i] is not None), key=lambda i: preference(candidates[i], rank[i], i))
+    order = sorted(
+        (i for i in alive if rank[i] is not None), key=lambda i: preference(candidates[i], rank[i], i, tie_break)
+    )
     if not order:
         raise ValueError(
             f"no validator of the policy {list(policy)} may judge any candidate: every one "
@@ -135,10 +137,10 @@ def select(candidates: Sequence[Candidate], policy: Sequence[str]) -> Selection:
     return Selection(pick, reason, confident, why, reference, rank)
 
 
-def preference(c: Candidate, rank: float | None, index: int) -> tuple:
-    """Sort key, best first: the higher mean rank, then TIE_BREAK (unless `c` optimised it), then
+def preference(c: Candidate, rank: float | None, index: int, tie_break: str = TIE_BREAK) -> tuple:
+    """Sort key, best first: the higher mean rank, then `tie_break` (unless `c` optimised it), then
     source_val_acc, then the earlier."""
-    tie = c.scores.get(TIE_BREAK, math.nan) if TIE_BREAK not in c.objectives else math.nan
+    tie = c.scores.get(tie_break, math.nan) if tie_break not in c.objectives else math.nan
     r = rank if rank is not None else -math.inf
     return (-r, -finite_or_lowest(tie), -finite_or_lowest(c.scores.get("source_val_acc", math.nan)), index)
 

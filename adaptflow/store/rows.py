@@ -29,21 +29,21 @@ from adaptflow.store.shards import committed_shards, read_shard, value_matrix
 
 RESIDENT_BYTES = 512 << 20  # wanted rows up to this size are read once and kept
 MAX_SHARDS = 3  # shards held at once otherwise: the one in use, the last one, the next one read ahead
-# Where each image's row is, per folder and list of committed shards: every ShardedRows of a run (each
+# Where each image's row is, per list of committed shards: every ShardedRows of a run (each
 # candidate's training splits, each segment of successive halving, each prediction) looks its images up
 # here, and reading the image_id column of every shard each time read every shard file whole (one GET
 # per file from an object store), so the bytes a run read grew with the store. Kept for the LOCATIONS_KEPT
 # lists used last; a changed list (new extraction, compaction) is read again, and a shard file is never
 # rewritten under its name (`shards.commit_shard` puts a uuid in it).
 LOCATIONS_KEPT = 2
-_LOCATIONS: OrderedDict[tuple[str, tuple[str, ...]], pd.DataFrame] = OrderedDict()
+_LOCATIONS: OrderedDict[tuple[str, ...], pd.DataFrame] = OrderedDict()  # by the shards' data_uris
 _LOCATIONS_LOCK = threading.Lock()
 
 
-def locations(folder: str, shards: list[ShardManifest]) -> pd.DataFrame:
-    """(shard, row) of every image in the committed `shards` under `folder`, indexed by image_id (the
-    first shard that has an image wins), read once per process while the shard list stays the same."""
-    key = (folder, tuple(s.data_uri for s in shards))
+def locations(shards: list[ShardManifest]) -> pd.DataFrame:
+    """(shard, row) of every image in the committed `shards` (their positions in that list), indexed by
+    image_id (the first shard that has an image wins), read once per process while the list stays the same."""
+    key = tuple(s.data_uri for s in shards)
     with _LOCATIONS_LOCK:
         if key in _LOCATIONS:
             _LOCATIONS.move_to_end(key)
@@ -101,7 +101,7 @@ class ShardedRows:
             self.peak_rows = self.n
 
     def _locate(self, folder: str, image_ids: list[str]) -> pd.DataFrame:
-        found = locations(folder, self._shards)
+        found = locations(self._shards)
         missing = [image_ids[i] for i in np.flatnonzero(~pd.Index(image_ids).isin(found.index))]
         if missing:
             raise StoreError(f"{len(missing)} images are not in {folder} (first: {missing[0]}); run extraction first")
