@@ -49,7 +49,11 @@ _INKS = np.array(
 class Domain:
     content: str  # "hand" | "blocky" | "font"
     style: str  # a key of STYLES
-    prior: str = "uniform"  # "uniform" | "skewed": class shares falling geometrically from 0 to 9
+    # The class mix: "uniform"; "skewed": shares falling geometrically from 0 to 9 (0.75**d); "dominant":
+    # DOMINANT of the images are one class (DOMINANT_CLASS), the rest shared equally; "long-tailed": shares falling
+    # geometrically from LONG_TAIL:1 (class 0) to 1 (class 9); "partial": only the classes PARTIAL, balanced
+    prior: str = "uniform"
+    classes: tuple[int, ...] = tuple(range(10))  # the digits this domain has (the source may lack some)
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,46 @@ SHIFTS: dict[str, Shift] = {
         Shift("blocky-to-photos", "low-information source", Domain("blocky", "plain"), Domain("font", "mnist_m")),
         Shift("spurious-colour", "class-conditional (ink colour)", Domain("hand", "coloured"), Domain("hand", "ink")),
         Shift("new-camera", "camera change", Domain("hand", "mnist_m"), Domain("hand", "new_camera")),
+        # The target's class mix differs from the source's (label shift; partial and open-set adaptation): alone
+        # (plain -> plain, new images: the source-only model reads the target well), or with a new look
+        Shift(
+            "dominant-class",
+            "one class is 70% of the target",
+            Domain("hand", "plain"),
+            Domain("hand", "plain", prior="dominant"),
+        ),
+        Shift(
+            "partial",
+            "half the classes in the target",
+            Domain("hand", "plain"),
+            Domain("hand", "plain", prior="partial"),
+        ),
+        Shift(
+            "dominant-photos",
+            "70% one class, on photos",
+            Domain("hand", "plain"),
+            Domain("hand", "mnist_m", prior="dominant"),
+        ),
+        Shift(
+            "long-tailed",
+            "class shares 25:1, degraded",
+            Domain("hand", "plain"),
+            Domain("hand", "degraded", prior="long-tailed"),
+        ),
+        Shift(
+            "open-set",
+            "target classes the source lacks",
+            Domain("hand", "plain", classes=tuple(range(7))),
+            Domain("hand", "inverted"),
+        ),
+        # Resolution: a low-information source for a detailed target, and the reverse (like MNIST -> UCI digits)
+        Shift("blocky-to-hand", "low-resolution source", Domain("blocky", "plain"), Domain("hand", "plain")),
+        Shift("hand-to-blocky", "low-resolution target", Domain("hand", "plain"), Domain("blocky", "plain")),
     ]
 }
+DOMINANT, DOMINANT_CLASS = 0.7, 0
+LONG_TAIL = 25.0
+PARTIAL = (0, 1, 2, 3, 4)
 
 
 def make_shift(
@@ -125,8 +167,12 @@ def make_shift(
 def _draw_labels(
     domain: Domain, labels: np.ndarray, indices: np.ndarray, n: int, rng: np.random.Generator
 ) -> list[tuple[int, int]]:
-    """(index into load_digits, label) pairs: balanced over the classes, or with shares 0.75**d (skewed).
-    Font digits only need labels; their index is unused."""
+    """(index into load_digits, label) pairs: balanced over the classes, or with the domain's class mix
+    (`Domain.prior`). Font digits only need labels; their index is unused."""
+    keep = np.isin(labels, domain.classes)
+    labels, indices = labels[keep], indices[keep]
+    if domain.prior in _SHARES:
+        return _draw_shares(domain, _SHARES[domain.prior](), labels, indices, n)
     if domain.prior == "skewed":
         share = 0.75 ** np.arange(10)
         counts = np.maximum(np.round(n * share / share.sum()).astype(int), 3)
@@ -142,6 +188,35 @@ def _draw_labels(
         picked += balanced(indices, _label_lookup(indices, labels), min(n - len(picked), len(indices)))
     lookup = dict(zip(indices.tolist(), labels.tolist(), strict=True))
     return [(i, int(lookup[i])) for i in picked]
+
+
+_SHARES: dict[str, Callable[[], np.ndarray]] = {
+    "dominant": lambda: np.where(np.arange(10) == DOMINANT_CLASS, DOMINANT, (1 - DOMINANT) / 9),
+    "long-tailed": lambda: LONG_TAIL ** (-np.arange(10) / 9),
+    "partial": lambda: np.isin(np.arange(10), PARTIAL).astype(float),
+}
+
+
+def _draw_shares(
+    domain: Domain, share: np.ndarray, labels: np.ndarray, indices: np.ndarray, n: int
+) -> list[tuple[int, int]]:
+    """`n` (index, label) pairs with class d drawn round(n * share[d] / sum) times. Handwritten digits are
+    rendered anew each time (so a class may hold more images than the dataset has of it); the blocky ones
+    are the same pixels every time, so a class holds each of them at most once; font digits need no index."""
+    share = share / share.sum()
+    counts = np.round(n * share).astype(int)
+    chosen = []
+    for d, c in enumerate(counts):
+        pool = indices[labels == d]
+        if c == 0 or (len(pool) == 0 and domain.content != "font"):
+            continue
+        if domain.content == "font":
+            chosen += [(-1, d)] * int(c)
+        elif domain.content == "blocky":
+            chosen += [(int(i), d) for i in pool[:c]]
+        else:
+            chosen += [(int(pool[k % len(pool)]), d) for k in range(c)]
+    return chosen
 
 
 def _label_lookup(indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
