@@ -118,15 +118,24 @@ class AdaptConfig(_Section):
     )
     hparam_draws: int = Field(0, ge=0, description="random hyperparameter draws per method beside the defaults")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    feature_steps: int = Field(1500, ge=1, description="updates per features-mode candidate")
+    budget: Literal["quick", "default", "thorough"] = Field(
+        "default",
+        description="how much training the candidates get (adaptflow.adapt.candidates.BUDGETS): end-to-end "
+        "steps as passes over the source's training images within bounds per device, the end-to-end image size "
+        "on a CPU, successive halving and features-mode steps; a setting below that is not null wins over it",
+    )
+    feature_steps: int | None = Field(None, ge=1, description="updates per features-mode candidate; null: the budget's")
     image_steps: int | None = Field(
         None,
         ge=1,
-        description="updates per images-mode candidate, whatever the machine's load; null: 5 passes over "
-        "the source's training images, at least 300 and at most 500 on a CPU, 3000 on a GPU",
+        description="updates per images-mode candidate, whatever the machine's load; null: the budget's "
+        "passes over the source's training images, within its bounds for the device",
     )
     image_size: int | None = Field(
-        None, ge=16, le=1024, description="images-mode input size; null: 48 on CPU, the backbone's own on GPU"
+        None,
+        ge=16,
+        le=1024,
+        description="images-mode input size; null: the budget's on a CPU, the backbone's own on GPU",
     )
     strategy: Literal["full", "partial", "lp_ft", "gradual"] | None = Field(
         None,
@@ -137,12 +146,32 @@ class AdaptConfig(_Section):
     frozen_fraction: float = Field(
         0.5, ge=0.0, lt=1.0, description="partial: the share of the backbone's blocks, from the input on, kept frozen"
     )
-    halving: int = Field(
-        3,
+    halving: int | None = Field(
+        None,
         ge=0,
         description="successive halving of the images-mode candidates: train all to "
         "1/halving of the steps, keep the best 1/halving by the selection policy, and so on; "
-        "0 or 1: train every candidate to the end",
+        "0 or 1: train every candidate to the end; null: the budget's",
+    )
+    class_mix: Literal["em", "bbse"] = Field(
+        "em",
+        description="how the target's class mix is estimated without labels (adaptflow.adapt.priors): em "
+        "(Saerens' EM on calibrated predictions) or bbse (black-box shift estimation)",
+    )
+    class_weighting: Literal["off", "online"] = Field(
+        "off",
+        description="class-weighted alignment for a target whose class mix differs from the source's: online "
+        "re-estimates each class's weight from the candidate's own outputs as it trains (IWDAN/IWCDAN; "
+        "adaptflow.adapt.algorithms); off by default: on the suite it cost a covariate shift more than it "
+        "gained a label shift (docs/benchmarks.md)",
+    )
+    open_set: bool = Field(
+        False,
+        description="the target may hold classes the source never had: a prediction whose confidence is "
+        "below unknown_threshold is written as the class 'unknown'",
+    )
+    unknown_threshold: float = Field(
+        0.5, gt=0, lt=1, description="open_set: the confidence below which a prediction is 'unknown'"
     )
     validation_samples: int = Field(
         2000,
@@ -167,6 +196,11 @@ class AdaptConfig(_Section):
         description="validators whose mean rank selects the model among a run's candidates and ranks them "
         "for successive halving (collapsed ones never); chosen by benchmarks/selection.py",
     )
+
+    @field_validator("class_weighting", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        return "off" if value is False else value  # YAML reads a bare `off` (as --set passes it) as false
 
     @field_validator("method")
     @classmethod
@@ -217,6 +251,14 @@ class MonitorConfig(_Section):
         ge=0,
         description="the champion's selection score on the new batch falling "
         "this much below its score at registration also triggers retraining",
+    )
+    class_mix: bool = Field(
+        True,
+        description="also test whether the champion predicts another class mix on the new batch than on "
+        "its own target images (chi-square at alpha): a class-mix change is a shift too",
+    )
+    min_mix_change: float = Field(
+        0.1, ge=0, le=1, description="the smallest change of the predicted class mix (total variation) that counts"
     )
 
     @model_validator(mode="after")

@@ -138,6 +138,20 @@ class ModelManifest(Manifest):
     seconds: float
 
 
+class ClassMix(Manifest):
+    """The target's class shares estimated without labels: `adapt.priors.Estimate`, per class, and whose model."""
+
+    classes: list[str]
+    source: list[float]
+    estimate: list[float]
+    low: list[float]
+    high: list[float]
+    method: str
+    level: float
+    n_target: int
+    model: str = ""
+
+
 class CandidateSpec(Manifest):
     name: str
     method: str
@@ -181,6 +195,7 @@ class SelectionManifest(Manifest):
     reference_index: int | None = None  # the source-only candidate a cautious run falls back to
     reference_model_uri: str | None = None
     ranks: list[float | None] = []  # each candidate's mean percentile rank (1 best); None: not ranked
+    class_mix: ClassMix | None = None  # the target's class mix as the source-only reference estimates it
 
 
 class PredictShard(Manifest):
@@ -302,6 +317,9 @@ class ModelScores(Manifest):
     target_accuracy: float | None  # with target labels (reporting and the gate only)
     collapsed: bool
     n_target: int
+    predicted_mix: list[float] = []  # its predicted class shares on the target sample of n_scored images
+    n_scored: int = 0
+    class_mix: ClassMix | None = None  # the target's class mix as this model's outputs estimate it
 
 
 class ShiftTest(Manifest):
@@ -316,6 +334,17 @@ class ShiftTest(Manifest):
     alpha: float
 
 
+class ClassMixChange(Record):
+    """The champion's predicted class mix before and on the new batch (`monitor.shift.class_mix_test`)."""
+
+    before: list[float]  # predicted class shares on the champion's reference images
+    after: list[float]  # on the new batch
+    sizes: tuple[int, int]  # images behind `before` and `after`
+    total_variation: float
+    p_value: float
+    detected: bool  # p < alpha and total variation >= monitor.min_mix_change
+
+
 class ShiftManifest(Manifest):
     champion_version: int
     test: ShiftTest | None  # None when the champion's reference images are gone
@@ -326,6 +355,7 @@ class ShiftManifest(Manifest):
     degraded: bool
     retrain: bool
     reason: str
+    class_mix: ClassMixChange | None = None  # None: not tested (no reference images, or no champion scores)
 
 
 class PromotionManifest(Manifest):
@@ -445,6 +475,7 @@ class AdaptationSummary(Record):
     selected_target_accuracy: float | None = None
     regret: float | None = None  # oracle minus selected target accuracy
     candidates: list[CandidateSummary] = []
+    class_mix: ClassMix | None = None  # the target's class mix, estimated without labels (`adapt.priors`)
 
 
 class RunSummary(Manifest):

@@ -42,12 +42,13 @@ import torch  # noqa: E402
 from shifts import SHIFTS, make_shift  # noqa: E402
 
 from adaptflow.adapt import candidates as adaptation  # noqa: E402
-from adaptflow.adapt import selection  # noqa: E402
+from adaptflow.adapt import halving, priors, selection  # noqa: E402
+from adaptflow.adapt import plan as planning  # noqa: E402
 from adaptflow.config import load_config  # noqa: E402
-from adaptflow.data.ingest import ingest  # noqa: E402
+from adaptflow.data.ingest import ingest, read_index  # noqa: E402
 from adaptflow.extract import features  # noqa: E402
 from adaptflow.extract.image_cache import image_cache  # noqa: E402
-from adaptflow.manifests import CandidateManifest  # noqa: E402
+from adaptflow.manifests import CandidateManifest, ClassMix, IngestManifest  # noqa: E402
 
 
 class Policy(NamedTuple):
@@ -55,14 +56,20 @@ class Policy(NamedTuple):
     all_judge_all: bool = False  # True: a candidate may be judged by what it optimised (the rule before this benchmark)
     tie_break: str = selection.TIE_BREAK  # what ties of the mean rank go to first
     paired: bool = True  # False: source_val_acc ranked as it is, a one-image difference deciding (the rule before)
+    # False: no rule 4 (the target's estimated class mix) and collapse judged without the estimate (the rule
+    # of 2026-12-04)
+    target_side: bool = True
 
 
 POLICIES: dict[str, Policy] = {
-    "before: src_val+im+bnm, all judge all": Policy(["source_val_acc", "im", "bnm"], True, "iwa", False),
+    "before: src_val+im+bnm, all judge all": Policy(["source_val_acc", "im", "bnm"], True, "iwa", False, False),
     "source_val_acc": Policy(["source_val_acc"]),
+    "before: source_val_acc, no target side": Policy(["source_val_acc"], target_side=False),
     "source_val_acc, ties to iwa": Policy(["source_val_acc"], tie_break="iwa"),
     "source_val_acc, ties to rv": Policy(["source_val_acc"], tie_break="rv"),
-    "before: source_val_acc as it is, iwa": Policy(["source_val_acc"], tie_break="iwa", paired=False),
+    "before: source_val_acc as it is, iwa": Policy(
+        ["source_val_acc"], tie_break="iwa", paired=False, target_side=False
+    ),
     "src_val+im+bnm": Policy(["source_val_acc", "im", "bnm"]),
     "src_val+im+bnm+rv": Policy(["source_val_acc", "im", "bnm", "rv"]),
     "src_val+im+bnm+iwa": Policy(["source_val_acc", "im", "bnm", "iwa"]),
@@ -122,8 +129,8 @@ def prepare_shift(name: str, root: Path, cfg, args) -> dict:
         else:
             classes = manifests["source"].classes if domain == "target_labels" else None
             manifests[domain] = ingest(str(uri), domain, str(out), cfg.ingest, cfg.seed, classes)
-    specs = adaptation.plan_candidates(cfg, cuda=False)
-    cache = image_cache(store, cfg.backbone, adaptation.training_image_size(specs))
+    specs = planning.plan_candidates(cfg, cuda=False)
+    cache = image_cache(store, cfg.backbone, planning.training_image_size(specs))
     plan = features.plan_extraction(
         [manifests["source"].index_uri, manifests["target"].index_uri],
         store,
@@ -166,12 +173,12 @@ def train_candidates(prepared: dict, cfg) -> list[CandidateManifest]:
     def stop(c: CandidateManifest, rung: int) -> CandidateManifest:
         return adaptation.stop_candidate(c, rung, str(prepared["run"] / "candidates" / c.spec.name))
 
-    return adaptation.successive_halving(
-        adaptation.plan_candidates(cfg, cuda=False), train, stop, cfg.adapt.policy, cfg.adapt.halving
+    return halving.successive_halving(
+        planning.plan_candidates(cfg, cuda=False), train, stop, cfg.adapt.policy, planning.budget(cfg).halving
     )
 
 
-def evaluate(candidates: list[CandidateManifest], policy: Policy) -> dict:
+def evaluate(candidates: list[CandidateManifest], policy: Policy, mix: ClassMix | None) -> dict:
     """One policy's pick on one shift, scored with the target labels the run never showed it. As in a run
     (`adaptation.select_model`), candidates successive halving stopped take no part in the pick; the
     oracle is the best of every candidate trained, stopped ones included. (Successive halving itself
@@ -182,7 +189,7 @@ def evaluate(candidates: list[CandidateManifest], policy: Policy) -> dict:
         pool = [replace(c, objectives=frozenset()) for c in pool]
     if not policy.paired:
         pool = [replace(c, val_correct=None) for c in pool]
-    pick = selection.select(pool, policy.validators, policy.tie_break)
+    pick = selection.select(pool, policy.validators, policy.tie_break, mix if policy.target_side else None)
     acc = [c.target_accuracy for c in finished]
     oracle = max(c.target_accuracy for c in candidates)
     ref = pick.reference
@@ -200,6 +207,18 @@ def evaluate(candidates: list[CandidateManifest], policy: Policy) -> dict:
         "promoted": acc[promoted],
         "promoted_regret": oracle - acc[promoted],
     }
+
+
+def true_mix(labels: IngestManifest, classes: list[str]) -> list[float]:
+    """The target's class shares, from the labels the run never showed selection."""
+    counts = read_index(labels).label.value_counts()
+    total = max(int(sum(counts.get(c, 0) for c in classes)), 1)
+    return [float(counts.get(c, 0)) / total for c in classes]
+
+
+def _top(shares: list[float], classes: list[str], k: int = 2) -> str:
+    order = sorted(range(len(shares)), key=lambda i: -shares[i])[:k]
+    return ", ".join(f"{classes[i]}: {shares[i]:.2f}" for i in order)
 
 
 def report(results: dict[str, dict[str, dict]]) -> None:
@@ -258,7 +277,18 @@ def main(args) -> None:
         print(f"\n== {name}: {SHIFTS[name].gap}", flush=True)
         prepared = prepare_shift(name, work / name, cfg, args)
         candidates = train_candidates(prepared, cfg)
-        results[name] = {p: evaluate(candidates, policy) for p, policy in POLICIES.items()}
+        finished = [c for c in candidates if c.stopped_at_rung is None]
+        mix = adaptation.class_mix(finished, source_prior=adaptation.training_prior(prepared["source"]))
+        results[name] = {p: evaluate(candidates, policy, mix) for p, policy in POLICIES.items()}
+        if mix is not None:
+            truth = true_mix(prepared["target_labels"], mix.classes)
+            print(
+                f"  class mix: estimated {_top(mix.estimate, mix.classes)}, true {_top(truth, mix.classes)}; total "
+                f"variation from the truth {priors.total_variation(mix.estimate, truth):.3f}, the truth's from the "
+                f"source {priors.total_variation(truth, mix.source):.3f}; label shift estimated: "
+                f"{'yes' if priors.label_shift(mix) else 'no'}",
+                flush=True,
+            )
         dumped[name] = [
             json.loads(
                 c.model_dump_json(include={"spec", "scores", "collapsed", "target_accuracy", "steps", "seconds"})

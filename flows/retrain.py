@@ -1,7 +1,7 @@
 from prefect import flow
 
 from adaptflow import DEFAULT_STORE
-from adaptflow.adapt.candidates import training_image_size
+from adaptflow.adapt.plan import training_image_size
 from adaptflow.config import Config, validate_config
 from adaptflow.report.summary import StageClock
 from adaptflow.store.layout import ingest_uri, model_uri, new_run_id, run_uri
@@ -99,7 +99,7 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
     with clock("train"):
         head = fit(src, plan, cfg, model_uri(store, run_id))
         candidates = train_candidates(specs, src, tgt, labels, plan, cfg, join(run, "candidates"))
-        selection = select_model(head, candidates, cfg)
+        selection = select_model(head, candidates, cfg, src)
 
     # 5. evaluate: the chosen model and the source-only head on source test and target, shard by shard
     with clock("evaluate"):

@@ -2,6 +2,7 @@ from prefect import task, unmapped
 
 from adaptflow import progress
 from adaptflow.adapt import candidates as adaptation
+from adaptflow.adapt import halving, plan
 from adaptflow.config import Config, resolve_device
 from adaptflow.manifests import (
     CandidateManifest,
@@ -22,7 +23,7 @@ def plan_candidates(cfg: Config, source: IngestManifest) -> list[CandidateSpec]:
     """The adaptation candidates to train: methods x modes x hyperparameter draws x seeds, with budgets
     (end to end: sized to the source's training images unless adapt.image_steps is set)."""
     cuda = resolve_device(cfg.extract.device).type == "cuda"
-    return adaptation.plan_candidates(cfg, cuda, adaptation.training_images(source))
+    return plan.plan_candidates(cfg, cuda, plan.training_images(source))
 
 
 @task(name="train-candidate")
@@ -53,9 +54,13 @@ def stop_candidate(candidate: CandidateManifest, rung: int, candidates_uri: str)
 
 @task(name="select-model")
 @measured
-def select_model(head: ModelManifest, candidates: list[CandidateManifest], cfg: Config) -> SelectionManifest:
-    """Pick the model without target labels; never a collapsed one."""
-    return adaptation.select_model(head, candidates, cfg.adapt.policy)
+def select_model(
+    head: ModelManifest, candidates: list[CandidateManifest], cfg: Config, source: IngestManifest | None = None
+) -> SelectionManifest:
+    """Pick the model without target labels; never a collapsed one, never one against the target's class mix
+    where it is known (estimated against the `source`'s training class shares)."""
+    prior = adaptation.training_prior(source) if source is not None else None
+    return adaptation.select_model(head, candidates, cfg.adapt.policy, cfg.adapt.class_mix, cfg.seed, prior)
 
 
 def train_candidates(
@@ -68,7 +73,7 @@ def train_candidates(
     candidates_uri: str,
 ) -> list[CandidateManifest]:
     """Every candidate, each its own task (on a GPU worker when configured), images-mode ones in rungs of
-    successive halving (`adaptation.successive_halving`, `adapt.halving`); call it from a flow. Returns
+    successive halving (`adapt.halving.successive_halving`, `adapt.halving`); call it from a flow. Returns
     the candidates in `specs` order, those left behind marked `stopped_at_rung`, each with the work of
     all its rungs."""
     (train,) = limited(cfg.runtime, train_candidate)
@@ -91,7 +96,11 @@ def train_candidates(
             works.setdefault(c.spec.name, []).append(c.work)
         return results
 
-    trained = adaptation.successive_halving(
-        specs, train_all, lambda c, rung: stop_candidate(c, rung, candidates_uri), cfg.adapt.policy, cfg.adapt.halving
+    trained = halving.successive_halving(
+        specs,
+        train_all,
+        lambda c, rung: stop_candidate(c, rung, candidates_uri),
+        cfg.adapt.policy,
+        plan.budget(cfg).halving,
     )
     return [c.model_copy(update={"work": accounting.merge(works[c.spec.name])}) for c in trained]

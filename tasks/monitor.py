@@ -80,14 +80,20 @@ def check_shift(
     scores: ModelScores | None,
     cfg: Config,
 ) -> ShiftManifest:
-    """Has the target moved away from the champion's data, or the champion got worse on it?"""
-    shift = shift_test.check_shift(champion, target, features, scores, cfg.monitor, cfg.seed)
+    """Has the target moved away from the champion's data (its images or its class mix), or the champion got
+    worse on it?"""
+    before = None
+    if scores is not None and cfg.monitor.class_mix:
+        before = scoring.reference_mix(champion, features, cfg.seed, cfg.adapt.validation_samples)
+    shift = shift_test.check_shift(champion, target, features, scores, cfg.monitor, cfg.seed, before)
     payload = {
         "reason": shift.reason,
         "champion_version": shift.champion_version,
         "p_value": shift.test.p_value if shift.test else None,
         "statistic": shift.test.statistic if shift.test else None,
         "domain_auc": shift.domain_auc,
+        "class_mix_p_value": shift.class_mix.p_value if shift.class_mix else None,
+        "class_mix_change": shift.class_mix.total_variation if shift.class_mix else None,
     }
     if shift.shift_detected:
         _emit("adaptflow.shift.detected", store, payload)

@@ -5,11 +5,13 @@ import threading
 import uuid
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from adaptflow.adapt import candidates as adaptation
-from adaptflow.adapt import samples
+from adaptflow.adapt import halving, samples
+from adaptflow.adapt import plan as planning
 from adaptflow.adapt.seeding import seeded
 from adaptflow.config import AdaptConfig, load_config
 from adaptflow.data.ingest import ingest
@@ -28,28 +30,26 @@ def _cfg(*overrides):
 
 def test_candidate_plan_is_sized_to_the_hardware():
     names = lambda specs: [s.name for s in specs]  # noqa: E731
-    cpu = adaptation.plan_candidates(_cfg(), cuda=False)
+    cpu = planning.plan_candidates(_cfg(), cuda=False)
     assert names(cpu) == [f"{m}-features" for m in _cfg().adapt.methods] + [
         "source_only-images",
         "dann-images",
         "cdan-images",
     ]
-    assert len(adaptation.plan_candidates(_cfg(), cuda=True)) == 2 * len(_cfg().adapt.methods)
-    assert names(adaptation.plan_candidates(_cfg("adapt.method=coral"), cuda=False)) == [
+    assert len(planning.plan_candidates(_cfg(), cuda=True)) == 2 * len(_cfg().adapt.methods)
+    assert names(planning.plan_candidates(_cfg("adapt.method=coral"), cuda=False)) == [
         "coral-features",
         "coral-images",
     ]
-    assert adaptation.plan_candidates(_cfg("adapt.method=none"), cuda=False) == []
-    grid = adaptation.plan_candidates(
-        _cfg("adapt.method=mcc", "adapt.hparam_draws=2", "adapt.seeds=[0, 1]"), cuda=False
-    )
+    assert planning.plan_candidates(_cfg("adapt.method=none"), cuda=False) == []
+    grid = planning.plan_candidates(_cfg("adapt.method=mcc", "adapt.hparam_draws=2", "adapt.seeds=[0, 1]"), cuda=False)
     assert len(grid) == 2 * 3 * 2 and len({s.name for s in grid}) == 12
     assert grid[0].hparams != grid[2].hparams  # a random draw differs from the defaults
-    l2sp = adaptation.plan_candidates(_cfg("adapt.method=dann", "adapt.hparams={l2sp: 0.01, lambda: 0.5}"), cuda=False)
+    l2sp = planning.plan_candidates(_cfg("adapt.method=dann", "adapt.hparams={l2sp: 0.01, lambda: 0.5}"), cuda=False)
     assert all(s.hparams["l2sp"] == 0.01 and s.hparams["lambda"] == 0.5 for s in l2sp)
     assert (
         "lambda"
-        not in adaptation.plan_candidates(_cfg("adapt.method=source_only", "adapt.hparams={lambda: 2}"), cuda=False)[
+        not in planning.plan_candidates(_cfg("adapt.method=source_only", "adapt.hparams={lambda: 2}"), cuda=False)[
             0
         ].hparams
     )
@@ -57,14 +57,14 @@ def test_candidate_plan_is_sized_to_the_hardware():
 
 def test_the_end_to_end_budget_is_sized_to_the_source_within_the_devices_bounds():
     steps = lambda n, cuda=False, *o: {  # noqa: E731
-        s.steps for s in adaptation.plan_candidates(_cfg(*o), cuda, n) if s.mode == "images"
+        s.steps for s in planning.plan_candidates(_cfg(*o), cuda, n) if s.mode == "images"
     }
     assert steps(None) == steps(630) == {300}  # unknown, or the demo's 630 training images: the fewest
     assert steps(2_400) == {375}  # 5 passes of 2,400 images at batch 32
     assert steps(3_393) == steps(1_000_000) == {500}  # past the cap a larger source costs nothing more
     assert steps(3_393, True) == {3000}
     assert steps(3_393, False, "adapt.image_steps=40") == {40}  # set: whatever the source
-    assert {s.steps for s in adaptation.plan_candidates(_cfg(), False, 3_393) if s.mode == "features"} == {1500}
+    assert {s.steps for s in planning.plan_candidates(_cfg(), False, 3_393) if s.mode == "features"} == {1500}
 
 
 def test_unknown_methods_are_config_errors():
@@ -111,7 +111,7 @@ def test_a_candidate_trains_scores_and_commits(run_inputs, mode):
     cfg, d, plan, root = run_inputs
     spec = next(
         s
-        for s in adaptation.plan_candidates(
+        for s in planning.plan_candidates(
             cfg.model_copy(update={"adapt": cfg.adapt.model_copy(update={"method": "dann"})}), cuda=False
         )
         if s.mode == mode
@@ -124,7 +124,12 @@ def test_a_candidate_trains_scores_and_commits(run_inputs, mode):
     assert storage.read_table(c.predictions_uri).num_rows == d["target"].n_images
     assert set(c.domain_gap) == {"proxy_a_distance", "mmd"}
     outputs = storage.read_table(c.outputs_uri).to_pandas()  # what selection compares candidates on
-    assert list(outputs.columns) == ["image_id", "label", "prediction"] and len(outputs) > 0
+    assert list(outputs.columns) == ["image_id", "label", "prediction", "probabilities"] and len(outputs) > 0
+    proba = np.stack(outputs.probabilities.to_numpy())  # what the class-mix estimate calibrates on
+    assert proba.shape == (len(outputs), len(d["source"].classes)) and np.allclose(proba.sum(1), 1, atol=1e-5)
+    assert (proba.argmax(1) == outputs.prediction.to_numpy()).all()
+    target = storage.read_table(c.predictions_uri).to_pandas()  # and the target side of selection
+    assert np.allclose(np.stack(target.probabilities.to_numpy()).max(1), target.confidence, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["features", "images"])
@@ -135,7 +140,7 @@ def test_a_candidate_is_the_same_while_another_thread_draws_random_numbers(run_i
     cfg, d, plan, root = run_inputs
     spec = next(
         s
-        for s in adaptation.plan_candidates(
+        for s in planning.plan_candidates(
             cfg.model_copy(update={"adapt": cfg.adapt.model_copy(update={"method": "dann"})}), cuda=False
         )
         if s.mode == mode
@@ -180,7 +185,7 @@ def test_a_candidate_is_the_same_while_another_thread_builds_models_or_reads_ima
     for the same "random" weights everywhere) and iterating a DataLoader (extraction, prediction). Neither
     may move the generator under a candidate that is initialising."""
     cfg, d, plan, root = run_inputs
-    spec = next(s for s in adaptation.plan_candidates(cfg, cuda=False) if s.name == "dann-features")
+    spec = next(s for s in planning.plan_candidates(cfg, cuda=False) if s.name == "dann-features")
 
     def train(name: str):
         out = f"{root}/neighbour-{neighbour.__name__}-{name}"
@@ -202,8 +207,8 @@ def test_candidates_trained_at_once_on_threads_equal_those_trained_one_by_one(ru
     """What the flow does with `runtime.max_workers` threads: every features-mode candidate and an
     images-mode one, all at once, must give exactly what each gives trained alone."""
     cfg, d, plan, root = run_inputs
-    specs = [s for s in adaptation.plan_candidates(cfg, cuda=False) if s.mode == "features"]
-    specs += [next(s for s in adaptation.plan_candidates(cfg, cuda=False) if s.mode == "images")]
+    specs = [s for s in planning.plan_candidates(cfg, cuda=False) if s.mode == "features"]
+    specs += [next(s for s in planning.plan_candidates(cfg, cuda=False) if s.mode == "images")]
 
     def train(spec, where):
         out = f"{root}/{where}-{spec.name}"
@@ -232,7 +237,7 @@ def test_without_candidates_the_head_is_the_model():
 def _images_spec(cfg, method="dann", steps=8):
     spec = next(
         s
-        for s in adaptation.plan_candidates(
+        for s in planning.plan_candidates(
             cfg.model_copy(update={"adapt": cfg.adapt.model_copy(update={"method": method})}), cuda=False
         )
         if s.mode == "images"
@@ -290,11 +295,11 @@ def test_images_mode_trains_and_scores_from_the_cache_within_a_memory_ceiling(ru
 
 
 def test_successive_halving_keeps_the_best_third_and_records_who_stopped():
-    assert adaptation.halving_rungs(300, 3, 3) == [100, 300]
-    assert adaptation.halving_rungs(300, 9, 3) == [33, 100, 300]
-    assert adaptation.halving_rungs(300, 3, 0) == adaptation.halving_rungs(300, 1, 3) == [300]
+    assert halving.halving_rungs(300, 3, 3) == [100, 300]
+    assert halving.halving_rungs(300, 9, 3) == [33, 100, 300]
+    assert halving.halving_rungs(300, 3, 0) == halving.halving_rungs(300, 1, 3) == [300]
     cfg = _cfg("adapt.methods=[source_only, coral]", "adapt.image_methods=[source_only, dann, cdan]")
-    specs = adaptation.plan_candidates(cfg, cuda=False)
+    specs = planning.plan_candidates(cfg, cuda=False)
     quality = {
         "source_only-images": 0.5,
         "dann-images": 0.9,
@@ -308,7 +313,7 @@ def test_successive_halving_keeps_the_best_third_and_records_who_stopped():
         calls.append([(s.name, u) for s, u in zip(batch, untils, strict=True)])
         return [_fake(s, u or s.steps, quality[s.name]) for s, u in zip(batch, untils, strict=True)]
 
-    done = adaptation.successive_halving(
+    done = halving.successive_halving(
         specs, train, lambda c, rung: c.model_copy(update={"stopped_at_rung": rung}), ["source_val_acc", "im"], eta=3
     )
     # the source-only images candidate (selection's reference) is never left behind: it trains in the

@@ -9,6 +9,7 @@ import torch
 from synthetic import CLASSES, mlp, model_outputs, shifted_domains
 
 from adaptflow.adapt.algorithms import ALGORITHMS, get_algorithm
+from adaptflow.adapt.losses import information_maximization
 from adaptflow.adapt.selection import Candidate, percentile_ranks, select
 from adaptflow.adapt.train import fit, infer
 from adaptflow.adapt.validators import VALIDATORS, ValidationInputs, is_collapsed, score
@@ -198,3 +199,70 @@ def test_selection_prefers_an_adapted_model_on_the_synthetic_shift():
         target_acc.append(float((tl.argmax(1) == yt).float().mean()))
     assert target_acc[1] > target_acc[0] + 0.2, target_acc
     assert select(cands, POLICY).index == 1, [c.scores for c in cands]
+
+
+def _outputs_with_mix(seed: int, labels: torch.Tensor, predicted: torch.Tensor, margin: float = 4.0) -> torch.Tensor:
+    """(N, C) logits predicting `predicted`, as sure of every image (a logit margin of `margin`, some noise)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 0.3 * torch.randn(len(labels), CLASSES, generator=g)
+    logits[torch.arange(len(labels)), predicted] += margin
+    return logits
+
+
+def test_a_dominant_class_target_keeps_its_source_only_reference_when_alignment_hurts():
+    """A label shift alone: the target looks like the source, but 76% of it is class 0. Alignment pulls the
+    target onto the source's balance and maps class-0 images onto the others, at source accuracy as high as
+    ever (on the suite's dominant-class shift cdan-images kept 1.000 on source validation). The reference's
+    estimate of the target's mix sees it, and rule 4 skips the aligned model."""
+    from adaptflow.adapt import priors
+    from adaptflow.adapt.selection import credible
+
+    yv = torch.arange(400) % CLASSES  # balanced source validation, every model right on all of it
+    yt = torch.tensor([0] * 760 + [1] * 80 + [2] * 80 + [3] * 80)
+    val = _outputs_with_mix(0, yv, yv)
+    reference = _outputs_with_mix(1, yt, yt)  # right on the target, as sure as on the source
+    balanced = yt.clone()
+    balanced[: 760 - 250] = 1 + torch.arange(760 - 250) % 3  # class-0 images spread over the others: 25% each
+    aligned = _outputs_with_mix(2, yt, balanced)
+    estimate = priors.estimate(val, yv, reference, CLASSES, np.full(CLASSES, 0.25))
+    assert estimate.estimate[0] > 0.7 and estimate.low[0] <= 0.76 <= estimate.high[0] and priors.label_shift(estimate)
+
+    def candidate(name, target):
+        proba = val.softmax(1).numpy()
+        return Candidate(
+            name,
+            {
+                "source_val_acc": 1.0,
+                "im": float(-information_maximization(target)),
+                "bnm": 0.9 if name.startswith("cdan") else 0.5,  # a validator alignment does top
+            },
+            is_collapsed(target, CLASSES),  # as a candidate is scored alone: without the estimate
+            get_algorithm(name.split("-")[0]).objectives,
+            name.startswith("source_only"),
+            (val.argmax(1) == yv).numpy(),
+            target.softmax(1).numpy(),
+            np.array([proba[yv.numpy() == k].max(1).mean() for k in range(CLASSES)]),
+        )
+
+    pool = [candidate("source_only-images", reference), candidate("cdan-images", aligned)]
+    assert pool[0].collapsed and not is_collapsed(reference, CLASSES, estimate)  # skew it expects is no collapse
+    assert credible(pool[0], estimate)  # as sure of the target as of the source: no change of look
+    blind = select(pool, ["source_val_acc"])
+    assert blind.index == 1  # what selection did before: the right model "collapsed", the aligned one kept
+    seen = select(pool, ["source_val_acc"], mix=estimate)
+    assert seen.index == 0 and seen.confident  # IM, with the estimated prior, prefers the faithful model
+    ranked_first = select(pool, ["bnm"], mix=estimate)  # a policy under which alignment ranks first
+    assert ranked_first.index == 0 and "further from the target's estimated mix" in ranked_first.reason
+    # A smaller pull only lowers the confidence, and the gate then keeps the reference (tests/test_monitor.py)
+    nearly = yt.clone()
+    nearly[:100] = 1 + torch.arange(100) % 3  # 100 of the 760 class-0 images moved: 0.10 further from the estimate
+    pool[1] = candidate("cdan-images", _outputs_with_mix(3, yt, nearly))
+    unsure = select(pool, ["bnm"], mix=estimate)
+    assert unsure.index == 1 and not unsure.confident and "estimated class mix" in unsure.confidence
+    # With a change of look the reference is less sure of the target than of the source: the estimate is
+    # not used at all, and selection is what it was without it
+    doubtful = replace(pool[0], target_proba=_outputs_with_mix(4, yt, yt, margin=1.0).softmax(1).numpy())
+    assert not credible(doubtful, estimate)
+    assert select([doubtful, pool[1]], ["source_val_acc"], mix=estimate) == select(
+        [doubtful, pool[1]], ["source_val_acc"]
+    )

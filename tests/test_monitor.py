@@ -44,6 +44,39 @@ def test_the_same_images_are_no_shift_and_another_domain_is(store):
     assert moved.shift_detected and moved.retrain and moved.test.p_value < 0.01 and moved.domain_auc > 0.9
 
 
+def test_a_class_mix_change_on_the_same_looking_images_is_a_shift(store):
+    """The same images (no MMD shift), but the champion now predicts one class for most of the batch: a
+    new site that sees mostly one class. The class-mix test sends the run on to retraining."""
+    from adaptflow.data.ingest import read_index
+    from adaptflow.monitor.champion import reference_mix
+
+    src, tgt, plan, head = store
+    champion = Champion(
+        version=1, model_uri=head.model_uri, run_id="r0", selection_score=0.5, reference_index_uri=tgt.index_uri
+    )
+    before = reference_mix(champion, plan)
+    assert before is not None and len(before[0]) == len(src.classes) and before[1] == len(read_index(tgt))
+    cfg = MonitorConfig()
+    now = _scores(0.5).model_copy(update={"predicted_mix": before[0], "n_scored": before[1]})
+    same = check_shift(champion, tgt, plan, now, cfg, reference_mix=before)
+    assert not same.retrain and same.class_mix.p_value > 0.5 and not same.class_mix.detected
+    skewed = [0.7] + [0.3 / (len(src.classes) - 1)] * (len(src.classes) - 1)
+    moved = check_shift(
+        champion, tgt, plan, now.model_copy(update={"predicted_mix": skewed}), cfg, reference_mix=before
+    )
+    assert moved.shift_detected and moved.retrain and moved.class_mix.detected and moved.test.p_value >= cfg.alpha
+    assert "predicted class mix moved by" in moved.reason
+    off = check_shift(
+        champion,
+        tgt,
+        plan,
+        now.model_copy(update={"predicted_mix": skewed}),
+        MonitorConfig(class_mix=False),
+        reference_mix=before,
+    )
+    assert not off.retrain and off.class_mix is None
+
+
 def test_a_degraded_champion_retrains_without_a_shift(store):
     _, tgt, plan, _ = store
     cfg = MonitorConfig(score_drop=0.05)

@@ -4,11 +4,18 @@ Every algorithm is featurizer -> bottleneck -> linear classifier and owns its op
 is whatever maps a batch to (N, feature_dim): `nn.Identity()` on cached backbone features, or a
 trainable backbone on images; its parameters learn at `lr * backbone_lr_mult`. `update` takes one
 labelled source batch and one unlabelled target batch and performs one optimisation step.
+
+When the target's class mix differs from the source's (label shift, `adapt.priors`), `use_class_mix`
+gives every algorithm the estimated mix: the source losses then weigh a source image of class y by
+w(y) = q(y) / p(y), so the classifier and the alignment both see a source with the target's class mix
+(IWDAN / IWCDAN, Tachet des Combes et al. 2020; a class the target lacks weighs ~0, as in PADA), and IM's
+diversity term spreads predictions as the estimate says, not evenly.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -110,6 +117,50 @@ class Algorithm(nn.Module):
         )
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        # Plain attributes, not buffers: set again from the run's estimate on every (re)start, never saved
+        self.class_weights: Tensor | None = None  # (C,) w(y) = q(y) / p(y) for source images
+        self.target_prior: Tensor | None = None  # (C,) the target's estimated class mix q
+        if self.hparams.get("class_weighting") == "online":
+            # Running (exponential) averages over the training batches, kept in checkpoints: the joint of
+            # (prediction, label) on the source and the mean prediction on the target (`_track_class_mix`)
+            self.register_buffer("iw_joint", torch.zeros(num_classes, num_classes))
+            self.register_buffer("iw_target", torch.zeros(num_classes))
+
+    def use_class_mix(self, weights: Sequence[float] | None, prior: Sequence[float] | None = None) -> None:
+        """Train for a target with another class mix: source images of class y weigh `weights[y]` in
+        every source loss (classification and alignment), and IM's diversity aims at `prior`. None: the
+        source's own mix (unweighted), the default."""
+        self.class_weights = None if weights is None else torch.tensor(list(weights), dtype=torch.float32)
+        self.target_prior = None if prior is None else torch.tensor(list(prior), dtype=torch.float32)
+
+    def _track_class_mix(self, ls: Tensor, ys: Tensor, lt: Tensor) -> None:
+        """With `class_weighting: online` (IWDAN, Tachet des Combes et al. 2020), re-estimate the class
+        weights from the model's own outputs as it trains: a black-box shift estimate (`adapt.priors.bbse`)
+        on running averages of the soft source joint P(pred = i, y = j) and the target's mean prediction,
+        w = argmin ||J w - mu||, clipped to [0, iw_max]. Before `iw_warmup` of the steps the model is
+        still the source's and the source stays unweighted, as in the unweighted method."""
+        if self.hparams.get("class_weighting") != "online":
+            return
+        with torch.no_grad():
+            c, m = self.num_classes, self.hparams["iw_momentum"]
+            joint = ls.detach().float().softmax(1).T @ F.one_hot(ys, c).float() / len(ys)  # (C pred, C true)
+            self.iw_joint.mul_(m).add_(joint.to(self.iw_joint), alpha=1 - m)
+            self.iw_target.mul_(m).add_(lt.detach().float().softmax(1).mean(0).to(self.iw_target), alpha=1 - m)
+            if int(self.num_updates) < self.hparams["iw_warmup"] * self.max_steps:
+                self.class_weights = None
+                return
+            j, mu = self.iw_joint.double(), self.iw_target.double()  # both scaled alike: the scale cancels
+            ridge = 1e-3 * j.diagonal().mean().clamp_min(1e-12) * torch.eye(c, dtype=j.dtype, device=j.device)
+            w = torch.linalg.solve(j.T @ j + ridge, j.T @ mu).clamp(0.0, self.hparams["iw_max"])
+            source = j.sum(0) / j.sum().clamp_min(1e-12)  # the source's class shares in the averages
+            self.class_weights = (w / (w * source).sum().clamp_min(1e-12)).float().cpu()
+
+    def _source_weights(self, ys: Tensor) -> Tensor | None:
+        """(N,) the weights of a source batch's images, mean 1 over the batch; None when unweighted."""
+        if self.class_weights is None:
+            return None
+        w = self.class_weights.to(ys.device)[ys]
+        return w * (len(w) / w.sum().clamp_min(1e-12))
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
         """Build (once) the optimizer over every parameter, featurizer at lr * backbone_lr_mult.
@@ -176,7 +227,12 @@ class Algorithm(nn.Module):
         return z[:n], z[n:], logits[:n], logits[n:]
 
     def _classification(self, logits: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"])
+        online = self.hparams.get("class_weighting") == "online"
+        w = self._source_weights(y) if not online or self.hparams["iw_classifier"] else None
+        if w is None:
+            return F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"])
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"], reduction="none")
+        return (w.to(loss) * loss).mean()
 
     def _step(self, loss: Tensor, **parts: Tensor) -> dict[str, float]:
         """Backward + optimizer step on `loss` (+ L2-SP); returns every part as a float."""
@@ -237,6 +293,7 @@ class AbstractAdversarial(Algorithm):
     def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
         xs, ys = source
         zs, zt, ls, lt = self._joint(xs, target)
+        self._track_class_mix(ls, ys, lt)
         cls = self._classification(ls, ys)
         h, logits, weight = torch.cat([zs, zt]), torch.cat([ls, lt]), None
         if self.conditional:
@@ -247,6 +304,10 @@ class AbstractAdversarial(Algorithm):
         coeff = losses.warm_start_coeff(int(self.num_updates), self.max_steps, alpha=self.hparams["grl_alpha"])
         d = self.discriminator(losses.grad_reverse(h, coeff)).squeeze(1)  # (Ns+Nt,) logits, 1 = source
         domain = torch.cat([torch.ones(len(zs)), torch.zeros(len(zt))]).to(d)
+        ws = self._source_weights(ys)
+        if ws is not None:  # IWDAN / IWCDAN: the discriminator sees the re-weighted source
+            ws = torch.cat([ws, torch.ones(len(zt), device=ws.device)]).to(d)
+            weight = ws if weight is None else weight * ws
         transfer = F.binary_cross_entropy_with_logits(d, domain, weight=weight)
         disc_acc = ((d > 0).to(d) == domain).float().mean()
         loss = cls + self.hparams["lambda"] * transfer
@@ -275,12 +336,14 @@ class AbstractMMD(Algorithm):
 
     def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
         xs, ys = source
-        zs, zt, ls, _ = self._joint(xs, target)
+        zs, zt, ls, lt = self._joint(xs, target)
+        self._track_class_mix(ls, ys, lt)
         cls = self._classification(ls, ys)
+        ws = self._source_weights(ys)
         if self.gaussian:
-            transfer = losses.mmd(zs, zt, self.hparams["kernel_mul"], self.hparams["kernel_num"])
+            transfer = losses.mmd(zs, zt, self.hparams["kernel_mul"], self.hparams["kernel_num"], weights=ws)
         else:
-            transfer = losses.coral(zs, zt)
+            transfer = losses.coral(zs, zt, weights=ws)
         return self._step(cls + self.hparams["lambda"] * transfer, cls_loss=cls, transfer_loss=transfer)
 
 
@@ -326,7 +389,7 @@ class IM(Algorithm):
         xs, ys = source
         _, _, ls, lt = self._joint(xs, target)
         cls = self._classification(ls, ys)
-        transfer = losses.information_maximization(lt, self.hparams["diversity"])
+        transfer = losses.information_maximization(lt, self.hparams["diversity"], self.target_prior)
         return self._step(cls + self.hparams["lambda"] * transfer, cls_loss=cls, transfer_loss=transfer)
 
 
@@ -388,7 +451,9 @@ class ADDA(Algorithm):
         zs_t, zt = z[: len(xs)], z[len(xs) :]
         d = self.discriminator(torch.cat([zs, zt.detach()])).squeeze(1)  # 1 = source encoder
         domain = torch.cat([torch.ones(len(zs)), torch.zeros(len(zt))]).to(d)
-        disc = F.binary_cross_entropy_with_logits(d, domain)
+        ws = self._source_weights(ys)  # the re-weighted source encoder's features, when weighted
+        ws = None if ws is None else torch.cat([ws, torch.ones(len(zt), device=ws.device)]).to(d)
+        disc = F.binary_cross_entropy_with_logits(d, domain, weight=ws)
         frozen = {n: p.detach() for n, p in self.discriminator.named_parameters()}
         buffers = dict(self.discriminator.named_buffers())
         fooled = torch.func.functional_call(self.discriminator, {**frozen, **buffers}, (zt,)).squeeze(1)

@@ -1,14 +1,15 @@
-"""Domain adaptation in a run: plan candidates, train each for a fixed number of steps, and select one
+"""Domain adaptation in a run: train each planned candidate for a fixed number of steps, and select one
 without target labels.
 
-A candidate is (method, mode, hyperparameters, seed). Mode `features` adapts a small bottleneck and
-classifier on cached backbone features (seconds on a CPU); mode `images` trains through the backbone
-on the store's cached training images (the large gains; minutes on a CPU at small image sizes). Both
-read their rows in bounded memory (`adaptflow.store.rows`) and train for a budget in optimizer steps, so the
-same data and seed give the same model whatever the dataset's size or the machine's load (`adapt.samples`). Images-mode
-candidates are trained in rungs of successive halving (`halving_rungs`): each rung resumes from the
-checkpoint the last one left. Each candidate's folder holds the model (`weights.safetensors`,
-`model.json`), its predictions on the validation sample, and `candidate.json`, written last.
+A candidate is (method, mode, hyperparameters, seed), planned by `adapt.plan`. Mode `features` adapts a
+small bottleneck and classifier on cached backbone features (seconds on a CPU); mode `images` trains
+through the backbone on the store's cached training images (the large gains; minutes on a CPU at small
+image sizes). Both read their rows in bounded memory (`adaptflow.store.rows`) and train for a budget in
+optimizer steps, so the same data and seed give the same model whatever the dataset's size or the
+machine's load (`adapt.samples`). Images-mode candidates are trained in rungs of successive halving
+(`adapt.halving`): each rung resumes from the checkpoint the last one left. Each candidate's folder holds
+the model (`weights.safetensors`, `model.json`), its predictions on the validation sample, and
+`candidate.json`, written last.
 
 Candidates are scored on a fixed seeded sample of source-validation and target images, the same for
 every candidate. Target labels, when given, are used only to report each candidate's target accuracy
@@ -17,19 +18,17 @@ on that sample next to its label-free scores; selection never reads them.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from adaptflow.adapt import domain_gap, selection, validators
+from adaptflow.adapt import domain_gap, priors, selection, validators
 from adaptflow.adapt.algorithms import get_algorithm
 from adaptflow.adapt.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
-from adaptflow.adapt.hparams import candidate_hparams
+from adaptflow.adapt.plan import budget
 from adaptflow.adapt.samples import (
     FeatureData,
     ImageData,
@@ -48,31 +47,15 @@ from adaptflow.evaluate.metrics import classification_metrics
 from adaptflow.manifests import (
     CandidateManifest,
     CandidateSpec,
+    ClassMix,
     ExtractionPlan,
     IngestManifest,
     ModelManifest,
     SelectionManifest,
 )
-from adaptflow.models.card import ModelCard, predictions_table, save_model
+from adaptflow.models.card import ModelCard, load_card, predictions_table, save_model
 from adaptflow.store import storage
 
-# End to end on a CPU: the baseline and the two strongest in benchmarks/adaptation.py on the demo shift.
-CPU_IMAGE_METHODS = ["source_only", "dann", "cdan"]
-# End to end on a CPU at 48 px: on the demo shift (32 px digits; benchmarks/adaptation.py, 300 steps,
-# partial, one thread) 0.550 / 0.777 / 0.737 target accuracy for source_only / dann / cdan at 48 px, at
-# 0.18-0.31 s a step, against 0.347 for source_only at 64 px, at 0.21 s a step and more.
-CPU_IMAGE_SIZE = 48
-# adapt.image_steps when unset: IMAGE_EPOCHS passes over the source's training images, within the device's
-# (fewest, most) steps. The same data gets the same budget on any machine, and past the cap a larger source
-# costs nothing more. On benchmarks/cost.py's 5,000-image source (3,393 training images, one thread, 48 px,
-# partial) cdan-images reached 0.708 target accuracy at 300 steps and 0.796-0.805 at 480-500; the demo's
-# 630 training images stay at 300 steps.
-IMAGE_EPOCHS = 5
-CPU_IMAGE_STEPS, GPU_IMAGE_STEPS = (300, 500), (3000, 3000)
-# adapt.strategy when unset on a CPU: the stem and first stages stay frozen, so no gradient flows through
-# the high-resolution layers; measured on the demo shift (benchmarks/adaptation.py, 300 steps, 64 px) 1.55x
-# the steps/s of `full` at the same or better target accuracy
-CPU_STRATEGY = "partial"
 # On a CPU every candidate trains and is scored on one intra-op thread, and as many run at once as the
 # task runner allows: the thread count changes a model's bits (oneDNN splits its sums by thread), so a
 # fixed count is what makes a candidate the same whatever else runs; and on 2 cores two end-to-end
@@ -81,134 +64,6 @@ CPU_STRATEGY = "partial"
 CPU_THREADS = 1
 _DEVICE_LOCKS: dict[str, threading.Lock] = {}  # one images-mode candidate per GPU and process at a time
 _LOCKS_LOCK = threading.Lock()
-
-
-def default_image_steps(n_train: int | None, batch_size: int, cuda: bool) -> int:
-    """adapt.image_steps when unset: IMAGE_EPOCHS passes over `n_train` source training images at
-    `batch_size`, within the device's (fewest, most); the fewest when the count is unknown."""
-    fewest, most = GPU_IMAGE_STEPS if cuda else CPU_IMAGE_STEPS
-    if not n_train:
-        return fewest
-    return min(max(math.ceil(IMAGE_EPOCHS * n_train / batch_size), fewest), most)
-
-
-def training_images(source: IngestManifest) -> int:
-    """How many of the source's images are in its training split (what `default_image_steps` sizes to)."""
-    return int((read_index(source).split == "train").sum())
-
-
-def plan_candidates(cfg: Config, cuda: bool, n_train: int | None = None) -> list[CandidateSpec]:
-    """methods x modes x hyperparameter draws x seeds, each with its budget in steps (end to end, unless
-    `adapt.image_steps` is set: sized to the `n_train` source training images by `default_image_steps`).
-    `method: auto` trains `adapt.methods` on features and `adapt.image_methods` end to end (by default
-    sized to the hardware); a named method trains that one in both modes; `none` trains nothing (the
-    source-only head stands alone)."""
-    a = cfg.adapt
-    if a.method == "none":
-        return []
-    if a.method == "auto":
-        feature_methods = a.methods
-        image_methods = a.image_methods if a.image_methods is not None else (a.methods if cuda else CPU_IMAGE_METHODS)
-    else:
-        feature_methods = image_methods = [a.method]
-    image_size = a.image_size or (_own_size(cfg) if cuda and image_methods else CPU_IMAGE_SIZE)
-    strategy = a.strategy or ("full" if cuda else CPU_STRATEGY)
-    specs = []
-    for mode, methods in (("features", feature_methods), ("images", image_methods)):
-        for method in methods:
-            for draw in range(a.hparam_draws + 1):
-                hp = candidate_hparams(method, mode, draw)
-                hp.update({k: v for k, v in a.hparams.items() if k in hp})  # knobs this method has
-                for seed in a.seeds:
-                    name = (
-                        f"{method}-{mode}" + (f"-h{draw}" if draw else "") + (f"-s{seed}" if len(a.seeds) > 1 else "")
-                    )
-                    specs.append(
-                        CandidateSpec(
-                            name=name,
-                            method=method,
-                            mode=mode,
-                            hparams=hp,
-                            seed=seed,
-                            steps=a.feature_steps
-                            if mode == "features"
-                            else a.image_steps or default_image_steps(n_train, int(hp["batch_size"]), cuda),
-                            image_size=image_size if mode == "images" else None,
-                            strategy=strategy if mode == "images" else None,
-                        )
-                    )
-    return specs
-
-
-def training_image_size(specs: list[CandidateSpec]) -> int | None:
-    """The size the images-mode candidates train at, for the training-image cache; None: none trains end
-    to end."""
-    return next((s.image_size for s in specs if s.mode == "images"), None)
-
-
-def _own_size(cfg: Config) -> int:
-    """The backbone's own input size (on a GPU, images-mode candidates train at it by default)."""
-    from adaptflow.extract.backbones import build_extractor
-
-    return int(build_extractor(cfg.backbone.model_copy(update={"image_size": None})).data_config["input_size"][-1])
-
-
-def halving_rungs(steps: int, candidates: int, eta: int) -> list[int]:
-    """The step counts at which successive halving ranks `candidates` and keeps the best 1/eta: e.g.
-    300 steps, 3 candidates, eta 3 -> [100, 300]. No halving (one rung) for eta < 2 or one candidate."""
-    if eta < 2 or candidates < 2:
-        return [steps]
-    levels = math.ceil(math.log(candidates, eta))
-    return [max(1, steps // eta**k) for k in range(levels, 0, -1)] + [steps]
-
-
-def successive_halving(
-    specs: list[CandidateSpec],
-    train: Callable[[list[CandidateSpec], list[int | None]], list[CandidateManifest]],
-    stop: Callable[[CandidateManifest, int], CandidateManifest],
-    policy: list[str],
-    eta: int,
-) -> list[CandidateManifest]:
-    """Train every candidate: features-mode ones to the end at once, images-mode ones in rungs
-    (`halving_rungs`): all to the first rung's steps, then the best 1/eta of them by the selection policy
-    (`survivors`) on to the next, resuming from their checkpoints. The source-only images candidate does
-    not race: it is the reference selection's safety net compares the pick with and falls back to
-    (`adapt.selection`), so it is never left behind — a reference stopped after a third of its steps
-    would make every adapted pick look safe, or leave no healthy reference at all — but it trains in the
-    rungs beside the racers, so that every rung has work for more than one worker (trained alone to the
-    end in the first rung, it left the last rung's survivor alone on the machine).
-    `train(specs, untils)` trains each spec up to its step (None: the end) — a loop here, a map over
-    Prefect tasks in a flow; `stop` records a candidate left behind. Returns the candidates in `specs` order."""
-    images = [s for s in specs if s.mode == "images" and s.method != "source_only"]
-    reference = [s for s in specs if s.mode == "images" and s.method == "source_only"]
-    rungs = halving_rungs(max((s.steps for s in images), default=0), len(images), eta)
-    done: dict[str, CandidateManifest] = {}
-    # the long end-to-end tasks first, the short features-mode ones after, filling the workers' gaps
-    batch = reference + images + [s for s in specs if s not in images and s not in reference]
-    for rung in range(len(rungs)):
-        last = rung == len(rungs) - 1
-        untils = [rungs[rung] if s in images or (s in reference and not last) else None for s in batch]
-        results = train(batch, untils) if batch else []
-        done.update({c.spec.name: c for c in results})
-        racing = [c for c in results if c.spec in images]
-        if last:
-            break
-        keep = survivors(racing, policy, math.ceil(len(racing) / eta))
-        for i, c in enumerate(racing):
-            if i not in keep:
-                done[c.spec.name] = stop(c, rung)
-        batch = reference + [racing[i].spec for i in keep]
-    return [done[s.name] for s in specs]
-
-
-def survivors(candidates: list[CandidateManifest], policy: list[str], keep: int) -> list[int]:
-    """Indices of the `keep` best candidates by the selection policy's ranks (`adapt.selection`): healthy
-    ones first, a collapsed one only if nothing else is left."""
-    pool = selection_candidates(candidates)
-    alive = [i for i, c in enumerate(pool) if not c.collapsed] or list(range(len(pool)))
-    ranks = selection.mean_ranks(pool, alive, policy)
-    order = sorted(range(len(candidates)), key=lambda i: (i not in alive, selection.preference(pool[i], ranks[i], i)))
-    return sorted(order[:keep])
 
 
 def train_candidate(
@@ -227,7 +82,7 @@ def train_candidate(
     retry: a candidate already committed at `until` steps or more is returned as it is."""
     start = time.perf_counter()
     total = spec.steps or (
-        cfg.adapt.feature_steps if spec.mode == "features" else cfg.adapt.image_steps or CPU_IMAGE_STEPS[0]
+        budget(cfg).feature_steps if spec.mode == "features" else cfg.adapt.image_steps or budget(cfg).cpu_steps[0]
     )
     until = total if until is None else min(until, total)
     committed = storage.join(out_uri, "candidate.json")
@@ -317,7 +172,9 @@ def train_candidate(
     model_uri = storage.join(out_uri, "model")
     save_model(model_uri, algorithm, card)
     predictions_uri = storage.join(out_uri, "predictions.parquet")
-    storage.write_table(predictions_uri, predictions_table(samples["target"], out["target"][0], classes))
+    storage.write_table(
+        predictions_uri, predictions_table(samples["target"], out["target"][0], classes, probabilities=True)
+    )
     test_rows = samples["test"]
     test_acc = (
         classification_metrics(test_rows.label.map(code).to_numpy(), out["test"][0].argmax(1).numpy(), classes)[
@@ -369,12 +226,21 @@ def stop_candidate(candidate: CandidateManifest, rung: int, out_uri: str) -> Can
     return stopped
 
 
-def select_model(head: ModelManifest, candidates: list[CandidateManifest], policy: list[str]) -> SelectionManifest:
+def select_model(
+    head: ModelManifest,
+    candidates: list[CandidateManifest],
+    policy: list[str],
+    mix_method: str = "em",
+    seed: int = 0,
+    source_prior: list[float] | None = None,
+) -> SelectionManifest:
     """The label-free pick among the candidates (`adapt.selection.select`: no candidate judged by what it
     optimised, never a collapsed one, never one clearly less accurate on source validation than the
-    source-only reference), how confident it is, and, for the report only, the oracle pick. Candidates
-    successive halving stopped early take no part. With no candidates (`adapt.method: none`) the
-    source-only head is the model."""
+    source-only reference, nor one the target's side says is worse than it), how confident it is, the
+    target's class mix as the source-only reference estimates it (`adapt.priors`, by `mix_method`, against
+    the class shares it trained on, `source_prior`: `training_prior`) and, for the report only, the oracle
+    pick. Candidates successive halving stopped early take no part. With
+    no candidates (`adapt.method: none`) the source-only head is the model."""
     if not candidates:
         return SelectionManifest(
             index=-1,
@@ -386,7 +252,9 @@ def select_model(head: ModelManifest, candidates: list[CandidateManifest], polic
             confidence="no adaptation: the source-only head",
         )
     finished = [i for i, c in enumerate(candidates) if c.stopped_at_rung is None]
-    pick = selection.select(selection_candidates([candidates[i] for i in finished]), policy)
+    done = [candidates[i] for i in finished]
+    mix = class_mix(done, mix_method, seed, source_prior)
+    pick = selection.select(selection_candidates(done), policy, mix=mix)
     index = finished[pick.index]
     reference = None if pick.reference is None else finished[pick.reference]
     ranks: list[float | None] = [None] * len(candidates)
@@ -407,31 +275,95 @@ def select_model(head: ModelManifest, candidates: list[CandidateManifest], polic
         reference_index=reference,
         ranks=ranks,
         reference_model_uri=None if reference is None else candidates[reference].model_uri,
+        class_mix=mix,
     )
 
 
+def class_mix(
+    candidates: list[CandidateManifest], method: str = "em", seed: int = 0, source_prior: list[float] | None = None
+) -> ClassMix | None:
+    """The target's class mix as estimated from the outputs of the source-only candidate with the best
+    source-validation accuracy (`adapt.priors.estimate`), against the class shares it trained on
+    (`source_prior`; None: its validation images', a noisier count); None without one, or for
+    candidates written before their outputs kept probabilities."""
+    pool = [c for c in candidates if c.spec.method == "source_only"]
+    if not pool:
+        return None
+    best = max(pool, key=lambda c: (c.scores.get("source_val_acc", -1.0), c.spec.mode == "images"))
+    outputs = _outputs(best)
+    if outputs is None:
+        return None
+    val_proba, val_labels, target_proba = outputs
+    log = lambda p: torch.from_numpy(np.log(np.clip(p, 1e-12, None)))  # noqa: E731  logits up to a constant
+    classes = load_card(best.model_uri).classes
+    prior = None if source_prior is None else np.asarray(source_prior, np.float64)
+    estimate = priors.estimate(
+        log(val_proba), torch.from_numpy(val_labels), log(target_proba), len(classes), prior, method, seed
+    )
+    return ClassMix(classes=classes, model=best.spec.name, **estimate._asdict())
+
+
+def training_prior(source: IngestManifest) -> list[float]:
+    """The class shares of the source's training split, in the order of its classes: what every candidate
+    trained on, and what a class-mix estimate is measured against."""
+    labels = read_index(source).query("split == 'train'").label
+    counts = labels.value_counts()
+    return [float(counts.get(c, 0)) / max(len(labels), 1) for c in source.classes]
+
+
 def selection_candidates(candidates: list[CandidateManifest]) -> list[selection.Candidate]:
-    """What `adapt.selection.select` needs of each candidate: its scores, its algorithm's objectives, and
-    whether it got each source-validation image right."""
-    return [
-        selection.Candidate(
-            name=c.spec.name,
-            scores=c.scores,
-            collapsed=c.collapsed,
-            objectives=get_algorithm(c.spec.method).objectives,
-            source_only=c.spec.method == "source_only",
-            val_correct=_val_correct(c),
+    """What `adapt.selection.select` needs of each candidate: its scores, its algorithm's objectives,
+    whether it got each source-validation image right, its probabilities on the target sample and how sure
+    it is of each class on source validation (what the target's class mix is judged by)."""
+    out = []
+    for c in candidates:
+        outputs = _outputs(c)
+        out.append(
+            selection.Candidate(
+                name=c.spec.name,
+                scores=c.scores,
+                collapsed=c.collapsed,
+                objectives=get_algorithm(c.spec.method).objectives,
+                source_only=c.spec.method == "source_only",
+                val_correct=_val_correct(c),
+                target_proba=None if outputs is None else outputs[2],
+                source_confidence=None if outputs is None else _confidence_by_class(outputs[0], outputs[1]),
+            )
         )
-        for c in candidates
-    ]
+    return out
+
+
+def _confidence_by_class(proba: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(C,) the mean top probability on each class's source-validation images (the overall mean for a class
+    with none)."""
+    top = proba.max(1)
+    return np.array([top[labels == k].mean() if (labels == k).any() else top.mean() for k in range(proba.shape[1])])
 
 
 def _val_correct(c: CandidateManifest) -> np.ndarray | None:
     """(Ns,) bool in image_id order, or None for a candidate written before outputs were kept."""
     if c.outputs_uri is None or not storage.exists(c.outputs_uri):
         return None
-    t = storage.read_table(c.outputs_uri).to_pandas().sort_values("image_id")
+    t = storage.read_table(c.outputs_uri, columns=["image_id", "label", "prediction"]).to_pandas()
+    t = t.sort_values("image_id")
     return t.label.to_numpy() == t.prediction.to_numpy()
+
+
+def _outputs(c: CandidateManifest) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(source-validation probabilities (Ns, C), their labels (Ns,), target-sample probabilities (Nt, C)),
+    each in image_id order; None for a candidate written before its outputs kept probabilities."""
+    if c.outputs_uri is None or not storage.exists(c.outputs_uri) or not storage.exists(c.predictions_uri):
+        return None
+    val = storage.read_table(c.outputs_uri).to_pandas()
+    target = storage.read_table(c.predictions_uri).to_pandas()
+    if "probabilities" not in val or "probabilities" not in target:
+        return None
+    val, target = val.sort_values("image_id"), target.sort_values("image_id")
+    return (
+        np.stack(val.probabilities.to_numpy()).astype(np.float64),
+        val.label.to_numpy(dtype=np.int64),
+        np.stack(target.probabilities.to_numpy()).astype(np.float64),
+    )
 
 
 def _device_lock(device: str) -> threading.Lock:

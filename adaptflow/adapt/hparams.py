@@ -43,10 +43,21 @@ _SHARED: dict[str, tuple[Any, Sampler]] = {
     "lr_anneal": _fixed(True),  # DANN's lr / (1 + 10p)^0.75 over progress p
     "label_smoothing": _choice(0.0, [0.0, 0.1]),
 }
+# Class-weighted alignment for a target whose class mix differs from the source's (`Algorithm.use_class_mix`,
+# `Algorithm._track_class_mix`): "none" aligns the source as it is; "online" re-estimates the weights from
+# the model's own outputs as it trains (IWDAN / IWCDAN).
+_CLASS_WEIGHTING: dict[str, tuple[Any, Sampler]] = {
+    "class_weighting": _fixed("none"),  # "none" | "online"
+    "iw_momentum": _fixed(0.98),  # of the running averages, per step: about the last 50 batches
+    "iw_warmup": _fixed(0.2),  # share of the steps trained unweighted first
+    "iw_max": _fixed(10.0),  # the largest weight a class gets
+    "iw_classifier": _fixed(True),  # the classification loss weighted too (its predictions follow the target's mix)
+}
 _ADVERSARIAL: dict[str, tuple[Any, Sampler]] = {
     "lambda": _log_uniform(1.0, -1.0, 0.5),
     "disc_hidden": _choice(256, [256, 512, 1024]),
     "grl_alpha": _fixed(10.0),  # warm-start steepness of the gradient-reversal coefficient
+    **_CLASS_WEIGHTING,
 }
 
 HPARAMS: dict[str, dict[str, tuple[Any, Sampler]]] = {
@@ -59,9 +70,10 @@ HPARAMS: dict[str, dict[str, tuple[Any, Sampler]]] = {
         "randomized": _fixed(False),  # random multilinear layer instead of the (D*C) outer product
         "randomized_dim": _fixed(1024),
     },
-    "coral": {**_SHARED, "lambda": _log_uniform(1.0, -1.0, 1.0)},
+    "coral": {**_SHARED, **_CLASS_WEIGHTING, "lambda": _log_uniform(1.0, -1.0, 1.0)},
     "mmd": {
         **_SHARED,
+        **_CLASS_WEIGHTING,
         "lambda": _log_uniform(1.0, -1.0, 1.0),
         "kernel_num": _choice(5, [3, 5, 7]),
         "kernel_mul": _fixed(2.0),

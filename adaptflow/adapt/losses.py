@@ -39,11 +39,20 @@ def warm_start_coeff(step: int, max_steps: int, lo: float = 0.0, hi: float = 1.0
     return float(2.0 * (hi - lo) / (1.0 + math.exp(-alpha * p)) - (hi - lo) + lo)
 
 
-def coral(a: Tensor, b: Tensor) -> Tensor:
-    """Deep CORAL as DomainBed computes it: squared distance of means plus of covariances, both averaged."""
-    mean_a, mean_b = a.mean(0, keepdim=True), b.mean(0, keepdim=True)
-    cent_a, cent_b = a - mean_a, b - mean_b
-    cov_a = cent_a.T @ cent_a / max(len(a) - 1, 1)  # (D, D)
+def coral(a: Tensor, b: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Deep CORAL as DomainBed computes it: squared distance of means plus of covariances, both averaged.
+    `weights` (Na,) >= 0 weigh the rows of `a` (class-weighted alignment: `adapt.priors.class_weights`)."""
+    if weights is None:
+        mean_a = a.mean(0, keepdim=True)
+        cent_a = a - mean_a
+        cov_a = cent_a.T @ cent_a / max(len(a) - 1, 1)  # (D, D)
+    else:
+        w = (weights / weights.sum().clamp_min(1e-12)).unsqueeze(1)  # (Na, 1), sums to 1
+        mean_a = (w * a).sum(0, keepdim=True)
+        cent_a = a - mean_a
+        cov_a = (w * cent_a).T @ cent_a / (1 - w.pow(2).sum()).clamp_min(1e-6)  # unbiased weighted covariance
+    mean_b = b.mean(0, keepdim=True)
+    cent_b = b - mean_b
     cov_b = cent_b.T @ cent_b / max(len(b) - 1, 1)
     return (mean_a - mean_b).pow(2).mean() + (cov_a - cov_b).pow(2).mean()
 
@@ -55,12 +64,13 @@ def sq_dists(x: Tensor, y: Tensor) -> Tensor:
     return d.clamp_min(0.0)
 
 
-def mmd(a: Tensor, b: Tensor, kernel_mul: float = 2.0, kernel_num: int = 5) -> Tensor:
+def mmd(a: Tensor, b: Tensor, kernel_mul: float = 2.0, kernel_num: int = 5, weights: Tensor | None = None) -> Tensor:
     """Biased squared MMD under a sum of `kernel_num` Gaussian kernels (DAN, Long et al. 2015).
 
     Bandwidths are the mean pairwise squared distance times kernel_mul**k, k centred on 0, so the family
     spans scales around the data's own; the bandwidth is detached (a statistic, not a parameter).
-    `a` and `b` may have different sizes.
+    `a` and `b` may have different sizes. `weights` (Na,) >= 0 make `a` the weighted sample sum_i w_i
+    delta(a_i) / sum(w): the distance to the re-weighted source (class-weighted alignment).
     """
     x = torch.cat([a, b])
     d = sq_dists(x, x)  # (Na+Nb, Na+Nb)
@@ -69,7 +79,10 @@ def mmd(a: Tensor, b: Tensor, kernel_mul: float = 2.0, kernel_num: int = 5) -> T
     base = base.clamp_min(1e-12)
     k = sum(torch.exp(-d / (base * kernel_mul**i)) for i in range(kernel_num))
     na = len(a)
-    return k[:na, :na].mean() + k[na:, na:].mean() - 2.0 * k[:na, na:].mean()
+    if weights is None:
+        return k[:na, :na].mean() + k[na:, na:].mean() - 2.0 * k[:na, na:].mean()
+    w = weights / weights.sum().clamp_min(1e-12)  # (Na,)
+    return w @ k[:na, :na] @ w + k[na:, na:].mean() - 2.0 * (w @ k[:na, na:]).mean()
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -82,12 +95,19 @@ def _prob_entropy(p: Tensor) -> Tensor:
     return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
 
 
-def information_maximization(logits: Tensor, diversity: float = 1.0) -> Tensor:
+def information_maximization(logits: Tensor, diversity: float = 1.0, prior: Tensor | None = None) -> Tensor:
     """SHOT's IM loss, to minimise: mean per-sample entropy minus `diversity` x entropy of the mean
     prediction. Confident (low first term) and class-balanced (high second term) predictions score low;
-    a model that predicts one class everywhere loses the diversity reward."""
+    a model that predicts one class everywhere loses the diversity reward. With a `prior` (C,), the
+    target's estimated class mix (`adapt.priors`), the diversity term is -KL(mean prediction || prior)
+    instead: predictions spread as the target's classes are, not evenly (for a uniform prior the two
+    differ by the constant log C)."""
     p = F.softmax(logits, dim=1)
-    return entropy(logits).mean() - diversity * _prob_entropy(p.mean(0))
+    if prior is None:
+        return entropy(logits).mean() - diversity * _prob_entropy(p.mean(0))
+    mean = p.mean(0).clamp_min(1e-12)
+    q = prior.to(mean).clamp_min(1e-12)
+    return entropy(logits).mean() + diversity * (mean * (mean.log() - q.log())).sum()
 
 
 def entropy_weights(logits: Tensor) -> Tensor:

@@ -181,10 +181,12 @@ def accuracy_on(
 
 
 def save_outputs(uri: str, val: pd.DataFrame, logits: torch.Tensor, code: dict[str, int]) -> None:
-    """Each source-validation image's label and this candidate's prediction: selection compares candidates
-    image by image on them (`adapt.selection`)."""
+    """Each source-validation image's label, this candidate's prediction and its probabilities: selection
+    compares candidates image by image on them (`adapt.selection`), and the class-mix estimate calibrates
+    a model on them (`adapt.priors`)."""
     import pyarrow as pa
 
+    proba = logits.float().softmax(1).numpy().astype(np.float32)
     storage.write_table(
         uri,
         pa.table(
@@ -192,6 +194,7 @@ def save_outputs(uri: str, val: pd.DataFrame, logits: torch.Tensor, code: dict[s
                 "image_id": val.image_id.tolist(),
                 "label": val.label.map(code).to_numpy(dtype=np.int32),
                 "prediction": logits.argmax(1).numpy().astype(np.int32),
+                "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(proba.reshape(-1)), logits.shape[1]),
             }
         ),
     )

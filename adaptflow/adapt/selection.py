@@ -1,6 +1,6 @@
 """Choosing a model without target labels, and saying how sure the choice is.
 
-`select` ranks candidates by their label-free validator scores (`adapt.validators`) under three rules:
+`select` ranks candidates by their label-free validator scores (`adapt.validators`) under four rules:
 
 1. **No candidate judges itself.** A validator that a candidate's training loss optimises (its
    algorithm's `objectives`: `im` trains on IM, `mcc` on class confusion, which BNM rewards) is never
@@ -15,24 +15,38 @@
    so on the same images (an exact one-sided McNemar test), is skipped: it forgot what the source
    taught. Smaller drops are the usual price of adaptation (DANN trades a little source accuracy for
    target accuracy), so they only lower the confidence.
+4. **Never against the target's class mix where it is known.** Source validation cannot see the
+   target's class mix: when the target's differs from the source's (one class dominating, classes
+   missing), alignment pulls the target onto the source's balance and maps the images of the common
+   classes onto others, at source accuracy as high as ever. So when the reference's estimate of the
+   target's mix (`adapt.priors`, passed as `mix`) shows a label shift, and the reference is as sure of
+   the target's images as of the source's once the mix is accounted for (`credible`: a change of look
+   would lower its confidence, and turn its mistakes into a class mix of their own), a candidate that
+   predicts a class mix more than `MAX_MIX_PULL` further from the
+   estimate (total variation) than the reference does is skipped. When the target also looks
+   different, the rule stays silent rather than undo adaptation that works.
 
 The pick is **confident** when it is the reference itself, or when no evidence the run has says it is
-worse than the reference: not significantly less accurate on source validation, and at least as good
-on every other validator of the policy that may judge it. Otherwise the confidence names the evidence
-against it, and the promotion gate treats the pick as a risk (`monitor.gate.register_and_gate`).
+worse than the reference: not significantly less accurate on source validation, at least as good on
+every other validator of the policy that may judge it, and, where rule 4 speaks, not further from the
+estimated class mix than the reference by more than `MIX_NOISE`. Otherwise the confidence names the
+evidence against it, and the promotion gate treats the pick as a risk (`monitor.gate.register_and_gate`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
+import torch
 from scipy.stats import binomtest
 
-from adaptflow.adapt.validators import get_validator
+from adaptflow.adapt import priors
+from adaptflow.adapt.losses import information_maximization
+from adaptflow.adapt.validators import get_validator, is_collapsed
 
 SIGNIFICANCE = 0.05  # one-sided level at which "less accurate on source validation than the reference" counts
 MAX_SOURCE_DROP = 0.05  # source-validation accuracy a candidate may lose against the reference and be picked
@@ -48,6 +62,15 @@ MAX_SOURCE_DROP = 0.05  # source-validation accuracy a candidate may lose agains
 # rule before (ranked as it is, ties to iwa) 0.018 and 0.048. At 64 px every one of these picks one model
 # below source-only (blocky-to-photos, every candidate within 0.04 of chance).
 TIE_BREAK = "im"
+# Rule 4. Under a label shift alone, a model is as sure of the target's images of a class as of the source's
+# (the same p(x | y)), so its mean confidence on the target equals its per-class mean confidence on source
+# validation, weighed by the estimated mix; the estimate is taken as the target's only within CONFIDENCE_GAP
+# of that (about 3 standard errors on 2,000 target and a few hundred validation images). MAX_MIX_PULL: how
+# much further from the estimated mix (total variation of predicted class shares) than the reference a
+# candidate may predict before it is skipped; MIX_NOISE: before the pick loses confidence.
+CONFIDENCE_GAP = 0.03
+MAX_MIX_PULL = 0.15
+MIX_NOISE = 0.05
 
 
 @dataclass(frozen=True)
@@ -62,6 +85,11 @@ class Candidate:
     # (Ns,) bool: right or wrong on each source-validation image, the same images in the same order for
     # every candidate; None skips the source-validation test for this candidate.
     val_correct: np.ndarray | None = field(default=None, compare=False)
+    # (Nt, C) its probabilities on the target sample, the same images in the same order for every candidate;
+    # None: not kept (a candidate of an earlier release)
+    target_proba: np.ndarray | None = field(default=None, compare=False)
+    # (C,) its mean top probability on the source-validation images of each class; None: not kept
+    source_confidence: np.ndarray | None = field(default=None, compare=False)
 
 
 class Selection(NamedTuple):
@@ -73,15 +101,23 @@ class Selection(NamedTuple):
     scores: list[float | None]  # each candidate's mean percentile rank, 1 = best; None: not ranked
 
 
-def select(candidates: Sequence[Candidate], policy: Sequence[str], tie_break: str = TIE_BREAK) -> Selection:
+def select(
+    candidates: Sequence[Candidate], policy: Sequence[str], tie_break: str = TIE_BREAK, mix: priors.Mix | None = None
+) -> Selection:
     """Pick one of `candidates` by the mean percentile rank over the `policy` validators (see the module
     docstring for the rules); ties go to the higher `tie_break` score, then the higher source_val_acc, then
-    to the earlier candidate (`preference`)."""
+    to the earlier candidate (`preference`). `mix`: the target's class mix as estimated from the outputs of
+    the source-only candidate with the best source_val_acc (`candidates.class_mix`). Where it is credible
+    (`credible`) it speaks in rule 4, collapse is judged against it and IM's diversity term aims at it
+    (`_judged_by_mix`); elsewhere it is not used."""
     if not candidates:
         raise ValueError("select needs at least one candidate")
     for name in policy:
         get_validator(name)  # an unknown name fails here, listing the valid ones
     acc = [finite_or_lowest(c.scores.get("source_val_acc", math.nan)) for c in candidates]
+    mix = mix if _credible_estimate(candidates, acc, mix) else None
+    if mix is not None:  # the target's class mix is known: skew it expects is no collapse, nor IM's diversity
+        candidates = [_judged_by_mix(c, mix) for c in candidates]
     alive = [i for i, c in enumerate(candidates) if not c.collapsed]
     if not alive:
         best = max(range(len(candidates)), key=lambda i: (acc[i], -i))
@@ -107,14 +143,19 @@ def select(candidates: Sequence[Candidate], policy: Sequence[str], tie_break: st
             f"no validator of the policy {list(policy)} may judge any candidate: every one "
             "optimised them all; add source_val_acc to the policy"
         )
-    skipped, pick = [], reference
+    skipped, target_skipped, pick = [], [], reference
     for i in order:
         drop = acc[reference] - acc[i] if reference is not None else 0.0
         worse, p = _less_accurate(candidates[i], None if i == reference or reference is None else candidates[reference])
-        if not (worse and drop > MAX_SOURCE_DROP):
-            pick = i
-            break
-        skipped.append(f"{candidates[i].name} ({drop:.3f} lower, p = {p:.3f})")
+        if worse and drop > MAX_SOURCE_DROP:
+            skipped.append(f"{candidates[i].name} ({drop:.3f} lower, p = {p:.3f})")
+            continue
+        pull = _mix_pull(candidates[i], None if i == reference or reference is None else candidates[reference], mix)
+        if pull is not None and pull > MAX_MIX_PULL:
+            target_skipped.append(f"{candidates[i].name} ({pull:+.3f})")
+            continue
+        pick = i
+        break
 
     n_collapsed = len(candidates) - len(alive)
     reason = (
@@ -133,7 +174,13 @@ def select(candidates: Sequence[Candidate], policy: Sequence[str], tie_break: st
             f"; skipped, more than {MAX_SOURCE_DROP} less accurate on source validation than source-only "
             f"{candidates[reference].name}: " + ", ".join(skipped)
         )
-    confident, why = _confidence(candidates, pick, reference, policy)
+    if target_skipped:
+        reason += (
+            f"; skipped, predicting a class mix more than {MAX_MIX_PULL} further from the target's estimated "
+            f"mix than source-only {candidates[reference].name} (alignment pulled the target onto the source's "
+            "class balance): " + ", ".join(target_skipped)
+        )
+    confident, why = _confidence(candidates, pick, reference, policy, mix)
     return Selection(pick, reason, confident, why, reference, rank)
 
 
@@ -211,7 +258,7 @@ def _less_accurate(a: Candidate, b: Candidate | None) -> tuple[bool, float]:
 
 
 def _confidence(
-    candidates: Sequence[Candidate], pick: int, reference: int | None, policy: Sequence[str]
+    candidates: Sequence[Candidate], pick: int, reference: int | None, policy: Sequence[str], mix: priors.Mix | None
 ) -> tuple[bool, str]:
     if reference is None:
         return False, "no healthy source-only candidate to compare the pick with"
@@ -229,9 +276,55 @@ def _confidence(
                 against.append(f"source_val_acc {a:.3f} < {b:.3f} (p = {p:.3f})")
         elif a < b:
             against.append(f"{n} {a:.3f} < {b:.3f}")
+    pull = _mix_pull(chosen, ref, mix)
+    if pull is not None and pull > MIX_NOISE:
+        against.append(f"the target's estimated class mix (the pick predicts one {pull:.3f} further from it)")
     if against:
         return False, f"source-only {ref.name} scores higher on " + ", ".join(against)
     return True, (f"no worse than source-only {ref.name} on any validator that may judge it ({', '.join(judged)})")
+
+
+def _credible_estimate(candidates: Sequence[Candidate], acc: list[float], mix: priors.Mix | None) -> bool:
+    """Is `mix` credible as estimated by its model: the source-only candidate with the best source_val_acc,
+    collapsed or not (a true 70% skew looks collapsed to the rule that knows no estimate)?"""
+    pool = [i for i, c in enumerate(candidates) if c.source_only]
+    return bool(pool) and credible(candidates[max(pool, key=lambda i: (acc[i], -i))], mix)
+
+
+def _judged_by_mix(c: Candidate, mix: priors.Mix) -> Candidate:
+    """`c` judged against the target's estimated class mix: collapsed only where the estimate does not
+    expect its skew (`validators.is_collapsed`), and IM with the estimated prior in its diversity term."""
+    if c.target_proba is None:
+        return c
+    logits = torch.from_numpy(np.log(np.clip(c.target_proba, 1e-12, None)))
+    scores = dict(c.scores)
+    if "im" in scores:
+        prior = torch.tensor(mix.estimate, dtype=logits.dtype)
+        scores["im"] = -float(information_maximization(logits, prior=prior))
+    return replace(c, scores=scores, collapsed=is_collapsed(logits, logits.shape[1], mix))
+
+
+def credible(reference: Candidate, mix: priors.Mix | None) -> bool:
+    """Is `mix`, the reference's estimate, the target's class mix as far as the evidence goes: a label shift
+    (`priors.label_shift`) seen by a reference whose mean confidence on the target is within
+    `CONFIDENCE_GAP` of its per-class mean confidence on source validation weighed by `mix`, as it is
+    when only the class mix changed?"""
+    conf = reference.source_confidence
+    if mix is None or reference.target_proba is None or conf is None or len(conf) != len(mix.estimate):
+        return False
+    expected = float(np.dot(np.asarray(mix.estimate), conf))
+    return abs(float(reference.target_proba.max(1).mean()) - expected) <= CONFIDENCE_GAP and priors.label_shift(mix)
+
+
+def _mix_pull(a: Candidate, reference: Candidate | None, mix: priors.Mix | None) -> float | None:
+    """How much further `a`'s predicted class mix on the target is from the estimated one than the
+    reference's (total variation); None where rule 4 is silent (no credible estimate, no outputs)."""
+    if reference is None or a.target_proba is None or not credible(reference, mix):
+        return None
+    c = len(mix.estimate)
+    ours = priors.total_variation(priors.shares(a.target_proba.argmax(1), c), mix.estimate)
+    theirs = priors.total_variation(priors.shares(reference.target_proba.argmax(1), c), mix.estimate)
+    return ours - theirs
 
 
 def finite_or_lowest(x: float | None) -> float:

@@ -22,6 +22,7 @@ from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
+from adaptflow.adapt import priors
 from adaptflow.adapt.losses import entropy as _entropy
 from adaptflow.adapt.losses import information_maximization
 from adaptflow.errors import lookup
@@ -209,16 +210,46 @@ def score(v: ValidationInputs, names: Sequence[str] | None = None) -> dict[str, 
     return {name: get_validator(name)(v) for name in (names or VALIDATORS)}
 
 
-def is_collapsed(target_logits: Tensor, num_classes: int, threshold: float = 0.6, min_entropy: float = 0.25) -> bool:
-    """True when the target predictions have collapsed onto few classes.
+def is_collapsed(
+    target_logits: Tensor,
+    num_classes: int,
+    mix: priors.Mix | None = None,
+    threshold: float = 0.6,
+    min_entropy: float = 0.25,
+    margin: float = 0.15,
+) -> bool:
+    """True when the target predictions have collapsed onto few classes where the target's class mix
+    does not put them.
 
-    Let q be the share of target samples predicted as each class. Collapsed when the normalised
-    entropy H(q)/log(C) < `min_entropy` (for C = 2: a 96/4 split or worse), or, with C >= 3, when one
-    class takes more than `threshold` of the predictions. A target whose true labels are that
-    imbalanced will be flagged too: raise the thresholds for it.
+    Let q be the share of target samples predicted as each class. Without an estimate of the target's
+    class mix (`mix`, `adapt.priors`), collapsed when the normalised entropy H(q)/log(C) < `min_entropy`
+    (for C = 2: a 96/4 split or worse), or, with C >= 3, when one class takes more than `threshold` of the
+    predictions. With one, skew the estimate expects is not collapse: a class may take up to `margin` more
+    than the upper end of its interval (and never less than `threshold`), and the entropy may fall to half
+    the estimate's own. An interval wider than `MAX_INTERVAL` cannot excuse anything: an estimate too
+    uncertain to say falls back to the rule without one.
     """
     if num_classes < 2 or len(target_logits) == 0:
         return False
     q = torch.bincount(target_logits.argmax(1), minlength=num_classes).double() / len(target_logits)
-    h = float(-(q[q > 0] * q[q > 0].log()).sum()) / math.log(num_classes)
-    return h < min_entropy or (num_classes >= 3 and float(q.max()) > threshold)
+    h = _normalised_entropy(q, num_classes)
+    allowed = torch.full((num_classes,), threshold if num_classes >= 3 else 1.0, dtype=torch.float64)
+    floor = min_entropy
+    if mix is not None and len(mix.estimate) == num_classes:
+        low, high = torch.tensor(mix.low, dtype=torch.float64), torch.tensor(mix.high, dtype=torch.float64)
+        precise = (high - low) <= MAX_INTERVAL
+        allowed = torch.where(precise, torch.maximum(allowed, high + margin), allowed)
+        if bool(precise.all()):
+            floor = min(
+                min_entropy, 0.5 * _normalised_entropy(torch.tensor(mix.estimate, dtype=torch.float64), num_classes)
+            )
+    return h < floor or bool((q > allowed).any())
+
+
+MAX_INTERVAL = 0.3  # an estimated class share known no better than this cannot excuse a skewed prediction
+
+
+def _normalised_entropy(q: Tensor, num_classes: int) -> float:
+    """H(q) / log(C) of a class-share vector."""
+    nz = q[q > 0]
+    return float(-(nz * nz.log()).sum()) / math.log(num_classes)

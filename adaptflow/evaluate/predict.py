@@ -18,6 +18,7 @@ import json
 import logging
 import time
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,7 +33,7 @@ from adaptflow.manifests import (
     PredictionPlan,
     PredictShard,
 )
-from adaptflow.models.card import infer, load_model, predictions_table
+from adaptflow.models.card import infer, load_model, predictions_table, unknown_below
 from adaptflow.store import storage
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def predict_shard(shard: PredictShard, features: ExtractionPlan | None, device: 
     rows = _rows(shard.index_uri, shard.split).iloc[shard.rows[0] : shard.rows[1]]
     logits, _ = infer(model, card, rows, features, device)
     part_uri = storage.join(shard.parts_uri, f"{shard.key}.parquet")
-    storage.write_table(part_uri, predictions_table(rows, logits, card.classes))
+    storage.write_table(part_uri, predictions_table(rows, logits, card.classes, unknown_below=unknown_below(card)))
     part = PredictionPart(key=shard.key, part_uri=part_uri, n_rows=len(rows), seconds=time.perf_counter() - start)
     part.commit(manifest)
     return part
@@ -149,7 +150,8 @@ def metrics_of(predictions_uri: str, labeled: IngestManifest | pd.DataFrame, cla
     truth = truth[["image_id", "label"]].drop_duplicates("image_id")
     joined = pred.merge(truth, on="image_id")
     known = joined[joined.label.isin(code)]
-    metrics = classification_metrics(known.label.map(code).to_numpy(), known.prediction.map(code).to_numpy(), classes)
+    predicted = known.prediction.map(code).fillna(-1).to_numpy(dtype=np.int64)  # -1: "unknown" (open set), wrong
+    metrics = classification_metrics(known.label.map(code).to_numpy(), predicted, classes)
     metrics["unlabeled_predictions"] = int(len(pred) - len(joined))
     metrics["labels_outside_source_classes"] = int(len(joined) - len(known))
     return metrics

@@ -169,6 +169,12 @@ def model_rows(card: ModelCard, index: pd.DataFrame, features: ExtractionPlan | 
     return ShardedRows(features.features_uri, ids, "embedding", (card.dim,))
 
 
+def unknown_below(card: ModelCard) -> float | None:
+    """The confidence below which the model's predictions are UNKNOWN: its run's `adapt.unknown_threshold`
+    when the run was open set (`adapt.open_set`), else None."""
+    return card.config.adapt.unknown_threshold if card.config.adapt.open_set else None
+
+
 def infer(
     model: nn.Module, card: ModelCard, index: pd.DataFrame, features: ExtractionPlan | None, device: str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,16 +189,32 @@ def infer(
     return infer_rows(model.to(device), rows)
 
 
-def predictions_table(index: pd.DataFrame, logits: torch.Tensor, classes: list[str]):
-    """The predictions contract: uri, image_id, prediction (class name), confidence."""
+UNKNOWN = "unknown"  # the prediction of an open-set model (`adapt.open_set`) for an image of no known class
+
+
+def predictions_table(
+    index: pd.DataFrame,
+    logits: torch.Tensor,
+    classes: list[str],
+    probabilities: bool = False,
+    unknown_below: float | None = None,
+):
+    """The predictions contract: uri, image_id, prediction (class name), confidence; with `probabilities`,
+    also every class's probability (a list of C float32, in the order of `classes`). With `unknown_below`
+    (open set), a prediction whose confidence is below it is UNKNOWN."""
     import pyarrow as pa
 
     proba = logits.float().softmax(1).numpy() if len(logits) else np.empty((0, len(classes)), np.float32)
-    return pa.table(
-        {
-            "uri": index.uri.tolist(),
-            "image_id": index.image_id.tolist(),
-            "prediction": [classes[i] for i in proba.argmax(1)],
-            "confidence": proba.max(1).astype(np.float32) if len(proba) else np.empty(0, np.float32),
-        }
-    )
+    names = [classes[i] for i in proba.argmax(1)]
+    if unknown_below is not None:
+        names = [UNKNOWN if p < unknown_below else n for n, p in zip(names, proba.max(1), strict=True)]
+    columns = {
+        "uri": index.uri.tolist(),
+        "image_id": index.image_id.tolist(),
+        "prediction": names,
+        "confidence": proba.max(1).astype(np.float32) if len(proba) else np.empty(0, np.float32),
+    }
+    if probabilities:
+        flat = pa.array(proba.astype(np.float32).reshape(-1))
+        columns["probabilities"] = pa.FixedSizeListArray.from_arrays(flat, len(classes))
+    return pa.table(columns)

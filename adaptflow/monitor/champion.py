@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from adaptflow.adapt import validators
+from adaptflow.adapt import priors, validators
 from adaptflow.adapt.samples import shared_features, validation_sample
 from adaptflow.data.ingest import read_index
 from adaptflow.errors import StoreError
 from adaptflow.manifests import (
     Champion,
+    ClassMix,
     ExtractionPlan,
     IngestManifest,
     ModelScores,
@@ -89,15 +90,35 @@ def score_model(
         if known.any():
             predicted = target_logits.argmax(1).numpy()[known]
             accuracy = float((predicted == labels[known].map(code).to_numpy()).mean())
+    labels = torch.tensor(val.label.map(code).to_numpy())
+    estimate = priors.estimate(source_logits, labels, target_logits, len(card.classes), seed=seed)
+    mix = ClassMix(classes=card.classes, model=card.method, **estimate._asdict())
     return ModelScores(
         model_uri=model_uri,
         method=card.method,
         scores=scores,
         selection_score=registry.selection_score(scores, judged_by(policy, card.method)),
         target_accuracy=accuracy,
-        collapsed=validators.is_collapsed(target_logits, len(card.classes)),
+        collapsed=validators.is_collapsed(target_logits, len(card.classes), mix),
         n_target=len(tgt),
+        predicted_mix=priors.shares(target_logits.argmax(1).numpy(), len(card.classes)),
+        n_scored=len(tgt_sample),
+        class_mix=mix,
     )
+
+
+def reference_mix(
+    champion: Champion, features: ExtractionPlan, seed: int = 0, samples: int = 2000
+) -> tuple[list[float], int] | None:
+    """The champion's predicted class shares on (a seeded sample of at most `samples` of) the target images
+    it was trained with, and how many it predicted: what a class-mix change on a new batch is measured
+    against. None when those images are gone."""
+    if champion.reference_index_uri is None or not storage.exists(champion.reference_index_uri):
+        return None
+    model, card = load_model(champion.model_uri)
+    rows = validation_sample(storage.read_table(champion.reference_index_uri).to_pandas(), samples, seed)
+    logits, _ = infer(model, card, rows, features)
+    return priors.shares(logits.argmax(1).numpy(), len(card.classes)), len(rows)
 
 
 def judged_by(policy: list[str], *methods: str) -> list[str]:

@@ -7,14 +7,21 @@ Two numbers on backbone embeddings (L2-normalised, e.g. 1280-d), both label-free
 - `domain_classifier_auc`: how well a cross-validated logistic regression tells batch from reference,
   0.5 for indistinguishable and 1.0 for fully separable: the number to show a person.
 
-`check_shift` applies both to the new target batch against the champion's own target images, and adds
-the champion's score falling `monitor.score_drop` below its registered one: either sends a run on to retraining.
+A third asks about the classes rather than the pixels:
+
+- `class_mix_test`: does the champion predict another class mix on the new batch than on its own target
+  images (a chi-square test of homogeneity, and at least `monitor.min_mix_change` total variation)? A new
+  site that sees mostly one class is a shift even when every image looks like the old ones.
+
+`check_shift` applies them to the new target batch against the champion's own target images, and adds
+the champion's score falling `monitor.score_drop` below its registered one: any sends a run on to retraining.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.stats import chi2_contingency
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
@@ -28,6 +35,7 @@ from adaptflow.errors import DatasetError
 from adaptflow.extract.features import load_features
 from adaptflow.manifests import (
     Champion,
+    ClassMixChange,
     ExtractionPlan,
     IngestManifest,
     ModelScores,
@@ -150,6 +158,27 @@ def domain_classifier_auc(reference, batch, seed: int = 0, max_samples: int = 50
     return float(np.mean(cross_val_score(clf, x, y, cv=cv, scoring="roc_auc")))
 
 
+def class_mix_test(
+    before: list[float], n_before: int, after: list[float], n_after: int, alpha: float, min_change: float
+) -> ClassMixChange:
+    """Do two samples' predicted class shares (`before` over `n_before` images, `after` over `n_after`)
+    differ? Pearson's chi-square test of homogeneity on the counts (classes neither sample predicts left
+    out); detected when p < `alpha` and the total variation between the shares is at least `min_change`,
+    so that a large batch does not call a difference of a few images a shift."""
+    counts = np.round(np.array([np.asarray(before) * n_before, np.asarray(after) * n_after]))
+    counts = counts[:, counts.sum(0) > 0]
+    tv = 0.5 * float(np.abs(np.asarray(before) - np.asarray(after)).sum())
+    p = float(chi2_contingency(counts)[1]) if counts.shape[1] >= 2 and counts.sum(1).min() > 0 else 1.0
+    return ClassMixChange(
+        before=[float(v) for v in before],
+        after=[float(v) for v in after],
+        sizes=(n_before, n_after),
+        total_variation=tv,
+        p_value=p,
+        detected=p < alpha and tv >= min_change,
+    )
+
+
 def check_shift(
     champion: Champion,
     target: IngestManifest,
@@ -157,8 +186,11 @@ def check_shift(
     scores: ModelScores | None,
     cfg: MonitorConfig,
     seed: int = 0,
+    reference_mix: tuple[list[float], int] | None = None,
 ) -> ShiftManifest:
-    """Test the target batch against the champion's reference images, and the champion's score drop."""
+    """Test the target batch against the champion's reference images, and the champion's score drop;
+    with `reference_mix` (the champion's predicted class shares on its reference images, and how many
+    it predicted: `monitor.champion.reference_mix`), the class mix it predicts on the batch too."""
     test = auc = None
     untested = None  # why there is no test, when there is none
     if champion.reference_index_uri is None:
@@ -176,7 +208,12 @@ def check_shift(
     drop = None
     if scores is not None and champion.selection_score is not None:
         drop = champion.selection_score - scores.selection_score
-    shifted = test is not None and test.detected
+    mix = None
+    if cfg.class_mix and reference_mix is not None and scores is not None and scores.predicted_mix:
+        mix = class_mix_test(
+            reference_mix[0], reference_mix[1], scores.predicted_mix, scores.n_scored, cfg.alpha, cfg.min_mix_change
+        )
+    shifted = (test is not None and test.detected) or (mix is not None and mix.detected)
     degraded = scores is None or (drop is not None and drop > cfg.score_drop) or scores.collapsed
     reasons = []
     if untested:
@@ -185,6 +222,12 @@ def check_shift(
         reasons.append(
             f"MMD² {test.statistic:.4f}, p = {test.p_value:.3f} "
             f"{'<' if shifted else '>='} {cfg.alpha} (domain AUC {auc:.2f})"
+        )
+    if mix is not None:
+        reasons.append(
+            f"predicted class mix moved by {mix.total_variation:.3f} (total variation), p = {mix.p_value:.3f} "
+            f"{'<' if mix.p_value < cfg.alpha else '>='} {cfg.alpha}"
+            + ("" if mix.detected or mix.p_value >= cfg.alpha else f", below {cfg.min_mix_change}")
         )
     if scores is None:
         reasons.append("the champion cannot score this data (its classes differ)")
@@ -207,6 +250,7 @@ def check_shift(
         degraded=degraded,
         retrain=retrain,
         reason=f"{verdict}: " + "; ".join(reasons),
+        class_mix=mix,
     )
 
 

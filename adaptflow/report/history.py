@@ -57,6 +57,7 @@ class HistoryRow(BaseModel):
     decision: str  # "promoted", "rejected", "no shift", "failed", "completed" (no promotion step), ...
     reason: str
     champion_version: int | None  # the champion's version once this run was done
+    class_mix: str = ""  # the target's estimated class mix in brief, and how far the champion's predicted one moved
 
 
 def _at(d: object, *keys: str) -> object:
@@ -147,7 +148,24 @@ def _row(summary: dict) -> HistoryRow:
         decision=decision,
         reason=reason,
         champion_version=_champion(promotion, shift),
+        class_mix=_class_mix(summary.get("adaptation"), shift),
     )
+
+
+def _class_mix(adaptation: object, shift: dict) -> str:
+    """'0: 0.70 (source 0.10)' for the estimate's largest share, and 'moved 0.12' for the monitor's
+    class-mix test; '' when the summary has neither (a run of an earlier release)."""
+    parts = []
+    mix = _at(adaptation, "class_mix")
+    estimate, source, classes = (_at(mix, k) for k in ("estimate", "source", "classes"))
+    if isinstance(estimate, list) and isinstance(source, list) and isinstance(classes, list) and estimate:
+        i = max(range(len(estimate)), key=lambda k: _float(estimate[k]) or 0.0)
+        if i < len(source) and i < len(classes):
+            parts.append(f"{_str(classes[i])}: {_float(estimate[i]) or 0:.2f} (source {_float(source[i]) or 0:.2f})")
+    moved = _float(_at(shift, "class_mix", "total_variation"))
+    if moved is not None:
+        parts.append(f"moved {moved:.2f}" + (" (shift)" if _at(shift, "class_mix", "detected") is True else ""))
+    return "; ".join(parts)
 
 
 def rows_from_summaries(summaries: list[dict]) -> list[HistoryRow]:
@@ -214,6 +232,7 @@ def _runs_table(rows: list[HistoryRow]) -> str:
         "selection score",
         "shift MMD²",
         "shift p",
+        "class mix",
         "champion",
     ]
     body = [
@@ -229,6 +248,7 @@ def _runs_table(rows: list[HistoryRow]) -> str:
             num_cell(r.selection_score),
             num_cell(r.shift_statistic, ".3g"),
             num_cell(r.shift_p_value, ".3g"),
+            escape(r.class_mix),
             num_cell(r.champion_version),
         ]
         for r in rows

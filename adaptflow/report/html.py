@@ -348,6 +348,47 @@ def _domain_gap(report: dict) -> str:
     )
 
 
+def _class_mix(report: dict) -> str:
+    """The target's class mix: the source's shares, the estimate with its interval, and with target labels
+    (scoring only) the true shares, as a table and a bar chart."""
+    mix = report["class_mix"]
+    classes, source, estimate = mix["classes"], mix["source"], mix["estimate"]
+    low, high, true = mix["low"], mix["high"], mix.get("true")
+    head = ["class", "source share", "estimated target share", "interval"] + (["true target share"] if true else [])
+    rows = [
+        [escape(c), num_cell(source[i]), num_cell(estimate[i]), escape(f"{_num(low[i])} - {_num(high[i])}")]
+        + ([num_cell(true[i])] if true else [])
+        for i, c in enumerate(classes)
+    ]
+    fig = Figure(figsize=(max(5.0, 0.55 * len(classes) + 2), 3.2), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    x, w = np.arange(len(classes)), 0.8 / (3 if true else 2)
+    err = [np.subtract(estimate, low), np.subtract(high, estimate)]
+    ax.bar(x - w, source, w, label="source", color=_COLOURS["source"])
+    ax.bar(x, estimate, w, yerr=np.clip(err, 0, None), label="target (estimated)", color=_COLOURS["target"])
+    if true:
+        ax.bar(x + w, true, w, label="target (labels)", color="#6e7781")
+    ax.set(xticks=x, ylabel="share of images")
+    ax.set_xticklabels([mpl_text(c) for c in classes], rotation=45 if len(classes) > 12 else 0)
+    ax.legend(fontsize=8)
+    verdict = (
+        "The estimate differs from the source's mix: adaptation that aligns the target with the source's "
+        "balance is at risk, and selection checks the pick against it."
+        if mix.get("label_shift")
+        else "No clear difference from the source's mix."
+    )
+    return (
+        "<h2>Target class mix</h2>\n"
+        + html_table(head, rows)
+        + "\n"
+        + figure_img(fig, "class mix of source and target")
+        + f'\n<p class="note">Estimated without target labels by {escape(mix["method"])} from the outputs of '
+        f"{escape(mix.get('model') or 'the source-only model')} ({int(100 * mix['level'])}% bootstrap intervals). "
+        f"{verdict} When the target's images also look different from the source's, a source-only model's "
+        "mistakes can look like a class mix of their own: read it as evidence, not truth.</p>"
+    )
+
+
 def _embeddings(report: dict) -> str:
     panels = [(k, report["embeddings"][k]) for k in ("before", "after") if report["embeddings"].get(k)]
     if not panels:
@@ -393,6 +434,7 @@ _SECTIONS = (
     ("summary", _summary),
     ("candidates", _candidates),
     ("metrics", _metrics),
+    ("class_mix", _class_mix),
     ("domain_gap", _domain_gap),
     ("embeddings", _embeddings),
     ("curves", _curves),

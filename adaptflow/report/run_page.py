@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from adaptflow.adapt import domain_gap
+from adaptflow.adapt import domain_gap, priors
 from adaptflow.data.ingest import read_index
 from adaptflow.extract.features import load_features
 from adaptflow.manifests import (
@@ -87,6 +87,7 @@ def write_run_report(
             "reference_index": selection.reference_index,
         },
         "metrics": {"source_test": metrics["source_test"], "target": metrics.get("target")},
+        "class_mix": _class_mix(selection, metrics.get("target")),
         "domain_gap": gap,
         "embeddings": embeddings,
         "curves": {c.spec.name: c.curve for c in candidates},
@@ -94,6 +95,18 @@ def write_run_report(
     uri = storage.join(run_uri, "report.html")
     write_report(uri, report)
     return ReportManifest(report_uri=uri)
+
+
+def _class_mix(selection: SelectionManifest, target_metrics: dict | None) -> dict | None:
+    """The estimate for the page, with the true shares when target labels were given (scoring only)."""
+    mix = selection.class_mix
+    if mix is None:
+        return None
+    true = None
+    if target_metrics and target_metrics.get("n"):
+        support = [target_metrics["per_class"].get(c, {}).get("support", 0) for c in mix.classes]
+        true = [s / max(sum(support), 1) for s in support]
+    return {**mix.model_dump(exclude={"work", "schema_version"}), "true": true, "label_shift": priors.label_shift(mix)}
 
 
 def _frozen_sample(dataset: IngestManifest, features: ExtractionPlan, seed: int) -> np.ndarray:

@@ -174,6 +174,7 @@ def _adaptation(selection: SelectionManifest, candidates: list[CandidateManifest
         oracle_target_accuracy=oracle.target_accuracy if oracle else None,
         selected_target_accuracy=selected_acc,
         regret=(oracle.target_accuracy - selected_acc) if oracle and selected_acc is not None else None,
+        class_mix=selection.class_mix.model_copy(update={"work": None}) if selection.class_mix else None,
         candidates=[
             CandidateSummary(
                 name=c.spec.name,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from adaptflow.manifests import RunSummary, StageStats
+from adaptflow.manifests import ClassMix, RunSummary, StageStats
 
 
 def metrics_rows(summary: RunSummary) -> list[dict]:
@@ -32,6 +32,8 @@ def headline(summary: RunSummary) -> list[str]:
         lines.append("no retraining: the champion stays")
         return lines
     a = summary.adaptation
+    if a.class_mix is not None:
+        lines.append(class_mix_line(a.class_mix))
     lines.append(f"selected: {a.selected} ({a.reason})")
     if not a.confident:
         lines.append(f"low confidence: {a.confidence}")
@@ -55,6 +57,26 @@ def headline(summary: RunSummary) -> list[str]:
                 f"v{p.stand_in_version} and promoted to champion in its place"
             )
     return lines
+
+
+def class_mix_line(mix: ClassMix, top: int = 3) -> str:
+    """The estimated target class mix in one line: its largest shares beside the source's, and whether it
+    differs from the source's (`adapt.priors.label_shift`)."""
+    from adaptflow.adapt.priors import label_shift, total_variation
+
+    order = sorted(range(len(mix.classes)), key=lambda i: -mix.estimate[i])[:top]
+    shares = ", ".join(
+        f"{mix.classes[i]} {fmt(mix.estimate[i])} [{fmt(mix.low[i])}-{fmt(mix.high[i])}] (source {fmt(mix.source[i])})"
+        for i in order
+    )
+    absent = [mix.classes[i] for i in range(len(mix.classes)) if mix.high[i] < 0.01]
+    verdict = "differs from the source's" if label_shift(mix) else "no clear difference from the source's"
+    tail = f"; absent: {', '.join(absent)}" if absent else ""
+    return (
+        f"target class mix (estimated by {mix.method} from {mix.model or 'the source-only model'}, "
+        f"{int(mix.level * 100)}% intervals): {shares}{tail}; {verdict} (total variation "
+        f"{fmt(total_variation(mix.estimate, mix.source))})"
+    )
 
 
 def render_markdown(summary: RunSummary) -> str:
