@@ -173,8 +173,14 @@ def train_candidates(prepared: dict, cfg) -> list[CandidateManifest]:
     def stop(c: CandidateManifest, rung: int) -> CandidateManifest:
         return adaptation.stop_candidate(c, rung, str(prepared["run"] / "candidates" / c.spec.name))
 
+    prior = adaptation.training_prior(prepared["source"])
     return halving.successive_halving(
-        planning.plan_candidates(cfg, cuda=False), train, stop, cfg.adapt.policy, planning.budget(cfg).halving
+        planning.plan_candidates(cfg, cuda=False),
+        train,
+        stop,
+        cfg.adapt.policy,
+        planning.budget(cfg).halving,
+        lambda rung: adaptation.class_mix(rung, cfg.adapt.class_mix, cfg.seed, prior),
     )
 
 
@@ -282,11 +288,16 @@ def main(args) -> None:
         results[name] = {p: evaluate(candidates, policy, mix) for p, policy in POLICIES.items()}
         if mix is not None:
             truth = true_mix(prepared["target_labels"], mix.classes)
+            pool = adaptation.selection_candidates(finished)
+            estimator = max(
+                (i for i, c in enumerate(pool) if c.source_only), key=lambda i: pool[i].scores["source_val_acc"]
+            )
             print(
                 f"  class mix: estimated {_top(mix.estimate, mix.classes)}, true {_top(truth, mix.classes)}; total "
                 f"variation from the truth {priors.total_variation(mix.estimate, truth):.3f}, the truth's from the "
                 f"source {priors.total_variation(truth, mix.source):.3f}; label shift estimated: "
-                f"{'yes' if priors.label_shift(mix) else 'no'}",
+                f"{'yes' if priors.label_shift(mix) else 'no'}, credible (rule 4 speaks): "
+                f"{'yes' if selection.credible(pool[estimator], mix) else 'no'}",
                 flush=True,
             )
         dumped[name] = [

@@ -96,11 +96,13 @@ def train_candidates(
             works.setdefault(c.spec.name, []).append(c.work)
         return results
 
+    prior = adaptation.training_prior(source)
     trained = halving.successive_halving(
         specs,
         train_all,
         lambda c, rung: stop_candidate(c, rung, candidates_uri),
         cfg.adapt.policy,
         plan.budget(cfg).halving,
+        lambda rung: adaptation.class_mix(rung, cfg.adapt.class_mix, cfg.seed, prior),
     )
     return [c.model_copy(update={"work": accounting.merge(works[c.spec.name])}) for c in trained]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from adaptflow.adapt import selection
 from adaptflow.adapt.candidates import selection_candidates
-from adaptflow.manifests import CandidateManifest, CandidateSpec
+from adaptflow.manifests import CandidateManifest, CandidateSpec, ClassMix
 
 
 def halving_rungs(steps: int, candidates: int, eta: int) -> list[int]:
@@ -26,6 +26,7 @@ def successive_halving(
     stop: Callable[[CandidateManifest, int], CandidateManifest],
     policy: list[str],
     eta: int,
+    estimate: Callable[[list[CandidateManifest]], ClassMix | None] | None = None,
 ) -> list[CandidateManifest]:
     """Train every candidate: features-mode ones to the end at once, images-mode ones in rungs
     (`halving_rungs`): all to the first rung's steps, then the best 1/eta of them by the selection policy
@@ -36,7 +37,9 @@ def successive_halving(
     rungs beside the racers, so that every rung has work for more than one worker (trained alone to the
     end in the first rung, it left the last rung's survivor alone on the machine).
     `train(specs, untils)` trains each spec up to its step (None: the end) — a loop here, a map over
-    Prefect tasks in a flow; `stop` records a candidate left behind. Returns the candidates in `specs` order."""
+    Prefect tasks in a flow; `stop` records a candidate left behind; `estimate` gives the target's class
+    mix from a rung's candidates (`candidates.class_mix`), which the ranking reads as selection does.
+    Returns the candidates in `specs` order."""
     images = [s for s in specs if s.mode == "images" and s.method != "source_only"]
     reference = [s for s in specs if s.mode == "images" and s.method == "source_only"]
     rungs = halving_rungs(max((s.steps for s in images), default=0), len(images), eta)
@@ -51,7 +54,9 @@ def successive_halving(
         racing = [c for c in results if c.spec in images]
         if last:
             break
-        keep = survivors(racing, policy, math.ceil(len(racing) / eta))
+        mix = estimate(results) if estimate is not None else None
+        ref = next((c for c in results if c.spec in reference), None)
+        keep = survivors(racing, policy, math.ceil(len(racing) / eta), mix, ref)
         for i, c in enumerate(racing):
             if i not in keep:
                 done[c.spec.name] = stop(c, rung)
@@ -59,11 +64,26 @@ def successive_halving(
     return [done[s.name] for s in specs]
 
 
-def survivors(candidates: list[CandidateManifest], policy: list[str], keep: int) -> list[int]:
+def survivors(
+    candidates: list[CandidateManifest],
+    policy: list[str],
+    keep: int,
+    mix: ClassMix | None = None,
+    reference: CandidateManifest | None = None,
+) -> list[int]:
     """Indices of the `keep` best candidates by the selection policy's ranks (`adapt.selection`): healthy
-    ones first, a collapsed one only if nothing else is left."""
-    pool = selection_candidates(candidates)
+    ones first, a collapsed one only if nothing else is left; with the target's class mix `mix` where it is
+    credible (`selection.judged_by_mix`, judged against the source-only `reference`), judged against it as
+    selection judges them, those rule 4 would skip after the rest."""
+    pool = selection_candidates(candidates + ([reference] if reference is not None else []))
+    pool, mix = selection.judged_by_mix(pool, mix)
+    ref = pool[-1] if reference is not None else None
+    pool = pool[: len(candidates)]
+    pulled = {i for i, c in enumerate(pool) if (selection.mix_pull(c, ref, mix) or 0.0) > selection.MAX_MIX_PULL}
     alive = [i for i, c in enumerate(pool) if not c.collapsed] or list(range(len(pool)))
     ranks = selection.mean_ranks(pool, alive, policy)
-    order = sorted(range(len(candidates)), key=lambda i: (i not in alive, selection.preference(pool[i], ranks[i], i)))
+    order = sorted(
+        range(len(candidates)),
+        key=lambda i: (i not in alive, i in pulled, selection.preference(pool[i], ranks[i], i)),
+    )
     return sorted(order[:keep])

@@ -114,10 +114,8 @@ def select(
         raise ValueError("select needs at least one candidate")
     for name in policy:
         get_validator(name)  # an unknown name fails here, listing the valid ones
+    candidates, mix = judged_by_mix(candidates, mix)
     acc = [finite_or_lowest(c.scores.get("source_val_acc", math.nan)) for c in candidates]
-    mix = mix if _credible_estimate(candidates, acc, mix) else None
-    if mix is not None:  # the target's class mix is known: skew it expects is no collapse, nor IM's diversity
-        candidates = [_judged_by_mix(c, mix) for c in candidates]
     alive = [i for i, c in enumerate(candidates) if not c.collapsed]
     if not alive:
         best = max(range(len(candidates)), key=lambda i: (acc[i], -i))
@@ -150,7 +148,7 @@ def select(
         if worse and drop > MAX_SOURCE_DROP:
             skipped.append(f"{candidates[i].name} ({drop:.3f} lower, p = {p:.3f})")
             continue
-        pull = _mix_pull(candidates[i], None if i == reference or reference is None else candidates[reference], mix)
+        pull = mix_pull(candidates[i], None if i == reference or reference is None else candidates[reference], mix)
         if pull is not None and pull > MAX_MIX_PULL:
             target_skipped.append(f"{candidates[i].name} ({pull:+.3f})")
             continue
@@ -276,7 +274,7 @@ def _confidence(
                 against.append(f"source_val_acc {a:.3f} < {b:.3f} (p = {p:.3f})")
         elif a < b:
             against.append(f"{n} {a:.3f} < {b:.3f}")
-    pull = _mix_pull(chosen, ref, mix)
+    pull = mix_pull(chosen, ref, mix)
     if pull is not None and pull > MIX_NOISE:
         against.append(f"the target's estimated class mix (the pick predicts one {pull:.3f} further from it)")
     if against:
@@ -284,11 +282,16 @@ def _confidence(
     return True, (f"no worse than source-only {ref.name} on any validator that may judge it ({', '.join(judged)})")
 
 
-def _credible_estimate(candidates: Sequence[Candidate], acc: list[float], mix: priors.Mix | None) -> bool:
-    """Is `mix` credible as estimated by its model: the source-only candidate with the best source_val_acc,
-    collapsed or not (a true 70% skew looks collapsed to the rule that knows no estimate)?"""
+def judged_by_mix(candidates: Sequence[Candidate], mix: priors.Mix | None) -> tuple[list[Candidate], priors.Mix | None]:
+    """`candidates` as selection judges them with the target's estimated class mix `mix`, and `mix` itself,
+    where it is credible as estimated by its model (the source-only candidate with the best source_val_acc,
+    collapsed or not: a true 70% skew looks collapsed to the rule that knows no estimate): each judged by
+    `_judged_by_mix`. Where it is not, `candidates` unchanged and None."""
     pool = [i for i, c in enumerate(candidates) if c.source_only]
-    return bool(pool) and credible(candidates[max(pool, key=lambda i: (acc[i], -i))], mix)
+    acc = [finite_or_lowest(c.scores.get("source_val_acc", math.nan)) for c in candidates]
+    if not pool or not credible(candidates[max(pool, key=lambda i: (acc[i], -i))], mix):
+        return list(candidates), None
+    return [_judged_by_mix(c, mix) for c in candidates], mix
 
 
 def _judged_by_mix(c: Candidate, mix: priors.Mix) -> Candidate:
@@ -316,7 +319,7 @@ def credible(reference: Candidate, mix: priors.Mix | None) -> bool:
     return abs(float(reference.target_proba.max(1).mean()) - expected) <= CONFIDENCE_GAP and priors.label_shift(mix)
 
 
-def _mix_pull(a: Candidate, reference: Candidate | None, mix: priors.Mix | None) -> float | None:
+def mix_pull(a: Candidate, reference: Candidate | None, mix: priors.Mix | None) -> float | None:
     """How much further `a`'s predicted class mix on the target is from the estimated one than the
     reference's (total variation); None where rule 4 is silent (no credible estimate, no outputs)."""
     if reference is None or a.target_proba is None or not credible(reference, mix):
