@@ -299,3 +299,46 @@ def test_relative_dataset_paths_are_recorded_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     m = ingest("data", "target", str(tmp_path / "out"), CFG)
     assert m.dataset_uri == str(tmp_path / "data") and list(_index(m).uri) == [str(tmp_path / "data" / "a.png")]
+
+
+def test_an_imagefolder_source_trains_its_classes_in_its_splits(tmp_path):
+    """Hugging Face's imagefolder and torchvision lay data sets out as <split>/<class>/<image>: the classes
+    are the inner folders (never `train` and `test`), each image keeps its folder's split, and a split the
+    layout lacks (here val) is drawn from train as it would be without split folders."""
+    root = tmp_path / "hf"
+    files = {f"train/{c}/{i}.png": _image(10 * k + i) for k, c in enumerate(["cat", "dog"]) for i in range(8)}
+    files |= {f"test/{c}/{i}.png": _image(100 + 10 * k + i) for k, c in enumerate(["cat", "dog"]) for i in range(3)}
+    files |= {"README.md": b"# a dataset card"}
+    _write(root, files)
+    m = ingest(str(root), "source", str(tmp_path / "out"), IngestConfig(workers=2, val_fraction=0.3, test_fraction=0.2))
+    df = _index(m)
+    assert m.classes == ["cat", "dog"] and len(df) == 22
+    tested = df[df.uri.str.contains("/test/")]
+    assert set(tested.split) == {"test"} and len(tested) == 6
+    trained = df[df.uri.str.contains("/train/")]
+    assert set(trained.split) <= {"train", "val"} and "val" in set(trained.split)  # no test carved: it has a folder
+    assert _reasons(m) == {f"{root}/README.md": "file outside split folders"}
+    capital = tmp_path / "caps"  # names are matched case-insensitively, "validation" is val
+    _write(capital, {"Train/a/1.png": _image(1), "Train/b/2.png": _image(2), "Validation/a/3.png": _image(3)})
+    df = _index(ingest(str(capital), "source", str(tmp_path / "out2"), CFG))
+    assert dict(zip(df.uri.str.rsplit("/", n=1).str[-1], df.split, strict=True))["3.png"] == "val"
+    assert set(df.label) == {"a", "b"}
+
+
+def test_a_flat_target_in_split_folders_is_unlabeled_and_mixed_layouts_are_refused(tmp_path):
+    flat = tmp_path / "flat"
+    _write(flat, {"train/1.png": _image(1), "test/2.png": _image(2)})
+    df = _index(ingest(str(flat), "target", str(tmp_path / "o1"), CFG))
+    assert df.label.isna().all() and set(df.split) <= {"train", "val", "test"} and len(df) == 2
+    mixed = tmp_path / "mixed"
+    _write(mixed, {"train/cat/1.png": _image(1), "dogs/2.png": _image(2)})
+    with pytest.raises(DatasetError, match=r"mixes split folders \(train\) with other folders \(dogs\)"):
+        ingest(str(mixed), "source", str(tmp_path / "o2"), CFG)
+    half = tmp_path / "half"
+    _write(half, {"train/cat/1.png": _image(1), "test/2.png": _image(2)})
+    with pytest.raises(DatasetError, match="some split folders hold class folders and others loose images"):
+        ingest(str(half), "source", str(tmp_path / "o3"), CFG)
+    nested = tmp_path / "nested"
+    _write(nested, {"train/test/cat/1.png": _image(1)})
+    with pytest.raises(DatasetError, match="holds split folders of its own"):
+        ingest(str(nested), "source", str(tmp_path / "o4"), CFG)

@@ -5,6 +5,11 @@ Three layouts are recognised from what `dataset_uri` names:
 - a `.csv` or `.parquet` file: a manifest with a `uri` column (absolute, or relative to the
   manifest's folder) and optional `label` and `split` columns;
 - a folder holding sub-folders with files in them: a class-folder tree `root/<class>/.../<image>`;
+- a folder whose sub-folders are all split names (`train`, `test`, `val`, `valid`, `validation`, as
+  Hugging Face's `imagefolder` and torchvision lay data sets out): `root/<split>/<class>/.../<image>`,
+  each image in its folder's split; a split folder of loose images (no class folders) holds unlabeled
+  images, and split names beside other folder names are an error that says so (never classes named
+  `train` and `test`);
 - any other folder: a flat folder of unlabeled images (an empty sub-folder, even one named like an
   image, `x.png/`, holds nothing to ingest and does not make the folder a class tree).
 A bad file never stops the run; only a dataset with no valid image at all is an error. A reason never
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 SPLITS = ("train", "val", "test")
+# Folder names read as splits (imagefolder, torchvision), case-insensitively, and the split each one is
+SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -59,11 +66,13 @@ REJECTS_SCHEMA = pa.schema(
 
 
 class _Entry(NamedTuple):
-    """One file a layout lists; `split` is None unless a manifest fixes it."""
+    """One file a layout lists; `split` is None unless a manifest or a split folder fixes it. `carve`: the
+    splits a layout lacks, drawn from this `train` image's hash as they would be without split folders."""
 
     uri: str
     label: str | None
     split: str | None = None
+    carve: tuple[str, ...] = ()
 
 
 class _Checked(NamedTuple):
@@ -153,7 +162,7 @@ def _first(reject: _Reject) -> str:
 # Listing: each layout returns the files to check and the rows it already refuses.
 
 
-def _list_dataset(uri: str) -> tuple[list[_Entry], list[_Reject]]:
+def _list_dataset(uri: str, in_split: bool = False) -> tuple[list[_Entry], list[_Reject]]:
     if not storage.exists(uri):
         raise DatasetError(f"dataset not found: {uri}")
     if storage.isfile(uri):
@@ -165,8 +174,43 @@ def _list_dataset(uri: str) -> tuple[list[_Entry], list[_Reject]]:
         if child["type"] == "directory" and (files := _find(storage.join(uri, name))):
             folders[name] = files
     if folders:
+        splits = {name: SPLIT_FOLDERS[name.lower()] for name in folders if name.lower() in SPLIT_FOLDERS}
+        if splits and len(splits) < len(folders):
+            raise DatasetError(
+                f"{uri} mixes split folders ({', '.join(sorted(splits))}) with other folders "
+                f"({', '.join(sorted(set(folders) - set(splits)))}): lay it out as <split>/<class>/<image> or "
+                "as <class>/<image>, not both (a folder named like a split is never taken for a class)"
+            )
+        if splits and in_split:
+            raise DatasetError(f"{uri} holds split folders of its own: one level of <split>/ folders only")
+        if splits:
+            return _list_split_tree(uri, children, splits)
         return _list_class_tree(uri, children, folders)
     return [_Entry(u, None) for u in _find(uri)], []
+
+
+def _list_split_tree(uri: str, children: list[dict], splits: dict[str, str]) -> tuple[list[_Entry], list[_Reject]]:
+    """`root/<split>/<class>/...`: each split folder read as a class tree (or, with loose images only, a
+    flat folder of unlabeled ones), every image in its folder's split."""
+    entries, rejects = [], []
+    for name, split in sorted(splits.items()):
+        folder = storage.join(uri, name)
+        inner, refused = _list_dataset(folder, in_split=True)
+        entries += [e._replace(split=split) for e in inner]
+        rejects += refused
+    rejects += [
+        (storage.join(uri, posixpath.basename(c["name"].rstrip("/"))), "file outside split folders", None)
+        for c in children
+        if c["type"] != "directory"
+    ]
+    labelled = {e.split for e in entries if e.label is not None}
+    if labelled and len(labelled) < len({e.split for e in entries}):
+        raise DatasetError(
+            f"{uri}: some split folders hold class folders and others loose images; give every split its "
+            "<class>/ folders (or none)"
+        )
+    missing = tuple(s for s in ("val", "test") if s not in splits.values())  # carved from train, by hash
+    return [e._replace(carve=missing) if e.split == "train" else e for e in entries], rejects
 
 
 def _list_class_tree(
@@ -362,7 +406,7 @@ def _index_row(c: _Checked, domain: str, cfg: IngestConfig, seed: int) -> dict:
         "uri": c.entry.uri,
         "label": c.entry.label,
         "domain": domain,
-        "split": c.entry.split or _split_of(c.image_id, cfg, seed),
+        "split": _carved(c, cfg, seed) if c.entry.carve else c.entry.split or _split_of(c.image_id, cfg, seed),
         "width": c.width,
         "height": c.height,
         "format": c.format,
@@ -376,6 +420,12 @@ def _split_of(image_id: str, cfg: IngestConfig, seed: int) -> str:
     if u < cfg.test_fraction:
         return "test"
     return "val" if u < cfg.test_fraction + cfg.val_fraction else "train"
+
+
+def _carved(c: _Checked, cfg: IngestConfig, seed: int) -> str:
+    """A `train` folder's image: in the split its hash draws when that split has no folder of its own."""
+    drawn = _split_of(c.image_id, cfg, seed)
+    return drawn if drawn in c.entry.carve else "train"
 
 
 def _fingerprint(rows: list[dict]) -> str:
