@@ -282,6 +282,11 @@ class PromotionConfig(_Section):
         description="let a pick that selection is not confident about replace a champion (or become the "
         "first one); false: it stays challenger, and with no champion the source-only reference is promoted",
     )
+    allow_class_change: bool = Field(
+        False,
+        description="let a model that predicts other classes than the champion's replace it; false: it stays "
+        "challenger, with the classes lost and gained as the reason",
+    )
     policy: list[str] = Field(
         default_factory=lambda: ["source_val_acc", "im", "bnm"],
         min_length=1,

@@ -342,3 +342,47 @@ def test_a_flat_target_in_split_folders_is_unlabeled_and_mixed_layouts_are_refus
     _write(nested, {"train/test/cat/1.png": _image(1)})
     with pytest.raises(DatasetError, match="holds split folders of its own"):
         ingest(str(nested), "source", str(tmp_path / "o4"), CFG)
+
+
+def test_a_named_pipe_is_a_reject_not_a_hang(tmp_path):
+    """Reading a FIFO blocks until a writer comes: ingest must never open one (issue 23: `pipe.png` hung it)."""
+    import os
+
+    root = tmp_path / "flat"
+    _write(root, {"a.png": _image(1), "b.png": _image(2)})
+    os.mkfifo(root / "pipe.png")
+    m = ingest(str(root), "target", str(tmp_path / "out"), CFG)
+    assert m.n_images == 2
+    assert _reasons(m) == {f"{root}/pipe.png": "not a regular file (a named pipe, socket or device)"}
+    tree = tmp_path / "tree"
+    _write(tree, {"cat/a.png": _image(3), "dog/b.png": _image(4)})
+    os.mkfifo(tree / "dog" / "pipe.png")
+    assert _reasons(ingest(str(tree), "source", str(tmp_path / "out2"), CFG)) == {
+        f"{tree}/dog/pipe.png": "not a regular file (a named pipe, socket or device)"
+    }
+
+
+def test_a_folder_that_cannot_be_read_is_a_reject_not_a_vanished_class(tmp_path, monkeypatch):
+    """A class folder the process may not list used to disappear: the source lost a class, the report said
+    "0 rejected" and the smaller model was promoted (issue 23). (Tests run as root, whom permissions do
+    not stop: the listing is made to fail as it does for another user.)"""
+    from fsspec.implementations.local import LocalFileSystem
+
+    root = tmp_path / "data"
+    _write(
+        root, {"cat/a.png": _image(1), "dog/b.png": _image(2), "bird/c.png": _image(3), "bird/deep/d.png": _image(4)}
+    )
+    _write(tmp_path / "flat", {"x.png": _image(5), "locked/y.png": _image(6)})
+    listing = LocalFileSystem.ls
+
+    def ls(self, path, detail=False, **kwargs):
+        if str(path).rstrip("/").endswith(("/bird", "/locked")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(self, path, detail=detail, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "ls", ls)
+    m = ingest(str(root), "source", str(tmp_path / "out"), CFG)
+    assert m.classes == ["cat", "dog"] and m.n_rejected == 1
+    assert _reasons(m) == {f"{root}/bird": "folder cannot be read (PermissionError: Permission denied)"}
+    flat = ingest(str(tmp_path / "flat"), "target", str(tmp_path / "out2"), CFG)
+    assert flat.n_images == 1 and list(_reasons(flat)) == [f"{tmp_path}/flat/locked"]

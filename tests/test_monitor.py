@@ -156,6 +156,46 @@ def test_a_low_confidence_pick_never_replaces_a_champion_and_a_source_only_one_s
     assert not fourth.promoted and fourth.reason.startswith("selection score")
 
 
+def test_a_champion_is_never_replaced_by_a_model_of_other_classes(store, fast_config, tmp_path):
+    """A class folder that could not be read, a class renamed: a model that predicts other classes than the
+    champion's stays challenger whatever its numbers, unless the user says so."""
+    from adaptflow.manifests import SelectionManifest
+    from adaptflow.models import registry
+    from adaptflow.store import storage
+
+    src, tgt, plan, head = store
+    reg, policy, datasets = str(tmp_path / "registry"), fast_config.promotion.policy, {"source": src, "target": tgt}
+    scores = score_model(head.model_uri, src, tgt, None, plan, policy)
+    sure = SelectionManifest(
+        index=0, name="head", reason="r", policy=policy, model_uri=head.model_uri, oracle_index=None, confident=True
+    )
+    first = register_and_gate(reg, "r1", sure, datasets, plan, fast_config, scores, None, 0.9)
+    assert first.promoted and first.champion_after == 1  # the full class set is champion
+    fewer = str(tmp_path / "fewer")  # the same model, its card naming one class less (a folder went missing)
+    for name in ("weights.safetensors", "model.json"):
+        storage.write_bytes(f"{fewer}/{name}", storage.read_bytes(f"{head.model_uri}/{name}"))
+    card = storage.read_json(f"{fewer}/model.json")
+    storage.write_json(f"{fewer}/model.json", {**card, "classes": card["classes"][:-1]})
+    better = scores.model_copy(
+        update={
+            "model_uri": fewer,
+            "scores": {k: v + 0.5 for k, v in scores.scores.items()},
+            "selection_score": scores.selection_score + 0.5,
+        }
+    )
+    pick = sure.model_copy(update={"model_uri": fewer})
+    second = register_and_gate(reg, "r2", pick, datasets, plan, fast_config, better, None, 0.9)
+    lost = card["classes"][-1]
+    assert not second.promoted and registry.aliases(reg) == {"champion": 1, "challenger": 2}
+    assert second.reason.startswith(f"classes changed: champion v1 predicts {len(card['classes'])} classes, this model")
+    assert f"(without {lost})" in second.reason and "promotion.allow_class_change: true" in second.reason
+    opted = fast_config.model_copy(
+        update={"promotion": fast_config.promotion.model_copy(update={"allow_class_change": True})}
+    )
+    third = register_and_gate(reg, "r3", pick, datasets, plan, opted, better, None, 0.9)
+    assert third.promoted and registry.aliases(reg)["champion"] == 3
+
+
 def test_the_gate_judges_neither_model_by_what_it_optimised():
     assert judged_by(["source_val_acc", "im", "bnm"], "dann", "head") == ["source_val_acc", "im", "bnm"]
     assert judged_by(["source_val_acc", "im", "bnm"], "dann", "im") == ["source_val_acc"]

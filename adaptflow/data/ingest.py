@@ -169,9 +169,10 @@ def _list_dataset(uri: str, in_split: bool = False) -> tuple[list[_Entry], list[
         return _list_manifest(uri, storage.filesystem(uri)[1])
     children = [c for c in storage.ls(uri) if not _hidden(c["name"])]
     folders = {}  # class name -> the files under it; folders with no (visible) file in them count for nothing
+    refused: list[_Reject] = []  # what the class folders hold that cannot be read
     for child in children:
         name = posixpath.basename(child["name"].rstrip("/"))
-        if child["type"] == "directory" and (files := _find(storage.join(uri, name))):
+        if child["type"] == "directory" and (files := _find(storage.join(uri, name), refused)):
             folders[name] = files
     if folders:
         splits = {name: SPLIT_FOLDERS[name.lower()] for name in folders if name.lower() in SPLIT_FOLDERS}
@@ -184,9 +185,11 @@ def _list_dataset(uri: str, in_split: bool = False) -> tuple[list[_Entry], list[
         if splits and in_split:
             raise DatasetError(f"{uri} holds split folders of its own: one level of <split>/ folders only")
         if splits:
-            return _list_split_tree(uri, children, splits)
-        return _list_class_tree(uri, children, folders)
-    return [_Entry(u, None) for u in _find(uri)], []
+            return _list_split_tree(uri, children, splits)  # each split folder is listed again on its own
+        entries, rejects = _list_class_tree(uri, children, folders)
+        return entries, rejects + refused
+    refused = []
+    return [_Entry(u, None) for u in _find(uri, refused)], refused
 
 
 def _list_split_tree(uri: str, children: list[dict], splits: dict[str, str]) -> tuple[list[_Entry], list[_Reject]]:
@@ -225,17 +228,28 @@ def _list_class_tree(
     return entries, rejects
 
 
-def _find(folder_uri: str) -> list[str]:
-    """URIs of the files anywhere under `folder_uri`, written like it, hidden ones left out."""
+def _find(folder_uri: str, rejects: list[_Reject] | None = None) -> list[str]:
+    """URIs of the regular files anywhere under `folder_uri`, written like it, hidden ones left out. What
+    must not or cannot be read is appended to `rejects` with its reason: a named pipe, socket or device
+    (reading one blocks or never ends), and a folder that cannot be listed (its files would vanish
+    without a word)."""
     fs, folder = storage.filesystem(folder_uri)
     prefix = folder.rstrip("/") + "/"
+    found, unreadable = storage.walk_files(folder_uri)
     uris = []
-    for path in storage.find(folder_uri):
+    for path, kind in found.items():
         rel = path[len(prefix) :] if path.startswith(prefix) else None
-        if rel is None:  # not under the folder as listed (a link, say): fall back to fsspec's own URI
-            uris.append(storage.to_uri(fs, path, folder_uri))
-        elif not any(part.startswith(".") for part in rel.split("/")):
-            uris.append(storage.join(folder_uri, rel))
+        if rel is not None and any(part.startswith(".") for part in rel.split("/")):
+            continue
+        uri = storage.join(folder_uri, rel) if rel is not None else storage.to_uri(fs, path, folder_uri)
+        if kind == "file":
+            uris.append(uri)
+        elif rejects is not None:
+            rejects.append((uri, "not a regular file (a named pipe, socket or device)", None))
+    if rejects is not None:
+        rejects += [
+            (storage.to_uri(fs, p, folder_uri), f"folder cannot be read ({why})", None) for p, why in unreadable.items()
+        ]
     return uris
 
 

@@ -13,6 +13,7 @@ from adaptflow.manifests import (
     SelectionManifest,
 )
 from adaptflow.models import registry
+from adaptflow.models.card import load_card
 from adaptflow.monitor.champion import judged_by, score_model
 
 
@@ -45,6 +46,9 @@ def register_and_gate(
     held = (
         None if selection.confident or cfg.promotion.allow_low_confidence else f"low confidence: {selection.confidence}"
     )
+    changed = _class_change(store, challenger.model_uri)
+    if changed and not cfg.promotion.allow_class_change:
+        held = f"{changed}; set promotion.allow_class_change: true to let it replace the champion"
     rescored = ours = None
     if champion is not None:
         common = judged_by(policy, challenger.method, champion.method)
@@ -74,6 +78,25 @@ def register_and_gate(
         champion_after=registry.aliases(store).get(registry.CHAMPION),
         compared=decision.compared,
         stand_in_version=stand_in,
+    )
+
+
+def _class_change(store: str, model_uri: str) -> str | None:
+    """How the classes of the model at `model_uri` differ from the champion's, in words; None when they are
+    the same or there is no champion. A model that predicts other classes cannot be compared with the
+    champion on one data set, and a class that disappeared from the source (a folder the process could not
+    read, say) must not quietly leave production."""
+    if registry.CHAMPION not in registry.aliases(store):
+        return None
+    champion = registry.resolve(store, registry.CHAMPION)
+    before, after = load_card(champion.model_uri).classes, load_card(model_uri).classes
+    if before == after:
+        return None
+    lost, new = sorted(set(before) - set(after)), sorted(set(after) - set(before))
+    parts = [f"without {', '.join(lost)}" if lost else "", f"with {', '.join(new)}" if new else ""]
+    return (
+        f"classes changed: champion v{champion.version} predicts {len(before)} classes, this model {len(after)} "
+        f"({'; '.join(p for p in parts if p) or 'in another order'})"
     )
 
 
