@@ -379,9 +379,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder; give the path of a YAML file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not text (not UTF-8): give the path of a YAML file") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
@@ -408,7 +414,14 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
-    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise ConfigError(
+            f"--set {key}: the value {raw!r} is not valid YAML ({problem}); quote it for a string, "
+            "e.g. --set 'adapt.hparams={lambda: 0.5}'"
+        ) from None
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -48,3 +48,24 @@ def test_malformed_yaml_files(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_config_path_that_is_no_yaml_file_is_one_clear_line(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match=r"is not text \(not UTF-8\): give the path of a YAML file"):
+        load_config(tmp_path / "binary.yaml")
+    with pytest.raises(ConfigError, match="is a folder; give the path of a YAML file"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("adapt.seeds=[1,2", "--set adapt.seeds: the value '[1,2' is not valid YAML (expected ',' or ']'"),
+        ("adapt.hparams=!!python/object:os.system", "could not determine a constructor for the tag"),
+    ],
+)
+def test_a_set_value_that_is_not_yaml_is_one_clear_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "quote it for a string" in str(err.value)

@@ -168,3 +168,10 @@ def test_a_held_version_is_not_promoted_whatever_its_numbers(store):
     # the comparison may use metrics other than the registered ones (e.g. on validators both may be judged by)
     decision = registry.gate(store, 3, _metrics(0.30), margin=0.0, challenger_metrics=_metrics(0.5))
     assert decision.promoted and decision.compared["challenger"] == 0.5
+
+
+@pytest.mark.parametrize("content", [[1, 2], {"champion": "abc"}, {"aliases": {"champion": "abc"}}, {"aliases": [1]}])
+def test_an_aliases_file_of_the_wrong_shape_is_a_store_error_that_says_what_to_do(store, content):
+    storage.write_json(storage.join(store, "registry", "aliases.json"), content)
+    with pytest.raises(StoreError, match="is not a registry's aliases file .* remove it to start the aliases afresh"):
+        registry.aliases(store)

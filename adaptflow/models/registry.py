@@ -352,10 +352,22 @@ def _read_aliases(store: str) -> dict:
     if not storage.exists(uri):
         return {"aliases": {}, "history": {}}
     data = storage.read_json(uri)
-    return {
-        "aliases": dict(data.get("aliases", {})),
-        "history": {k: list(v) for k, v in data.get("history", {}).items()},
-    }
+    aliases = data.get("aliases", {}) if isinstance(data, dict) else None
+    history = data.get("history", {}) if isinstance(data, dict) else None
+    if (
+        not isinstance(data, dict)
+        or set(data) - {"aliases", "history"}
+        or not isinstance(aliases, dict)
+        or not isinstance(history, dict)
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in aliases.values())
+        or not all(isinstance(h, list) and all(isinstance(v, int) for v in h) for h in history.values())
+    ):
+        raise StoreError(
+            f'{uri} is not a registry\'s aliases file (expected {{"aliases": {{name: version number}}, '
+            f'"history": {{name: [version numbers]}}}}); restore it from the events in '
+            f"{storage.join(layout.registry_uri(store), 'events')} or remove it to start the aliases afresh"
+        )
+    return {"aliases": dict(aliases), "history": {k: list(v) for k, v in history.items()}}
 
 
 def _write_aliases(store: str, state: dict) -> None:
