@@ -59,6 +59,7 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
                 cfg.ingest,
                 cfg.seed,
                 classes=datasets["source"].classes,
+                labels_for=datasets["target"].index_uri,
             )
     src, tgt, labels = datasets["source"], datasets["target"], datasets.get("target_labels")
 

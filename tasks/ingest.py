@@ -10,7 +10,14 @@ from tasks._work import measured
 @task(name="ingest", **IO_TASK)
 @measured
 def ingest_dataset(
-    dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed: int, classes: list[str] | None = None
+    dataset_uri: str,
+    domain: str,
+    out_uri: str,
+    cfg: IngestConfig,
+    seed: int,
+    classes: list[str] | None = None,
+    labels_for: str | None = None,
 ) -> IngestManifest:
-    """List, hash and validate every image of one dataset; write its index and rejects."""
-    return ingest.ingest(dataset_uri, domain, out_uri, cfg, seed, classes)
+    """List, hash and validate every image of one dataset; write its index and rejects. Target labels are
+    checked against the source's `classes` and the target's index (`labels_for`)."""
+    return ingest.ingest(dataset_uri, domain, out_uri, cfg, seed, classes, labels_for)

@@ -386,3 +386,28 @@ def test_a_folder_that_cannot_be_read_is_a_reject_not_a_vanished_class(tmp_path,
     assert _reasons(m) == {f"{root}/bird": "folder cannot be read (PermissionError: Permission denied)"}
     flat = ingest(str(tmp_path / "flat"), "target", str(tmp_path / "out2"), CFG)
     assert flat.n_images == 1 and list(_reasons(flat)) == [f"{tmp_path}/flat/locked"]
+
+
+def test_target_labels_that_name_no_target_image_are_an_error_before_training(tmp_path):
+    target = tmp_path / "target"
+    _write(target, {"a.png": _image(1), "b.png": _image(2)})
+    t = ingest(str(target), "target", str(tmp_path / "t"), CFG)
+    other = tmp_path / "labels"
+    _write(other, {"cat/x.png": _image(3), "dog/y.png": _image(4)})
+    with pytest.raises(DatasetError, match="none of the 2 labelled images .* is among the target's images"):
+        ingest(str(other), "target_labels", str(tmp_path / "l"), CFG, classes=["cat", "dog"], labels_for=t.index_uri)
+    _write(other, {"cat/a.png": _image(1)})  # one of them is a target image (by content): fine
+    ok = ingest(str(other), "target_labels", str(tmp_path / "l2"), CFG, classes=["cat", "dog"], labels_for=t.index_uri)
+    assert ok.n_images == 3
+
+
+def test_a_manifest_row_on_a_host_that_does_not_answer_is_a_rejected_row(tmp_path, monkeypatch):
+    from adaptflow.store.storage import PATIENCE_ENV
+
+    monkeypatch.setenv(PATIENCE_ENV, "0.2")
+    _write(tmp_path, {"a.png": _image(1)})
+    (tmp_path / "labels.csv").write_text("uri,label\na.png,cat\nhttp://127.0.0.1:9/gone.png,dog\n")
+    m = ingest(str(tmp_path / "labels.csv"), "source", str(tmp_path / "out"), CFG)
+    assert m.n_images == 1 and m.n_rejected == 1
+    reason = _reasons(m)["http://127.0.0.1:9/gone.png"]
+    assert reason.startswith("unreachable (store unreachable: http://127.0.0.1:9/gone.png")

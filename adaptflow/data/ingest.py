@@ -35,7 +35,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from adaptflow import progress
 from adaptflow.config import IngestConfig
-from adaptflow.errors import DatasetError
+from adaptflow.errors import DatasetError, StoreUnavailableError
 from adaptflow.manifests import IngestManifest
 from adaptflow.store import accounting, storage
 
@@ -93,12 +93,20 @@ _Reject = tuple[str, str, str | None]  # (uri, reason, image_id)
 
 
 def ingest(
-    dataset_uri: str, domain: str, out_uri: str, cfg: IngestConfig, seed: int = 0, classes: list[str] | None = None
+    dataset_uri: str,
+    domain: str,
+    out_uri: str,
+    cfg: IngestConfig,
+    seed: int = 0,
+    classes: list[str] | None = None,
+    labels_for: str | None = None,
 ) -> IngestManifest:
     """Validate every image under `dataset_uri` and commit `out_uri/{index,rejects}.parquet`, then
     `out_uri/manifest.json` last. Splits come from a manifest's `split` column, else from a seeded
     hash of each image's bytes, so an image keeps its split however the dataset grows. With `classes`
-    (the source's, when ingesting target labels), any other label is refused as unknown."""
+    (the source's, when ingesting target labels), any other label is refused as unknown; with
+    `labels_for` (the target's index), labels that name none of its images are an error, not a run that
+    scores nothing after training."""
     start = time.perf_counter()
     dataset_uri = storage.absolute(dataset_uri)
     entries, rejects = _list_dataset(dataset_uri)
@@ -123,6 +131,13 @@ def ingest(
         raise DatasetError(_all_rejected_message(dataset_uri, rejects))
 
     rows = [_index_row(c, domain, cfg, seed) for c in kept]
+    if labels_for is not None:
+        images = set(storage.read_table(labels_for, columns=["image_id"])["image_id"].to_pylist())
+        if not any(r["image_id"] in images for r in rows):
+            raise DatasetError(
+                f"none of the {len(rows)} labelled images in {dataset_uri} is among the target's images "
+                "(labels are matched to target images by content, not by name): are they labels of this target?"
+            )
     index_uri, rejects_uri = storage.join(out_uri, "index.parquet"), storage.join(out_uri, "rejects.parquet")
     written = storage.write_table(index_uri, pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
     reject_rows = [{"uri": u, "reason": r, "domain": domain, "image_id": i} for u, r, i in sorted(rejects, key=_first)]
@@ -333,6 +348,8 @@ def _check(entry: _Entry, max_pixels: int, check_extension: bool = True) -> _Che
         return _Checked(entry, None, "missing file")
     except OSError as e:
         return _Checked(entry, None, f"unreadable file ({e})")
+    except StoreUnavailableError as e:  # one row of a manifest on a host that does not answer, say
+        return _Checked(entry, None, f"unreachable ({e})")
     if not data:
         return _Checked(entry, None, "empty file")
     image_id = hashlib.sha256(data).hexdigest()
