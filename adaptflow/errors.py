@@ -36,6 +36,10 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
     """A missing object or bucket in a remote store; still a FileNotFoundError for callers that expect one."""
 
 
+class IncompatibleStoreError(StoreError):
+    """The store was written by an adaptflow of another schema version: refused, never repaired."""
+
+
 class StoreUnavailableError(StoreError, TransientError):
     """A store still unreachable (connection refused, timeouts, 5xx) after storage's own backoff."""
 

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from adaptflow.config import Config
-from adaptflow.errors import StoreError
+from adaptflow.errors import IncompatibleStoreError
 from adaptflow.store import storage
 from adaptflow.store.accounting import Work
 
@@ -32,7 +32,7 @@ class Manifest(BaseModel):
         data = storage.read_json(uri)
         version = data.get("schema_version") if isinstance(data, dict) else None
         if version != SCHEMA_VERSION:
-            raise StoreError(
+            raise IncompatibleStoreError(
                 f"{uri} has schema version {version}, this adaptflow reads version {SCHEMA_VERSION}; "
                 "use a new store or the adaptflow release that wrote it"
             )

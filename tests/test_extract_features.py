@@ -364,3 +364,33 @@ def test_pixels_are_one_binary_value_per_image_and_an_older_stores_lists_still_r
     (merged,) = shards.committed_shards(cache.uri)
     assert pa.types.is_fixed_size_binary(shards.read_shard(merged)["pixels"].type)
     assert torch.equal(load_pixels(cache, ids), expected)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other width", "manifest missing fields"])
+def test_a_damaged_shard_is_quarantined_named_and_extracted_again(indexed, fast_config, damage):
+    """A committed shard cut short, overwritten with other data, or with a manifest that lost fields used to
+    fail every rerun after three retries (issue 23). A reader names the file and moves it aside; the next
+    extraction embeds its images again."""
+    store, manifests = indexed
+    plan, done = _extract_all(store, manifests[:1], fast_config)
+    shard = done[0].outputs[0]
+    folder, ids = plan.features_uri, storage.read_table(manifests[0].index_uri)["image_id"].to_pylist()
+    manifest = storage.join(folder, "shards", f"{shard.shard_key}.json")
+    if damage == "truncated":
+        data = storage.read_bytes(shard.data_uri)
+        storage.write_bytes(shard.data_uri, data[: len(data) // 2])
+    elif damage == "other width":
+        table = storage.read_table(shard.data_uri)
+        wide = np.zeros((table.num_rows, plan.dim + 3), np.float16)
+        storage.write_table(shard.data_uri, table.set_column(4, "embedding", shards.value_array(wide, "float16")))
+    else:
+        storage.write_json(manifest, {k: v for k, v in storage.read_json(manifest).items() if k != "n_rows"})
+    if damage != "manifest missing fields":  # a reader meets it: one line naming the file
+        with pytest.raises(StoreError, match=rf"damaged shard {shard.data_uri}: .*moved to .*quarantine"):
+            features.load_features(folder, ids)
+        assert not storage.exists(manifest)
+    again, redone = _extract_all(store, manifests[:1], fast_config)  # the rerun heals the store
+    assert storage.exists(storage.join(folder, "quarantine", f"{shard.shard_key}.why.txt"))
+    assert again.n_cached == manifests[0].n_images - shard.n_rows and sum(s.n_rows for s in redone) == shard.n_rows
+    emb = features.load_features(folder, ids)
+    assert emb.shape == (len(ids), plan.dim) and np.isfinite(emb).all()

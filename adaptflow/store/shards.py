@@ -8,12 +8,18 @@ shard's manifest, written last: it names its data file, and a data file no manif
 exist. Every attempt writes its data under a fresh nonce, so a retried, killed or concurrent attempt
 never overwrites a file someone may be reading. Small shards are merged by `compact_shards`; the
 merged manifest lists the keys it `replaces`, which hides them at once.
+
+A store heals: a shard manifest that cannot be read, or whose data file is damaged (truncated,
+overwritten, of another width than its manifest says), is moved with its data to `quarantine/` beside
+`shards/`, with the reason in `quarantine/{key}.why.txt` (`quarantine`). Its images are then missing
+from the store, and the next extraction embeds them again; a reader that met the damage names the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 import time
 import uuid
@@ -22,9 +28,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from adaptflow.errors import StoreError
+from adaptflow.errors import IncompatibleStoreError, StoreError, StoreUnavailableError
 from adaptflow.manifests import CompactionManifest, ShardManifest
 from adaptflow.store import storage
+
+log = logging.getLogger(__name__)
 
 VALUE_COLUMNS = ("embedding", "pixels")  # the one value column a shard holds
 
@@ -196,8 +204,16 @@ def _mtime(info: dict, default: float) -> float:
 
 def committed_shards(folder: str, include_replaced: bool = False) -> list[ShardManifest]:
     """Manifests of every committed shard; data files no manifest names are invisible, and so are shards
-    a committed compaction replaced (until it deletes them)."""
-    shards = [load_shard_manifest(u) for u in storage.list_uris(storage.join(folder, "shards"), ".json")]
+    a committed compaction replaced (until it deletes them). A manifest that cannot be read is quarantined
+    and its images count as missing."""
+    shards = []
+    for uri in storage.list_uris(storage.join(folder, "shards"), ".json"):
+        try:
+            shards.append(load_shard_manifest(uri))
+        except (StoreUnavailableError, IncompatibleStoreError):
+            raise
+        except (StoreError, ValueError) as e:  # ValueError: pydantic's, for a manifest missing fields
+            quarantine(folder, posixpath.basename(uri)[: -len(".json")], f"unreadable shard manifest: {_first_line(e)}")
     if include_replaced:
         return shards
     replaced = {key for s in shards for key in s.replaces}
@@ -218,24 +234,79 @@ def committed_files(folder: str) -> list[str]:
 
 
 def committed_image_ids(folder: str) -> set[str]:
+    """The images the store holds, as extraction plans them: a damaged shard is quarantined on the way
+    (`read_shard`) and its images count as missing, so this run extracts them again."""
     ids: set[str] = set()
     for shard in committed_shards(folder):
-        ids.update(read_shard(shard, ["image_id"])["image_id"].to_pylist())
+        try:
+            ids.update(read_shard(shard, ["image_id"])["image_id"].to_pylist())
+        except (StoreUnavailableError, IncompatibleStoreError):
+            raise
+        except StoreError as e:  # damaged, and quarantined by read_shard: its images are extracted again
+            log.warning("%s", e)
     return ids
 
 
 def read_shard(shard: ShardManifest, columns: list[str] | None = None) -> pa.Table:
-    """A committed shard's rows, refusing a file written by an incompatible adaptflow."""
+    """A committed shard's rows, refusing a file written by an incompatible adaptflow. A damaged file (it
+    cannot be read, its rows or width are not what its manifest says) is quarantined (`quarantine`), and
+    the StoreError names it: a rerun extracts its images again."""
     from adaptflow.manifests import SCHEMA_VERSION
 
-    table = storage.read_table(shard.data_uri, columns=columns)
+    try:
+        table = storage.read_table(shard.data_uri, columns=columns)
+    except (StoreUnavailableError, IncompatibleStoreError):
+        raise
+    except (StoreError, OSError, pa.ArrowException) as e:
+        raise _damaged(shard, f"its data file cannot be read ({_first_line(e)})") from None
     version = (table.schema.metadata or {}).get(b"adaptflow.schema_version", b"?").decode()
     if version != str(SCHEMA_VERSION):
-        raise StoreError(
+        raise IncompatibleStoreError(
             f"{shard.data_uri} has schema version {version}, this adaptflow reads version "
             f"{SCHEMA_VERSION}; use a new store or the adaptflow release that wrote it"
         )
+    if table.num_rows != shard.n_rows:
+        raise _damaged(shard, f"its data file holds {table.num_rows} rows, its manifest says {shard.n_rows}")
+    values = [c for c in VALUE_COLUMNS if c in table.column_names]
+    if values and value_dim(table[values[0]].type) != shard.dim:
+        raise _damaged(shard, f"its values are {value_dim(table[values[0]].type)} wide, its manifest says {shard.dim}")
     return table
+
+
+def quarantine(folder: str, key: str, why: str) -> None:
+    """Move shard `key`'s manifest and data file from `shards/` to `quarantine/`, the reason beside them.
+    Safe to repeat and to race: what is already gone is skipped."""
+    shards, aside = storage.join(folder, "shards"), storage.join(folder, "quarantine")
+    manifest = storage.join(shards, f"{key}.json")
+    names = [f"{key}.json"]
+    try:
+        data = json.loads(storage.read_bytes(manifest)).get("data_uri")
+        if isinstance(data, str):
+            names.append(posixpath.basename(data))
+    except (OSError, StoreError, ValueError, AttributeError):
+        pass  # a manifest that cannot be read names no data file: orphan removal takes it later
+    for name in names:
+        src = storage.join(shards, name)
+        try:
+            storage.write_bytes(storage.join(aside, name), storage.read_bytes(src))
+        except (FileNotFoundError, StoreError):
+            continue
+        storage.remove(src)
+    storage.write_bytes(storage.join(aside, f"{key}.why.txt"), (why + "\n").encode())
+    log.warning("quarantined shard %s of %s: %s; its images are extracted again by the next run", key, folder, why)
+
+
+def _damaged(shard: ShardManifest, why: str) -> StoreError:
+    folder = posixpath.dirname(posixpath.dirname(shard.data_uri))
+    quarantine(folder, shard.shard_key, why)
+    return StoreError(
+        f"damaged shard {shard.data_uri}: {why}; it was moved to {storage.join(folder, 'quarantine')} and its "
+        "images are extracted again when the run is repeated"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def load_rows(folder: str, image_ids: list[str], column: str, what: str = "features") -> np.ndarray:
