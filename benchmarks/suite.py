@@ -124,6 +124,11 @@ def run_one(name: str, code: Path, shift: str, data: dict, work: Path, args) -> 
     return {"code": name, "shift": shift, "seed": args.seed, "set": args.set, **outcome(summary, data, wall)}
 
 
+def _confidence(confident: bool | None) -> str:
+    """yes / LOW, or - for a checkout whose summary does not say (before selection had a confidence)."""
+    return "-" if confident is None else ("yes" if confident else "LOW")
+
+
 def report(rows: list[dict], codes: list[str], shifts: list[str]) -> None:
     by = {(r["code"], r["shift"]): r for r in rows}
     for code in codes:
@@ -142,7 +147,7 @@ def report(rows: list[dict], codes: list[str], shifts: list[str]) -> None:
             print(
                 f"{shift:<17}{str(r['selected']):<22}{r['accuracy']:>6.3f}{r['promoted']:>9.3f}"
                 f"{r['source_only']:>9.3f}{r['head']:>6.3f}{r['oracle']:>7.3f}{r['oracle'] - r['accuracy']:>7.3f}"
-                f"{below:>6}{'yes' if r['confident'] else 'LOW':>5}{err:>8}{r['true_tv_from_source']:>8.3f}"
+                f"{below:>6}{_confidence(r['confident']):>5}{err:>8}{r['true_tv_from_source']:>8.3f}"
                 f"{r['wall']:>8.0f}"
             )
         done = [by[(code, s)] for s in shifts if (code, s) in by]

@@ -42,7 +42,8 @@ def train_candidate(
     checkpoint) and score it without target labels."""
     device = str(resolve_device(cfg.extract.device))
     out_uri = join(candidates_uri, spec.name)
-    with progress.task(f"train {spec.name}", unit="steps"):
+    rung = f" to step {until} (a rung of successive halving)" if until is not None and until < spec.steps else ""
+    with progress.task(f"train {spec.name}{rung}", unit="steps"):
         return adaptation.train_candidate(spec, source, target, target_labels, features, cfg, out_uri, device, until)
 
 

@@ -67,6 +67,39 @@ def test_the_end_to_end_budget_is_sized_to_the_source_within_the_devices_bounds(
     assert {s.steps for s in planning.plan_candidates(_cfg(), False, 3_393) if s.mode == "features"} == {1500}
 
 
+def test_a_budget_sets_steps_size_strategy_and_halving_and_explicit_settings_win():
+    def planned(*o, n=3_393):
+        specs = planning.plan_candidates(_cfg(*o), False, n)
+        images = [s for s in specs if s.mode == "images"]
+        b = planning.budget(_cfg(*o))
+        return (
+            {s.steps for s in images},
+            {s.image_size for s in images},
+            {s.strategy for s in images},
+            b.halving,
+            {s.steps for s in specs if s.mode == "features"},
+        )
+
+    quick, default, thorough = (planned(f"adapt.budget={b}") for b in ("quick", "default", "thorough"))
+    assert quick[0] == {500} and quick[1] == {48} and quick[3] == 3
+    assert thorough == ({1061}, {64}, {"full"}, 0, {3000})  # 10 passes of 3,393 images, no halving
+    assert planned("adapt.budget=thorough", n=630)[0] == {600}  # its fewest steps
+    assert default[0] == quick[0] and default[3] == quick[3]
+    pinned = planned(
+        "adapt.budget=thorough",
+        "adapt.image_steps=40",
+        "adapt.image_size=32",
+        "adapt.strategy=partial",
+        "adapt.halving=2",
+        "adapt.feature_steps=7",
+    )
+    assert pinned == ({40}, {32}, {"partial"}, 2, {7})  # a setting that is not null wins over the budget
+    from adaptflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="adapt.budget: Input should be 'quick', 'default' or 'thorough'"):
+        _cfg("adapt.budget=lavish")
+
+
 def test_unknown_methods_are_config_errors():
     from adaptflow.errors import ConfigError
 
