@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import duckdb
 import numpy as np
 import pyarrow.parquet as pq
@@ -28,7 +30,8 @@ def test_extraction_commits_shards_and_only_new_images_cost_time(indexed, fast_c
     n = sum(m.n_images for m in manifests)
     plan, done = _extract_all(store, manifests, fast_config)
     assert (plan.n_requested, plan.n_cached) == (n, 0)
-    assert len(done) == -(-n // fast_config.extract.shard_size) and sum(s.n_rows for s in done) == n
+    per_index = sum(-(-m.n_images // fast_config.extract.shard_size) for m in manifests)  # shards cut per index
+    assert len(done) == per_index and sum(s.n_rows for s in done) == n
     assert plan.features_uri.endswith(f"features/efficientnet_lite0-{plan.fingerprint}")
 
     again, _ = _extract_all(store, manifests, fast_config)
@@ -295,6 +298,39 @@ def test_two_runs_extracting_the_same_images_at_once_leave_one_row_per_image(ind
     ]
     assert len(ids) == len(set(ids)) == manifests[0].n_images
     assert all(storage.exists(f) for f in shards.committed_files(plans[0].features_uri))
+
+
+def test_three_runs_with_different_targets_at_once_leave_one_row_per_image(
+    demo_data, fast_config, memory_uri, tmp_path
+):
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = ingest(demo_data.source_uri, "source", f"{memory_uri}/ingest/source", fast_config.ingest)
+    files = sorted(str(p) for p in Path(demo_data.target_uri).iterdir())
+    targets = []
+    for k in range(3):  # three nights' targets: a third of the demo target each
+        folder = tmp_path / f"night{k}"
+        for uri in files[k::3]:
+            storage.write_bytes(str(folder / uri.rsplit("/", 1)[-1]), storage.read_bytes(uri))
+        targets.append(ingest(str(folder), "target", f"{memory_uri}/ingest/night{k}", fast_config.ingest))
+    raw = fast_config.extract
+    # every run planned before any committed, the source first in two and last in one
+    orders = [[source, targets[0]], [source, targets[1]], [targets[2], source]]
+    plans = [features.plan_extraction([m.index_uri for m in o], memory_uri, fast_config.backbone, 32) for o in orders]
+
+    def race(plan):  # each past the "already committed?" check of every shard before another commits
+        for s in plan.shards:
+            tables, nbytes, fingerprint = features._embed_shard(s, fast_config.backbone, raw, ["embedding"])
+            shards.commit_shard(s.features_uri, s.shard_key, tables["embedding"], fingerprint, raw.dtype, 0.0, nbytes)
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(race, plans))
+    ids = [
+        i
+        for f in shards.committed_files(plans[0].features_uri)
+        for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()
+    ]
+    assert len(ids) == len(set(ids)) == source.n_images + sum(t.n_images for t in targets)
 
 
 def test_the_training_image_cache_is_filled_in_the_same_pass_and_only_where_missing(indexed, fast_config):

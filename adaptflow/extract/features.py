@@ -58,20 +58,31 @@ def plan_extraction(
     features_uri = layout.features_uri_for(store_uri, backbone.name, extractor.fingerprint)
     _describe_extractor(features_uri, backbone, extractor)
 
-    rows = first_per_image(pa.concat_tables([storage.read_table(u, columns=_PLAN_COLUMNS) for u in index_uris]))
+    tables = [storage.read_table(u, columns=_PLAN_COLUMNS) for u in index_uris]
+    index = pa.array([i for i, t in enumerate(tables) for _ in range(t.num_rows)], pa.int32())
+    rows = first_per_image(pa.concat_tables(tables).append_column("_index", index))
     need_f = _missing(rows, features_uri) if features else pa.array([False] * rows.num_rows)
     need_p = _missing(rows, cache.uri) if cache else pa.array([False] * rows.num_rows)
-    groups = [(True, True), (True, False), (False, True)]  # (features, pixels): both first
-    parts = [rows.filter(pc.and_(pc.equal(need_f, f), pc.equal(need_p, p))).sort_by("image_id") for f, p in groups]
+    # Shards are cut per (features, pixels) group and per index, each sorted by image_id: two runs that
+    # share a source but not a target plan the source's shards alike, so running at once they commit one
+    # shard key (one row per image) rather than two shards holding the same source images.
+    groups = [(f, p, i) for f, p in [(True, True), (True, False), (False, True)] for i in range(len(tables))]
+    parts = [
+        rows.filter(pc.and_(pc.and_(pc.equal(need_f, f), pc.equal(need_p, p)), pc.equal(rows["_index"], i)))
+        .sort_by("image_id")
+        .drop_columns(["_index"])
+        for f, p, i in groups
+    ]
     todo = pa.concat_tables(parts)
 
     shards = []
     if todo.num_rows:
         ids = todo["image_id"].to_pylist()
-        plan_uri = storage.join(features_uri, "plans", f"{hash_ids(ids)}-{len(parts[0])}-{len(parts[1])}.parquet")
+        counts = "-".join(str(len(p)) for p in parts)
+        plan_uri = storage.join(features_uri, "plans", f"{hash_ids(ids)}-{hash_ids([counts])[:8]}.parquet")
         storage.write_table(plan_uri, todo)
         offset = 0
-        for (f, p), part in zip(groups, parts, strict=True):
+        for (f, p, _), part in zip(groups, parts, strict=True):
             for start_row in range(0, part.num_rows, shard_size):
                 chunk = ids[offset + start_row : offset + min(start_row + shard_size, part.num_rows)]
                 shards.append(
@@ -128,6 +139,10 @@ def extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractCon
         with _DEVICE_LOCK:
             tables, bytes_read, fingerprint = _embed_shard(plan, backbone, extract, todo)
         for column, table in tables.items():
+            committed = manifest_uri(folders[column], plan.shard_key)
+            if storage.exists(committed):  # a concurrent run committed this shard while this one computed
+                done[column] = load_shard_manifest(committed)
+                continue
             fp = fingerprint if column == "embedding" else plan.cache.fingerprint
             dtype = extract.dtype if column == "embedding" else "uint8"
             done[column] = commit_shard(folders[column], plan.shard_key, table, fp, dtype, start, bytes_read)
