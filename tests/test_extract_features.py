@@ -333,6 +333,25 @@ def test_three_runs_with_different_targets_at_once_leave_one_row_per_image(
     assert len(ids) == len(set(ids)) == source.n_images + sum(t.n_images for t in targets)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_image_deleted_after_ingest_is_one_line_naming_it(demo_data, fast_config, memory_uri, tmp_path, workers):
+    from adaptflow.errors import DatasetError
+
+    folder = tmp_path / "target"
+    for uri in sorted(Path(demo_data.target_uri).iterdir())[:20]:
+        storage.write_bytes(str(folder / uri.name), uri.read_bytes())
+    target = ingest(str(folder), "target", f"{memory_uri}/ingest/target", fast_config.ingest)
+    gone = sorted(folder.iterdir())[7]
+    gone.unlink()
+    plan = features.plan_extraction([target.index_uri], memory_uri, fast_config.backbone, 32)
+    extract = fast_config.extract.model_copy(update={"num_workers": workers})
+    with pytest.raises(DatasetError) as e:
+        features.extract_shard(plan.shards[0], fast_config.backbone, extract)
+    message = str(e.value)
+    assert "\n" not in message and "Traceback" not in message and "DataLoader" not in message
+    assert gone.name in message and "deleted or changed since" in message and "run again" in message
+
+
 def test_the_training_image_cache_is_filled_in_the_same_pass_and_only_where_missing(indexed, fast_config):
     """Images missing both features and pixels are read and decoded once for both; a store that has
     features but no cache (written before the cache existed) gets the pixels alone, no forward pass."""

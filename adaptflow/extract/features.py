@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +23,7 @@ import pyarrow.compute as pc
 
 from adaptflow import progress
 from adaptflow.config import BackboneConfig, ExtractConfig, resolve_device
+from adaptflow.errors import DatasetError
 from adaptflow.manifests import ExtractionPlan, ImageCache, ShardPlan, ShardResult
 from adaptflow.store import accounting, layout, storage
 from adaptflow.store.shards import (
@@ -185,7 +187,7 @@ def _embed_shard(
     s = plan.cache.size if cache else 0
     pixels = np.empty((rows.num_rows, 3 * s * s), dtype=np.uint8) if cache else None  # (N, 3*S*S)
     bytes_read = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), _changed_since_ingest():
         for x, idx, nbytes in loader:
             batches = (
                 decode_on_device(x, transforms, device) if on_device else (list(x) if len(transforms) > 1 else [x])
@@ -213,6 +215,22 @@ def _embed_shard(
             _parquet_metadata(plan.cache.fingerprint, backbone)
         )
     return tables, bytes_read, extractor.fingerprint
+
+
+@contextmanager
+def _changed_since_ingest():
+    """An image ingest validated that is gone or unreadable now: one line that names it and the fix, not a
+    DataLoader worker's traceback."""
+    try:
+        yield
+    except DatasetError as e:
+        lines = str(e).strip().splitlines()
+        prefix = f"{DatasetError.__module__}.{DatasetError.__qualname__}: "
+        what = next((line[len(prefix) :] for line in reversed(lines) if line.startswith(prefix)), lines[0])
+        raise DatasetError(
+            f"{what}; it was valid when ingest indexed it and has been deleted or changed since: run again, and "
+            "ingest indexes the dataset as it is now"
+        ) from None
 
 
 def load_features(features_uri: str, image_ids: list[str]) -> np.ndarray:
