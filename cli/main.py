@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import textwrap
 
@@ -53,7 +54,9 @@ def _timed_out(e: TimeoutError) -> str:
         "FlowRunTimeoutError": "the run took longer than runtime.flow_timeout_s",
         "TaskRunTimeoutError": "a task took longer than runtime.task_timeout_s",
     }.get(type(e).__name__, "timed out")
-    return f"{which} ({e}); committed work is kept, rerun the same command to resume"
+    # Prefect's message names the limit of the flow that raised it: "None" when that was an outer flow
+    limit = re.search(r"timeout of ([0-9.]+) second", str(e))
+    return f"{which}{f' ({limit[1]} s)' if limit else ''}; committed work is kept, rerun the same command to resume"
 
 
 def _check_inputs(*datasets: str | None, store: str | None = None) -> None:

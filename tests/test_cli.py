@@ -312,3 +312,23 @@ def test_predict_with_a_damaged_model_is_one_line_before_prefect_starts(demo_dat
     assert _one_error_line(err) == f"error: damaged model at {model}: weights.safetensors is missing"
     assert time.monotonic() - start < 10  # measured 1 s: no retries
     assert not (tmp_path / "store" / "predictions").exists()  # the flow never started
+
+
+@pytest.mark.parametrize(
+    "error, says",
+    [
+        ("FlowRunTimeoutError", "the run took longer than runtime.flow_timeout_s (2.0 s);"),
+        ("TaskRunTimeoutError", "a task took longer than runtime.task_timeout_s (60 s);"),
+    ],
+)
+def test_a_timeout_names_the_limit_set_never_none(error, says):
+    from cli.main import _timed_out
+
+    limit = "2.0" if error.startswith("Flow") else "60"
+    kind = "Flow" if error.startswith("Flow") else "Task"
+    assert _timed_out(type(error, (TimeoutError,), {})(f"{kind} run exceeded timeout of {limit} second(s)")).startswith(
+        says
+    )
+    # an outer flow re-raising a subflow's timeout has no limit of its own: no "None", the setting named
+    outer = _timed_out(type(error, (TimeoutError,), {})(f"{kind} run exceeded timeout of None second(s)"))
+    assert "None" not in outer and outer.endswith("committed work is kept, rerun the same command to resume")
