@@ -26,7 +26,7 @@ def plan_candidates(cfg: Config, source: IngestManifest) -> list[CandidateSpec]:
     return plan.plan_candidates(cfg, cuda, plan.training_images(source))
 
 
-@task(name="train-candidate")
+@task(name="train-candidate", task_run_name="train-{spec.name}")
 @measured
 def train_candidate(
     spec: CandidateSpec,
@@ -47,7 +47,7 @@ def train_candidate(
         return adaptation.train_candidate(spec, source, target, target_labels, features, cfg, out_uri, device, until)
 
 
-@task(name="stop-candidate")
+@task(name="stop-candidate", task_run_name="stop-{candidate.spec.name}")
 def stop_candidate(candidate: CandidateManifest, rung: int, candidates_uri: str) -> CandidateManifest:
     """Record that successive halving left a candidate behind."""
     return adaptation.stop_candidate(candidate, rung, join(candidates_uri, candidate.spec.name))

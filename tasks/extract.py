@@ -29,7 +29,7 @@ def plan_extraction(
     return features.plan_extraction(index_uris, store_uri, backbone, shard_size, cache=cache, features=embed)
 
 
-@task(name="extract-shard", **IO_TASK)
+@task(name="extract-shard", task_run_name="extract-{plan.shard_key}", **IO_TASK)
 @measured
 def extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractConfig) -> ShardResult:
     """Embed and/or cache one shard's images (each decoded once) and commit them to the store."""

@@ -7,7 +7,7 @@ from tasks._retry import IO_TASK
 from tasks._work import measured
 
 
-@task(name="ingest", **IO_TASK)
+@task(name="ingest", task_run_name="ingest-{domain}", **IO_TASK)
 @measured
 def ingest_dataset(
     dataset_uri: str,
