@@ -233,3 +233,14 @@ def test_numpy_scalars_read_as_numbers(report):
         {"run_id": "r", "candidates": cands, "selection": {**report["selection"], "index": np.int64(2)}}
     )
     assert _rows(page)[0].startswith('<tr class="selected">') and '<td class="n">0.880</td>' in page
+
+
+def test_training_curves_plot_the_losses_not_the_seconds():
+    from adaptflow.report.html import curve_keys
+
+    rung = [
+        {"step": 50, "loss": 1.2, "transfer": 0.6, "elapsed_s": 31.0},
+        {"step": 100, "loss": 0.9, "elapsed_s": 62.0},
+    ]
+    over = [{"step": 150, "loss": 0.8, "elapsed_s": 2.0, "budget_exceeded": 1.0}]  # a rung's clock restarts
+    assert curve_keys(rung + over, "step") == ["loss", "transfer"]

@@ -407,6 +407,22 @@ def _embeddings(report: dict) -> str:
     )
 
 
+_NOT_LOSSES = {"elapsed_s", "budget_exceeded"}
+
+
+def curve_keys(points: list[dict], x_key: str | None) -> list[str]:
+    """What a training curve plots against `x_key`: its losses, not the seconds or flags logged beside
+    them (seconds restart at each rung of successive halving and dwarf the losses)."""
+    return list(
+        dict.fromkeys(
+            k
+            for p in points
+            for k, v in p.items()
+            if k != x_key and k not in _NOT_LOSSES and isinstance(v, Real) and not isinstance(v, bool)
+        )
+    )
+
+
 def _curves(report: dict) -> str:
     curves = report["curves"]
     n = len(curves)
@@ -417,9 +433,7 @@ def _curves(report: dict) -> str:
     ):
         x_key = next((k for k in ("step", "epoch") if points and k in points[0]), None)
         xs = [p.get(x_key, j) for j, p in enumerate(points)] if x_key else list(range(len(points)))
-        keys = dict.fromkeys(
-            k for p in points for k, v in p.items() if k != x_key and isinstance(v, Real) and not isinstance(v, bool)
-        )
+        keys = curve_keys(points, x_key)
         for k in keys:
             ax.plot(xs, [p.get(k, np.nan) for p in points], label=mpl_text(k), lw=2.0 if k == "loss" else 1.2)
         ax.set(title=mpl_text(name), xlabel=x_key or "point")
