@@ -63,6 +63,8 @@ class Bar:
                 rate = (self.done - origin) / max(time.monotonic() - at, 1e-9)
                 left = f", ~{_duration((self.total - self.done) / rate)} left" if self.done > origin else ""
             return f"{self.label}: {self.done}/{self.total} {self.unit} ({_duration(seconds)}{share}{left})"
+        if not self.done and not self.unit:  # a task that counts nothing: `export ... (24 s)`, not `: 0`
+            return f"{self.label} ({_duration(seconds)})"
         return f"{self.label}: {self.done} {self.unit} ({_duration(seconds)})"
 
 

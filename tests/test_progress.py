@@ -103,3 +103,11 @@ def test_on_a_terminal_a_status_line_is_redrawn_and_other_output_goes_above_it()
     assert text[:log_at].endswith("\r\x1b[K")  # the status line was wiped before the log line...
     assert "train dann-images: 60/120" in text[log_at:]  # ...and drawn again under it
     assert text.rstrip().splitlines()[-1].lstrip("\r\x1b[K").startswith("done: train dann-images: 60/120 steps")
+
+
+def test_a_task_that_counts_nothing_says_only_how_long_it_took():
+    out = io.StringIO()
+    with progress.rendering(progress.TerminalRenderer(out, every_s=0)), progress.task("export champion to onnx"):
+        pass
+    (line,) = out.getvalue().splitlines()
+    assert line.startswith("done: export champion to onnx (") and ": 0" not in line
