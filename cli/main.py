@@ -17,12 +17,16 @@ import logging
 import re
 import sys
 import textwrap
+from typing import TYPE_CHECKING
 
 from adaptflow import DEFAULT_STORE
 from adaptflow.errors import AdaptflowError, DatasetError, TransientError
 from cli import interrupt, prefect_api
 from cli.models import cmd_models_export, cmd_models_list, cmd_models_promote, cmd_models_rollback
 from cli.output import print_json, progress_on_stderr
+
+if TYPE_CHECKING:
+    from adaptflow.config import BackboneConfig
 
 # The demo runs at 64 px, where EfficientNet-Lite0 embeds a few hundred images/s on 2 cores.
 DEMO_SETTINGS = ["backbone.image_size=64", "extract.batch_size=128"]
@@ -59,9 +63,10 @@ def _timed_out(e: TimeoutError) -> str:
     return f"{which}{f' ({limit[1]} s)' if limit else ''}; committed work is kept, rerun the same command to resume"
 
 
-def _check_inputs(*datasets: str | None, store: str | None = None) -> None:
+def _check_inputs(*datasets: str | None, store: str | None = None, backbone: BackboneConfig | None = None) -> None:
     """Fail in a second, before Prefect starts, on what would fail later anyway: missing datasets first,
-    then a store that cannot be written (checking it creates its folder)."""
+    then a store that cannot be written (checking it creates its folder), then the `backbone` config's
+    weights file, if one is given and missing."""
     from adaptflow.store import storage
 
     for uri in datasets:
@@ -69,13 +74,17 @@ def _check_inputs(*datasets: str | None, store: str | None = None) -> None:
             raise DatasetError(f"dataset not found: {uri}")
     if store is not None:
         storage.check_writable(store)
+    if backbone is not None:
+        from adaptflow.extract.backbones import weights_uri
+
+        weights_uri(backbone)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from adaptflow.config import load_config
 
     cfg = load_config(args.config, [*args.set, f"adapt.method={args.method}"] if args.method else args.set)
-    _check_inputs(args.source, args.target, args.target_labels, store=args.store)
+    _check_inputs(args.source, args.target, args.target_labels, store=args.store, backbone=cfg.backbone)
     run = _retrain(args.source, args.target, args.target_labels, args.store, cfg, table=not args.json)
     if args.json:
         from adaptflow.store import storage
@@ -93,7 +102,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     extra = [f"adapt.method={args.method}"] if args.method else []
     cfg = load_config(args.config, [*DEMO_SETTINGS, *args.set, *extra])
-    _check_inputs(store=args.store)
+    _check_inputs(store=args.store, backbone=cfg.backbone)
     with prefect_api.prefect_api():  # one API for every run of the command
         if args.nightly:
             return _nightly_demo(args.store, cfg)
@@ -131,7 +140,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from adaptflow.config import load_config
 
     cfg = load_config(args.config, args.set)
-    _check_inputs(*args.images, store=args.store)
+    _check_inputs(*args.images, store=args.store, backbone=cfg.backbone)
     from flows.extract import backfill  # Prefect loads only once the inputs are known good
 
     with prefect_api.prefect_api():

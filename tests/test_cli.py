@@ -50,13 +50,17 @@ def test_help_is_useful_everywhere(command, capsys):
             "unknown backbone 'nope'; valid backbones: ",
         ),
         (["run", "--source", ".", "--target", ".", "--config", "/nonexistent.yaml"], "error: config file not found"),
+        (  # before Prefect starts, once: not after the flow began, twice
+            ["extract", ".", "--set", "backbone.weights=/nonexistent/w.safetensors"],
+            "error: backbone 'efficientnet_lite0': weights file not found: /nonexistent/w.safetensors.",
+        ),
         (["predict", "/nonexistent/model", "/nonexistent/images", "--out", "x"], "error: dataset not found"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err and err.count("error:") == 1 and "Prefect" not in err
 
 
 def test_backbones_lists_the_registry(capsys):

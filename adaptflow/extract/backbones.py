@@ -242,6 +242,12 @@ def build_extractor(cfg: BackboneConfig) -> Extractor:
         return _build_extractor(cfg, uri, stamp)
 
 
+def weights_uri(cfg: BackboneConfig) -> str | None:
+    """Where `cfg`'s weights come from (None: random init), or the AdaptflowError a build would raise on an
+    unknown backbone or a missing weights file: checkable in a second, before any work starts."""
+    return _weights_uri(cfg, lookup(BACKBONES, "backbone", cfg.name))
+
+
 def build_classifier(cfg: BackboneConfig) -> nn.Module:
     """The whole network with its ImageNet head and `cfg`'s weights, in eval mode: (N, 3, S, S) -> (N, 1000)
     logits. For sanity checks of weights; `cfg.layer` is ignored. Not cached."""
