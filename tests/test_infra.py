@@ -242,3 +242,11 @@ def test_local_stack_script_is_valid_bash():
     assert script.stat().st_mode & 0o111, "local-stack.sh is not executable"
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "start|stop" in usage.stderr
+
+
+def test_the_local_stack_starts_a_worker_for_every_pool_a_deployment_uses():
+    """The retrain deployment targets the gpu pool: a stack with only a cpu worker leaves its nightly run Late."""
+    script = (INFRA / "local-stack.sh").read_text()
+    (default,) = re.findall(r'^WORKER_POOLS="\$\{WORKER_POOLS:-([^}]*)\}"$', script, re.M)
+    used = {d["work_pool"]["name"] for d in _load_yaml(ROOT / "prefect.yaml")["deployments"]}
+    assert used <= set(default.split()) and used == {"cpu", "gpu"}
