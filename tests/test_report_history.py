@@ -184,7 +184,7 @@ def _table_rows(page: str) -> list[str]:
 
 def _assert_self_contained(page: str) -> None:
     links = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)""", page, flags=re.I)
-    assert not [u for u in links if not u.startswith("data:")], links
+    assert not [u for u in links if not u.startswith("data:") and not re.fullmatch(r"runs/[\w-]+/report\.html", u)]
     assert not re.search(r"(?:https?:)?//[\w.-]+\.\w", page)
     assert "<script" not in page.lower() and "<link" not in page.lower() and "@import" not in page
     assert not plt.get_fignums()
@@ -263,3 +263,36 @@ def test_a_trained_run_shows_the_promotion_decision_not_its_status():
         ]
     )
     assert (row.decision, row.reason, row.champion_version) == ("rejected", "selection score 0.4 < 0.5", 1)
+
+
+def test_each_run_links_its_report_and_shows_the_score_its_version_was_registered_with(memory_uri):
+    from adaptflow.models import registry
+
+    store = memory_uri
+    lineage = registry.Lineage(
+        dataset_snapshot="d" * 16, extractor_fingerprint="f" * 16, config_hash="c" * 16, code_version="0.1.0"
+    )
+    metrics = {"source_val_accuracy": 0.9, "target_accuracy": None, "source_test_accuracy": 0.88}
+    for v, score in ((1, 0.1), (2, 0.2), (3, 0.832)):  # the gate's score: the validators that may judge it
+        mv = registry.register(
+            store, f"{store}/models/m{v}", f"r{v}", lineage, {**metrics, "selection_score": score}, "dann"
+        )
+        assert mv.version == v
+    for s in SUMMARIES:
+        storage.write_json(
+            storage.join(store, "runs", s["run_id"], "summary.json"),
+            {**s, "report_uri": f"{store}/runs/{s['run_id']}/report.html"},
+        )
+    page = storage.read_bytes(write_history(store)).decode("utf-8")
+    _assert_self_contained(page)  # links to the reports beside it, nothing fetched
+    cells = {
+        run: re.findall(r'<td class="n">([^<]*)</td>', row)
+        for row in _table_rows(page)
+        for run in re.findall(r"<code>(r\d-\w+)</code>", row)
+    }
+    # r1-promoted registered version 3: its score as registered (0.832), not its summary's selection_score (1.5)
+    assert "0.832" in cells["r1-promoted"] and "1.5" not in cells["r1-promoted"]
+    # r2-rejected's version 4 is not in the registry: the mean of its policy's scores, as before
+    assert "0.600" in cells["r2-rejected"]
+    for run in ("r1-promoted", "r2-rejected", "r3-quiet"):
+        assert f'<a href="runs/{run}/report.html"><code>{run}</code></a>' in page

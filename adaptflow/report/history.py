@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import posixpath
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from numbers import Integral, Real
 
@@ -58,6 +59,7 @@ class HistoryRow(BaseModel):
     reason: str
     champion_version: int | None  # the champion's version once this run was done
     class_mix: str = ""  # the target's estimated class mix in brief, and how far the champion's predicted one moved
+    report: str = ""  # the run's report, relative to the history page beside `runs/`; "" when it has none
 
 
 def _at(d: object, *keys: str) -> object:
@@ -105,7 +107,14 @@ def _champion(promotion: dict | None, shift: dict) -> int | None:
     return _int(promotion.get("champion_version"))
 
 
-def _row(summary: dict) -> HistoryRow:
+def _report_link(summary: dict, run_id: str) -> str:
+    """`runs/<id>/report.html` when the run's report lies in its folder, as every run writes it: relative, so
+    the link holds wherever the store is read from (a local folder, a synced copy, a bucket's web view)."""
+    uri = _str(summary.get("report_uri"))
+    return f"runs/{run_id}/report.html" if uri and uri.endswith(f"/{run_id}/report.html") else ""
+
+
+def _row(summary: dict, registered: Mapping[int, float | None] | None = None) -> HistoryRow:
     shift = summary.get("shift") if isinstance(summary.get("shift"), dict) else {}
     test = shift.get("test") if isinstance(shift.get("test"), dict) else {}  # null when the run had no test
     promotion = summary.get("promotion") if isinstance(summary.get("promotion"), dict) else None
@@ -141,7 +150,9 @@ def _row(summary: dict) -> HistoryRow:
         images_extracted=_int(_at(summary, "extraction", "images_extracted")),
         target_accuracy=_float(_at(summary, "metrics", "target", "accuracy")),
         source_test_accuracy=_float(_at(summary, "metrics", "source_test", "accuracy")),
-        selection_score=_selection_score(summary.get("adaptation")),
+        selection_score=registered[version]
+        if registered and (version := _int(_at(promotion, "version"))) in registered
+        else _selection_score(summary.get("adaptation")),
         shift_statistic=_float(test.get("statistic")),
         shift_p_value=p_value,
         shift_detected=detected if isinstance(detected, bool) else None,
@@ -149,6 +160,7 @@ def _row(summary: dict) -> HistoryRow:
         reason=reason,
         champion_version=_champion(promotion, shift),
         class_mix=_class_mix(summary.get("adaptation"), shift),
+        report=_report_link(summary, _str(summary.get("run_id"))),
     )
 
 
@@ -168,8 +180,12 @@ def _class_mix(adaptation: object, shift: dict) -> str:
     return "; ".join(parts)
 
 
-def rows_from_summaries(summaries: list[dict]) -> list[HistoryRow]:
-    """One row per run summary dict, in the given order; entries that are not dicts are skipped.
+def rows_from_summaries(
+    summaries: list[dict], registered: Mapping[int, float | None] | None = None
+) -> list[HistoryRow]:
+    """One row per run summary dict, in the given order; entries that are not dicts are skipped. A run that
+    registered a version in `registered` ({version: selection score as registered}) shows that score: the
+    one the gate compares across runs, over the validators that may judge the model.
 
     Reads run_id, finished_at, datasets.*.images (summed over every dataset the run ingested),
     extraction.images_extracted, metrics.target.accuracy, metrics.source_test.accuracy,
@@ -179,7 +195,7 @@ def rows_from_summaries(summaries: list[dict]) -> list[HistoryRow]:
     decision is the status when it says more than "finished" ("no_shift" reads "no shift"), else
     "promoted"/"rejected" from the promotion, else "completed".
     """
-    return [_row(s) for s in summaries if isinstance(s, dict)]
+    return [_row(s, registered) for s in summaries if isinstance(s, dict)]
 
 
 def _when(row: HistoryRow) -> datetime:
@@ -238,7 +254,9 @@ def _runs_table(rows: list[HistoryRow]) -> str:
     body = [
         [
             escape(_short_time(r)),
-            f"<code>{escape(r.run_id)}</code>",
+            f'<a href="{escape(r.report)}"><code>{escape(r.run_id)}</code></a>'
+            if r.report
+            else f"<code>{escape(r.run_id)}</code>",
             _badge(r.decision),
             ("reason", escape(r.reason)),
             num_cell(r.images_processed),
@@ -340,9 +358,23 @@ def read_summaries(store_uri: str) -> list[dict]:
     return summaries
 
 
+def _registered_scores(store_uri: str, summaries: list[dict]) -> dict[int, float | None]:
+    """{version: its registered selection score} for each version a run's promotion names; a version the
+    registry cannot read is left out (its row falls back to the summary's scores)."""
+    versions = {_int(_at(s.get("promotion"), "version")) for s in summaries} - {None}
+    scores = {}
+    for v in sorted(versions):
+        try:
+            scores[v] = _float(registry.get_version(store_uri, v).metrics.get("selection_score"))
+        except (StoreError, OSError, ValueError):
+            continue
+    return scores
+
+
 def write_history(store_uri: str) -> str:
     """Write `{store}/history.html` from every committed run; returns its URI."""
     uri = storage.join(store_uri, "history.html")
-    page = render_history(rows_from_summaries(read_summaries(store_uri)))
+    summaries = read_summaries(store_uri)
+    page = render_history(rows_from_summaries(summaries, _registered_scores(store_uri, summaries)))
     storage.write_bytes(uri, page.encode("utf-8"))
     return uri
