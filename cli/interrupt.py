@@ -32,9 +32,12 @@ def interruptible(before_exit: Callable[[], None]) -> Iterator[None]:
         yield
         return
     interrupts = 0
+    owner = os.getpid()
 
     def on_sigint(signum, frame) -> None:
         nonlocal interrupts
+        if os.getpid() != owner:  # a forked child (a DataLoader worker) got the terminal's Ctrl-C too: it
+            raise KeyboardInterrupt  # stops quietly, and the command alone reports and times the exit
         interrupts += 1
         if interrupts > 1:
             exit_now(before_exit)
