@@ -1,7 +1,7 @@
 from prefect import flow
 
 from adaptflow import DEFAULT_STORE
-from adaptflow.config import RuntimeConfig, validate_config
+from adaptflow.config import Config, RuntimeConfig
 from adaptflow.models.card import load_card
 from adaptflow.models.registry import model_uri_for
 from adaptflow.store.layout import ingest_uri, new_run_id
@@ -15,12 +15,14 @@ from tasks.runners import configured, limited
 
 
 @flow(name="predict")
-def batch_predict(model_uri: str, images: str, out: str, store: str = DEFAULT_STORE, config: dict | None = None) -> str:
+def batch_predict(
+    model_uri: str, images: str, out: str, store: str = DEFAULT_STORE, config: Config | None = None
+) -> str:
     """Predict a class for every valid image under `images` with a saved model — a model folder, or a name
     in the store's registry (`champion`, `challenger`, `v3`); returns `out`. `config` is this run's own:
     its `runtime` (credentials block, task runner, time limits) applies; ingestion, backbone and
     preprocessing are the model's, from its card."""
-    cfg = validate_config(config or {})
+    cfg = config if config is not None else Config()
     forward_library_logs()
     use_credentials(cfg.runtime.credentials_block)
     return configured(predict_stages, cfg.runtime)(model_uri, absolute(images), out, absolute(store), cfg.runtime)

@@ -2,7 +2,7 @@ from prefect import flow
 
 from adaptflow import DEFAULT_STORE
 from adaptflow.adapt.plan import training_image_size
-from adaptflow.config import Config, validate_config
+from adaptflow.config import Config
 from adaptflow.report.summary import StageClock
 from adaptflow.store.layout import ingest_uri, model_uri, new_run_id, run_uri
 from adaptflow.store.storage import absolute, join
@@ -21,13 +21,13 @@ from tasks.train import fit_head
 
 @flow(name="retrain")
 def retrain(
-    source: str, target: str, target_labels: str | None = None, store: str = DEFAULT_STORE, config: dict | None = None
+    source: str, target: str, target_labels: str | None = None, store: str = DEFAULT_STORE, config: Config | None = None
 ) -> str:
     """Train a classifier on labeled `source` images for unlabeled `target` images; returns the run URI.
     With a champion in the store's registry, retrain only if the target shifted or the champion degraded,
     and promote the new model only if it beats the champion on this run's data. The stages run on the
     task runner, and within the time limits, that `config.runtime` names."""
-    cfg = validate_config(config or {})
+    cfg = config if config is not None else Config()
     forward_library_logs()
     use_credentials(cfg.runtime.credentials_block)
     return configured(retrain_stages, cfg.runtime)(
