@@ -23,7 +23,7 @@ from adaptflow import DEFAULT_STORE
 from adaptflow.errors import AdaptflowError, DatasetError, TransientError
 from cli import interrupt, prefect_api
 from cli.models import cmd_models_export, cmd_models_list, cmd_models_promote, cmd_models_rollback
-from cli.output import print_json, progress_on_stderr
+from cli.output import UserErrorRecords, print_json, progress_on_stderr
 
 if TYPE_CHECKING:
     from adaptflow.config import BackboneConfig
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", None)  # None: a short command, with no progress to show
     prefect_api.configure_environment(quiet=bool(quiet))
     for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
-        logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
+        logging.getLogger(name).addFilter(UserErrorRecords())
     with interrupt.interruptible(prefect_api.stop_now), progress_on_stderr(quiet is False):
         try:
             return args.command(args)
@@ -46,21 +46,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return e.exit_code
         except TimeoutError as e:  # Prefect's FlowRunTimeoutError or TaskRunTimeoutError
-            print(f"error: {_timed_out(e)}", file=sys.stderr)
+            print(f"error: {_timed_out(e, args)}", file=sys.stderr)
             return TIMED_OUT
         except KeyboardInterrupt:
             interrupt.announce()
             interrupt.exit_now(prefect_api.stop_now)
 
 
-def _timed_out(e: TimeoutError) -> str:
+def _timed_out(e: TimeoutError, args: argparse.Namespace | None = None) -> str:
+    """The timeout's line, naming the setting and its value: the one in Prefect's message, else the command's
+    config's (the message names the limit of the flow that raised it: "None" when an outer flow re-raised it)."""
+    setting = {"FlowRunTimeoutError": "flow_timeout_s", "TaskRunTimeoutError": "task_timeout_s"}.get(type(e).__name__)
     which = {
-        "FlowRunTimeoutError": "the run took longer than runtime.flow_timeout_s",
-        "TaskRunTimeoutError": "a task took longer than runtime.task_timeout_s",
-    }.get(type(e).__name__, "timed out")
-    # Prefect's message names the limit of the flow that raised it: "None" when that was an outer flow
-    limit = re.search(r"timeout of ([0-9.]+) second", str(e))
-    return f"{which}{f' ({limit[1]} s)' if limit else ''}; committed work is kept, rerun the same command to resume"
+        "flow_timeout_s": "the run took longer than runtime.flow_timeout_s",
+        "task_timeout_s": "a task took longer than runtime.task_timeout_s",
+    }.get(setting, "timed out")
+    found = re.search(r"timeout of ([0-9.]+) second", str(e))
+    limit = float(found[1]) if found else _configured(args, setting) if setting and args is not None else None
+    return f"{which}{f' ({limit:g} s)' if limit else ''}; committed work is kept, rerun the same command to resume"
+
+
+def _configured(args: argparse.Namespace | None, setting: str) -> float | None:
+    """runtime.`setting` as the command's --config and --set made it; None when it has none."""
+    from adaptflow.config import load_config
+
+    try:
+        return getattr(load_config(getattr(args, "config", None), getattr(args, "set", None) or []).runtime, setting)
+    except (AdaptflowError, AttributeError):
+        return None
 
 
 def _check_inputs(*datasets: str | None, store: str | None = None, backbone: BackboneConfig | None = None) -> None:
@@ -144,7 +157,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from flows.extract import backfill  # Prefect loads only once the inputs are known good
 
     with prefect_api.prefect_api():
-        print(backfill(args.images, args.store, cfg.model_dump(mode="json")))
+        print(backfill(args.images, args.store, cfg))
     return 0
 
 
@@ -164,7 +177,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from flows.predict import batch_predict  # Prefect loads only once the inputs are known good
 
     with prefect_api.prefect_api():
-        out = batch_predict(model, args.images, args.out, args.store, cfg.model_dump(mode="json"))
+        out = batch_predict(model, args.images, args.out, args.store, cfg)
     print(out)
     return 0
 
@@ -184,20 +197,10 @@ def _retrain(source: str, target: str, target_labels: str | None, store: str, cf
     from flows.retrain import retrain
 
     with prefect_api.prefect_api():
-        run = retrain(source, target, target_labels, store, cfg.model_dump(mode="json"))
+        run = retrain(source, target, target_labels, store, cfg)
     if table:
         print(render_table(RunSummary.load(storage.join(run, "summary.json"))))
     return run
-
-
-class _NoTracebackForUserErrors(logging.Filter):
-    """Prefect logs a failed run's traceback; for our own user-facing errors the message is enough.
-    (A logger's filters see only records logged to that logger itself, hence one per engine logger.)"""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (AdaptflowError, TimeoutError, KeyboardInterrupt)):
-            record.exc_info = None
-        return True
 
 
 class _Version(argparse.Action):

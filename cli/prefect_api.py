@@ -43,8 +43,12 @@ def configure_environment(quiet: bool = False) -> None:
 @contextmanager
 def prefect_api() -> Iterator[None]:
     """Make sure a Prefect API is there for the duration: PREFECT_API_URL's, or a temporary server."""
+    import prefect  # noqa: F401  (its console logging is set up on import)
     from prefect.settings import get_current_settings
 
+    from cli.output import skip_user_errors_on_console
+
+    skip_user_errors_on_console()
     settings = get_current_settings()
     if settings.api.url:
         _check_answers(settings.api.url)

@@ -121,7 +121,7 @@ def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp
         "predict target images 0-",
         "predict source test images 0-",
     ):
-        assert f"\ndone: {step}" in done.stderr, step
+        assert f"\ndone: {step}" in "\n" + done.stderr, step  # a line of its own, the first one or not
     assert "done: " not in done.stdout and "\r" not in done.stderr
 
     # the same batch again (head only: cheap), quiet and as JSON: one JSON object on stdout, the run's summary,
@@ -321,18 +321,20 @@ def test_predict_with_a_damaged_model_is_one_line_before_prefect_starts(demo_dat
 @pytest.mark.parametrize(
     "error, says",
     [
-        ("FlowRunTimeoutError", "the run took longer than runtime.flow_timeout_s (2.0 s);"),
+        ("FlowRunTimeoutError", "the run took longer than runtime.flow_timeout_s (2 s);"),
         ("TaskRunTimeoutError", "a task took longer than runtime.task_timeout_s (60 s);"),
     ],
 )
 def test_a_timeout_names_the_limit_set_never_none(error, says):
+    import argparse
+
     from cli.main import _timed_out
 
-    limit = "2.0" if error.startswith("Flow") else "60"
-    kind = "Flow" if error.startswith("Flow") else "Task"
-    assert _timed_out(type(error, (TimeoutError,), {})(f"{kind} run exceeded timeout of {limit} second(s)")).startswith(
-        says
-    )
-    # an outer flow re-raising a subflow's timeout has no limit of its own: no "None", the setting named
-    outer = _timed_out(type(error, (TimeoutError,), {})(f"{kind} run exceeded timeout of None second(s)"))
-    assert "None" not in outer and outer.endswith("committed work is kept, rerun the same command to resume")
+    kind, limit = ("Flow", "2.0") if error.startswith("Flow") else ("Task", "60")
+    timeout = type(error, (TimeoutError,), {})
+    assert _timed_out(timeout(f"{kind} run exceeded timeout of {limit} second(s)")).startswith(says)
+    # an outer flow re-raising a subflow's timeout has no limit of its own: the command's config names it
+    args = argparse.Namespace(config=None, set=["runtime.flow_timeout_s=2", "runtime.task_timeout_s=60"])
+    outer = _timed_out(timeout(f"{kind} run exceeded timeout of None second(s)"), args)
+    assert outer.startswith(says) and "None" not in outer
+    assert outer.endswith("committed work is kept, rerun the same command to resume")

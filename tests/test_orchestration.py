@@ -71,7 +71,7 @@ def test_a_run_past_its_time_limit_stops_as_timed_out(demo_data, tmp_path, prefe
         == 3
     )
     line = _one_error_line(capsys.readouterr().err, traceback_free=False)
-    assert line.startswith("error: the run took longer than runtime.flow_timeout_s (")
+    assert line.startswith("error: the run took longer than runtime.flow_timeout_s (2 s);")
     assert line.endswith("committed work is kept, rerun the same command to resume")
     assert time.monotonic() - start < 60  # the extraction alone takes longer than that
     run = _latest_run("extract-stages")
@@ -105,7 +105,7 @@ def test_a_task_past_its_time_limit_fails_the_run_at_once(demo_data, tmp_path):
     )
     assert done.returncode == 3, done.stderr[-3000:]
     line = _one_error_line(done.stderr)
-    assert line.startswith("error: a task took longer than runtime.task_timeout_s (")
+    assert line.startswith("error: a task took longer than runtime.task_timeout_s (1 s);")
     assert "TimedOut" in done.stderr and "Retry 1/3" not in done.stderr
 
 
@@ -282,3 +282,35 @@ def test_a_runs_last_logs_reach_the_temporary_server_before_it_stops(tmp_path):
         messages = {m for (m,) in db.execute("select message from log")}
     assert "the run's last log line" in messages
     assert any(m.startswith("Finished in state Completed") for m in messages), sorted(messages)
+
+
+@pytest.mark.parametrize("flow", ["flows.retrain:retrain", "flows.extract:backfill", "flows.predict:batch_predict"])
+def test_a_deployments_config_parameter_is_a_form_in_the_ui(flow):
+    """The UI draws a run's parameter form from the flow's schema: `config` is the Config model, every section
+    and setting with its type, default and description, not a raw JSON object."""
+    import importlib
+
+    from prefect.utilities.callables import parameter_schema
+
+    module, name = flow.split(":")
+    schema = parameter_schema(getattr(importlib.import_module(module), name)).model_dump()
+    assert {"$ref": "#/definitions/Config"} in schema["properties"]["config"]["anyOf"]
+    sections = schema["definitions"]["Config"]["properties"]
+    assert {"ingest", "backbone", "extract", "adapt", "monitor", "promotion", "runtime"} <= set(sections)
+    budget = schema["definitions"]["AdaptConfig"]["properties"]["budget"]
+    assert budget["default"] == "default" and budget["description"]
+
+
+@pytest.mark.slow
+def test_an_input_error_found_inside_the_flow_is_said_once(demo_data, tmp_path):
+    """Prefect logs a failed run four or five times (task, subflow, flow, each state); the terminal shows the
+    error once, as the command's last line, while the Prefect UI keeps its records."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("uri,label\nnope1.png,0\nnope2.png,1\n")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DO_NOT_TRACK": "1"}
+    cmd = [sys.executable, "-m", "cli.main", "run", "--source", demo_data.source_uri, "--target", demo_data.target_uri]
+    cmd += ["--target-labels", str(labels), "--store", str(tmp_path / "store")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("no valid images under") == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.rstrip().splitlines()[-1].startswith(f"error: no valid images under {labels}")
