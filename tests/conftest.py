@@ -62,6 +62,17 @@ def demo_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_data_40(tmp_path_factory):
+    """The demo shift at 40 images a class, for the end-to-end runs that need the first model promoted: at
+    `demo_data`'s 15 a class the source-only head sits on the line where one class takes 60 % of its target
+    predictions (collapsed, so the gate rightly promotes nothing) and falls on either side of it with the
+    seed or the order of the store's rows."""
+    from adaptflow.data.demo import make_demo_data
+
+    return make_demo_data(str(tmp_path_factory.mktemp("demo40")), image_size=32, seed=0, max_per_domain=400)
+
+
+@pytest.fixture(scope="session")
 def fast_config():
     """Real EfficientNet-Lite0 weights at 64 px: the real code path, a few seconds per run."""
     from adaptflow.config import load_config

@@ -30,8 +30,9 @@ def _client(uri):
 
 @pytest.mark.slow
 def test_runs_and_the_registry_are_mirrored_to_mlflow(
-    demo_data, fast_config, tmp_path, prefect_harness, mlflow_uri, monkeypatch, capsys
+    demo_data_40, fast_config, tmp_path, prefect_harness, mlflow_uri, monkeypatch, capsys
 ):
+    demo_data = demo_data_40
     from flows.retrain import retrain
 
     store = str(tmp_path / "store")
@@ -81,9 +82,11 @@ def test_runs_and_the_registry_are_mirrored_to_mlflow(
         "report.html",
         "model",
     }
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {
-        "model/weights.safetensors",
-        "model/model.json",
+    # the registered model as an MLflow pyfunc, the adaptflow model (weights and card) inside
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/MLmodel", "model/artifacts"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model/artifacts/adaptflow_model")} == {
+        "model/artifacts/adaptflow_model/weights.safetensors",
+        "model/artifacts/adaptflow_model/model.json",
     }
 
     # the registered models and aliases: exactly adaptflow's
@@ -96,6 +99,18 @@ def test_runs_and_the_registry_are_mirrored_to_mlflow(
         for a in client.get_registered_model("adaptflow").aliases
     }
     assert mirrored == adaptflow_aliases and "champion" in mirrored
+    # and MLflow serves the champion: what `adaptflow predict` predicts, from image bytes or URIs
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_registry_uri(mlflow_uri)
+    served = mlflow.pyfunc.load_model("models:/adaptflow@champion")
+    images = sorted(Path(demo_data.target_uri).iterdir())[:6]
+    by_bytes = served.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
+    by_uri = served.predict(pd.DataFrame({"uri": [str(p) for p in images]}))
+    assert list(by_bytes.prediction) == list(by_uri.prediction) and len(by_bytes) == 6
+    assert set(by_bytes.prediction) <= set(demo_data.classes)  # the same module `models export` checks
+    assert all(len(p) == len(demo_data.classes) and abs(sum(p) - 1) < 1e-4 for p in by_bytes.probabilities)
     with capsys.disabled():  # for the record, with -s
         print(
             f"\nMLflow runs: {sorted(runs)}; adaptflow aliases {adaptflow_aliases}; MLflow aliases "

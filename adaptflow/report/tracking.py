@@ -171,8 +171,8 @@ def log_run(summary: Mapping[str, Any], store: str, cfg: TrackingConfig) -> Trac
 
 
 def _register(client, run_id: str, summary: Mapping[str, Any], name: str) -> str | None:
-    """Log the run's registered model (weights and card) and make it a version of the MLflow model `name`,
-    tagged with its adaptflow version; None when the run registered nothing (no shift)."""
+    """Log the run's registered model as an MLflow pyfunc (its weights and card inside) and make it a version
+    of the MLflow model `name`, tagged with its adaptflow version; None when the run registered nothing."""
     promotion = summary.get("promotion") or {}
     version = promotion.get("version")
     if version is None:
@@ -180,12 +180,11 @@ def _register(client, run_id: str, summary: Mapping[str, Any], name: str) -> str
     existing = _mlflow_version(client, name, version)
     if existing is not None:  # mirrored already (a rerun of this step)
         return existing
+    from adaptflow.models.pyfunc import save_pyfunc
+
     with tempfile.TemporaryDirectory() as tmp:
-        folder = os.path.join(tmp, "model")
-        os.makedirs(folder)
-        for file in ("weights.safetensors", "model.json"):
-            with open(os.path.join(folder, file), "wb") as f:
-                f.write(storage.read_bytes(storage.join(summary["model_uri"], file)))
+        folder = os.path.join(tmp, "model")  # an MLflow pyfunc model: mlflow.pyfunc.load_model serves it
+        save_pyfunc(summary["model_uri"], folder)
         client.log_artifacts(run_id, folder, artifact_path="model")
     try:
         client.get_registered_model(name)
