@@ -13,6 +13,7 @@ from adaptflow.manifests import (
     SelectionManifest,
 )
 from adaptflow.store import accounting
+from adaptflow.store.layout import training_uri
 from adaptflow.store.storage import join
 from tasks._work import measured
 from tasks.runners import gpu_placement, limited
@@ -24,6 +25,20 @@ def plan_candidates(cfg: Config, source: IngestManifest) -> list[CandidateSpec]:
     (end to end: sized to the source's training images unless adapt.image_steps is set)."""
     cuda = resolve_device(cfg.extract.device).type == "cuda"
     return plan.plan_candidates(cfg, cuda, plan.training_images(source))
+
+
+@task(name="training-folder")
+def training_folder(
+    store: str,
+    cfg: Config,
+    source: IngestManifest,
+    target: IngestManifest,
+    target_labels: IngestManifest | None,
+    features: ExtractionPlan,
+) -> str:
+    """Where this training's candidates live: keyed by everything it reads, so the same command after an
+    interruption finds their checkpoints."""
+    return training_uri(store, plan.training_key(cfg, source, target, target_labels, features))
 
 
 @task(name="train-candidate", task_run_name="train-{spec.name}")

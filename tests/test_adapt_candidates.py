@@ -1,5 +1,6 @@
 """Adaptation inside a run: candidate planning, one candidate per mode, selection."""
 
+import json
 import math
 import threading
 import uuid
@@ -302,6 +303,56 @@ def test_training_resumed_from_a_checkpoint_equals_an_uninterrupted_run(run_inpu
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.scores == straight.scores and resumed.embedding_uri and resumed.domain_gap == straight.domain_gap
     assert adaptation.train_candidate(spec, *args, f"{root}/rungs-{method}", until=8) == resumed  # a retry: nothing
+    # the same command again: each rung gets what it ranked on then, not the finished candidate's scores
+    again = adaptation.train_candidate(spec, *args, f"{root}/rungs-{method}", until=4)
+    same = [json.dumps(c.model_dump(mode="json"), sort_keys=True) for c in (again, half)]
+    assert same[0] == same[1]  # (as JSON text: a rung's test accuracy is NaN, never equal to itself)
+
+
+def test_an_interrupted_segment_resumes_from_its_last_checkpoint_to_the_same_model(run_inputs, monkeypatch):
+    """Ctrl-C mid-training, then the same command: the candidate carries on from the checkpoint a part of its
+    segment left (one at least every CHECKPOINT_EVERY_S seconds), not from step 0, and ends as the
+    uninterrupted run ends."""
+    from safetensors.torch import load
+
+    from adaptflow.adapt import checkpoint
+
+    cfg, d, plan, root = run_inputs
+    spec = _images_spec(cfg, "dann")
+    args = (d["source"], d["target"], None, plan, cfg)
+    straight = adaptation.train_candidate(spec, *args, f"{root}/straight-interrupted")
+    monkeypatch.setattr(adaptation, "CHECKPOINT_EVERY_S", 0.0)  # a checkpoint after every part (1 step of 8)
+    real_fit, calls, resuming = samples.ImageData.fit, [], False
+
+    def interrupted(self, algorithm, x, y, xt, steps, batch, seed, start, stop, cfg):
+        calls.append((start, stop))
+        if start == 5 and not resuming:
+            raise KeyboardInterrupt
+        return real_fit(self, algorithm, x, y, xt, steps, batch, seed, start, stop, cfg)
+
+    monkeypatch.setattr(samples.ImageData, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        adaptation.train_candidate(spec, *args, f"{root}/interrupted")
+    assert calls[-1] == (5, 6) and checkpoint.checkpoint_step(f"{root}/interrupted/checkpoint") == 5
+    calls.clear()
+    resuming = True
+    resumed = adaptation.train_candidate(spec, *args, f"{root}/interrupted")
+    assert calls[0] == (5, 6) and resumed.steps == 8  # steps 0-4 were not trained again
+    a, b = (load(storage.read_bytes(f"{c.model_uri}/weights.safetensors")) for c in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_training_folder_is_keyed_by_what_training_reads(run_inputs):
+    """The same command again finds its candidates (and their checkpoints); other data or settings do not."""
+    cfg, d, plan, _ = run_inputs
+    key = planning.training_key(cfg, d["source"], d["target"], None, plan)
+    assert key == planning.training_key(cfg, d["source"], d["target"], None, plan) and len(key) == 16
+    where = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"max_workers": 7})})
+    assert planning.training_key(where, d["source"], d["target"], None, plan) == key  # where it runs: same work
+    other = cfg.model_copy(update={"adapt": cfg.adapt.model_copy(update={"feature_steps": 7})})
+    assert planning.training_key(other, d["source"], d["target"], None, plan) != key
+    assert planning.training_key(cfg, d["target"], d["source"], None, plan) != key
+    assert planning.training_key(cfg, d["source"], d["target"], d["target_labels"], plan) != key
 
 
 def test_images_mode_trains_and_scores_from_the_cache_within_a_memory_ceiling(run_inputs, monkeypatch):

@@ -12,20 +12,12 @@ from flows.retrain import retrain
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    """The demo shift at 40 images a class: at the session's 15 a class the source-only head sat on the line
-    where one class takes 60 % of its target predictions (collapsed, so the gate rightly promoted nothing) and
-    fell on either side of it with the seed or the order of the store's rows."""
-    from adaptflow.data.demo import make_demo_data
-
-    return make_demo_data(str(tmp_path_factory.mktemp("demo")), image_size=32, seed=0, max_per_domain=400)
-
-
 def test_retrain_then_rerun_reuses_features_then_predict(
-    demo_data, fast_config, tmp_path, prefect_harness, monkeypatch
+    demo_data_40, fast_config, tmp_path, prefect_harness, monkeypatch
 ):
     import tasks.monitor
+
+    demo_data = demo_data_40
 
     events = []  # what automations would see: event names and payloads
     monkeypatch.setattr(tasks.monitor, "emit_event", lambda event, resource, payload: events.append((event, payload)))

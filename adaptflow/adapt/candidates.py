@@ -7,9 +7,10 @@ through the backbone on the store's cached training images (the large gains; min
 image sizes). Both read their rows in bounded memory (`adaptflow.store.rows`) and train for a budget in
 optimizer steps, so the same data and seed give the same model whatever the dataset's size or the
 machine's load (`adapt.samples`). Images-mode candidates are trained in rungs of successive halving
-(`adapt.halving`): each rung resumes from the checkpoint the last one left. Each candidate's folder holds
-the model (`weights.safetensors`, `model.json`), its predictions on the validation sample, and
-`candidate.json`, written last.
+(`adapt.halving`): each rung resumes from the checkpoint the last one left, and a long segment leaves one
+about every minute, so an interrupted run's candidates resume too (their folders are keyed by what their
+training reads, `adapt.plan.training_key`). Each candidate's folder holds the model (`weights.safetensors`,
+`model.json`), its predictions on the validation sample, and `candidate.json`, written last.
 
 Candidates are scored on a fixed seeded sample of source-validation and target images, the same for
 every candidate. Target labels, when given, are used only to report each candidate's target accuracy
@@ -18,6 +19,7 @@ on that sample next to its label-free scores; selection never reads them.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from contextlib import nullcontext
@@ -62,6 +64,10 @@ from adaptflow.store import storage
 # candidates at once on one thread each make 1.22x the steps of one on two (demo, 64 px: 0.36 s a step
 # each against 0.22 s), while a features-mode step, many tiny ops, gains nothing from a second thread.
 CPU_THREADS = 1
+# A segment trains in CHECKPOINT_PARTS parts of its candidate's budget; after a part that ends a minute or more
+# after the last checkpoint, it saves one: Ctrl-C (or a lost worker) costs at most about a minute of training.
+CHECKPOINT_PARTS = 8
+CHECKPOINT_EVERY_S = 60.0
 _DEVICE_LOCKS: dict[str, threading.Lock] = {}  # one images-mode candidate per GPU and process at a time
 _LOCKS_LOCK = threading.Lock()
 
@@ -88,7 +94,7 @@ def train_candidate(
     committed = storage.join(out_uri, "candidate.json")
     before = CandidateManifest.load(committed) if storage.exists(committed) else None
     if before is not None and before.steps >= until:
-        return before
+        return _committed_at(before, until, out_uri)
 
     classes = source.classes
     code = {c: i for i, c in enumerate(classes)}
@@ -128,20 +134,20 @@ def train_candidate(
         intra_op_threads(CPU_THREADS) if cpu else nullcontext(),
     ):
         draws = (until - begin) * batch  # rows this segment reads of each domain: streamed if fewer than all
-        curve = data.fit(
-            algorithm,
-            data.rows(train, draws),
-            y_train,
-            data.rows(tgt, draws),
-            total,
-            batch,
-            spec.seed,
-            begin,
-            until,
-            cfg,
-        )
-        if until < total:
-            save_checkpoint(checkpoint, algorithm, until)
+        rows, target_rows = data.rows(train, draws), data.rows(tgt, draws)
+        curve, step, saved = [], begin, time.monotonic()
+        while step < until:  # in parts, with a checkpoint at least every CHECKPOINT_EVERY_S seconds
+            stop = until if cfg.adapt.time_budget_s else min(until, step + math.ceil(total / CHECKPOINT_PARTS))
+            part = data.fit(algorithm, rows, y_train, target_rows, total, batch, spec.seed, step, stop, cfg)
+            curve += part
+            if part and part[-1].get("budget_exceeded"):  # the opt-in time budget ran out: the rung ends here
+                if until < total:
+                    save_checkpoint(checkpoint, algorithm, until)
+                break
+            step = stop
+            if step < total and (step == until or time.monotonic() - saved >= CHECKPOINT_EVERY_S):
+                save_checkpoint(checkpoint, algorithm, step)
+                saved = time.monotonic()
         out = {name: data.infer(algorithm, data.sample(rows)) for name, rows in samples.items() if name in wanted}
     inputs = validators.ValidationInputs(
         source_logits=out["val"][0],
@@ -212,7 +218,16 @@ def train_candidate(
         seconds=(before.seconds if before else 0.0) + time.perf_counter() - start,
     )
     manifest.commit(committed)
+    if until < total:  # what this rung ranked on, for the same command run again (`_committed_at`)
+        manifest.commit(storage.join(out_uri, f"rung-{until}.json"))
     return manifest
+
+
+def _committed_at(before: CandidateManifest, until: int, out_uri: str) -> CandidateManifest:
+    """The candidate as it was committed at step `until`: a run repeated after this training finished asks
+    each rung for the scores that rung ranked on, not the final ones, and so keeps the same survivors."""
+    rung = storage.join(out_uri, f"rung-{until}.json")
+    return CandidateManifest.load(rung) if before.steps > until and storage.exists(rung) else before
 
 
 def stop_candidate(candidate: CandidateManifest, rung: int, out_uri: str) -> CandidateManifest:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from typing import NamedTuple
 
@@ -10,7 +12,7 @@ from adaptflow.adapt.hparams import candidate_hparams
 from adaptflow.config import Config
 from adaptflow.data.ingest import read_index
 from adaptflow.errors import lookup
-from adaptflow.manifests import CandidateSpec, IngestManifest
+from adaptflow.manifests import CandidateSpec, ExtractionPlan, IngestManifest
 
 # End to end on a CPU: the baseline and the two strongest in benchmarks/adaptation.py on the demo shift.
 CPU_IMAGE_METHODS = ["source_only", "dann", "cdan"]
@@ -124,3 +126,32 @@ def _own_size(cfg: Config) -> int:
     from adaptflow.extract.backbones import build_extractor
 
     return int(build_extractor(cfg.backbone.model_copy(update={"image_size": None})).data_config["input_size"][-1])
+
+
+# Settings that decide where a run goes, not what its candidates learn: a change of them keeps the training.
+_NOT_TRAINING = {"runtime", "tracking", "monitor", "promotion", "links"}
+
+
+def training_key(
+    cfg: Config,
+    source: IngestManifest,
+    target: IngestManifest,
+    target_labels: IngestManifest | None,
+    features: ExtractionPlan,
+) -> str:
+    """16 hex characters naming everything the candidates' training reads: the datasets' snapshots (image
+    ids, labels, splits), the features and the training-image cache, the config's training settings and
+    the code's version. The same command run again after an interruption has the same key, so its
+    candidates resume from their checkpoints; any change of data, settings or code starts afresh."""
+    from adaptflow.models.registry import code_version
+
+    parts = {
+        "source": source.fingerprint,
+        "target": target.fingerprint,
+        "target_labels": target_labels.fingerprint if target_labels else None,
+        "features": features.fingerprint,
+        "cache": features.cache.fingerprint if features.cache else None,
+        "config": cfg.model_dump(mode="json", exclude=_NOT_TRAINING),
+        "code": code_version(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

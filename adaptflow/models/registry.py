@@ -303,9 +303,11 @@ def get_version(store: str, version: int) -> ModelVersion:
 def _located(store: str, mv: ModelVersion) -> ModelVersion:
     """`mv` with its model's URI as it is now. A version records the URI it was registered with; a store
     moved or copied elsewhere (another folder, object storage), or written through a path relative to
-    another working directory, holds that model at the same place under its own root: `models/{run_id}`
-    or `runs/{run_id}/...`, the layout `adaptflow.report.summary` gives every run's models."""
-    found = re.search(rf"(?:^|/)((?:models|runs)/{re.escape(mv.run_id)}(?:/.*)?)$", mv.model_uri)
+    another working directory, holds that model at the same place under its own root: `models/{run_id}`,
+    `runs/{run_id}/...` or `training/{key}/{candidate}`, the layout `adaptflow.store.layout` gives models."""
+    found = re.search(
+        rf"(?:^|/)((?:models|runs)/{re.escape(mv.run_id)}(?:/.*)?|training/[0-9a-f]{{16}}/[^/]+)$", mv.model_uri
+    )
     if found is None:
         return mv
     here = storage.join(store, found.group(1))

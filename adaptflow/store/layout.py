@@ -1,7 +1,9 @@
 """Where everything lives in a store: every URI below is derived from the store's root, never recorded apart.
 
 {store}/runs/{run_id}/ingest/{domain}/   index.parquet, rejects.parquet, manifest.json
-{store}/runs/{run_id}/candidates/{name}/ each adaptation candidate (`adaptflow.adapt.candidates`)
+{store}/training/{key}/{name}/          each adaptation candidate (`adaptflow.adapt.candidates`), keyed by
+                                         everything its training reads (`training_uri`): the same command
+                                         after an interruption resumes each from its last checkpoint
 {store}/runs/{run_id}/baseline/          the source-only head's predictions and metrics.json
 {store}/runs/{run_id}/predictions.parquet
 {store}/runs/{run_id}/metrics.json
@@ -36,6 +38,11 @@ def ingest_uri(run: str, domain: str) -> str:
 
 def model_uri(store: str, run_id: str) -> str:
     return storage.join(store, "models", run_id)
+
+
+def training_uri(store: str, key: str) -> str:
+    """Where the adaptation candidates of training `key` (`adaptflow.adapt.plan.training_key`) live."""
+    return storage.join(store, "training", key)
 
 
 def features_uri_for(store_uri: str, backbone: str, fingerprint: str) -> str:
