@@ -323,3 +323,13 @@ def test_credentials_from_a_prefect_secret_block(bucket, s3_env, prefect_harness
     Secret(value=json.dumps({"PATH": "/tmp"})).save(name + "-bad")
     with pytest.raises(ConfigError, match="must hold a JSON object whose keys are among AWS_ACCESS_KEY_ID"):
         use_credentials(name + "-bad")
+
+
+def test_a_store_in_a_missing_bucket_is_refused_before_anything_is_written(s3_env, bucket):
+    """A server that creates buckets on the first write would take a mistyped bucket name and the run would
+    succeed into it: the store's check asks for the bucket before its probe writes anything."""
+    missing = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(StoreError, match=f"the bucket '{missing}' does not exist; create it first"):
+        storage.check_writable(f"s3://{missing}/store")
+    assert not s3_env.filesystem().exists(missing)
+    storage.check_writable(storage.join(bucket, "store"))  # an existing bucket: its folder is made

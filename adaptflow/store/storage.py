@@ -109,6 +109,7 @@ def check_writable(uri: str) -> None:
         except OSError as e:
             raise StoreError(f"cannot write to {uri}: {_why(e, path)}") from None
         return
+    _check_bucket(uri, fs, path)
     try:
         write_bytes(join(uri, probe), b"")
     except StoreUnavailableError:
@@ -117,6 +118,27 @@ def check_writable(uri: str) -> None:
         raise StoreError(f"cannot write to {uri}: {e}") from None
     with contextlib.suppress(StoreError, OSError):  # may write but not delete: the probe is harmless
         remove(join(uri, probe))
+
+
+def _check_bucket(uri: str, fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """An S3 store's bucket must exist: a server that creates buckets on the first write (SeaweedFS's
+    default, MinIO's option) would otherwise make one of a mistyped name, and the run would succeed into
+    it. Credentials that may not look at the bucket itself leave the decision to the write probe."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    if not {"s3", "s3a"} & set(protocols):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        _call(f"s3://{bucket}", lambda fs, b: fs.info(b, refresh=True))
+    except StoreNotFoundError:
+        raise StoreError(
+            f"cannot use {uri}: the bucket {bucket!r} does not exist; create it first (adaptflow makes the "
+            "folders inside a bucket, never the bucket)"
+        ) from None
+    except StoreUnavailableError:
+        raise
+    except StoreError:
+        pass
 
 
 def join(uri: str, *parts: str) -> str:
