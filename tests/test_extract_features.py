@@ -275,27 +275,33 @@ def test_a_store_written_by_an_incompatible_version_is_refused_with_a_clear_mess
         shards.committed_shards(plan.features_uri)
 
 
-def test_two_runs_extracting_the_same_images_at_once_leave_one_row_per_image(indexed, fast_config):
+def _race(plans, cfg) -> list[str]:
+    """Run each extraction plan on a thread of its own, every attempt past the "already committed?" check
+    before another commits; the image ids of every committed row."""
     from concurrent.futures import ThreadPoolExecutor
 
-    store, manifests = indexed
-    plans = [features.plan_extraction([manifests[0].index_uri], store, fast_config.backbone, 32) for _ in range(2)]
-    # both runs planned before either committed: the same shards, extracted twice, side by side
-    assert [s.shard_key for s in plans[0].shards] == [s.shard_key for s in plans[1].shards]
-    raw = fast_config.extract
+    raw = cfg.extract
 
-    def race(plan):  # each attempt past the "already committed?" check before the other commits
+    def extract(plan):
         for s in plan.shards:
-            tables, nbytes, fingerprint = features._embed_shard(s, fast_config.backbone, raw, ["embedding"])
+            tables, nbytes, fingerprint = features._embed_shard(s, cfg.backbone, raw, ["embedding"])
             shards.commit_shard(s.features_uri, s.shard_key, tables["embedding"], fingerprint, raw.dtype, 0.0, nbytes)
 
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(race, plans))
-    ids = [
+    with ThreadPoolExecutor(len(plans)) as pool:
+        list(pool.map(extract, plans))
+    return [
         i
         for f in shards.committed_files(plans[0].features_uri)
         for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()
     ]
+
+
+def test_two_runs_extracting_the_same_images_at_once_leave_one_row_per_image(indexed, fast_config):
+    store, manifests = indexed
+    plans = [features.plan_extraction([manifests[0].index_uri], store, fast_config.backbone, 32) for _ in range(2)]
+    # both runs planned before either committed: the same shards, extracted twice, side by side
+    assert [s.shard_key for s in plans[0].shards] == [s.shard_key for s in plans[1].shards]
+    ids = _race(plans, fast_config)
     assert len(ids) == len(set(ids)) == manifests[0].n_images
     assert all(storage.exists(f) for f in shards.committed_files(plans[0].features_uri))
 
@@ -303,8 +309,6 @@ def test_two_runs_extracting_the_same_images_at_once_leave_one_row_per_image(ind
 def test_three_runs_with_different_targets_at_once_leave_one_row_per_image(
     demo_data, fast_config, memory_uri, tmp_path
 ):
-    from concurrent.futures import ThreadPoolExecutor
-
     source = ingest(demo_data.source_uri, "source", f"{memory_uri}/ingest/source", fast_config.ingest)
     files = sorted(str(p) for p in Path(demo_data.target_uri).iterdir())
     targets = []
@@ -313,23 +317,10 @@ def test_three_runs_with_different_targets_at_once_leave_one_row_per_image(
         for uri in files[k::3]:
             storage.write_bytes(str(folder / uri.rsplit("/", 1)[-1]), storage.read_bytes(uri))
         targets.append(ingest(str(folder), "target", f"{memory_uri}/ingest/night{k}", fast_config.ingest))
-    raw = fast_config.extract
     # every run planned before any committed, the source first in two and last in one
     orders = [[source, targets[0]], [source, targets[1]], [targets[2], source]]
     plans = [features.plan_extraction([m.index_uri for m in o], memory_uri, fast_config.backbone, 32) for o in orders]
-
-    def race(plan):  # each past the "already committed?" check of every shard before another commits
-        for s in plan.shards:
-            tables, nbytes, fingerprint = features._embed_shard(s, fast_config.backbone, raw, ["embedding"])
-            shards.commit_shard(s.features_uri, s.shard_key, tables["embedding"], fingerprint, raw.dtype, 0.0, nbytes)
-
-    with ThreadPoolExecutor(3) as pool:
-        list(pool.map(race, plans))
-    ids = [
-        i
-        for f in shards.committed_files(plans[0].features_uri)
-        for i in storage.read_table(f, columns=["image_id"])["image_id"].to_pylist()
-    ]
+    ids = _race(plans, fast_config)
     assert len(ids) == len(set(ids)) == source.n_images + sum(t.n_images for t in targets)
 
 
