@@ -69,3 +69,11 @@ def test_a_set_value_that_is_not_yaml_is_one_clear_line(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value) and "quote it for a string" in str(err.value)
+
+
+def test_a_section_given_a_value_in_the_file_is_said_of_the_file_not_of_a_set(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("adapt: 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path), [])
+    assert "adapt: Input should be a valid dictionary" in str(e.value) and "--set" not in str(e.value)
