@@ -6,7 +6,7 @@ from adaptflow.config import Config
 from adaptflow.report.summary import StageClock
 from adaptflow.store.layout import ingest_uri, model_uri, new_run_id, run_uri
 from adaptflow.store.storage import absolute, join
-from tasks.adapt import plan_candidates, select_model, train_candidates, training_folder
+from tasks.adapt import plan_candidates, select_model, train_candidates
 from tasks.credentials import use_credentials
 from tasks.extract import compact_features, extract_all, plan_extraction
 from tasks.ingest import ingest_dataset
@@ -99,8 +99,7 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
     # (end-to-end ones in rounds of successive halving), chosen without target labels
     with clock("train"):
         head = fit(src, plan, cfg, model_uri(store, run_id))
-        training = training_folder(store, cfg, src, tgt, labels, plan)  # the same command resumes it
-        candidates = train_candidates(specs, src, tgt, labels, plan, cfg, training)
+        candidates = train_candidates(specs, src, tgt, labels, plan, cfg, store)  # resumed by the same command
         selection = select_model(head, candidates, cfg, src)
 
     # 5. evaluate: the chosen model and the source-only head on source test and target, shard by shard

@@ -27,20 +27,6 @@ def plan_candidates(cfg: Config, source: IngestManifest) -> list[CandidateSpec]:
     return plan.plan_candidates(cfg, cuda, plan.training_images(source))
 
 
-@task(name="training-folder")
-def training_folder(
-    store: str,
-    cfg: Config,
-    source: IngestManifest,
-    target: IngestManifest,
-    target_labels: IngestManifest | None,
-    features: ExtractionPlan,
-) -> str:
-    """Where this training's candidates live: keyed by everything it reads, so the same command after an
-    interruption finds their checkpoints."""
-    return training_uri(store, plan.training_key(cfg, source, target, target_labels, features))
-
-
 @task(name="train-candidate", task_run_name="train-{spec.name}")
 @measured
 def train_candidate(
@@ -86,12 +72,14 @@ def train_candidates(
     target_labels: IngestManifest | None,
     features: ExtractionPlan,
     cfg: Config,
-    candidates_uri: str,
+    store: str,
 ) -> list[CandidateManifest]:
     """Every candidate, each its own task (on a GPU worker when configured), images-mode ones in rungs of
     successive halving (`adapt.halving.successive_halving`, `adapt.halving`); call it from a flow. Returns
     the candidates in `specs` order, those left behind marked `stopped_at_rung`, each with the work of
-    all its rungs."""
+    all its rungs. They train in `store`'s folder for everything their training reads
+    (`adapt.plan.training_key`), so the same command after an interruption resumes them."""
+    candidates_uri = training_uri(store, plan.training_key(cfg, source, target, target_labels, features))
     (train,) = limited(cfg.runtime, train_candidate)
     works: dict[str, list[accounting.Work]] = {}
 

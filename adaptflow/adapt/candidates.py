@@ -140,11 +140,8 @@ def train_candidate(
             stop = until if cfg.adapt.time_budget_s else min(until, step + math.ceil(total / CHECKPOINT_PARTS))
             part = data.fit(algorithm, rows, y_train, target_rows, total, batch, spec.seed, step, stop, cfg)
             curve += part
-            if part and part[-1].get("budget_exceeded"):  # the opt-in time budget ran out: the rung ends here
-                if until < total:
-                    save_checkpoint(checkpoint, algorithm, until)
-                break
-            step = stop
+            over = part and part[-1].get("budget_exceeded")  # the opt-in time budget ran out: the segment ends
+            step = until if over else stop
             if step < total and (step == until or time.monotonic() - saved >= CHECKPOINT_EVERY_S):
                 save_checkpoint(checkpoint, algorithm, step)
                 saved = time.monotonic()

@@ -80,8 +80,8 @@ def plan_extraction(
     shards = []
     if todo.num_rows:
         ids = todo["image_id"].to_pylist()
-        counts = "-".join(str(len(p)) for p in parts)
-        plan_uri = storage.join(features_uri, "plans", f"{hash_ids(ids)}-{hash_ids([counts])[:8]}.parquet")
+        counts = "-".join(str(len(p)) for p in parts)  # how the ids split into parts: part of the plan
+        plan_uri = storage.join(features_uri, "plans", f"{hash_ids([*ids, counts])}.parquet")
         storage.write_table(plan_uri, todo)
         offset = 0
         for (f, p, _), part in zip(groups, parts, strict=True):
