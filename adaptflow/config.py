@@ -158,6 +158,12 @@ class AdaptConfig(_Section):
         description="how the target's class mix is estimated without labels (adaptflow.adapt.priors): em "
         "(Saerens' EM on calibrated predictions) or bbse (black-box shift estimation)",
     )
+    prior_correction: bool = Field(
+        True,
+        description="where the target's estimated class mix is credible (a label shift seen by a source-only "
+        "model as sure of the target as of the source), the chosen model's output layer is corrected to it: "
+        "p(y|x) re-weighted by the estimated q(y) / p(y) (adaptflow.adapt.priors.correct)",
+    )
     class_weighting: Literal["off", "online"] = Field(
         "off",
         description="class-weighted alignment for a target whose class mix differs from the source's: online "

@@ -8,7 +8,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from adaptflow.config import Config
 from adaptflow.errors import IncompatibleStoreError
 from adaptflow.store import storage
 from adaptflow.store.accounting import Work
@@ -196,6 +195,9 @@ class SelectionManifest(Manifest):
     reference_model_uri: str | None = None
     ranks: list[float | None] = []  # each candidate's mean percentile rank (1 best); None: not ranked
     class_mix: ClassMix | None = None  # the target's class mix as the source-only reference estimates it
+    # log q(y) / p(y) per class: where the estimate was credible, model_uri and reference_model_uri are copies
+    # of the candidates' models predicting under it (`adapt.candidates.prior_corrected`); None: as trained
+    prior_correction: list[float] | None = None
 
 
 class PredictShard(Manifest):
@@ -383,118 +385,3 @@ class TrackingManifest(Manifest):
     model_name: str | None = None
     model_version: str | None = None  # this run's model in MLflow's registry
     aliases: dict[str, str] = {}  # MLflow's aliases after mirroring: alias -> MLflow version
-
-
-class DatasetSummary(Record):
-    uri: str
-    images: int
-    rejected: int
-    classes: list[str]  # empty for unlabeled data
-    fingerprint: str
-    index_uri: str
-    rejects_uri: str
-
-
-class ExtractionSummary(Record):
-    """The extract stage of a run (`report.summary.summarize_extraction`)."""
-
-    fingerprint: str
-    features_uri: str
-    images_requested: int
-    images_cached: int  # already in the feature store
-    images_extracted: int  # embedded and/or decoded into the training-image cache
-    image_cache_uri: str | None
-    images_cached_pixels: int
-    shards: int
-    bytes_read: int
-    bytes_written: int
-    shards_compacted: int
-    orphans_removed: int
-    wall_seconds: float
-    plan_seconds: float
-    images_per_second: float | None  # the stage's: planning and model loading included
-    shard_images_per_second: float | None  # inside the shard tasks only
-    orchestration_share: float | None
-
-
-class StageStats(Record):
-    """One stage's wall time, images, bytes and orchestration share (`store.accounting.stage_stats`)."""
-
-    seconds: float
-    images: int | None = None
-    images_per_second: float | None = None
-    bytes_read: int = 0
-    bytes_written: int = 0
-    task_seconds: float | None = None
-    orchestration_share: float | None = None
-
-
-class ModelMetrics(Record):
-    """A model's scores in a run; all None in a run that trained nothing (`no_shift`)."""
-
-    source_val_accuracy: float | None = None
-    source_test: SplitScores | None = None
-    target: SplitScores | None = None  # with target labels only
-
-
-class BaselineMetrics(ModelMetrics):
-    model_uri: str = ""  # the source-only head
-
-
-class CandidateSummary(Record):
-    name: str
-    method: str
-    mode: str
-    scores: dict[str, float]  # label-free validators, higher is better
-    collapsed: bool
-    rank: float | None  # the policy's mean percentile rank; None for a candidate that took no part
-    source_test_accuracy: float | None
-    target_accuracy: float | None  # with target labels: reporting only
-    steps: int
-    total_steps: int
-    stopped_at_rung: int | None
-    seconds: float
-    model_uri: str
-
-
-class AdaptationSummary(Record):
-    """What selection picked, why, and how sure it is; every candidate; with target labels (scoring only)
-    the oracle pick and the regret. Empty in a run that trained nothing (`no_shift`)."""
-
-    selected: str = ""  # a candidate's name, or "head" (the source-only head, adaptation off)
-    method: str = ""
-    mode: str = ""
-    reason: str = ""
-    policy: list[str] = []
-    scores: dict[str, float] = {}  # the selected candidate's
-    confident: bool = True
-    confidence: str = ""
-    reference: str | None = None  # the source-only candidate selection compared the pick with
-    oracle: str | None = None
-    oracle_target_accuracy: float | None = None
-    selected_target_accuracy: float | None = None
-    regret: float | None = None  # oracle minus selected target accuracy
-    candidates: list[CandidateSummary] = []
-    class_mix: ClassMix | None = None  # the target's class mix, estimated without labels (`adapt.priors`)
-
-
-class RunSummary(Manifest):
-    run_id: str
-    run_uri: str
-    finished_at: str
-    status: Literal["trained", "no_shift"] = "trained"  # no_shift: stopped after the shift check
-    config: Config
-    config_hash: str
-    datasets: dict[str, DatasetSummary]  # domain -> what was ingested
-    extraction: ExtractionSummary
-    shift: ShiftManifest | None = None  # the shift check against the champion; None without one
-    promotion: PromotionManifest | None = None  # the registry's decision on this run's model
-    model_uri: str = ""  # the selected model ("" when no model was trained)
-    predictions_uri: str = ""
-    metrics_uri: str = ""
-    report_uri: str = ""
-    metrics: ModelMetrics = ModelMetrics()  # the selected model's
-    baseline: BaselineMetrics = BaselineMetrics()  # the source-only head's
-    adaptation: AdaptationSummary = AdaptationSummary()
-    timings: dict[str, float]  # stage -> wall seconds
-    stages: dict[str, StageStats] = {}

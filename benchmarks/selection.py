@@ -49,6 +49,7 @@ from adaptflow.data.ingest import ingest, read_index  # noqa: E402
 from adaptflow.extract import features  # noqa: E402
 from adaptflow.extract.image_cache import image_cache  # noqa: E402
 from adaptflow.manifests import CandidateManifest, ClassMix, IngestManifest  # noqa: E402
+from adaptflow.store import storage  # noqa: E402
 
 
 class Policy(NamedTuple):
@@ -184,11 +185,15 @@ def train_candidates(prepared: dict, cfg) -> list[CandidateManifest]:
     )
 
 
-def evaluate(candidates: list[CandidateManifest], policy: Policy, mix: ClassMix | None) -> dict:
+def evaluate(
+    candidates: list[CandidateManifest], policy: Policy, mix: ClassMix | None, labels: dict[str, str] | None = None
+) -> dict:
     """One policy's pick on one shift, scored with the target labels the run never showed it. As in a run
     (`adaptation.select_model`), candidates successive halving stopped take no part in the pick; the
     oracle is the best of every candidate trained, stopped ones included. (Successive halving itself
-    ranked with the library's rule: a policy here changes only the final pick.)"""
+    ranked with the library's rule: a policy here changes only the final pick.) With the target sample's
+    `labels` (image_id -> class), "corrected" is the pick's accuracy as a run writes it where the estimated
+    class mix is credible: predicting under that mix (`adapt.priors.correct`)."""
     finished = [c for c in candidates if c.stopped_at_rung is None]
     pool = adaptation.selection_candidates(finished)
     if policy.all_judge_all:
@@ -212,7 +217,22 @@ def evaluate(candidates: list[CandidateManifest], policy: Policy, mix: ClassMix 
         "confident": pick.confident,
         "promoted": acc[promoted],
         "promoted_regret": oracle - acc[promoted],
+        "corrected": acc[pick.index]
+        if pick.mix is None or labels is None
+        else corrected_accuracy(finished[pick.index], pick.mix, labels),
     }
+
+
+def corrected_accuracy(candidate: CandidateManifest, mix: ClassMix, labels: dict[str, str]) -> float:
+    """`candidate`'s accuracy on the target sample predicting under `mix` (`adapt.priors.adjust` of its
+    probabilities, which is what its corrected model's output layer gives)."""
+    table = storage.read_table(candidate.predictions_uri, columns=["image_id", "probabilities"]).to_pandas()
+    proba = np.stack(table.probabilities.to_numpy()).astype(np.float64)
+    logits = torch.from_numpy(np.log(np.clip(proba, 1e-12, None)))
+    predicted = [mix.classes[i] for i in priors.adjust(logits, mix).argmax(1).tolist()]
+    truth = [labels.get(i) for i in table.image_id]
+    scored = [(p, t) for p, t in zip(predicted, truth, strict=True) if t is not None]
+    return sum(p == t for p, t in scored) / max(len(scored), 1)
 
 
 def true_mix(labels: IngestManifest, classes: list[str]) -> list[float]:
@@ -234,7 +254,7 @@ def report(results: dict[str, dict[str, dict]]) -> None:
         print(f"\n-- policy: {policy}")
         print(
             f"{'shift':<18}{'pick':<22}{'selected':>9}{'oracle':>8}{'regret':>8}{'src-only':>9}{'below':>7}"
-            f"{'confident':>10}{'promoted':>9}"
+            f"{'confident':>10}{'promoted':>9}{'corrected':>10}"
         )
         for shift in shifts:
             r = results[shift][policy]
@@ -243,6 +263,7 @@ def report(results: dict[str, dict[str, dict]]) -> None:
             print(
                 f"{shift:<18}{r['pick']:<22}{r['selected']:>9.3f}{r['oracle']:>8.3f}{r['regret']:>8.3f}{ref:>9}"
                 f"{below:>7}{'yes' if r['confident'] else 'LOW':>10}{r['promoted']:>9.3f}"
+                f"{r.get('corrected', r['selected']):>10.3f}"
             )
     print(
         f"\n{'policy':<40}{'mean regret':>12}{'worst':>7}{'below src-only':>15}{'below by >0.01':>15}"
@@ -285,7 +306,8 @@ def main(args) -> None:
         candidates = train_candidates(prepared, cfg)
         finished = [c for c in candidates if c.stopped_at_rung is None]
         mix = adaptation.class_mix(finished, source_prior=adaptation.training_prior(prepared["source"]))
-        results[name] = {p: evaluate(candidates, policy, mix) for p, policy in POLICIES.items()}
+        labels = read_index(prepared["target_labels"]).set_index("image_id").label.to_dict()
+        results[name] = {p: evaluate(candidates, policy, mix, labels) for p, policy in POLICIES.items()}
         if mix is not None:
             truth = true_mix(prepared["target_labels"], mix.classes)
             pool = adaptation.selection_candidates(finished)

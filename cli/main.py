@@ -132,8 +132,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _nightly_demo(store: str, cfg) -> int:
     """Three scheduled-style runs on one store, as a cron deployment would make them."""
     from adaptflow.data.demo import make_nightly_batches
-    from adaptflow.manifests import RunSummary
     from adaptflow.models import registry
+    from adaptflow.report.records import RunSummary
     from adaptflow.report.tables import headline
     from adaptflow.store import storage
 
@@ -191,7 +191,7 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def _retrain(source: str, target: str, target_labels: str | None, store: str, cfg, table: bool = True) -> str:
-    from adaptflow.manifests import RunSummary
+    from adaptflow.report.records import RunSummary
     from adaptflow.report.tables import render_table
     from adaptflow.store import storage
     from flows.retrain import retrain

@@ -100,7 +100,7 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
     with clock("train"):
         head = fit(src, plan, cfg, model_uri(store, run_id))
         candidates = train_candidates(specs, src, tgt, labels, plan, cfg, store)  # resumed by the same command
-        selection = select_model(head, candidates, cfg, src)
+        selection = select_model(head, candidates, cfg, src, join(run, "prior-corrected"))
 
     # 5. evaluate: the chosen model and the source-only head on source test and target, shard by shard
     with clock("evaluate"):

@@ -57,12 +57,18 @@ def stop_candidate(candidate: CandidateManifest, rung: int, candidates_uri: str)
 @task(name="select-model")
 @measured
 def select_model(
-    head: ModelManifest, candidates: list[CandidateManifest], cfg: Config, source: IngestManifest | None = None
+    head: ModelManifest,
+    candidates: list[CandidateManifest],
+    cfg: Config,
+    source: IngestManifest | None = None,
+    corrected_uri: str | None = None,
 ) -> SelectionManifest:
     """Pick the model without target labels; never a collapsed one, never one against the target's class mix
-    where it is known (estimated against the `source`'s training class shares)."""
+    where it is known (estimated against the `source`'s training class shares). Where that estimate is
+    credible and `adapt.prior_correction` is on, the pick predicts under it, written to `corrected_uri`."""
     prior = adaptation.training_prior(source) if source is not None else None
-    return adaptation.select_model(head, candidates, cfg.adapt.policy, cfg.adapt.class_mix, cfg.seed, prior)
+    out = corrected_uri if cfg.adapt.prior_correction else None
+    return adaptation.select_model(head, candidates, cfg.adapt.policy, cfg.adapt.class_mix, cfg.seed, prior, out)
 
 
 def train_candidates(

@@ -13,7 +13,6 @@ from adaptflow.manifests import (
     PredictionManifest,
     PromotionManifest,
     ReportManifest,
-    RunSummary,
     SelectionManifest,
     ShardResult,
     ShiftManifest,
@@ -21,6 +20,7 @@ from adaptflow.manifests import (
 from adaptflow.report import run_page, tables
 from adaptflow.report import summary as run_summary
 from adaptflow.report.history import write_history
+from adaptflow.report.records import RunSummary
 from adaptflow.store.storage import browser_url
 from tasks._work import measured
 

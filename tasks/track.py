@@ -1,8 +1,9 @@
 from prefect import get_run_logger, task
 
 from adaptflow.config import TrackingConfig
-from adaptflow.manifests import RunSummary, TrackingManifest
+from adaptflow.manifests import TrackingManifest
 from adaptflow.report import tracking
+from adaptflow.report.records import RunSummary
 
 
 @task(name="track-run")  # not retried: MLflow being away must cost the run seconds, not minutes

@@ -77,6 +77,22 @@ def test_prior_correction_moves_predictions_to_the_target_mix(shifted):
     assert after > before  # Bayes' rule with the right prior is the better classifier
 
 
+@pytest.mark.parametrize("method", ["head", "dann"])
+def test_a_corrected_model_gives_the_prior_corrected_logits(shifted, method):
+    """`priors.correct` moves the output layer's bias by log q/p: the model's logits become `adjust`'s."""
+    from adaptflow.adapt.heads import Head
+
+    val, yv, target, _, _ = shifted
+    mix = priors.estimate(val, yv, target, 4, seed=0)
+    torch.manual_seed(0)
+    model = Head(8, 4) if method == "head" else get_algorithm(method)(torch.nn.Identity(), 8, 4, {}, max_steps=1)
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        before = model.eval().predict(x)
+        after = priors.correct(model, mix).predict(x)
+    assert torch.allclose(after, priors.adjust(before, mix), atol=1e-6)
+
+
 def test_the_collapse_rule_reads_skew_against_the_estimate(shifted):
     val, yv, target, yt, truth = shifted
     mix = priors.estimate(val, yv, target, 4, seed=0)

@@ -251,6 +251,7 @@ def test_a_dominant_class_target_keeps_its_source_only_reference_when_alignment_
     assert blind.index == 1  # what selection did before: the right model "collapsed", the aligned one kept
     seen = select(pool, ["source_val_acc"], mix=estimate)
     assert seen.index == 0 and seen.confident  # IM, with the estimated prior, prefers the faithful model
+    assert seen.mix is estimate and blind.mix is None  # the mix the pick may predict under (`priors.correct`)
     ranked_first = select(pool, ["bnm"], mix=estimate)  # a policy under which alignment ranks first
     assert ranked_first.index == 0 and "further from the target's estimated mix" in ranked_first.reason
     # A smaller pull only lowers the confidence, and the gate then keeps the reference (tests/test_monitor.py)

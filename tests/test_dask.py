@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from adaptflow.manifests import RunSummary
+from adaptflow.report.records import RunSummary
 from adaptflow.store import storage
 from flows.retrain import retrain
 from tasks.runners import build_task_runner

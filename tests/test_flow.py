@@ -3,8 +3,8 @@
 import pytest
 from prefect.client.orchestration import get_client
 
-from adaptflow.manifests import RunSummary
 from adaptflow.models import registry
+from adaptflow.report.records import RunSummary
 from adaptflow.store import storage
 from flows.predict import batch_predict
 from flows.retrain import retrain

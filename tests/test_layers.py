@@ -139,6 +139,7 @@ def _returned_names(annotation: ast.expr | None) -> set[str]:
 
 def test_every_record_a_task_returns_is_a_manifest():
     import adaptflow.manifests as manifests
+    import adaptflow.report.records as records
 
     for path in sorted((PACKAGE.parent / "tasks").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -146,4 +147,8 @@ def test_every_record_a_task_returns_is_a_manifest():
                 isinstance(d, ast.Call) and ast.unparse(d.func) == "task" for d in node.decorator_list
             )
             for name in _returned_names(node.returns) - {"None"} if is_task else ():
-                assert hasattr(manifests, name), f"{path.name}: {node.name} returns {name}, not in adaptflow.manifests"
+                record = getattr(manifests, name, None) or getattr(records, name, None)
+                assert isinstance(record, type) and issubclass(record, manifests.Manifest), (
+                    f"{path.name}: {node.name} returns {name}, not a manifest of adaptflow.manifests or "
+                    "adaptflow.report.records"
+                )

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from adaptflow.manifests import RunSummary
 from adaptflow.models import registry
+from adaptflow.report.records import RunSummary
 from adaptflow.store import storage
 from cli.main import main
 

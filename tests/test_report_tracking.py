@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from adaptflow.config import TrackingConfig
-from adaptflow.manifests import RunSummary
 from adaptflow.models import registry
 from adaptflow.report import tracking
+from adaptflow.report.records import RunSummary
 from adaptflow.store import storage
 from cli.main import main
 

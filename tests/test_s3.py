@@ -160,7 +160,7 @@ def test_a_server_restart_is_ridden_out_with_backoff(bucket, s3_env, caplog, mon
 def test_retrain_flow_entirely_on_s3_leaks_no_credentials(
     demo_data, fast_config, s3_env, bucket, prefect_harness, caplog, capfd
 ):
-    from adaptflow.manifests import RunSummary
+    from adaptflow.report.records import RunSummary
     from flows.retrain import retrain
 
     fs = s3_env.filesystem()

@@ -11,10 +11,10 @@ from adaptflow.manifests import (
     IngestManifest,
     ModelManifest,
     PredictionManifest,
-    RunSummary,
     SelectionManifest,
     ShardResult,
 )
+from adaptflow.report.records import RunSummary
 from adaptflow.report.summary import StageClock
 from adaptflow.store import storage
 from tasks._retry import retry_unless_user_error

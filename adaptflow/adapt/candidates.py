@@ -55,7 +55,7 @@ from adaptflow.manifests import (
     ModelManifest,
     SelectionManifest,
 )
-from adaptflow.models.card import ModelCard, load_card, predictions_table, save_model
+from adaptflow.models.card import ModelCard, load_card, load_model, predictions_table, save_model
 from adaptflow.store import storage
 
 # On a CPU every candidate trains and is scored on one intra-op thread, and as many run at once as the
@@ -245,6 +245,7 @@ def select_model(
     mix_method: str = "em",
     seed: int = 0,
     source_prior: list[float] | None = None,
+    corrected_uri: str | None = None,
 ) -> SelectionManifest:
     """The label-free pick among the candidates (`adapt.selection.select`: no candidate judged by what it
     optimised, never a collapsed one, never one clearly less accurate on source validation than the
@@ -252,7 +253,10 @@ def select_model(
     target's class mix as the source-only reference estimates it (`adapt.priors`, by `mix_method`, against
     the class shares it trained on, `source_prior`: `training_prior`) and, for the report only, the oracle
     pick. Candidates successive halving stopped early take no part. With
-    no candidates (`adapt.method: none`) the source-only head is the model."""
+    no candidates (`adapt.method: none`) the source-only head is the model.
+
+    With `corrected_uri`, where the estimate is credible (`selection.credible`), the pick and the reference
+    are written there corrected to it (`prior_corrected`), and the selection names those copies."""
     if not candidates:
         return SelectionManifest(
             index=-1,
@@ -275,20 +279,37 @@ def select_model(
     known = [i for i, c in enumerate(candidates) if c.target_accuracy is not None]
     oracle = max(known, key=lambda i: candidates[i].target_accuracy) if known else None
     chosen = candidates[index]
+    correcting = corrected_uri is not None and pick.mix is not None
+    models = {i: candidates[i].model_uri for i in (index, reference) if i is not None}
+    if correcting:
+        out = {i: storage.join(corrected_uri, candidates[i].spec.name) for i in models}
+        models = {i: prior_corrected(uri, out[i], mix) for i, uri in models.items()}
     return SelectionManifest(
         index=index,
         name=chosen.spec.name,
         reason=pick.reason,
         policy=list(policy),
-        model_uri=chosen.model_uri,
+        model_uri=models[index],
         oracle_index=oracle,
         confident=pick.confident,
         confidence=pick.confidence,
         reference_index=reference,
         ranks=ranks,
-        reference_model_uri=None if reference is None else candidates[reference].model_uri,
+        reference_model_uri=models.get(reference),
         class_mix=mix,
+        prior_correction=[float(v) for v in priors.log_ratio(mix)] if correcting else None,
     )
+
+
+def prior_corrected(model_uri: str, out_uri: str, mix: ClassMix) -> str:
+    """Write the model at `model_uri` to `out_uri` predicting under the target's estimated class mix: its
+    output layer's bias plus log q(y) / p(y) (`priors.correct`), the correction recorded on its card. Under a
+    label shift alone this is Bayes' rule with the target's prior (Saerens et al. 2002); a model that already
+    predicts the target's mix moves little. Returns `out_uri`."""
+    model, card = load_model(model_uri)
+    correction = [float(v) for v in priors.log_ratio(mix)]
+    save_model(out_uri, priors.correct(model, mix), card.model_copy(update={"prior_correction": correction}))
+    return out_uri
 
 
 def class_mix(

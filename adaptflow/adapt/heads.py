@@ -36,6 +36,11 @@ class Head(nn.Module):
         """Logits from `features(x)`."""
         return self.net(z)
 
+    @property
+    def classifier(self) -> nn.Linear:
+        """The output layer, named as an adaptation `Algorithm` names its own (`adapt.priors.correct`)."""
+        return self.net[-1]
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(x))
 

@@ -210,6 +210,17 @@ def adjust(logits: Tensor, mix: Mix) -> Tensor:
     return logits + torch.as_tensor(log_ratio(mix), dtype=logits.dtype, device=logits.device)
 
 
+def correct(model: torch.nn.Module, mix: Mix) -> torch.nn.Module:
+    """`model` predicting under the estimated target mix: `log_ratio(mix)` added to the bias of its output
+    layer (`model.classifier`, an nn.Linear), in place. Its logits become `adjust`'s, so every path that
+    runs the model (prediction, scoring, ONNX export) predicts under the target's mix with no step of its
+    own. Returns `model`."""
+    bias = model.classifier.bias
+    with torch.no_grad():
+        bias += torch.as_tensor(log_ratio(mix), dtype=bias.dtype, device=bias.device)
+    return model
+
+
 def class_weights(mix: Mix, max_weight: float = 10.0) -> np.ndarray:
     """(C,) w(y) = q(y) / p(y), clipped at `max_weight`: the weight of a source image of class y in a
     class-weighted alignment loss (IWDAN, Tachet des Combes et al. 2020), so that the source the target is

@@ -100,6 +100,7 @@ class Selection(NamedTuple):
     confidence: str  # why (not) confident, in words
     reference: int | None  # the source-only candidate a cautious run falls back to; None if there is none
     scores: list[float | None]  # each candidate's mean percentile rank, 1 = best; None: not ranked
+    mix: priors.Mix | None = None  # the target's estimated class mix where it was credible (`credible`), else None
 
 
 def select(
@@ -127,6 +128,7 @@ def select(
             "every candidate collapsed",
             None,
             [None] * len(candidates),
+            mix,
         )
     missing = [(candidates[i].name, n) for i in alive for n in policy if n not in candidates[i].scores]
     if missing:
@@ -180,7 +182,7 @@ def select(
             "class balance): " + ", ".join(target_skipped)
         )
     confident, why = _confidence(candidates, pick, reference, policy, mix)
-    return Selection(pick, reason, confident, why, reference, rank)
+    return Selection(pick, reason, confident, why, reference, rank, mix)
 
 
 def preference(c: Candidate, rank: float | None, index: int, tie_break: str = TIE_BREAK) -> tuple:

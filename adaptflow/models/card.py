@@ -45,6 +45,9 @@ class ModelCard(BaseModel):
     config_hash: str
     dataset_fingerprint: str
     metrics: dict[str, float]
+    # log q(y) / p(y) per class, added to the output layer's bias: the model as trained, corrected to the
+    # target's estimated class mix (`adapt.priors.correct`); None: as trained
+    prior_correction: list[float] | None = None
 
 
 def save_model(model_uri: str, model: nn.Module, card: ModelCard) -> None:

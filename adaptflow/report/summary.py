@@ -9,25 +9,27 @@ from datetime import UTC, datetime
 
 from adaptflow.config import Config
 from adaptflow.manifests import (
-    AdaptationSummary,
-    BaselineMetrics,
     CandidateManifest,
-    CandidateSummary,
     CompactionManifest,
-    DatasetSummary,
     EvaluationManifest,
     ExtractionPlan,
-    ExtractionSummary,
     IngestManifest,
     Manifest,
     ModelManifest,
-    ModelMetrics,
     PredictionManifest,
     PromotionManifest,
-    RunSummary,
     SelectionManifest,
     ShardResult,
     ShiftManifest,
+)
+from adaptflow.report.records import (
+    AdaptationSummary,
+    BaselineMetrics,
+    CandidateSummary,
+    DatasetSummary,
+    ExtractionSummary,
+    ModelMetrics,
+    RunSummary,
     StageStats,
 )
 from adaptflow.store import storage
@@ -175,6 +177,7 @@ def _adaptation(selection: SelectionManifest, candidates: list[CandidateManifest
         selected_target_accuracy=selected_acc,
         regret=(oracle.target_accuracy - selected_acc) if oracle and selected_acc is not None else None,
         class_mix=selection.class_mix.model_copy(update={"work": None}) if selection.class_mix else None,
+        prior_corrected=selection.prior_correction is not None,
         candidates=[
             CandidateSummary(
                 name=c.spec.name,

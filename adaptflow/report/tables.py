@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-from adaptflow.manifests import ClassMix, RunSummary, StageStats
+from adaptflow.manifests import ClassMix
+from adaptflow.report.records import RunSummary, StageStats
 
 
 def metrics_rows(summary: RunSummary) -> list[dict]:
@@ -35,6 +36,8 @@ def headline(summary: RunSummary) -> list[str]:
     if a.class_mix is not None:
         lines.append(class_mix_line(a.class_mix))
     lines.append(f"selected: {a.selected} ({a.reason})")
+    if a.prior_corrected:
+        lines.append(f"{a.selected} predicts under the estimated class mix (prior-corrected; adapt.prior_correction)")
     if not a.confident:
         lines.append(f"low confidence: {a.confidence}")
     stopped = [c for c in a.candidates if c.stopped_at_rung is not None]
