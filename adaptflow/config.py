@@ -38,6 +38,16 @@ class IngestConfig(_Section):
         description="reject a file whose image extension names another "
         "format than its content (a PNG named .jpg): a sign of a broken export",
     )
+    rehash: bool = Field(
+        False,
+        description="read, hash and decode every file again; by default a file the store's listing cache "
+        "holds with the same size and version (mtime, ETag) keeps its earlier check unopened",
+    )
+    full_check_days: float | None = Field(
+        7,
+        gt=0,
+        description="a file last read longer ago than this is read again, changed or not; null: never",
+    )
 
     @model_validator(mode="after")
     def _room_for_training(self) -> IngestConfig:

@@ -56,8 +56,19 @@ class IngestManifest(Manifest):
     classes: list[str]  # sorted; empty for unlabeled data
     fingerprint: str  # hash of the sorted (image_id, label, split) rows: the dataset snapshot
     seconds: float
-    bytes_read: int = 0  # every file read while validating
+    bytes_read: int = 0  # every file read while validating (not those whose checks were reused)
     bytes_written: int = 0  # index and rejects
+    n_read: int = 0  # files read, hashed and decoded
+    n_reused: int = 0  # files unchanged since an earlier ingest, whose checks were reused unopened
+
+
+class IngestListing(Manifest):
+    """The commit of a dataset's listing cache (`adaptflow.data.listing_cache`): names the table of what
+    each file held when last read, and the settings its checks were made with."""
+
+    settings: dict  # what the checks depend on: dataset URI, domain, check settings, decoder version
+    listing_uri: str
+    n_files: int
 
 
 class ShardManifest(Manifest):

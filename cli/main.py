@@ -93,10 +93,16 @@ def _check_inputs(*datasets: str | None, store: str | None = None, backbone: Bac
         weights_uri(backbone)
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The command's --set overrides, then the settings its own flags stand for (the flags win)."""
+    flags = [f"adapt.method={args.method}"] if getattr(args, "method", None) else []
+    return [*args.set, *flags, *(["ingest.rehash=true"] if args.rehash else [])]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from adaptflow.config import load_config
 
-    cfg = load_config(args.config, [*args.set, f"adapt.method={args.method}"] if args.method else args.set)
+    cfg = load_config(args.config, _overrides(args))
     _check_inputs(args.source, args.target, args.target_labels, store=args.store, backbone=cfg.backbone)
     run = _retrain(args.source, args.target, args.target_labels, args.store, cfg, table=not args.json)
     if args.json:
@@ -113,8 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from adaptflow.data.demo import make_demo_data
     from adaptflow.store import storage
 
-    extra = [f"adapt.method={args.method}"] if args.method else []
-    cfg = load_config(args.config, [*DEMO_SETTINGS, *args.set, *extra])
+    cfg = load_config(args.config, [*DEMO_SETTINGS, *_overrides(args)])
     _check_inputs(store=args.store, backbone=cfg.backbone)
     with prefect_api.prefect_api():  # one API for every run of the command
         if args.nightly:
@@ -152,7 +157,7 @@ def _nightly_demo(store: str, cfg) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from adaptflow.config import load_config
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, _overrides(args))
     _check_inputs(*args.images, store=args.store, backbone=cfg.backbone)
     from flows.extract import backfill  # Prefect loads only once the inputs are known good
 
@@ -169,7 +174,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from adaptflow.models.registry import model_uri_for
     from adaptflow.store import storage
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, _overrides(args))
     _check_inputs(args.images, store=args.store)
     model = model_uri_for(args.store, args.model)  # a bad registry name fails here, before Prefect starts
     load_model(model)  # and so does a damaged model: no weights, an edited card, an unknown backbone
@@ -238,6 +243,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser, config: bool = True, method: bool = True, long: bool = True) -> None:
+        """--store, and for long commands --quiet; with `config`, --config, --set and --rehash (every command
+        with a config ingests), and --method unless `method` is False."""
         sp.add_argument(
             "--store", default=DEFAULT_STORE, help=f"feature store, models and runs (default: ./{DEFAULT_STORE})"
         )
@@ -256,6 +263,12 @@ def _parser() -> argparse.ArgumentParser:
                 default=[],
                 metavar="KEY=VALUE",
                 help="override one setting, e.g. --set backbone.image_size=64 (repeatable)",
+            )
+            sp.add_argument(
+                "--rehash",
+                action="store_true",
+                help="read, hash and decode every file again (ingest.rehash); by default a file unchanged "
+                "since the store last ingested its dataset (same size and mtime or ETag) keeps its check",
             )
         if config and method:
             sp.add_argument(

@@ -27,9 +27,10 @@ def backfill_stages(images: list[str], store: str, cfg: Config) -> str:
     work = join(store, "backfills", new_run_id())
     (ingest,) = limited(cfg.runtime, ingest_dataset)  # failing as TimedOut past runtime.task_timeout_s
 
-    # 1. ingest: validate and index every dataset, in parallel
+    # 1. ingest: validate and index every dataset, in parallel (files unchanged since the last run keep their checks)
     futures = [
-        ingest.submit(uri, "backfill", ingest_uri(work, str(i)), cfg.ingest, cfg.seed) for i, uri in enumerate(images)
+        ingest.submit(uri, "backfill", ingest_uri(work, str(i)), cfg.ingest, cfg.seed, store=store)
+        for i, uri in enumerate(images)
     ]
     datasets = [f.result() for f in futures]
 

@@ -44,10 +44,11 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
     # the long tasks, each failing as TimedOut past runtime.task_timeout_s
     ingest, fit, score, rescore_champion = limited(cfg.runtime, ingest_dataset, fit_head, score_model, score_champion)
 
-    # 1. ingest: validate and index every image, in parallel per dataset; target labels must name source classes
+    # 1. ingest: validate and index every image, in parallel per dataset (files unchanged since the last run
+    # keep their checks); target labels must name source classes
     with clock("ingest"):
         futures = {
-            domain: ingest.submit(uri, domain, ingest_uri(run, domain), cfg.ingest, cfg.seed)
+            domain: ingest.submit(uri, domain, ingest_uri(run, domain), cfg.ingest, cfg.seed, store=store)
             for domain, uri in (("source", source), ("target", target))
         }
         datasets = {domain: f.result() for domain, f in futures.items()}
@@ -60,6 +61,7 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
                 cfg.seed,
                 classes=datasets["source"].classes,
                 labels_for=datasets["target"].index_uri,
+                store=store,
             )
     src, tgt, labels = datasets["source"], datasets["target"], datasets.get("target_labels")
 

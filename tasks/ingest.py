@@ -3,6 +3,7 @@ from prefect import task
 from adaptflow.config import IngestConfig
 from adaptflow.data import ingest
 from adaptflow.manifests import IngestManifest
+from adaptflow.store.layout import ingest_cache_uri
 from tasks._retry import IO_TASK
 from tasks._work import measured
 
@@ -17,7 +18,10 @@ def ingest_dataset(
     seed: int,
     classes: list[str] | None = None,
     labels_for: str | None = None,
+    store: str | None = None,
 ) -> IngestManifest:
     """List, hash and validate every image of one dataset; write its index and rejects. Target labels are
-    checked against the source's `classes` and the target's index (`labels_for`)."""
-    return ingest.ingest(dataset_uri, domain, out_uri, cfg, seed, classes, labels_for)
+    checked against the source's `classes` and the target's index (`labels_for`). With a `store`, files
+    unchanged since the dataset's last ingest keep their checks, from its listing cache there."""
+    cache = ingest_cache_uri(store, ingest.cache_key(dataset_uri, domain, cfg)) if store else None
+    return ingest.ingest(dataset_uri, domain, out_uri, cfg, seed, classes, labels_for, cache)

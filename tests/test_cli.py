@@ -39,6 +39,21 @@ def test_help_is_useful_everywhere(command, capsys):
 
 
 @pytest.mark.parametrize(
+    "command",
+    [["run", "--source", "s", "--target", "t"], ["demo"], ["extract", "x"], ["predict", "m", "x", "--out", "o"]],
+)
+def test_rehash_reads_every_file_again_in_every_command_that_ingests(command):
+    """`--rehash` is `ingest.rehash=true`, and wins over a --set; without it, unchanged files keep their checks."""
+    from adaptflow.config import load_config
+    from cli.main import _overrides, _parser
+
+    def rehash(*flags: str) -> bool:
+        return load_config(None, _overrides(_parser().parse_args([*command, *flags]))).ingest.rehash
+
+    assert rehash("--rehash", "--set", "ingest.rehash=false") and not rehash()
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (

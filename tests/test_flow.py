@@ -3,6 +3,7 @@
 import pytest
 from prefect.client.orchestration import get_client
 
+from adaptflow.manifests import IngestManifest
 from adaptflow.models import registry
 from adaptflow.report.records import RunSummary
 from adaptflow.store import storage
@@ -69,6 +70,9 @@ def test_retrain_then_rerun_reuses_features_then_predict(
     rerun = retrain(demo_data.source_uri, demo_data.target_uri, None, store, head_only)
     again = RunSummary.load(storage.join(rerun, "summary.json"))
     assert again.status == "no_shift" and again.model_uri == "" and again.promotion is None
+    for domain in ("source", "target"):  # every file listed as the first run saw it: its check reused, unread
+        reingested = IngestManifest.load(storage.join(rerun, "ingest", domain, "manifest.json"))
+        assert reingested.n_read == reingested.bytes_read == 0 and reingested.n_reused > 0
     assert again.extraction.images_extracted == 0
     assert again.extraction.images_cached == summary.extraction.images_requested
     assert not again.shift.shift_detected and again.shift.test.p_value >= again.shift.test.alpha

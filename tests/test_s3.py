@@ -243,6 +243,33 @@ def test_a_dataset_behind_wrong_credentials_is_one_clear_error_naming_it(bucket,
     _assert_no_credentials(str(e.value), s3_env)
 
 
+def test_a_second_ingest_on_s3_reads_no_unchanged_object(bucket, monkeypatch):
+    """Objects listed with the ETag and size they had at the last ingest keep their checks, unread; a
+    changed one is read again."""
+    from test_data_ingest import _image
+
+    from adaptflow.config import IngestConfig
+    from adaptflow.data.ingest import ingest
+    from adaptflow.manifests import IngestListing
+
+    images = storage.join(bucket, "images")
+    for i in range(3):
+        storage.write_bytes(storage.join(images, f"{i}.png"), _image(i))
+    cache, cfg = storage.join(bucket, "store", "ingest-cache", "k"), IngestConfig(workers=2)
+    first = ingest(images, "target", storage.join(bucket, "out1"), cfg, cache_uri=cache)
+    real, reads = storage.read_bytes, []
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: reads.append(uri) or real(uri))
+    second = ingest(images, "target", storage.join(bucket, "out2"), cfg, cache_uri=cache)
+    assert (first.n_read, second.n_read, second.n_reused, second.bytes_read) == (3, 0, 3, 0)
+    assert not [u for u in reads if u.endswith(".png")] and second.fingerprint == first.fingerprint
+    listing = storage.read_table(IngestListing.load(storage.join(cache, "listing.json")).listing_uri)
+    assert all(s.startswith("ETag=") for s in listing["signature"].to_pylist())
+    storage.write_bytes(storage.join(images, "1.png"), _image(7))  # same key, new bytes: a new ETag
+    reads.clear()
+    third = ingest(images, "target", storage.join(bucket, "out3"), cfg, cache_uri=cache)
+    assert [u for u in reads if u.endswith(".png")] == [storage.join(images, "1.png")] and third.n_reused == 2
+
+
 @pytest.mark.slow
 def test_the_s3_server_stopped_and_restarted_during_extraction(
     demo_data, fast_config, s3_env, bucket, prefect_harness, monkeypatch, caplog, capfd

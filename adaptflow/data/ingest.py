@@ -1,5 +1,6 @@
-"""Ingest one dataset: list its files, read, hash and fully decode each one, and commit an index of
-the valid images beside a table of refused files, each with a reason a user can act on.
+"""Ingest one dataset: list its files, read, hash and fully decode each one (or reuse an earlier ingest's
+check of a file that has not changed since), and commit an index of the valid images beside a table of
+refused files, each with a reason a user can act on.
 
 Three layouts are recognised from what `dataset_uri` names:
 - a `.csv` or `.parquet` file: a manifest with a `uri` column (absolute, or relative to the
@@ -15,12 +16,22 @@ Three layouts are recognised from what `dataset_uri` names:
 A bad file never stops the run; only a dataset with no valid image at all is an error. A reason never
 quotes a file's content (the file may be anything: a password file given by mistake). Image URIs are
 recorded absolute, so the index reads the same from any working directory.
+
+Scheduled runs ingest a dataset that grew a little since the night before: with a listing cache in the
+store (`cache_uri`; one per dataset, domain and check settings, `adaptflow.data.listing_cache`), a file
+listed with the size and signature (S3's ETag, a local file's mtime) it had at an earlier ingest keeps
+that ingest's check without being opened, a refused one its reason; new and changed files are read, and
+deleted ones are no longer listed. Labels, splits, duplicates and unknown labels are decided afresh from
+the checks every time (they are cheap), so the index is the one a full ingest writes. `rehash` reads every
+file again, `full_check_days` a file whose check is that old; checks are flushed to the cache while an
+ingest runs, so a killed one resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import posixpath
 import re
@@ -30,11 +41,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import pandas as pd
+import PIL
 import pyarrow as pa
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from adaptflow import progress
 from adaptflow.config import IngestConfig
+from adaptflow.data import listing_cache
+from adaptflow.data.listing_cache import ListingCache, Stat
 from adaptflow.errors import DatasetError, StoreUnavailableError
 from adaptflow.manifests import IngestManifest
 from adaptflow.store import accounting, storage
@@ -47,6 +61,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 SPLITS = ("train", "val", "test")
 # Folder names read as splits (imagefolder, torchvision), case-insensitively, and the split each one is
 SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
+CHECK_VERSION = 1  # bump when `_check` judges a file differently: every listing cache is then set aside
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -73,6 +88,7 @@ class _Entry(NamedTuple):
     label: str | None
     split: str | None = None
     carve: tuple[str, ...] = ()
+    stat: Stat | None = None  # size and signature as the folder's listing gave them; None for a manifest's row
 
 
 class _Checked(NamedTuple):
@@ -82,7 +98,9 @@ class _Checked(NamedTuple):
     width: int = 0
     height: int = 0
     format: str = ""
-    nbytes: int = 0
+    nbytes: int = 0  # bytes read: 0 for a file whose verdict was reused
+    judged: bool = True  # False when the bytes could not be read: a verdict on the store, never remembered
+    reused: bool = False  # the verdict of an earlier ingest, the file unopened
 
 
 class _Rejected(Exception):
@@ -100,13 +118,16 @@ def ingest(
     seed: int = 0,
     classes: list[str] | None = None,
     labels_for: str | None = None,
+    cache_uri: str | None = None,
 ) -> IngestManifest:
     """Validate every image under `dataset_uri` and commit `out_uri/{index,rejects}.parquet`, then
     `out_uri/manifest.json` last. Splits come from a manifest's `split` column, else from a seeded
     hash of each image's bytes, so an image keeps its split however the dataset grows. With `classes`
     (the source's, when ingesting target labels), any other label is refused as unknown; with
     `labels_for` (the target's index), labels that name none of its images are an error, not a run that
-    scores nothing after training."""
+    scores nothing after training. With `cache_uri` (`layout.ingest_cache_uri`, keyed by `cache_key`), a
+    file listed as it was at an earlier ingest keeps that ingest's check, unopened, and this ingest's
+    checks are committed there after its manifest; None reads every file."""
     start = time.perf_counter()
     dataset_uri = storage.absolute(dataset_uri)
     entries, rejects = _list_dataset(dataset_uri)
@@ -120,10 +141,8 @@ def ingest(
             if e.label is not None and e.label not in known
         ]
         entries = [e for e in entries if e.label is None or e.label in known]
-    with ThreadPoolExecutor(cfg.workers) as pool, progress.task(f"ingest {domain}", len(entries), "files"):
-        checked = list(
-            pool.map(accounting.carry(lambda e: _counted(e, cfg.max_image_pixels, cfg.check_extension)), entries)
-        )
+    cache = ListingCache(cache_uri, cache_settings(dataset_uri, domain, cfg), cfg) if cache_uri else None
+    checked = _check_all(entries, domain, cfg, cache)
     rejects += [(c.entry.uri, c.reason, c.image_id) for c in checked if c.reason]
     kept, duplicates = _deduplicate([c for c in checked if not c.reason])
     rejects += duplicates
@@ -154,8 +173,12 @@ def ingest(
         seconds=time.perf_counter() - start,
         bytes_read=sum(c.nbytes for c in checked),
         bytes_written=written,
+        n_read=sum(not c.reused for c in checked),
+        n_reused=sum(c.reused for c in checked),
     )
     manifest.commit(storage.join(out_uri, "manifest.json"))
+    if cache:
+        cache.commit()
     if reject_rows:
         example = reject_rows[0]
         log.warning(
@@ -172,6 +195,25 @@ def ingest(
 
 def _first(reject: _Reject) -> str:
     return reject[0]
+
+
+def cache_settings(dataset_uri: str, domain: str, cfg: IngestConfig) -> dict:
+    """What a file's check depends on besides its bytes, and what its listing cache stands for: the same
+    dataset ingested with other settings, or by another Pillow, has a cache of its own."""
+    return {
+        "dataset_uri": storage.absolute(dataset_uri),
+        "domain": domain,
+        "max_image_pixels": cfg.max_image_pixels,
+        "check_extension": cfg.check_extension,
+        "pillow": PIL.__version__,
+        "check_version": CHECK_VERSION,
+    }
+
+
+def cache_key(dataset_uri: str, domain: str, cfg: IngestConfig) -> str:
+    """16 hex characters naming `cache_settings`: the folder of the dataset's listing cache."""
+    settings = json.dumps(cache_settings(dataset_uri, domain, cfg), sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
 
 # Listing: each layout returns the files to check and the rows it already refuses.
@@ -204,7 +246,7 @@ def _list_dataset(uri: str, in_split: bool = False) -> tuple[list[_Entry], list[
         entries, rejects = _list_class_tree(uri, children, folders)
         return entries, rejects + refused
     refused = []
-    return [_Entry(u, None) for u in _find(uri, refused)], refused
+    return [_Entry(u, None, stat=s) for u, s in _find(uri, refused).items()], refused
 
 
 def _list_split_tree(uri: str, children: list[dict], splits: dict[str, str]) -> tuple[list[_Entry], list[_Reject]]:
@@ -232,9 +274,9 @@ def _list_split_tree(uri: str, children: list[dict], splits: dict[str, str]) -> 
 
 
 def _list_class_tree(
-    uri: str, children: list[dict], folders: dict[str, list[str]]
+    uri: str, children: list[dict], folders: dict[str, dict[str, Stat]]
 ) -> tuple[list[_Entry], list[_Reject]]:
-    entries = [_Entry(u, name) for name, files in folders.items() for u in files]
+    entries = [_Entry(u, name, stat=s) for name, files in folders.items() for u, s in files.items()]
     rejects = [
         (storage.join(uri, posixpath.basename(c["name"].rstrip("/"))), "file outside class folders", None)
         for c in children
@@ -243,29 +285,29 @@ def _list_class_tree(
     return entries, rejects
 
 
-def _find(folder_uri: str, rejects: list[_Reject] | None = None) -> list[str]:
-    """URIs of the regular files anywhere under `folder_uri`, written like it, hidden ones left out. What
-    must not or cannot be read is appended to `rejects` with its reason: a named pipe, socket or device
-    (reading one blocks or never ends), and a folder that cannot be listed (its files would vanish
-    without a word)."""
+def _find(folder_uri: str, rejects: list[_Reject] | None = None) -> dict[str, Stat]:
+    """The regular files anywhere under `folder_uri` as listed ({uri: size and signature}), their URIs
+    written like it, hidden ones left out. What must not or cannot be read is appended to `rejects` with
+    its reason: a named pipe, socket or device (reading one blocks or never ends), and a folder that
+    cannot be listed (its files would vanish without a word)."""
     fs, folder = storage.filesystem(folder_uri)
     prefix = folder.rstrip("/") + "/"
     found, unreadable = storage.walk_files(folder_uri)
-    uris = []
-    for path, kind in found.items():
+    files = {}
+    for path, detail in found.items():
         rel = path[len(prefix) :] if path.startswith(prefix) else None
         if rel is not None and any(part.startswith(".") for part in rel.split("/")):
             continue
         uri = storage.join(folder_uri, rel) if rel is not None else storage.to_uri(fs, path, folder_uri)
-        if kind == "file":
-            uris.append(uri)
+        if detail.get("type", "file") == "file":
+            files[uri] = listing_cache.stat_of(detail)
         elif rejects is not None:
             rejects.append((uri, "not a regular file (a named pipe, socket or device)", None))
     if rejects is not None:
         rejects += [
             (storage.to_uri(fs, p, folder_uri), f"folder cannot be read ({why})", None) for p, why in unreadable.items()
         ]
-    return uris
+    return files
 
 
 def _hidden(path: str) -> bool:
@@ -333,10 +375,35 @@ def _row_reason(label: str | None, split: str | None) -> str | None:
 
 # Checking: one file at a time, on worker threads.
 
+_VERDICT = ("image_id", "reason", "width", "height", "format")  # what a listing cache keeps of a check
 
-def _counted(entry: _Entry, max_pixels: int, check_extension: bool) -> _Checked:
-    checked = _check(entry, max_pixels, check_extension)
+
+def _check_all(entries: list[_Entry], domain: str, cfg: IngestConfig, cache: ListingCache | None) -> list[_Checked]:
+    """Each entry's check, in order, made on `cfg.workers` threads or reused from `cache`."""
+    with ThreadPoolExecutor(cfg.workers) as pool, progress.task(f"ingest {domain}", len(entries), "files"):
+        return list(pool.map(accounting.carry(lambda e: _counted(e, cfg, cache)), entries))
+
+
+def _counted(entry: _Entry, cfg: IngestConfig, cache: ListingCache | None) -> _Checked:
+    if cache is None:
+        checked = _check(entry, cfg.max_image_pixels, cfg.check_extension)
+    else:
+        checked = _check_unless_cached(entry, cfg, cache)
     progress.advance()
+    return checked
+
+
+def _check_unless_cached(entry: _Entry, cfg: IngestConfig, cache: ListingCache) -> _Checked:
+    """The verdict `cache` holds on the file as it is listed now, the file unopened; else `_check`'s,
+    remembered. A manifest's row is asked for its size and signature first (a stat, or an S3 HEAD): cheaper
+    than reading the file, and taken before reading, so a file that changes meanwhile is read again next
+    time."""
+    stat = entry.stat or listing_cache.stat(entry.uri)
+    if stat is not None and (row := cache.reuse(entry.uri, stat)):
+        return _Checked(entry, **{name: row[name] for name in _VERDICT}, reused=True)
+    checked = _check(entry, cfg.max_image_pixels, cfg.check_extension)
+    if stat is not None and checked.judged:
+        cache.record(entry.uri, stat, {name: getattr(checked, name) for name in _VERDICT})
     return checked
 
 
@@ -345,11 +412,11 @@ def _check(entry: _Entry, max_pixels: int, check_extension: bool = True) -> _Che
     try:
         data = storage.read_bytes(entry.uri)
     except FileNotFoundError:
-        return _Checked(entry, None, "missing file")
+        return _Checked(entry, None, "missing file", judged=False)
     except OSError as e:
-        return _Checked(entry, None, f"unreadable file ({e})")
+        return _Checked(entry, None, f"unreadable file ({e})", judged=False)
     except StoreUnavailableError as e:  # one row of a manifest on a host that does not answer, say
-        return _Checked(entry, None, f"unreachable ({e})")
+        return _Checked(entry, None, f"unreachable ({e})", judged=False)
     if not data:
         return _Checked(entry, None, "empty file")
     image_id = hashlib.sha256(data).hexdigest()

@@ -1,6 +1,9 @@
 """Where everything lives in a store: every URI below is derived from the store's root, never recorded apart.
 
 {store}/runs/{run_id}/ingest/{domain}/   index.parquet, rejects.parquet, manifest.json
+{store}/ingest-cache/{key}/             each dataset's listing cache (`adaptflow.data.listing_cache`), keyed by
+                                         what its files' checks depend on (`ingest.cache_key`): the next
+                                         ingest opens only new and changed files
 {store}/training/{key}/{name}/          each adaptation candidate (`adaptflow.adapt.candidates`), keyed by
                                          everything its training reads (`training_uri`): the same command
                                          after an interruption resumes each from its last checkpoint
@@ -34,6 +37,11 @@ def run_uri(store: str, run_id: str) -> str:
 
 def ingest_uri(run: str, domain: str) -> str:
     return storage.join(run, "ingest", domain)
+
+
+def ingest_cache_uri(store: str, key: str) -> str:
+    """Where the listing cache of ingest key `key` (`adaptflow.data.ingest.cache_key`) lives."""
+    return storage.join(store, "ingest-cache", key)
 
 
 def model_uri(store: str, run_id: str) -> str:

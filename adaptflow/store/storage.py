@@ -371,15 +371,16 @@ def find(uri: str) -> list[str]:
     return _call(uri, lambda fs, path: fs.find(path))
 
 
-def walk_files(uri: str) -> tuple[dict[str, str], dict[str, str]]:
-    """Everything under folder `uri` but folders: ({path: type} with type "file" for a regular file, "other"
-    for a named pipe, socket or device, which must never be read), and {path: why} for each folder below
-    that could not be listed (no permission, say), which a plain `find` leaves out without a word. An
-    object store lists a prefix in one recursive call; a local tree is walked folder by folder, since
-    fsspec's `find` drops the error callback below the first level."""
+def walk_files(uri: str) -> tuple[dict[str, dict], dict[str, str]]:
+    """Everything under folder `uri` but folders: ({path: fsspec's detail} — type "file" for a regular file,
+    "other" for a named pipe, socket or device, which must never be read; size, and what the filesystem says
+    of its version: mtime, ETag, ...), and {path: why} for each folder below that could not be listed (no
+    permission, say), which a plain `find` leaves out without a word. An object store lists a prefix in one
+    recursive call; a local tree is walked folder by folder, since fsspec's `find` drops the error callback
+    below the first level."""
     unreadable: dict[str, str] = {}
 
-    def walk(fs, path: str, found: dict[str, str]) -> dict[str, str]:
+    def walk(fs, path: str, found: dict[str, dict]) -> dict[str, dict]:
         try:
             listing = fs.ls(path, detail=True)
         except OSError as e:
@@ -389,13 +390,13 @@ def walk_files(uri: str) -> tuple[dict[str, str], dict[str, str]]:
             if entry.get("type") == "directory":
                 walk(fs, entry["name"], found)
             else:
-                found[entry["name"]] = str(entry.get("type", "file"))
+                found[entry["name"]] = entry
         return found
 
     def op(fs, path):
         if _is_local(fs):
             return walk(fs, path, {})
-        return {p: str(d.get("type", "file")) for p, d in fs.find(path, detail=True).items()}
+        return fs.find(path, detail=True)
 
     return _call(uri, op), unreadable
 
