@@ -2,17 +2,7 @@
 check of a file that has not changed since), and commit an index of the valid images beside a table of
 refused files, each with a reason a user can act on.
 
-Three layouts are recognised from what `dataset_uri` names:
-- a `.csv` or `.parquet` file: a manifest with a `uri` column (absolute, or relative to the
-  manifest's folder) and optional `label` and `split` columns;
-- a folder holding sub-folders with files in them: a class-folder tree `root/<class>/.../<image>`;
-- a folder whose sub-folders are all split names (`train`, `test`, `val`, `valid`, `validation`, as
-  Hugging Face's `imagefolder` and torchvision lay data sets out): `root/<split>/<class>/.../<image>`,
-  each image in its folder's split; a split folder of loose images (no class folders) holds unlabeled
-  images, and split names beside other folder names are an error that says so (never classes named
-  `train` and `test`);
-- any other folder: a flat folder of unlabeled images (an empty sub-folder, even one named like an
-  image, `x.png/`, holds nothing to ingest and does not make the folder a class tree).
+The layouts it reads (a manifest, class folders, split folders, a flat folder) are `adaptflow.data.layouts`.
 A bad file never stops the run; only a dataset with no valid image at all is an error. A reason never
 quotes a file's content (the file may be anything: a password file given by mistake). Image URIs are
 recorded absolute, so the index reads the same from any working directory.
@@ -36,7 +26,6 @@ import logging
 import posixpath
 import re
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -48,7 +37,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from adaptflow import progress
 from adaptflow.config import IngestConfig
 from adaptflow.data import listing_cache
-from adaptflow.data.listing_cache import ListingCache, Stat
+from adaptflow.data.layouts import Entry, Reject, list_dataset
+from adaptflow.data.listing_cache import ListingCache
 from adaptflow.errors import DatasetError, StoreUnavailableError
 from adaptflow.manifests import IngestManifest
 from adaptflow.store import accounting, storage
@@ -58,9 +48,6 @@ log = logging.getLogger(__name__)
 # PIL's default, pinned: a truncated file must be refused here, not padded with grey and trained on.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-SPLITS = ("train", "val", "test")
-# Folder names read as splits (imagefolder, torchvision), case-insensitively, and the split each one is
-SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
 CHECK_VERSION = 1  # bump when `_check` judges a file differently: every listing cache is then set aside
 
 INDEX_SCHEMA = pa.schema(
@@ -80,19 +67,8 @@ REJECTS_SCHEMA = pa.schema(
 )
 
 
-class _Entry(NamedTuple):
-    """One file a layout lists; `split` is None unless a manifest or a split folder fixes it. `carve`: the
-    splits a layout lacks, drawn from this `train` image's hash as they would be without split folders."""
-
-    uri: str
-    label: str | None
-    split: str | None = None
-    carve: tuple[str, ...] = ()
-    stat: Stat | None = None  # size and signature as the folder's listing gave them; None for a manifest's row
-
-
 class _Checked(NamedTuple):
-    entry: _Entry
+    entry: Entry
     image_id: str | None
     reason: str | None  # None for a valid image
     width: int = 0
@@ -105,9 +81,6 @@ class _Checked(NamedTuple):
 
 class _Rejected(Exception):
     """A file is refused; the message is the reason recorded for it."""
-
-
-_Reject = tuple[str, str, str | None]  # (uri, reason, image_id)
 
 
 def ingest(
@@ -130,7 +103,7 @@ def ingest(
     checks are committed there after its manifest; None reads every file."""
     start = time.perf_counter()
     dataset_uri = storage.absolute(dataset_uri)
-    entries, rejects = _list_dataset(dataset_uri)
+    entries, rejects = list_dataset(dataset_uri)
     if not entries and not rejects:
         raise DatasetError(f"no images found under {dataset_uri}")
     if classes is not None:
@@ -193,7 +166,7 @@ def ingest(
     return manifest
 
 
-def _first(reject: _Reject) -> str:
+def _first(reject: Reject) -> str:
     return reject[0]
 
 
@@ -216,175 +189,18 @@ def cache_key(dataset_uri: str, domain: str, cfg: IngestConfig) -> str:
     return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
 
-# Listing: each layout returns the files to check and the rows it already refuses.
-
-
-def _list_dataset(uri: str, in_split: bool = False) -> tuple[list[_Entry], list[_Reject]]:
-    if not storage.exists(uri):
-        raise DatasetError(f"dataset not found: {uri}")
-    if storage.isfile(uri):
-        return _list_manifest(uri, storage.filesystem(uri)[1])
-    children = [c for c in storage.ls(uri) if not _hidden(c["name"])]
-    folders = {}  # class name -> the files under it; folders with no (visible) file in them count for nothing
-    refused: list[_Reject] = []  # what the class folders hold that cannot be read
-    for child in children:
-        name = posixpath.basename(child["name"].rstrip("/"))
-        if child["type"] == "directory" and (files := _find(storage.join(uri, name), refused)):
-            folders[name] = files
-    if folders:
-        splits = {name: SPLIT_FOLDERS[name.lower()] for name in folders if name.lower() in SPLIT_FOLDERS}
-        if splits and len(splits) < len(folders):
-            raise DatasetError(
-                f"{uri} mixes split folders ({', '.join(sorted(splits))}) with other folders "
-                f"({', '.join(sorted(set(folders) - set(splits)))}): lay it out as <split>/<class>/<image> or "
-                "as <class>/<image>, not both (a folder named like a split is never taken for a class)"
-            )
-        if splits and in_split:
-            raise DatasetError(f"{uri} holds split folders of its own: one level of <split>/ folders only")
-        if splits:
-            return _list_split_tree(uri, children, splits)  # each split folder is listed again on its own
-        entries, rejects = _list_class_tree(uri, children, folders)
-        return entries, rejects + refused
-    refused = []
-    return [_Entry(u, None, stat=s) for u, s in _find(uri, refused).items()], refused
-
-
-def _list_split_tree(uri: str, children: list[dict], splits: dict[str, str]) -> tuple[list[_Entry], list[_Reject]]:
-    """`root/<split>/<class>/...`: each split folder read as a class tree (or, with loose images only, a
-    flat folder of unlabeled ones), every image in its folder's split."""
-    entries, rejects = [], []
-    for name, split in sorted(splits.items()):
-        folder = storage.join(uri, name)
-        inner, refused = _list_dataset(folder, in_split=True)
-        entries += [e._replace(split=split) for e in inner]
-        rejects += refused
-    rejects += [
-        (storage.join(uri, posixpath.basename(c["name"].rstrip("/"))), "file outside split folders", None)
-        for c in children
-        if c["type"] != "directory"
-    ]
-    labelled = {e.split for e in entries if e.label is not None}
-    if labelled and len(labelled) < len({e.split for e in entries}):
-        raise DatasetError(
-            f"{uri}: some split folders hold class folders and others loose images; give every split its "
-            "<class>/ folders (or none)"
-        )
-    missing = tuple(s for s in ("val", "test") if s not in splits.values())  # carved from train, by hash
-    return [e._replace(carve=missing) if e.split == "train" else e for e in entries], rejects
-
-
-def _list_class_tree(
-    uri: str, children: list[dict], folders: dict[str, dict[str, Stat]]
-) -> tuple[list[_Entry], list[_Reject]]:
-    entries = [_Entry(u, name, stat=s) for name, files in folders.items() for u, s in files.items()]
-    rejects = [
-        (storage.join(uri, posixpath.basename(c["name"].rstrip("/"))), "file outside class folders", None)
-        for c in children
-        if c["type"] != "directory"
-    ]
-    return entries, rejects
-
-
-def _find(folder_uri: str, rejects: list[_Reject] | None = None) -> dict[str, Stat]:
-    """The regular files anywhere under `folder_uri` as listed ({uri: size and signature}), their URIs
-    written like it, hidden ones left out. What must not or cannot be read is appended to `rejects` with
-    its reason: a named pipe, socket or device (reading one blocks or never ends), and a folder that
-    cannot be listed (its files would vanish without a word)."""
-    fs, folder = storage.filesystem(folder_uri)
-    prefix = folder.rstrip("/") + "/"
-    found, unreadable = storage.walk_files(folder_uri)
-    files = {}
-    for path, detail in found.items():
-        rel = path[len(prefix) :] if path.startswith(prefix) else None
-        if rel is not None and any(part.startswith(".") for part in rel.split("/")):
-            continue
-        uri = storage.join(folder_uri, rel) if rel is not None else storage.to_uri(fs, path, folder_uri)
-        if detail.get("type", "file") == "file":
-            files[uri] = listing_cache.stat_of(detail)
-        elif rejects is not None:
-            rejects.append((uri, "not a regular file (a named pipe, socket or device)", None))
-    if rejects is not None:
-        rejects += [
-            (storage.to_uri(fs, p, folder_uri), f"folder cannot be read ({why})", None) for p, why in unreadable.items()
-        ]
-    return files
-
-
-def _hidden(path: str) -> bool:
-    return posixpath.basename(path.rstrip("/")).startswith(".")
-
-
-def _read_csv(uri: str) -> dict[str, list[str | None]]:
-    # All strings, no NA guessing: a label "07" or "NA" is kept as written.
-    df = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype=str, keep_default_na=False)
-    return {str(name).strip(): df[name].str.strip().tolist() for name in df.columns}
-
-
-def _read_parquet(uri: str) -> dict[str, list[str | None]]:
-    table = storage.read_table(uri)
-    return {name: table.column(name).cast(pa.string()).to_pylist() for name in table.column_names}
-
-
-_MANIFEST_READERS: dict[str, Callable[[str], dict[str, list[str | None]]]] = {
-    ".csv": _read_csv,
-    ".parquet": _read_parquet,
-}
-
-
-def _list_manifest(uri: str, path: str) -> tuple[list[_Entry], list[_Reject]]:
-    suffix = posixpath.splitext(path)[1].lower()
-    if suffix not in _MANIFEST_READERS:
-        raise DatasetError(f"dataset {uri} is a file but not a .csv or .parquet manifest")
-    try:
-        columns = _MANIFEST_READERS[suffix](uri)
-    except (OSError, ValueError, pa.ArrowException) as e:
-        raise DatasetError(f"cannot read manifest {uri}: {e}") from None
-    if "uri" not in columns:
-        raise DatasetError(f"manifest {uri} has no 'uri' column (columns: {', '.join(columns) or 'none'})")
-    base = posixpath.dirname(uri)
-    labels, splits = columns.get("label"), columns.get("split")
-    entries, rejects = [], []
-    for i, raw in enumerate(columns["uri"]):
-        label = None if labels is None else labels[i] or ""
-        split = None if splits is None else splits[i] or ""
-        entry, reason = _manifest_entry(base, raw or "", label, split)
-        if reason:
-            rejects.append((entry.uri, reason, None))
-        else:
-            entries.append(entry)
-    return entries, rejects
-
-
-def _manifest_entry(base: str, raw: str, label: str | None, split: str | None) -> tuple[_Entry, str | None]:
-    """The row as an entry, and the reason it is refused before reading, if any."""
-    if "://" in raw or raw.startswith("/"):
-        return _Entry(raw, label, split), _row_reason(label, split)
-    rel = posixpath.normpath(raw)
-    if rel == ".." or rel.startswith("../"):
-        return _Entry(storage.join(base, raw), label, split), "outside dataset root"
-    return _Entry(storage.join(base, rel), label, split), _row_reason(label, split)
-
-
-def _row_reason(label: str | None, split: str | None) -> str | None:
-    if label == "":
-        return "empty label"
-    if split is not None and split not in SPLITS:
-        return f"unknown split {split!r} (expected train, val or test)"
-    return None
-
-
 # Checking: one file at a time, on worker threads.
 
 _VERDICT = ("image_id", "reason", "width", "height", "format")  # what a listing cache keeps of a check
 
 
-def _check_all(entries: list[_Entry], domain: str, cfg: IngestConfig, cache: ListingCache | None) -> list[_Checked]:
+def _check_all(entries: list[Entry], domain: str, cfg: IngestConfig, cache: ListingCache | None) -> list[_Checked]:
     """Each entry's check, in order, made on `cfg.workers` threads or reused from `cache`."""
     with ThreadPoolExecutor(cfg.workers) as pool, progress.task(f"ingest {domain}", len(entries), "files"):
         return list(pool.map(accounting.carry(lambda e: _counted(e, cfg, cache)), entries))
 
 
-def _counted(entry: _Entry, cfg: IngestConfig, cache: ListingCache | None) -> _Checked:
+def _counted(entry: Entry, cfg: IngestConfig, cache: ListingCache | None) -> _Checked:
     if cache is None:
         checked = _check(entry, cfg.max_image_pixels, cfg.check_extension)
     else:
@@ -393,7 +209,7 @@ def _counted(entry: _Entry, cfg: IngestConfig, cache: ListingCache | None) -> _C
     return checked
 
 
-def _check_unless_cached(entry: _Entry, cfg: IngestConfig, cache: ListingCache) -> _Checked:
+def _check_unless_cached(entry: Entry, cfg: IngestConfig, cache: ListingCache) -> _Checked:
     """The verdict `cache` holds on the file as it is listed now, the file unopened; else `_check`'s,
     remembered. A manifest's row is asked for its size and signature first (a stat, or an S3 HEAD): cheaper
     than reading the file, and taken before reading, so a file that changes meanwhile is read again next
@@ -407,7 +223,7 @@ def _check_unless_cached(entry: _Entry, cfg: IngestConfig, cache: ListingCache) 
     return checked
 
 
-def _check(entry: _Entry, max_pixels: int, check_extension: bool = True) -> _Checked:
+def _check(entry: Entry, max_pixels: int, check_extension: bool = True) -> _Checked:
     """Read, hash and fully decode one file. Never raises for a bad file: the reason says why."""
     try:
         data = storage.read_bytes(entry.uri)
@@ -477,7 +293,7 @@ def _describe(e: Exception) -> str:
 _QUOTED_BYTES = re.compile(r"(?<!\w)(?:b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*")')
 
 
-def _deduplicate(valid: list[_Checked]) -> tuple[list[_Checked], list[_Reject]]:
+def _deduplicate(valid: list[_Checked]) -> tuple[list[_Checked], list[Reject]]:
     """One row per distinct image, the first by uri. Identical bytes under different labels are all
     refused: no copy's label can be trusted, and keeping one would leak it across splits."""
     groups: dict[str, list[_Checked]] = {}
@@ -531,7 +347,7 @@ def _fingerprint(rows: list[dict]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
-def _all_rejected_message(uri: str, rejects: list[_Reject]) -> str:
+def _all_rejected_message(uri: str, rejects: list[Reject]) -> str:
     first = "; ".join(f"{posixpath.basename(u)}: {r}" for u, r, _ in sorted(rejects, key=_first)[:3])
     return f"no valid images under {uri}: {len(rejects)} files rejected (first reasons: {first})"
 
