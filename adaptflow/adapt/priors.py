@@ -97,11 +97,13 @@ def em(proba: np.ndarray, prior: np.ndarray, counts: np.ndarray | None = None, i
     w = np.ones((1, len(proba))) if counts is None else np.asarray(counts, np.float64)
     p = np.clip(np.asarray(proba, np.float64), 1e-12, None)
     prior = np.clip(np.asarray(prior, np.float64), 1e-12, None)
+    total = w.sum(1, keepdims=True)
     q = np.tile(prior, (len(w), 1))  # (B, C)
     for _ in range(iters):
-        post = p[None] * (q / prior)[:, None, :]  # (B, N, C)
-        post /= post.sum(2, keepdims=True)
-        new = np.einsum("bn,bnc->bc", w, post) / w.sum(1, keepdims=True)
+        # the re-weighted posteriors post[b, n, c] = p[n, c] r[b, c] / (r_b . p_n), r = q / prior, summed over
+        # the weighted rows without forming the (B, N, C) array: two matrix products per step
+        r = q / prior
+        new = r * ((w / (r @ p.T)) @ p) / total
         done = np.abs(new - q).max() < 1e-7
         q = new
         if done:
