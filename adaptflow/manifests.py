@@ -369,6 +369,7 @@ class ShiftManifest(Manifest):
     retrain: bool
     reason: str
     class_mix: ClassMixChange | None = None  # None: not tested (no reference images, or no champion scores)
+    n_new: int | None = None  # target images the champion's run did not see (tested first); None: not counted
 
 
 class PromotionManifest(Manifest):

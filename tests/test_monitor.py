@@ -1,5 +1,6 @@
 """adaptflow.monitor.champion on real features: the shift check's verdicts and the scores it compares."""
 
+import pyarrow as pa
 import pytest
 
 from adaptflow.adapt.baseline import fit_head
@@ -10,6 +11,7 @@ from adaptflow.manifests import Champion, ModelScores
 from adaptflow.monitor.champion import judged_by, score_model
 from adaptflow.monitor.gate import register_and_gate
 from adaptflow.monitor.shift import check_shift
+from adaptflow.store import storage
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +36,47 @@ def _scores(selection: float, collapsed: bool = False) -> ModelScores:
     )
 
 
-def test_the_same_images_are_no_shift_and_another_domain_is(store):
+def _first_half(index_uri: str, out_uri: str) -> str:
+    """An index of the first half of `index_uri`'s images: the target a champion was trained with, before
+    the other half arrived."""
+    table = storage.read_table(index_uri)
+    storage.write_table(out_uri, table.slice(0, len(table) // 2))
+    return out_uri
+
+
+def test_new_images_like_the_old_are_no_shift_and_another_domain_is(store, tmp_path):
+    """The champion saw half the target; the other half arrived since, from the same domain: tested alone
+    against the champion's half, no shift. A night with no new image tests nothing."""
     src, tgt, plan, _ = store
     cfg = MonitorConfig()
-    same = check_shift(_champion(tgt.index_uri), tgt, plan, _scores(0.5), cfg)
+    half = _first_half(tgt.index_uri, str(tmp_path / "half.parquet"))
+    same = check_shift(_champion(half), tgt, plan, _scores(0.5), cfg)
     assert not same.shift_detected and not same.retrain and same.reason.startswith("no shift")
     assert same.test.p_value >= cfg.alpha and same.score_drop == 0
+    assert same.n_new == same.test.n_batch == n_images(tgt) - n_images(half)  # the new half, and only it
+    nothing_new = check_shift(_champion(tgt.index_uri), tgt, plan, _scores(0.5), cfg)
+    assert nothing_new.test is None and nothing_new.n_new == 0 and not nothing_new.retrain
+    assert "no new target images since the champion's run r0" in nothing_new.reason
     moved = check_shift(_champion(src.index_uri), tgt, plan, _scores(0.5), cfg)
     assert moved.shift_detected and moved.retrain and moved.test.p_value < 0.01 and moved.domain_auc > 0.9
+    bounded = check_shift(_champion(src.index_uri), tgt, plan, _scores(0.5), MonitorConfig(max_samples=20))
+    assert bounded.test.n_batch == bounded.test.n_reference == 20 and bounded.n_new == n_images(tgt)
+
+
+def n_images(index) -> int:
+    uri = index if isinstance(index, str) else index.index_uri
+    return storage.read_table(uri, columns=["image_id"]).num_rows
+
+
+def test_a_shift_of_a_few_new_images_is_not_diluted_by_the_old_ones(store, tmp_path):
+    """The champion saw the whole target; tonight, images of another domain arrive (the source's, here):
+    they are tested alone, so the shift shows however many old images there are."""
+    src, tgt, plan, _ = store
+    both = storage.join(str(tmp_path), "both.parquet")
+    storage.write_table(both, pa.concat_tables([storage.read_table(tgt.index_uri), storage.read_table(src.index_uri)]))
+    grown = tgt.model_copy(update={"index_uri": both})
+    shifted = check_shift(_champion(tgt.index_uri), grown, plan, _scores(0.5), MonitorConfig())
+    assert shifted.shift_detected and shifted.n_new == n_images(src) and shifted.test.n_batch == min(500, n_images(src))
 
 
 def test_a_class_mix_change_on_the_same_looking_images_is_a_shift(store):
@@ -64,7 +99,7 @@ def test_a_class_mix_change_on_the_same_looking_images_is_a_shift(store):
     moved = check_shift(
         champion, tgt, plan, now.model_copy(update={"predicted_mix": skewed}), cfg, reference_mix=before
     )
-    assert moved.shift_detected and moved.retrain and moved.class_mix.detected and moved.test.p_value >= cfg.alpha
+    assert moved.shift_detected and moved.retrain and moved.class_mix.detected and moved.test is None  # no new image
     assert "predicted class mix moved by" in moved.reason
     off = check_shift(
         champion,

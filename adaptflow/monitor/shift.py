@@ -13,11 +13,15 @@ A third asks about the classes rather than the pixels:
   images (a chi-square test of homogeneity, and at least `monitor.min_mix_change` total variation)? A new
   site that sees mostly one class is a shift even when every image looks like the old ones.
 
-`check_shift` applies them to the new target batch against the champion's own target images, and adds
-the champion's score falling `monitor.score_drop` below its registered one: any sends a run on to retraining.
+`check_shift` applies them to the target's new images (those the champion's run did not see; at most
+`monitor.max_samples`, chosen before any feature is read) against the champion's own target images, and
+adds the champion's score falling `monitor.score_drop` below its registered one: any sends a run on to
+retraining. A night with no new image tests nothing: the champion's scores decide alone.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import torch
@@ -191,20 +195,26 @@ def check_shift(
     """Test the target batch against the champion's reference images, and the champion's score drop;
     with `reference_mix` (the champion's predicted class shares on its reference images, and how many
     it predicted: `monitor.champion.reference_mix`), the class mix it predicts on the batch too."""
-    test = auc = None
+    test = auc = n_new = None
     untested = None  # why there is no test, when there is none
     if champion.reference_index_uri is None:
         untested = f"the champion's reference images (run {champion.run_id}) are gone: retraining"
     else:
         reference_ids = storage.read_table(champion.reference_index_uri, columns=["image_id"])["image_id"].to_pylist()
-        batch_ids = read_index(target).image_id.tolist()
-        ref = _normalised(load_features(features.features_uri, reference_ids))
-        new = _normalised(load_features(features.features_uri, batch_ids))
-        try:
-            test = mmd_permutation_test(ref, new, cfg.permutations, seed, cfg.max_samples, cfg.alpha)
-            auc = domain_classifier_auc(ref, new, seed, cfg.max_samples)
-        except DatasetError as e:  # e.g. a batch of 3 images: too few to test; the champion's scores decide
-            untested = f"no shift test ({e})"
+        batch_ids = new_images(read_index(target).image_id.tolist(), set(reference_ids))
+        n_new = len(batch_ids)
+        if n_new == 0:
+            untested = f"no new target images since the champion's run {champion.run_id}: nothing to test"
+        else:
+            ref, new = (
+                _normalised(load_features(features.features_uri, ids[: cfg.max_samples]))
+                for ids in (_seeded_order(reference_ids, seed), batch_ids)
+            )
+            try:
+                test = mmd_permutation_test(ref, new, cfg.permutations, seed, cfg.max_samples, cfg.alpha)
+                auc = domain_classifier_auc(ref, new, seed, cfg.max_samples)
+            except DatasetError as e:  # e.g. a batch of 3 images: too few to test; the champion's scores decide
+                untested = f"no shift test ({e})"
     drop = None
     if scores is not None and champion.selection_score is not None:
         drop = champion.selection_score - scores.selection_score
@@ -251,7 +261,22 @@ def check_shift(
         retrain=retrain,
         reason=f"{verdict}: " + "; ".join(reasons),
         class_mix=mix,
+        n_new=n_new,
     )
+
+
+def new_images(target_ids: list[str], reference: set[str]) -> list[str]:
+    """The target's images the champion's run did not see (the nights' new ones), in a seeded order that
+    keeps an image's place as more arrive: the shift test takes the first `monitor.max_samples`. Only new
+    images are tested: the old ones are the champion's own reference, and a batch topped up with them
+    would dilute a shift of the new ones into noise."""
+    return _seeded_order([i for i in target_ids if i not in reference])
+
+
+def _seeded_order(ids: list[str], seed: int = 0) -> list[str]:
+    """`ids` in the order of a seeded hash of each (as `adapt.samples.validation_sample`): the first k are a
+    sample that keeps its members as more ids arrive, so the same reference images are read every night."""
+    return sorted(ids, key=lambda i: (zlib.crc32(f"{seed}/{i}".encode()), i))
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
