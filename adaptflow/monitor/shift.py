@@ -231,7 +231,8 @@ def check_shift(
     else:
         reasons.append(
             f"MMD² {test.statistic:.4f}, p = {test.p_value:.3f} "
-            f"{'<' if shifted else '>='} {cfg.alpha} (domain AUC {auc:.2f})"
+            f"{'<' if test.detected else '>='} {cfg.alpha} (domain AUC {auc:.2f}; {test.n_batch} of {n_new} new images "
+            f"against {test.n_reference} of the champion's)"
         )
     if mix is not None:
         reasons.append(
