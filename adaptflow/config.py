@@ -44,9 +44,10 @@ class IngestConfig(_Section):
         "holds with the same size and version (mtime, ETag) keeps its earlier check unopened",
     )
     full_check_days: float | None = Field(
-        7,
+        None,
         gt=0,
-        description="a file last read longer ago than this is read again, changed or not; null: never",
+        description="a file last read longer ago than this is read again, changed or not; null: never (the "
+        "retrain deployment's weekly run rehashes everything instead of a share of the files every night)",
     )
 
     @model_validator(mode="after")

@@ -85,7 +85,9 @@ def test_deployment_schedules_are_valid_crons(deployment):
 
 def test_retrain_runs_nightly_and_backfill_on_demand():
     deployments = {d["name"]: d for d in _deployments()}
-    assert [s["cron"] for s in deployments["retrain"]["schedules"]] == ["0 2 * * *"]
+    schedules = deployments["retrain"]["schedules"]
+    assert [s["cron"] for s in schedules] == ["0 2 * * 1-6", "0 2 * * 0"]  # every night, one a week in full
+    assert [s.get("parameters", {}).get("config") for s in schedules] == [None, {"ingest": {"rehash": True}}]
     assert not deployments["extract"].get("schedules") and not deployments["predict"].get("schedules")
     assert deployments["extract"]["work_pool"]["name"] == "gpu"
     assert deployments["predict"]["work_pool"]["name"] == "cpu"
