@@ -18,6 +18,8 @@ class DatasetSummary(Record):
     fingerprint: str
     index_uri: str
     rejects_uri: str
+    files_read: int = 0  # read, hashed and decoded by this run's ingest
+    files_reused: int = 0  # unchanged since an earlier ingest: its checks reused, the files unopened
 
 
 class ExtractionSummary(Record):

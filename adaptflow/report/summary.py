@@ -242,6 +242,8 @@ def _datasets(datasets: dict[str, IngestManifest]) -> dict[str, DatasetSummary]:
             fingerprint=m.fingerprint,
             index_uri=m.index_uri,
             rejects_uri=m.rejects_uri,
+            files_read=m.n_read,
+            files_reused=m.n_reused,
         )
         for d, m in datasets.items()
     }

@@ -91,8 +91,10 @@ def render_markdown(summary: RunSummary) -> str:
             f"| {r['model']} | {r['split']} | {fmt(r['accuracy'])} | {fmt(r['macro_f1'])} | {r['n']} |"
             for r in metrics_rows(summary)
         ]
-    lines += ["", "| dataset | images | rejected |", "|---|---|---|"]
-    lines += [f"| {d} | {v.images} | {v.rejected} |" for d, v in summary.datasets.items()]
+    lines += ["", "| dataset | images | rejected | files read | unchanged, not read |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {d} | {v.images} | {v.rejected} | {v.files_read} | {v.files_reused} |" for d, v in summary.datasets.items()
+    ]
     lines += [
         "",
         f"Extraction: {ex.images_extracted} images embedded, {ex.images_cached} reused from the "
@@ -174,8 +176,11 @@ def render_table(summary: RunSummary) -> str:
         ]
         if known:
             lines.append(f"* target labels used for scoring only; oracle pick: {a.oracle}")
-    lines += ["", f"{'dataset':<14}{'images':>10}{'rejected':>10}"]
-    lines += [f"{d:<14}{v.images:>10}{v.rejected:>10}" for d, v in summary.datasets.items()]
+    lines += ["", f"{'dataset':<14}{'images':>10}{'rejected':>10}{'read':>10}{'unchanged':>11}"]
+    lines += [
+        f"{d:<14}{v.images:>10}{v.rejected:>10}{v.files_read:>10}{v.files_reused:>11}"
+        for d, v in summary.datasets.items()
+    ]
     lines += [
         "",
         f"extraction: {ex.images_extracted} embedded, {ex.images_cached} reused, "
