@@ -34,7 +34,6 @@ from sklearn.preprocessing import StandardScaler
 from adaptflow.adapt.domain_gap import as_numpy
 from adaptflow.adapt.losses import sq_dists
 from adaptflow.config import MonitorConfig
-from adaptflow.data.ingest import read_index
 from adaptflow.errors import DatasetError
 from adaptflow.extract.features import load_features
 from adaptflow.manifests import (
@@ -201,7 +200,8 @@ def check_shift(
         untested = f"the champion's reference images (run {champion.run_id}) are gone: retraining"
     else:
         reference_ids = storage.read_table(champion.reference_index_uri, columns=["image_id"])["image_id"].to_pylist()
-        batch_ids = new_images(read_index(target).image_id.tolist(), set(reference_ids))
+        target_ids = storage.read_table(target.index_uri, columns=["image_id"])["image_id"].to_pylist()
+        batch_ids = new_images(target_ids, set(reference_ids))
         n_new = len(batch_ids)
         if n_new == 0:
             untested = f"no new target images since the champion's run {champion.run_id}: nothing to test"
