@@ -114,7 +114,7 @@ class Place:
             self.prefect.wait(30)
 
 
-def _prefect_server(env: dict, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+def _prefect_server(env: dict, timeout: float = 300) -> tuple[subprocess.Popen, str]:
     """`prefect server start` on a free loopback port, once it answers, and its API URL."""
     import socket
     import urllib.request
