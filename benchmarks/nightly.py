@@ -72,6 +72,7 @@ class Place:
 
     def __init__(self, work: Path, s3: bool, dask: bool = False):
         self.work, self.server, self.prefect = work, None, None
+        (work / "prefect").mkdir(parents=True, exist_ok=True)  # Prefect makes its home, not the folders above
         self.env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_HOME": str(work / "prefect"), "PYTHONUNBUFFERED": "1"}
         self.root = str(work / "data")
         if s3:
@@ -132,6 +133,8 @@ def _prefect_server(env: dict, timeout: float = 300) -> tuple[subprocess.Popen, 
             return proc, url
         except OSError:
             time.sleep(0.5)
+    if proc.poll() is not None:
+        sys.exit(f"prefect server start exited ({proc.returncode}): run `{' '.join(cmd)}` to see why")
     proc.kill()
     sys.exit(f"prefect server start did not answer on port {port} within {timeout:.0f} s")
 
