@@ -27,6 +27,12 @@ def build_task_runner(runtime: RuntimeConfig) -> TaskRunner:
 
     if runtime.dask_address:
         return DaskTaskRunner(address=runtime.dask_address)
+    # Extraction decodes images in DataLoader worker processes, and a daemonic process may not start
+    # children: the LocalCluster's workers (whose nannies take this process's Dask config) run undaemonic.
+    # Workers of an existing scheduler need the same (`distributed.worker.daemon: false`, infra/README.md).
+    import dask
+
+    dask.config.set({"distributed.worker.daemon": False})
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={
