@@ -72,3 +72,31 @@ def _compute_span(task: dict) -> tuple[float, float]:
     """(start, stop) of a task-stream record's compute."""
     compute = [s for s in task["startstops"] if s["action"] == "compute"]
     return min(s["start"] for s in compute), max(s["stop"] for s in compute)
+
+
+def _child_exit_code() -> int:
+    """Start a process and wait for it, as extraction's DataLoader starts its decoding workers."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=int)
+    child.start()
+    child.join()
+    return child.exitcode
+
+
+def test_a_task_on_the_local_cluster_may_start_processes(prefect_harness, monkeypatch):
+    """A daemonic Dask worker may not start children; extraction's decoding workers are children. The
+    LocalCluster `runtime.task_runner: dask` starts has workers that may."""
+    import prefect.settings
+    from prefect import flow, task
+
+    from adaptflow.config import RuntimeConfig
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect.settings.PREFECT_API_URL.value())
+    runner = build_task_runner(RuntimeConfig(task_runner="dask", dask_workers=1))
+
+    @flow(task_runner=runner)
+    def starts_a_child() -> int:
+        return task(_child_exit_code).submit().result()
+
+    assert starts_a_child() == 0
