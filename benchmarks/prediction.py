@@ -86,7 +86,9 @@ def throughput(images_uri: str, work: Path, model_uri: str, device: str = "cpu")
     )
     for shard in plan.shards:
         features.extract_shard(shard, cfg.backbone, cfg.extract)
-    to_do = predict.plan_prediction(model_uri, index, str(work / "tp-predictions.parquet"), cfg.extract.shard_size)
+    to_do = predict.plan_prediction(
+        model_uri, index, plan, str(work / "tp-predictions.parquet"), cfg.extract.shard_size
+    )
     parts = [predict.predict_shard(s, plan, device) for s in to_do.shards]
     predict.merge_predictions(to_do, parts)
     predict_s = time.perf_counter() - t

@@ -21,10 +21,15 @@ from tasks.runners import gpu_placement, limited
 
 @task(name="plan-prediction", **IO_TASK)
 def plan_prediction(
-    model_uri: str, images: IngestManifest, out_uri: str, shard_size: int, split: str | None = None
+    model_uri: str,
+    images: IngestManifest,
+    features: ExtractionPlan | None,
+    out_uri: str,
+    shard_size: int,
+    split: str | None = None,
 ) -> PredictionPlan:
-    """Cut the images to predict (one split's, if given) into shards."""
-    return prediction.plan_prediction(model_uri, images, out_uri, shard_size, split)
+    """Cut the images to predict (one split's, if given) into shards, in the order the store holds them."""
+    return prediction.plan_prediction(model_uri, images, features, out_uri, shard_size, split)
 
 
 @task(name="predict-shard", **IO_TASK)
@@ -69,7 +74,7 @@ def predict(
     """Predict every valid image of `images` (one split's, if given) into `out_uri`: one task per shard of
     `extract.shard_size` images, on GPU workers when configured, then the parts merged; call it from a
     flow. A rerun finds the parts a killed one committed."""
-    plan = plan_prediction(model_uri, images, out_uri, extract.shard_size, split)
+    plan = plan_prediction(model_uri, images, features, out_uri, extract.shard_size, split)
     (one,) = limited(runtime, predict_shard)
     with gpu_placement(runtime):
         futures = one.map(plan.shards, unmapped(features), unmapped(extract.device))
