@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from adaptflow.evaluate.metrics import classification_metrics
+from adaptflow.extract.features import DEVICE_LOCK
 from adaptflow.manifests import (
     EvaluationManifest,
     ExtractionPlan,
@@ -131,8 +132,9 @@ def predict_shard(shard: PredictShard, features: ExtractionPlan | None, device: 
         return PredictionPart.load(manifest).model_copy(update={"reused": True})
     start = time.perf_counter()
     rows = _read_rows(shard.order_uri, *shard.rows).to_pandas()
-    model, card = _load(shard.model_uri, shard.model_key)
-    logits, _ = infer(model, card, rows, features, device)
+    with DEVICE_LOCK:
+        model, card = _load(shard.model_uri, shard.model_key)
+        logits, _ = infer(model, card, rows, features, device)
     table = predictions_table(rows, logits, card.classes, unknown_below=unknown_below(card))
     table = table.append_column("position", pa.array(rows.position.to_numpy())).sort_by("position")
     part_uri = storage.join(shard.parts_uri, f"{shard.key}.parquet")
