@@ -20,6 +20,7 @@ from tasks.runners import gpu_placement, limited
 
 
 @task(name="plan-prediction", **IO_TASK)
+@measured
 def plan_prediction(
     model_uri: str,
     images: IngestManifest,
@@ -80,4 +81,5 @@ def predict(
         futures = one.map(plan.shards, unmapped(features), unmapped(extract.device))
     parts = [f.result() for f in as_completed(futures)] if plan.shards else []
     merged = merge_predictions(plan, parts)
-    return merged.model_copy(update={"work": accounting.merge([p.work for p in parts] + [merged.work])})
+    works = [plan.work] + [p.work for p in parts] + [merged.work]
+    return merged.model_copy(update={"work": accounting.merge(works)})
