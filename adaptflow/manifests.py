@@ -214,8 +214,8 @@ class SelectionManifest(Manifest):
 class PredictShard(Manifest):
     model_uri: str
     model_key: str  # a hash of the model's card and weights
-    index_uri: str  # the ingest index the rows come from
-    rows: list[int]  # [start, stop) of the index's rows (after the split filter)
+    order_uri: str  # the images in the order they are predicted: position (in the index), uri, image_id
+    rows: list[int]  # [start, stop) of the order's rows
     split: str | None  # only rows of this split (e.g. the source's "test"); None: all
     parts_uri: str
     key: str
@@ -227,6 +227,7 @@ class PredictionPlan(Manifest):
     parts_uri: str
     shards: list[PredictShard]
     n_images: int
+    order_uri: str | None = None  # None: no images
 
 
 class PredictionPart(Manifest):

@@ -20,11 +20,17 @@ from tasks.runners import gpu_placement, limited
 
 
 @task(name="plan-prediction", **IO_TASK)
+@measured
 def plan_prediction(
-    model_uri: str, images: IngestManifest, out_uri: str, shard_size: int, split: str | None = None
+    model_uri: str,
+    images: IngestManifest,
+    features: ExtractionPlan | None,
+    out_uri: str,
+    shard_size: int,
+    split: str | None = None,
 ) -> PredictionPlan:
-    """Cut the images to predict (one split's, if given) into shards."""
-    return prediction.plan_prediction(model_uri, images, out_uri, shard_size, split)
+    """Cut the images to predict (one split's, if given) into shards, in the order the store holds them."""
+    return prediction.plan_prediction(model_uri, images, features, out_uri, shard_size, split)
 
 
 @task(name="predict-shard", **IO_TASK)
@@ -69,10 +75,11 @@ def predict(
     """Predict every valid image of `images` (one split's, if given) into `out_uri`: one task per shard of
     `extract.shard_size` images, on GPU workers when configured, then the parts merged; call it from a
     flow. A rerun finds the parts a killed one committed."""
-    plan = plan_prediction(model_uri, images, out_uri, extract.shard_size, split)
+    plan = plan_prediction(model_uri, images, features, out_uri, extract.shard_size, split)
     (one,) = limited(runtime, predict_shard)
     with gpu_placement(runtime):
         futures = one.map(plan.shards, unmapped(features), unmapped(extract.device))
     parts = [f.result() for f in as_completed(futures)] if plan.shards else []
     merged = merge_predictions(plan, parts)
-    return merged.model_copy(update={"work": accounting.merge([p.work for p in parts] + [merged.work])})
+    works = [plan.work] + [p.work for p in parts] + [merged.work]
+    return merged.model_copy(update={"work": accounting.merge(works)})

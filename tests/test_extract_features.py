@@ -182,6 +182,35 @@ def test_a_training_segment_that_draws_fewer_rows_than_there_are_reads_only_the_
     assert ShardedRows(plan.features_uri, ids, "embedding", (plan.dim,), draws=len(ids)).resident_bytes
 
 
+def test_one_pass_streams_each_shard_once_a_batch_at_a_time(store_reads, monkeypatch):
+    """Inference reads its rows in one pass (`ShardedRows.batches`): each shard's file streamed once, in
+    batches of the inference batch's size, never its values whole; batches are full across shard ends and
+    hold the rows `gather` gives, whatever the order of the images asked for."""
+    from adaptflow.store import rows as rows_module
+    from adaptflow.store.rows import ShardedRows
+
+    plan, ids, reads = store_reads
+    streamed = []
+    stream = rows_module.stream_shard
+    monkeypatch.setattr(
+        rows_module, "stream_shard", lambda s, column, n: streamed.append((s.shard_key, n)) or stream(s, column, n)
+    )
+    wanted = ids[::-1][: len(ids) - 5]  # not in the shards' order, and not all of every shard
+    one_pass = ShardedRows(plan.features_uri, wanted, "embedding", (plan.dim,), resident_bytes=0)
+    expected = features.load_features(plan.features_uri, wanted)
+    reads.clear()
+
+    seen = np.zeros(len(wanted), dtype=int)
+    batches = list(one_pass.batches(12))
+    for index, x in batches:
+        seen[index] += 1
+        assert np.array_equal(x.numpy(), expected[index])
+    assert (seen == 1).all() and [len(i) for i, _ in batches][:-1] == [12] * (len(batches) - 1)
+    keys = [key for key, _ in streamed]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == len(set(one_pass.shard_of)) > 3
+    assert {n for _, n in streamed} == {12} and reads == []
+
+
 def test_where_each_image_lies_is_read_once_per_process_until_the_shards_change(store_reads):
     """Every ShardedRows of a run looks its images up in the same committed shards: the image_id column of
     each shard (on an object store, each shard file whole) is read for the first, not again for the next,

@@ -73,7 +73,7 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
     assert isinstance(selection, SelectionManifest) and selection.index in (0, 1)
 
     def predict(images, out, split=None):
-        to_do = plan_prediction.fn(selection.model_uri, images, out, 4, split)
+        to_do = plan_prediction.fn(selection.model_uri, images, plan, out, 4, split)
         assert len(to_do.shards) > 1  # several parts, merged into one file
         return merge_predictions.fn(to_do, [predict_shard.fn(s, plan, "cpu") for s in to_do.shards])
 

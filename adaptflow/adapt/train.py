@@ -29,7 +29,7 @@ class Rows(Protocol):
     def gather(self, index: np.ndarray) -> Tensor: ...
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray: ...
     def prefetch(self, index: np.ndarray) -> None: ...
-    def chunks(self, size: int) -> Iterator[np.ndarray]: ...
+    def batches(self, size: int) -> Iterator[tuple[np.ndarray, Tensor]]: ...
 
 
 class TensorRows:
@@ -50,9 +50,9 @@ class TensorRows:
     def prefetch(self, index: np.ndarray) -> None:
         pass
 
-    def chunks(self, size: int) -> Iterator[np.ndarray]:
+    def batches(self, size: int) -> Iterator[tuple[np.ndarray, Tensor]]:
         for i in range(0, len(self.x), size):
-            yield np.arange(i, min(i + size, len(self.x)))
+            yield np.arange(i, min(i + size, len(self.x))), self.x[i : i + size]
 
 
 def as_rows(x: Tensor | Rows) -> Rows:
@@ -190,8 +190,8 @@ def infer(
     logits = torch.empty(len(rows), model.num_classes)
     feats = torch.empty(len(rows), model.feature_dim)
     with torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device.type == "cuda" else nullcontext():
-        for index in rows.chunks(batch_size):
-            z = model.features(prepare(rows.gather(index), 0))
+        for index, x in rows.batches(batch_size):
+            z = model.features(prepare(x, 0))
             at = torch.from_numpy(index)
             feats[at] = z.float().cpu()
             logits[at] = model.classify(z).float().cpu()

@@ -1,13 +1,15 @@
 """Prediction at any size: one task per shard of the images, each part committed by its manifest, the
 parts merged into one Parquet file. A killed run resumes: committed parts are not predicted again.
 
-    {out}.parts/{key}.parquet   one shard's predictions
-    {out}.parts/{key}.json      its manifest, written last
-    {out}                       uri, image_id, prediction, confidence: one row per image, in index order
+    {out}.parts/order-{hash}.parquet  the images in the order they are predicted (`plan_prediction`)
+    {out}.parts/{key}.parquet         one shard's predictions, with each row's position in the index
+    {out}.parts/{key}.json            its manifest, written last
+    {out}                             uri, image_id, prediction, confidence: one row per image, in index order
 
 A part's key hashes the model and the images it holds, so a rerun with the same model and images finds
-its parts, and any other model or image set makes new ones. Every part reads its rows in bounded memory
-(`models.card.model_rows`): features from the feature store, pixels from the training-image cache.
+its parts, and any other model or image set makes new ones. Shards follow the store the model reads
+(features from the feature store, pixels from the training-image cache), each part streaming its rows from
+one or a few store shards (`models.card.model_rows`): memory for a batch, whatever the number of images.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from adaptflow.evaluate.metrics import classification_metrics
+from adaptflow.extract.features import DEVICE_LOCK
 from adaptflow.manifests import (
     EvaluationManifest,
     ExtractionPlan,
@@ -33,40 +36,93 @@ from adaptflow.manifests import (
     PredictionPlan,
     PredictShard,
 )
-from adaptflow.models.card import infer, load_model, predictions_table, unknown_below
+from adaptflow.models.card import ModelCard, infer, load_card, load_model, predictions_table, rows_folder, unknown_below
 from adaptflow.store import storage
+from adaptflow.store.rows import locate
+from adaptflow.store.shards import committed_shards
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS_SCHEMA = pa.schema(
     [("uri", pa.string()), ("image_id", pa.string()), ("prediction", pa.string()), ("confidence", pa.float32())]
 )
+PART_LAYOUT = 2  # in a part's key: a part holds each row's position in the index (layout 1 was index order)
+MERGE_ROWS = 65_536  # positions the merge writes at a time
+PART_BATCH_ROWS = 1024  # rows of a part the merge holds at a time
 
 
 def plan_prediction(
-    model_uri: str, images: IngestManifest, out_uri: str, shard_size: int, split: str | None = None
+    model_uri: str,
+    images: IngestManifest,
+    features: ExtractionPlan | None,
+    out_uri: str,
+    shard_size: int,
+    split: str | None = None,
 ) -> PredictionPlan:
-    """Cut the images of `images` (only `split`'s, if given) into shards of `shard_size` for `model_uri`."""
+    """Cut the images of `images` (only `split`'s, if given) into shards of up to `shard_size` for `model_uri`,
+    in the order the store it reads (`features`: where extraction put its rows) holds them: a shard reads one
+    or a few store shards, and each store shard is read by one prediction shard. (Cut in index order, every
+    prediction shard took a slice of nearly every store shard: the store was read once per prediction shard.)
+    The order goes beside the parts, for the shards to read their images from."""
     index = _rows(images.index_uri, split)
     model = _model_key(model_uri)
     parts_uri = f"{out_uri}.parts"
-    shards = []
-    for start in range(0, len(index), shard_size):
-        ids = index.image_id.iloc[start : start + shard_size].tolist()
-        key = hashlib.sha256(json.dumps([model, ids]).encode()).hexdigest()[:16]
-        shards.append(
-            PredictShard(
-                model_uri=model_uri,
-                model_key=model,
-                index_uri=images.index_uri,
-                rows=[start, start + len(ids)],
-                split=split,
-                parts_uri=parts_uri,
-                key=key,
-                domain=images.domain,
-            )
+    order, cuts = _store_order(index, load_card(model_uri), features, shard_size)
+    ids = index.image_id.to_numpy()[order].tolist()
+    keys = [_part_key(model, ids[a:b]) for a, b in cuts]
+    order_uri = storage.join(parts_uri, f"order-{_part_key(model, keys)}.parquet") if cuts else None
+    if order_uri is not None:
+        table = pa.table({"position": order, "uri": index.uri.to_numpy()[order], "image_id": ids})
+        storage.write_table(order_uri, table, row_group_size=shard_size)  # a shard reads one or two groups
+    shards = [
+        PredictShard(
+            model_uri=model_uri,
+            model_key=model,
+            order_uri=order_uri,
+            rows=[a, b],
+            split=split,
+            parts_uri=parts_uri,
+            key=key,
+            domain=images.domain,
         )
-    return PredictionPlan(out_uri=out_uri, parts_uri=parts_uri, shards=shards, n_images=len(index))
+        for (a, b), key in zip(cuts, keys, strict=True)
+    ]
+    return PredictionPlan(out_uri=out_uri, parts_uri=parts_uri, shards=shards, n_images=len(index), order_uri=order_uri)
+
+
+def _store_order(
+    index: pd.DataFrame, card: ModelCard, features: ExtractionPlan | None, shard_size: int
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The positions of `index` in the order the model's store holds their rows (by store shard, then row;
+    images decoded on the spot keep the index's order), and each prediction shard's [start, stop) of it."""
+    folder = rows_folder(card, features)
+    if folder is None or index.empty:
+        return np.arange(len(index)), _cuts(np.zeros(len(index), np.int64), shard_size)
+    shard, row = locate(folder, committed_shards(folder), index.image_id.tolist())
+    order = np.lexsort((np.arange(len(index)), row, shard))
+    return order, _cuts(shard[order], shard_size)
+
+
+def _cuts(store_shard: np.ndarray, size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each prediction shard over rows sorted by `store_shard`: whole store shards packed
+    up to `size` rows, one of more than `size` wanted rows split into shards of its own."""
+    bounds = [int(b) for b in np.flatnonzero(np.diff(store_shard)) + 1] + [len(store_shard)]
+    cuts, start, group = [], 0, 0
+    for stop in bounds:
+        if stop - start > size and group > start:  # this store shard overflows the open one: close it
+            cuts.append((start, group))
+            start = group
+        while stop - start > size:
+            cuts.append((start, start + size))
+            start += size
+        group = stop
+    if len(store_shard) > start:
+        cuts.append((start, len(store_shard)))
+    return cuts
+
+
+def _part_key(model: str, ids: list[str]) -> str:
+    return hashlib.sha256(json.dumps([model, PART_LAYOUT, ids]).encode()).hexdigest()[:16]
 
 
 def predict_shard(shard: PredictShard, features: ExtractionPlan | None, device: str = "cpu") -> PredictionPart:
@@ -75,25 +131,45 @@ def predict_shard(shard: PredictShard, features: ExtractionPlan | None, device: 
     if storage.exists(manifest):
         return PredictionPart.load(manifest).model_copy(update={"reused": True})
     start = time.perf_counter()
-    model, card = _load(shard.model_uri, shard.model_key)
-    rows = _rows(shard.index_uri, shard.split).iloc[shard.rows[0] : shard.rows[1]]
-    logits, _ = infer(model, card, rows, features, device)
+    rows = _read_rows(shard.order_uri, *shard.rows).to_pandas()
+    with DEVICE_LOCK:
+        model, card = _load(shard.model_uri, shard.model_key)
+        logits, _ = infer(model, card, rows, features, device)
+    table = predictions_table(rows, logits, card.classes, unknown_below=unknown_below(card))
+    table = table.append_column("position", pa.array(rows.position.to_numpy())).sort_by("position")
     part_uri = storage.join(shard.parts_uri, f"{shard.key}.parquet")
-    storage.write_table(part_uri, predictions_table(rows, logits, card.classes, unknown_below=unknown_below(card)))
+    storage.write_table(part_uri, table)
     part = PredictionPart(key=shard.key, part_uri=part_uri, n_rows=len(rows), seconds=time.perf_counter() - start)
     part.commit(manifest)
     return part
 
 
+def _read_rows(uri: str, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a Parquet file, reading only the row groups that hold them."""
+    found = storage.parquet_file(uri)
+    groups, offset, skip = [], 0, 0
+    for g in range(found.metadata.num_row_groups):
+        n = found.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            skip = skip if groups else start - offset
+            groups.append(g)
+        offset += n
+    return found.read_row_groups(groups).slice(skip, stop - start)
+
+
 def merge_predictions(plan: PredictionPlan, parts: list[PredictionPart]) -> PredictionManifest:
-    """Stream the parts, in plan order, into one Parquet file at `plan.out_uri`, then delete them."""
+    """Merge the parts into one Parquet file at `plan.out_uri`, in index order, then delete them and the
+    plan's order. Every part is sorted by position: the merge takes the next MERGE_ROWS positions from all
+    of them at once, holding a batch of each part rather than the predictions."""
     start = time.perf_counter()
     by_key = {p.key: p for p in parts}
     ordered = [by_key[s.key] for s in plan.shards]
+    cursors = [_Cursor(p.part_uri) for p in ordered]
     fs, path = storage.filesystem(plan.out_uri)
     with fs.open(path, "wb") as f, pq.ParquetWriter(f, PREDICTIONS_SCHEMA, compression="zstd") as writer:
-        for part in ordered:
-            writer.write_table(storage.read_table(part.part_uri).cast(PREDICTIONS_SCHEMA))
+        for stop in range(MERGE_ROWS, plan.n_images + MERGE_ROWS, MERGE_ROWS):
+            window = pa.concat_tables([c.below(stop) for c in cursors]).sort_by("position")
+            writer.write_table(window.drop_columns(["position"]).cast(PREDICTIONS_SCHEMA))
     reused = sum(p.reused for p in ordered)
     if reused:
         log.warning(
@@ -105,12 +181,36 @@ def merge_predictions(plan: PredictionPlan, parts: list[PredictionPart]) -> Pred
     for part in ordered:
         storage.remove(part.part_uri)
         storage.remove(storage.join(plan.parts_uri, f"{part.key}.json"))
+    if plan.order_uri is not None:
+        storage.remove(plan.order_uri)
     return PredictionManifest(
         predictions_uri=plan.out_uri,
         n_predictions=sum(p.n_rows for p in ordered),
         seconds=time.perf_counter() - start + sum(p.seconds for p in ordered),
         parts=len(ordered),
     )
+
+
+class _Cursor:
+    """A part's rows in position order, read PART_BATCH_ROWS at a time."""
+
+    def __init__(self, uri: str):
+        found = storage.parquet_file(uri)
+        self._batches = found.iter_batches(PART_BATCH_ROWS)
+        self._held: pa.RecordBatch | None = next(self._batches, None)
+        self._schema = found.schema_arrow
+
+    def below(self, stop: int) -> pa.Table:
+        """The rows before position `stop` not taken yet."""
+        taken = []
+        while self._held is not None:
+            n = int(np.searchsorted(self._held.column("position").to_numpy(), stop))
+            taken.append(self._held.slice(0, n))
+            if n < self._held.num_rows:
+                self._held = self._held.slice(n)
+                break
+            self._held = next(self._batches, None)
+        return pa.Table.from_batches(taken, schema=self._schema)
 
 
 def evaluate(

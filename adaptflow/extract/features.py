@@ -38,9 +38,10 @@ from adaptflow.store.shards import (
 )
 
 _PLAN_COLUMNS = ["image_id", "uri", "label", "domain", "split"]
-# One shard at a time per process owns the device: two shards sharing 2 CPU cores (or one GPU) run
-# slower together than in turn, and their DataLoader workers would oversubscribe the cores.
-_DEVICE_LOCK = threading.Lock()
+# One shard at a time per process owns the device, extraction's and prediction's alike: two shards sharing
+# 2 CPU cores (or one GPU) run slower together than in turn, their DataLoader workers would oversubscribe
+# the cores, and each holds its batches and activations: two at once, twice the memory.
+DEVICE_LOCK = threading.Lock()
 
 
 def plan_extraction(
@@ -138,7 +139,7 @@ def extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractCon
     if todo:
         # The device runs one shard at a time; writing a finished shard to the store happens outside the
         # lock, so with two shard tasks in flight one uploads while the next computes.
-        with _DEVICE_LOCK:
+        with DEVICE_LOCK:
             tables, bytes_read, fingerprint = _embed_shard(plan, backbone, extract, todo)
         for column, table in tables.items():
             committed = manifest_uri(folders[column], plan.shard_key)

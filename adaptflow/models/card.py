@@ -146,30 +146,40 @@ def load_model(model_uri: str) -> tuple[nn.Module, ModelCard]:
     return model.eval(), card
 
 
-def model_rows(card: ModelCard, index: pd.DataFrame, features: ExtractionPlan | None, device: str = "cpu"):
-    """The rows `card`'s model reads for the images of `index`, in its row order, in bounded memory:
-    cached training images at the model's size (images kind) or its extractor's features. Images not
-    in a cache are decoded here, all at once: plan extraction with the cache for anything large."""
-    from adaptflow.store.rows import ShardedRows
-
-    ids = index.image_id.tolist()
+def rows_folder(card: ModelCard, features: ExtractionPlan | None) -> str | None:
+    """The sharded store `card`'s model reads its rows from: the training-image cache at its size (images
+    kind), its extractor's features (head and features kinds); None: images decoded on the spot."""
     if card.kind == "images":
-        s = card.image_size
         cache = features.cache if features is not None else None
-        if cache is not None and cache.size == s:
-            return ShardedRows(cache.uri, ids, "pixels", (3, s, s), pin=str(device).startswith("cuda"))
-        from adaptflow.adapt.images import image_featurizer, load_images
-        from adaptflow.adapt.train import TensorRows
-
-        _, _, data_config = image_featurizer(card.config.backbone.model_copy(update={"image_size": s}))
-        return TensorRows(load_images(index.uri.tolist(), data_config, card.config.extract.num_workers))
+        return cache.uri if cache is not None and cache.size == card.image_size else None
     if features is None or features.fingerprint != card.fingerprint:
         got = features.fingerprint if features else None
         raise StoreError(
             f"this {card.kind} model reads features {card.fingerprint}, got {got}: its backbone "
             "weights or preprocessing changed"
         )
-    return ShardedRows(features.features_uri, ids, "embedding", (card.dim,))
+    return features.features_uri
+
+
+def model_rows(card: ModelCard, index: pd.DataFrame, features: ExtractionPlan | None, device: str = "cpu"):
+    """The rows `card`'s model reads for the images of `index`, in its row order, for one pass in bounded
+    memory (streamed from the store, never held whole): cached training images at the model's size (images
+    kind) or its extractor's features. Images not in a cache are decoded here, all at once: plan extraction
+    with the cache for anything large."""
+    from adaptflow.store.rows import ShardedRows
+
+    ids = index.image_id.tolist()
+    folder = rows_folder(card, features)
+    s = card.image_size
+    if folder is not None and card.kind == "images":
+        return ShardedRows(folder, ids, "pixels", (3, s, s), resident_bytes=0, pin=str(device).startswith("cuda"))
+    if folder is not None:
+        return ShardedRows(folder, ids, "embedding", (card.dim,), resident_bytes=0)
+    from adaptflow.adapt.images import image_featurizer, load_images
+    from adaptflow.adapt.train import TensorRows
+
+    _, _, data_config = image_featurizer(card.config.backbone.model_copy(update={"image_size": s}))
+    return TensorRows(load_images(index.uri.tolist(), data_config, card.config.extract.num_workers))
 
 
 def unknown_below(card: ModelCard) -> float | None:

@@ -8,7 +8,8 @@ recently used out first, the next one read ahead on a background thread), unless
 them: a training segment that draws fewer rows than there are streams, and reads only the shards it
 touches. `epoch_order` shuffles shard by shard (shards in a random order, rows shuffled within each), so
 consecutive batches touch one or two shards; a step's batch is a pure function of (seed, step), so
-training resumed from a checkpoint draws what an uninterrupted run would have drawn.
+training resumed from a checkpoint draws what an uninterrupted run would have drawn. One pass over every
+row (inference, `batches`) streams each shard's file once instead, a batch at a time.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import threading
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -25,7 +27,7 @@ import torch
 
 from adaptflow.errors import StoreError
 from adaptflow.manifests import ShardManifest
-from adaptflow.store.shards import committed_shards, read_shard, value_matrix
+from adaptflow.store.shards import committed_shards, read_shard, stream_shard, value_matrix
 
 RESIDENT_BYTES = 512 << 20  # wanted rows up to this size are read once and kept
 MAX_SHARDS = 3  # shards held at once otherwise: the one in use, the last one, the next one read ahead
@@ -65,6 +67,17 @@ def locations(shards: list[ShardManifest]) -> pd.DataFrame:
     return found
 
 
+def locate(folder: str, shards: list[ShardManifest], image_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, row) of each of `image_ids` in the committed `shards` of `folder` (positions in that list,
+    rows in its file), as two (N,) arrays; a StoreError names an image no shard holds."""
+    found = locations(shards)
+    missing = [image_ids[i] for i in np.flatnonzero(~pd.Index(image_ids, dtype=object).isin(found.index))]
+    if missing:
+        raise StoreError(f"{len(missing)} images are not in {folder} (first: {missing[0]}); run extraction first")
+    located = found.loc[image_ids]
+    return located["shard"].to_numpy(), located["row"].to_numpy()
+
+
 class ShardedRows:
     """Rows of `column` for `image_ids` (in that order) from the committed shards under `folder`, as
     tensors of `shape` per row (e.g. (3, S, S) uint8 pixels, (D,) features). `draws`: at most how many
@@ -85,9 +98,7 @@ class ShardedRows:
         self.column, self.shape, self.pin = column, tuple(shape), pin
         self.n = len(image_ids)
         self._shards = committed_shards(folder) if shards is None else shards  # a caller that listed them
-        located = self._locate(folder, image_ids)
-        self.shard_of = located["shard"].to_numpy()  # (N,) index into self._shards
-        self.row_of = located["row"].to_numpy()  # (N,) row within that shard's file
+        self.shard_of, self.row_of = locate(folder, self._shards, image_ids)  # (N,) shard index, (N,) row in its file
         self._members = {s: np.flatnonzero(self.shard_of == s) for s in np.unique(self.shard_of)}
         self._blocks: OrderedDict[int, torch.Tensor] = OrderedDict()  # shard -> its wanted rows, in _members order
         self._pending: dict[int, Future] = {}
@@ -102,13 +113,6 @@ class ShardedRows:
             self._resident = self.gather(np.arange(self.n))
             self._blocks.clear()
             self.peak_rows = self.n
-
-    def _locate(self, folder: str, image_ids: list[str]) -> pd.DataFrame:
-        found = locations(self._shards)
-        missing = [image_ids[i] for i in np.flatnonzero(~pd.Index(image_ids, dtype=object).isin(found.index))]
-        if missing:
-            raise StoreError(f"{len(missing)} images are not in {folder} (first: {missing[0]}); run extraction first")
-        return found.loc[image_ids]
 
     def __len__(self) -> int:
         return self.n
@@ -154,13 +158,29 @@ class ShardedRows:
             else np.empty(0, np.int64)
         )
 
-    def chunks(self, size: int):
-        """Consecutive index chunks covering every row, shard by shard (for inference)."""
-        order = np.concatenate(list(self._members.values())) if self._members else np.empty(0, np.int64)
-        for i in range(0, len(order), size):
-            if i + size < len(order):
-                self.prefetch(order[i + size : i + 2 * size])
-            yield order[i : i + size]
+    def batches(self, size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Every row once, as (index, rows) of `size` rows (the last fewer), for one pass (inference): from
+        memory if held whole, else shard by shard, each shard's file read once in file order a batch at a
+        time (`shards.stream_shard`), so a pass holds a batch, never a shard."""
+        if self._resident is not None:
+            for i in range(0, self.n, size):
+                yield np.arange(i, min(i + size, self.n)), self._resident[i : i + size]
+            return
+        pieces = (piece for s in self._members for piece in self._stream(s, size))
+        for index, values in _rebatched(pieces, size):
+            rows = torch.from_numpy(values).view(len(index), *self.shape)
+            yield index, rows.pin_memory() if self.pin else rows
+
+    def _stream(self, s: int, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(index, values) of the wanted rows of shard `s`, in file order, read `size` file rows at a time."""
+        members = self._members[s][np.argsort(self.row_of[self._members[s]], kind="stable")]
+        rows = self.row_of[members]  # ascending
+        start = 0
+        for values in stream_shard(self._shards[s], self.column, size):
+            lo, hi = np.searchsorted(rows, [start, start + len(values)])
+            if hi > lo:
+                yield members[lo:hi], value_matrix(values.take(pa.array(rows[lo:hi] - start)))
+            start += len(values)
 
     def _block(self, s: int) -> torch.Tensor:
         with self._lock:
@@ -186,3 +206,18 @@ class ShardedRows:
     def close(self) -> None:
         self._reader.shutdown(wait=False, cancel_futures=True)
         self._blocks.clear()
+
+
+def _rebatched(pieces: Iterator[tuple[np.ndarray, np.ndarray]], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(index, values) pieces of any length, regrouped into batches of `size` rows (the last fewer)."""
+    index, values, held = [], [], 0
+    for i, v in pieces:
+        index.append(i)
+        values.append(v)
+        held += len(i)
+        while held >= size:
+            i_all, v_all = np.concatenate(index), np.concatenate(values)
+            yield i_all[:size], v_all[:size]
+            index, values, held = [i_all[size:]], [v_all[size:]], held - size
+    if held:
+        yield np.concatenate(index), np.concatenate(values)

@@ -29,7 +29,7 @@ import posixpath
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import fsspec
@@ -57,6 +57,7 @@ _TRANSIENT_ERRNOS = {
 }
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
 _CREATE_LOCK = threading.Lock()
+PAGE_BUFFER = 1 << 20  # bytes of a column read ahead while reading a local Parquet file in parts
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -329,13 +330,34 @@ def write_table(uri: str, table: pa.Table, **parquet_options: Any) -> int:
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file; from a remote store in one GET (retried as a whole), not one request per column."""
     fs, path = filesystem(uri)
-    try:
+    with _reading(uri):
         if not _is_local(fs):
             return pq.read_table(pa.BufferReader(read_bytes(uri)), columns=columns)  # read_bytes counts
         table = pq.read_table(path, filesystem=fs, columns=columns)
         if accounting.metering():
             accounting.count(read=fs.size(path))  # the file, though a column subset reads less
         return table
+
+
+def parquet_file(uri: str) -> pq.ParquetFile:
+    """A Parquet file to read in parts (row groups, record batches), counted as read whole. A remote one is
+    fetched in one GET, as `read_table` does; a local one is read as its parts are: a column PAGE_BUFFER
+    bytes at a time rather than a column chunk (a shard's every value) at once."""
+    fs, path = filesystem(uri)
+    with _reading(uri):
+        if not _is_local(fs):
+            return pq.ParquetFile(pa.BufferReader(read_bytes(uri)))
+        found = pq.ParquetFile(path, buffer_size=PAGE_BUFFER, pre_buffer=False)
+        if accounting.metering():
+            accounting.count(read=fs.size(path))
+        return found
+
+
+@contextlib.contextmanager
+def _reading(uri: str) -> Iterator[None]:
+    """A local file's errors as StoreErrors naming `uri` (a remote store's are, by `_call`)."""
+    try:
+        yield
     except StoreError:
         raise
     except FileNotFoundError:
