@@ -78,3 +78,24 @@ def model_outputs(
     return ValidationInputs(
         sl, ys, sf, tl, tf, source_train_features=sf + 0.1 * torch.randn(sf.shape, generator=gen), **shared
     )
+
+
+def save_untrained_images_model(uri: str, cfg, classes: list[str], image_size: int) -> str:
+    """An untrained end-to-end DANN of `image_size` saved at `uri` with its card: what prediction, resuming
+    and memory tests need, where what is predicted does not matter."""
+    from adaptflow.models.card import ModelCard, build_model, save_model
+
+    card = ModelCard(
+        kind="images",
+        method="dann",
+        image_size=image_size,
+        classes=classes,
+        config=cfg,
+        fingerprint="untrained",
+        dim=0,
+        config_hash=cfg.fingerprint(),
+        dataset_fingerprint="none",
+        metrics={},
+    )
+    save_model(uri, build_model(card), card)
+    return uri

@@ -4,12 +4,13 @@ predictions still come back one per image, in index order, as predicting the ima
 
 import numpy as np
 import pytest
+from synthetic import save_untrained_images_model
 
 from adaptflow.data.ingest import ingest
 from adaptflow.evaluate import predict
 from adaptflow.extract import features
 from adaptflow.extract.image_cache import image_cache
-from adaptflow.models.card import ModelCard, build_model, infer, load_model, predictions_table, save_model
+from adaptflow.models.card import infer, load_model, predictions_table
 from adaptflow.store import rows, shards, storage
 
 SIZE = 32  # the model's input size, the cache's
@@ -28,20 +29,7 @@ def cached(demo_data, fast_config, memory_uri):
     )
     for shard in plan.shards:
         features.extract_shard(shard, cfg.backbone, cfg.extract)
-    card = ModelCard(
-        kind="images",
-        method="dann",
-        image_size=SIZE,
-        classes=[str(d) for d in range(10)],
-        config=cfg,
-        fingerprint="untrained",
-        dim=0,
-        config_hash=cfg.fingerprint(),
-        dataset_fingerprint="none",
-        metrics={},
-    )
-    save_model(f"{memory_uri}/model", build_model(card), card)
-    return index, plan, f"{memory_uri}/model"
+    return index, plan, save_untrained_images_model(f"{memory_uri}/model", cfg, [str(d) for d in range(10)], SIZE)
 
 
 @pytest.fixture

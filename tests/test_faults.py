@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from commands import extract_command
+from synthetic import save_untrained_images_model
 
 from adaptflow.store import shards, storage
 
@@ -61,23 +62,9 @@ def _valid_images(demo_data) -> int:
 def test_sigkill_during_prediction_then_the_same_command_keeps_the_committed_parts(demo_data, fast_config, tmp_path):
     """`adaptflow predict` with an end-to-end model, one task per 8 images: killed once parts are committed,
     the same command predicts only the rest, and the merged file has one row per valid image."""
-    from adaptflow.models.card import ModelCard, build_model, save_model
-
     cfg = fast_config.model_copy(update={"extract": fast_config.extract.model_copy(update={"shard_size": 8})})
-    card = ModelCard(
-        kind="images",
-        method="dann",
-        image_size=32,
-        classes=demo_data.classes,
-        config=cfg,
-        fingerprint="untrained",
-        dim=0,
-        config_hash=cfg.fingerprint(),
-        dataset_fingerprint="none",
-        metrics={},
-    )
-    model = str(tmp_path / "model")
-    save_model(model, build_model(card), card)  # untrained: what is predicted does not matter here
+    # untrained: what is predicted does not matter here
+    model = save_untrained_images_model(str(tmp_path / "model"), cfg, demo_data.classes, 32)
     store, out = str(tmp_path / "store"), tmp_path / "predictions.parquet"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_HOME": str(tmp_path / "prefect")}
     cmd = [
