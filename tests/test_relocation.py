@@ -87,14 +87,14 @@ def test_a_relative_store_works_from_another_folder_and_after_moving_to_s3(
     assert registry.resolve(s3_store, "champion").model_uri.startswith(s3_store + "/")
     assert main(["predict", "champion", demo_data.target_uri, "--store", s3_store, "--out", "s3.parquet"]) == 0
     assert _predictions(str(elsewhere / "s3.parquet")) == expected
-    # a scheduled run against it: the champion's reference images are found in the S3 copy (the shift test
-    # runs, and finds none in the same batch), and the features it needs are all there already
+    # a scheduled run against it: the champion's reference images are found in the S3 copy (the shift check
+    # reads them, and finds no image of the batch new), and the features it needs are all there already
     assert (
         main(["run", "--source", demo_data.source_uri, "--target", demo_data.target_uri, "--store", s3_store, *FAST])
         == 0
     )
     again = RunSummary.load(storage.join(_last_line(capsys), "summary.json"))
-    assert again.shift.test is not None and not again.shift.shift_detected, again.shift
+    assert again.shift.n_new == 0 and not again.shift.shift_detected, again.shift
     assert again.extraction.images_extracted == 0
 
     # and the moved local copy works where it now is
