@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from adaptflow import progress
 from adaptflow.config import BackboneConfig, ExtractConfig, resolve_device
-from adaptflow.errors import DatasetError
+from adaptflow.errors import AdaptflowError, DatasetError
 from adaptflow.manifests import ExtractionPlan, ImageCache, ShardPlan, ShardResult
 from adaptflow.store import accounting, layout, storage
 from adaptflow.store.shards import (
@@ -53,11 +53,12 @@ def plan_extraction(
     features: bool = True,
 ) -> ExtractionPlan:
     """Find which indexed images lack committed features for this extractor (if `features`) or pixels in
-    `cache` (if given), and cut them into shards; an image missing both is decoded once for both."""
-    from adaptflow.extract.backbones import build_extractor
+    `cache` (if given), and cut them into shards; an image missing both is decoded once for both. The
+    extractor is known by its recipe: built (its weights read) only when the store has no record of it."""
+    from adaptflow.extract.recipes import recipe
 
     start = time.perf_counter()
-    extractor = build_extractor(backbone)
+    extractor = recipe(backbone, store_uri)
     features_uri = layout.features_uri_for(store_uri, backbone.name, extractor.fingerprint)
     _describe_extractor(features_uri, backbone, extractor)
 
@@ -172,6 +173,11 @@ def _embed_shard(
 
     rows = storage.read_table(plan.plan_uri).slice(plan.offset, plan.length)
     extractor = build_extractor(backbone)
+    if "embedding" in outputs and not plan.features_uri.rstrip("/").endswith(f"-{extractor.fingerprint}"):
+        raise AdaptflowError(
+            f"backbone {backbone.name!r} builds features {extractor.fingerprint}, not those planned "
+            f"({plan.features_uri}): its weights or libraries changed during the run; run again"
+        )
     device = resolve_device(extract.device)
     embed, cache = "embedding" in outputs, "pixels" in outputs
     module = _prepare(extractor.module, device, extract.compile) if embed else None

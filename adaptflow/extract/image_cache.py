@@ -29,9 +29,9 @@ GEOMETRY_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode")
 
 def image_cache(store_uri: str, backbone: BackboneConfig, size: int | None) -> ImageCache:
     """The cache of `backbone`'s preprocessing at `size` (None: the backbone's own input size)."""
-    from adaptflow.extract.backbones import build_extractor
+    from adaptflow.extract.recipes import recipe
 
-    data_config = build_extractor(backbone.model_copy(update={"image_size": size})).data_config
+    data_config = recipe(backbone.model_copy(update={"image_size": size}), store_uri).data_config
     geometry = {k: data_config[k] for k in GEOMETRY_KEYS if k in data_config}
     geometry["input_size"] = list(geometry["input_size"])
     fingerprint = hashlib.sha256(
