@@ -269,6 +269,13 @@ class MonitorConfig(_Section):
         description="the champion's selection score on the new batch falling "
         "this much below its score at registration also triggers retraining",
     )
+    rescore_after: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="measure the champion's scores again once this share of the target sample is images they "
+        "were not measured on (each run tests its new images for shift); 0: whenever the sample changed",
+    )
     class_mix: bool = Field(
         True,
         description="also test whether the champion predicts another class mix on the new batch than on "

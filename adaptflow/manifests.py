@@ -334,6 +334,7 @@ class ModelScores(Manifest):
     predicted_mix: list[float] = []  # its predicted class shares on the target sample of n_scored images
     n_scored: int = 0
     class_mix: ClassMix | None = None  # the target's class mix as this model's outputs estimate it
+    reused: float | None = None  # kept from an earlier run that measured this share of the target sample
 
 
 class ShiftTest(Manifest):

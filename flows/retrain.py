@@ -87,7 +87,7 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
     shift = champion_scores = None
     if champion:
         with clock("monitor"):
-            champion_scores = rescore_champion(champion, src, tgt, labels, plan, cfg)
+            champion_scores = rescore_champion(store, champion, src, tgt, labels, plan, cfg)
             shift = check_shift(store, champion, tgt, plan, champion_scores, cfg) if cfg.monitor.enabled else None
         if shift and not shift.retrain:
             summary = write_no_shift_summary(
@@ -96,6 +96,8 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
             publish_run(summary, store)
             track_run(summary, store, cfg.tracking)  # 7. mirror to MLflow, when tracking is on
             return run
+        if champion_scores is not None and champion_scores.reused not in (None, 1.0):  # the gate: this sample
+            champion_scores = rescore_champion(store, champion, src, tgt, labels, plan, cfg, exact=True)
 
     # 4. fine-tune and adapt: the source-only head, then adaptation candidates for a fixed number of steps
     # (end-to-end ones in rounds of successive halving), chosen without target labels
@@ -132,7 +134,7 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
 
     # 6. promote: register the chosen model; the gate compares it with the champion on this run's data
     with clock("promote"):
-        challenger = score(selection.model_uri, src, tgt, labels, plan, cfg)
+        challenger = score(selection.model_uri, src, tgt, labels, plan, cfg, store)
         promotion = promote_if_better(
             store,
             run_id,

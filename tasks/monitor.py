@@ -34,27 +34,42 @@ def score_model(
     target_labels: IngestManifest | None,
     features: ExtractionPlan,
     cfg: Config,
+    store: str | None = None,
 ) -> ModelScores:
-    """A saved model's label-free scores (and target accuracy, for reporting) on this run's data."""
+    """A saved model's label-free scores (and target accuracy, for reporting) on this run's data; with
+    `store`, kept by its monitor for the runs after, should the model become champion."""
     return scoring.score_model(
-        model_uri, source, target, target_labels, features, cfg.promotion.policy, cfg.seed, cfg.adapt.validation_samples
+        model_uri,
+        source,
+        target,
+        target_labels,
+        features,
+        cfg.promotion.policy,
+        cfg.seed,
+        cfg.adapt.validation_samples,
+        keep_in=store,
     )
 
 
 @task(name="score-champion")
 @measured
 def score_champion(
+    store: str,
     champion: Champion,
     source: IngestManifest,
     target: IngestManifest,
     target_labels: IngestManifest | None,
     features: ExtractionPlan,
     cfg: Config,
+    exact: bool = False,
 ) -> ModelScores | None:
-    """The champion's scores on this run's data; None when it cannot read it (other classes or features)."""
+    """The champion's scores on this run's data (kept from an earlier run while its samples barely moved;
+    `exact`: only if they were measured on this very sample); None when it cannot read it (other classes or
+    features)."""
     try:
-        return scoring.score_model(
-            champion.model_uri,
+        return scoring.score_champion(
+            store,
+            champion,
             source,
             target,
             target_labels,
@@ -62,6 +77,7 @@ def score_champion(
             cfg.promotion.policy,
             cfg.seed,
             cfg.adapt.validation_samples,
+            reuse=1.0 if exact else 1 - cfg.monitor.rescore_after,
         )
     except StoreUnavailableError:
         raise  # the store is away, not the champion unfit: fail (and retry) rather than retrain without it
@@ -84,7 +100,7 @@ def check_shift(
     worse on it?"""
     before = None
     if scores is not None and cfg.monitor.class_mix:
-        before = scoring.reference_mix(champion, features, cfg.seed, cfg.adapt.validation_samples)
+        before = scoring.reference_mix(champion, features, cfg.seed, cfg.adapt.validation_samples, store)
     shift = shift_test.check_shift(champion, target, features, scores, cfg.monitor, cfg.seed, before)
     payload = {
         "reason": shift.reason,

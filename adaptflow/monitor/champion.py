@@ -6,6 +6,9 @@ so the promotion gate (`adaptflow.monitor.gate`) compares two models on one data
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import pandas as pd
 import torch
 
 from adaptflow.adapt import priors, validators
@@ -21,6 +24,7 @@ from adaptflow.manifests import (
 )
 from adaptflow.models import registry
 from adaptflow.models.card import infer, load_model
+from adaptflow.monitor import memo
 from adaptflow.store import storage
 from adaptflow.store.layout import run_uri
 
@@ -55,19 +59,84 @@ def score_model(
     policy: list[str],
     seed: int = 0,
     samples: int = 2000,
+    keep_in: str | None = None,
 ) -> ModelScores:
     """Validator scores of a saved model on this run's validation samples (`adapt.samples.validation_sample`:
-    at most `samples` source-validation and target images, the samples every candidate was scored on)."""
-    model, card = load_model(model_uri)
-    if card.classes != source.classes:
-        raise StoreError(
-            f"the model at {model_uri} predicts classes {card.classes}, this run's source has {source.classes}"
-        )
+    at most `samples` source-validation and target images, the samples every candidate was scored on).
+    `keep_in`: a store whose monitor keeps them, for the nights this model is champion (`score_champion`)."""
+    drawn = _draw(source, target, samples, seed)
+    scores = _score(model_uri, source, drawn, target_labels, features, policy, seed)
+    if keep_in:
+        key = memo.key(model_uri, features.fingerprint, sorted(policy), seed, samples)
+        memo.keep_scores(keep_in, key, scores, drawn.source_ids, drawn.target.image_id.tolist())
+        # what `reference_mix` measures once this run's target is a champion's reference
+        key = memo.key(model_uri, target.index_uri, features.fingerprint, seed, samples)
+        memo.keep_reference_mix(keep_in, key, (scores.predicted_mix, scores.n_scored))
+    return scores
+
+
+def score_champion(
+    store: str,
+    champion: Champion,
+    source: IngestManifest,
+    target: IngestManifest,
+    target_labels: IngestManifest | None,
+    features: ExtractionPlan,
+    policy: list[str],
+    seed: int = 0,
+    samples: int = 2000,
+    reuse: float = 0.95,
+) -> ModelScores:
+    """`score_model` of the champion, or the scores an earlier run measured (`memo.scores`) when this run's
+    samples are nearly the ones they were measured on: the same source samples and at least `reuse` of the
+    target sample (a night's new images are tested directly by the shift test). With target labels it
+    always measures (the accuracy is this run's)."""
+    drawn = _draw(source, target, samples, seed)
+    if target_labels is None:
+        key = memo.key(champion.model_uri, features.fingerprint, sorted(policy), seed, samples)
+        kept = memo.scores(store, key, drawn.source_ids, drawn.target.image_id.tolist(), reuse)
+        if kept is not None:
+            return kept.model_copy(update={"n_target": drawn.n_target})
+    return score_model(champion.model_uri, source, target, target_labels, features, policy, seed, samples, store)
+
+
+class _Drawn(NamedTuple):
+    val: pd.DataFrame
+    train: pd.DataFrame
+    target: pd.DataFrame
+    n_target: int
+
+    @property
+    def source_ids(self) -> list[str]:
+        return [*self.val.image_id, "/", *self.train.image_id]
+
+
+def _draw(source: IngestManifest, target: IngestManifest, samples: int, seed: int) -> _Drawn:
+    """This run's validation samples: source validation (source train when there is none), source train and
+    target, each at most `samples` (`validation_sample`)."""
     src, tgt = read_index(source), read_index(target)
     val = src[src.split == "val"]
     if val.empty:
         val = src[src.split == "train"]
     val, train, tgt_sample = (validation_sample(rows, samples, seed) for rows in (val, src[src.split == "train"], tgt))
+    return _Drawn(val, train, tgt_sample, len(tgt))
+
+
+def _score(
+    model_uri: str,
+    source: IngestManifest,
+    drawn: _Drawn,
+    target_labels: IngestManifest | None,
+    features: ExtractionPlan,
+    policy: list[str],
+    seed: int,
+) -> ModelScores:
+    model, card = load_model(model_uri)
+    if card.classes != source.classes:
+        raise StoreError(
+            f"the model at {model_uri} predicts classes {card.classes}, this run's source has {source.classes}"
+        )
+    val, train, tgt_sample = drawn.val, drawn.train, drawn.target
     code = {c: i for i, c in enumerate(card.classes)}
     source_logits, source_features = infer(model, card, val, features)
     target_logits, target_features = infer(model, card, tgt_sample, features)
@@ -100,7 +169,7 @@ def score_model(
         selection_score=registry.selection_score(scores, judged_by(policy, card.method)),
         target_accuracy=accuracy,
         collapsed=validators.is_collapsed(target_logits, len(card.classes), mix),
-        n_target=len(tgt),
+        n_target=drawn.n_target,
         predicted_mix=priors.shares(target_logits.argmax(1).numpy(), len(card.classes)),
         n_scored=len(tgt_sample),
         class_mix=mix,
@@ -108,17 +177,24 @@ def score_model(
 
 
 def reference_mix(
-    champion: Champion, features: ExtractionPlan, seed: int = 0, samples: int = 2000
+    champion: Champion, features: ExtractionPlan, seed: int = 0, samples: int = 2000, store: str | None = None
 ) -> tuple[list[float], int] | None:
     """The champion's predicted class shares on (a seeded sample of at most `samples` of) the target images
     it was trained with, and how many it predicted: what a class-mix change on a new batch is measured
-    against. None when those images are gone."""
+    against. None when those images are gone. With `store`, measured once per champion and kept there."""
     if champion.reference_index_uri is None or not storage.exists(champion.reference_index_uri):
         return None
+    key = memo.key(champion.model_uri, champion.reference_index_uri, features.fingerprint, seed, samples)
+    kept = memo.reference_mix(store, key) if store else None
+    if kept is not None:
+        return kept
     model, card = load_model(champion.model_uri)
     rows = validation_sample(storage.read_table(champion.reference_index_uri).to_pandas(), samples, seed)
     logits, _ = infer(model, card, rows, features)
-    return priors.shares(logits.argmax(1).numpy(), len(card.classes)), len(rows)
+    found = priors.shares(logits.argmax(1).numpy(), len(card.classes)), len(rows)
+    if store:
+        memo.keep_reference_mix(store, key, found)
+    return found
 
 
 def judged_by(policy: list[str], *methods: str) -> list[str]:

@@ -245,7 +245,8 @@ def check_shift(
     elif drop is not None:
         reasons.append(
             f"champion selection score {scores.selection_score:.3f} vs {champion.selection_score:.3f} at "
-            f"registration (drop {drop:+.3f}, limit {cfg.score_drop})"
+            f"registration (drop {drop:+.3f}, limit {cfg.score_drop}"
+            + (f"; measured by an earlier run on {scores.reused:.0%} of this sample)" if scores.reused else ")")
         )
     if scores is not None and scores.collapsed:
         reasons.append("the champion's target predictions collapsed")

@@ -1,0 +1,81 @@
+"""The monitor's memory between runs, kept in the store: what it measured of a champion, so that a night
+whose data barely moved does not measure it again (`monitor.champion.score_champion`, `reference_mix`).
+
+    {store}/monitor/scores/{key}.json      the champion's scores, and the samples they were measured on
+    {store}/monitor/reference/{key}.json   its predicted class mix on its own target images
+
+A key hashes what the numbers depend on (the model, the features, the policy, the seed, the sample size).
+A record that is missing, unreadable or from another key is measured again: nothing here is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pydantic import ValidationError
+
+from adaptflow.errors import StoreError, StoreUnavailableError
+from adaptflow.manifests import ModelScores
+from adaptflow.store import storage
+
+
+def key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def scores(store: str, key: str, source_ids: list[str], target_ids: list[str], reuse: float) -> ModelScores | None:
+    """The scores kept under `key` if they were measured on these source samples and on at least `reuse` of
+    this target sample (its share recorded in `ModelScores.reused`); else None."""
+    record = _read(storage.join(store, "monitor", "scores", f"{key}.json"))
+    if record is None or record.get("source") != _hash(source_ids) or not target_ids:
+        return None
+    measured = set(record.get("target") or [])
+    share = sum(d in measured for d in _digests(target_ids)) / len(target_ids)
+    if share < reuse:
+        return None
+    try:
+        kept = ModelScores.model_validate(record["scores"])
+    except (KeyError, ValidationError):
+        return None
+    return kept.model_copy(update={"reused": round(share, 4)})
+
+
+def keep_scores(store: str, key: str, scores: ModelScores, source_ids: list[str], target_ids: list[str]) -> None:
+    storage.write_json(
+        storage.join(store, "monitor", "scores", f"{key}.json"),
+        {"scores": scores.model_dump(mode="json"), "source": _hash(source_ids), "target": _digests(target_ids)},
+    )
+
+
+def reference_mix(store: str, key: str) -> tuple[list[float], int] | None:
+    record = _read(storage.join(store, "monitor", "reference", f"{key}.json"))
+    try:
+        return ([float(v) for v in record["shares"]], int(record["n"])) if record else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def keep_reference_mix(store: str, key: str, mix: tuple[list[float], int]) -> None:
+    storage.write_json(storage.join(store, "monitor", "reference", f"{key}.json"), {"shares": mix[0], "n": mix[1]})
+
+
+def _read(uri: str) -> dict | None:
+    if not storage.exists(uri):
+        return None
+    try:
+        record = storage.read_json(uri)
+    except StoreUnavailableError:
+        raise
+    except StoreError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _hash(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def _digests(ids: list[str]) -> list[str]:
+    """8 bytes per image id: enough to tell 2,000 images apart, a fraction of the ids' size."""
+    return [hashlib.blake2b(i.encode(), digest_size=8).hexdigest() for i in ids]

@@ -1,0 +1,113 @@
+"""The monitor keeps what it measured of a champion in the store: a night whose samples barely moved reuses
+it, with no model loaded and no feature read; one whose samples moved measures again."""
+
+import pyarrow as pa
+import pytest
+
+from adaptflow.adapt.baseline import fit_head
+from adaptflow.data.ingest import ingest
+from adaptflow.extract import features
+from adaptflow.manifests import Champion
+from adaptflow.monitor import champion as scoring
+from adaptflow.store import storage
+
+POLICY = ["source_val_acc", "im", "bnm"]
+
+
+@pytest.fixture(scope="module")
+def store(demo_data, fast_config, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("memo"))
+    src = ingest(demo_data.source_uri, "source", f"{root}/ingest/source", fast_config.ingest)
+    tgt = ingest(demo_data.target_uri, "target", f"{root}/ingest/target", fast_config.ingest)
+    plan = features.plan_extraction([src.index_uri, tgt.index_uri], root, fast_config.backbone, 10_000)
+    for shard in plan.shards:
+        features.extract_shard(shard, fast_config.backbone, fast_config.extract)
+    head = fit_head(src, plan, fast_config, f"{root}/models/head")
+    return root, src, tgt, plan, head
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """The models `_score` measures from here on."""
+    calls = []
+    score = scoring._score
+    monkeypatch.setattr(scoring, "_score", lambda model_uri, *a: calls.append(model_uri) or score(model_uri, *a))
+    return calls
+
+
+def _champion(head, reference: str) -> Champion:
+    return Champion(
+        version=1, model_uri=head.model_uri, run_id="r0", selection_score=0.5, reference_index_uri=reference
+    )
+
+
+def test_the_champions_scores_kept_at_promotion_are_reused_while_the_sample_holds(store, tmp_path, measured):
+    root, src, tgt, plan, head = store
+    kept = scoring.score_model(head.model_uri, src, tgt, None, plan, POLICY, samples=60, keep_in=root)
+    champion = _champion(head, tgt.index_uri)
+
+    same = scoring.score_champion(root, champion, src, tgt, None, plan, POLICY, samples=60, reuse=0.95)
+    assert measured == [head.model_uri] and same.reused == 1.0  # measured once, at "promotion"
+    assert same.model_copy(update={"reused": None}) == kept
+
+    # a night later two new images of the 60 in the sample: 58 / 60 of it was measured, more than 0.95 not
+    grown = tgt.model_copy(update={"index_uri": _grown(tgt.index_uri, src.index_uri, 2, str(tmp_path / "g.parquet"))})
+    assert scoring.score_champion(root, champion, src, grown, None, plan, POLICY, samples=60, reuse=0.9).reused < 1
+    assert len(measured) == 1
+    again = scoring.score_champion(root, champion, src, grown, None, plan, POLICY, samples=60, reuse=0.99)
+    assert again.reused is None and len(measured) == 2  # measured again, and kept for the nights after
+    fresh = scoring.score_model(head.model_uri, src, grown, None, plan, POLICY, samples=60)
+    assert again == fresh
+
+
+def test_target_labels_or_another_policy_are_measured_again(store, demo_data, measured):
+    from adaptflow.config import IngestConfig
+
+    root, src, tgt, plan, head = store
+    scoring.score_model(head.model_uri, src, tgt, None, plan, POLICY, samples=60, keep_in=root)
+    labels = ingest(demo_data.target_labels_uri, "target_labels", f"{root}/ingest/labels", IngestConfig(workers=2))
+    champion = _champion(head, tgt.index_uri)
+    with_labels = scoring.score_champion(root, champion, src, tgt, labels, plan, POLICY, samples=60)
+    assert with_labels.reused is None and with_labels.target_accuracy is not None
+    other = scoring.score_champion(root, champion, src, tgt, None, plan, ["bnm"], samples=60)
+    assert other.reused is None and set(other.scores) == {"source_val_acc", "bnm"}
+    assert len(measured) == 3
+
+
+def test_the_reference_mix_is_what_the_promoting_run_measured(store, measured):
+    root, src, tgt, plan, head = store
+    kept = scoring.score_model(head.model_uri, src, tgt, None, plan, POLICY, samples=60, keep_in=root)
+    champion = _champion(head, tgt.index_uri)
+    assert scoring.reference_mix(champion, plan, samples=60, store=root) == (kept.predicted_mix, kept.n_scored)
+    assert scoring.reference_mix(champion, plan, samples=60) == (kept.predicted_mix, kept.n_scored)  # measured
+
+
+def test_a_damaged_record_is_measured_again(store, measured):
+    root, src, tgt, plan, head = store
+    scoring.score_model(head.model_uri, src, tgt, None, plan, POLICY, samples=50, keep_in=root)
+    for uri in storage.list_uris(storage.join(root, "monitor", "scores"), ".json"):
+        storage.write_bytes(uri, b"{")
+    scores = scoring.score_champion(root, _champion(head, tgt.index_uri), src, tgt, None, plan, POLICY, samples=50)
+    assert scores.reused is None and len(measured) == 2
+
+
+def _grown(index_uri: str, other_uri: str, n: int, out_uri: str) -> str:
+    """`index_uri`'s images and `n` of `other_uri`'s, which sort into the validation sample."""
+    from adaptflow.adapt.samples import validation_sample
+
+    table, other = storage.read_table(index_uri), storage.read_table(other_uri)
+    mine = validation_sample(table.to_pandas(), 60, 0)
+    theirs = validation_sample(other.to_pandas(), 1000, 0)
+    # images that the seeded hash puts before the current sample's last: they enter it
+    last = max(_key(i) for i in mine.image_id)
+    entering = [i for i in theirs.image_id if _key(i) < last][:n]
+    assert len(entering) == n
+    added = other.filter(pa.compute.is_in(other["image_id"], pa.array(entering))).select(table.column_names)
+    storage.write_table(out_uri, pa.concat_tables([table, added.cast(table.schema)]))
+    return out_uri
+
+
+def _key(image_id: str) -> int:
+    import zlib
+
+    return zlib.crc32(f"0/{image_id}".encode())
