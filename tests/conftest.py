@@ -95,6 +95,23 @@ def fast_config():
     )
 
 
+@pytest.fixture(scope="module")
+def headed_store(demo_data, fast_config, tmp_path_factory):
+    """A local store with the demo's source and target ingested and embedded, and a source-only head
+    trained: (root, source manifest, target manifest, extraction plan, head)."""
+    from adaptflow.adapt.baseline import fit_head
+    from adaptflow.data.ingest import ingest
+    from adaptflow.extract import features
+
+    root = str(tmp_path_factory.mktemp("headed"))
+    src = ingest(demo_data.source_uri, "source", f"{root}/ingest/source", fast_config.ingest)
+    tgt = ingest(demo_data.target_uri, "target", f"{root}/ingest/target", fast_config.ingest)
+    plan = features.plan_extraction([src.index_uri, tgt.index_uri], root, fast_config.backbone, 10_000)
+    for shard in plan.shards:
+        features.extract_shard(shard, fast_config.backbone, fast_config.extract)
+    return root, src, tgt, plan, fit_head(src, plan, fast_config, f"{root}/models/head")
+
+
 @pytest.fixture(scope="session")
 def s3():
     """A real S3 server (SeaweedFS `weed mini`) on loopback, with its own generated access key and secret."""

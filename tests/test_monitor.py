@@ -3,10 +3,8 @@
 import pyarrow as pa
 import pytest
 
-from adaptflow.adapt.baseline import fit_head
 from adaptflow.config import MonitorConfig
 from adaptflow.data.ingest import ingest
-from adaptflow.extract import features
 from adaptflow.manifests import Champion, ModelScores
 from adaptflow.monitor.champion import judged_by, score_model
 from adaptflow.monitor.gate import register_and_gate
@@ -15,15 +13,8 @@ from adaptflow.store import storage
 
 
 @pytest.fixture(scope="module")
-def store(demo_data, fast_config, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("monitor"))
-    src = ingest(demo_data.source_uri, "source", f"{root}/ingest/source", fast_config.ingest)
-    tgt = ingest(demo_data.target_uri, "target", f"{root}/ingest/target", fast_config.ingest)
-    plan = features.plan_extraction([src.index_uri, tgt.index_uri], root, fast_config.backbone, 10_000)
-    for shard in plan.shards:
-        features.extract_shard(shard, fast_config.backbone, fast_config.extract)
-    head = fit_head(src, plan, fast_config, f"{root}/models/head")
-    return src, tgt, plan, head
+def store(headed_store):
+    return headed_store[1:]
 
 
 def _champion(reference: str | None, score: float | None = 0.5) -> Champion:

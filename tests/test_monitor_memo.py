@@ -4,9 +4,7 @@ it, with no model loaded and no feature read; one whose samples moved measures a
 import pyarrow as pa
 import pytest
 
-from adaptflow.adapt.baseline import fit_head
 from adaptflow.data.ingest import ingest
-from adaptflow.extract import features
 from adaptflow.manifests import Champion
 from adaptflow.monitor import champion as scoring
 from adaptflow.store import storage
@@ -14,16 +12,9 @@ from adaptflow.store import storage
 POLICY = ["source_val_acc", "im", "bnm"]
 
 
-@pytest.fixture(scope="module")
-def store(demo_data, fast_config, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("memo"))
-    src = ingest(demo_data.source_uri, "source", f"{root}/ingest/source", fast_config.ingest)
-    tgt = ingest(demo_data.target_uri, "target", f"{root}/ingest/target", fast_config.ingest)
-    plan = features.plan_extraction([src.index_uri, tgt.index_uri], root, fast_config.backbone, 10_000)
-    for shard in plan.shards:
-        features.extract_shard(shard, fast_config.backbone, fast_config.extract)
-    head = fit_head(src, plan, fast_config, f"{root}/models/head")
-    return root, src, tgt, plan, head
+@pytest.fixture
+def store(headed_store):
+    return headed_store
 
 
 @pytest.fixture
