@@ -334,26 +334,18 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
         if not _is_local(fs):
             return pq.read_table(pa.BufferReader(read_bytes(uri)), columns=columns)  # read_bytes counts
         if columns is None:
-            table = pq.read_table(path, filesystem=fs)
-            if accounting.metering():
-                accounting.count(read=fs.size(path))
-            return table
-        found = pq.ParquetFile(path, filesystem=fs)
-        table = found.read(columns=columns)
-        if accounting.metering():
-            accounting.count(read=_column_bytes(found.metadata, columns))
+            table, read = pq.read_table(path, filesystem=fs), fs.size(path) if accounting.metering() else 0
+        else:  # counted as the column chunks read, not the whole file
+            found = pq.ParquetFile(path, filesystem=fs)
+            table, read = found.read(columns=columns), _column_bytes(found.metadata, columns)
+        accounting.count(read=read)
         return table
 
 
 def _column_bytes(meta: pq.FileMetaData, columns: list[str]) -> int:
-    """What reading `columns` of a local Parquet file reads: their column chunks and the footer."""
-    wanted = set(columns)
     chunks = (meta.row_group(g).column(c) for g in range(meta.num_row_groups) for c in range(meta.num_columns))
-    return (
-        meta.serialized_size
-        + 8
-        + sum(c.total_compressed_size for c in chunks if c.path_in_schema.split(".")[0] in wanted)
-    )
+    read = sum(c.total_compressed_size for c in chunks if c.path_in_schema.split(".")[0] in columns)
+    return read + meta.serialized_size + 8  # the footer and its length
 
 
 def parquet_file(uri: str) -> pq.ParquetFile:
