@@ -27,8 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a fresh clone without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))  # the untrained model the tests predict with
 
 from shifts import SHIFTS, make_shift  # noqa: E402
+from synthetic import save_untrained_images_model  # noqa: E402
 
 from adaptflow.config import resolve_device, validate_config  # noqa: E402
 from adaptflow.data.ingest import ingest  # noqa: E402
@@ -36,7 +38,7 @@ from adaptflow.evaluate import predict  # noqa: E402
 from adaptflow.extract import features  # noqa: E402
 from adaptflow.extract.image_cache import image_cache  # noqa: E402
 from adaptflow.manifests import IngestManifest  # noqa: E402
-from adaptflow.models.card import ModelCard, build_model, load_card, save_model  # noqa: E402
+from adaptflow.models.card import load_card  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,25 +54,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--memory", action="store_true", help="images-mode prediction alone, reporting this process's peak RSS"
     )
     return p
-
-
-def untrained_model(model_uri: str, cfg, classes: list[str], image_size: int) -> str:
-    """Save an untrained end-to-end DANN for `cfg`'s backbone at `image_size`; returns its URI."""
-    card = ModelCard(
-        kind="images",
-        method="dann",
-        hparams={},
-        image_size=image_size,
-        classes=classes,
-        config=cfg,
-        fingerprint="untrained",
-        dim=0,
-        config_hash=cfg.fingerprint(),
-        dataset_fingerprint="none",
-        metrics={},
-    )
-    save_model(model_uri, build_model(card), card)
-    return model_uri
 
 
 def throughput(images_uri: str, work: Path, model_uri: str, device: str = "cpu") -> dict:
@@ -128,7 +111,8 @@ def main(args) -> None:
                 "extract": {"device": device},
             }
         )
-        model = args.model or untrained_model(str(work / "model"), cfg, [str(d) for d in range(10)], args.image_size)
+        digits = [str(d) for d in range(10)]
+        model = args.model or save_untrained_images_model(str(work / "model"), cfg, digits, args.image_size)
         if args.memory:
             mem = peak_memory(data["target"], work, model, device)
         else:
