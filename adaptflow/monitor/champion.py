@@ -65,12 +65,27 @@ def score_model(
     at most `samples` source-validation and target images, the samples every candidate was scored on).
     `keep_in`: a store whose monitor keeps them, for the nights this model is champion (`score_champion`)."""
     drawn = _draw(source, target, samples, seed)
+    return _measured(model_uri, source, target, drawn, target_labels, features, policy, seed, samples, keep_in)
+
+
+def _measured(
+    model_uri: str,
+    source: IngestManifest,
+    target: IngestManifest,
+    drawn: _Drawn,
+    target_labels: IngestManifest | None,
+    features: ExtractionPlan,
+    policy: list[str],
+    seed: int,
+    samples: int,
+    keep_in: str | None,
+) -> ModelScores:
     scores = _score(model_uri, source, drawn, target_labels, features, policy, seed)
     if keep_in:
-        key = memo.key(model_uri, features.fingerprint, sorted(policy), seed, samples)
+        key = _scores_key(model_uri, features, policy, seed, samples)
         memo.keep_scores(keep_in, key, scores, drawn.source_ids, drawn.target.image_id.tolist())
         # what `reference_mix` measures once this run's target is a champion's reference
-        key = memo.key(model_uri, target.index_uri, features.fingerprint, seed, samples)
+        key = _mix_key(model_uri, target.index_uri, features, seed, samples)
         memo.keep_reference_mix(keep_in, key, (scores.predicted_mix, scores.n_scored))
     return scores
 
@@ -93,11 +108,20 @@ def score_champion(
     always measures (the accuracy is this run's)."""
     drawn = _draw(source, target, samples, seed)
     if target_labels is None:
-        key = memo.key(champion.model_uri, features.fingerprint, sorted(policy), seed, samples)
+        key = _scores_key(champion.model_uri, features, policy, seed, samples)
         kept = memo.scores(store, key, drawn.source_ids, drawn.target.image_id.tolist(), reuse)
         if kept is not None:
             return kept.model_copy(update={"n_target": drawn.n_target})
-    return score_model(champion.model_uri, source, target, target_labels, features, policy, seed, samples, store)
+    model = champion.model_uri
+    return _measured(model, source, target, drawn, target_labels, features, policy, seed, samples, store)
+
+
+def _scores_key(model_uri: str, features: ExtractionPlan, policy: list[str], seed: int, samples: int) -> str:
+    return memo.key(model_uri, features.fingerprint, sorted(policy), seed, samples)
+
+
+def _mix_key(model_uri: str, index_uri: str, features: ExtractionPlan, seed: int, samples: int) -> str:
+    return memo.key(model_uri, index_uri, features.fingerprint, seed, samples)
 
 
 class _Drawn(NamedTuple):
@@ -184,7 +208,7 @@ def reference_mix(
     against. None when those images are gone. With `store`, measured once per champion and kept there."""
     if champion.reference_index_uri is None or not storage.exists(champion.reference_index_uri):
         return None
-    key = memo.key(champion.model_uri, champion.reference_index_uri, features.fingerprint, seed, samples)
+    key = _mix_key(champion.model_uri, champion.reference_index_uri, features, seed, samples)
     kept = memo.reference_mix(store, key) if store else None
     if kept is not None:
         return kept
