@@ -39,13 +39,12 @@ def recipe(cfg: BackboneConfig, store_uri: str) -> Recipe:
     from adaptflow.extract.backbones import build_extractor
 
     uri = storage.join(store_uri, "features", "recipes", f"{recipe_key(cfg)}.json")
-    if storage.exists(uri):
-        try:
-            return Recipe.model_validate(storage.read_json(uri))
-        except StoreUnavailableError:
-            raise
-        except (StoreError, ValidationError):
-            pass  # a damaged record: built again and rewritten
+    try:
+        return Recipe.model_validate(storage.read_json(uri))
+    except StoreUnavailableError:
+        raise
+    except (StoreError, ValidationError):
+        pass  # none yet, or a damaged one: built, and written
     ex = build_extractor(cfg)
     data_config = json.loads(json.dumps(ex.data_config))  # as the record keeps it: tuples are lists
     found = Recipe(fingerprint=ex.fingerprint, dim=ex.dim, data_config=data_config, weights_sha256=ex.weights_sha256)

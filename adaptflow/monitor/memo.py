@@ -61,8 +61,7 @@ def keep_reference_mix(store: str, key: str, mix: tuple[list[float], int]) -> No
 
 
 def _read(uri: str) -> dict | None:
-    if not storage.exists(uri):
-        return None
+    """The record at `uri`; None when there is none, or one that is not JSON."""
     try:
         record = storage.read_json(uri)
     except StoreUnavailableError:
