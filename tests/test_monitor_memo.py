@@ -84,21 +84,15 @@ def test_a_damaged_record_is_measured_again(store, measured):
 
 def _grown(index_uri: str, other_uri: str, n: int, out_uri: str) -> str:
     """`index_uri`'s images and `n` of `other_uri`'s, which sort into the validation sample."""
-    from adaptflow.adapt.samples import validation_sample
+    from adaptflow.adapt.samples import sample_key, validation_sample
 
     table, other = storage.read_table(index_uri), storage.read_table(other_uri)
     mine = validation_sample(table.to_pandas(), 60, 0)
     theirs = validation_sample(other.to_pandas(), 1000, 0)
     # images that the seeded hash puts before the current sample's last: they enter it
-    last = max(_key(i) for i in mine.image_id)
-    entering = [i for i in theirs.image_id if _key(i) < last][:n]
+    last = max(sample_key(i, 0) for i in mine.image_id)
+    entering = [i for i in theirs.image_id if sample_key(i, 0) < last][:n]
     assert len(entering) == n
     added = other.filter(pa.compute.is_in(other["image_id"], pa.array(entering))).select(table.column_names)
     storage.write_table(out_uri, pa.concat_tables([table, added.cast(table.schema)]))
     return out_uri
-
-
-def _key(image_id: str) -> int:
-    import zlib
-
-    return zlib.crc32(f"0/{image_id}".encode())

@@ -36,8 +36,14 @@ def validation_sample(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     every candidate, and an image stays in it as the dataset grows (unless crowded out)."""
     if len(rows) <= n:
         return rows
-    key = rows.image_id.map(lambda i: zlib.crc32(f"{seed}/{i}".encode()))
+    key = rows.image_id.map(lambda i: sample_key(i, seed))
     return rows.loc[key.sort_values(kind="stable").index[:n]].sort_index()
+
+
+def sample_key(image_id: str, seed: int) -> int:
+    """An image's place in a seeded sample (this one, the shift test's): a hash of its content hash, so it
+    keeps its place as the dataset grows."""
+    return zlib.crc32(f"{seed}/{image_id}".encode())
 
 
 def sample_rows(

@@ -21,8 +21,6 @@ retraining. A night with no new image tests nothing: the champion's scores decid
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import torch
 from scipy.stats import chi2_contingency
@@ -33,6 +31,7 @@ from sklearn.preprocessing import StandardScaler
 
 from adaptflow.adapt.domain_gap import as_numpy
 from adaptflow.adapt.losses import sq_dists
+from adaptflow.adapt.samples import sample_key
 from adaptflow.config import MonitorConfig
 from adaptflow.errors import DatasetError
 from adaptflow.extract.features import load_features
@@ -276,9 +275,9 @@ def new_images(target_ids: list[str], reference: set[str]) -> list[str]:
 
 
 def _seeded_order(ids: list[str], seed: int = 0) -> list[str]:
-    """`ids` in the order of a seeded hash of each (as `adapt.samples.validation_sample`): the first k are a
-    sample that keeps its members as more ids arrive, so the same reference images are read every night."""
-    return sorted(ids, key=lambda i: (zlib.crc32(f"{seed}/{i}".encode()), i))
+    """`ids` in the order of a seeded hash of each (`adapt.samples.sample_key`): the first k are a sample
+    that keeps its members as more ids arrive, so the same reference images are read every night."""
+    return sorted(ids, key=lambda i: (sample_key(i, seed), i))
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
