@@ -101,7 +101,7 @@ def check_shift(
     before = None
     if scores is not None and cfg.monitor.class_mix:
         before = scoring.reference_mix(champion, features, cfg.seed, cfg.adapt.validation_samples, store)
-    shift = shift_test.check_shift(champion, target, features, scores, cfg.monitor, cfg.seed, before)
+    shift = shift_test.check_shift(champion, target, features, scores, cfg.monitor, cfg.seed, before, store)
     payload = {
         "reason": shift.reason,
         "champion_version": shift.champion_version,

@@ -42,7 +42,8 @@ def test_the_champions_scores_kept_at_promotion_are_reused_while_the_sample_hold
     assert same.model_copy(update={"reused": None}) == kept
 
     # a night later two new images of the 60 in the sample: 58 / 60 of it was measured, more than 0.95 not
-    grown = tgt.model_copy(update={"index_uri": _grown(tgt.index_uri, src.index_uri, 2, str(tmp_path / "g.parquet"))})
+    grown_uri = _grown(tgt.index_uri, src.index_uri, 2, str(tmp_path / "g.parquet"))
+    grown = tgt.model_copy(update={"index_uri": grown_uri, "fingerprint": "grown"})
     assert scoring.score_champion(root, champion, src, grown, None, plan, POLICY, samples=60, reuse=0.9).reused < 1
     assert len(measured) == 1
     again = scoring.score_champion(root, champion, src, grown, None, plan, POLICY, samples=60, reuse=0.99)
@@ -76,10 +77,34 @@ def test_the_reference_mix_is_what_the_promoting_run_measured(store, measured):
 def test_a_damaged_record_is_measured_again(store, measured):
     root, src, tgt, plan, head = store
     scoring.score_model(head.model_uri, src, tgt, None, plan, POLICY, samples=50, keep_in=root)
-    for uri in storage.list_uris(storage.join(root, "monitor", "scores"), ".json"):
-        storage.write_bytes(uri, b"{")
+    for folder in ("scores", "seen"):
+        for uri in storage.list_uris(storage.join(root, "monitor", folder), ".json"):
+            storage.write_bytes(uri, b"{")
     scores = scoring.score_champion(root, _champion(head, tgt.index_uri), src, tgt, None, plan, POLICY, samples=50)
     assert scores.reused is None and len(measured) == 2
+
+
+def test_a_quiet_night_on_the_same_datasets_reads_no_index(store, measured, monkeypatch):
+    """The champion's scores on the very datasets of an earlier run (by fingerprint) and the shift test of
+    the same target against the same reference are what that run found: no index or feature is read."""
+    from adaptflow.config import MonitorConfig
+    from adaptflow.monitor import shift
+
+    root, src, tgt, plan, head = store
+    first = scoring.score_model(head.model_uri, src, tgt, None, plan, POLICY, samples=60, keep_in=root)
+    champion = _champion(head, src.index_uri)  # the target's images are all new against this reference
+    tested = shift.check_shift(champion, tgt, plan, first, MonitorConfig(), store=root)
+    assert tested.test is not None and tested.n_new == tgt.n_images
+
+    def no_reads(*a, **k):
+        raise AssertionError("read a table")
+
+    monkeypatch.setattr(storage, "read_table", no_reads)
+    again = scoring.score_champion(root, champion, src, tgt, None, plan, POLICY, samples=60)
+    assert len(measured) == 1 and again.reused == 1.0
+    assert again.model_copy(update={"reused": None}) == first
+    retested = shift.check_shift(champion, tgt, plan, again, MonitorConfig(), store=root)
+    assert (retested.test, retested.domain_auc, retested.n_new) == (tested.test, tested.domain_auc, tested.n_new)
 
 
 def _grown(index_uri: str, other_uri: str, n: int, out_uri: str) -> str:

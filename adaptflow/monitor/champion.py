@@ -35,18 +35,20 @@ def find_champion(store: str) -> Champion | None:
     mv = registry.resolve(store, registry.CHAMPION)
     run = run_uri(store, mv.run_id)
     summary_uri = storage.join(run, "summary.json")
-    reference = None
+    reference = fingerprint = None
     if storage.exists(summary_uri):  # its target index, where it is now (the store may have moved since)
         summary = storage.read_json(summary_uri)
         reference = storage.rebase(summary["datasets"]["target"]["index_uri"], summary["run_uri"], run)
+        fingerprint = summary["datasets"]["target"].get("fingerprint")
     if reference is not None and not storage.exists(reference):
-        reference = None
+        reference = fingerprint = None
     return Champion(
         version=mv.version,
         model_uri=mv.model_uri,
         run_id=mv.run_id,
         selection_score=mv.metrics.get("selection_score"),
         reference_index_uri=reference,
+        reference_fingerprint=fingerprint,
     )
 
 
@@ -84,6 +86,9 @@ def _measured(
     if keep_in:
         key = _scores_key(model_uri, features, policy, seed, samples)
         memo.keep_scores(keep_in, key, scores, drawn.source_ids, drawn.target.image_id.tolist())
+        memo.keep_seen(
+            keep_in, _seen_key(key, source, target), scores.model_copy(update={"target_accuracy": None, "reused": 1.0})
+        )
         # what `reference_mix` measures once this run's target is a champion's reference
         key = _mix_key(model_uri, target.index_uri, features, seed, samples)
         memo.keep_reference_mix(keep_in, key, (scores.predicted_mix, scores.n_scored))
@@ -106,18 +111,31 @@ def score_champion(
     samples are nearly the ones they were measured on: the same source samples and at least `reuse` of the
     target sample (a night's new images are tested directly by the shift test). With target labels it
     always measures (the accuracy is this run's)."""
+    if target_labels is not None:
+        drawn = _draw(source, target, samples, seed)
+        return _measured(
+            champion.model_uri, source, target, drawn, target_labels, features, policy, seed, samples, store
+        )
+    key = _scores_key(champion.model_uri, features, policy, seed, samples)
+    seen = memo.seen(store, _seen_key(key, source, target))  # these very datasets: their indexes stay unread
+    if seen is not None and (seen.reused or 1.0) >= reuse:
+        return seen
     drawn = _draw(source, target, samples, seed)
-    if target_labels is None:
-        key = _scores_key(champion.model_uri, features, policy, seed, samples)
-        kept = memo.scores(store, key, drawn.source_ids, drawn.target.image_id.tolist(), reuse)
-        if kept is not None:
-            return kept.model_copy(update={"n_target": drawn.n_target})
-    model = champion.model_uri
-    return _measured(model, source, target, drawn, target_labels, features, policy, seed, samples, store)
+    kept = memo.scores(store, key, drawn.source_ids, drawn.target.image_id.tolist(), reuse)
+    if kept is None:  # measured, and kept (`_measured`)
+        return _measured(champion.model_uri, source, target, drawn, None, features, policy, seed, samples, store)
+    scores = kept.model_copy(update={"n_target": drawn.n_target})
+    memo.keep_seen(store, _seen_key(key, source, target), scores)
+    return scores
 
 
 def _scores_key(model_uri: str, features: ExtractionPlan, policy: list[str], seed: int, samples: int) -> str:
     return memo.key(model_uri, features.fingerprint, sorted(policy), seed, samples)
+
+
+def _seen_key(scores_key: str, source: IngestManifest, target: IngestManifest) -> str:
+    """Scores under `scores_key` on these two datasets (their fingerprints: image ids, labels, splits)."""
+    return memo.key(scores_key, source.fingerprint, target.fingerprint)
 
 
 def _mix_key(model_uri: str, index_uri: str, features: ExtractionPlan, seed: int, samples: int) -> str:

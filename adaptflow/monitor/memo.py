@@ -2,7 +2,9 @@
 whose data barely moved does not measure it again (`monitor.champion.score_champion`, `reference_mix`).
 
     {store}/monitor/scores/{key}.json      the champion's scores, and the samples they were measured on
+    {store}/monitor/seen/{key}.json        its scores on two datasets (by fingerprint) scored before
     {store}/monitor/reference/{key}.json   its predicted class mix on its own target images
+    {store}/monitor/tests/{key}.json       the image shift test of a target against its reference images
 
 A key hashes what the numbers depend on (the model, the features, the policy, the seed, the sample size).
 A record that is missing, unreadable or from another key is measured again: nothing here is needed.
@@ -16,7 +18,7 @@ import json
 from pydantic import ValidationError
 
 from adaptflow.errors import StoreError, StoreUnavailableError
-from adaptflow.manifests import ModelScores
+from adaptflow.manifests import ModelScores, ShiftTest
 from adaptflow.store import storage
 
 
@@ -48,6 +50,21 @@ def keep_scores(store: str, key: str, scores: ModelScores, source_ids: list[str]
     )
 
 
+def seen(store: str, key: str) -> ModelScores | None:
+    """The scores kept under `key` for the very datasets of this run (`keep_seen`)."""
+    record = _read(storage.join(store, "monitor", "seen", f"{key}.json"))
+    try:
+        return ModelScores.model_validate(record["scores"]) if record else None
+    except (KeyError, ValidationError):
+        return None
+
+
+def keep_seen(store: str, key: str, scores: ModelScores) -> None:
+    storage.write_json(
+        storage.join(store, "monitor", "seen", f"{key}.json"), {"scores": scores.model_dump(mode="json")}
+    )
+
+
 def reference_mix(store: str, key: str) -> tuple[list[float], int] | None:
     record = _read(storage.join(store, "monitor", "reference", f"{key}.json"))
     try:
@@ -58,6 +75,26 @@ def reference_mix(store: str, key: str) -> tuple[list[float], int] | None:
 
 def keep_reference_mix(store: str, key: str, mix: tuple[list[float], int]) -> None:
     storage.write_json(storage.join(store, "monitor", "reference", f"{key}.json"), {"shares": mix[0], "n": mix[1]})
+
+
+def image_test(store: str, key: str) -> tuple[ShiftTest | None, float | None, int | None, str | None] | None:
+    """The shift test kept under `key` (`monitor.shift`: test, domain AUC, new images, why untested)."""
+    record = _read(storage.join(store, "monitor", "tests", f"{key}.json"))
+    try:
+        test = None if record["test"] is None else ShiftTest.model_validate(record["test"])
+        return test, record["auc"], record["n_new"], record["untested"]
+    except (KeyError, TypeError, ValidationError):
+        return None
+
+
+def keep_image_test(
+    store: str, key: str, outcome: tuple[ShiftTest | None, float | None, int | None, str | None]
+) -> None:
+    test, auc, n_new, untested = outcome
+    storage.write_json(
+        storage.join(store, "monitor", "tests", f"{key}.json"),
+        {"test": test and test.model_dump(mode="json"), "auc": auc, "n_new": n_new, "untested": untested},
+    )
 
 
 def _read(uri: str) -> dict | None:

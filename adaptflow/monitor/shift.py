@@ -44,6 +44,7 @@ from adaptflow.manifests import (
     ShiftManifest,
     ShiftTest,
 )
+from adaptflow.monitor import memo
 from adaptflow.store import storage
 
 MIN_SAMPLES = 5  # per side: below this a permutation test has too few distinct splits to mean anything
@@ -189,31 +190,14 @@ def check_shift(
     cfg: MonitorConfig,
     seed: int = 0,
     reference_mix: tuple[list[float], int] | None = None,
+    store: str | None = None,
 ) -> ShiftManifest:
     """Test the target batch against the champion's reference images, and the champion's score drop;
     with `reference_mix` (the champion's predicted class shares on its reference images, and how many
-    it predicted: `monitor.champion.reference_mix`), the class mix it predicts on the batch too."""
-    test = auc = n_new = None
-    untested = None  # why there is no test, when there is none
-    if champion.reference_index_uri is None:
-        untested = f"the champion's reference images (run {champion.run_id}) are gone: retraining"
-    else:
-        reference_ids = storage.read_table(champion.reference_index_uri, columns=["image_id"])["image_id"].to_pylist()
-        target_ids = storage.read_table(target.index_uri, columns=["image_id"])["image_id"].to_pylist()
-        batch_ids = new_images(target_ids, set(reference_ids))
-        n_new = len(batch_ids)
-        if n_new == 0:
-            untested = f"no new target images since the champion's run {champion.run_id}: nothing to test"
-        else:
-            ref, new = (
-                _normalised(load_features(features.features_uri, ids[: cfg.max_samples]))
-                for ids in (_seeded_order(reference_ids, seed), batch_ids)
-            )
-            try:
-                test = mmd_permutation_test(ref, new, cfg.permutations, seed, cfg.max_samples, cfg.alpha)
-                auc = domain_classifier_auc(ref, new, seed, cfg.max_samples)
-            except DatasetError as e:  # e.g. a batch of 3 images: too few to test; the champion's scores decide
-                untested = f"no shift test ({e})"
+    it predicted: `monitor.champion.reference_mix`), the class mix it predicts on the batch too. With
+    `store`, the image test of a target already tested against the same reference is the one kept there
+    (`monitor.memo`): same images, same features, same settings, same outcome."""
+    test, auc, n_new, untested = _image_test(champion, target, features, cfg, seed, store)
     drop = None
     if scores is not None and champion.selection_score is not None:
         drop = champion.selection_score - scores.selection_score
@@ -264,6 +248,41 @@ def check_shift(
         class_mix=mix,
         n_new=n_new,
     )
+
+
+def _image_test(
+    champion: Champion, target: IngestManifest, features: ExtractionPlan, cfg: MonitorConfig, seed: int, store
+) -> tuple[ShiftTest | None, float | None, int | None, str | None]:
+    """The MMD test and domain AUC of the target's new images against the champion's reference images,
+    how many images were new, and why there is no test when there is none."""
+    if champion.reference_index_uri is None:
+        return None, None, None, f"the champion's reference images (run {champion.run_id}) are gone: retraining"
+    settings = (cfg.max_samples, cfg.permutations, cfg.alpha, seed)
+    key = memo.key(champion.reference_index_uri, target.fingerprint, features.fingerprint, *settings)
+    kept = memo.image_test(store, key) if store else None
+    if kept is not None:
+        return kept
+    test = auc = None
+    untested = None
+    reference_ids = storage.read_table(champion.reference_index_uri, columns=["image_id"])["image_id"].to_pylist()
+    target_ids = storage.read_table(target.index_uri, columns=["image_id"])["image_id"].to_pylist()
+    batch_ids = new_images(target_ids, set(reference_ids))
+    n_new = len(batch_ids)
+    if n_new == 0:
+        untested = f"no new target images since the champion's run {champion.run_id}: nothing to test"
+    else:
+        ref, new = (
+            _normalised(load_features(features.features_uri, ids[: cfg.max_samples]))
+            for ids in (_seeded_order(reference_ids, seed), batch_ids)
+        )
+        try:
+            test = mmd_permutation_test(ref, new, cfg.permutations, seed, cfg.max_samples, cfg.alpha)
+            auc = domain_classifier_auc(ref, new, seed, cfg.max_samples)
+        except DatasetError as e:  # e.g. a batch of 3 images: too few to test; the champion's scores decide
+            untested = f"no shift test ({e})"
+    if store:
+        memo.keep_image_test(store, key, (test, auc, n_new, untested))
+    return test, auc, n_new, untested
 
 
 def new_images(target_ids: list[str], reference: set[str]) -> list[str]:
