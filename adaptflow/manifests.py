@@ -116,6 +116,13 @@ class ShardPlan(Manifest):
     cache: ImageCache | None = None  # decode the rows into this training-image cache
 
 
+class Coverage(Record):
+    """The key of a plan's coverage record (`adaptflow.extract.coverage`) and the folders it covers."""
+
+    key: str
+    folders: list[str]
+
+
 class ExtractionPlan(Manifest):
     features_uri: str
     fingerprint: str
@@ -126,6 +133,7 @@ class ExtractionPlan(Manifest):
     seconds: float
     cache: ImageCache | None = None  # the training-image cache also filled, if any
     n_cached_pixels: int = 0  # images already in it
+    coverage: Coverage | None = None  # recorded once its shards are committed (`features.record_coverage`)
 
 
 class ShardResult(Manifest):
@@ -319,6 +327,15 @@ class Champion(Manifest):
     run_id: str
     selection_score: float | None  # as registered
     reference_index_uri: str | None  # its run's target index; None if that run's summary is gone
+    reference_fingerprint: str | None = None  # that index's ingest fingerprint (its images), when known
+
+    @property
+    def reference_keys(self) -> list[str]:
+        """What identifies the reference images (`extract.coverage`): the fingerprint (a quiet night's
+        target has the same), else the index's URI (no run rewrites an index); none when they are gone."""
+        if self.reference_index_uri is None:
+            return []
+        return [self.reference_fingerprint or self.reference_index_uri]
 
 
 class ModelScores(Manifest):

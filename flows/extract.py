@@ -5,7 +5,7 @@ from adaptflow.config import Config
 from adaptflow.store.layout import ingest_uri, new_run_id
 from adaptflow.store.storage import absolute, join
 from tasks.credentials import use_credentials
-from tasks.extract import compact_features, extract_all, plan_extraction
+from tasks.extract import compact_features, extract_all, plan_extraction, record_coverage
 from tasks.ingest import ingest_dataset
 from tasks.logs import forward_library_logs
 from tasks.runners import configured, limited
@@ -36,7 +36,10 @@ def backfill_stages(images: list[str], store: str, cfg: Config) -> str:
 
     # 2-3. preprocess + extract: embed only images the feature store lacks, shard by shard (on GPU
     # workers when runtime.gpu_resource says so); merge small shards
-    plan = plan_extraction([d.index_uri for d in datasets], store, cfg.backbone, cfg.extract.shard_size)
+    index_keys = [d.fingerprint for d in datasets]
+    plan = plan_extraction(
+        [d.index_uri for d in datasets], store, cfg.backbone, cfg.extract.shard_size, index_keys=index_keys
+    )
     extract_all(plan, cfg.backbone, cfg.extract, cfg.runtime)
-    compact_features(plan.features_uri, cfg.extract)
+    record_coverage(plan, store, [compact_features(plan.features_uri, cfg.extract)])
     return plan.features_uri

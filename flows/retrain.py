@@ -8,7 +8,7 @@ from adaptflow.store.layout import ingest_uri, model_uri, new_run_id, run_uri
 from adaptflow.store.storage import absolute, join
 from tasks.adapt import plan_candidates, select_model, train_candidates
 from tasks.credentials import use_credentials
-from tasks.extract import compact_features, extract_all, plan_extraction
+from tasks.extract import compact_features, extract_all, plan_extraction, record_coverage
 from tasks.ingest import ingest_dataset
 from tasks.logs import forward_library_logs
 from tasks.monitor import check_shift, find_champion, promote_if_better, score_champion, score_model
@@ -77,11 +77,12 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
             cfg.backbone,
             cfg.extract.shard_size,
             cache_size=training_image_size(specs),
+            index_keys=[src.fingerprint, tgt.fingerprint, *(champion.reference_keys if champion else [])],
         )
         shards = extract_all(plan, cfg.backbone, cfg.extract, cfg.runtime)
         compaction = compact_features(plan.features_uri, cfg.extract)
-        if plan.cache:
-            compact_features(plan.cache.uri, cfg.extract)
+        compactions = [compaction, *([compact_features(plan.cache.uri, cfg.extract)] if plan.cache else [])]
+        record_coverage(plan, store, compactions)  # what the store now holds whole: a quiet night lists it
 
     # 3b. monitor: has the target moved away from the champion's data, or the champion got worse? If not, stop
     shift = champion_scores = None

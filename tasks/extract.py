@@ -22,11 +22,15 @@ def plan_extraction(
     shard_size: int,
     cache_size: int | None = None,
     embed: bool = True,
+    index_keys: list[str] | None = None,
 ) -> ExtractionPlan:
     """Cut the images that lack committed features for this extractor (if `embed`), or cached training
-    images at `cache_size` (if given), into shards."""
+    images at `cache_size` (if given), into shards; datasets (`index_keys`) the store is on record as
+    holding whole are planned from a listing."""
     cache = image_cache(store_uri, backbone, cache_size) if cache_size else None
-    return features.plan_extraction(index_uris, store_uri, backbone, shard_size, cache=cache, features=embed)
+    return features.plan_extraction(
+        index_uris, store_uri, backbone, shard_size, cache=cache, features=embed, index_keys=index_keys
+    )
 
 
 @task(name="extract-shard", task_run_name="extract-{plan.shard_key}", **IO_TASK)
@@ -43,6 +47,14 @@ def compact_features(folder: str, extract: ExtractConfig) -> CompactionManifest:
     """Merge the small shards incremental runs leave behind in a feature folder or an image cache, and
     delete dead attempts' files."""
     return shards.compact_shards(folder, extract.shard_size, extract.compact_min_shards)
+
+
+@task(name="record-coverage", **IO_TASK)
+def record_coverage(plan: ExtractionPlan, store_uri: str, compactions: list[CompactionManifest]) -> None:
+    """Once the plan's shards are committed and compacted, record that the store holds its datasets whole
+    (nothing to do when it embedded nothing and compaction moved no shard: planning recorded it)."""
+    if plan.shards or any(c.shards_before != c.shards_after for c in compactions):
+        features.record_coverage(plan, store_uri)
 
 
 def extract_all(

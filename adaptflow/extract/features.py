@@ -24,7 +24,8 @@ import pyarrow.compute as pc
 from adaptflow import progress
 from adaptflow.config import BackboneConfig, ExtractConfig, resolve_device
 from adaptflow.errors import AdaptflowError, DatasetError
-from adaptflow.manifests import ExtractionPlan, ImageCache, ShardPlan, ShardResult
+from adaptflow.extract import coverage
+from adaptflow.manifests import Coverage, ExtractionPlan, ImageCache, ShardPlan, ShardResult
 from adaptflow.store import accounting, layout, storage
 from adaptflow.store.shards import (
     commit_shard,
@@ -51,16 +52,35 @@ def plan_extraction(
     shard_size: int,
     cache: ImageCache | None = None,
     features: bool = True,
+    index_keys: list[str] | None = None,
 ) -> ExtractionPlan:
     """Find which indexed images lack committed features for this extractor (if `features`) or pixels in
     `cache` (if given), and cut them into shards; an image missing both is decoded once for both. The
-    extractor is known by its recipe: built (its weights read) only when the store has no record of it."""
+    extractor is known by its recipe: built (its weights read) only when the store has no record of it.
+    With `index_keys` (what identifies each index's images: `extract.coverage`), datasets the store is on
+    record as holding whole are planned from a listing, their ids unread."""
     from adaptflow.extract.recipes import recipe
 
     start = time.perf_counter()
     extractor = recipe(backbone, store_uri)
     features_uri = layout.features_uri_for(store_uri, backbone.name, extractor.fingerprint)
     _describe_extractor(features_uri, backbone, extractor)
+    folders = [*([features_uri] if features else []), *([cache.uri] if cache else [])]
+    key = coverage.coverage_key(folders, index_keys) if index_keys else None
+    n = coverage.held(store_uri, key, folders) if key else None
+    if n is not None:
+        return ExtractionPlan(
+            features_uri=features_uri,
+            fingerprint=extractor.fingerprint,
+            dim=extractor.dim,
+            n_requested=n,
+            n_cached=n,
+            shards=[],
+            seconds=time.perf_counter() - start,
+            cache=cache,
+            n_cached_pixels=n if cache else 0,
+            coverage=Coverage(key=key, folders=folders),
+        )
 
     tables = [storage.read_table(u, columns=_PLAN_COLUMNS) for u in index_uris]
     index = pa.array([i for i, t in enumerate(tables) for _ in range(t.num_rows)], pa.int32())
@@ -103,6 +123,8 @@ def plan_extraction(
             offset += part.num_rows
     n_f = int(pc.sum(need_f).as_py() or 0)
     n_p = int(pc.sum(need_p).as_py() or 0)
+    if key and not shards:
+        coverage.keep(store_uri, key, folders, rows.num_rows)
     return ExtractionPlan(
         features_uri=features_uri,
         fingerprint=extractor.fingerprint,
@@ -113,7 +135,15 @@ def plan_extraction(
         seconds=time.perf_counter() - start,
         cache=cache,
         n_cached_pixels=rows.num_rows - n_p if cache else 0,
+        coverage=Coverage(key=key, folders=folders) if key else None,
     )
+
+
+def record_coverage(plan: ExtractionPlan, store_uri: str) -> None:
+    """Once every shard of `plan` is committed (and compacted): the store holds its datasets whole, on
+    record for the runs after (`extract.coverage`). A plan made without index keys records nothing."""
+    if plan.coverage is not None:
+        coverage.keep(store_uri, plan.coverage.key, plan.coverage.folders, plan.n_requested)
 
 
 def _missing(rows: pa.Table, folder: str) -> pa.Array:
