@@ -10,7 +10,7 @@ LOCK   := requirements-dev.lock
 COMPILE := --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
            --no-emit-trusted-host --constraint lock-constraints.txt
 
-.PHONY: setup demo test lint lock gpu-wheels clean
+.PHONY: setup demo test lint hooks lock gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -29,9 +29,17 @@ demo: setup
 test: lint
 	$(BIN)/python -m pytest
 
+# Commit messages (.githooks/commit-msg): HEAD's by default; `make lint LINT_BASE=origin/main` checks every
+# commit in LINT_BASE..HEAD, e.g. a branch before it is merged.
+LINT_BASE ?=
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python .githooks/commit-msg --range $(if $(LINT_BASE),$(LINT_BASE)..HEAD,HEAD)
+
+# Check each commit's message as it is written (the same script as `make lint`).
+hooks:
+	git config core.hooksPath .githooks
 
 # The packages a bare GPU image (Python 3.12, torch, timm, pyarrow...) lacks, as wheels in .whl/ for
 # benchmarks/gpu_check.sh to install there.
