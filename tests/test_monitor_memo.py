@@ -105,6 +105,11 @@ def test_a_quiet_night_on_the_same_datasets_reads_no_index(store, measured, monk
     assert again.model_copy(update={"reused": None}) == first
     retested = shift.check_shift(champion, tgt, plan, again, MonitorConfig(), store=root)
     assert (retested.test, retested.domain_auc, retested.n_new) == (tested.test, tested.domain_auc, tested.n_new)
+    trained_with = champion.model_copy(
+        update={"reference_index_uri": tgt.index_uri, "reference_fingerprint": tgt.fingerprint}
+    )
+    quiet = shift.check_shift(trained_with, tgt, plan, again, MonitorConfig())
+    assert quiet.n_new == 0 and quiet.test is None and "no new target images" in quiet.reason
 
 
 def _grown(index_uri: str, other_uri: str, n: int, out_uri: str) -> str:

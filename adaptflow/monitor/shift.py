@@ -262,6 +262,9 @@ def _image_test(
     kept = memo.image_test(store, key) if store else None
     if kept is not None:
         return kept
+    nothing_new = f"no new target images since the champion's run {champion.run_id}: nothing to test"
+    if target.fingerprint == champion.reference_fingerprint:  # the very images the champion trained with
+        return None, None, 0, nothing_new
     test = auc = None
     untested = None
     reference_ids = storage.read_table(champion.reference_index_uri, columns=["image_id"])["image_id"].to_pylist()
@@ -269,7 +272,7 @@ def _image_test(
     batch_ids = new_images(target_ids, set(reference_ids))
     n_new = len(batch_ids)
     if n_new == 0:
-        untested = f"no new target images since the champion's run {champion.run_id}: nothing to test"
+        untested = nothing_new
     else:
         ref, new = (
             _normalised(load_features(features.features_uri, ids[: cfg.max_samples]))
