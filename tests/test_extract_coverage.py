@@ -47,9 +47,7 @@ def test_datasets_on_record_are_planned_without_reading_an_id(embedded, fast_con
     assert src.index_uri in reads
 
 
-def test_a_shard_gone_makes_the_record_stale_and_its_images_are_planned_again(
-    embedded, fast_config, memory_uri, reads
-):
+def test_a_shard_gone_makes_the_record_stale_and_its_images_are_planned_again(embedded, fast_config, memory_uri, reads):
     src, plan, keys = embedded
     gone = storage.list_uris(storage.join(plan.features_uri, "shards"), ".json")[0]
     storage.remove(gone)
