@@ -4,6 +4,12 @@ Every validator reads one `ValidationInputs`. Two of them, `entropy` and `snd`, 
 tightly clustered target predictions and so rate a model that predicts one class everywhere highly
 (skada's benchmark saw SND and DEV pick ~5%-accuracy models). Hence `is_collapsed`, and
 `adapt.selection.select` never promotes a collapsed candidate.
+
+Each docstring gives the formula, the paper, what it reads and an example (tests/test_docs_examples.py
+runs them): `source_val_acc` (the source-risk baseline), `entropy` (Morerio et al. 2018), `im`
+(information maximisation: Shi & Sha 2012, SHOT), `bnm` (Cui et al. 2020), `snd` (Saito et al. 2021),
+`dev` (You et al. 2019), `rv` (reverse validation, Zhong et al. 2010) and `iwa` (importance weighting,
+Sugiyama et al. 2007). `score` runs them by name; `is_collapsed` is this project's guard.
 """
 
 from __future__ import annotations
@@ -47,24 +53,82 @@ class ValidationInputs:
 
 
 def source_val_acc(v: ValidationInputs) -> float:
-    """Accuracy on the source validation split: the baseline every other validator must beat."""
+    """Accuracy on the source validation split: the baseline every other validator must beat.
+
+    acc = mean_i [argmax_c source_logits_ic = source_labels_i]: the "source risk" criterion that You et al.
+    2019 and Saito et al. 2021 compare with. Labelled, but on the wrong domain: it need not follow target
+    accuracy.
+
+    Reads source_logits (Ns, C) and source_labels (Ns,); returns a float in [0, 1].
+
+    >>> v = ValidationInputs(torch.eye(3), torch.tensor([0, 1, 1]), torch.eye(3), torch.eye(3), torch.eye(3))
+    >>> round(source_val_acc(v), 4)
+    0.6667
+    """
     return float((v.source_logits.argmax(1) == v.source_labels).float().mean())
 
 
 def entropy(v: ValidationInputs) -> float:
-    """Negative mean entropy of target predictions (confidence). Rewards collapse."""
+    """Negative mean entropy of target predictions (confidence). Rewards collapse.
+
+    score = -mean_i H(softmax(target_logits_i)), in [-log C, 0]. Proposed for label-free validation by
+    Morerio, Cavazza & Murino 2018, "Minimal-Entropy Correlation Alignment for Unsupervised Deep Domain
+    Adaptation" (ICLR); pytorch-adapt's EntropyValidator.
+
+    Reads target_logits (Nt, C); returns a float.
+
+    >>> from dataclasses import replace
+    >>> t = 100.0 * torch.eye(3)  # confident, one per class
+    >>> v = ValidationInputs(t, torch.arange(3), torch.eye(3), torch.zeros(3, 3), torch.eye(3))
+    >>> round(entropy(v), 4)  # uniform target predictions: -log 3
+    -1.0986
+    >>> entropy(replace(v, target_logits=t[[0, 0, 0]])) > -1e-6  # one class, confidently: the maximum, 0
+    True
+    """
     return -float(_entropy(v.target_logits.float()).mean())
 
 
 def im(v: ValidationInputs) -> float:
     """Information maximisation: entropy of the mean target prediction minus mean entropy. A collapsed
-    model loses the first term."""
+    model loses the first term.
+
+    score = H(mean_i p_i) - mean_i H(p_i) = -information_maximization(target_logits), p_i the target
+    softmax: the mutual information between target inputs and predicted labels, in [0, log C], that
+    Krause et al. 2010 and Shi & Sha 2012 maximise and SHOT (Liang et al. 2020) trains with (see
+    `losses.information_maximization`); pytorch-adapt's IMValidator.
+
+    Reads target_logits (Nt, C); returns a float.
+
+    >>> from dataclasses import replace
+    >>> t = 100.0 * torch.eye(3)  # confident, one per class
+    >>> v = ValidationInputs(t, torch.arange(3), torch.eye(3), t, torch.eye(3))
+    >>> round(im(v), 4)  # log 3, the maximum
+    1.0986
+    >>> abs(im(replace(v, target_logits=t[[0, 0, 0]]))) < 1e-6  # one class: nothing
+    True
+    """
     return -float(information_maximization(v.target_logits.float()))
 
 
 def bnm(v: ValidationInputs) -> float:
     """Batch nuclear-norm: ||P||_* / Nt of the (Nt, C) target softmax. Rises with both confidence and
-    prediction diversity; one class everywhere gives only sqrt(Nt) / Nt."""
+    prediction diversity; one class everywhere gives only sqrt(Nt) / Nt.
+
+    ||P||_* is the sum of the singular values of P = softmax(target_logits). Cui, Wang, Zhuo, Li, Huang &
+    Tian 2020, "Towards Discriminability and Diversity: Batch Nuclear-norm Maximization under Label
+    Insufficient Situations" (CVPR), maximise it as a loss; pytorch-adapt's BNMValidator scores with it.
+    Its maximum, sqrt(min(Nt, C) Nt) / Nt, is reached by one-hot predictions spread evenly over the classes.
+
+    Reads target_logits (Nt, C); returns a float.
+
+    >>> from dataclasses import replace
+    >>> t = 100.0 * torch.eye(2)[[0, 1, 0, 1]]  # confident, two per class
+    >>> v = ValidationInputs(t, torch.tensor([0, 1, 0, 1]), torch.eye(4), t, torch.eye(4))
+    >>> round(bnm(v), 4)  # sqrt(2 * 4) / 4
+    0.7071
+    >>> round(bnm(replace(v, target_logits=t[[0, 0, 0, 0]])), 4)  # one class: sqrt(4) / 4
+    0.5
+    """
     p = v.target_logits.float().softmax(1)
     return float(torch.linalg.matrix_norm(p, ord="nuc")) / len(p)
 
@@ -78,7 +142,24 @@ def _subsample(n: int, cap: int, seed: int) -> Tensor:
 def snd(v: ValidationInputs, temperature: float = 0.05, max_points: int = 4096) -> float:
     """Soft neighbourhood density (Saito et al. 2021): mean entropy of each target sample's softmax
     over its cosine similarities (/ temperature) to the other targets' softmax outputs. High when
-    predictions form dense neighbourhoods. Rewards collapse. O(N^2): subsampled to `max_points`."""
+    predictions form dense neighbourhoods. Rewards collapse. O(N^2): subsampled to `max_points`.
+
+    With q_i = p_i / ||p_i|| the L2-normalised target softmax: s_ij = <q_i, q_j> / temperature for j != i
+    (a sample is left out of its own neighbourhood, as pytorch-adapt's SNDValidator masks it),
+    score = mean_i H(softmax_j s_ij), in [0, log(N - 1)]. Saito, Kim, Teterwak, Sclaroff, Darrell & Saenko
+    2021, "Tune it the Right Way: Unsupervised Validation of Domain Adaptation via Soft Neighborhood
+    Density" (ICCV); 0.05 is pytorch-adapt's temperature too.
+
+    Reads target_logits (Nt, C) and seed; returns a float.
+
+    >>> from dataclasses import replace
+    >>> t = 100.0 * torch.eye(2)[[0, 0, 1, 1, 1]]  # two clusters, of 2 and 3
+    >>> v = ValidationInputs(t, torch.zeros(5, dtype=torch.long), torch.eye(5), t, torch.eye(5))
+    >>> round(snd(v), 4)  # 3/5 log 2: each of the 3 has two close neighbours, each of the 2 one
+    0.4159
+    >>> round(snd(replace(v, target_logits=t[[0, 0, 0, 0, 0]])), 4)  # one class: log 4, the maximum
+    1.3863
+    """
     p = v.target_logits.float().softmax(1)[_subsample(len(v.target_logits), max_points, v.seed)]
     n = len(p)
     if n < 2:
@@ -95,6 +176,23 @@ def dev(v: ValidationInputs, max_points: int = 4000, max_weight: float = 100.0) 
     A logistic domain classifier on features gives density ratios w = p_t(x)/p_s(x) on source-val
     samples; the risk is the w-weighted source-val cross-entropy with the control variate
     eta = -Cov(wL, w)/Var(w) that cuts its variance: mean(wL) + eta * mean(w) - eta.
+
+    You, Wang, Long & Jordan 2019, "Towards Accurate Model Selection in Deep Unsupervised Domain
+    Adaptation" (ICML). Here w = P(t|x) / P(s|x) * n_s / n_t from a logistic regression on the standardised
+    features (source_train_features, else source_features, against target_features; up to max_points / 2
+    of each), clipped to [0, max_weight], and L the per-sample cross-entropy on the source-validation split.
+
+    Reads source_logits (Ns, C), source_labels (Ns,), source_features (Ns, d), target_features (Nt, d),
+    source_train_features (Nr, d) if given, and seed; returns a float, minus the estimated target risk.
+
+    When the classifier cannot tell the domains apart, w = 1, eta = 0 and DEV is minus the source-validation
+    cross-entropy:
+
+    >>> _ = torch.manual_seed(0)
+    >>> x, y, logits = torch.randn(40, 3), torch.randint(0, 3, (40,)), torch.randn(40, 3)
+    >>> v = ValidationInputs(logits, y, x, logits, x)  # the target's features are the source's
+    >>> abs(dev(v) + float(F.cross_entropy(logits, y))) < 1e-4
+    True
     """
     src = v.source_features if v.source_train_features is None else v.source_train_features
     i, j = _subsample(len(src), max_points // 2, v.seed), _subsample(len(v.target_features), max_points // 2, v.seed)
@@ -120,7 +218,25 @@ def rv(v: ValidationInputs, max_points: int = 4000, alpha: float = 1.0) -> float
     target, and carry it back to the source, score high; a labelling the features do not support does
     not. One class predicted everywhere scores at most that class's source share. The reverse classifier
     is a ridge classifier (closed form, one solve): a logistic regression fitted by L-BFGS made this
-    validator 2.2 s of a features-mode candidate's 5.2 s (benchmarks/selection.py, mnist-m)."""
+    validator 2.2 s of a features-mode candidate's 5.2 s (benchmarks/selection.py, mnist-m).
+
+    h = RidgeClassifier fitted on (target_features, argmax target_logits), both standardised by the
+    target's scaler, up to max_points targets; score = mean_i [h(source_features_i) = source_labels_i].
+    Zhong, Fan, Yang, Verscheure & Ren 2010, "Cross Validation Framework to Choose amongst Models and
+    Datasets for Transfer Learning" (ECML PKDD), as Ganin et al. 2016 used it to select DANN's settings.
+
+    Reads target_logits (Nt, C), target_features (Nt, d), source_features (Ns, d), source_labels (Ns,)
+    and seed; returns a float in [0, 1].
+
+    >>> from dataclasses import replace
+    >>> x, y = torch.tensor([[-2.0], [-1.0], [1.0], [2.0]]), torch.tensor([0, 0, 1, 1])
+    >>> t = F.one_hot(y, 3).float()  # pseudo-labels that follow the features
+    >>> v = ValidationInputs(t, y, x, t, x)
+    >>> rv(v)
+    1.0
+    >>> rv(replace(v, target_logits=t[[0, 0, 0, 0]]))  # one class: class 0's share of the source
+    0.5
+    """
     idx = _subsample(len(v.target_features), max_points, v.seed)
     pseudo = v.target_logits.argmax(1)[idx].cpu().numpy()
     if len(np.unique(pseudo)) < 2:
@@ -138,7 +254,26 @@ def iwa(v: ValidationInputs, max_points: int = 4000, max_weight: float = 20.0) -
     source-validation image w = p_t(x)/p_s(x), so source images that look like the target count more.
     Unlike DEV, the weights come from a space no candidate shaped, so they are the same for every
     candidate of a run and an aligned featurizer cannot flatten them. Clipped at `max_weight`, then
-    normalised to mean 1. NaN without shared features."""
+    normalised to mean 1. NaN without shared features.
+
+    score = mean_i w_i [argmax_c source_logits_ic = source_labels_i], an estimate of target accuracy:
+    importance-weighted validation under covariate shift (Sugiyama, Krauledat & Mueller 2007, "Covariate
+    Shift Adaptation by Importance Weighted Cross Validation", JMLR), with the density ratio from a
+    probabilistic domain classifier (as in Bickel, Brueckner & Scheffer 2009, "Discriminative Learning
+    under Covariate Shift", JMLR); `_density_ratio` fits it.
+
+    Reads source_logits (Ns, C), source_labels (Ns,), shared_source_train (Nr', D), shared_source (Ns, D)
+    and shared_target (Nt', D); returns a float (the weights average 1: all correct gives 1.0), or NaN.
+
+    >>> from dataclasses import replace
+    >>> v = ValidationInputs(torch.eye(3), torch.arange(3), torch.eye(3), torch.eye(3), torch.eye(3))
+    >>> iwa(v)  # no shared features
+    nan
+    >>> _ = torch.manual_seed(0)
+    >>> frozen = torch.randn(6, 8)  # the frozen backbone's features
+    >>> round(iwa(replace(v, shared_source_train=frozen, shared_source=frozen[:3], shared_target=frozen)), 6)
+    1.0
+    """
     if v.shared_source is None or v.shared_target is None or v.shared_source_train is None:
         return math.nan
     correct = (v.source_logits.argmax(1) == v.source_labels).double().cpu().numpy()
@@ -202,11 +337,22 @@ VALIDATORS: dict[str, Callable[[ValidationInputs], float]] = {
 
 
 def get_validator(name: str) -> Callable[[ValidationInputs], float]:
+    """The validator registered under `name` in VALIDATORS; an unknown name raises UnknownNameError.
+
+    >>> get_validator("bnm") is bnm
+    True
+    """
     return lookup(VALIDATORS, "validator", name)
 
 
 def score(v: ValidationInputs, names: Sequence[str] | None = None) -> dict[str, float]:
-    """Every named validator (default: all) on `v`."""
+    """Every named validator (default: all) on `v`.
+
+    >>> t = 100.0 * torch.eye(3)
+    >>> v = ValidationInputs(t, torch.arange(3), torch.eye(3), t, torch.eye(3))
+    >>> {name: round(s, 4) for name, s in score(v, ["source_val_acc", "im"]).items()}
+    {'source_val_acc': 1.0, 'im': 1.0986}
+    """
     return {name: get_validator(name)(v) for name in (names or VALIDATORS)}
 
 
@@ -228,6 +374,14 @@ def is_collapsed(
     than the upper end of its interval (and never less than `threshold`), and the entropy may fall to half
     the estimate's own. An interval wider than `MAX_INTERVAL` cannot excuse anything: an estimate too
     uncertain to say falls back to the rule without one.
+
+    A rule of this project's, no paper's. Reads target_logits (N, C); returns a bool.
+
+    >>> one_hot = 100.0 * torch.eye(3)
+    >>> is_collapsed(one_hot[[0, 0, 0, 1]], num_classes=3)  # 3/4 on class 0, over `threshold`
+    True
+    >>> is_collapsed(one_hot[[0, 1, 2, 0]], num_classes=3)
+    False
     """
     if num_classes < 2 or len(target_logits) == 0:
         return False
