@@ -50,7 +50,8 @@ def test_iwa_needs_the_shared_space():
 
 def test_iwa_weights_are_fitted_once_per_shared_space_and_candidates_share_them(monkeypatch):
     """The weights come from the frozen space alone: a second candidate with the same shared features
-    reuses them (the same score as fitting afresh), and other shared features get their own."""
+    reuses them (the same score as fitting afresh), and other shared features get their own. The scorer
+    owns them: another scorer fits its own."""
     import dataclasses
 
     from adaptflow.adapt import validators
@@ -58,16 +59,17 @@ def test_iwa_weights_are_fitted_once_per_shared_space_and_candidates_share_them(
     fits = []
     real = validators._fit_density_ratio
     monkeypatch.setattr(validators, "_fit_density_ratio", lambda *a: fits.append(1) or real(*a))
-    monkeypatch.setattr(validators, "_RATIOS", type(validators._RATIOS)())
+    iwa = validators.ImportanceWeightedAccuracy()
     good, mediocre = GRID["good"], dataclasses.replace(GRID["mediocre"], **_shared(GRID["good"]))
-    first = validators.iwa(good)
-    assert validators.iwa(mediocre) != first and len(fits) == 1  # another candidate, the same weights
-    assert validators.iwa(good) == first and len(fits) == 1
+    first = iwa(good)
+    assert iwa(mediocre) != first and len(fits) == 1  # another candidate, the same weights
+    assert iwa(good) == first and len(fits) == 1
     other = dataclasses.replace(good, shared_target=good.shared_target + 1.0)
-    validators.iwa(other)
-    assert len(fits) == 2
-    validators._RATIOS.clear()
-    assert validators.iwa(good) == first and len(fits) == 3  # fitted afresh: the same value
+    iwa(other)
+    assert len(fits) == 2 and len(iwa.ratios) == 2
+    iwa.ratios.clear()
+    assert iwa(good) == first and len(fits) == 3  # fitted afresh: the same value
+    assert validators.score(good, ["iwa"]) == {"iwa": first}  # the registered scorer, with weights of its own
 
 
 def _shared(v):

@@ -90,23 +90,23 @@ def _small_shards(indexed, cfg, shard_size):
 @pytest.fixture
 def store_reads(indexed, fast_config, monkeypatch):
     """The demo source in shards of 16 rows, its image ids, and the columns of each shard read through
-    `adaptflow.store.rows` from here on (the process's sample and location caches emptied first)."""
-    from collections import OrderedDict
-
-    from adaptflow.adapt import samples
+    `adaptflow.store.rows` from here on (the process's sample and location caches emptied before and after)."""
+    from adaptflow import state
     from adaptflow.store import rows as rows_module
 
     store, manifests = indexed
     plan, _ = _small_shards(indexed, fast_config, 16)
     ids = storage.read_table(manifests[0].index_uri)["image_id"].to_pylist()
-    monkeypatch.setattr(samples, "_SAMPLES", OrderedDict())
-    monkeypatch.setattr(rows_module, "_LOCATIONS", OrderedDict())
+    state.SAMPLES.clear()
+    state.LOCATIONS.clear()
     reads = []
     read_shard = rows_module.read_shard
     monkeypatch.setattr(
         rows_module, "read_shard", lambda s, columns=None: reads.append(columns) or read_shard(s, columns)
     )
-    return plan, ids, reads
+    yield plan, ids, reads
+    state.SAMPLES.clear()
+    state.LOCATIONS.clear()
 
 
 def test_compaction_merges_small_shards_without_changing_a_row(indexed, fast_config):
@@ -131,7 +131,8 @@ def test_compaction_merges_small_shards_without_changing_a_row(indexed, fast_con
 def test_a_validation_sample_is_read_once_per_process_until_its_shards_change(store_reads, monkeypatch):
     """Every candidate of a run is scored on the same samples, and a sample of a large target lies in every
     shard: `sample_rows` reads it once, again only when the committed shards change; the least recently
-    used samples go past SAMPLE_BYTES, and a larger sample is streamed and not kept."""
+    used samples go past the cache's bound, and a larger sample is streamed and not kept."""
+    from adaptflow import state
     from adaptflow.adapt import samples
 
     plan, ids, reads = store_reads
@@ -148,15 +149,15 @@ def test_a_validation_sample_is_read_once_per_process_until_its_shards_change(st
     shards.compact_shards(plan.features_uri, target_rows=64, min_shards=4)  # other shards are committed
     merged = sample(range(0, 40, 2))
     assert merged is not first and len(reads) > n
-    assert list(samples._SAMPLES.values()) == [merged]  # the stale copy is not kept beside it
+    assert state.SAMPLES.values() == [merged]  # the stale copy is not kept beside it
     assert np.array_equal(merged.gather(np.arange(20)).numpy(), expected[0:40:2])
 
-    monkeypatch.setattr(samples, "SAMPLE_BYTES", int(1.5 * merged.resident_bytes))
+    monkeypatch.setattr(state.SAMPLES, "max_size", int(1.5 * merged.resident_bytes))
     other = sample(range(1, 40, 2))
-    assert list(samples._SAMPLES.values()) == [other]  # the older sample made room
-    monkeypatch.setattr(samples, "SAMPLE_BYTES", 1)
+    assert state.SAMPLES.values() == [other]  # the older sample made room
+    monkeypatch.setattr(state.SAMPLES, "max_size", 1)
     streamed = sample(range(40))
-    assert streamed.resident_bytes == 0 and list(samples._SAMPLES.values()) == [other]
+    assert streamed.resident_bytes == 0 and state.SAMPLES.values() == [other]
     assert np.array_equal(streamed.gather(np.arange(40)).numpy(), expected[:40])
 
 

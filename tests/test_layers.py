@@ -115,7 +115,14 @@ def test_no_private_name_crosses_a_module(module):
 
 
 # One room per stage: the package's top level is its edge, everything else lives in a stage's folder.
-EDGE = {"adaptflow", "adaptflow.config", "adaptflow.errors", "adaptflow.manifests", "adaptflow.progress"}
+EDGE = {
+    "adaptflow",
+    "adaptflow.config",
+    "adaptflow.errors",
+    "adaptflow.manifests",
+    "adaptflow.progress",
+    "adaptflow.state",
+}
 STAGES = {"store", "data", "extract", "adapt", "evaluate", "models", "monitor", "report"}
 
 

@@ -20,13 +20,13 @@ on that sample next to its label-free scores; selection never reads them.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
+from adaptflow import state
 from adaptflow.adapt import domain_gap, priors, selection, validators
 from adaptflow.adapt.algorithms import get_algorithm
 from adaptflow.adapt.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
@@ -68,8 +68,6 @@ CPU_THREADS = 1
 # after the last checkpoint, it saves one: Ctrl-C (or a lost worker) costs at most about a minute of training.
 CHECKPOINT_PARTS = 8
 CHECKPOINT_EVERY_S = 60.0
-_DEVICE_LOCKS: dict[str, threading.Lock] = {}  # one images-mode candidate per GPU and process at a time
-_LOCKS_LOCK = threading.Lock()
 
 
 def train_candidate(
@@ -130,7 +128,7 @@ def train_candidate(
     y_train = torch.tensor(train.label.map(code).to_numpy(), dtype=torch.long)
     cpu = str(device) == "cpu"
     with (
-        _device_lock(device) if spec.mode == "images" and not cpu else nullcontext(),
+        state.CANDIDATE_DEVICES.lock(device) if spec.mode == "images" and not cpu else nullcontext(),
         intra_op_threads(CPU_THREADS) if cpu else nullcontext(),
     ):
         draws = (until - begin) * batch  # rows this segment reads of each domain: streamed if fewer than all
@@ -397,11 +395,3 @@ def _outputs(c: CandidateManifest) -> tuple[np.ndarray, np.ndarray, np.ndarray] 
         val.label.to_numpy(dtype=np.int64),
         np.stack(target.probabilities.to_numpy()).astype(np.float64),
     )
-
-
-def _device_lock(device: str) -> threading.Lock:
-    """End-to-end candidates take their whole GPU: two at once on one only slow each other. One lock per
-    device and process: candidates on other workers (Dask) run at the same time. (A CPU has no lock:
-    see CPU_THREADS.)"""
-    with _LOCKS_LOCK:
-        return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())

@@ -5,15 +5,14 @@ outputs a candidate leaves beside its model (its source-validation predictions, 
 
 from __future__ import annotations
 
-import threading
 import zlib
-from collections import OrderedDict
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from adaptflow import state
 from adaptflow.adapt.train import Rows, TensorRows
 from adaptflow.config import Config
 from adaptflow.data.ingest import read_index
@@ -25,10 +24,6 @@ from adaptflow.manifests import (
 from adaptflow.store import storage
 from adaptflow.store.rows import ShardedRows
 from adaptflow.store.shards import committed_shards
-
-SAMPLE_BYTES = 1 << 30  # the samples one process keeps read, at most
-_SAMPLES: OrderedDict[tuple, ShardedRows] = OrderedDict()  # by (folder, column, shape, image ids, committed shards)
-_SAMPLES_LOCK = threading.Lock()
 
 
 def validation_sample(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -52,23 +47,16 @@ def sample_rows(
     """The rows of a fixed sample (`validation_sample`), read once per process while the committed shards
     under `folder` stay the same. Every candidate of a run is scored on the same samples, and a sample of a
     large dataset lies in every shard (2,000 of 100,000 target images touch all 25): read per candidate, each
-    one's scoring would read the whole target again. The least recently used samples go past
-    `SAMPLE_BYTES`, and a sample read again from changed shards replaces its stale copy; a sample larger
-    than that is streamed and not kept."""
+    one's scoring would read the whole target again. Kept in `state.SAMPLES` (its docstring gives the bound
+    and when a copy is stale); a sample larger than its bound is streamed and not kept."""
     shards = committed_shards(folder)
-    key = (folder, column, tuple(shape), tuple(image_ids), tuple(s.data_uri for s in shards))
-    with _SAMPLES_LOCK:
-        if key in _SAMPLES:
-            _SAMPLES.move_to_end(key)
-            return _SAMPLES[key]
-    rows = ShardedRows(folder, image_ids, column, shape, resident_bytes=SAMPLE_BYTES, pin=pin, shards=shards)
+    key, version = (folder, column, tuple(shape), tuple(image_ids)), tuple(s.data_uri for s in shards)
+    if (kept := state.SAMPLES.get(key, version)) is not None:
+        return kept
+    limit = state.SAMPLES.max_size
+    rows = ShardedRows(folder, image_ids, column, shape, resident_bytes=limit, pin=pin, shards=shards)
     if rows.resident_bytes:
-        with _SAMPLES_LOCK:
-            for stale in [k for k in _SAMPLES if k[:-1] == key[:-1]]:
-                del _SAMPLES[stale]
-            _SAMPLES[key] = rows
-            while sum(r.resident_bytes for r in _SAMPLES.values()) > SAMPLE_BYTES:
-                _SAMPLES.popitem(last=False)
+        state.SAMPLES.put(key, rows, version)
     return rows
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +30,7 @@ from adaptflow.adapt import priors
 from adaptflow.adapt.losses import entropy as _entropy
 from adaptflow.adapt.losses import information_maximization
 from adaptflow.errors import lookup
+from adaptflow.state import LRUCache
 
 
 @dataclass(frozen=True)
@@ -248,9 +247,9 @@ def rv(v: ValidationInputs, max_points: int = 4000, alpha: float = 1.0) -> float
     return float((predicted == v.source_labels.cpu().numpy()).mean())
 
 
-def iwa(v: ValidationInputs, max_points: int = 4000, max_weight: float = 20.0) -> float:
-    """Importance-weighted source-validation accuracy, weights from the shared frozen space: a logistic
-    domain classifier on the frozen backbone's features (source training vs target) gives each
+class ImportanceWeightedAccuracy:
+    """`iwa`: importance-weighted source-validation accuracy, weights from the shared frozen space: a
+    logistic domain classifier on the frozen backbone's features (source training vs target) gives each
     source-validation image w = p_t(x)/p_s(x), so source images that look like the target count more.
     Unlike DEV, the weights come from a space no candidate shaped, so they are the same for every
     candidate of a run and an aligned featurizer cannot flatten them. Clipped at `max_weight`, then
@@ -260,10 +259,15 @@ def iwa(v: ValidationInputs, max_points: int = 4000, max_weight: float = 20.0) -
     importance-weighted validation under covariate shift (Sugiyama, Krauledat & Mueller 2007, "Covariate
     Shift Adaptation by Importance Weighted Cross Validation", JMLR), with the density ratio from a
     probabilistic domain classifier (as in Bickel, Brueckner & Scheffer 2009, "Discriminative Learning
-    under Covariate Shift", JMLR); `_density_ratio` fits it.
+    under Covariate Shift", JMLR); `density_ratio` fits it.
 
     Reads source_logits (Ns, C), source_labels (Ns,), shared_source_train (Nr', D), shared_source (Ns, D)
     and shared_target (Nt', D); returns a float (the weights average 1: all correct gives 1.0), or NaN.
+
+    The scorer owns what it fits, as skada's scorers own their fitted weight estimators: `ratios` keeps
+    the weights of the `kept` inputs used last (an `LRUCache`; `iwa`, the registered one, lives as long as
+    the process). Keyed by a digest of the shared features and the settings, so weights never go stale:
+    other features are another key.
 
     >>> from dataclasses import replace
     >>> v = ValidationInputs(torch.eye(3), torch.arange(3), torch.eye(3), torch.eye(3), torch.eye(3))
@@ -274,37 +278,36 @@ def iwa(v: ValidationInputs, max_points: int = 4000, max_weight: float = 20.0) -
     >>> round(iwa(replace(v, shared_source_train=frozen, shared_source=frozen[:3], shared_target=frozen)), 6)
     1.0
     """
-    if v.shared_source is None or v.shared_target is None or v.shared_source_train is None:
-        return math.nan
-    correct = (v.source_logits.argmax(1) == v.source_labels).double().cpu().numpy()
-    w = _density_ratio(v.shared_source_train, v.shared_target, v.shared_source, max_points, max_weight)
-    return float((w * correct).mean())
+
+    def __init__(self, max_points: int = 4000, max_weight: float = 20.0, kept: int = 4) -> None:
+        self.max_points, self.max_weight = max_points, max_weight
+        self.ratios: LRUCache[np.ndarray] = LRUCache(max_items=kept)
+
+    def __call__(self, v: ValidationInputs) -> float:
+        if v.shared_source is None or v.shared_target is None or v.shared_source_train is None:
+            return math.nan
+        correct = (v.source_logits.argmax(1) == v.source_labels).double().cpu().numpy()
+        w = self.density_ratio(v.shared_source_train, v.shared_target, v.shared_source)
+        return float((w * correct).mean())
+
+    def density_ratio(self, source: Tensor, target: Tensor, at: Tensor) -> np.ndarray:
+        """w = p_target(x) / p_source(x) at the rows of `at`, from a logistic domain classifier on 64
+        principal components (standardised), clipped and normalised to mean 1 (read-only). Seeded by
+        nothing a candidate owns: the same inputs give every candidate the same weights, so they are fitted
+        once per scorer and inputs (2.4 s of a features-mode candidate's 9 s on the demo)."""
+        digest = hashlib.sha256()
+        for t in (source, target, at):
+            digest.update(str(tuple(t.shape)).encode())
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        key = f"{digest.hexdigest()}-{self.max_points}-{self.max_weight}"
+        if (w := self.ratios.get(key)) is None:
+            w = _fit_density_ratio(source, target, at, self.max_points, self.max_weight)
+            w.setflags(write=False)
+            self.ratios.put(key, w)
+        return w
 
 
-_RATIOS: OrderedDict[str, np.ndarray] = OrderedDict()  # the last few runs' weights, by their inputs' digest
-_RATIOS_LOCK = threading.Lock()
-
-
-def _density_ratio(source: Tensor, target: Tensor, at: Tensor, max_points: int, max_weight: float) -> np.ndarray:
-    """w = p_target(x) / p_source(x) at the rows of `at`, from a logistic domain classifier on 64 principal
-    components (standardised), clipped and normalised to mean 1. Seeded by nothing a candidate owns: the
-    same inputs give every candidate the same weights, so they are computed once per process and inputs
-    (2.4 s of a features-mode candidate's 9 s on the demo)."""
-    digest = hashlib.sha256()
-    for t in (source, target, at):
-        digest.update(str(tuple(t.shape)).encode())
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    key = f"{digest.hexdigest()}-{max_points}-{max_weight}"
-    with _RATIOS_LOCK:
-        if key in _RATIOS:
-            return _RATIOS[key]
-    w = _fit_density_ratio(source, target, at, max_points, max_weight)
-    w.setflags(write=False)
-    with _RATIOS_LOCK:
-        _RATIOS[key] = w
-        while len(_RATIOS) > 4:
-            _RATIOS.popitem(last=False)
-    return w
+iwa = ImportanceWeightedAccuracy()
 
 
 def _fit_density_ratio(source: Tensor, target: Tensor, at: Tensor, max_points: int, max_weight: float) -> np.ndarray:

@@ -25,8 +25,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from adaptflow import state
 from adaptflow.evaluate.metrics import classification_metrics
-from adaptflow.extract.features import DEVICE_LOCK
 from adaptflow.manifests import (
     EvaluationManifest,
     ExtractionPlan,
@@ -132,7 +132,7 @@ def predict_shard(shard: PredictShard, features: ExtractionPlan | None, device: 
         return PredictionPart.load(manifest).model_copy(update={"reused": True})
     start = time.perf_counter()
     rows = _read_rows(shard.order_uri, *shard.rows).to_pandas()
-    with DEVICE_LOCK:
+    with state.SHARD_DEVICE:
         model, card = _load(shard.model_uri, shard.model_key)
         logits, _ = infer(model, card, rows, features, device)
     table = predictions_table(rows, logits, card.classes, unknown_below=unknown_below(card))

@@ -13,7 +13,6 @@ cached training images (`adaptflow.extract.image_cache`), or both.
 
 from __future__ import annotations
 
-import threading
 import time
 from contextlib import contextmanager
 
@@ -21,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from adaptflow import progress
+from adaptflow import progress, state
 from adaptflow.config import BackboneConfig, ExtractConfig, resolve_device
 from adaptflow.errors import AdaptflowError, DatasetError
 from adaptflow.extract import coverage
@@ -39,10 +38,6 @@ from adaptflow.store.shards import (
 )
 
 _PLAN_COLUMNS = ["image_id", "uri", "label", "domain", "split"]
-# One shard at a time per process owns the device, extraction's and prediction's alike: two shards sharing
-# 2 CPU cores (or one GPU) run slower together than in turn, their DataLoader workers would oversubscribe
-# the cores, and each holds its batches and activations: two at once, twice the memory.
-DEVICE_LOCK = threading.Lock()
 
 
 def plan_extraction(
@@ -168,9 +163,10 @@ def extract_shard(plan: ShardPlan, backbone: BackboneConfig, extract: ExtractCon
     todo = [c for c, f in folders.items() if f and c not in done]
     bytes_read = bytes_written = 0
     if todo:
-        # The device runs one shard at a time; writing a finished shard to the store happens outside the
-        # lock, so with two shard tasks in flight one uploads while the next computes.
-        with DEVICE_LOCK:
+        # The device runs one shard at a time (`state.SHARD_DEVICE` says why); writing a finished shard to
+        # the store happens outside the lock, so with two shard tasks in flight one uploads while the next
+        # computes.
+        with state.SHARD_DEVICE:
             tables, bytes_read, fingerprint = _embed_shard(plan, backbone, extract, todo)
         for column, table in tables.items():
             committed = manifest_uri(folders[column], plan.shard_key)

@@ -25,31 +25,22 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from adaptflow import state
 from adaptflow.errors import StoreError
 from adaptflow.manifests import ShardManifest
 from adaptflow.store.shards import committed_shards, read_shard, stream_shard, value_matrix
 
 RESIDENT_BYTES = 512 << 20  # wanted rows up to this size are read once and kept
 MAX_SHARDS = 3  # shards held at once otherwise: the one in use, the last one, the next one read ahead
-# Where each image's row is, per list of committed shards: every ShardedRows of a run (each
-# candidate's training splits, each segment of successive halving, each prediction) looks its images up
-# here, and reading the image_id column of every shard each time read every shard file whole (one GET
-# per file from an object store), so the bytes a run read grew with the store. Kept for the LOCATIONS_KEPT
-# lists used last; a changed list (new extraction, compaction) is read again, and a shard file is never
-# rewritten under its name (`shards.commit_shard` puts a uuid in it).
-LOCATIONS_KEPT = 2
-_LOCATIONS: OrderedDict[tuple[str, ...], pd.DataFrame] = OrderedDict()  # by the shards' data_uris
-_LOCATIONS_LOCK = threading.Lock()
 
 
 def locations(shards: list[ShardManifest]) -> pd.DataFrame:
     """(shard, row) of every image in the committed `shards` (their positions in that list), indexed by
-    image_id (the first shard that has an image wins), read once per process while the list stays the same."""
+    image_id (the first shard that has an image wins), read once per process while the list stays the same
+    (kept in `state.LOCATIONS`)."""
     key = tuple(s.data_uri for s in shards)
-    with _LOCATIONS_LOCK:
-        if key in _LOCATIONS:
-            _LOCATIONS.move_to_end(key)
-            return _LOCATIONS[key]
+    if (kept := state.LOCATIONS.get(key)) is not None:
+        return kept
     parts = [
         pd.DataFrame({"image_id": ids, "shard": k, "row": np.arange(len(ids))})
         for k, shard in enumerate(shards)
@@ -60,10 +51,7 @@ def locations(shards: list[ShardManifest]) -> pd.DataFrame:
     # Looked up as Python objects: pandas 3's default string index made `isin` a Python loop, 1.5 s for
     # 2,000 of 100,000 ids (0.03 s as objects), paid by every sample and candidate a run reads
     found.index = found.index.astype(object)
-    with _LOCATIONS_LOCK:
-        _LOCATIONS[key] = found
-        while len(_LOCATIONS) > LOCATIONS_KEPT:
-            _LOCATIONS.popitem(last=False)
+    state.LOCATIONS.put(key, found)
     return found
 
 
