@@ -36,11 +36,27 @@ def release_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def _malloc_trim():
+def _glibc():
     try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
         return None
 
 
-_MALLOC_TRIM = _malloc_trim()
+def bound_allocators() -> None:
+    """Set once per process that runs tasks, before they allocate: what the allocators keep stays bounded.
+    - Arrow allocates through malloc (`ARROW_DEFAULT_MEMORY_POOL=system`, set by `cli` and `flows` before
+      pyarrow loads), not mimalloc, whose release reaches only the calling thread's heap: with mimalloc,
+      `adaptflow predict` of 20,000 images kept 57 MB more in its arena than of 2,000 images, where malloc's
+      `release_memory` trims it.
+    - At most 2 malloc arenas (M_ARENA_MAX): glibc gives each new thread its own, up to 8 per core, and
+      each keeps the high-water mark of the tasks its thread ran until trimmed."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_ARENA_MAX, 2)
+
+
+_M_ARENA_MAX = -8  # glibc's malloc.h
+_LIBC = _glibc()
+_MALLOC_TRIM = _LIBC.malloc_trim if _LIBC is not None else None
+bound_allocators()

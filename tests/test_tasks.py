@@ -1,5 +1,9 @@
 """Each task's body through `.fn()`: the wrappers pass manifests through and return manifests."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 from prefect.states import Failed
 
@@ -170,3 +174,21 @@ def test_prefect_retries_a_store_that_was_unreachable_and_not_a_bad_one(
 def test_ingest_task_raises_the_user_message(memory_uri, fast_config):
     with pytest.raises(DatasetError, match="dataset not found"):
         ingest_dataset.fn(f"{memory_uri}/missing", "source", f"{memory_uri}/out", fast_config.ingest, 0)
+
+
+@pytest.mark.parametrize("entry", ["cli.main", "flows.predict", "tasks.predict"])
+def test_arrow_allocates_through_malloc_in_every_entry(entry):
+    """Arrow's pool is chosen when pyarrow loads: each entry sets it to malloc first, which the tasks' memory
+    release trims (mimalloc kept what ingest's reader threads freed: more with every image predicted). A
+    user's own choice in the environment stands."""
+    code = f"import {entry}, pyarrow as pa; print(pa.default_memory_pool().backend_name)"
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    found = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "system"
+    chosen = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "ARROW_DEFAULT_MEMORY_POOL": "mimalloc"},
+        capture_output=True,
+        text=True,
+    )
+    assert chosen.stdout.strip() == "mimalloc"
