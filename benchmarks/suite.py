@@ -84,6 +84,8 @@ def outcome(summary: dict, data: dict, wall: float) -> dict:
     promoted = selected
     if promotion.get("stand_in_version") is not None and reference:
         promoted = candidates.get(reference, selected)  # the source-only reference became champion instead
+    elif promotion and not promotion.get("promoted"):
+        promoted = None  # nothing became champion: the store keeps none (a first run) or the one it had
     classes = summary["datasets"]["source"]["classes"]
     truth = true_mix(data["target_labels"], classes)
     mix = adaptation.get("class_mix")
@@ -145,7 +147,7 @@ def report(rows: list[dict], codes: list[str], shifts: list[str]) -> None:
             below = "yes" if r["accuracy"] < r["source_only"] - 1e-9 else "no"
             err = f"{r['estimate_error_tv']:.3f}" if "estimate_error_tv" in r else "-"
             print(
-                f"{shift:<17}{str(r['selected']):<22}{r['accuracy']:>6.3f}{r['promoted']:>9.3f}"
+                f"{shift:<17}{str(r['selected']):<22}{r['accuracy']:>6.3f}{_score(r['promoted']):>9}"
                 f"{r['source_only']:>9.3f}{r['head']:>6.3f}{r['oracle']:>7.3f}{r['oracle'] - r['accuracy']:>7.3f}"
                 f"{below:>6}{_confidence(r['confident']):>5}{err:>8}{r['true_tv_from_source']:>8.3f}"
                 f"{r['wall']:>8.0f}"
@@ -155,10 +157,11 @@ def report(rows: list[dict], codes: list[str], shifts: list[str]) -> None:
             regret = [r["oracle"] - r["accuracy"] for r in done]
             below = sum(r["accuracy"] < r["source_only"] - 1e-9 for r in done)
             below_tol = sum(r["accuracy"] < r["source_only"] - TOLERANCE for r in done)
+            promoted = [r["promoted"] for r in done if r["promoted"] is not None]
             print(
-                f"{code}: {len(done)} shifts, mean accuracy {mean(r['accuracy'] for r in done):.3f} (promoted "
-                f"{mean(r['promoted'] for r in done):.3f}), mean regret {mean(regret):.3f}, worst "
-                f"{max(regret):.3f}, below source-only {below} (by more than {TOLERANCE}: {below_tol}), "
+                f"{code}: {len(done)} shifts, mean accuracy {mean(r['accuracy'] for r in done):.3f} (promoted on "
+                f"{len(promoted)}: {_score(mean(promoted) if promoted else None)}), mean regret {mean(regret):.3f}, "
+                f"worst {max(regret):.3f}, below source-only {below} (by more than {TOLERANCE}: {below_tol}), "
                 f"wall {sum(r['wall'] for r in done):.0f} s"
             )
     if len(codes) > 1:
@@ -168,6 +171,10 @@ def report(rows: list[dict], codes: list[str], shifts: list[str]) -> None:
             cells = " | ".join("-" if a is None else f"{a:.3f}" for a in acc)
             diff = ", ".join("-" if a is None or acc[0] is None else f"{a - acc[0]:+.3f}" for a in acc[1:])
             print(f"  {shift:<17}{cells}   ({diff})")
+
+
+def _score(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3f}"
 
 
 def main(args) -> None:
