@@ -5,8 +5,4 @@ validates its config and runs its stages as a subflow on the task runner, and wi
 that `config.runtime` names: a deployment's run gets its config only as a parameter, after its own flow
 has started."""
 
-import os
-
-# Arrow allocates through malloc, which `tasks._work.release_memory` trims after each task (its
-# `bound_allocators` says why); Arrow reads this when pyarrow loads, so it is set before anything imports it.
-os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+import adaptflow  # noqa: F401  first: it chooses Arrow's allocator before pyarrow loads

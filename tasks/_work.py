@@ -46,8 +46,8 @@ def _glibc():
 
 def bound_allocators() -> None:
     """Set once per process that runs tasks, before they allocate: what the allocators keep stays bounded.
-    - Arrow allocates through malloc (`ARROW_DEFAULT_MEMORY_POOL=system`, set by `cli` and `flows` before
-      pyarrow loads), not mimalloc, whose release reaches only the calling thread's heap: with mimalloc,
+    - Arrow allocates through malloc (`ARROW_DEFAULT_MEMORY_POOL=system`, set by `adaptflow`'s `__init__`
+      before pyarrow loads), not mimalloc, whose release reaches only the calling thread's heap: with mimalloc,
       `adaptflow predict` of 20,000 images kept 57 MB more in its arena than of 2,000 images, where malloc's
       `release_memory` trims it.
     - At most 2 malloc arenas (M_ARENA_MAX): glibc gives each new thread its own, up to 8 per core, and

@@ -176,7 +176,7 @@ def test_ingest_task_raises_the_user_message(memory_uri, fast_config):
         ingest_dataset.fn(f"{memory_uri}/missing", "source", f"{memory_uri}/out", fast_config.ingest, 0)
 
 
-@pytest.mark.parametrize("entry", ["cli.main", "flows.predict", "tasks.predict"])
+@pytest.mark.parametrize("entry", ["adaptflow", "cli", "flows", "tasks", "cli.main", "flows.predict"])
 def test_arrow_allocates_through_malloc_in_every_entry(entry):
     """Arrow's pool is chosen when pyarrow loads: each entry sets it to malloc first, which the tasks' memory
     release trims (mimalloc kept what ingest's reader threads freed: more with every image predicted). A
