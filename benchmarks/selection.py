@@ -311,15 +311,12 @@ def main(args) -> None:
         if mix is not None:
             truth = true_mix(prepared["target_labels"], mix.classes)
             pool = adaptation.selection_candidates(finished)
-            estimator = max(
-                (i for i, c in enumerate(pool) if c.source_only), key=lambda i: pool[i].scores["source_val_acc"]
-            )
             print(
                 f"  class mix: estimated {_top(mix.estimate, mix.classes)}, true {_top(truth, mix.classes)}; total "
                 f"variation from the truth {priors.total_variation(mix.estimate, truth):.3f}, the truth's from the "
                 f"source {priors.total_variation(truth, mix.source):.3f}; label shift estimated: "
                 f"{'yes' if priors.label_shift(mix) else 'no'}, credible (rule 4 speaks): "
-                f"{'yes' if selection.credible(pool[estimator], mix) else 'no'}",
+                f"{'yes' if selection.credible_in(pool, mix) else 'no'}",
                 flush=True,
             )
         dumped[name] = [

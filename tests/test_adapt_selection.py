@@ -267,3 +267,51 @@ def test_a_dominant_class_target_keeps_its_source_only_reference_when_alignment_
     assert select([doubtful, pool[1]], ["source_val_acc"], mix=estimate) == select(
         [doubtful, pool[1]], ["source_val_acc"]
     )
+
+
+def test_a_confident_source_only_model_alone_does_not_make_a_class_mix_credible():
+    """The suite's long-tailed target (degraded images): the source-only model fine-tuned end to end was as
+    sure of the target as of the source, predicted one class for most of it, and its estimate (83% one
+    class) passed the confidence check; selection then judged the adapted model (0.74) against that mix and
+    kept the reference (0.15). The source-only model on frozen features, a second witness, agreed with it on
+    source validation and on almost none of the target: a change of look, not a label shift. Under a label
+    shift alone the two agree on the target as they do on the source, and the estimate stands."""
+    from adaptflow.adapt import priors
+    from adaptflow.adapt.selection import credible, credible_in
+
+    yv = torch.arange(400) % CLASSES
+    yt = torch.arange(1000) % CLASSES  # balanced truth
+    val = _outputs_with_mix(0, yv, yv)
+    mostly_zero = yt.clone()
+    mostly_zero[:700] = 0  # the images model's confident mistake: 77.5% class 0
+    fooled = _outputs_with_mix(1, yt, mostly_zero)
+    estimate = priors.estimate(val, yv, fooled, CLASSES, np.full(CLASSES, 0.25))
+    assert estimate.estimate[0] > 0.7 and priors.label_shift(estimate)
+
+    def source_only(name, target, acc):
+        proba = val.softmax(1).numpy()
+        return Candidate(
+            name,
+            {"source_val_acc": acc, "im": float(-information_maximization(target))},
+            is_collapsed(target, CLASSES),
+            source_only=True,
+            val_correct=(val.argmax(1) == yv).numpy(),
+            target_proba=target.softmax(1).numpy(),
+            source_confidence=np.array([proba[yv.numpy() == k].max(1).mean() for k in range(CLASSES)]),
+            val_predictions=val.argmax(1).numpy(),
+            val_labels=yv.numpy(),
+        )
+
+    images = source_only("source_only-images", fooled, 1.0)
+    features = source_only("source_only-features", _outputs_with_mix(2, yt, yt), 0.95)  # right on the target
+    adapted = replace(features, name="dann-images", source_only=False, scores={"source_val_acc": 0.99, "im": 1.0})
+    assert credible(images, estimate)  # the confidence check alone is fooled
+    assert select([images, adapted], ["source_val_acc"], mix=estimate).mix is estimate  # with no witness
+    assert not credible_in([images, features, adapted], estimate)
+    assert select([images, features, adapted], ["source_val_acc"], mix=estimate) == select(
+        [images, features, adapted], ["source_val_acc"]
+    )
+    # A label shift alone: both witnesses see the same skew on the same images, and the estimate stands
+    agreeing = source_only("source_only-features", _outputs_with_mix(3, yt, mostly_zero), 0.95)
+    assert credible_in([images, agreeing, adapted], estimate)
+    assert select([images, agreeing, adapted], ["source_val_acc"], mix=estimate).mix is estimate

@@ -359,6 +359,8 @@ def selection_candidates(candidates: list[CandidateManifest]) -> list[selection.
                 val_correct=_val_correct(c),
                 target_proba=None if outputs is None else outputs[2],
                 source_confidence=None if outputs is None else _confidence_by_class(outputs[0], outputs[1]),
+                val_predictions=None if outputs is None else outputs[0].argmax(1),
+                val_labels=None if outputs is None else outputs[1],
             )
         )
     return out
