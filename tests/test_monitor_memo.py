@@ -126,3 +126,28 @@ def _grown(index_uri: str, other_uri: str, n: int, out_uri: str) -> str:
     added = other.filter(pa.compute.is_in(other["image_id"], pa.array(entering))).select(table.column_names)
     storage.write_table(out_uri, pa.concat_tables([table, added.cast(table.schema)]))
     return out_uri
+
+
+def test_a_night_with_new_images_reads_the_reference_sample_from_the_memo(store, monkeypatch):
+    """The champion's reference sample lies among every image of the feature shards; its embeddings are
+    read from them once, then from the memo, and the test is the one the shards would give."""
+    from adaptflow.config import MonitorConfig
+    from adaptflow.monitor import shift
+
+    root, src, tgt, plan, head = store
+    champion = _champion(head, src.index_uri)  # the target's images are all new against this reference
+    for folder in ("samples", "tests"):  # what earlier tests on this store kept
+        for uri in storage.list_uris(storage.join(root, "monitor", folder)):
+            storage.remove(uri)
+    read = []
+    load = shift.load_features
+    monkeypatch.setattr(shift, "load_features", lambda uri, ids: read.append(len(ids)) or load(uri, ids))
+    first = shift.check_shift(champion, tgt, plan, None, MonitorConfig(), store=root)
+    assert first.test is not None and len(read) == 2  # the reference sample, then the new images
+    assert storage.list_uris(storage.join(root, "monitor", "samples"), ".npy")
+
+    night = tgt.model_copy(update={"fingerprint": "a later night"})  # its shift test is not kept: measured
+    remembered = shift.check_shift(champion, night, plan, None, MonitorConfig(), store=root)
+    assert len(read) == 3  # the new images alone
+    measured = shift.check_shift(champion, night, plan, None, MonitorConfig())
+    assert len(read) == 5 and remembered.test == measured.test and remembered.domain_auc == measured.domain_auc

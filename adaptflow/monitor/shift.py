@@ -274,10 +274,8 @@ def _image_test(
     if n_new == 0:
         untested = nothing_new
     else:
-        ref, new = (
-            _normalised(load_features(features.features_uri, ids[: cfg.max_samples]))
-            for ids in (_seeded_order(reference_ids, seed), batch_ids)
-        )
+        ref = _reference_sample(champion, features, reference_ids, cfg.max_samples, seed, store)
+        new = _normalised(load_features(features.features_uri, batch_ids[: cfg.max_samples]))
         try:
             test = mmd_permutation_test(ref, new, cfg.permutations, seed, cfg.max_samples, cfg.alpha)
             auc = domain_classifier_auc(ref, new, seed, cfg.max_samples)
@@ -286,6 +284,21 @@ def _image_test(
     if store:
         memo.keep_image_test(store, key, (test, auc, n_new, untested))
     return test, auc, n_new, untested
+
+
+def _reference_sample(
+    champion: Champion, features: ExtractionPlan, reference_ids: list[str], max_samples: int, seed: int, store
+) -> np.ndarray:
+    """The normalised embeddings of the champion's reference sample (the first `max_samples` of its target
+    images in the seeded order): the same every night until the champion changes, so read from the feature
+    shards, which hold them among every other image's, once, and then from the monitor's memo."""
+    key = memo.key(champion.reference_index_uri, features.features_uri, max_samples, seed)
+    sample = memo.reference_features(store, key) if store else None
+    if sample is None:
+        sample = load_features(features.features_uri, _seeded_order(reference_ids, seed)[:max_samples])
+        if store:
+            memo.keep_reference_features(store, key, sample)
+    return _normalised(sample)
 
 
 def new_images(target_ids: list[str], reference: set[str]) -> list[str]:
