@@ -144,7 +144,7 @@ def test_a_night_with_new_images_reads_the_reference_sample_from_the_memo(store,
     monkeypatch.setattr(shift, "load_features", lambda uri, ids: read.append(len(ids)) or load(uri, ids))
     first = shift.check_shift(champion, tgt, plan, None, MonitorConfig(), store=root)
     assert first.test is not None and len(read) == 2  # the reference sample, then the new images
-    assert storage.list_uris(storage.join(root, "monitor", "samples"), ".npy")
+    assert storage.list_uris(storage.join(root, "monitor", "samples"), ".npz")
 
     night = tgt.model_copy(update={"fingerprint": "a later night"})  # its shift test is not kept: measured
     remembered = shift.check_shift(champion, night, plan, None, MonitorConfig(), store=root)
