@@ -152,8 +152,7 @@ class AdaptConfig(_Section):
         None,
         description="which part of the backbone fine-tunes in images mode: full | partial (the first "
         "frozen_fraction of its blocks stay frozen) | lp_ft (linear probe, then fine-tune) | gradual "
-        "(unfreeze block by block); null: the budget's on a CPU (default: partial and full, each its own "
-        "candidates, selection choosing among all), full on a GPU",
+        "(unfreeze block by block); null: partial on a CPU, full on a GPU",
     )
     frozen_fraction: float = Field(
         0.5, ge=0.0, lt=1.0, description="partial: the share of the backbone's blocks, from the input on, kept frozen"

@@ -36,30 +36,14 @@ def test_candidate_plan_is_sized_to_the_hardware():
         "source_only-images",
         "dann-images",
         "cdan-images",
-        "dann-images-full",  # each strategy its own adapted candidates; one source-only reference
-        "cdan-images-full",
     ]
-    assert [s.strategy for s in cpu if s.mode == "images"] == ["partial"] * 3 + ["full"] * 2
-    assert names(planning.plan_candidates(_cfg("adapt.budget=quick"), cuda=False))[-3:] == [
-        "source_only-images",
-        "dann-images",
-        "cdan-images",
-    ]
-    gpu = planning.plan_candidates(_cfg(), cuda=True)
-    assert len(gpu) == 2 * len(_cfg().adapt.methods) and {s.strategy for s in gpu if s.mode == "images"} == {"full"}
+    assert len(planning.plan_candidates(_cfg(), cuda=True)) == 2 * len(_cfg().adapt.methods)
     assert names(planning.plan_candidates(_cfg("adapt.method=coral"), cuda=False)) == [
-        "coral-features",
-        "coral-images",
-        "coral-images-full",
-    ]
-    assert names(planning.plan_candidates(_cfg("adapt.method=coral", "adapt.strategy=full"), cuda=False)) == [
         "coral-features",
         "coral-images",
     ]
     assert planning.plan_candidates(_cfg("adapt.method=none"), cuda=False) == []
-    grid = planning.plan_candidates(
-        _cfg("adapt.method=mcc", "adapt.hparam_draws=2", "adapt.seeds=[0, 1]", "adapt.strategy=partial"), cuda=False
-    )
+    grid = planning.plan_candidates(_cfg("adapt.method=mcc", "adapt.hparam_draws=2", "adapt.seeds=[0, 1]"), cuda=False)
     assert len(grid) == 2 * 3 * 2 and len({s.name for s in grid}) == 12
     assert grid[0].hparams != grid[2].hparams  # a random draw differs from the defaults
     l2sp = planning.plan_candidates(_cfg("adapt.method=dann", "adapt.hparams={l2sp: 0.01, lambda: 0.5}"), cuda=False)
@@ -98,10 +82,10 @@ def test_a_budget_sets_steps_size_strategy_and_halving_and_explicit_settings_win
         )
 
     quick, default, thorough = (planned(f"adapt.budget={b}") for b in ("quick", "default", "thorough"))
-    assert quick[0] == {500} and quick[1] == {48} and quick[2] == {"partial"} and quick[3] == 3
+    assert quick[0] == {500} and quick[1] == {48} and quick[3] == 3
     assert thorough == ({1061}, {64}, {"full"}, 0, {3000})  # 10 passes of 3,393 images, no halving
     assert planned("adapt.budget=thorough", n=630)[0] == {600}  # its fewest steps
-    assert default[0] == quick[0] and default[3] == quick[3] and default[2] == {"partial", "full"}
+    assert default[0] == quick[0] and default[3] == quick[3]
     pinned = planned(
         "adapt.budget=thorough",
         "adapt.image_steps=40",
@@ -401,8 +385,7 @@ def test_successive_halving_keeps_the_best_third_and_records_who_stopped():
     assert halving.halving_rungs(300, 3, 3) == [100, 300]
     assert halving.halving_rungs(300, 9, 3) == [33, 100, 300]
     assert halving.halving_rungs(300, 3, 0) == halving.halving_rungs(300, 1, 3) == [300]
-    cfg_args = ("adapt.methods=[source_only, coral]", "adapt.image_methods=[source_only, dann, cdan]")
-    cfg = _cfg(*cfg_args, "adapt.strategy=partial")
+    cfg = _cfg("adapt.methods=[source_only, coral]", "adapt.image_methods=[source_only, dann, cdan]")
     specs = planning.plan_candidates(cfg, cuda=False)
     quality = {
         "source_only-images": 0.5,
@@ -443,21 +426,6 @@ def test_successive_halving_keeps_the_best_third_and_records_who_stopped():
     picked = adaptation.select_model(head, done, ["source_val_acc", "im"])
     assert picked.name == "dann-images" and picked.ranks[4] is None  # stopped: unranked
     assert picked.ranks[2] is not None  # the source-only images candidate finished: ranked, a possible reference
-
-    # The default budget races both fine-tuning strategies' candidates together: four racers, three rungs
-    calls.clear()
-    quality.update({"dann-images-full": 0.8, "cdan-images-full": 0.95})
-    both = planning.plan_candidates(_cfg(*cfg_args[:2]), cuda=False)
-    done = halving.successive_halving(
-        both, train, lambda c, rung: c.model_copy(update={"stopped_at_rung": rung}), ["source_val_acc", "im"], eta=3
-    )
-    assert [[(n, u) for n, u in call if "features" not in n] for call in calls] == [
-        [("source_only-images", 33), ("dann-images", 33), ("cdan-images", 33)]
-        + [("dann-images-full", 33), ("cdan-images-full", 33)],
-        [("source_only-images", 100), ("dann-images", 100), ("cdan-images-full", 100)],
-        [("source_only-images", None), ("cdan-images-full", 300)],
-    ]
-    assert adaptation.select_model(head, done, ["source_val_acc", "im"]).name == "cdan-images-full"
 
 
 def _fake(spec, steps, quality):

@@ -27,9 +27,7 @@ class Budget(NamedTuple):
     cpu_steps: tuple[int, int]
     gpu_steps: tuple[int, int]
     cpu_image_size: int  # end to end on a CPU (a GPU trains at the backbone's own size)
-    # what of the backbone fine-tunes end to end on a CPU, each strategy its own set of adapted candidates
-    # beside one source-only reference (the first strategy's); a GPU fine-tunes it all (full)
-    cpu_strategies: tuple[str, ...]
+    cpu_strategy: str  # what of the backbone fine-tunes end to end on a CPU (a GPU: full)
     halving: int  # successive halving's eta (0: none)
     feature_steps: int
 
@@ -37,14 +35,12 @@ class Budget(NamedTuple):
 # quick is the default of 2026-12-04: on benchmarks/cost.py's 5,000-image source (3,393 training images,
 # one thread, 48 px, partial) cdan-images reached 0.708 target accuracy at 300 steps and 0.796-0.805 at
 # 480-500; at 48 px on the demo shift (benchmarks/adaptation.py, 300 steps) source_only / dann / cdan
-# reached 0.550 / 0.777 / 0.737 against 0.347 for source_only at 64 px. default races partial and full
-# fine-tuning: on the suite (benchmarks/suite.py) each lost 15-60 points to the other on some shift (full:
-# blurred, long-tailed and 8x8 targets; partial: inverted and open-set ones), and selection among both
-# picked the better one. See docs/benchmarks.md for what each budget costs and reaches.
+# reached 0.550 / 0.777 / 0.737 against 0.347 for source_only at 64 px. See docs/benchmarks.md for what
+# each budget costs and reaches.
 BUDGETS: dict[str, Budget] = {
-    "quick": Budget(5, (300, 500), (3000, 3000), 48, ("partial",), 3, 1500),
-    "default": Budget(5, (300, 500), (3000, 3000), 48, ("partial", "full"), 3, 1500),
-    "thorough": Budget(10, (600, 2000), (3000, 6000), 64, ("full",), 0, 3000),
+    "quick": Budget(5, (300, 500), (3000, 3000), 48, "partial", 3, 1500),
+    "default": Budget(5, (300, 500), (3000, 3000), 48, "partial", 3, 1500),
+    "thorough": Budget(10, (600, 2000), (3000, 6000), 64, "full", 0, 3000),
 }
 
 
@@ -56,7 +52,7 @@ def budget(cfg: Config) -> Budget:
         halving=b.halving if a.halving is None else a.halving,
         feature_steps=a.feature_steps or b.feature_steps,
         cpu_image_size=a.image_size or b.cpu_image_size,
-        cpu_strategies=(a.strategy,) if a.strategy else b.cpu_strategies,
+        cpu_strategy=a.strategy or b.cpu_strategy,
     )
 
 
@@ -79,10 +75,7 @@ def plan_candidates(cfg: Config, cuda: bool, n_train: int | None = None) -> list
     `adapt.image_steps` is set: sized to the `n_train` source training images by `default_image_steps`).
     `method: auto` trains `adapt.methods` on features and `adapt.image_methods` end to end (by default
     sized to the hardware); a named method trains that one in both modes; `none` trains nothing (the
-    source-only head stands alone). End to end, each fine-tuning strategy (`adapt.strategy`, else the
-    budget's on a CPU: partial and full by default; full on a GPU) trains its own candidates, named with
-    the strategy after the first's (`dann-images`, `dann-images-full`); the source-only one only once, in
-    the first: the reference selection compares every pick with."""
+    source-only head stands alone)."""
     a, b = cfg.adapt, budget(cfg)
     if a.method == "none":
         return []
@@ -92,14 +85,9 @@ def plan_candidates(cfg: Config, cuda: bool, n_train: int | None = None) -> list
     else:
         feature_methods = image_methods = [a.method]
     image_size = a.image_size or (_own_size(cfg) if cuda and image_methods else b.cpu_image_size)
-    strategies = (a.strategy,) if a.strategy else (("full",) if cuda else b.cpu_strategies)
-    groups = [("features", None, feature_methods)] + [
-        ("images", strategy, [m for m in image_methods if k == 0 or m != "source_only"])  # one reference
-        for k, strategy in enumerate(strategies)
-    ]
+    strategy = a.strategy or ("full" if cuda else b.cpu_strategy)
     specs = []
-    for mode, strategy, methods in groups:
-        tag = f"-{strategy}" if strategy not in (None, strategies[0]) else ""  # the first keeps the plain name
+    for mode, methods in (("features", feature_methods), ("images", image_methods)):
         for method in methods:
             for draw in range(a.hparam_draws + 1):
                 hp = candidate_hparams(method, mode, draw)
@@ -108,9 +96,7 @@ def plan_candidates(cfg: Config, cuda: bool, n_train: int | None = None) -> list
                 hp.update({k: v for k, v in a.hparams.items() if k in hp})  # knobs this method has
                 for seed in a.seeds:
                     name = (
-                        f"{method}-{mode}{tag}"
-                        + (f"-h{draw}" if draw else "")
-                        + (f"-s{seed}" if len(a.seeds) > 1 else "")
+                        f"{method}-{mode}" + (f"-h{draw}" if draw else "") + (f"-s{seed}" if len(a.seeds) > 1 else "")
                     )
                     specs.append(
                         CandidateSpec(
@@ -123,7 +109,7 @@ def plan_candidates(cfg: Config, cuda: bool, n_train: int | None = None) -> list
                             if mode == "features"
                             else a.image_steps or default_image_steps(n_train, int(hp["batch_size"]), cuda, b),
                             image_size=image_size if mode == "images" else None,
-                            strategy=strategy,
+                            strategy=strategy if mode == "images" else None,
                         )
                     )
     return specs
