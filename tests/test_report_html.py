@@ -221,6 +221,16 @@ def test_embed_2d_shapes_and_determinism():
         embed_2d(s, t[:0])
 
 
+def test_embed_2d_of_features_that_are_all_the_same_draws_one_point():
+    """A backbone that sees nothing (random tv:mobilenet_v3_small at 32 px gave every image the same
+    features) made sklearn's t-SNE crash the whole run with a segmentation fault."""
+    same = np.ones((40, 16))
+    flat = embed_2d(same, same[:30], seed=0)
+    assert flat == {"source": [[0.0, 0.0]] * 40, "target": [[0.0, 0.0]] * 30}
+    broken = embed_2d(np.full((5, 4), np.nan), np.zeros((5, 4)))  # a model that outputs NaN: no crash either
+    assert np.shape(broken["source"]) == (5, 2)
+
+
 def test_write_report_round_trips(report, page, memory_uri):
     uri = storage.join(memory_uri, "report.html")
     write_report(uri, report)

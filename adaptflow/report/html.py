@@ -62,7 +62,10 @@ def embed_2d(source_feats: np.ndarray, target_feats: np.ndarray, seed: int = 0, 
             raise ValueError(f"embed_2d needs at least one {name} sample")
         x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
         parts.append(x[np.sort(rng.choice(len(x), min(len(x), max(max_points // 2, 1)), replace=False))])
-    x = np.concatenate(parts)
+    x = np.nan_to_num(np.concatenate(parts), nan=0.0, posinf=0.0, neginf=0.0)
+    if not np.ptp(x, axis=0).any():  # every image the same point (a backbone that sees nothing): so drawn;
+        # sklearn's Barnes-Hut t-SNE divides by the spread and crashed the process (SIGSEGV) on it
+        return {"source": [[0.0, 0.0]] * len(parts[0]), "target": [[0.0, 0.0]] * len(parts[1])}
     if x.shape[1] < 2:  # PCA init needs two feature columns; a zero column leaves distances alone
         x = np.pad(x, ((0, 0), (0, 2 - x.shape[1])))
     perplexity = max(1.0, min(30.0, (len(x) - 1) / 3))
