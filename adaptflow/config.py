@@ -58,9 +58,21 @@ class IngestConfig(_Section):
 
 
 class BackboneConfig(_Section):
-    name: str = Field("efficientnet_lite0", description="a key of adaptflow.extract.backbones.BACKBONES")
+    name: str = Field(
+        "efficientnet_lite0",
+        description="a shortcut of adaptflow.extract.backbones.BACKBONES, any timm model (convnext_tiny.fb_in22k, "
+        "timm:NAME, hf-hub:ORG/MODEL) or torchvision classification model (tv:NAME, tv:NAME.WEIGHTS)",
+    )
     weights: str | None = Field(
-        None, description="null: the backbone's offline default; a path or URI to a weights file; 'random'"
+        None,
+        description="null: the backbone's default (EfficientNet-Lite0's from its package; others from the "
+        "Hugging Face or torch hub cache, downloaded there only where download is true); a path or URI to a "
+        "weights file; 'random'",
+    )
+    download: bool = Field(
+        False,
+        description="may a backbone's default weights missing from the local caches be downloaded (honouring "
+        "HF_HUB_OFFLINE, HF_HOME, HF_ENDPOINT)? Off: a run never reaches the network",
     )
     layer: str | None = Field(None, description="null: pooled penultimate features; else a module name, pooled")
     image_size: int | None = Field(None, ge=8, le=1024, description="null: the backbone's own input size")
@@ -70,10 +82,12 @@ class BackboneConfig(_Section):
     def _known_backbone(cls, name: str) -> str:
         # The registries are imported on use, here and below: they load torch, which `--help` must not wait
         # for; none of them imports this module back at runtime (tests/test_layers.py).
-        from adaptflow.extract.backbones import BACKBONES
+        from adaptflow.extract.backbones import backbone_spec
 
-        if name not in BACKBONES:  # pydantic reports ValueErrors with the key's location
-            raise ValueError(str(UnknownNameError("backbone", name, list(BACKBONES))))
+        try:
+            backbone_spec(name)
+        except UnknownNameError as e:  # pydantic reports ValueErrors with the key's location
+            raise ValueError(str(e)) from None
         return name
 
 

@@ -190,9 +190,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_backbones(args: argparse.Namespace) -> int:
     from adaptflow.extract.backbones import BACKBONES
 
+    print("shortcuts (backbone.name):")
     for name in sorted(BACKBONES):
-        print(name)
+        print(f"  {name:24} {type(BACKBONES[name]).__name__.removesuffix('Backbone').lower()} {BACKBONES[name].arch}")
+    print(BACKBONES_HELP)
     return 0
+
+
+BACKBONES_HELP = """
+Any other model by name:
+  timm           convnext_tiny.fb_in22k, vit_small_patch14_dinov2.lvd142m, timm:NAME, hf-hub:ORG/MODEL
+                 (`timm.list_models()` lists them)
+  torchvision    tv:NAME with its default weights, tv:NAME.WEIGHTS for another enum (tv:resnet50.IMAGENET1K_V1)
+
+Weights (backbone.weights):
+  null           the default: efficientnet_lite0's from its Python package (offline); any other model's from
+                 the Hugging Face hub cache (HF_HOME, where timm keeps downloads) or the torch hub cache
+                 (TORCH_HOME, torchvision's); downloaded there only with backbone.download=true, which honours
+                 HF_HUB_OFFLINE and HF_ENDPOINT
+  PATH or URI    a .safetensors / .pth / .bin state dict of the same architecture
+  random         random initialisation (a test or a baseline)"""
 
 
 def _retrain(source: str, target: str, target_labels: str | None, store: str, cfg, table: bool = True) -> str:
@@ -388,7 +405,12 @@ def _parser() -> argparse.ArgumentParser:
     common(rb, config=False, long=False)
     rb.set_defaults(command=cmd_models_rollback)
 
-    bb = sub.add_parser("backbones", help="list the registered backbones")
+    bb = sub.add_parser(
+        "backbones",
+        help="the backbone shortcuts, how to name any timm or torchvision model, and where weights come from",
+        description=BACKBONES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     bb.set_defaults(command=cmd_backbones)
     return p
 

@@ -78,9 +78,37 @@ def test_bad_input_is_one_clear_line_and_exit_2(args, message, capsys):
     assert message in err and "Traceback" not in err and err.count("error:") == 1 and "Prefect" not in err
 
 
-def test_backbones_lists_the_registry(capsys):
+def test_backbones_lists_the_registry_and_how_to_name_any_model(capsys):
     assert main(["backbones"]) == 0
-    assert "efficientnet_lite0" in capsys.readouterr().out.split()
+    out = capsys.readouterr().out
+    assert "efficientnet_lite0" in out.split() and "tv:NAME" in out and "backbone.download=true" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["test_vit", "tv:mobilenet_v3_small"])
+def test_a_run_takes_any_timm_or_torchvision_model_by_name(backbone, demo_data, tmp_path):
+    """Random weights: what is tested is that any model by name goes through every stage, end to end too."""
+    settings = [f"backbone.name={backbone}", "backbone.weights=random", "backbone.image_size=32"]
+    settings += ["head.max_epochs=5", "extract.num_workers=0", "adapt.feature_steps=20", "adapt.image_steps=2"]
+    done = _adaptflow(
+        "run",
+        "--source",
+        demo_data.source_uri,
+        "--target",
+        demo_data.target_uri,
+        "--store",
+        str(tmp_path / "store"),
+        "--method",
+        "dann",
+        *[arg for s in settings for arg in ("--set", s)],
+        "--set",
+        "adapt.image_size=32",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = storage.read_json(storage.join(done.stdout.strip().splitlines()[-1], "summary.json"))
+    assert [c["name"] for c in summary["adaptation"]["candidates"]] == ["dann-features", "dann-images"]
+    assert summary["config"]["backbone"]["name"] == backbone
 
 
 @pytest.mark.slow

@@ -23,7 +23,10 @@ def test_fingerprint_changes_with_settings():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["backbone.nmae=x"], "backbone.nmae: unknown key (valid keys here: name, weights, layer, image_size)"),
+        (
+            ["backbone.nmae=x"],
+            "backbone.nmae: unknown key (valid keys here: name, weights, download, layer, image_size)",
+        ),
         (["bogus=1"], "bogus: unknown key (valid keys here: seed, ingest, backbone"),
         (["backbone.name=resnet9000"], "unknown backbone 'resnet9000'; valid backbones: "),
         (["head.kind=forest"], "head.kind: Input should be 'linear' or 'mlp'"),

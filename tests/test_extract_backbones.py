@@ -85,10 +85,12 @@ def test_fingerprint_follows_image_size_layer_and_weights(tmp_path):
     assert len(prints) == 4
 
 
-def test_missing_default_weights_say_where_and_how(tmp_path, monkeypatch):
-    with pytest.raises(AdaptflowError, match=r"'resnet50' has no offline default weights") as e:
+def test_missing_default_weights_say_where_and_how(tmp_path, monkeypatch, hf_cache):
+    with pytest.raises(AdaptflowError, match=r"'resnet50': weights of timm/resnet50\.\S+ are not in the Hug") as e:
         build_extractor(BackboneConfig(name="resnet50"))
+    assert str(hf_cache) in str(e.value) and "downloads are off" in str(e.value)
     assert "--set backbone.weights=PATH" in str(e.value) and "backbone.weights=random" in str(e.value)
+    assert "backbone.download=true" in str(e.value) and "\n" not in str(e.value)
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
@@ -235,3 +237,70 @@ def test_nothing_in_the_code_unpickles():
         if unsafe.search(line)
     ]
     assert hits == []
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache, offline, as HF_HOME / HF_HUB_OFFLINE=1 would make it."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def _publish(cache, repo_id: str, state_dict: dict, filename: str = "model.safetensors"):
+    """`state_dict` laid out in `cache` as the hub lays out a download: blobs, a snapshot, refs/main."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, snapshot / filename)
+    return snapshot / filename
+
+
+@pytest.mark.parametrize("name", ["test_vit", "timm:test_convnext", "test_efficientnet.r160_in1k", "tv:resnet18"])
+def test_any_timm_or_torchvision_model_builds_by_name(name):
+    ex = build_extractor(BackboneConfig(name=name, weights="random", image_size=SIZE))
+    x = build_transform(ex.data_config)(torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8))
+    feats = ex.module(torch.stack([x, x.flip(-1)]))
+    assert feats.shape == (2, ex.dim) and torch.isfinite(feats).all()
+    others = {
+        build_extractor(BackboneConfig(name=n, weights="random", image_size=SIZE)).fingerprint
+        for n in ("test_vit", "timm:test_convnext", "tv:resnet18")
+        if n != name
+    }
+    assert ex.fingerprint not in others
+
+
+def test_weights_are_found_in_the_hugging_face_cache_and_never_downloaded_unasked(hf_cache):
+    import timm
+
+    torch.manual_seed(1)
+    published = timm.create_model("test_vit").state_dict()
+    with pytest.raises(AdaptflowError, match=r"timm/test_vit\.r160_in1k are not in the Hugging Face cache"):
+        build_extractor(BackboneConfig(name="test_vit", image_size=SIZE))
+    # allowed to download, but the hub is offline (HF_HUB_OFFLINE=1): the hub's reason, and the fix
+    with pytest.raises(AdaptflowError, match=r"could not download the weights of timm/test_vit.*To fix: set"):
+        build_extractor(BackboneConfig(name="test_vit", image_size=SIZE, download=True))
+
+    path = _publish(hf_cache, "timm/test_vit.r160_in1k", published)
+    ex = build_extractor(BackboneConfig(name="test_vit", image_size=SIZE))
+    assert ex.weights_sha256 == _sha256(path)
+    loaded = build_classifier(BackboneConfig(name="test_vit", image_size=SIZE)).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in published.items())
+    random = build_extractor(BackboneConfig(name="test_vit", weights="random", image_size=SIZE))
+    assert random.fingerprint != ex.fingerprint
+
+
+def test_unknown_names_list_the_shortcuts_and_how_to_name_any_model():
+    with pytest.raises(UnknownNameError, match=r"unknown backbone 'convnext_nope'; valid backbones: .*hog.*tv:NAME"):
+        build_extractor(BackboneConfig.model_construct(name="convnext_nope"))
+    with pytest.raises(UnknownNameError, match=r"unknown resnet18 weights enum 'V9'; valid .*IMAGENET1K_V1"):
+        build_extractor(BackboneConfig.model_construct(name="tv:resnet18.V9"))
+    with pytest.raises(AdaptflowError, match=r"'tv:squeezenet1_0': its classifier is not a linear layer"):
+        build_extractor(BackboneConfig(name="tv:squeezenet1_0", weights="random", image_size=SIZE))

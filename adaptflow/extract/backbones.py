@@ -1,9 +1,13 @@
-"""The backbone registry: every feature extractor adaptflow can use, built offline.
+"""The backbones: a registry of shortcuts, and any timm or torchvision model by name (`backbone_spec`).
 
 A backbone turns a normalised image batch (N, 3, S, S) into pooled features (N, D). Each one declares
 its own input transform as a timm-style `data_config`, and its features carry a `fingerprint` that
-names the feature folder in the store. Weights are never downloaded: they come from an installed
-package, the torch hub cache, or a file the user names; anything else fails at once with the fix.
+names the feature folder in the store. `backbone.name` is one of the shortcuts in `BACKBONES`, any timm
+model (`convnext_tiny.fb_in22k`, `timm:NAME`, `hf-hub:ORG/MODEL`) or any torchvision classification
+model (`tv:NAME`, or `tv:NAME.WEIGHTS` for a weights enum other than its default). Weights come from a
+file the user names, an installed package (EfficientNet-Lite0's, the offline default), the Hugging Face
+or torch hub cache, or a download where `backbone.download` allows one (`adaptflow.extract.hub`);
+anything else fails at once with the fix.
 """
 
 from __future__ import annotations
@@ -11,19 +15,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import posixpath
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from adaptflow.adapt.seeding import seeded
-from adaptflow.errors import AdaptflowError, UnknownNameError, lookup
+from adaptflow.errors import AdaptflowError, UnknownNameError
+from adaptflow.extract import hub
+from adaptflow.extract.hog import HogBackbone
+from adaptflow.extract.spec import BackboneSpec, Extractor
 from adaptflow.extract.weights import file_sha256, file_stamp, read_state_dict
 from adaptflow.store import storage
 
@@ -32,53 +36,7 @@ if TYPE_CHECKING:  # annotations only: config imports this registry to check bac
 
 FEATURE_VERSION = 1  # bump when the same config would produce different features (preprocessing, pooling)
 
-_FIX = "set backbone.weights to a weights file (--set backbone.weights=PATH) or use --set backbone.weights=random"
-
-
-@dataclass(frozen=True)
-class Extractor:
-    """A built backbone. `module` is in eval mode and shared by every caller in the process: treat it as
-    read-only, and deep-copy it before training."""
-
-    name: str
-    module: nn.Module  # (N, 3, S, S) float32 normalised -> (N, dim) float32
-    data_config: dict  # timm-style: input_size, interpolation, mean, std, crop_pct, crop_mode
-    dim: int
-    weights_sha256: str | None  # None: random init, or a backbone without weights
-    fingerprint: str  # 16 hex chars naming these features: backbone, weights, transform, layer, version
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """How to build one backbone offline. Subclasses are the families; the registry holds instances."""
-
-    arch: str
-
-    has_weights = True
-
-    def create(self) -> nn.Module:
-        """The full network with its 1000-class head, randomly initialised."""
-        raise NotImplementedError
-
-    def data_config(self, model: nn.Module) -> dict:
-        """The input transform at the backbone's own size."""
-        raise NotImplementedError
-
-    def default_weights(self, name: str) -> str:
-        """The local path of the offline default weights, or an AdaptflowError saying where it looked."""
-        raise NotImplementedError
-
-    def remap(self, state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-        """Rename a weights file's keys to the model's (most files already match); ValueError if impossible."""
-        return state_dict
-
-    def head_of(self, model: nn.Module) -> str | None:
-        """The module name of the final classifier; None: there is none."""
-        raise NotImplementedError
-
-    def strip_head(self, model: nn.Module) -> nn.Module:
-        """Remove the classifier in place; return the module computing pooled penultimate features."""
-        raise NotImplementedError
+_FIX = hub.FIX
 
 
 @dataclass(frozen=True)
@@ -99,14 +57,24 @@ class TimmBackbone(BackboneSpec):
 
         return timm.data.resolve_model_data_config(model)
 
-    def default_weights(self, name: str) -> str:
-        if self.default is None:
-            raise AdaptflowError(
-                f"backbone {name!r} has no offline default weights (timm would download them from the "
-                f"Hugging Face hub, and adaptflow never downloads). To fix: {_FIX}; any .safetensors or "
-                f".pth state dict of timm's {self.arch!r} fits, e.g. a model.safetensors of timm/{self.arch}."
-            )
-        return self.default()
+    def default_weights(self, name: str, download: bool = False) -> str:
+        if self.default is not None:
+            return self.default()
+        repo, url = self._published()
+        if repo:
+            return hub.hf_weights(repo, name, download)
+        if url:
+            return hub.url_weights(url, name, download)
+        raise AdaptflowError(f"backbone {name!r}: timm publishes no weights for {self.arch!r}. To fix: {_FIX}.")
+
+    def _published(self) -> tuple[str | None, str | None]:
+        """(Hugging Face repository, URL) timm publishes this model's weights at."""
+        if self.arch.startswith("hf-hub:"):
+            return self.arch.removeprefix("hf-hub:").split("@")[0], None
+        import timm.models
+
+        cfg = timm.models.get_pretrained_cfg(self.arch)
+        return (cfg.hf_hub_id, cfg.url) if cfg is not None else (None, None)
 
     def remap(self, state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         if not self.by_position or set(state_dict) <= set(model.state_dict()):
@@ -123,7 +91,7 @@ class TimmBackbone(BackboneSpec):
 
 @dataclass(frozen=True)
 class TorchvisionBackbone(BackboneSpec):
-    head: str  # module name of the final classifier
+    head: str | None  # module name of the final classifier; None: its last nn.Linear
     weights_enum: str  # e.g. "ResNet18_Weights.IMAGENET1K_V1": its file name and transform
 
     def _weights(self):
@@ -148,55 +116,22 @@ class TorchvisionBackbone(BackboneSpec):
             "crop_mode": "center",
         }
 
-    def default_weights(self, name: str) -> str:
-        url = self._weights().url
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", posixpath.basename(url))
-        if not os.path.exists(path):
+    def default_weights(self, name: str, download: bool = False) -> str:
+        return hub.url_weights(self._weights().url, name, download)
+
+    def head_of(self, model: nn.Module) -> str | None:
+        if self.head is not None:
+            return self.head
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if not linear:
             raise AdaptflowError(
-                f"backbone {name!r}: default weights not found at {path} (the torch hub cache; adaptflow "
-                f"never downloads). To fix: copy {url} there, or {_FIX}."
+                f"backbone 'tv:{self.arch}': its classifier is not a linear layer, so its features have no "
+                "one place to be read from; use a timm model or another torchvision one"
             )
-        return path
-
-    def head_of(self, model: nn.Module) -> str | None:
-        return self.head
+        return linear[-1]
 
     def strip_head(self, model: nn.Module) -> nn.Module:
-        model.set_submodule(self.head, nn.Identity())
-        return model
-
-
-@dataclass(frozen=True)
-class HogBackbone(BackboneSpec):
-    """Histograms of oriented gradients on the greyscale image: the classic hand-crafted baseline."""
-
-    arch: str = "hog"
-    image_size: int = 64
-    orientations: int = 9
-    pixels_per_cell: int = 8
-    cells_per_block: int = 2
-
-    has_weights = False
-
-    def create(self) -> nn.Module:
-        return _Hog(self.orientations, self.pixels_per_cell, self.cells_per_block)
-
-    def data_config(self, model: nn.Module) -> dict:
-        # mean 0, std 1: the module sees pixels in [0, 1] and needs no un-normalising
-        s = self.image_size
-        return {
-            "input_size": (3, s, s),
-            "interpolation": "bilinear",
-            "mean": (0.0, 0.0, 0.0),
-            "std": (1.0, 1.0, 1.0),
-            "crop_pct": 1.0,
-            "crop_mode": "center",
-        }
-
-    def head_of(self, model: nn.Module) -> str | None:
-        return None
-
-    def strip_head(self, model: nn.Module) -> nn.Module:
+        model.set_submodule(self.head_of(model), nn.Identity())
         return model
 
 
@@ -233,9 +168,54 @@ BACKBONES: dict[str, BackboneSpec] = {
 _build_lock = threading.Lock()
 
 
+class UnknownBackboneError(UnknownNameError):
+    """A backbone name that is neither a shortcut nor a timm or torchvision model."""
+
+    def __init__(self, name: str):
+        super().__init__("backbone", name, list(BACKBONES))
+        self.args = (
+            f"{self.args[0]}; or any timm model by name (e.g. convnext_tiny.fb_in22k, timm:NAME, "
+            "hf-hub:ORG/MODEL) or torchvision classification model (tv:NAME, tv:NAME.WEIGHTS); "
+            "`adaptflow backbones` explains",
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def backbone_spec(name: str) -> BackboneSpec:
+    """How to build the backbone `name`: a shortcut of `BACKBONES`, a torchvision model (`tv:NAME`, its
+    default weights enum, or `tv:NAME.WEIGHTS`), or a timm model (`NAME`, `timm:NAME`, `hf-hub:ORG/MODEL`);
+    an UnknownBackboneError otherwise."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if name.startswith("tv:"):
+        return _torchvision_spec(name)
+    if name.startswith("hf-hub:"):
+        return TimmBackbone(name)
+    import timm
+
+    arch = name.removeprefix("timm:")
+    if arch and timm.is_model(arch):
+        return TimmBackbone(arch)
+    raise UnknownBackboneError(name)
+
+
+def _torchvision_spec(name: str) -> TorchvisionBackbone:
+    import torchvision.models
+    from torchvision.models import get_model_weights, list_models
+
+    arch, _, enum = name.removeprefix("tv:").partition(".")
+    if arch not in list_models(module=torchvision.models):
+        raise UnknownBackboneError(name)
+    weights = get_model_weights(arch)
+    if enum and enum not in weights.__members__:
+        raise UnknownNameError(f"{arch} weights enum", enum, list(weights.__members__))
+    chosen = weights[enum] if enum else weights.DEFAULT
+    return TorchvisionBackbone(arch, None, f"{weights.__name__}.{chosen.name}")
+
+
 def build_extractor(cfg: BackboneConfig) -> Extractor:
     """The extractor for `cfg`, built once per process (and again if its weights file changes)."""
-    spec = lookup(BACKBONES, "backbone", cfg.name)
+    spec = backbone_spec(cfg.name)
     uri = _weights_uri(cfg, spec)
     stamp = file_stamp(uri) if uri else None
     with _build_lock:  # threads asking for the same backbone share one build
@@ -245,13 +225,13 @@ def build_extractor(cfg: BackboneConfig) -> Extractor:
 def weights_uri(cfg: BackboneConfig) -> str | None:
     """Where `cfg`'s weights come from (None: random init), or the AdaptflowError a build would raise on an
     unknown backbone or a missing weights file: checkable in a second, before any work starts."""
-    return _weights_uri(cfg, lookup(BACKBONES, "backbone", cfg.name))
+    return _weights_uri(cfg, backbone_spec(cfg.name))
 
 
 def build_classifier(cfg: BackboneConfig) -> nn.Module:
     """The whole network with its ImageNet head and `cfg`'s weights, in eval mode: (N, 3, S, S) -> (N, 1000)
     logits. For sanity checks of weights; `cfg.layer` is ignored. Not cached."""
-    spec = lookup(BACKBONES, "backbone", cfg.name)
+    spec = backbone_spec(cfg.name)
     uri = _weights_uri(cfg, spec)
     model = _create(spec)
     if spec.head_of(model) is None:
@@ -263,7 +243,7 @@ def build_classifier(cfg: BackboneConfig) -> nn.Module:
 
 @functools.lru_cache(maxsize=8)
 def _build_extractor(cfg: BackboneConfig, uri: str | None, stamp: tuple | None) -> Extractor:
-    spec = BACKBONES[cfg.name]
+    spec = backbone_spec(cfg.name)
     model = _create(spec)
     data_config = _normalise_data_config(spec.data_config(model))
     if cfg.image_size is not None:
@@ -333,7 +313,7 @@ def _weights_uri(cfg: BackboneConfig, spec: BackboneSpec) -> str | None:
     if cfg.weights == "random":
         return None
     if cfg.weights is None:
-        return spec.default_weights(cfg.name)
+        return spec.default_weights(cfg.name, cfg.download)
     if not storage.exists(cfg.weights):
         raise AdaptflowError(f"backbone {cfg.name!r}: weights file not found: {cfg.weights}. To fix: {_FIX}.")
     return cfg.weights
@@ -442,32 +422,3 @@ class _LayerPooled(nn.Module):
         if out.ndim == 3:  # (N, L, C) tokens
             return out.mean(dim=1)
         return out.flatten(1)
-
-
-class _Hog(nn.Module):
-    """(N, 3, S, S) pixels in [0, 1] -> (N, D) HOG descriptors of the greyscale image, float32."""
-
-    _GREY = (0.2125, 0.7154, 0.0721)  # ITU-R 709 luma, as skimage.color.rgb2gray
-
-    def __init__(self, orientations: int, pixels_per_cell: int, cells_per_block: int):
-        super().__init__()
-        self.orientations = orientations
-        self.pixels_per_cell = pixels_per_cell
-        self.cells_per_block = cells_per_block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from skimage.feature import hog
-
-        grey = torch.einsum("nchw,c->nhw", x.detach().float().cpu(), torch.tensor(self._GREY)).numpy()
-        ppc, cpb = (self.pixels_per_cell,) * 2, (self.cells_per_block,) * 2
-        feats = [
-            hog(
-                g,
-                orientations=self.orientations,
-                pixels_per_cell=ppc,
-                cells_per_block=cpb,
-                block_norm="L2-Hys",
-            )
-            for g in grey
-        ]
-        return torch.from_numpy(np.stack(feats)).float().to(x.device)
