@@ -405,6 +405,10 @@ def _parser() -> argparse.ArgumentParser:
     common(rb, config=False, long=False)
     rb.set_defaults(command=cmd_models_rollback)
 
+    from cli import label
+
+    label.add_parser(sub)
+
     bb = sub.add_parser(
         "backbones",
         help="the backbone shortcuts, how to name any timm or torchvision model, and where weights come from",

@@ -62,6 +62,22 @@ def test_retrain_then_rerun_reuses_features_then_predict(
     # into photos) is scored over every valid image; how well a source-only head does there is the adaptation
     # issue's business, not this test's.
     assert summary.baseline.source_test.accuracy > 0.3
+
+    # the images most worth a person's labels: the same for the same seed, never one labelled already
+    import pandas as pd
+
+    from cli.main import main
+
+    ask, again = tmp_path / "ask.csv", tmp_path / "again.csv"
+    assert main(["label", "suggest", run, "--k", "5", "--out", str(ask)]) == 0
+    asked = pd.read_csv(ask)
+    assert len(asked) == 5 and asked.label.isna().all() and set(asked.uri) <= set(predictions.uri)
+    assert (tmp_path / "ask.html").read_text().count("<figure>") == 5
+    assert (
+        main(["label", "suggest", run, "--k", "5", "--out", str(again)]) == 0 and again.read_text() == ask.read_text()
+    )
+    assert main(["label", "suggest", run, "--k", "5", "--out", str(again), "--labelled", str(ask)]) == 0
+    assert len(pd.read_csv(again)) == 5 and not set(pd.read_csv(again).uri) & set(asked.uri)
     assert summary.metrics.target.n == target.images
     assert 0 <= summary.metrics.target.accuracy <= 1
 

@@ -123,7 +123,7 @@ EDGE = {
     "adaptflow.progress",
     "adaptflow.state",
 }
-STAGES = {"store", "data", "extract", "adapt", "evaluate", "models", "monitor", "report"}
+STAGES = {"store", "data", "extract", "adapt", "evaluate", "models", "monitor", "report", "label"}
 
 
 def test_every_module_lives_at_the_edge_or_in_a_stage():

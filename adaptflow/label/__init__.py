@@ -1,0 +1,1 @@
+"""Target labels a person gives: which images to ask for (`suggest`)."""
