@@ -47,3 +47,22 @@ def test_duckdb_and_polars_read_the_committed_shards(store):
     index = storage.read_table(manifests[0].index_uri).to_pandas()
     joined = pl.from_pandas(index[["image_id", "label"]]).join(frame, on="image_id")
     assert joined.height == manifests[0].n_images and joined["label"].null_count() == 0
+
+
+def test_rows_are_read_only_from_the_shards_that_hold_them(store, monkeypatch):
+    """On a local store only a holding shard's values are read: the monitor's 500 new images sit in a
+    night's new shards, not among the embeddings of the whole store."""
+    plan, _ = store
+    committed = shards.committed_shards(plan.features_uri)
+    assert len(committed) >= 2
+    first = shards.read_shard(committed[0], ["image_id"])["image_id"].to_pylist()[:3]
+    reads = []
+    read = shards.read_shard
+    monkeypatch.setattr(
+        shards, "read_shard", lambda s, columns=None: reads.append((s.shard_key, columns)) or read(s, columns)
+    )
+    rows = shards.load_rows(plan.features_uri, first[::-1], "embedding")
+    assert [k for k, c in reads if c == ["embedding"]] == [committed[0].shard_key]
+    assert len(reads) == len(committed) + 1  # every shard's ids, one shard's values
+    whole = read(committed[0], ["image_id", "embedding"]).to_pandas().set_index("image_id").embedding
+    assert np.array_equal(rows, np.stack([whole[i] for i in first[::-1]]))

@@ -347,10 +347,22 @@ def load_rows(folder: str, image_ids: list[str], column: str, what: str = "featu
     if not shards:
         raise StoreError(f"no committed {what} shards under {folder}")
     wanted = pa.array(sorted(set(image_ids)), pa.string())
+    by_column = storage.reads_columns(folder)
     parts = []
     for shard in shards:
-        t = read_shard(shard, ["image_id", column])
-        parts.append(_current_layout(t.filter(pc.is_in(t["image_id"], value_set=wanted))))
+        if not by_column:  # a remote file is one GET whatever its columns: ids and values at once
+            t = read_shard(shard, ["image_id", column])
+            parts.append(_current_layout(t.filter(pc.is_in(t["image_id"], value_set=wanted))))
+            continue
+        # a local file reads by column: the ids first, the values only of a shard holding some of the rows
+        # (500 rows of a 100,000-image store lie in a few shards: the rest's embeddings are never read)
+        ids = read_shard(shard, ["image_id"])["image_id"]
+        held = pc.is_in(ids, value_set=wanted)
+        if pc.any(held).as_py():
+            t = read_shard(shard, [column]).append_column("image_id", ids)
+            parts.append(_current_layout(t.filter(held)))
+    if not parts:
+        raise StoreError(f"{len(set(image_ids))} images have no committed {what} under {folder}; run extraction first")
     table = first_per_image(pa.concat_tables(parts))
     position = {image_id: i for i, image_id in enumerate(table["image_id"].to_pylist())}
     missing = [i for i in image_ids if i not in position]

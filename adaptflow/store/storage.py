@@ -156,6 +156,12 @@ def to_uri(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
     return fs.unstrip_protocol(path) if "://" in like else path
 
 
+def reads_columns(uri: str) -> bool:
+    """Does `read_table` on `uri` read only the columns asked for (a local file), rather than the whole
+    file in one GET (a remote store)?"""
+    return _is_local(filesystem(uri)[0])
+
+
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     return "file" in protocols
