@@ -127,6 +127,7 @@ class ExtractionPlan(Manifest):
     features_uri: str
     fingerprint: str
     dim: int
+    weights_sha256: str | None = None  # the backbone's weights file; None: random, none, or a plan written before
     n_requested: int  # distinct images asked for
     n_cached: int  # of those, already embedded for this extractor
     shards: list[ShardPlan]
@@ -276,6 +277,7 @@ class Lineage(BaseModel):
     extractor_fingerprint: str
     config_hash: str
     code_version: str  # see `code_version()`
+    weights_sha256: str | None = None  # the backbone's weights file (None: random or none, or registered before)
 
 
 class ModelVersion(Manifest):

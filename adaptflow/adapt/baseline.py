@@ -43,6 +43,7 @@ def fit_head(source: IngestManifest, features: ExtractionPlan, cfg: Config, mode
         config=cfg,
         fingerprint=features.fingerprint,
         dim=features.dim,
+        weights_sha256=features.weights_sha256,
         config_hash=cfg.fingerprint(),
         dataset_fingerprint=source.fingerprint,
         metrics={"source_val_accuracy": val_acc},

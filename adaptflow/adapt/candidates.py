@@ -166,6 +166,7 @@ def train_candidate(
         config=cfg,
         fingerprint=features.fingerprint,
         dim=data.dim,
+        weights_sha256=features.weights_sha256,
         config_hash=cfg.fingerprint(),
         dataset_fingerprint=source.fingerprint,
         metrics={"source_val_accuracy": scores["source_val_acc"]},

@@ -42,6 +42,7 @@ class ModelCard(BaseModel):
     config: Config  # the run's settings: backbone and preprocessing are rebuilt from them
     fingerprint: str  # extractor fingerprint of the features it reads (head and features kinds)
     dim: int  # backbone feature dimension
+    weights_sha256: str | None = None  # the backbone's pretrained weights file it started from (None: random)
     config_hash: str
     dataset_fingerprint: str
     metrics: dict[str, float]

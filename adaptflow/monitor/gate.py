@@ -38,6 +38,7 @@ def register_and_gate(
         extractor_fingerprint=features.fingerprint,
         config_hash=cfg.fingerprint(),
         code_version=registry.code_version(),
+        weights_sha256=features.weights_sha256,
     )
     policy, margin = cfg.promotion.policy, cfg.promotion.margin
     version = registry.register(

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import UTC, datetime
 
@@ -54,7 +55,9 @@ def training_uri(store: str, key: str) -> str:
 
 
 def features_uri_for(store_uri: str, backbone: str, fingerprint: str) -> str:
-    return storage.join(store_uri, "features", f"{backbone}-{fingerprint}")
+    """The features folder of one extractor: its backbone's name, made a safe single path component
+    (`tv:resnet18`, `hf-hub:org/model`), and its fingerprint, which tells apart names that read alike."""
+    return storage.join(store_uri, "features", f"{re.sub(r'[^A-Za-z0-9._-]+', '_', backbone)}-{fingerprint}")
 
 
 def registry_uri(store: str) -> str:
