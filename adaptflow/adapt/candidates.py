@@ -83,7 +83,8 @@ def train_candidate(
 ) -> CandidateManifest:
     """Train `spec` up to step `until` (default: its whole budget), resuming from the checkpoint a
     previous rung left under `out_uri`, then score it on the validation sample and commit it. Safe to
-    retry: a candidate already committed at `until` steps or more is returned as it is."""
+    retry: a candidate already committed at `until` steps or more is returned as it is. The steps of a
+    candidate's life are `CandidateRun`'s methods."""
     start = time.perf_counter()
     total = spec.steps or (
         budget(cfg).feature_steps if spec.mode == "features" else cfg.adapt.image_steps or budget(cfg).cpu_steps[0]
@@ -94,129 +95,175 @@ def train_candidate(
     if before is not None and before.steps >= until:
         return _committed_at(before, until, out_uri)
 
-    classes = source.classes
-    code = {c: i for i, c in enumerate(classes)}
-    src, tgt = read_index(source), read_index(target)
-    train, val, test = (src[src.split == s] for s in ("train", "val", "test"))
-    if val.empty:
-        val = train
-    if train.empty:
-        raise DatasetError(f"the source dataset {source.dataset_uri} has no training images")
-    n, seed = cfg.adapt.validation_samples, cfg.seed
-    samples = {
-        "val": validation_sample(val, n, seed),
-        "train": validation_sample(train, n, seed),
-        "test": validation_sample(test, n, seed),
-        "target": validation_sample(tgt, n, seed),
-    }
-
-    # The end of its budget: every validator, the test split, the domain gap, the report's embedding
-    # sample. An earlier rung of successive halving only ranks the candidates (`survivors`): there it is
-    # scored by what the ranking reads alone (the policy's validators, source_val_acc and the tie-break),
-    # on the samples those need.
-    final = until == total
-    names = None if final else list(dict.fromkeys(["source_val_acc", *cfg.adapt.policy, selection.TIE_BREAK]))
-    wanted = set(samples) if final else {"val", "target"} | ({"train"} if "dev" in names else set())
-    shared = final or "iwa" in names
-    data = ImageData(spec, cfg, features, device) if spec.mode == "images" else FeatureData(features, device)
-    with seeded(spec.seed):
-        algorithm = get_algorithm(spec.method)(data.featurizer, data.dim, len(classes), spec.hparams, max_steps=total)
-    algorithm.to(device)
-    checkpoint = storage.join(out_uri, "checkpoint")
-    begin = load_checkpoint(checkpoint, algorithm) if checkpoint_step(checkpoint) else 0
-    batch = int(spec.hparams.get("batch_size", 32))
-    y_train = torch.tensor(train.label.map(code).to_numpy(), dtype=torch.long)
-    cpu = str(device) == "cpu"
-    with (
-        state.CANDIDATE_DEVICES.lock(device) if spec.mode == "images" and not cpu else nullcontext(),
-        intra_op_threads(CPU_THREADS) if cpu else nullcontext(),
-    ):
-        draws = (until - begin) * batch  # rows this segment reads of each domain: streamed if fewer than all
-        rows, target_rows = data.rows(train, draws), data.rows(tgt, draws)
-        curve, step, saved = [], begin, time.monotonic()
-        while step < until:  # in parts, with a checkpoint at least every CHECKPOINT_EVERY_S seconds
-            stop = until if cfg.adapt.time_budget_s else min(until, step + math.ceil(total / CHECKPOINT_PARTS))
-            part = data.fit(algorithm, rows, y_train, target_rows, total, batch, spec.seed, step, stop, cfg)
-            curve += part
-            over = part and part[-1].get("budget_exceeded")  # the opt-in time budget ran out: the segment ends
-            step = until if over else stop
-            if step < total and (step == until or time.monotonic() - saved >= CHECKPOINT_EVERY_S):
-                save_checkpoint(checkpoint, algorithm, step)
-                saved = time.monotonic()
-        out = {name: data.infer(algorithm, data.sample(rows)) for name, rows in samples.items() if name in wanted}
-    inputs = validators.ValidationInputs(
-        source_logits=out["val"][0],
-        source_labels=torch.tensor(samples["val"].label.map(code).to_numpy()),
-        source_features=out["val"][1],
-        target_logits=out["target"][0],
-        target_features=out["target"][1],
-        source_train_features=out["train"][1] if "train" in out else None,
-        seed=spec.seed,
-        **(shared_features(features, samples["train"], samples["val"], samples["target"]) if shared else {}),
-    )
-    scores = {k: float(v) for k, v in validators.score(inputs, names).items()}
-    collapsed = validators.is_collapsed(out["target"][0], len(classes))
-
-    card = ModelCard(
-        kind=spec.mode,
-        method=spec.method,
-        hparams=spec.hparams,
-        image_size=data.image_size,
-        classes=classes,
-        config=cfg,
-        fingerprint=features.fingerprint,
-        dim=data.dim,
-        weights_sha256=features.weights_sha256,
-        config_hash=cfg.fingerprint(),
-        dataset_fingerprint=source.fingerprint,
-        metrics={"source_val_accuracy": scores["source_val_acc"]},
-    )
-    model_uri = storage.join(out_uri, "model")
-    save_model(model_uri, algorithm, card)
-    predictions_uri = storage.join(out_uri, "predictions.parquet")
-    storage.write_table(
-        predictions_uri, predictions_table(samples["target"], out["target"][0], classes, probabilities=True)
-    )
-    test_rows = samples["test"]
-    test_acc = (
-        classification_metrics(test_rows.label.map(code).to_numpy(), out["test"][0].argmax(1).numpy(), classes)[
-            "accuracy"
-        ]
-        if "test" in out and len(test_rows)
-        else float("nan")
-    )
-    target_acc = accuracy_on(samples["target"], out["target"][0], target_labels, code)
-    gap, embedding_uri = {}, None
-    if final:
-        gap = {
-            "proxy_a_distance": domain_gap.proxy_a_distance(out["train"][1], out["target"][1], seed=spec.seed),
-            "mmd": domain_gap.mmd_distance(out["train"][1], out["target"][1], seed=spec.seed),
+    run = CandidateRun(spec, source, target, features, cfg, out_uri, device, until, total)
+    algorithm, begin = run.resume()
+    curve, out = run.fit(algorithm, begin)
+    scores, collapsed = run.score(out)
+    manifest = run.commit(algorithm, out, scores, collapsed, target_labels)
+    manifest = manifest.model_copy(
+        update={
+            "curve": (before.curve if before else []) + curve,
+            "seconds": (before.seconds if before else 0.0) + time.perf_counter() - start,
         }
-        embedding_uri = storage.join(out_uri, "embedding_sample.parquet")
-        save_embedding_sample(embedding_uri, out["train"][1], out["target"][1], spec.seed)
-    outputs_uri = storage.join(out_uri, "outputs.parquet")
-    save_outputs(outputs_uri, samples["val"], out["val"][0], code)
-
-    manifest = CandidateManifest(
-        spec=spec,
-        model_uri=model_uri,
-        predictions_uri=predictions_uri,
-        outputs_uri=outputs_uri,
-        embedding_uri=embedding_uri,
-        scores=scores,
-        collapsed=collapsed,
-        source_test_accuracy=test_acc,
-        target_accuracy=target_acc,
-        domain_gap=gap,
-        curve=(before.curve if before else []) + curve,
-        steps=until,
-        total_steps=total,
-        seconds=(before.seconds if before else 0.0) + time.perf_counter() - start,
     )
     manifest.commit(committed)
     if until < total:  # what this rung ranked on, for the same command run again (`_committed_at`)
         manifest.commit(storage.join(out_uri, f"rung-{until}.json"))
     return manifest
+
+
+class CandidateRun:
+    """One training segment of a candidate, from step `begin` (its last checkpoint) to `until` of its
+    `total`, with what every step of it reads held once: the source's splits, the target's images, and the
+    fixed seeded samples every candidate is scored on (`adapt.validation_samples`).
+
+    At the end of its budget every validator, the test split, the domain gap and the report's embedding
+    sample are measured; an earlier rung of successive halving only ranks the candidates
+    (`halving.survivors`), so it is scored by what the ranking reads alone (the policy's validators,
+    source_val_acc and the tie-break), on the samples those need."""
+
+    def __init__(self, spec, source, target, features, cfg: Config, out_uri: str, device, until: int, total: int):
+        self.spec, self.features, self.cfg, self.out_uri, self.device = spec, features, cfg, out_uri, device
+        self.until, self.total, self.final = until, total, until == total
+        self.source_fingerprint = source.fingerprint
+        self.classes = source.classes
+        self.code = {c: i for i, c in enumerate(self.classes)}
+        src, self.target = read_index(source), read_index(target)
+        self.train, val, test = (src[src.split == s] for s in ("train", "val", "test"))
+        if val.empty:
+            val = self.train
+        if self.train.empty:
+            raise DatasetError(f"the source dataset {source.dataset_uri} has no training images")
+        n, seed = cfg.adapt.validation_samples, cfg.seed
+        self.samples = {
+            "val": validation_sample(val, n, seed),
+            "train": validation_sample(self.train, n, seed),
+            "test": validation_sample(test, n, seed),
+            "target": validation_sample(self.target, n, seed),
+        }
+        self.names = (
+            None if self.final else list(dict.fromkeys(["source_val_acc", *cfg.adapt.policy, selection.TIE_BREAK]))
+        )
+        wanted = {"val", "target"} | ({"train"} if not self.final and "dev" in self.names else set())
+        self.wanted = set(self.samples) if self.final else wanted
+        self.data = ImageData(spec, cfg, features, device) if spec.mode == "images" else FeatureData(features, device)
+        self.checkpoint = storage.join(out_uri, "checkpoint")
+
+    def resume(self):
+        """The candidate's model, initialised with its seed, on its device, with the weights of the last
+        checkpoint if there is one: (model, the step it resumes at)."""
+        spec, data = self.spec, self.data
+        with seeded(spec.seed):
+            algorithm = get_algorithm(spec.method)(
+                data.featurizer, data.dim, len(self.classes), spec.hparams, max_steps=self.total
+            )
+        algorithm.to(self.device)
+        return algorithm, (load_checkpoint(self.checkpoint, algorithm) if checkpoint_step(self.checkpoint) else 0)
+
+    def fit(self, algorithm, begin: int) -> tuple[list, dict]:
+        """Train from `begin` to `until` in parts, with a checkpoint at least every CHECKPOINT_EVERY_S
+        seconds, then infer on the wanted samples; on one thread on a CPU, alone on its GPU: (the training
+        curve, {sample: (logits, features)})."""
+        spec, data, cfg, until, total = self.spec, self.data, self.cfg, self.until, self.total
+        batch = int(spec.hparams.get("batch_size", 32))
+        y_train = torch.tensor(self.train.label.map(self.code).to_numpy(), dtype=torch.long)
+        cpu = str(self.device) == "cpu"
+        with (
+            state.CANDIDATE_DEVICES.lock(self.device) if spec.mode == "images" and not cpu else nullcontext(),
+            intra_op_threads(CPU_THREADS) if cpu else nullcontext(),
+        ):
+            draws = (until - begin) * batch  # rows this segment reads of each domain: streamed if fewer than all
+            rows, target_rows = data.rows(self.train, draws), data.rows(self.target, draws)
+            curve, step, saved = [], begin, time.monotonic()
+            while step < until:
+                stop = until if cfg.adapt.time_budget_s else min(until, step + math.ceil(total / CHECKPOINT_PARTS))
+                part = data.fit(algorithm, rows, y_train, target_rows, total, batch, spec.seed, step, stop, cfg)
+                curve += part
+                over = part and part[-1].get("budget_exceeded")  # the opt-in time budget ran out: segment ends
+                step = until if over else stop
+                if step < total and (step == until or time.monotonic() - saved >= CHECKPOINT_EVERY_S):
+                    save_checkpoint(self.checkpoint, algorithm, step)
+                    saved = time.monotonic()
+            wanted = {name: s for name, s in self.samples.items() if name in self.wanted}
+            return curve, {name: data.infer(algorithm, data.sample(s)) for name, s in wanted.items()}
+
+    def score(self, out: dict) -> tuple[dict[str, float], bool]:
+        """The label-free validators' scores, and whether its target predictions collapsed."""
+        s = self.samples
+        inputs = validators.ValidationInputs(
+            source_logits=out["val"][0],
+            source_labels=torch.tensor(s["val"].label.map(self.code).to_numpy()),
+            source_features=out["val"][1],
+            target_logits=out["target"][0],
+            target_features=out["target"][1],
+            source_train_features=out["train"][1] if "train" in out else None,
+            seed=self.spec.seed,
+            **(
+                shared_features(self.features, s["train"], s["val"], s["target"])
+                if self.final or "iwa" in self.names
+                else {}
+            ),
+        )
+        scores = {k: float(v) for k, v in validators.score(inputs, self.names).items()}
+        return scores, validators.is_collapsed(out["target"][0], len(self.classes))
+
+    def commit(self, algorithm, out: dict, scores: dict[str, float], collapsed: bool, target_labels):
+        """Write the model, its predictions and outputs on the samples and the report's measures; with
+        `target_labels`, its target accuracy (reporting only). The manifest is returned, not yet committed."""
+        spec, classes, code, out_uri = self.spec, self.classes, self.code, self.out_uri
+        card = ModelCard(
+            kind=spec.mode,
+            method=spec.method,
+            hparams=spec.hparams,
+            image_size=self.data.image_size,
+            classes=classes,
+            config=self.cfg,
+            fingerprint=self.features.fingerprint,
+            dim=self.data.dim,
+            weights_sha256=self.features.weights_sha256,
+            config_hash=self.cfg.fingerprint(),
+            dataset_fingerprint=self.source_fingerprint,
+            metrics={"source_val_accuracy": scores["source_val_acc"]},
+        )
+        model_uri = storage.join(out_uri, "model")
+        save_model(model_uri, algorithm, card)
+        target = self.samples["target"]
+        predictions_uri = storage.join(out_uri, "predictions.parquet")
+        storage.write_table(predictions_uri, predictions_table(target, out["target"][0], classes, probabilities=True))
+        test_rows = self.samples["test"]
+        test_acc = (
+            classification_metrics(test_rows.label.map(code).to_numpy(), out["test"][0].argmax(1).numpy(), classes)[
+                "accuracy"
+            ]
+            if "test" in out and len(test_rows)
+            else float("nan")
+        )
+        gap, embedding_uri = {}, None
+        if self.final:
+            gap = {
+                "proxy_a_distance": domain_gap.proxy_a_distance(out["train"][1], out["target"][1], seed=spec.seed),
+                "mmd": domain_gap.mmd_distance(out["train"][1], out["target"][1], seed=spec.seed),
+            }
+            embedding_uri = storage.join(out_uri, "embedding_sample.parquet")
+            save_embedding_sample(embedding_uri, out["train"][1], out["target"][1], spec.seed)
+        outputs_uri = storage.join(out_uri, "outputs.parquet")
+        save_outputs(outputs_uri, self.samples["val"], out["val"][0], code)
+        return CandidateManifest(
+            spec=spec,
+            model_uri=model_uri,
+            predictions_uri=predictions_uri,
+            outputs_uri=outputs_uri,
+            embedding_uri=embedding_uri,
+            scores=scores,
+            collapsed=collapsed,
+            source_test_accuracy=test_acc,
+            target_accuracy=accuracy_on(target, out["target"][0], target_labels, code),
+            domain_gap=gap,
+            curve=[],
+            steps=self.until,
+            total_steps=self.total,
+            seconds=0.0,
+        )
 
 
 def _committed_at(before: CandidateManifest, until: int, out_uri: str) -> CandidateManifest:
