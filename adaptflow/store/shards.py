@@ -347,7 +347,7 @@ def load_rows(folder: str, image_ids: list[str], column: str, what: str = "featu
     if not shards:
         raise StoreError(f"no committed {what} shards under {folder}")
     wanted = pa.array(sorted(set(image_ids)), pa.string())
-    by_column = storage.reads_columns(folder)
+    by_column = storage.is_local(storage.filesystem(folder)[0])
     parts = []
     for shard in shards:
         if not by_column:  # a remote file is one GET whatever its columns: ids and values at once

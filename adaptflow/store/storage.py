@@ -99,7 +99,7 @@ def check_writable(uri: str) -> None:
     folder, which the run would create anyway)."""
     fs, path = filesystem(uri)
     probe = f".adaptflow-probe-{uuid.uuid4().hex[:12]}"
-    if _is_local(fs):
+    if is_local(fs):
         if os.path.exists(path) and not os.path.isdir(path):
             raise StoreError(f"cannot use {uri}: it is a file, not a folder")
         try:
@@ -151,18 +151,12 @@ def join(uri: str, *parts: str) -> str:
 
 
 def to_uri(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
-    """Turn a protocol-less `path` listed by `fs` back into a URI written the way `like` was:
-    plain local paths stay plain, anything with a protocol keeps it."""
+    """A protocol-less `path` listed by `fs` as a URI written like `like` (local stays plain; else protocol)."""
     return fs.unstrip_protocol(path) if "://" in like else path
 
 
-def reads_columns(uri: str) -> bool:
-    """Does `read_table` on `uri` read only the columns asked for (a local file), rather than the whole
-    file in one GET (a remote store)?"""
-    return _is_local(filesystem(uri)[0])
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """A local filesystem: `read_table` reads only the columns asked for, not the whole file in one GET."""
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     return "file" in protocols
 
@@ -174,7 +168,7 @@ def _call(uri: str, op: Callable[[fsspec.AbstractFileSystem, str], T]) -> T:
     """`op(fs, path)` for `uri`: once on local files; on a remote store, transient faults are retried
     with exponential backoff until the patience runs out, and failures become StoreErrors."""
     fs, path = filesystem(uri)
-    if _is_local(fs):
+    if is_local(fs):
         return op(fs, path)
     patience = float(os.environ.get(PATIENCE_ENV, 60))
     deadline, delay = time.monotonic() + patience, _FIRST_DELAY_S
@@ -266,7 +260,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     folders to make: a missing bucket is an error, never created behind the user's back)."""
     fs, path = filesystem(uri)
     accounting.count(written=len(data))
-    if _is_local(fs):
+    if is_local(fs):
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         try:
             parent = posixpath.dirname(path)
@@ -337,7 +331,7 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file; from a remote store in one GET (retried as a whole), not one request per column."""
     fs, path = filesystem(uri)
     with _reading(uri):
-        if not _is_local(fs):
+        if not is_local(fs):
             return pq.read_table(pa.BufferReader(read_bytes(uri)), columns=columns)  # read_bytes counts
         if columns is None:
             table, read = pq.read_table(path, filesystem=fs), fs.size(path) if accounting.metering() else 0
@@ -360,7 +354,7 @@ def parquet_file(uri: str) -> pq.ParquetFile:
     bytes at a time rather than a column chunk (a shard's every value) at once."""
     fs, path = filesystem(uri)
     with _reading(uri):
-        if not _is_local(fs):
+        if not is_local(fs):
             return pq.ParquetFile(pa.BufferReader(read_bytes(uri)))
         found = pq.ParquetFile(path, buffer_size=PAGE_BUFFER, pre_buffer=False)
         if accounting.metering():
@@ -431,7 +425,7 @@ def walk_files(uri: str) -> tuple[dict[str, dict], dict[str, str]]:
         return found
 
     def op(fs, path):
-        if _is_local(fs):
+        if is_local(fs):
             return walk(fs, path, {})
         return fs.find(path, detail=True)
 
@@ -472,7 +466,7 @@ def create_only(uri: str, data: bytes) -> bool:
     """Write `data` to `uri` unless something is there already; False if it was. Exclusive across
     processes on local files (a hard link) and S3 (`If-None-Match`); within this process on memory://."""
     fs, path = filesystem(uri)
-    if _is_local(fs):
+    if is_local(fs):
         # A complete temporary file, then a hard link: atomic and exclusive, so no reader sees half a file.
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         try:
