@@ -11,8 +11,8 @@ def cmd_label_suggest(args: argparse.Namespace) -> int:
     from adaptflow.store import storage
 
     labelled = set().union(*(read_labelled(uri) for uri in args.labelled))
-    rows = suggest(args.run, args.k, args.seed, labelled)
     summary = RunSummary.load(storage.join(args.run, "summary.json"))
+    rows = suggest(summary, args.k, args.seed, labelled)
     sheet = write_ask(rows, args.out, summary.datasets["target"].classes, summary.config.links.expiry_s)
     print(f"{len(rows)} images to label (of {args.k} asked), chosen by BADGE on {summary.adaptation.selected}")
     print(f"contact sheet: {sheet}")

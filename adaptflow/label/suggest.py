@@ -53,10 +53,10 @@ def badge(proba: np.ndarray, features: np.ndarray, k: int, seed: int = 0) -> lis
     return sorted(int(i) for i in chosen)
 
 
-def suggest(run_uri: str, k: int, seed: int = 0, labelled: set[str] = frozenset()) -> pd.DataFrame:
-    """`k` target images of the run at `run_uri` worth labelling, none of the uris in `labelled`: a frame of
-    uri, image_id, prediction and confidence, in the order chosen (`badge`)."""
-    summary = RunSummary.load(storage.join(run_uri, "summary.json"))
+def suggest(summary: RunSummary, k: int, seed: int = 0, labelled: set[str] = frozenset()) -> pd.DataFrame:
+    """`k` target images of the run `summary` describes worth labelling, none of the uris in `labelled`: a
+    frame of uri, image_id, prediction and confidence, in the order chosen (`badge`)."""
+    run_uri = summary.run_uri
     chosen = next((c for c in summary.adaptation.candidates if c.name == summary.adaptation.selected), None)
     if chosen is None:
         raise AdaptflowError(

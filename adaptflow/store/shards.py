@@ -350,21 +350,19 @@ def load_rows(folder: str, image_ids: list[str], column: str, what: str = "featu
     by_column = storage.is_local(storage.filesystem(folder)[0])
     parts = []
     for shard in shards:
-        if not by_column:  # a remote file is one GET whatever its columns: ids and values at once
-            t = read_shard(shard, ["image_id", column])
-            parts.append(_current_layout(t.filter(pc.is_in(t["image_id"], value_set=wanted))))
-            continue
-        # a local file reads by column: the ids first, the values only of a shard holding some of the rows
-        # (500 rows of a 100,000-image store lie in a few shards: the rest's embeddings are never read)
-        ids = read_shard(shard, ["image_id"])["image_id"]
-        held = pc.is_in(ids, value_set=wanted)
-        if pc.any(held).as_py():
+        if by_column:  # a local file: the ids first, the values only of a shard holding some of the rows
+            # (500 rows of a 100,000-image store lie in a few shards: the rest's embeddings are never read)
+            ids = read_shard(shard, ["image_id"])["image_id"]
+            held = pc.is_in(ids, value_set=wanted)
+            if not pc.any(held).as_py():
+                continue
             t = read_shard(shard, [column]).append_column("image_id", ids)
-            parts.append(_current_layout(t.filter(held)))
-    if not parts:
-        raise StoreError(f"{len(set(image_ids))} images have no committed {what} under {folder}; run extraction first")
-    table = first_per_image(pa.concat_tables(parts))
-    position = {image_id: i for i, image_id in enumerate(table["image_id"].to_pylist())}
+        else:  # a remote file is one GET whatever its columns: ids and values at once
+            t = read_shard(shard, ["image_id", column])
+            held = pc.is_in(t["image_id"], value_set=wanted)
+        parts.append(_current_layout(t.filter(held)))
+    table = first_per_image(pa.concat_tables(parts)) if parts else None
+    position = {} if table is None else {image_id: i for i, image_id in enumerate(table["image_id"].to_pylist())}
     missing = [i for i in image_ids if i not in position]
     if missing:
         raise StoreError(
