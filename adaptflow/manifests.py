@@ -218,6 +218,10 @@ class SelectionManifest(Manifest):
     # log q(y) / p(y) per class: where the estimate was credible, model_uri and reference_model_uri are copies
     # of the candidates' models predicting under it (`adapt.candidates.prior_corrected`); None: as trained
     prior_correction: list[float] | None = None
+    # with target images labelled for training (`adapt.labelled`): each candidate's accuracy on them (None:
+    # stopped early), and how many there were; the selection's reason says whether they decided
+    labelled_accuracy: list[float | None] | None = None
+    n_labelled: int = 0
 
 
 class PredictShard(Manifest):
@@ -330,6 +334,7 @@ class Champion(Manifest):
     selection_score: float | None  # as registered
     reference_index_uri: str | None  # its run's target index; None if that run's summary is gone
     reference_fingerprint: str | None = None  # that index's ingest fingerprint (its images), when known
+    labels_fingerprint: str | None = None  # the target labels its run used for training, if any
 
     @property
     def reference_keys(self) -> list[str]:

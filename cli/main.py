@@ -103,8 +103,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from adaptflow.config import load_config
 
     cfg = load_config(args.config, _overrides(args))
-    _check_inputs(args.source, args.target, args.target_labels, store=args.store, backbone=cfg.backbone)
-    run = _retrain(args.source, args.target, args.target_labels, args.store, cfg, table=not args.json)
+    labels, train_labels = args.target_labels, args.target_train_labels
+    _check_inputs(args.source, args.target, labels, train_labels, store=args.store, backbone=cfg.backbone)
+    run = _retrain(args.source, args.target, labels, args.store, cfg, not args.json, train_labels)
     if args.json:
         from adaptflow.store import storage
 
@@ -212,14 +213,16 @@ Weights (backbone.weights):
   random         random initialisation (a test or a baseline)"""
 
 
-def _retrain(source: str, target: str, target_labels: str | None, store: str, cfg, table: bool = True) -> str:
+def _retrain(
+    source: str, target: str, target_labels: str | None, store: str, cfg, table: bool = True, train_labels=None
+) -> str:
     from adaptflow.report.records import RunSummary
     from adaptflow.report.tables import render_table
     from adaptflow.store import storage
     from flows.retrain import retrain
 
     with prefect_api.prefect_api():
-        run = retrain(source, target, target_labels, store, cfg)
+        run = retrain(source, target, target_labels, store, cfg, train_labels)
     if table:
         print(render_table(RunSummary.load(storage.join(run, "summary.json"))))
     return run
@@ -311,6 +314,11 @@ def _parser() -> argparse.ArgumentParser:
         "--target-labels",
         help="labels for target images, used for scoring only "
         "(class folders or a uri,label manifest; matched by content)",
+    )
+    run.add_argument(
+        "--target-train-labels",
+        help="labels of a few target images the run may use to choose its model (a uri,label manifest or "
+        "class folders; every row must be usable); never counted in the target metrics it reports",
     )
     run.add_argument(
         "--json",

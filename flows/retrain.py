@@ -9,7 +9,7 @@ from adaptflow.store.storage import absolute, join
 from tasks.adapt import plan_candidates, select_model, train_candidates
 from tasks.credentials import use_credentials
 from tasks.extract import compact_features, extract_all, plan_extraction, record_coverage
-from tasks.ingest import ingest_dataset
+from tasks.ingest import check_train_labels, ingest_dataset
 from tasks.logs import forward_library_logs
 from tasks.monitor import check_shift, find_champion, promote_if_better, score_champion, score_model
 from tasks.predict import evaluate, predict
@@ -21,9 +21,16 @@ from tasks.train import fit_head
 
 @flow(name="retrain")
 def retrain(
-    source: str, target: str, target_labels: str | None = None, store: str = DEFAULT_STORE, config: Config | None = None
+    source: str,
+    target: str,
+    target_labels: str | None = None,
+    store: str = DEFAULT_STORE,
+    config: Config | None = None,
+    target_train_labels: str | None = None,
 ) -> str:
     """Train a classifier on labeled `source` images for unlabeled `target` images; returns the run URI.
+    `target_labels` only score the run; `target_train_labels`, labels of a few target images, also help
+    choose its model, and are left out of every target metric it reports.
     With a champion in the store's registry, retrain only if the target shifted or the champion degraded,
     and promote the new model only if it beats the champion on this run's data. The stages run on the
     task runner, and within the time limits, that `config.runtime` names."""
@@ -31,12 +38,19 @@ def retrain(
     forward_library_logs()
     use_credentials(cfg.runtime.credentials_block)
     return configured(retrain_stages, cfg.runtime)(
-        absolute(source), absolute(target), absolute(target_labels) if target_labels else None, absolute(store), cfg
+        absolute(source),
+        absolute(target),
+        absolute(target_labels) if target_labels else None,
+        absolute(store),
+        cfg,
+        absolute(target_train_labels) if target_train_labels else None,
     )
 
 
 @flow(name="retrain-stages")
-def retrain_stages(source: str, target: str, target_labels: str | None, store: str, cfg: Config) -> str:
+def retrain_stages(
+    source: str, target: str, target_labels: str | None, store: str, cfg: Config, target_train_labels: str | None = None
+) -> str:
     run_id = new_run_id()
     run = run_uri(store, run_id)
     clock = StageClock()
@@ -45,25 +59,32 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
     ingest, fit, score, rescore_champion = limited(cfg.runtime, ingest_dataset, fit_head, score_model, score_champion)
 
     # 1. ingest: validate and index every image, in parallel per dataset (files unchanged since the last run
-    # keep their checks); target labels must name source classes
+    # keep their checks); target labels must name source classes; those for training must all be usable,
+    # and no target metric counts the images they label
     with clock("ingest"):
         futures = {
             domain: ingest.submit(uri, domain, ingest_uri(run, domain), cfg.ingest, cfg.seed, store=store)
             for domain, uri in (("source", source), ("target", target))
         }
         datasets = {domain: f.result() for domain, f in futures.items()}
-        if target_labels:
-            datasets["target_labels"] = ingest(
-                target_labels,
-                "target_labels",
-                ingest_uri(run, "target_labels"),
-                cfg.ingest,
-                cfg.seed,
-                classes=datasets["source"].classes,
-                labels_for=datasets["target"].index_uri,
-                store=store,
-            )
+        for domain, uri in (("target_labels", target_labels), ("target_train_labels", target_train_labels)):
+            if uri:
+                datasets[domain] = ingest(
+                    uri,
+                    domain,
+                    ingest_uri(run, domain),
+                    cfg.ingest,
+                    cfg.seed,
+                    classes=datasets["source"].classes,
+                    labels_for=datasets["target"].index_uri,
+                    store=store,
+                )
     src, tgt, labels = datasets["source"], datasets["target"], datasets.get("target_labels")
+    train_labels = datasets.get("target_train_labels")
+    if train_labels:
+        labels = check_train_labels(train_labels, tgt, labels, ingest_uri(run, "target_labels_held_out"))
+        if labels:
+            datasets["target_labels"] = labels  # what the run is scored on
 
     # 2-3. preprocess + extract: embed only images the feature store lacks (the champion's reference
     # images included), and decode each once into the training-image cache when candidates train end to
@@ -84,12 +105,14 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
         compactions = [compaction, *([compact_features(plan.cache.uri, cfg.extract)] if plan.cache else [])]
         record_coverage(plan, store, compactions)  # what the store now holds whole: a quiet night lists it
 
-    # 3b. monitor: has the target moved away from the champion's data, or the champion got worse? If not, stop
+    # 3b. monitor: has the target moved away from the champion's data, or the champion got worse, or are there
+    # new labels for training? If not, stop
     shift = champion_scores = None
     if champion:
         with clock("monitor"):
             champion_scores = rescore_champion(store, champion, src, tgt, labels, plan, cfg)
-            shift = check_shift(store, champion, tgt, plan, champion_scores, cfg) if cfg.monitor.enabled else None
+            if cfg.monitor.enabled:
+                shift = check_shift(store, champion, tgt, plan, champion_scores, cfg, train_labels)
         if shift and not shift.retrain:
             summary = write_no_shift_summary(
                 run_id, run, cfg, datasets, plan, shards, compaction, shift, champion_scores, clock.seconds
@@ -101,11 +124,12 @@ def retrain_stages(source: str, target: str, target_labels: str | None, store: s
             champion_scores = rescore_champion(store, champion, src, tgt, labels, plan, cfg, exact=True)
 
     # 4. fine-tune and adapt: the source-only head, then adaptation candidates for a fixed number of steps
-    # (end-to-end ones in rounds of successive halving), chosen without target labels
+    # (end-to-end ones in rounds of successive halving), chosen without target labels unless some were
+    # given for training
     with clock("train"):
         head = fit(src, plan, cfg, model_uri(store, run_id))
         candidates = train_candidates(specs, src, tgt, labels, plan, cfg, store)  # resumed by the same command
-        selection = select_model(head, candidates, cfg, src, join(run, "prior-corrected"))
+        selection = select_model(head, candidates, cfg, src, join(run, "prior-corrected"), train_labels, plan)
 
     # 5. evaluate: the chosen model and the source-only head on source test and target, shard by shard
     with clock("evaluate"):

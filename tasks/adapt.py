@@ -4,6 +4,7 @@ from adaptflow import progress
 from adaptflow.adapt import candidates as adaptation
 from adaptflow.adapt import halving, plan
 from adaptflow.config import Config, resolve_device
+from adaptflow.data.ingest import read_index
 from adaptflow.manifests import (
     CandidateManifest,
     CandidateSpec,
@@ -62,13 +63,20 @@ def select_model(
     cfg: Config,
     source: IngestManifest | None = None,
     corrected_uri: str | None = None,
+    train_labels: IngestManifest | None = None,
+    features: ExtractionPlan | None = None,
 ) -> SelectionManifest:
     """Pick the model without target labels; never a collapsed one, never one against the target's class mix
     where it is known (estimated against the `source`'s training class shares). Where that estimate is
-    credible and `adapt.prior_correction` is on, the pick predicts under it, written to `corrected_uri`."""
+    credible and `adapt.prior_correction` is on, the pick predicts under it, written to `corrected_uri`.
+    With target images labelled for training (`train_labels`, their rows in `features`), the candidates
+    are scored on them too, and that evidence revises the pick (`adapt.labelled`)."""
     prior = adaptation.training_prior(source) if source is not None else None
     out = corrected_uri if cfg.adapt.prior_correction else None
-    return adaptation.select_model(head, candidates, cfg.adapt.policy, cfg.adapt.class_mix, cfg.seed, prior, out)
+    labelled = (read_index(train_labels), features) if train_labels is not None and features is not None else None
+    return adaptation.select_model(
+        head, candidates, cfg.adapt.policy, cfg.adapt.class_mix, cfg.seed, prior, out, labelled
+    )
 
 
 def train_candidates(

@@ -95,13 +95,16 @@ def check_shift(
     features: ExtractionPlan,
     scores: ModelScores | None,
     cfg: Config,
+    train_labels: IngestManifest | None = None,
 ) -> ShiftManifest:
     """Has the target moved away from the champion's data (its images or its class mix), or the champion got
-    worse on it?"""
+    worse on it, or are there new target labels for training?"""
     before = None
     if scores is not None and cfg.monitor.class_mix:
         before = scoring.reference_mix(champion, features, cfg.seed, cfg.adapt.validation_samples, store)
-    shift = shift_test.check_shift(champion, target, features, scores, cfg.monitor, cfg.seed, before, store)
+    shift = shift_test.check_shift(
+        champion, target, features, scores, cfg.monitor, cfg.seed, before, store, train_labels
+    )
     payload = {
         "reason": shift.reason,
         "champion_version": shift.champion_version,

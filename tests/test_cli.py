@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from adaptflow.store import storage
@@ -130,6 +131,11 @@ def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp
         "--set",
         "adapt.image_size=32",
     ]
+    # twelve of the labelled target images may be used to choose the model; they then score nothing
+    scoring = pd.read_csv(demo_data.target_labels_uri)
+    folder = os.path.dirname(demo_data.target_labels_uri)
+    given = scoring.head(12).assign(uri=lambda d: [os.path.join(folder, u) for u in d.uri])
+    given.to_csv(tmp_path / "given.csv", index=False)
     done = _adaptflow(
         "run",
         "--source",
@@ -138,6 +144,8 @@ def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp
         demo_data.target_uri,
         "--target-labels",
         demo_data.target_labels_uri,
+        "--target-train-labels",
+        str(tmp_path / "given.csv"),
         "--store",
         store,
         "--method",
@@ -148,6 +156,11 @@ def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     run = lines[-1]
+    labelled = storage.read_json(storage.join(run, "summary.json"))
+    assert labelled["adaptation"]["labelled"] == 12 and "12 target images labelled for training" in done.stdout
+    assert all(c["labelled_accuracy"] is not None for c in labelled["adaptation"]["candidates"])
+    scored = labelled["datasets"]["target_labels"]["images"]
+    assert scored == labelled["metrics"]["target"]["n"] == len(scoring) - 12  # the twelve score nothing
     assert storage.exists(storage.join(run, "summary.json")) and storage.exists(
         storage.join(run, "predictions.parquet")
     )
@@ -205,6 +218,17 @@ def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp
     assert failed.returncode == 2
     assert f"error: no valid images under {broken}" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+    # a label for training that cannot be used is one clear error, before any training
+    given.assign(label=["not-a-digit"] + list(given.label[1:])).to_csv(tmp_path / "typo.csv", index=False)
+    typo = _adaptflow(
+        "run",
+        *("--source", demo_data.source_uri, "--target", demo_data.target_uri),
+        *("--target-train-labels", str(tmp_path / "typo.csv"), "--store", store),
+        *fast,
+        cwd=tmp_path,
+    )
+    assert typo.returncode == 2 and "unknown label 'not-a-digit'" in _one_error_line(typo.stderr)
 
 
 def _registry(store: str, scores: list[float]) -> None:

@@ -48,6 +48,16 @@ def test_new_images_like_the_old_are_no_shift_and_another_domain_is(store, tmp_p
     nothing_new = check_shift(_champion(tgt.index_uri), tgt, plan, _scores(0.5), cfg)
     assert nothing_new.test is None and nothing_new.n_new == 0 and not nothing_new.retrain
     assert "no new target images since the champion's run r0" in nothing_new.reason
+    # labels for training the champion's run did not have are a reason to retrain; the same ones are not
+    labels = tgt.model_copy(update={"domain": "target_train_labels", "fingerprint": "L1", "n_images": 12})
+    labelled = check_shift(_champion(tgt.index_uri), tgt, plan, _scores(0.5), cfg, labels=labels)
+    assert (
+        labelled.retrain
+        and labelled.reason.startswith("no shift, new labels")
+        and "12 target labels" in labelled.reason
+    )
+    seen = _champion(tgt.index_uri).model_copy(update={"labels_fingerprint": "L1"})
+    assert not check_shift(seen, tgt, plan, _scores(0.5), cfg, labels=labels).retrain
     moved = check_shift(_champion(src.index_uri), tgt, plan, _scores(0.5), cfg)
     assert moved.shift_detected and moved.retrain and moved.test.p_value < 0.01 and moved.domain_auc > 0.9
     bounded = check_shift(_champion(src.index_uri), tgt, plan, _scores(0.5), MonitorConfig(max_samples=20))

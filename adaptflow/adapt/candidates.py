@@ -24,12 +24,14 @@ import time
 from contextlib import nullcontext
 
 import numpy as np
+import pandas as pd
 import torch
 
 from adaptflow import state
 from adaptflow.adapt import domain_gap, priors, selection, validators
 from adaptflow.adapt.algorithms import get_algorithm
 from adaptflow.adapt.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
+from adaptflow.adapt.labelled import by_labels, labelled_outcomes
 from adaptflow.adapt.plan import budget
 from adaptflow.adapt.samples import (
     FeatureData,
@@ -292,6 +294,7 @@ def select_model(
     seed: int = 0,
     source_prior: list[float] | None = None,
     corrected_uri: str | None = None,
+    labelled: tuple[pd.DataFrame, ExtractionPlan] | None = None,
 ) -> SelectionManifest:
     """The label-free pick among the candidates (`adapt.selection.select`: no candidate judged by what it
     optimised, never a collapsed one, never one clearly less accurate on source validation than the
@@ -302,7 +305,9 @@ def select_model(
     no candidates (`adapt.method: none`) the source-only head is the model.
 
     With `corrected_uri`, where the estimate is credible (`selection.credible`), the pick and the reference
-    are written there corrected to it (`prior_corrected`), and the selection names those copies."""
+    are written there corrected to it (`prior_corrected`), and the selection names those copies. With
+    `labelled` (target images labelled for training and the features plan their rows are in), the finished
+    candidates are scored on them and the pick revised by that evidence (`adapt.labelled.by_labels`)."""
     if not candidates:
         return SelectionManifest(
             index=-1,
@@ -316,7 +321,16 @@ def select_model(
     finished = [i for i, c in enumerate(candidates) if c.stopped_at_rung is None]
     done = [candidates[i] for i in finished]
     mix = class_mix(done, mix_method, seed, source_prior)
-    pick = selection.select(selection_candidates(done), policy, mix=mix)
+    judged = selection_candidates(done)
+    pick = selection.select(judged, policy, mix=mix)
+    accuracy = None
+    if labelled is not None:
+        labels, features = labelled
+        outcomes = labelled_outcomes(done, labels, features)
+        pick = by_labels(pick, judged, outcomes)
+        accuracy = [None] * len(candidates)
+        for i, o in zip(finished, outcomes, strict=True):
+            accuracy[i] = float(o.mean())
     index = finished[pick.index]
     reference = None if pick.reference is None else finished[pick.reference]
     ranks: list[float | None] = [None] * len(candidates)
@@ -344,6 +358,8 @@ def select_model(
         reference_model_uri=models.get(reference),
         class_mix=mix,
         prior_correction=[float(v) for v in priors.log_ratio(mix)] if correcting else None,
+        labelled_accuracy=accuracy,
+        n_labelled=len(labelled[0]) if labelled is not None else 0,
     )
 
 

@@ -57,7 +57,7 @@ MAX_SOURCE_DROP = 0.05  # source-validation accuracy a candidate may lose agains
 # and once every end-to-end model has learnt the source it keeps the model that did not adapt
 # (benchmarks/cost.py's 5,000-image source at 500 steps: the source-only reference 1.0 and 0.554 target
 # accuracy, cdan-images 0.998 and 0.796). So source_val_acc ranks within its noise: a candidate not
-# significantly less accurate than the most accurate one on the same images (`_less_accurate`) counts as
+# significantly less accurate than the most accurate one on the same images (`less_accurate`) counts as
 # accurate as it (`ranked_values`), and ties of the mean rank go to the higher TIE_BREAK, then the higher
 # source_val_acc. TIE_BREAK is information maximisation on the target sample: confident, class-balanced
 # predictions, never scoring a candidate that trained on it. benchmarks/selection.py, the default policy:
@@ -162,7 +162,7 @@ def select(
     skipped, target_skipped, pick = [], [], reference
     for i in order:
         drop = acc[reference] - acc[i] if reference is not None else 0.0
-        worse, p = _less_accurate(candidates[i], None if i == reference or reference is None else candidates[reference])
+        worse, p = less_accurate(candidates[i], None if i == reference or reference is None else candidates[reference])
         if worse and drop > MAX_SOURCE_DROP:
             skipped.append(f"{candidates[i].name} ({drop:.3f} lower, p = {p:.3f})")
             continue
@@ -222,7 +222,7 @@ def mean_ranks(candidates: Sequence[Candidate], alive: Sequence[int], policy: Se
 def ranked_values(candidates: Sequence[Candidate], judged: Sequence[int], name: str) -> list[float]:
     """The values validator `name` ranks the `judged` candidates by: their scores, except that for
     source_val_acc a candidate not significantly less accurate than the most accurate one, on the same
-    images (`_less_accurate`), counts as accurate as it. Without both candidates' right-or-wrong per image
+    images (`less_accurate`), counts as accurate as it. Without both candidates' right-or-wrong per image
     there is no test, and the score stands."""
     values = [finite_or_lowest(candidates[i].scores[name]) for i in judged]
     if name != "source_val_acc" or not judged:
@@ -230,7 +230,7 @@ def ranked_values(candidates: Sequence[Candidate], judged: Sequence[int], name: 
     lead = max(range(len(judged)), key=lambda k: (values[k], -k))
     best = candidates[judged[lead]]
     return [
-        values[lead] if _paired(candidates[i], best) and not _less_accurate(candidates[i], best)[0] else v
+        values[lead] if _paired(candidates[i], best) and not less_accurate(candidates[i], best)[0] else v
         for i, v in zip(judged, values, strict=True)
     ]
 
@@ -260,7 +260,7 @@ def _paired(a: Candidate, b: Candidate | None) -> bool:
     return len(a.val_correct) == len(b.val_correct)
 
 
-def _less_accurate(a: Candidate, b: Candidate | None) -> tuple[bool, float]:
+def less_accurate(a: Candidate, b: Candidate | None) -> tuple[bool, float]:
     """Is `a` significantly less accurate than `b` on the same source-validation images? An exact
     one-sided McNemar test on the images exactly one of them gets right. No `b`: no test."""
     if not _paired(a, b):
@@ -287,7 +287,7 @@ def _confidence(
     for n in judged:
         a, b = finite_or_lowest(chosen.scores[n]), finite_or_lowest(ref.scores[n])
         if n == "source_val_acc" and chosen.val_correct is not None and ref.val_correct is not None:
-            worse, p = _less_accurate(chosen, ref)  # paired: a difference of a few images is noise
+            worse, p = less_accurate(chosen, ref)  # paired: a difference of a few images is noise
             if worse:
                 against.append(f"source_val_acc {a:.3f} < {b:.3f} (p = {p:.3f})")
         elif a < b:

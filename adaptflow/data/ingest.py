@@ -142,7 +142,7 @@ def ingest(
         n_images=len(rows),
         n_rejected=len(reject_rows),
         classes=sorted({r["label"] for r in rows if r["label"] is not None}),
-        fingerprint=_fingerprint(rows),
+        fingerprint=index_fingerprint(rows),
         seconds=time.perf_counter() - start,
         bytes_read=sum(c.nbytes for c in checked),
         bytes_written=written,
@@ -356,7 +356,8 @@ def _carved(c: _Checked, cfg: IngestConfig, seed: int) -> str:
     return drawn if drawn in c.entry.carve else "train"
 
 
-def _fingerprint(rows: list[dict]) -> str:
+def index_fingerprint(rows: list[dict]) -> str:
+    """A dataset snapshot's hash: of its sorted (image_id, label, split) rows."""
     lines = sorted(f"{r['image_id']},{r['label'] or ''},{r['split']}" for r in rows)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 

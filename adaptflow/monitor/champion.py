@@ -35,11 +35,12 @@ def find_champion(store: str) -> Champion | None:
     mv = registry.resolve(store, registry.CHAMPION)
     run = run_uri(store, mv.run_id)
     summary_uri = storage.join(run, "summary.json")
-    reference = fingerprint = None
+    reference = fingerprint = labels = None
     if storage.exists(summary_uri):  # its target index, where it is now (the store may have moved since)
         summary = storage.read_json(summary_uri)
         reference = storage.rebase(summary["datasets"]["target"]["index_uri"], summary["run_uri"], run)
         fingerprint = summary["datasets"]["target"].get("fingerprint")
+        labels = summary["datasets"].get("target_train_labels", {}).get("fingerprint")
     if reference is not None and not storage.exists(reference):
         reference = fingerprint = None
     return Champion(
@@ -49,6 +50,7 @@ def find_champion(store: str) -> Champion | None:
         selection_score=mv.metrics.get("selection_score"),
         reference_index_uri=reference,
         reference_fingerprint=fingerprint,
+        labels_fingerprint=labels,
     )
 
 

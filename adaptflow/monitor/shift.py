@@ -191,12 +191,14 @@ def check_shift(
     seed: int = 0,
     reference_mix: tuple[list[float], int] | None = None,
     store: str | None = None,
+    labels: IngestManifest | None = None,
 ) -> ShiftManifest:
     """Test the target batch against the champion's reference images, and the champion's score drop;
     with `reference_mix` (the champion's predicted class shares on its reference images, and how many
     it predicted: `monitor.champion.reference_mix`), the class mix it predicts on the batch too. With
     `store`, the image test of a target already tested against the same reference is the one kept there
-    (`monitor.memo`): same images, same features, same settings, same outcome."""
+    (`monitor.memo`): same images, same features, same settings, same outcome. Target `labels` for
+    training other than those the champion's run used are a reason to retrain of their own."""
     test, auc, n_new, untested = _image_test(champion, target, features, cfg, seed, store)
     drop = None
     if scores is not None and champion.selection_score is not None:
@@ -233,8 +235,12 @@ def check_shift(
         )
     if scores is not None and scores.collapsed:
         reasons.append("the champion's target predictions collapsed")
-    retrain = champion.reference_index_uri is None or shifted or degraded
+    new_labels = labels is not None and labels.fingerprint != champion.labels_fingerprint
+    if new_labels:
+        reasons.append(f"{labels.n_images} target labels for training the champion's run did not have")
+    retrain = champion.reference_index_uri is None or shifted or degraded or new_labels
     verdict = "shift detected" if shifted else ("champion degraded" if degraded else "no shift")
+    verdict += ", new labels" if new_labels else ""
     return ShiftManifest(
         champion_version=champion.version,
         test=test,

@@ -146,7 +146,9 @@ def _row(summary: dict, registered: Mapping[int, float | None] | None = None) ->
     return HistoryRow(
         run_id=_str(summary.get("run_id")) or "?",
         finished_at=_str(summary.get("finished_at")),
-        images_processed=sum(_int(_at(d, "images")) or 0 for name, d in datasets.items() if name != "target_labels"),
+        images_processed=sum(
+            _int(_at(d, "images")) or 0 for name, d in datasets.items() if not name.endswith("labels")
+        ),
         images_extracted=_int(_at(summary, "extraction", "images_extracted")),
         target_accuracy=_float(_at(summary, "metrics", "target", "accuracy")),
         source_test_accuracy=_float(_at(summary, "metrics", "source_test", "accuracy")),

@@ -77,6 +77,7 @@ class CandidateSummary(Record):
     rank: float | None  # the policy's mean percentile rank; None for a candidate that took no part
     source_test_accuracy: float | None
     target_accuracy: float | None  # with target labels: reporting only
+    labelled_accuracy: float | None = None  # on the target images labelled for training (`adapt.labelled`)
     steps: int
     total_steps: int
     stopped_at_rung: int | None
@@ -104,6 +105,7 @@ class AdaptationSummary(Record):
     candidates: list[CandidateSummary] = []
     class_mix: ClassMix | None = None  # the target's class mix, estimated without labels (`adapt.priors`)
     prior_corrected: bool = False  # the selected model predicts under class_mix (`adapt.priors.correct`)
+    labelled: int = 0  # target images labelled for training that judged the candidates (`adapt.labelled`)
 
 
 class RunSummary(Manifest):

@@ -162,6 +162,7 @@ def _adaptation(selection: SelectionManifest, candidates: list[CandidateManifest
     reference = candidates[selection.reference_index] if selection.reference_index is not None else None
     selected_acc = chosen.target_accuracy if chosen else None
     ranks = selection.ranks or [None] * len(candidates)
+    labelled = selection.labelled_accuracy or [None] * len(candidates)
     return AdaptationSummary(
         selected=selection.name,
         method=chosen.spec.method if chosen else "head",
@@ -178,6 +179,7 @@ def _adaptation(selection: SelectionManifest, candidates: list[CandidateManifest
         regret=(oracle.target_accuracy - selected_acc) if oracle and selected_acc is not None else None,
         class_mix=selection.class_mix.model_copy(update={"work": None}) if selection.class_mix else None,
         prior_corrected=selection.prior_correction is not None,
+        labelled=selection.n_labelled,
         candidates=[
             CandidateSummary(
                 name=c.spec.name,
@@ -188,13 +190,14 @@ def _adaptation(selection: SelectionManifest, candidates: list[CandidateManifest
                 rank=rank,
                 source_test_accuracy=c.source_test_accuracy,
                 target_accuracy=c.target_accuracy,
+                labelled_accuracy=on_labels,
                 steps=c.steps,
                 total_steps=c.total_steps,
                 stopped_at_rung=c.stopped_at_rung,
                 seconds=round(c.seconds, 2),
                 model_uri=c.model_uri,
             )
-            for c, rank in zip(candidates, ranks, strict=True)
+            for c, rank, on_labels in zip(candidates, ranks, labelled, strict=True)
         ],
     )
 
