@@ -183,6 +183,14 @@ class AdaptConfig(_Section):
         description="how the target's class mix is estimated without labels (adaptflow.adapt.priors): em "
         "(Saerens' EM on calibrated predictions) or bbse (black-box shift estimation)",
     )
+    labels_trained: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="the share of the target images labelled for training (--target-train-labels) that every "
+        "candidate also trains on, a supervised loss beside its own; the rest judge the candidates in selection, "
+        "never having been trained on (adaptflow.data.labels.split). 0: selection only",
+    )
     prior_correction: bool = Field(
         True,
         description="where the target's estimated class mix is credible (a label shift seen by a source-only "

@@ -199,6 +199,7 @@ class CandidateManifest(Manifest):
     steps: int  # steps trained so far
     total_steps: int = 0  # its budget; steps < total_steps: stopped early (halving) or still to resume
     stopped_at_rung: int | None = None  # successive halving left it behind after this rung (0-based)
+    labelled_trained: int = 0  # labelled target images it trained on (`adapt.labelled.with_labelled`)
     seconds: float  # training and scoring time, over every rung
 
 

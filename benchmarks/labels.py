@@ -9,10 +9,16 @@ halves once, by a seeded draw: labels come from one, and every pick of every row
 no row is scored on easier images than another (active labelling takes the hard ones). A candidate's
 outcome on the labelled images comes from its stored target predictions; for each run the benchmark also
 runs the models themselves on one set of labelled images (`labelled_outcomes`, as the flow does) and fails
-if the two differ. Training does not use the labels yet (issue 28, item 3): what this measures is selection.
+if the two differ. A replay measures selection only: those candidates trained without the labels.
+
+`--train SHIFT ...` measures the whole of `--target-train-labels`, training included: per shift, this
+checkout's `adaptflow run` without labels, then with N of the pool half's images labelled, drawn at random
+and chosen by `label suggest` on the first run, each run in its own store (about 5 minutes a run), every
+selected model scored on the same scored half.
 
     .venv/bin/python benchmarks/suite.py --work /tmp/suite             # the runs (about 5 minutes a shift)
     .venv/bin/python benchmarks/labels.py --work /tmp/suite --code today
+    .venv/bin/python benchmarks/labels.py --work /tmp/suite --train degraded mnist-m --labels 50
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from scale import command, run_args  # noqa: E402  (benchmarks/scale.py)
 
 from adaptflow.adapt import candidates as adaptation  # noqa: E402
 from adaptflow.adapt import selection  # noqa: E402
@@ -46,6 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the suite runs' seed")
     p.add_argument("--labels", type=int, nargs="+", default=[10, 50, 200], help="labelled images per run")
     p.add_argument("--draws", type=int, default=3, help="random draws per count (their mean is reported)")
+    p.add_argument(
+        "--train", nargs="+", metavar="SHIFT", help="run end to end on these shifts, labels used in training"
+    )
     return p
 
 
@@ -128,8 +141,57 @@ def _ingest(summary: RunSummary, domain: str) -> str:
     return posixpath.dirname(index_uri) + "/manifest.json"
 
 
+def train(args) -> None:
+    """`--train`: this checkout end to end, without labels and with N random or active ones, per shift."""
+    n = args.labels[0]
+    ways = ["0", f"random {n}", f"active {n}"]
+    print("| shift | " + " | ".join(ways) + " | wall (s) |")
+    print("|---" * (len(ways) + 2) + "|")
+    table = {w: [] for w in ways}
+    for shift in args.train:
+        first, wall = _run(args, shift, "0")
+        base = Run(storage.join(first, "summary.json"))
+        chosen = {
+            f"random {n}": list(np.random.default_rng(0).choice(base.pool, n, replace=False)),
+            f"active {n}": base.active(n),
+        }
+        cells, walls = [], [wall]
+        for way in ways:
+            uri = first
+            if way != "0":
+                ids = chosen[way]
+                csv = Path(args.work, "labels", f"{shift}-seed{args.seed}-{way.replace(' ', '')}.csv")
+                labels = {"uri": base.uris.loc[ids].to_numpy(), "label": base.truth.loc[ids].to_numpy()}
+                pd.DataFrame(labels).to_csv(csv, index=False)
+                uri, wall = _run(args, shift, way, "--target-train-labels", str(csv))
+                walls.append(wall)
+            predicted = storage.read_table(storage.join(uri, "predictions.parquet")).to_pandas().set_index("image_id")
+            acc = float((predicted.prediction.loc[base.scored] == base.truth.loc[base.scored]).mean())
+            table[way].append(acc)
+            cells.append(f"{acc:.3f}")
+        print(f"| {shift} | " + " | ".join(cells) + f" | {' / '.join(f'{w:.0f}' for w in walls)} |", flush=True)
+    print("| mean | " + " | ".join(f"{np.mean(table[w]):.3f}" for w in ways) + " | |")
+
+
+def _run(args, shift: str, way: str, *extra: str) -> tuple[str, float]:
+    """This checkout's `adaptflow run` on `shift` of the suite's data, in a store and Prefect home of its
+    own: (the run's URI, wall seconds)."""
+    import os
+
+    work, tag = Path(args.work), f"{shift}-seed{args.seed}-{way.replace(' ', '')}"
+    folder = work / "data" / shift
+    data = {k: str(folder / k) for k in ("source", "target")} | {"target_labels": str(folder / "target_labels.csv")}
+    (work / "labels" / "prefect" / tag).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_HOME": str(work / "labels" / "prefect" / tag)}
+    seeds = ["--set", f"seed={args.seed}", "--set", f"adapt.seeds=[{args.seed}]"]
+    uri, wall, _ = command(run_args(data, str(work / "labels" / "stores" / tag), *seeds, *extra), env)
+    return uri, wall
+
+
 def main(args) -> None:
     print("$", shlex.join([sys.executable, *sys.argv]))
+    if args.train:
+        return train(args)
     stores = sorted(Path(args.work, "stores").glob(f"{args.code}-*-seed{args.seed}"))
     ways = ["0"] + [f"{w} {n}" for n in args.labels for w in ("random", "active")]
     table = {w: [] for w in ways}

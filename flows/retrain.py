@@ -6,7 +6,7 @@ from adaptflow.config import Config
 from adaptflow.report.summary import StageClock
 from adaptflow.store.layout import ingest_uri, model_uri, new_run_id, run_uri
 from adaptflow.store.storage import absolute, join
-from tasks.adapt import plan_candidates, select_model, train_candidates
+from tasks.adapt import plan_candidates, select_model, split_labels, train_candidates
 from tasks.credentials import use_credentials
 from tasks.extract import compact_features, extract_all, plan_extraction, record_coverage
 from tasks.ingest import check_train_labels, ingest_dataset
@@ -81,10 +81,12 @@ def retrain_stages(
                 )
     src, tgt, labels = datasets["source"], datasets["target"], datasets.get("target_labels")
     train_labels = datasets.get("target_train_labels")
+    fit_labels = judge_labels = None
     if train_labels:
         labels = check_train_labels(train_labels, tgt, labels, ingest_uri(run, "target_labels_held_out"))
         if labels:
             datasets["target_labels"] = labels  # what the run is scored on
+        fit_labels, judge_labels = split_labels(train_labels, cfg, join(run, "labels"))  # train on / choose by
 
     # 2-3. preprocess + extract: embed only images the feature store lacks (the champion's reference
     # images included), and decode each once into the training-image cache when candidates train end to
@@ -125,11 +127,11 @@ def retrain_stages(
 
     # 4. fine-tune and adapt: the source-only head, then adaptation candidates for a fixed number of steps
     # (end-to-end ones in rounds of successive halving), chosen without target labels unless some were
-    # given for training
+    # given for training (then a share trains every candidate, the rest judges them)
     with clock("train"):
         head = fit(src, plan, cfg, model_uri(store, run_id))
-        candidates = train_candidates(specs, src, tgt, labels, plan, cfg, store)  # resumed by the same command
-        selection = select_model(head, candidates, cfg, src, join(run, "prior-corrected"), train_labels, plan)
+        candidates = train_candidates(specs, src, tgt, labels, plan, cfg, store, fit_labels)  # resumable
+        selection = select_model(head, candidates, cfg, src, join(run, "prior-corrected"), judge_labels, plan)
 
     # 5. evaluate: the chosen model and the source-only head on source test and target, shard by shard
     with clock("evaluate"):

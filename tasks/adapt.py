@@ -2,7 +2,7 @@ from prefect import task, unmapped
 
 from adaptflow import progress
 from adaptflow.adapt import candidates as adaptation
-from adaptflow.adapt import halving, plan
+from adaptflow.adapt import halving, labelled, plan
 from adaptflow.config import Config, resolve_device
 from adaptflow.data.ingest import read_index
 from adaptflow.manifests import (
@@ -28,6 +28,15 @@ def plan_candidates(cfg: Config, source: IngestManifest) -> list[CandidateSpec]:
     return plan.plan_candidates(cfg, cuda, plan.training_images(source))
 
 
+@task(name="split-labels")
+def split_labels(
+    train_labels: IngestManifest, cfg: Config, out_uri: str
+) -> tuple[IngestManifest | None, IngestManifest | None]:
+    """(the target labels every candidate trains on, those that judge them in selection): `adapt.labels_trained`
+    of each class's, chosen by content; no image in both."""
+    return labelled.split_labels(train_labels, cfg.adapt.labels_trained, cfg.seed, out_uri)
+
+
 @task(name="train-candidate", task_run_name="train-{spec.name}")
 @measured
 def train_candidate(
@@ -39,14 +48,18 @@ def train_candidate(
     cfg: Config,
     candidates_uri: str,
     until: int | None = None,
+    fit_labels: IngestManifest | None = None,
 ) -> CandidateManifest:
     """Train one adaptation candidate into `candidates_uri/<name>` up to step `until` (resuming from its
-    checkpoint) and score it without target labels."""
+    checkpoint), on the labelled target images `fit_labels` too if given, and score it without target
+    labels."""
     device = str(resolve_device(cfg.extract.device))
     out_uri = join(candidates_uri, spec.name)
     rung = f" to step {until} (a rung of successive halving)" if until is not None and until < spec.steps else ""
     with progress.task(f"train {spec.name}{rung}", unit="steps"):
-        return adaptation.train_candidate(spec, source, target, target_labels, features, cfg, out_uri, device, until)
+        return adaptation.train_candidate(
+            spec, source, target, target_labels, features, cfg, out_uri, device, until, fit_labels
+        )
 
 
 @task(name="stop-candidate", task_run_name="stop-{candidate.spec.name}")
@@ -87,13 +100,15 @@ def train_candidates(
     features: ExtractionPlan,
     cfg: Config,
     store: str,
+    fit_labels: IngestManifest | None = None,
 ) -> list[CandidateManifest]:
     """Every candidate, each its own task (on a GPU worker when configured), images-mode ones in rungs of
     successive halving (`adapt.halving.successive_halving`, `adapt.halving`); call it from a flow. Returns
     the candidates in `specs` order, those left behind marked `stopped_at_rung`, each with the work of
     all its rungs. They train in `store`'s folder for everything their training reads
     (`adapt.plan.training_key`), so the same command after an interruption resumes them."""
-    candidates_uri = training_uri(store, plan.training_key(cfg, source, target, target_labels, features))
+    key = plan.training_key(cfg, source, target, target_labels, features, fit_labels)
+    candidates_uri = training_uri(store, key)
     (train,) = limited(cfg.runtime, train_candidate)
     works: dict[str, list[accounting.Work]] = {}
 
@@ -108,6 +123,7 @@ def train_candidates(
                 unmapped(cfg),
                 unmapped(candidates_uri),
                 untils,
+                unmapped(fit_labels),
             )
         results = futures.result()
         for c in results:

@@ -156,16 +156,18 @@ def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     run = lines[-1]
-    labelled = storage.read_json(storage.join(run, "summary.json"))
-    assert labelled["adaptation"]["labelled"] == 12 and "12 target images labelled for training" in done.stdout
-    assert all(c["labelled_accuracy"] is not None for c in labelled["adaptation"]["candidates"])
-    scored = labelled["datasets"]["target_labels"]["images"]
-    assert scored == labelled["metrics"]["target"]["n"] == len(scoring) - 12  # the twelve score nothing
+    summary = storage.read_json(storage.join(run, "summary.json"))
+    labelled = summary["adaptation"]
+    judged, trained = labelled["labelled"], labelled["labelled_trained"]  # split within each class, by content
+    assert judged + trained == 12 and judged > 0
+    assert f"target labels for training: {trained} trained every candidate, {judged} judged them" in done.stdout
+    assert all(c["labelled_accuracy"] is not None for c in labelled["candidates"])
+    scored = summary["datasets"]["target_labels"]["images"]
+    assert scored == summary["metrics"]["target"]["n"] == len(scoring) - 12  # the twelve score nothing
     assert storage.exists(storage.join(run, "summary.json")) and storage.exists(
         storage.join(run, "predictions.parquet")
     )
     assert "extraction:" in done.stdout and "report:" in done.stdout
-    summary = storage.read_json(storage.join(run, "summary.json"))
     assert summary["adaptation"]["method"] == "dann"
     assert [c["name"] for c in summary["adaptation"]["candidates"]] == ["dann-features", "dann-images"]
     # progress went to stderr, one line per finished step (no terminal here), stdout untouched by it

@@ -31,7 +31,7 @@ from adaptflow import state
 from adaptflow.adapt import domain_gap, priors, selection, validators
 from adaptflow.adapt.algorithms import get_algorithm
 from adaptflow.adapt.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
-from adaptflow.adapt.labelled import by_labels, labelled_outcomes
+from adaptflow.adapt.labelled import by_labels, labelled_outcomes, with_labelled
 from adaptflow.adapt.plan import budget
 from adaptflow.adapt.samples import (
     FeatureData,
@@ -82,10 +82,12 @@ def train_candidate(
     out_uri: str,
     device: str = "cpu",
     until: int | None = None,
+    fit_labels: IngestManifest | None = None,
 ) -> CandidateManifest:
     """Train `spec` up to step `until` (default: its whole budget), resuming from the checkpoint a
     previous rung left under `out_uri`, then score it on the validation sample and commit it. Safe to
-    retry: a candidate already committed at `until` steps or more is returned as it is. The steps of a
+    retry: a candidate already committed at `until` steps or more is returned as it is. With `fit_labels`,
+    labelled target images join its supervised rows (`labelled.with_labelled`). The steps of a
     candidate's life are `CandidateRun`'s methods."""
     start = time.perf_counter()
     total = spec.steps or (
@@ -97,7 +99,7 @@ def train_candidate(
     if before is not None and before.steps >= until:
         return _committed_at(before, until, out_uri)
 
-    run = CandidateRun(spec, source, target, features, cfg, out_uri, device, until, total)
+    run = CandidateRun(spec, source, target, features, cfg, out_uri, device, until, total, fit_labels)
     algorithm, begin = run.resume()
     curve, out = run.fit(algorithm, begin)
     scores, collapsed = run.score(out)
@@ -124,7 +126,9 @@ class CandidateRun:
     (`halving.survivors`), so it is scored by what the ranking reads alone (the policy's validators,
     source_val_acc and the tie-break), on the samples those need."""
 
-    def __init__(self, spec, source, target, features, cfg: Config, out_uri: str, device, until: int, total: int):
+    def __init__(
+        self, spec, source, target, features, cfg: Config, out_uri: str, device, until: int, total: int, fit_labels=None
+    ):
         self.spec, self.features, self.cfg, self.out_uri, self.device = spec, features, cfg, out_uri, device
         self.until, self.total, self.final = until, total, until == total
         self.source_fingerprint = source.fingerprint
@@ -136,6 +140,8 @@ class CandidateRun:
             val = self.train
         if self.train.empty:
             raise DatasetError(f"the source dataset {source.dataset_uri} has no training images")
+        self.labelled = read_index(fit_labels) if fit_labels is not None else None
+        self.fit_rows = with_labelled(self.train, self.labelled)
         n, seed = cfg.adapt.validation_samples, cfg.seed
         self.samples = {
             "val": validation_sample(val, n, seed),
@@ -168,14 +174,14 @@ class CandidateRun:
         curve, {sample: (logits, features)})."""
         spec, data, cfg, until, total = self.spec, self.data, self.cfg, self.until, self.total
         batch = int(spec.hparams.get("batch_size", 32))
-        y_train = torch.tensor(self.train.label.map(self.code).to_numpy(), dtype=torch.long)
+        y_train = torch.tensor(self.fit_rows.label.map(self.code).to_numpy(), dtype=torch.long)
         cpu = str(self.device) == "cpu"
         with (
             state.CANDIDATE_DEVICES.lock(self.device) if spec.mode == "images" and not cpu else nullcontext(),
             intra_op_threads(CPU_THREADS) if cpu else nullcontext(),
         ):
             draws = (until - begin) * batch  # rows this segment reads of each domain: streamed if fewer than all
-            rows, target_rows = data.rows(self.train, draws), data.rows(self.target, draws)
+            rows, target_rows = data.rows(self.fit_rows, draws), data.rows(self.target, draws)
             curve, step, saved = [], begin, time.monotonic()
             while step < until:
                 stop = until if cfg.adapt.time_budget_s else min(until, step + math.ceil(total / CHECKPOINT_PARTS))
@@ -264,6 +270,7 @@ class CandidateRun:
             curve=[],
             steps=self.until,
             total_steps=self.total,
+            labelled_trained=len(self.labelled) if self.labelled is not None else 0,
             seconds=0.0,
         )
 

@@ -7,10 +7,15 @@ accurate there than the most accurate one (an exact one-sided McNemar test, as s
 validation) is out. Among those left, within the labels' noise of the best, the label-free rules choose
 (`selection.select`'s ranks): fifty labels rarely separate two good models, and where they do not, the
 label-free evidence still counts. Collapse is not judged here: where labels say a model predicting mostly
-one class is right, the target has mostly that class."""
+one class is right, the target has mostly that class.
+
+The labels are split once (`split_labels`, `adapt.labels_trained`): a share every candidate trains on (a
+supervised loss on labelled target rows mixed into its source batches, `LABELLED_SHARE` of them), and the
+rest, which judges the candidates; no image does both."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -18,11 +23,45 @@ import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
 
+from adaptflow.adapt.samples import sample_key
 from adaptflow.adapt.selection import Candidate, Selection, less_accurate, preference
-from adaptflow.manifests import CandidateManifest, ExtractionPlan
+from adaptflow.data.ingest import read_index
+from adaptflow.data.labels import narrowed
+from adaptflow.manifests import CandidateManifest, ExtractionPlan, IngestManifest
 from adaptflow.models.card import infer, load_model
+from adaptflow.store import storage
 
 MIN_LABELS = 10  # fewer labelled images than this cannot tell candidates apart: label-free rules alone
+# The share of a candidate's supervised rows drawn from the labelled target images it trains on: a few dozen
+# images among thousands of source ones would otherwise be a rounding error of its loss; a quarter keeps the
+# source's classes in view (Saito et al.'s MME trains on equal labelled source and target batches).
+LABELLED_SHARE = 0.25
+
+
+def split_labels(
+    labels: IngestManifest, share: float, seed: int, out_uri: str
+) -> tuple[IngestManifest | None, IngestManifest | None]:
+    """(the labels the candidates train on, those that judge them), committed under `out_uri/fit` and
+    `out_uri/judge`: `share` of each class's labelled images, rounded down, chosen by a seeded hash of their
+    content (the same images for the same labels); None for a part with no image."""
+    index = read_index(labels)
+    order = index.assign(_key=index.image_id.map(lambda i: sample_key(i, seed))).sort_values(["label", "_key"])
+    size = order.groupby("label").image_id.transform("size")
+    fit = set(order.image_id[order.groupby("label").cumcount() < np.floor(share * size)])
+    parts = {"fit": index[index.image_id.isin(fit)], "judge": index[~index.image_id.isin(fit)]}
+    out = {k: narrowed(labels, rows, storage.join(out_uri, k)) if len(rows) else None for k, rows in parts.items()}
+    return out["fit"], out["judge"]
+
+
+def with_labelled(train: pd.DataFrame, labelled: pd.DataFrame | None) -> pd.DataFrame:
+    """The rows a candidate's supervised loss draws from: the source's training rows and the `labelled`
+    target rows it trains on (image_id, uri, label), each at least once, repeated until they make at least
+    `LABELLED_SHARE` of them."""
+    if labelled is None or labelled.empty:
+        return train
+    repeat = max(1, math.ceil(LABELLED_SHARE * len(train) / ((1 - LABELLED_SHARE) * len(labelled))))
+    extra = pd.concat([labelled[["image_id", "uri", "label"]]] * repeat, ignore_index=True)
+    return pd.concat([train, extra], ignore_index=True)
 
 
 def labelled_outcomes(

@@ -48,14 +48,20 @@ def held_out(scoring: IngestManifest, used: IngestManifest, out_uri: str) -> Ing
             f"every image labelled in {scoring.dataset_uri} is also labelled for training in {used.dataset_uri}: "
             "nothing is left to score the run on; give scoring labels for other images, or none"
         )
+    return narrowed(scoring, kept, out_uri)
+
+
+def narrowed(labels: IngestManifest, rows, out_uri: str) -> IngestManifest:
+    """`labels` narrowed to `rows` of its index: the index, then the manifest last."""
+    rows = rows.reset_index(drop=True)
     index_uri = storage.join(out_uri, "index.parquet")
-    written = storage.write_table(index_uri, pa.Table.from_pandas(kept, preserve_index=False))
-    manifest = scoring.model_copy(
+    written = storage.write_table(index_uri, pa.Table.from_pandas(rows, preserve_index=False))
+    manifest = labels.model_copy(
         update={
             "index_uri": index_uri,
-            "n_images": len(kept),
-            "classes": sorted(set(kept.label.dropna())),
-            "fingerprint": index_fingerprint(kept.to_dict("records")),
+            "n_images": len(rows),
+            "classes": sorted(set(rows.label.dropna())),
+            "fingerprint": index_fingerprint(rows.to_dict("records")),
             "bytes_written": written,
         }
     )

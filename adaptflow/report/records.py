@@ -106,6 +106,7 @@ class AdaptationSummary(Record):
     class_mix: ClassMix | None = None  # the target's class mix, estimated without labels (`adapt.priors`)
     prior_corrected: bool = False  # the selected model predicts under class_mix (`adapt.priors.correct`)
     labelled: int = 0  # target images labelled for training that judged the candidates (`adapt.labelled`)
+    labelled_trained: int = 0  # target images labelled for training that every candidate trained on
 
 
 class RunSummary(Manifest):

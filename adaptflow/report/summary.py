@@ -180,6 +180,7 @@ def _adaptation(selection: SelectionManifest, candidates: list[CandidateManifest
         class_mix=selection.class_mix.model_copy(update={"work": None}) if selection.class_mix else None,
         prior_corrected=selection.prior_correction is not None,
         labelled=selection.n_labelled,
+        labelled_trained=max((c.labelled_trained for c in candidates), default=0),
         candidates=[
             CandidateSummary(
                 name=c.spec.name,

@@ -36,8 +36,11 @@ def headline(summary: RunSummary) -> list[str]:
     if a.class_mix is not None:
         lines.append(class_mix_line(a.class_mix))
     lines.append(f"selected: {a.selected} ({a.reason})")
-    if a.labelled:
-        lines.append(f"{a.labelled} target images labelled for training judged the candidates; no metric counts them")
+    if a.labelled or a.labelled_trained:
+        lines.append(
+            f"target labels for training: {a.labelled_trained} trained every candidate, {a.labelled} judged them; "
+            "no metric counts them"
+        )
     if a.prior_corrected:
         lines.append(f"{a.selected} predicts under the estimated class mix (prior-corrected; adapt.prior_correction)")
     if not a.confident:
