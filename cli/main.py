@@ -295,7 +295,7 @@ def _parser() -> argparse.ArgumentParser:
                 "--method",
                 help="auto (default): train the adaptation candidates and select one "
                 "without target labels; an algorithm (source_only, dann, cdan, coral, "
-                "mmd, mcc, im, adda) trains only that one; none: only the source-only head",
+                "mmd, mcc, im, mme, adda) trains only that one; none: only the source-only head",
             )
 
     run = sub.add_parser(

@@ -247,8 +247,7 @@ class Algorithm(nn.Module):
         loss.backward()
         optimizer.step()
         self.scheduler.step()
-        self.num_updates += 1
-        # One device sync for all the floats, not one per loss.
+        self.num_updates += 1  # then one device sync for all the floats below, not one per loss
         values = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())]).tolist()
         return dict(zip(["loss", *parts], values, strict=True))
 
@@ -381,15 +380,32 @@ class IM(Algorithm):
     """Source cross-entropy plus information maximisation on the target (SHOT's entropy + diversity)."""
 
     key = "im"
-    objectives = frozenset(
-        {"im", "entropy", "bnm", "snd"}
-    )  # IM itself, and the scores of confident, diverse predictions
+    objectives = frozenset({"im", "entropy", "bnm", "snd"})  # IM, and what confident, diverse predictions score
 
     def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
         xs, ys = source
         _, _, ls, lt = self._joint(xs, target)
         cls = self._classification(ls, ys)
         transfer = losses.information_maximization(lt, self.hparams["diversity"], self.target_prior)
+        return self._step(cls + self.hparams["lambda"] * transfer, cls_loss=cls, transfer_loss=transfer)
+
+
+class MME(Algorithm):
+    """Minimax entropy (Saito et al. 2019), made for a few target labels: cosine-classifier prototypes raise
+    the unlabelled target's prediction entropy while the features, behind a gradient reversal, lower it."""
+
+    key = "mme"
+    objectives = frozenset({"entropy", "im"})  # the features minimise the target's entropy
+
+    def classify(self, z: Tensor) -> Tensor:
+        return F.linear(F.normalize(z), F.normalize(self.classifier.weight)) / self.hparams["temperature"]
+
+    def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
+        xs, ys = source
+        z = self.features(torch.cat([xs, target]))
+        cls = self._classification(self.classify(z[: len(xs)]), ys)
+        p = self.classify(losses.grad_reverse(z[len(xs) :])).softmax(1)
+        transfer = (p * torch.log(p + 1e-5)).sum(1).mean()  # minus the entropy, minimised by the prototypes
         return self._step(cls + self.hparams["lambda"] * transfer, cls_loss=cls, transfer_loss=transfer)
 
 
@@ -474,6 +490,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "mmd": MMD,
     "mcc": MCC,
     "im": IM,
+    "mme": MME,
     "adda": ADDA,
 }
 

@@ -88,6 +88,11 @@ HPARAMS: dict[str, dict[str, tuple[Any, Sampler]]] = {
         "lambda": _log_uniform(1.0, -1.0, 0.5),
         "diversity": _choice(1.0, [0.5, 1.0, 2.0]),
     },
+    "mme": {
+        **_SHARED,
+        "lambda": _log_uniform(0.1, -2.0, 0.0),  # the paper's 0.1
+        "temperature": _choice(0.05, [0.05, 0.1]),  # of the cosine classifier
+    },
     "adda": {
         **_SHARED,
         "lambda": _log_uniform(1.0, -1.0, 0.5),  # weight of the target encoder's fooling loss
