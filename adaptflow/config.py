@@ -241,15 +241,6 @@ class AdaptConfig(_Section):
     def _yaml_off(cls, value: object) -> object:
         return "off" if value is False else value  # YAML reads a bare `off` (as --set passes it) as false
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, name: str) -> str:
-        from adaptflow.adapt.algorithms import ALGORITHMS
-
-        if name not in {"auto", "none", *ALGORITHMS}:
-            raise ValueError(str(UnknownNameError("method", name, ["auto", "none", *ALGORITHMS])))
-        return name
-
     @field_validator("hparams")
     @classmethod
     def _known_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -266,14 +257,17 @@ class AdaptConfig(_Section):
     def _known_validators(cls, names: list[str]) -> list[str]:
         return _known_validators(names)
 
-    @field_validator("methods", "image_methods")
+    @field_validator("method", "methods", "image_methods")
     @classmethod
-    def _known_algorithms(cls, names: list[str] | None) -> list[str] | None:
+    def _known_algorithms(cls, names: str | list[str] | None, info) -> str | list[str] | None:
         from adaptflow.adapt.algorithms import ALGORITHMS
 
-        for name in names or []:
-            if name not in ALGORITHMS:
-                raise ValueError(str(UnknownNameError("algorithm", name, list(ALGORITHMS))))
+        valid, kind = (
+            (["auto", "none", *ALGORITHMS], "method") if info.field_name == "method" else (ALGORITHMS, "algorithm")
+        )
+        for name in [names] if isinstance(names, str) else names or []:
+            if name not in valid:
+                raise ValueError(str(UnknownNameError(kind, name, list(valid))))
         return names
 
 
@@ -402,6 +396,14 @@ class LinksConfig(_Section):
     )
 
 
+class LabelingConfig(_Section):
+    """A person in the loop (flows/label.py): after a run, ask for labels of a few target images in the
+    Prefect UI, then train again with them; the store keeps every label given."""
+
+    ask: int = Field(0, ge=0, description="target images to ask a person to label after a run (0: none)")
+    timeout_s: int = Field(3600, ge=1, description="how long a run waits for the labels before it ends without")
+
+
 class Config(_Section):
     seed: int = 0
     ingest: IngestConfig = IngestConfig()
@@ -414,6 +416,7 @@ class Config(_Section):
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
     links: LinksConfig = LinksConfig()
+    labeling: LabelingConfig = LabelingConfig()
 
     def fingerprint(self) -> str:
         """A short, stable hash of every setting."""
@@ -488,15 +491,3 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
             return None
         model = field.annotation
     return model
-
-
-def resolve_device(name: str):
-    """The torch device a setting names (`extract.device`: auto, cpu, cuda, cuda:1, ...); auto picks CUDA when
-    there is one. Every stage that computes (extraction, training, prediction) runs where this says."""
-    import torch  # here, not at the top: the command line's --help must not load torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"extract.device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(name)

@@ -424,3 +424,13 @@ class TrackingManifest(Manifest):
     model_name: str | None = None
     model_version: str | None = None  # this run's model in MLflow's registry
     aliases: dict[str, str] = {}  # MLflow's aliases after mirroring: alias -> MLflow version
+
+
+class LabelRequest(Manifest):
+    """Target images a run asks a person to label (`label.suggest`): the ask file and its contact sheet,
+    each image's uri by id, and the classes a label may name."""
+
+    ask_uri: str
+    sheet_uri: str
+    images: dict[str, str]  # image id (content hash) -> uri
+    classes: list[str]

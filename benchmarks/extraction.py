@@ -33,12 +33,13 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
-from adaptflow.config import BackboneConfig, ExtractConfig, IngestConfig, resolve_device  # noqa: E402
+from adaptflow.config import BackboneConfig, ExtractConfig, IngestConfig  # noqa: E402
 from adaptflow.data.ingest import ingest  # noqa: E402
 from adaptflow.data.preprocess import build_transform, decode_image  # noqa: E402
 from adaptflow.errors import AdaptflowError  # noqa: E402
 from adaptflow.extract import features  # noqa: E402
 from adaptflow.extract.backbones import build_extractor  # noqa: E402
+from adaptflow.extract.devices import resolve_device  # noqa: E402
 
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 _JPEG_SIZE = (500, 375)  # (W, H): a typical photo-dataset JPEG

@@ -39,10 +39,11 @@ sys.path.insert(0, str(ROOT / "tests"))  # the untrained model the tests predict
 from shifts import SHIFTS, make_shift  # noqa: E402
 from synthetic import save_untrained_images_model  # noqa: E402
 
-from adaptflow.config import resolve_device, validate_config  # noqa: E402
+from adaptflow.config import validate_config  # noqa: E402
 from adaptflow.data.ingest import ingest  # noqa: E402
 from adaptflow.evaluate import predict  # noqa: E402
 from adaptflow.extract import features  # noqa: E402
+from adaptflow.extract.devices import resolve_device  # noqa: E402
 from adaptflow.extract.image_cache import image_cache  # noqa: E402
 from adaptflow.manifests import IngestManifest  # noqa: E402
 from adaptflow.models.card import load_card  # noqa: E402

@@ -6,10 +6,12 @@ from adaptflow.config import Config
 from adaptflow.report.summary import StageClock
 from adaptflow.store.layout import ingest_uri, model_uri, new_run_id, run_uri
 from adaptflow.store.storage import absolute, join
+from flows.label import labels_from_a_person
 from tasks.adapt import plan_candidates, select_model, split_labels, train_candidates
 from tasks.credentials import use_credentials
 from tasks.extract import compact_features, extract_all, plan_extraction, record_coverage
 from tasks.ingest import check_train_labels, ingest_dataset
+from tasks.label import stored_labels_for
 from tasks.logs import forward_library_logs
 from tasks.monitor import check_shift, find_champion, promote_if_better, score_champion, score_model
 from tasks.predict import evaluate, predict
@@ -67,6 +69,8 @@ def retrain_stages(
             for domain, uri in (("source", source), ("target", target))
         }
         datasets = {domain: f.result() for domain, f in futures.items()}
+        if not target_train_labels:  # the labels people gave in the loop, for the images of this target
+            target_train_labels = stored_labels_for(store, datasets["target"], join(run, "labels", "stored.csv"))
         for domain, uri in (("target_labels", target_labels), ("target_train_labels", target_train_labels)):
             if uri:
                 datasets[domain] = ingest(
@@ -197,4 +201,10 @@ def retrain_stages(
     )
     publish_run(summary, store)
     track_run(summary, store, cfg.tracking)  # 7. mirror to MLflow, when tracking is on
+
+    # 8. a person in the loop (labeling.ask): labels of the images most worth them, then the run again with
+    # every label the store holds; no answer in time, and this run stands
+    if cfg.labeling.ask and labels_from_a_person(run, store, cfg):
+        again = cfg.model_copy(update={"labeling": cfg.labeling.model_copy(update={"ask": 0})})
+        return retrain_stages(source, target, target_labels, store, again, None)
     return run

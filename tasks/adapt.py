@@ -3,8 +3,9 @@ from prefect import task, unmapped
 from adaptflow import progress
 from adaptflow.adapt import candidates as adaptation
 from adaptflow.adapt import halving, labelled, plan
-from adaptflow.config import Config, resolve_device
+from adaptflow.config import Config
 from adaptflow.data.ingest import read_index
+from adaptflow.extract.devices import resolve_device
 from adaptflow.manifests import (
     CandidateManifest,
     CandidateSpec,

@@ -2,8 +2,9 @@ from prefect import task, unmapped
 from prefect.futures import as_completed
 
 from adaptflow import progress
-from adaptflow.config import ExtractConfig, RuntimeConfig, resolve_device
+from adaptflow.config import ExtractConfig, RuntimeConfig
 from adaptflow.evaluate import predict as prediction  # the library's; `predict` below is the task
+from adaptflow.extract.devices import resolve_device
 from adaptflow.manifests import (
     EvaluationManifest,
     ExtractionPlan,

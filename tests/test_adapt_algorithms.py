@@ -63,7 +63,9 @@ def test_variants_update(name, hparams):
 
 
 def test_unknown_names_are_listed():
-    with pytest.raises(UnknownNameError, match="valid algorithms: adda, cdan, coral, dann, im, mcc, mmd, source_only"):
+    with pytest.raises(
+        UnknownNameError, match="valid algorithms: adda, cdan, coral, dann, im, mcc, mmd, mme, source_only"
+    ):
         get_algorithm("mdd")
     with pytest.raises(UnknownNameError, match="valid algorithms"):
         default_hparams("mdd")

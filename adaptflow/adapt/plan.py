@@ -129,7 +129,7 @@ def _own_size(cfg: Config) -> int:
 
 
 # Settings that decide where a run goes, not what its candidates learn: a change of them keeps the training.
-_NOT_TRAINING = {"runtime", "tracking", "monitor", "promotion", "links", "ingest"}
+_NOT_TRAINING = {"runtime", "tracking", "monitor", "promotion", "links", "ingest", "labeling"}
 
 
 def training_key(

@@ -21,9 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from adaptflow import progress, state
-from adaptflow.config import BackboneConfig, ExtractConfig, resolve_device
+from adaptflow.config import BackboneConfig, ExtractConfig
 from adaptflow.errors import AdaptflowError, DatasetError
 from adaptflow.extract import coverage
+from adaptflow.extract.devices import resolve_device
 from adaptflow.manifests import Coverage, ExtractionPlan, ImageCache, ShardPlan, ShardResult
 from adaptflow.store import accounting, layout, storage
 from adaptflow.store.shards import (

@@ -70,3 +70,8 @@ def version_uri(store: str, version: int) -> str:
 
 def exports_uri(store: str) -> str:
     return storage.join(registry_uri(store), "exports")
+
+
+def labels_uri(store: str) -> str:
+    """The labels people gave in the loop (`label.store`): one table, every label ever given."""
+    return storage.join(store, "labels", "labels.parquet")
