@@ -6,12 +6,13 @@ import argparse
 
 
 def cmd_label_suggest(args: argparse.Namespace) -> int:
+    from adaptflow.label.store import labelled_already
     from adaptflow.label.suggest import read_labelled, suggest, write_ask
     from adaptflow.report.records import RunSummary
     from adaptflow.store import storage
 
-    labelled = set().union(*(read_labelled(uri) for uri in args.labelled))
     summary = RunSummary.load(storage.join(args.run, "summary.json"))
+    labelled = set().union(labelled_already(summary), *(read_labelled(uri) for uri in args.labelled))
     rows = suggest(summary, args.k, args.seed, labelled)
     sheet = write_ask(rows, args.out, summary.datasets["target"].classes, summary.config.links.expiry_s)
     print(f"{len(rows)} images to label (of {args.k} asked), chosen by BADGE on {summary.adaptation.selected}")
@@ -42,7 +43,8 @@ def add_parser(sub) -> None:
         action="append",
         default=[],
         metavar="CSV",
-        help="a labels CSV (a uri column) whose images are labelled already: never suggested (repeatable)",
+        help="a labels CSV (a uri column) whose images are labelled already: never suggested (repeatable); "
+        "the run's own --target-train-labels and the labels its store keeps never are either",
     )
     sg.add_argument("--seed", type=int, default=0, help="the seed of the choice (default 0)")
     sg.set_defaults(command=cmd_label_suggest)

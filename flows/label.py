@@ -19,7 +19,7 @@ def ask_for_labels(run: str, store: str, cfg: Config) -> int:
     """Suggest `labeling.ask` target images of the finished `run`, put them on the Prefect UI, and pause
     until a person gives their classes (the run's page: Resume, with a form of image ids); keep the labels
     in the store and return how many were taken. Times out after `labeling.timeout_s` (FlowPauseTimeout)."""
-    request = suggest_labels(run, store, cfg.labeling.ask, cfg.links.expiry_s)
+    request = suggest_labels(run, cfg.labeling.ask, cfg.links.expiry_s)
     form = LabelsInput.with_initial_data(
         description=f"The class of each image ({', '.join(request.classes)}); leave one blank to skip it. "
         f"The images: {request.sheet_uri}",

@@ -15,11 +15,11 @@ def stored_labels_for(store: str, target: IngestManifest, out_uri: str) -> str |
 
 
 @task(name="suggest-labels")
-def suggest_labels(run: str, store: str, n: int, expires_s: int | None) -> LabelRequest:
+def suggest_labels(run: str, n: int, expires_s: int | None) -> LabelRequest:
     """The `n` target images of the finished `run` most worth a person's labels, none labelled already,
     written as an ask file and a contact sheet under the run and put on the Prefect UI."""
     summary = RunSummary.load(join(run, "summary.json"))
-    rows = suggest(summary, n, labelled=set(labels.stored_labels(store).uri))
+    rows = suggest(summary, n, labelled=labels.labelled_already(summary))
     classes = summary.datasets["source"].classes
     ask = join(run, "ask", "ask.csv")
     sheet = write_ask(rows, ask, classes, expires_s)

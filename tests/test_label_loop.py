@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from adaptflow.data.ingest import ingest, read_index
-from adaptflow.label.store import answered, labels_for_run, record_labels, stored_labels
+from adaptflow.label.store import answered, labelled_already, labels_for_run, record_labels, stored_labels
 from adaptflow.report.records import RunSummary
 from adaptflow.store import storage
 
@@ -96,3 +96,5 @@ def test_a_run_asks_a_person_pauses_and_trains_again_with_the_answer(
     assert summary.datasets["target_train_labels"].images == 5
     assert summary.adaptation.labelled + summary.adaptation.labelled_trained == 5
     assert summary.shift is None or summary.shift.retrain  # a champion from the first run: new labels retrain
+    # a person is never asked about those images again
+    assert labelled_already(summary) == set(asked.uri[asked.uri.map(ids).isin(kept.image_id)])

@@ -7,6 +7,7 @@ moved is found by its content where it is now."""
 
 from __future__ import annotations
 
+import posixpath
 from datetime import UTC, datetime
 
 import pandas as pd
@@ -14,6 +15,7 @@ import pyarrow as pa
 
 from adaptflow.data.ingest import read_index
 from adaptflow.manifests import IngestManifest
+from adaptflow.report.records import RunSummary
 from adaptflow.store import storage
 from adaptflow.store.layout import labels_uri
 
@@ -50,6 +52,18 @@ def labels_for_run(store: str, target: IngestManifest, out_uri: str) -> str | No
     rows = pd.DataFrame({"uri": index.loc[stored.image_id].to_numpy(), "label": stored.label.to_numpy()})
     storage.write_bytes(out_uri, rows.to_csv(index=False).encode())
     return out_uri
+
+
+def labelled_already(summary: RunSummary) -> set[str]:
+    """The uris of the target images of the run `summary` describes that have a label to train with: those
+    its `--target-train-labels` named, and those its store holds (`stored_labels`), at their uris in the
+    run's target. What a person should not be asked again."""
+    store = posixpath.dirname(posixpath.dirname(summary.run_uri.rstrip("/")))  # {store}/runs/{run_id}
+    target = storage.read_table(summary.datasets["target"].index_uri, columns=["image_id", "uri"]).to_pandas()
+    ids = set(stored_labels(store).image_id)
+    if (given := summary.datasets.get("target_train_labels")) is not None:
+        ids |= set(storage.read_table(given.index_uri, columns=["image_id"])["image_id"].to_pylist())
+    return set(target.uri[target.image_id.isin(ids)])
 
 
 def answered(asked: dict[str, str], answers: dict[str, str], classes: list[str]) -> tuple[pd.DataFrame, list[str]]:
