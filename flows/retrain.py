@@ -134,7 +134,7 @@ def retrain_stages(
     # given for training (then a share trains every candidate, the rest judges them)
     with clock("train"):
         head = fit(src, plan, cfg, model_uri(store, run_id))
-        candidates = train_candidates(specs, src, tgt, labels, plan, cfg, store, fit_labels)  # resumable
+        candidates = train_candidates(specs, src, tgt, labels, plan, cfg, store, fit_labels, judge_labels)
         selection = select_model(head, candidates, cfg, src, join(run, "prior-corrected"), judge_labels, plan)
 
     # 5. evaluate: the chosen model and the source-only head on source test and target, shard by shard

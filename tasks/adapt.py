@@ -102,13 +102,15 @@ def train_candidates(
     cfg: Config,
     store: str,
     fit_labels: IngestManifest | None = None,
+    judge_labels: IngestManifest | None = None,
 ) -> list[CandidateManifest]:
     """Every candidate, each its own task (on a GPU worker when configured), images-mode ones in rungs of
     successive halving (`adapt.halving.successive_halving`, `adapt.halving`); call it from a flow. Returns
     the candidates in `specs` order, those left behind marked `stopped_at_rung`, each with the work of
-    all its rungs. They train in `store`'s folder for everything their training reads
+    all its rungs; with `judge_labels`, a rung keeps first those its labelled target images do not rank
+    below the best (`halving.survivors`). They train in `store`'s folder for everything their training reads
     (`adapt.plan.training_key`), so the same command after an interruption resumes them."""
-    key = plan.training_key(cfg, source, target, target_labels, features, fit_labels)
+    key = plan.training_key(cfg, source, target, target_labels, features, fit_labels, judge_labels)
     candidates_uri = training_uri(store, key)
     (train,) = limited(cfg.runtime, train_candidate)
     works: dict[str, list[accounting.Work]] = {}
@@ -132,6 +134,8 @@ def train_candidates(
         return results
 
     prior = adaptation.training_prior(source)
+    judged = read_index(judge_labels) if judge_labels is not None else None
+    judge = (lambda rung: labelled.labelled_outcomes(rung, judged, features)) if judged is not None else None
     trained = halving.successive_halving(
         specs,
         train_all,
@@ -139,5 +143,6 @@ def train_candidates(
         cfg.adapt.policy,
         plan.budget(cfg).halving,
         lambda rung: adaptation.class_mix(rung, cfg.adapt.class_mix, cfg.seed, prior),
+        judge,
     )
     return [c.model_copy(update={"work": accounting.merge(works[c.spec.name])}) for c in trained]

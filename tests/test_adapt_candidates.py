@@ -427,6 +427,23 @@ def test_successive_halving_keeps_the_best_third_and_records_who_stopped():
     assert picked.name == "dann-images" and picked.ranks[4] is None  # stopped: unranked
     assert picked.ranks[2] is not None  # the source-only images candidate finished: ranked, a possible reference
 
+    # labelled target images rank a rung first: cdan right on 40 of 50 where dann is on 20, so cdan goes on
+    # though every label-free score prefers dann; ten labels cannot tell them apart, and dann goes on
+    def judge(n_right, n):
+        def outcomes(racing):
+            return [np.arange(n) < n_right[c.spec.name] for c in racing]
+
+        return outcomes
+
+    for right, n, kept in (
+        ({"dann-images": 20, "cdan-images": 40}, 50, "cdan-images"),
+        ({"dann-images": 4, "cdan-images": 6}, 10, "dann-images"),
+    ):
+        calls.clear()
+        stop = lambda c, rung: c.model_copy(update={"stopped_at_rung": rung})  # noqa: E731
+        halving.successive_halving(specs, train, stop, ["source_val_acc", "im"], eta=3, judge=judge(right, n))
+        assert calls[-1] == [("source_only-images", None), (kept, 300)]
+
 
 def _fake(spec, steps, quality):
     """A committed-looking candidate whose validators all read `quality`."""

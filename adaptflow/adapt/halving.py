@@ -6,8 +6,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
+
 from adaptflow.adapt import selection
 from adaptflow.adapt.candidates import selection_candidates
+from adaptflow.adapt.labelled import MIN_LABELS, within_noise
 from adaptflow.manifests import CandidateManifest, CandidateSpec, ClassMix
 
 
@@ -27,6 +30,7 @@ def successive_halving(
     policy: list[str],
     eta: int,
     estimate: Callable[[list[CandidateManifest]], ClassMix | None] | None = None,
+    judge: Callable[[list[CandidateManifest]], list[np.ndarray]] | None = None,
 ) -> list[CandidateManifest]:
     """Train every candidate: features-mode ones to the end at once, images-mode ones in rungs
     (`halving_rungs`): all to the first rung's steps, then the best 1/eta of them by the selection policy
@@ -38,8 +42,9 @@ def successive_halving(
     end in the first rung, it left the last rung's survivor alone on the machine).
     `train(specs, untils)` trains each spec up to its step (None: the end) — a loop here, a map over
     Prefect tasks in a flow; `stop` records a candidate left behind; `estimate` gives the target's class
-    mix from a rung's candidates (`candidates.class_mix`), which the ranking reads as selection does.
-    Returns the candidates in `specs` order."""
+    mix from a rung's candidates (`candidates.class_mix`), which the ranking reads as selection does;
+    `judge` their right-or-wrong on labelled target images (`labelled.labelled_outcomes`), which go first as
+    they do in selection (`survivors`). Returns the candidates in `specs` order."""
     images = [s for s in specs if s.mode == "images" and s.method != "source_only"]
     reference = [s for s in specs if s.mode == "images" and s.method == "source_only"]
     rungs = halving_rungs(max((s.steps for s in images), default=0), len(images), eta)
@@ -56,7 +61,8 @@ def successive_halving(
             break
         mix = estimate(results) if estimate is not None else None
         ref = next((c for c in results if c.spec in reference), None)
-        keep = survivors(racing, policy, math.ceil(len(racing) / eta), mix, ref)
+        outcomes = judge(racing) if judge is not None else None
+        keep = survivors(racing, policy, math.ceil(len(racing) / eta), mix, ref, outcomes)
         for i, c in enumerate(racing):
             if i not in keep:
                 done[c.spec.name] = stop(c, rung)
@@ -70,11 +76,14 @@ def survivors(
     keep: int,
     mix: ClassMix | None = None,
     reference: CandidateManifest | None = None,
+    outcomes: list[np.ndarray] | None = None,
 ) -> list[int]:
     """Indices of the `keep` best candidates by the selection policy's ranks (`adapt.selection`): healthy
     ones first, a collapsed one only if nothing else is left; with the target's class mix `mix` where it is
     credible (`selection.judged_by_mix`, judged against the source-only `reference`), judged against it as
-    selection judges them, those rule 4 would skip after the rest."""
+    selection judges them, those rule 4 would skip after the rest. With their `outcomes` on labelled target
+    images (at least `labelled.MIN_LABELS`), those not significantly less accurate there than the best come
+    before all others, as in `labelled.by_labels`."""
     pool = selection_candidates(candidates + ([reference] if reference is not None else []))
     pool, mix = selection.judged_by_mix(pool, mix)
     ref = pool[-1] if reference is not None else None
@@ -82,8 +91,11 @@ def survivors(
     pulled = {i for i, c in enumerate(pool) if (selection.mix_pull(c, ref, mix) or 0.0) > selection.MAX_MIX_PULL}
     alive = [i for i, c in enumerate(pool) if not c.collapsed] or list(range(len(pool)))
     ranks = selection.mean_ranks(pool, alive, policy)
+    near = set(range(len(candidates)))
+    if outcomes is not None and len(outcomes[0]) >= MIN_LABELS:
+        near = within_noise(outcomes)
     order = sorted(
         range(len(candidates)),
-        key=lambda i: (i not in alive, i in pulled, selection.preference(pool[i], ranks[i], i)),
+        key=lambda i: (i not in near, i not in alive, i in pulled, selection.preference(pool[i], ranks[i], i)),
     )
     return sorted(order[:keep])

@@ -91,7 +91,7 @@ def by_labels(label_free: Selection, candidates: Sequence[Candidate], outcomes: 
     paired = [replace(c, val_correct=o) for c, o in zip(candidates, outcomes, strict=True)]
     accuracy = [float(o.mean()) for o in outcomes]
     best = max(range(len(paired)), key=lambda i: (accuracy[i], -i))
-    near = [i for i in range(len(paired)) if not less_accurate(paired[i], paired[best])[0]]
+    near = sorted(within_noise(outcomes))
     if label_free.index in near:
         pick = label_free.index
         reason = (
@@ -126,6 +126,14 @@ def by_labels(label_free: Selection, candidates: Sequence[Candidate], outcomes: 
         confident=not worse,
         confidence=said + (f", significantly lower (p = {p:.3f})" if worse else ""),
     )
+
+
+def within_noise(outcomes: Sequence[np.ndarray]) -> set[int]:
+    """The indices of the candidates not significantly less accurate on the labelled images than the most
+    accurate one (an exact one-sided McNemar test on the same images, `selection.less_accurate`)."""
+    correct = [Candidate(str(i), {}, False, val_correct=o) for i, o in enumerate(outcomes)]
+    best = max(range(len(correct)), key=lambda i: (float(outcomes[i].mean()), -i))
+    return {i for i, c in enumerate(correct) if not less_accurate(c, correct[best])[0]}
 
 
 def interval(outcome: np.ndarray, level: float = 0.95) -> tuple[float, float]:

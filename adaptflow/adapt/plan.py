@@ -139,12 +139,13 @@ def training_key(
     target_labels: IngestManifest | None,
     features: ExtractionPlan,
     fit_labels: IngestManifest | None = None,
+    judge_labels: IngestManifest | None = None,
 ) -> str:
     """16 hex characters naming everything the candidates' training reads: the datasets' snapshots (image
-    ids, labels, splits; the target labels they train on, `fit_labels`), the features and the training-image
-    cache, the config's training settings and the code's version. The same command run again after an
-    interruption has the same key, so its candidates resume from their checkpoints; any change of data,
-    settings or code starts afresh."""
+    ids, labels, splits; the target labels they train on and those that rank them between rungs), the
+    features and the training-image cache, the config's training settings and the code's version. The same
+    command run again after an interruption has the same key, so its candidates resume from their
+    checkpoints; any change of data, settings or code starts afresh."""
     from adaptflow.models.registry import code_version
 
     parts = {
@@ -152,6 +153,7 @@ def training_key(
         "target": target.fingerprint,
         "target_labels": target_labels.fingerprint if target_labels else None,
         **({"fit_labels": fit_labels.fingerprint} if fit_labels else {}),  # absent: the keys of stores before
+        **({"judge_labels": judge_labels.fingerprint} if judge_labels else {}),
         "features": features.fingerprint,
         "cache": features.cache.fingerprint if features.cache else None,
         "config": cfg.model_dump(mode="json", exclude=_NOT_TRAINING),
