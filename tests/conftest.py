@@ -143,3 +143,36 @@ def s3_env(s3, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
     yield s3
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def run_inputs(demo_data, fast_config):
+    """The demo ingested, embedded and cached once for the module (the fast config at adaptation-test budgets:
+    200 feature steps, 8 image steps at 32 px); each test writes its own folders."""
+    import uuid
+
+    from adaptflow.data.ingest import ingest
+    from adaptflow.extract import features
+    from adaptflow.extract.image_cache import image_cache
+
+    memory_uri = f"memory://adaptation-{uuid.uuid4().hex[:8]}"
+    cfg = fast_config.model_copy(
+        update={
+            "adapt": fast_config.adapt.model_copy(update={"feature_steps": 200, "image_steps": 8, "image_size": 32})
+        }
+    )
+    d = {
+        dom: ingest(uri, dom, f"{memory_uri}/ingest/{dom}", cfg.ingest)
+        for dom, uri in [
+            ("source", demo_data.source_uri),
+            ("target", demo_data.target_uri),
+            ("target_labels", demo_data.target_labels_uri),
+        ]
+    }
+    cache = image_cache(memory_uri, cfg.backbone, 32)  # the size images-mode candidates train at here
+    plan = features.plan_extraction(
+        [d["source"].index_uri, d["target"].index_uri], memory_uri, cfg.backbone, 64, cache=cache
+    )
+    for shard in plan.shards:
+        features.extract_shard(shard, cfg.backbone, cfg.extract)
+    return cfg, d, plan, memory_uri

@@ -3,7 +3,6 @@
 import json
 import math
 import threading
-import uuid
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,10 +14,8 @@ from adaptflow.adapt import halving, samples
 from adaptflow.adapt import plan as planning
 from adaptflow.adapt.seeding import seeded
 from adaptflow.config import AdaptConfig, load_config
-from adaptflow.data.ingest import ingest
 from adaptflow.data.preprocess import make_loader
-from adaptflow.extract import backbones, features
-from adaptflow.extract.image_cache import image_cache
+from adaptflow.extract import backbones
 from adaptflow.manifests import ModelManifest
 from adaptflow.store import storage
 
@@ -112,32 +109,6 @@ def test_unknown_methods_are_config_errors():
         _cfg("adapt.policy=[im, vibes]")
     with pytest.raises(ConfigError, match="unknown hyperparameter 'lamda'"):
         _cfg("adapt.hparams={lamda: 1}")
-
-
-@pytest.fixture(scope="module")
-def run_inputs(demo_data, fast_config):
-    """The demo ingested, embedded and cached once for the module; each test writes its own folders."""
-    memory_uri = f"memory://adaptation-{uuid.uuid4().hex[:8]}"
-    cfg = fast_config.model_copy(
-        update={
-            "adapt": fast_config.adapt.model_copy(update={"feature_steps": 200, "image_steps": 8, "image_size": 32})
-        }
-    )
-    d = {
-        dom: ingest(uri, dom, f"{memory_uri}/ingest/{dom}", cfg.ingest)
-        for dom, uri in [
-            ("source", demo_data.source_uri),
-            ("target", demo_data.target_uri),
-            ("target_labels", demo_data.target_labels_uri),
-        ]
-    }
-    cache = image_cache(memory_uri, cfg.backbone, 32)  # the size images-mode candidates train at here
-    plan = features.plan_extraction(
-        [d["source"].index_uri, d["target"].index_uri], memory_uri, cfg.backbone, 64, cache=cache
-    )
-    for shard in plan.shards:
-        features.extract_shard(shard, cfg.backbone, cfg.extract)
-    return cfg, d, plan, memory_uri
 
 
 @pytest.mark.parametrize("mode", ["features", "images"])
@@ -463,43 +434,3 @@ def _fake(spec, steps, quality):
         total_steps=spec.steps,
         seconds=0.0,
     )
-
-
-def test_labelled_target_images_train_every_candidate_and_judge_none(run_inputs, tmp_path):
-    """`--target-train-labels`: half of each class's labels join a candidate's supervised rows, the other half
-    judges it; the candidate learns the target from them, and no image is on both sides."""
-    from adaptflow.adapt.labelled import LABELLED_SHARE, split_labels, with_labelled
-    from adaptflow.data.ingest import read_index
-
-    cfg, d, plan, root = run_inputs
-    fit, judge = split_labels(d["target_labels"], 0.5, cfg.seed, str(tmp_path / "split"))
-    fit_ids, judge_ids = set(read_index(fit).image_id), set(read_index(judge).image_id)
-    assert fit_ids and judge_ids and not fit_ids & judge_ids
-    assert fit_ids | judge_ids == set(read_index(d["target_labels"]).image_id)
-    per_class = read_index(d["target_labels"]).label.value_counts()
-    assert read_index(fit).label.value_counts().to_dict() == (per_class // 2).loc[lambda n: n > 0].to_dict()
-    assert split_labels(d["target_labels"], 0.5, cfg.seed, str(tmp_path / "again"))[0].fingerprint == fit.fingerprint
-    none, everything = split_labels(d["target_labels"], 0.0, cfg.seed, str(tmp_path / "zero"))
-    assert none is None and everything.n_images == d["target_labels"].n_images
-
-    source_train = read_index(d["source"]).query("split == 'train'")
-    for few in (read_index(fit).head(5), read_index(fit)):  # a few labels are repeated; many are there once
-        share = (~with_labelled(source_train, few).image_id.isin(source_train.image_id)).mean()
-        assert LABELLED_SHARE <= share < max(LABELLED_SHARE + 0.05, len(few) / (len(few) + len(source_train)) + 0.01)
-    base = dict(source=d["source"], target=d["target"], target_labels=None, features=plan, cfg=cfg)
-    key = planning.training_key(cfg, d["source"], d["target"], None, plan)
-    assert planning.training_key(cfg, d["source"], d["target"], None, plan, fit) != key
-
-    spec = next(s for s in planning.plan_candidates(cfg, cuda=False) if s.name == "source_only-features")
-    truth = read_index(d["target_labels"]).set_index("image_id").label
-
-    def accuracy(c, ids):
-        predicted = storage.read_table(c.predictions_uri).to_pandas().set_index("image_id").prediction
-        ids = sorted(ids & set(predicted.index))
-        return float((predicted.loc[ids] == truth.loc[ids]).mean())
-
-    without = adaptation.train_candidate(spec, **base, out_uri=f"{root}/labelled/without")
-    with_ = adaptation.train_candidate(spec, **base, out_uri=f"{root}/labelled/with", fit_labels=fit)
-    # here 0.23 -> 1.00 on the images trained on, and 0.23 -> 0.44 on the others of the target
-    assert accuracy(with_, fit_ids) > accuracy(without, fit_ids) + 0.2
-    assert accuracy(with_, judge_ids) > accuracy(without, judge_ids) + 0.1

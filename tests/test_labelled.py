@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from adaptflow.adapt import candidates as adaptation
+from adaptflow.adapt import plan as planning
 from adaptflow.adapt.labelled import MIN_LABELS, by_labels, interval
 from adaptflow.adapt.selection import Candidate, Selection
 from adaptflow.config import IngestConfig
 from adaptflow.data.ingest import ingest, read_index
 from adaptflow.data.labels import check_train_labels, held_out
 from adaptflow.errors import DatasetError
+from adaptflow.store import storage
 
 CFG = IngestConfig(workers=2)
 
@@ -121,3 +124,42 @@ def test_an_image_not_in_the_target_is_refused_and_scoring_labels_leave_the_used
     assert left.n_images == 2 and left.fingerprint != scoring.fingerprint
     with pytest.raises(DatasetError, match="nothing is left to score the run on"):
         held_out(used, used, str(tmp_path / "none-left"))
+
+
+def test_labelled_target_images_train_every_candidate_and_judge_none(run_inputs, tmp_path):
+    """`--target-train-labels`: half of each class's labels join a candidate's supervised rows, the other half
+    judges it; the candidate learns the target from them, and no image is on both sides."""
+    from adaptflow.adapt.labelled import LABELLED_SHARE, split_labels, with_labelled
+
+    cfg, d, plan, root = run_inputs
+    fit, judge = split_labels(d["target_labels"], 0.5, cfg.seed, str(tmp_path / "split"))
+    fit_ids, judge_ids = set(read_index(fit).image_id), set(read_index(judge).image_id)
+    assert fit_ids and judge_ids and not fit_ids & judge_ids
+    assert fit_ids | judge_ids == set(read_index(d["target_labels"]).image_id)
+    per_class = read_index(d["target_labels"]).label.value_counts()
+    assert read_index(fit).label.value_counts().to_dict() == (per_class // 2).loc[lambda n: n > 0].to_dict()
+    assert split_labels(d["target_labels"], 0.5, cfg.seed, str(tmp_path / "again"))[0].fingerprint == fit.fingerprint
+    none, everything = split_labels(d["target_labels"], 0.0, cfg.seed, str(tmp_path / "zero"))
+    assert none is None and everything.n_images == d["target_labels"].n_images
+
+    source_train = read_index(d["source"]).query("split == 'train'")
+    for few in (read_index(fit).head(5), read_index(fit)):  # a few labels are repeated; many are there once
+        share = (~with_labelled(source_train, few).image_id.isin(source_train.image_id)).mean()
+        assert LABELLED_SHARE <= share < max(LABELLED_SHARE + 0.05, len(few) / (len(few) + len(source_train)) + 0.01)
+    base = dict(source=d["source"], target=d["target"], target_labels=None, features=plan, cfg=cfg)
+    key = planning.training_key(cfg, d["source"], d["target"], None, plan)
+    assert planning.training_key(cfg, d["source"], d["target"], None, plan, fit) != key
+
+    spec = next(s for s in planning.plan_candidates(cfg, cuda=False) if s.name == "source_only-features")
+    truth = read_index(d["target_labels"]).set_index("image_id").label
+
+    def accuracy(c, ids):
+        predicted = storage.read_table(c.predictions_uri).to_pandas().set_index("image_id").prediction
+        ids = sorted(ids & set(predicted.index))
+        return float((predicted.loc[ids] == truth.loc[ids]).mean())
+
+    without = adaptation.train_candidate(spec, **base, out_uri=f"{root}/labelled/without")
+    with_ = adaptation.train_candidate(spec, **base, out_uri=f"{root}/labelled/with", fit_labels=fit)
+    # here 0.23 -> 1.00 on the images trained on, and 0.23 -> 0.44 on the others of the target
+    assert accuracy(with_, fit_ids) > accuracy(without, fit_ids) + 0.2
+    assert accuracy(with_, judge_ids) > accuracy(without, judge_ids) + 0.1
