@@ -14,7 +14,7 @@ Left where they are, on purpose:
 - `functools` caches of pure functions, whose arguments are the whole key, a content hash or a file's
   (size, mtime) among them, so an entry cannot go stale: `evaluate.predict._load` (a model by its content
   hash), `extract.weights.file_sha256`, `extract.backbones._build_extractor` (with `_build_lock`, so threads
-  asking for one backbone share one build), `models.pyfunc.pyfunc_class`, `models.registry.code_version`,
+  asking for one backbone share one build), `serve.pyfunc.pyfunc_class`, `models.registry.code_version`,
   `adapt.train._per_thread_counts`.
 - Locks that guard one module's own resource: `adapt.seeding` (torch's global generator), `store.storage`
   (creating a folder). `store.accounting`'s thread-local is the meters each thread counts into, no cache.

@@ -170,8 +170,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import posixpath
 
+    from adaptflow.adapt.inference import load_model
     from adaptflow.config import load_config
-    from adaptflow.models.card import load_model
     from adaptflow.models.registry import model_uri_for
     from adaptflow.store import storage
 

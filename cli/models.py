@@ -18,7 +18,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
     versions = registry.list_versions(args.store)
     if args.json:
-        from adaptflow.models.export import list_exports
+        from adaptflow.serve.export import list_exports
 
         exports = list_exports(args.store)
         print_json(
@@ -59,7 +59,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 def cmd_models_export(args: argparse.Namespace) -> int:
     import posixpath
 
-    from adaptflow.models.export import export_registered
+    from adaptflow.serve.export import export_registered
     from adaptflow.store import storage
 
     out = storage.absolute(args.out)

@@ -83,7 +83,8 @@ def model_outputs(
 def save_untrained_images_model(uri: str, cfg, classes: list[str], image_size: int) -> str:
     """An untrained end-to-end DANN of `image_size` saved at `uri` with its card: what prediction, resuming
     and memory tests need, where what is predicted does not matter."""
-    from adaptflow.models.card import ModelCard, build_model, save_model
+    from adaptflow.adapt.inference import build_model
+    from adaptflow.models.card import ModelCard, save_model
 
     card = ModelCard(
         kind="images",

@@ -12,11 +12,11 @@ import torch
 from adaptflow.adapt import candidates as adaptation
 from adaptflow.adapt import halving, samples
 from adaptflow.adapt import plan as planning
-from adaptflow.adapt.seeding import seeded
 from adaptflow.config import AdaptConfig, load_config
 from adaptflow.data.preprocess import make_loader
 from adaptflow.extract import backbones
 from adaptflow.manifests import ModelManifest
+from adaptflow.seeding import seeded
 from adaptflow.store import storage
 
 POLICY = AdaptConfig().policy

@@ -85,7 +85,7 @@ def test_a_credible_class_mix_gives_a_pick_that_predicts_under_it(tmp_path):
     the target's prior: more accurate on the target than the model as trained. Without a place to write
     them, or on a balanced target, the models are the candidates' own."""
     from adaptflow.adapt import priors
-    from adaptflow.models.card import load_model
+    from adaptflow.adapt.inference import load_model
 
     means = 1.5 * torch.eye(4, 8)
     g = torch.Generator().manual_seed(0)

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from synthetic import save_untrained_images_model
 
+from adaptflow.adapt.inference import infer, load_model
 from adaptflow.data.ingest import ingest
 from adaptflow.evaluate import predict
 from adaptflow.extract import features
 from adaptflow.extract.image_cache import image_cache
-from adaptflow.models.card import infer, load_model, predictions_table
+from adaptflow.models.card import predictions_table
 from adaptflow.store import rows, shards, storage
 
 SIZE = 32  # the model's input size, the cache's

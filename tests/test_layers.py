@@ -91,6 +91,11 @@ def test_the_walk_sees_the_package():
     tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nelse:\n    import b\n")
     assert [n.names[0].name for n in _runtime_nodes(tree) if isinstance(n, ast.Import)] == ["b"]
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
+    assert [_stage(m) for m in ("adaptflow.adapt.inference", "adaptflow.adapt", "adaptflow.config")] == [
+        "adapt",
+        "adapt",
+        None,
+    ]
 
 
 def test_the_import_graph_has_no_cycle():
@@ -121,14 +126,35 @@ EDGE = {
     "adaptflow.errors",
     "adaptflow.manifests",
     "adaptflow.progress",
+    "adaptflow.seeding",
     "adaptflow.state",
 }
-STAGES = {"store", "data", "extract", "adapt", "evaluate", "models", "monitor", "report", "label"}
+# The stage folders, lowest first: a stage imports only stages before it (and the edge).
+STAGE_ORDER = ["store", "data", "models", "extract", "adapt", "evaluate", "serve", "monitor", "report", "label"]
+STAGES = set(STAGE_ORDER)
 
 
 def test_every_module_lives_at_the_edge_or_in_a_stage():
     stray = [m for m in MODULES if m not in EDGE and m.split(".")[1] not in STAGES]
     assert not stray, f"modules outside the edge and the stage folders: {stray}"
+
+
+def _stage(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in STAGES else None
+
+
+def test_stage_folders_import_downwards_only():
+    """models/ stores and loads, adapt/ builds and runs: one direction between the folders, so that a
+    stage can be read with only the ones below it in mind."""
+    rank = {s: i for i, s in enumerate(STAGE_ORDER)}
+    up = [
+        f"{m} (line {line}) imports {t}"
+        for m in MODULES
+        for t, _, line in _imports(m)
+        if t in MODULES and (a := _stage(m)) and (b := _stage(t)) and rank[b] > rank[a]
+    ]
+    assert not up, "stage folders import upwards: " + "; ".join(up)
 
 
 def test_no_source_file_is_over_500_lines():

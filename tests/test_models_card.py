@@ -4,10 +4,11 @@ import torch
 
 from adaptflow.adapt.algorithms import get_algorithm
 from adaptflow.adapt.heads import train_head
+from adaptflow.adapt.inference import load_model
 from adaptflow.adapt.train import infer
 from adaptflow.config import Config, HeadConfig
 from adaptflow.errors import StoreError
-from adaptflow.models.card import ModelCard, load_model, save_model
+from adaptflow.models.card import ModelCard, save_model
 
 
 def _card(**kw):

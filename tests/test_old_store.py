@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from adaptflow.adapt.inference import load_model
 from adaptflow.data.demo import make_demo_data
 from adaptflow.data.ingest import read_index
 from adaptflow.extract.features import load_features
 from adaptflow.manifests import IngestManifest
 from adaptflow.models import registry
-from adaptflow.models.card import load_model
 from adaptflow.report.history import read_summaries, rows_from_summaries
 from adaptflow.report.records import RunSummary
 from adaptflow.report.tables import render_table

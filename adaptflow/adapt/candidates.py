@@ -31,6 +31,7 @@ from adaptflow import state
 from adaptflow.adapt import domain_gap, priors, selection, validators
 from adaptflow.adapt.algorithms import get_algorithm
 from adaptflow.adapt.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
+from adaptflow.adapt.inference import load_model
 from adaptflow.adapt.labelled import by_labels, labelled_outcomes, with_labelled
 from adaptflow.adapt.plan import budget
 from adaptflow.adapt.samples import (
@@ -42,12 +43,10 @@ from adaptflow.adapt.samples import (
     shared_features,
     validation_sample,
 )
-from adaptflow.adapt.seeding import seeded
 from adaptflow.adapt.train import intra_op_threads
 from adaptflow.config import Config
 from adaptflow.data.ingest import read_index
 from adaptflow.errors import DatasetError
-from adaptflow.evaluate.metrics import classification_metrics
 from adaptflow.manifests import (
     CandidateManifest,
     CandidateSpec,
@@ -57,7 +56,8 @@ from adaptflow.manifests import (
     ModelManifest,
     SelectionManifest,
 )
-from adaptflow.models.card import ModelCard, load_card, load_model, predictions_table, save_model
+from adaptflow.models.card import ModelCard, load_card, predictions_table, save_model
+from adaptflow.seeding import seeded
 from adaptflow.store import storage
 
 # On a CPU every candidate trains and is scored on one intra-op thread, and as many run at once as the
@@ -240,9 +240,7 @@ class CandidateRun:
         storage.write_table(predictions_uri, predictions_table(target, out["target"][0], classes, probabilities=True))
         test_rows = self.samples["test"]
         test_acc = (
-            classification_metrics(test_rows.label.map(code).to_numpy(), out["test"][0].argmax(1).numpy(), classes)[
-                "accuracy"
-            ]
+            float((out["test"][0].argmax(1).numpy() == test_rows.label.map(code).to_numpy()).mean())
             if "test" in out and len(test_rows)
             else float("nan")
         )

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from adaptflow import progress
-from adaptflow.adapt.seeding import seeded
 from adaptflow.config import HeadConfig
+from adaptflow.seeding import seeded
 
 
 class Head(nn.Module):

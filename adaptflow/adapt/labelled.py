@@ -23,12 +23,12 @@ import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
 
+from adaptflow.adapt.inference import infer, load_model
 from adaptflow.adapt.samples import sample_key
 from adaptflow.adapt.selection import Candidate, Selection, less_accurate, preference
 from adaptflow.data.ingest import read_index
 from adaptflow.data.labels import narrowed
 from adaptflow.manifests import CandidateManifest, ExtractionPlan, IngestManifest
-from adaptflow.models.card import infer, load_model
 from adaptflow.store import storage
 
 MIN_LABELS = 10  # fewer labelled images than this cannot tell candidates apart: label-free rules alone

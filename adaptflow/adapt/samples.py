@@ -60,6 +60,24 @@ def sample_rows(
     return rows
 
 
+def image_rows(
+    cache_uri: str | None, df: pd.DataFrame, size: int, data_config: dict | None, num_workers: int, **kw
+) -> Rows:
+    """`df`'s images as a model of input `size` reads them: from the training-image cache at `cache_uri`
+    (`ShardedRows`, `kw` passed on), else decoded here, all at once, with the backbone's `data_config`. The
+    one path for training (`ImageData`) and for running a saved model (`adapt.inference.model_rows`)."""
+    if cache_uri is not None:
+        return ShardedRows(cache_uri, df.image_id.tolist(), "pixels", (3, size, size), **kw)
+    from adaptflow.adapt.images import load_images
+
+    return TensorRows(load_images(df.uri.tolist(), data_config, num_workers))
+
+
+def embedding_rows(features_uri: str, df: pd.DataFrame, dim: int, **kw) -> ShardedRows:
+    """`df`'s rows of the feature store at `features_uri` (`ShardedRows`, `kw` passed on)."""
+    return ShardedRows(features_uri, df.image_id.tolist(), "embedding", (dim,), **kw)
+
+
 def shared_features(
     features: ExtractionPlan, train: pd.DataFrame, val: pd.DataFrame, target: pd.DataFrame
 ) -> dict[str, torch.Tensor]:
@@ -82,7 +100,7 @@ class FeatureData:
 
     def rows(self, df: pd.DataFrame, draws: int | None = None) -> Rows:
         """`df`'s rows, read whole only if `draws` (how many the caller reads at most) covers them."""
-        return ShardedRows(self.features.features_uri, df.image_id.tolist(), "embedding", (self.dim,), draws=draws)
+        return embedding_rows(self.features.features_uri, df, self.dim, draws=draws)
 
     def sample(self, df: pd.DataFrame) -> Rows:
         """A fixed validation sample's rows (`sample_rows`)."""
@@ -121,12 +139,8 @@ class ImageData:
 
     def rows(self, df: pd.DataFrame, draws: int | None = None) -> Rows:
         """`df`'s rows, read whole only if `draws` (how many the caller reads at most) covers them."""
-        s = self.image_size
-        if self.cache is not None:
-            return ShardedRows(self.cache.uri, df.image_id.tolist(), "pixels", (3, s, s), pin=self.pin, draws=draws)
-        from adaptflow.adapt.images import load_images
-
-        return TensorRows(load_images(df.uri.tolist(), self.data_config, self.num_workers))
+        cache = self.cache.uri if self.cache is not None else None
+        return image_rows(cache, df, self.image_size, self.data_config, self.num_workers, pin=self.pin, draws=draws)
 
     def sample(self, df: pd.DataFrame) -> Rows:
         """A fixed validation sample's rows (`sample_rows`), from the training-image cache when there is one."""

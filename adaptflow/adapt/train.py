@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from adaptflow import progress
 from adaptflow.adapt.algorithms import Algorithm
-from adaptflow.adapt.seeding import draws_random, seeded
+from adaptflow.seeding import draws_random, seeded
 
 
 class Rows(Protocol):

@@ -9,7 +9,7 @@ parts merged into one Parquet file. A killed run resumes: committed parts are no
 A part's key hashes the model and the images it holds, so a rerun with the same model and images finds
 its parts, and any other model or image set makes new ones. Shards follow the store the model reads
 (features from the feature store, pixels from the training-image cache), each part streaming its rows from
-one or a few store shards (`models.card.model_rows`): memory for a batch, whatever the number of images.
+one or a few store shards (`adapt.inference.model_rows`): memory for a batch, whatever the number of images.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from adaptflow import state
+from adaptflow.adapt.inference import infer, load_model, rows_folder
 from adaptflow.evaluate.metrics import classification_metrics
 from adaptflow.manifests import (
     EvaluationManifest,
@@ -36,7 +37,7 @@ from adaptflow.manifests import (
     PredictionPlan,
     PredictShard,
 )
-from adaptflow.models.card import ModelCard, infer, load_card, load_model, predictions_table, rows_folder, unknown_below
+from adaptflow.models.card import ModelCard, load_card, predictions_table, unknown_below
 from adaptflow.store import storage
 from adaptflow.store.rows import locate
 from adaptflow.store.shards import committed_shards

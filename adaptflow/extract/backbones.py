@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from adaptflow.adapt.seeding import seeded
 from adaptflow.errors import AdaptflowError, UnknownNameError
 from adaptflow.extract import hub
 from adaptflow.extract.hog import HogBackbone
 from adaptflow.extract.spec import BackboneSpec, Extractor
 from adaptflow.extract.weights import file_sha256, file_stamp, read_state_dict
+from adaptflow.seeding import seeded
 from adaptflow.store import storage
 
 if TYPE_CHECKING:  # annotations only: config imports this registry to check backbone names

@@ -1,1 +1,2 @@
-"""Saved models: the model card and its weights, the registry of versions and aliases, and export for serving."""
+"""Saved models: the model card and its weights, and the registry of versions and aliases. Rebuilding and
+running a model is `adaptflow.adapt.inference`; export for serving is `adaptflow.serve`."""

@@ -1,4 +1,5 @@
-"""Saved models of every kind, behind one card: save, load, and predict for indexed images.
+"""Saved models of every kind, behind one card: save the weights and card, load them back, and format
+predictions. Rebuilding a model from its card and running it is `adaptflow.adapt.inference`.
 
 A model folder holds `weights.safetensors` and `model.json` (the card), written last. Loading one that is
 missing or damaged (no weights, a card edited or cut short, an unknown backbone or method, weights that do
@@ -22,8 +23,8 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from adaptflow.config import Config
-from adaptflow.errors import AdaptflowError, ModelError, StoreError
-from adaptflow.manifests import SCHEMA_VERSION, ExtractionPlan
+from adaptflow.errors import ModelError, StoreError
+from adaptflow.manifests import SCHEMA_VERSION
 from adaptflow.store import storage
 
 Kind = Literal["head", "features", "images"]
@@ -102,105 +103,24 @@ def _problems(e: ValidationError) -> str:
     )
 
 
-def build_model(card: ModelCard) -> nn.Module:
-    """An untrained model of the card's architecture (images kind: backbone with its pretrained weights)."""
-    if card.kind == "head":
-        from adaptflow.adapt.heads import Head
-
-        h = card.config.head
-        return Head(card.dim, len(card.classes), h.kind, h.hidden_dim, h.dropout)
-    from adaptflow.adapt.algorithms import get_algorithm
-
-    featurizer, dim = nn.Identity(), card.dim
-    if card.kind == "images":
-        from adaptflow.adapt.images import image_featurizer
-
-        featurizer, dim, _ = image_featurizer(card.config.backbone.model_copy(update={"image_size": card.image_size}))
-    return get_algorithm(card.method)(featurizer, dim, len(card.classes), card.hparams, max_steps=1)
-
-
-def load_model(model_uri: str) -> tuple[nn.Module, ModelCard]:
-    card = load_card(model_uri)
+def read_weights(model_uri: str) -> dict[str, torch.Tensor]:
+    """The tensors of the model at `model_uri` (`weights.safetensors`), as saved; a ModelError if they are
+    missing or cannot be read."""
     weights_uri = storage.join(model_uri, "weights.safetensors")
     try:
         blob = storage.read_bytes(weights_uri)
     except FileNotFoundError:
         raise ModelError(f"damaged model at {model_uri}: weights.safetensors is missing") from None
     try:
-        state = load_safetensors(blob)
+        return load_safetensors(blob)
     except Exception as e:  # safetensors raises its own SafetensorError (and others) for a damaged header
         raise ModelError(f"damaged model at {model_uri}: weights.safetensors cannot be read ({e})") from None
-    try:
-        model = build_model(card)
-    except ModelError:
-        raise
-    except AdaptflowError as e:  # an unknown method, a backbone without weights: said of this model
-        raise ModelError(f"cannot rebuild the model at {model_uri}: {e}") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:  # torch lists every mismatch on lines of their own: the first says enough
-        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
-        raise ModelError(
-            f"damaged model at {model_uri}: its weights do not fit model.json (classes, dim or "
-            f"method changed?): {first}"
-        ) from None
-    return model.eval(), card
-
-
-def rows_folder(card: ModelCard, features: ExtractionPlan | None) -> str | None:
-    """The sharded store `card`'s model reads its rows from: the training-image cache at its size (images
-    kind), its extractor's features (head and features kinds); None: images decoded on the spot."""
-    if card.kind == "images":
-        cache = features.cache if features is not None else None
-        return cache.uri if cache is not None and cache.size == card.image_size else None
-    if features is None or features.fingerprint != card.fingerprint:
-        got = features.fingerprint if features else None
-        raise StoreError(
-            f"this {card.kind} model reads features {card.fingerprint}, got {got}: its backbone "
-            "weights or preprocessing changed"
-        )
-    return features.features_uri
-
-
-def model_rows(card: ModelCard, index: pd.DataFrame, features: ExtractionPlan | None, device: str = "cpu"):
-    """The rows `card`'s model reads for the images of `index`, in its row order, for one pass in bounded
-    memory (streamed from the store, never held whole): cached training images at the model's size (images
-    kind) or its extractor's features. Images not in a cache are decoded here, all at once: plan extraction
-    with the cache for anything large."""
-    from adaptflow.store.rows import ShardedRows
-
-    ids = index.image_id.tolist()
-    folder = rows_folder(card, features)
-    s = card.image_size
-    if folder is not None and card.kind == "images":
-        return ShardedRows(folder, ids, "pixels", (3, s, s), resident_bytes=0, pin=str(device).startswith("cuda"))
-    if folder is not None:
-        return ShardedRows(folder, ids, "embedding", (card.dim,), resident_bytes=0)
-    from adaptflow.adapt.images import image_featurizer, load_images
-    from adaptflow.adapt.train import TensorRows
-
-    _, _, data_config = image_featurizer(card.config.backbone.model_copy(update={"image_size": s}))
-    return TensorRows(load_images(index.uri.tolist(), data_config, card.config.extract.num_workers))
 
 
 def unknown_below(card: ModelCard) -> float | None:
     """The confidence below which the model's predictions are UNKNOWN: its run's `adapt.unknown_threshold`
     when the run was open set (`adapt.open_set`), else None."""
     return card.config.adapt.unknown_threshold if card.config.adapt.open_set else None
-
-
-def infer(
-    model: nn.Module, card: ModelCard, index: pd.DataFrame, features: ExtractionPlan | None, device: str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, C), model features (N, d)) for the images of `index`, in its row order, on the CPU."""
-    rows = model_rows(card, index, features, device)
-    if card.kind == "images":
-        from adaptflow.adapt.images import infer_images
-
-        return infer_images(model, rows, device=device)
-    from adaptflow.adapt.train import infer as infer_rows
-
-    return infer_rows(model.to(device), rows)
 
 
 UNKNOWN = "unknown"  # the prediction of an open-set model (`adapt.open_set`) for an image of no known class

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from adaptflow.adapt import priors, validators
+from adaptflow.adapt.inference import infer, load_model
 from adaptflow.adapt.samples import shared_features, validation_sample
 from adaptflow.data.ingest import read_index
 from adaptflow.errors import StoreError
@@ -23,7 +24,6 @@ from adaptflow.manifests import (
     ModelScores,
 )
 from adaptflow.models import registry
-from adaptflow.models.card import infer, load_model
 from adaptflow.monitor import memo
 from adaptflow.store import storage
 from adaptflow.store.layout import run_uri

@@ -180,7 +180,7 @@ def _register(client, run_id: str, summary: Mapping[str, Any], name: str) -> str
     existing = _mlflow_version(client, name, version)
     if existing is not None:  # mirrored already (a rerun of this step)
         return existing
-    from adaptflow.models.pyfunc import save_pyfunc
+    from adaptflow.serve.pyfunc import save_pyfunc
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "model")  # an MLflow pyfunc model: mlflow.pyfunc.load_model serves it

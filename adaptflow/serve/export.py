@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from adaptflow.adapt.inference import load_model
 from adaptflow.errors import ConfigError, ModelError
 from adaptflow.manifests import ExportManifest
-from adaptflow.models.card import ModelCard, load_model
+from adaptflow.models.card import ModelCard
 from adaptflow.store import layout, storage
 
 TOLERANCE = 1e-4  # max abs difference of probabilities, exported file against the adaptflow model (fp32)

@@ -4,7 +4,7 @@ serves it where adaptflow is installed (needs `adaptflow[mlflow]`).
 Input: a DataFrame with a column `image` (encoded image bytes: JPEG, PNG, ...) or `uri` (a path or URI any
 fsspec filesystem reads). Output: a DataFrame with `prediction` (the class name), `confidence` and
 `probabilities` (one float per class, in the order of the model's classes), one row per input row. The
-model is the exported one (`adaptflow.models.export.serving_model`): backbone and head in one module, fed
+model is the exported one (`adaptflow.serve.export.serving_model`): backbone and head in one module, fed
 the backbone's own resize and crop, so it predicts what `adaptflow predict` predicts.
 """
 
@@ -33,9 +33,9 @@ def pyfunc_class() -> type:
 
     class AdaptflowPyfunc(mlflow.pyfunc.PythonModel):
         def load_context(self, context) -> None:
+            from adaptflow.adapt.inference import load_model
             from adaptflow.data.preprocess import geometric_transform
-            from adaptflow.models.card import load_model
-            from adaptflow.models.export import serving_model
+            from adaptflow.serve.export import serving_model
 
             model, card = load_model(context.artifacts[ARTIFACT])
             self.module, data_config = serving_model(model, card)

@@ -45,7 +45,7 @@ def draws_random(model: nn.Module) -> bool:
     (torch's, timm's DropPath, a timm model's head dropout) with a rate above 0, and for a model that says
     so (`draws_random = True`, e.g. an algorithm whose update samples). A step that draws nothing needs
     neither a seed nor the lock, so it never waits on another thread's candidate;
-    tests/test_adapt_seeding.py runs every algorithm's step and checks that the generator did not move."""
+    tests/test_seeding.py runs every algorithm's step and checks that the generator did not move."""
     for m in model.modules():
         if getattr(m, "draws_random", False) is True:
             return True

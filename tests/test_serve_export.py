@@ -11,11 +11,12 @@ from adaptflow.adapt import candidates as adaptation
 from adaptflow.adapt.baseline import fit_head
 from adaptflow.adapt.hparams import candidate_hparams
 from adaptflow.adapt.images import load_images
+from adaptflow.adapt.inference import infer, load_model
 from adaptflow.data.ingest import ingest, read_index
 from adaptflow.errors import ModelError, UnknownNameError
 from adaptflow.extract import features
-from adaptflow.models import export, registry
-from adaptflow.models.card import infer, load_model
+from adaptflow.models import registry
+from adaptflow.serve import export
 from adaptflow.store import storage
 
 KINDS = {"head": 1, "features": 2, "images": 3}  # registry versions the fixture gives each kind

@@ -9,8 +9,8 @@ from torch import nn
 
 from adaptflow.adapt.algorithms import ALGORITHMS, get_algorithm
 from adaptflow.adapt.images import ImageFeaturizer
-from adaptflow.adapt.seeding import draws_random
 from adaptflow.adapt.train import PROCESS_THREADS, intra_op_threads
+from adaptflow.seeding import draws_random
 
 CLASSES = 3
 DC = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}

@@ -1,0 +1,1 @@
+"""Saved models for other runtimes: ONNX and TorchScript export with a parity check, an MLflow pyfunc."""
