@@ -28,8 +28,8 @@ from torch import nn  # noqa: E402
 
 from adaptflow.adapt.algorithms import ALGORITHMS, get_algorithm  # noqa: E402
 from adaptflow.adapt.hparams import candidate_hparams  # noqa: E402
-from adaptflow.adapt.images import STRATEGIES, fit_images, image_featurizer, infer_images, load_images  # noqa: E402
-from adaptflow.adapt.train import fit, infer  # noqa: E402
+from adaptflow.adapt.images import STRATEGIES, Tuning, fit_images, image_featurizer, infer_images, load_images  # noqa: E402
+from adaptflow.adapt.train import Loop, fit, infer  # noqa: E402
 from adaptflow.config import (
     BackboneConfig,  # noqa: E402
     resolve_device,  # noqa: E402
@@ -153,7 +153,7 @@ def main(args) -> None:
             if mode == "features":
                 steps = args.feature_epochs * steps_per_epoch
                 alg = get_algorithm(method)(nn.Identity(), feats[0].shape[1], len(classes), hparams, steps)
-                curve = fit(alg, feats[0], ys_train, feats[2], steps, bs, args.seed, log_every=steps)
+                curve = fit(alg, feats[0], ys_train, feats[2], Loop(steps, bs, args.seed, log_every=steps))
                 fit_s = time.perf_counter() - t
                 acc_v, acc_t = (accuracy(infer(alg, f)[0], y) for f, y in ((feats[1], yv), (feats[2], yt)))
                 epochs = args.feature_epochs
@@ -168,13 +168,9 @@ def main(args) -> None:
                     xs,
                     ys_train,
                     xt,
-                    steps,
-                    bs,
-                    args.seed,
+                    Loop(steps, bs, args.seed, log_every=steps),
+                    Tuning(args.strategy, augment=not args.no_augment),
                     device=device,
-                    strategy=args.strategy,
-                    augment=not args.no_augment,
-                    log_every=steps,
                 )
                 fit_s = time.perf_counter() - t
                 acc_v, acc_t = (accuracy(infer_images(alg, x, device=device)[0], y) for x, y in ((xv, yv), (xt, yt)))

@@ -10,7 +10,7 @@ from torch import nn
 from adaptflow.adapt import losses
 from adaptflow.adapt.algorithms import ALGORITHMS, get_algorithm, l2sp_penalty, set_trainable
 from adaptflow.adapt.hparams import HPARAMS, default_hparams, random_hparams
-from adaptflow.adapt.train import fit, infer, predict_proba
+from adaptflow.adapt.train import Loop, fit, infer, predict_proba
 from adaptflow.errors import ConfigError, UnknownNameError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -120,11 +120,11 @@ def test_set_trainable_lp_ft_and_gradual_unfreezing():
     set_trainable(net, False)
     alg = get_algorithm("source_only")(net, 8, CLASSES, {"bottleneck_dim": 0}, 5)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    fit(alg, torch.randn(32, DIM), torch.randint(0, CLASSES, (32,)), torch.randn(32, DIM), 5, 16, seed=0)
+    fit(alg, torch.randn(32, DIM), torch.randint(0, CLASSES, (32,)), torch.randn(32, DIM), Loop(5, 16, seed=0))
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     # Then fine-tune: the same optimizer now moves the unfrozen featurizer.
     set_trainable(net, True)
-    fit(alg, torch.randn(32, DIM), torch.randint(0, CLASSES, (32,)), torch.randn(32, DIM), 5, 16, seed=0)
+    fit(alg, torch.randn(32, DIM), torch.randint(0, CLASSES, (32,)), torch.randn(32, DIM), Loop(5, 16, seed=0))
     assert not torch.equal(before["0.weight"], net[0].weight)
 
 
@@ -174,7 +174,7 @@ def test_fit_curve_and_inference():
     torch.manual_seed(0)
     xs, ys, xt, _ = shifted_domains(seed=0, n=100)
     alg = get_algorithm("mcc")(mlp(), 32, CLASSES, {"bottleneck_dim": 8}, 25)
-    curve = fit(alg, xs, ys, xt, steps=25, batch_size=32, seed=0, log_every=10)
+    curve = fit(alg, xs, ys, xt, Loop(25, 32, seed=0, log_every=10))
     assert [c["step"] for c in curve] == [10, 20, 25]
     assert {"loss", "cls_loss", "transfer_loss"} <= set(curve[0])
     alg.train()
@@ -184,7 +184,7 @@ def test_fit_curve_and_inference():
     logits, feats = infer(alg, xt)
     assert logits.shape == (100, CLASSES) and feats.shape == (100, 8)
     # Cached features arrive as float16; the loop computes in the model's dtype.
-    fit(alg, xs.half(), ys, xt.half(), steps=2, batch_size=32, seed=0)
+    fit(alg, xs.half(), ys, xt.half(), Loop(2, 32, seed=0))
     assert infer(alg, xt.half())[0].dtype == torch.float32
 
 
@@ -212,7 +212,7 @@ def _target_accuracy(name: str, seed: int = 0) -> float:
     torch.manual_seed(seed)
     hp = {"bottleneck_dim": 16, "backbone_lr_mult": 1.0, **SIZED.get(name, {})}
     alg = get_algorithm(name)(mlp(), 32, CLASSES, hp, STEPS[name])
-    fit(alg, xs, ys, xt, STEPS[name], batch_size=64, seed=seed)
+    fit(alg, xs, ys, xt, Loop(STEPS[name], 64, seed=seed))
     return float((predict_proba(alg, xt).argmax(1) == yt).float().mean())
 
 
@@ -242,7 +242,7 @@ def test_three_labelled_target_examples_a_class_lift_a_candidate(name):
     def accuracy(x, y) -> float:
         torch.manual_seed(0)
         alg = get_algorithm(name)(mlp(), 32, CLASSES, {"bottleneck_dim": 16, "backbone_lr_mult": 1.0}, 300)
-        fit(alg, x, y, xt, 300, batch_size=64, seed=0)
+        fit(alg, x, y, xt, Loop(300, 64, seed=0))
         return float((predict_proba(alg, xt[rest]).argmax(1) == yt[rest]).float().mean())
 
     alone = accuracy(xs, ys)

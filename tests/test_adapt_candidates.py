@@ -295,11 +295,11 @@ def test_an_interrupted_segment_resumes_from_its_last_checkpoint_to_the_same_mod
     monkeypatch.setattr(adaptation, "CHECKPOINT_EVERY_S", 0.0)  # a checkpoint after every part (1 step of 8)
     real_fit, calls, resuming = samples.ImageData.fit, [], False
 
-    def interrupted(self, algorithm, x, y, xt, steps, batch, seed, start, stop, cfg):
-        calls.append((start, stop))
-        if start == 5 and not resuming:
+    def interrupted(self, algorithm, x, y, xt, loop):
+        calls.append((loop.start, loop.stop))
+        if loop.start == 5 and not resuming:
             raise KeyboardInterrupt
-        return real_fit(self, algorithm, x, y, xt, steps, batch, seed, start, stop, cfg)
+        return real_fit(self, algorithm, x, y, xt, loop)
 
     monkeypatch.setattr(samples.ImageData, "fit", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -15,6 +15,7 @@ from adaptflow.adapt.images import (
     STRATEGIES,
     ImageFeaturizer,
     Knobs,
+    Tuning,
     _blocks,
     _translate,
     fit_images,
@@ -22,6 +23,7 @@ from adaptflow.adapt.images import (
     infer_images,
     load_images,
 )
+from adaptflow.adapt.train import Loop
 from adaptflow.config import BackboneConfig
 from adaptflow.data.preprocess import build_transform, decode_image
 from adaptflow.errors import ConfigError, UnknownNameError
@@ -121,7 +123,7 @@ def test_fit_images_every_strategy(strategy):
     xs, ys = _shapes(24, 0, colour=False)
     xt, _ = _shapes(24, 1, colour=True)
     alg = _algorithm("dann", 6, l2sp=0.01)
-    curve = fit_images(alg, xs, ys, xt, steps=6, batch_size=8, seed=0, strategy=strategy, unfreeze_every=1, log_every=2)
+    curve = fit_images(alg, xs, ys, xt, Loop(6, 8, seed=0, log_every=2), Tuning(strategy, unfreeze_every=1))
     assert [c["step"] for c in curve] == [2, 4, 6]
     assert all(math.isfinite(v) for c in curve for v in c.values())
     assert "l2sp" in curve[-1] and curve[-1]["elapsed_s"] >= curve[0]["elapsed_s"] > 0
@@ -133,7 +135,7 @@ def test_fit_images_every_strategy(strategy):
 def test_fit_images_every_algorithm(name):
     xs, ys = _shapes(16, 0, colour=False)
     xt, _ = _shapes(16, 1, colour=True)
-    curve = fit_images(_algorithm(name, 2), xs, ys, xt, steps=2, batch_size=8, seed=0)
+    curve = fit_images(_algorithm(name, 2), xs, ys, xt, Loop(2, 8, seed=0))
     assert all(math.isfinite(v) for v in curve[-1].values())
 
 
@@ -158,7 +160,7 @@ def test_lp_ft_probes_with_a_frozen_featurizer_then_fine_tunes():
     alg = _algorithm("dann", 8)
     records = _spy(alg)
     head_before = alg.classifier.weight.clone()
-    fit_images(alg, xs, ys, xt, steps=8, batch_size=8, seed=0, strategy="lp_ft", lp_fraction=0.5)
+    fit_images(alg, xs, ys, xt, Loop(8, 8, seed=0), Tuning("lp_ft", lp_fraction=0.5))
     start = records[0][0]
     # steps 1-4 probe: weights and BN statistics frozen (BN in eval mode); the state before step 5 is still the start
     for state, _, _ in records[:5]:
@@ -177,7 +179,7 @@ def test_gradual_unfreezes_one_block_at_a_time():
     alg = _algorithm("source_only", 10)
     assert [type(b).__name__ for b in _blocks(alg.featurizer)] == ["Conv2d", "BatchNorm2d"] * 2
     records = _spy(alg)
-    fit_images(alg, xs, ys, xt, steps=10, batch_size=8, seed=0, strategy="gradual", unfreeze_every=2)
+    fit_images(alg, xs, ys, xt, Loop(10, 8, seed=0), Tuning("gradual", unfreeze_every=2))
     # last block first: BN (16 params), conv (584), BN, conv (224): cumulative counts per two steps
     assert [r[2] for r in records] == [0, 0, 16, 16, 600, 600, 616, 616, 840, 840]
 
@@ -189,7 +191,7 @@ def test_partial_never_trains_the_first_blocks():
     first_bn = alg.featurizer.backbone[1]
     start = {k: v.clone() for k, v in alg.featurizer.state_dict().items()}
     # four blocks (conv, BN, conv, BN): half frozen, the first conv and its BatchNorm, in eval mode
-    fit_images(alg, xs, ys, xt, steps=4, batch_size=8, seed=0, strategy="partial", frozen_fraction=0.5)
+    fit_images(alg, xs, ys, xt, Loop(4, 8, seed=0), Tuning("partial", frozen_fraction=0.5))
     end = alg.featurizer.state_dict()
     frozen = [k for k in start if k.startswith(("backbone.0.", "backbone.1."))]
     trained = [k for k in start if k.startswith(("backbone.3.", "backbone.4.")) and "num_batches" not in k]
@@ -208,12 +210,12 @@ def test_partial_with_nothing_frozen_is_full():
 def test_bad_frozen_fraction_is_a_config_error():
     xs, ys = _shapes(8, 0, colour=False)
     with pytest.raises(ConfigError, match="frozen_fraction"):
-        fit_images(_algorithm("source_only", 1), xs, ys, xs, steps=1, batch_size=4, seed=0, frozen_fraction=1.0)
+        fit_images(_algorithm("source_only", 1), xs, ys, xs, Loop(1, 4, seed=0), Tuning(frozen_fraction=1.0))
 
 
 def test_time_budget_stops_training():
     xs, ys = _shapes(16, 0, colour=False)
-    curve = fit_images(_algorithm("source_only", 100), xs, ys, xs, steps=100, batch_size=8, seed=0, time_budget_s=0.0)
+    curve = fit_images(_algorithm("source_only", 100), xs, ys, xs, Loop(100, 8, seed=0, time_budget_s=0.0))
     assert len(curve) == 1 and curve[0]["step"] == 1 and curve[0]["budget_exceeded"] == 1.0
 
 
@@ -230,4 +232,4 @@ def test_translate_moves_each_image_a_few_pixels():
 def test_unknown_strategy_is_listed():
     xs, ys = _shapes(8, 0, colour=False)
     with pytest.raises(UnknownNameError, match="valid strategy names: full, gradual, lp_ft, partial"):
-        fit_images(_algorithm("dann", 1), xs, ys, xs, steps=1, batch_size=4, seed=0, strategy="warmup")
+        fit_images(_algorithm("dann", 1), xs, ys, xs, Loop(1, 4, seed=0), Tuning("warmup"))

@@ -11,7 +11,7 @@ from synthetic import CLASSES, mlp, model_outputs, shifted_domains
 from adaptflow.adapt.algorithms import ALGORITHMS, get_algorithm
 from adaptflow.adapt.losses import information_maximization
 from adaptflow.adapt.selection import Candidate, percentile_ranks, select
-from adaptflow.adapt.train import fit, infer
+from adaptflow.adapt.train import Loop, fit, infer
 from adaptflow.adapt.validators import VALIDATORS, ValidationInputs, is_collapsed, score
 from adaptflow.config import AdaptConfig
 from adaptflow.errors import UnknownNameError
@@ -193,7 +193,7 @@ def test_selection_prefers_an_adapted_model_on_the_synthetic_shift():
     for name, steps in (("source_only", 300), ("dann", 400)):
         torch.manual_seed(0)
         alg = get_algorithm(name)(mlp(), 32, CLASSES, {"bottleneck_dim": 16, "backbone_lr_mult": 1.0}, steps)
-        fit(alg, xs, ys, xt, steps, batch_size=64, seed=0)
+        fit(alg, xs, ys, xt, Loop(steps, 64, seed=0))
         (sl, sf), (tl, tf) = infer(alg, xv), infer(alg, xt)
         cands.append(_candidate(name, ValidationInputs(sl, yv, sf, tl, tf, source_train_features=infer(alg, xs)[1])))
         target_acc.append(float((tl.argmax(1) == yt).float().mean()))

@@ -6,6 +6,7 @@ import torch
 
 from adaptflow.adapt.algorithms import get_algorithm
 from adaptflow.adapt.images import fit_images, image_featurizer, infer_images
+from adaptflow.adapt.train import Loop
 from adaptflow.config import BackboneConfig
 from adaptflow.data.ingest import ingest
 from adaptflow.extract import features
@@ -35,7 +36,7 @@ def test_end_to_end_training_steps_on_cuda():
     alg = get_algorithm("dann")(featurizer, dim, 3, {"bottleneck_dim": 16}, max_steps=5).cuda()
     x = torch.randint(0, 255, (40, 3, 32, 32), dtype=torch.uint8)
     y = torch.randint(0, 3, (40,))
-    curve = fit_images(alg, x, y, x.flip(1), steps=5, batch_size=8, seed=0, device="cuda")
+    curve = fit_images(alg, x, y, x.flip(1), Loop(5, 8, seed=0), device="cuda")
     assert all(torch.isfinite(torch.tensor(v)) for c in curve for v in c.values())
     logits, _ = infer_images(alg, x, device="cuda")
     assert logits.shape == (40, 3)

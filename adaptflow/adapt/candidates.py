@@ -43,7 +43,7 @@ from adaptflow.adapt.samples import (
     shared_features,
     validation_sample,
 )
-from adaptflow.adapt.train import intra_op_threads
+from adaptflow.adapt.train import Loop, intra_op_threads
 from adaptflow.config import Config
 from adaptflow.data.ingest import read_index
 from adaptflow.errors import DatasetError
@@ -185,7 +185,8 @@ class CandidateRun:
             curve, step, saved = [], begin, time.monotonic()
             while step < until:
                 stop = until if cfg.adapt.time_budget_s else min(until, step + math.ceil(total / CHECKPOINT_PARTS))
-                part = data.fit(algorithm, rows, y_train, target_rows, total, batch, spec.seed, step, stop, cfg)
+                loop = Loop(total, batch, spec.seed, start=step, stop=stop, time_budget_s=cfg.adapt.time_budget_s)
+                part = data.fit(algorithm, rows, y_train, target_rows, loop)
                 curve += part
                 over = part and part[-1].get("budget_exceeded")  # the opt-in time budget ran out: segment ends
                 step = until if over else stop

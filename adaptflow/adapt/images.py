@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from adaptflow.adapt.algorithms import Algorithm, set_trainable
-from adaptflow.adapt.train import Rows, as_rows, fit, infer, step_seed
+from adaptflow.adapt.train import Loop, Rows, as_rows, fit, infer, step_seed
 from adaptflow.config import BackboneConfig
 from adaptflow.data.preprocess import ImageDataset, geometric_transform
 from adaptflow.errors import ConfigError, lookup
@@ -151,34 +152,36 @@ def _translate(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
     return x.flatten(2).gather(2, idx).view(n, c, h, w)
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """Which part of the backbone trains when, end to end, and how its batches are augmented. `strategy`
+    (a key of STRATEGIES): "full", "partial" (its first `frozen_fraction` of blocks never train: no
+    gradient flows through the high-resolution layers, the costliest part of a step), "lp_ft" (frozen for
+    the first `lp_fraction` of the steps, then all) or "gradual" (one more block every `unfreeze_every`
+    steps, by default all unfrozen halfway). With `augment`, each batch is shifted by a random translation
+    drawn from (seed, step)."""
+
+    strategy: str = "full"
+    lp_fraction: float = 0.25
+    unfreeze_every: int | None = None
+    frozen_fraction: float = 0.5
+    augment: bool = True
+
+
 def fit_images(
     algorithm: Algorithm,
     source_x: Tensor | Rows,
     source_y: Tensor,
     target_x: Tensor | Rows,
-    steps: int,
-    batch_size: int,
-    seed: int,
+    loop: Loop,
+    tuning: Tuning = Tuning(),
     device: str | torch.device = "cpu",
-    strategy: str = "full",
-    lp_fraction: float = 0.25,
-    unfreeze_every: int | None = None,
-    frozen_fraction: float = 0.5,
-    augment: bool = True,
-    time_budget_s: float | None = None,
-    log_every: int = 50,
-    start: int = 0,
-    stop: int | None = None,
 ) -> list[dict[str, float]]:
-    """Run updates `start` .. `stop - 1` of a `steps`-step schedule end to end on uint8 images (source_x,
-    source_y) and unlabelled target_x, moving `algorithm` to `device` (see `adapt.train.fit`, whose curve it
-    returns). `strategy`
-    (a key of STRATEGIES) decides which part of the featurizer trains at each step: "full", "partial"
-    (its first `frozen_fraction` of blocks never train: no gradient flows through the high-resolution
-    layers, the costliest part of a step), "lp_ft" (frozen for the first `lp_fraction` of the steps, then
-    all) or "gradual" (one more block every `unfreeze_every` steps, by default all unfrozen halfway).
-    Frozen blocks keep their BatchNorm statistics. Each batch is shifted by a random translation drawn
-    from (seed, step)."""
+    """Run `loop`'s part of its schedule end to end on uint8 images (source_x, source_y) and unlabelled
+    target_x, moving `algorithm` to `device` (see `adapt.train.fit`, whose curve it returns), the
+    featurizer trained as `tuning` says. Frozen blocks keep their BatchNorm statistics."""
+    strategy, lp_fraction, frozen_fraction = tuning.strategy, tuning.lp_fraction, tuning.frozen_fraction
+    unfreeze_every, steps, seed = tuning.unfreeze_every, loop.steps, loop.seed
     schedule = lookup(STRATEGIES, "strategy name", strategy)
     if not 0.0 <= lp_fraction <= 1.0:
         raise ConfigError(f"lp_fraction must be in [0, 1], got {lp_fraction}")
@@ -207,26 +210,11 @@ def fit_images(
 
     def prepare(x: Tensor, draw: int) -> Tensor:
         x = x.to(device, non_blocking=True)
-        if augment:
+        if tuning.augment:
             x = _translate(x, shift, torch.Generator(device=device).manual_seed(step_seed(seed, draw, 4)))
         return x
 
-    return fit(
-        algorithm,
-        source_x,
-        source_y,
-        target_x,
-        steps,
-        batch_size,
-        seed,
-        start=start,
-        stop=stop,
-        prepare=prepare,
-        before_step=before_step,
-        autocast=True,
-        log_every=log_every,
-        time_budget_s=time_budget_s,
-    )
+    return fit(algorithm, source_x, source_y, target_x, loop, prepare=prepare, before_step=before_step, autocast=True)
 
 
 INFER_BATCH = {"cuda": 256, "cpu": 64}  # images per forward pass when inferring, by device type

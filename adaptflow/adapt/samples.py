@@ -6,6 +6,7 @@ outputs a candidate leaves beside its model (its source-validation predictions, 
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from adaptflow import state
-from adaptflow.adapt.train import Rows, TensorRows
+from adaptflow.adapt.train import Loop, Rows, TensorRows
 from adaptflow.config import Config
 from adaptflow.data.ingest import read_index
 from adaptflow.manifests import (
@@ -106,10 +107,11 @@ class FeatureData:
         """A fixed validation sample's rows (`sample_rows`)."""
         return sample_rows(self.features.features_uri, df.image_id.tolist(), "embedding", (self.dim,))
 
-    def fit(self, algorithm, x, y, xt, steps, batch, seed, start, stop, cfg):
+    def fit(self, algorithm, x, y, xt, loop: Loop):
+        """`adapt.train.fit`; the time budget guards end-to-end training only."""
         from adaptflow.adapt.train import fit
 
-        return fit(algorithm, x, y, xt, steps, batch, seed, start=start, stop=stop)
+        return fit(algorithm, x, y, xt, replace(loop, time_budget_s=None))
 
     def infer(self, algorithm, rows: Rows):
         from adaptflow.adapt.train import infer
@@ -122,7 +124,7 @@ class ImageData:
     here only if a caller planned extraction without it)."""
 
     def __init__(self, spec: CandidateSpec, cfg: Config, features: ExtractionPlan, device: str):
-        from adaptflow.adapt.images import image_featurizer
+        from adaptflow.adapt.images import Tuning, image_featurizer
 
         # a spec without a size (written by hand, or before sizes were planned): the configured one
         size = spec.image_size or cfg.adapt.image_size or cfg.backbone.image_size
@@ -135,7 +137,8 @@ class ImageData:
         self.pin = str(device).startswith("cuda")
         # planned per device (`candidates.plan_candidates`); a spec written before strategies were planned
         # trained with the configured one, then "full"
-        self.strategy = spec.strategy or cfg.adapt.strategy or "full"
+        strategy = spec.strategy or cfg.adapt.strategy or "full"
+        self.tuning = Tuning(strategy=strategy, frozen_fraction=cfg.adapt.frozen_fraction)
 
     def rows(self, df: pd.DataFrame, draws: int | None = None) -> Rows:
         """`df`'s rows, read whole only if `draws` (how many the caller reads at most) covers them."""
@@ -149,24 +152,10 @@ class ImageData:
         s = self.image_size
         return sample_rows(self.cache.uri, df.image_id.tolist(), "pixels", (3, s, s), pin=self.pin)
 
-    def fit(self, algorithm, x, y, xt, steps, batch, seed, start, stop, cfg):
+    def fit(self, algorithm, x, y, xt, loop: Loop):
         from adaptflow.adapt.images import fit_images
 
-        return fit_images(
-            algorithm,
-            x,
-            y,
-            xt,
-            steps,
-            batch,
-            seed,
-            device=self.device,
-            strategy=self.strategy,
-            frozen_fraction=cfg.adapt.frozen_fraction,
-            time_budget_s=cfg.adapt.time_budget_s,
-            start=start,
-            stop=stop,
-        )
+        return fit_images(algorithm, x, y, xt, loop, self.tuning, device=self.device)
 
     def infer(self, algorithm, rows: Rows):
         from adaptflow.adapt.images import infer_images

@@ -13,6 +13,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -117,40 +118,50 @@ class Sampler:
 Prepare = Callable[[Tensor, int], Tensor]
 
 
+@dataclass(frozen=True)
+class Loop:
+    """A training loop's settings, held in one place as a Trainer holds them: a schedule of `steps`
+    updates on batches of `batch_size` rows whose random draws are keyed by `seed`; the part of it one
+    call runs (updates `start` .. `stop - 1`; default stop: `steps`), so that training resumes from a
+    checkpoint on the same schedule; the curve's resolution (`log_every` steps); and `time_budget_s`, an
+    opt-in safety net after which training stops (the curve's last entry then has `budget_exceeded` = 1)."""
+
+    steps: int
+    batch_size: int
+    seed: int
+    start: int = 0
+    stop: int | None = None
+    log_every: int = 50
+    time_budget_s: float | None = None
+
+
 def fit(
     algorithm: Algorithm,
     source: Tensor | Rows,
     source_y: Tensor,
     target: Tensor | Rows,
-    steps: int,
-    batch_size: int,
-    seed: int,
-    start: int = 0,
-    stop: int | None = None,
+    loop: Loop,
     prepare: Prepare | None = None,
     before_step: Callable[[int], None] | None = None,
     autocast: bool = False,
-    log_every: int = 50,
-    time_budget_s: float | None = None,
 ) -> list[dict[str, float]]:
-    """Run updates `start` .. `stop - 1` of a `steps`-step schedule (default stop: `steps`) on (source,
-    source_y) and unlabelled target; returns the curve, one dict of losses per `log_every` steps (and the
-    last), each with `step` (1-based) and `elapsed_s`.
-    `prepare` turns a gathered batch into the model's input (default: the parameters' device and dtype);
-    `before_step(step)` may change what trains (fine-tuning strategies). Past `time_budget_s` (an opt-in
-    safety net) training stops and the last entry has `budget_exceeded` = 1. Build the algorithm inside
-    `seeded` to fix its initialisation."""
+    """Run `loop`'s part of its schedule on (source, source_y) and unlabelled target; returns the curve,
+    one dict of losses per `loop.log_every` steps (and the last), each with `step` (1-based) and
+    `elapsed_s`. `prepare` turns a gathered batch into the model's input (default: the parameters' device
+    and dtype); `before_step(step)` may change what trains (fine-tuning strategies). Build the algorithm
+    inside `seeded` to fix its initialisation."""
+    steps, seed, log_every, time_budget_s = loop.steps, loop.seed, loop.log_every, loop.time_budget_s
     source, target = as_rows(source), as_rows(target)
     p = next(algorithm.parameters())
     prepare = prepare or (lambda x, draw: x.to(p.device, p.dtype, non_blocking=True))
-    src, tgt = Sampler(source, batch_size, step_seed(seed, 0, 1)), Sampler(target, batch_size, step_seed(seed, 0, 2))
+    src, tgt = (Sampler(rows, loop.batch_size, step_seed(seed, 0, k)) for rows, k in ((source, 1), (target, 2)))
     ys = source_y.to(p.device)
     random_steps = draws_random(algorithm)
     algorithm.train()
     curve: list[dict[str, float]] = []
     began = time.perf_counter()
-    stop = steps if stop is None else min(stop, steps)
-    for step in range(start, stop):
+    stop = steps if loop.stop is None else min(loop.stop, steps)
+    for step in range(loop.start, stop):
         if before_step is not None:
             before_step(step)
         i, j = src(step), tgt(step)
