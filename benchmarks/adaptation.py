@@ -30,11 +30,9 @@ from adaptflow.adapt.algorithms import ALGORITHMS, get_algorithm  # noqa: E402
 from adaptflow.adapt.hparams import candidate_hparams  # noqa: E402
 from adaptflow.adapt.images import STRATEGIES, Tuning, fit_images, image_featurizer, infer_images, load_images  # noqa: E402
 from adaptflow.adapt.train import Loop, fit, infer  # noqa: E402
-from adaptflow.config import (
-    BackboneConfig,  # noqa: E402
-    resolve_device,  # noqa: E402
-)
+from adaptflow.config import BackboneConfig  # noqa: E402
 from adaptflow.data.demo import make_demo_data  # noqa: E402
+from adaptflow.extract.devices import resolve_device  # noqa: E402
 
 MODES = ("features", "images")
 
