@@ -137,6 +137,17 @@ class ExtractionPlan(Manifest):
     coverage: Coverage | None = None  # recorded once its shards are committed (`features.record_coverage`)
 
 
+class RunData(Manifest):
+    """What a run's stages share once its images are embedded: the source and target datasets, the target
+    labels that score it (reporting only: they never train or choose), and the features planned for them.
+    Stages take it whole and read what they use."""
+
+    source: IngestManifest
+    target: IngestManifest
+    target_labels: IngestManifest | None = None
+    features: ExtractionPlan
+
+
 class ShardResult(Manifest):
     """What one extraction task committed: a features shard, a cache shard, or both, of the same rows."""
 

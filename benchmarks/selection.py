@@ -48,7 +48,7 @@ from adaptflow.config import load_config  # noqa: E402
 from adaptflow.data.ingest import ingest, read_index  # noqa: E402
 from adaptflow.extract import features  # noqa: E402
 from adaptflow.extract.image_cache import image_cache  # noqa: E402
-from adaptflow.manifests import CandidateManifest, ClassMix, IngestManifest  # noqa: E402
+from adaptflow.manifests import CandidateManifest, ClassMix, IngestManifest, RunData  # noqa: E402
 from adaptflow.store import storage  # noqa: E402
 
 
@@ -154,10 +154,12 @@ def train_candidates(prepared: dict, cfg) -> list[CandidateManifest]:
             t = time.perf_counter()
             c = adaptation.train_candidate(
                 spec,
-                prepared["source"],
-                prepared["target"],
-                prepared["target_labels"],
-                prepared["plan"],
+                RunData(
+                    source=prepared["source"],
+                    target=prepared["target"],
+                    target_labels=prepared["target_labels"],
+                    features=prepared["plan"],
+                ),
                 cfg,
                 str(prepared["run"] / "candidates" / spec.name),
                 "cpu",

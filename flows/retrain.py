@@ -3,6 +3,7 @@ from prefect import flow
 from adaptflow import DEFAULT_STORE
 from adaptflow.adapt.plan import training_image_size
 from adaptflow.config import Config
+from adaptflow.manifests import RunData
 from adaptflow.report.summary import StageClock
 from adaptflow.store.layout import ingest_uri, model_uri, new_run_id, run_uri
 from adaptflow.store.storage import absolute, join
@@ -111,12 +112,14 @@ def retrain_stages(
         compactions = [compaction, *([compact_features(plan.cache.uri, cfg.extract)] if plan.cache else [])]
         record_coverage(plan, store, compactions)  # what the store now holds whole: a quiet night lists it
 
+    data = RunData(source=src, target=tgt, target_labels=labels, features=plan)  # what the stages below share
+
     # 3b. monitor: has the target moved away from the champion's data, or the champion got worse, or are there
     # new labels for training? If not, stop
     shift = champion_scores = None
     if champion:
         with clock("monitor"):
-            champion_scores = rescore_champion(store, champion, src, tgt, labels, plan, cfg)
+            champion_scores = rescore_champion(store, champion, data, cfg)
             if cfg.monitor.enabled:
                 shift = check_shift(store, champion, tgt, plan, champion_scores, cfg, train_labels)
         if shift and not shift.retrain:
@@ -127,14 +130,14 @@ def retrain_stages(
             track_run(summary, store, cfg.tracking)  # 7. mirror to MLflow, when tracking is on
             return run
         if champion_scores is not None and champion_scores.reused not in (None, 1.0):  # the gate: this sample
-            champion_scores = rescore_champion(store, champion, src, tgt, labels, plan, cfg, exact=True)
+            champion_scores = rescore_champion(store, champion, data, cfg, exact=True)
 
     # 4. fine-tune and adapt: the source-only head, then adaptation candidates for a fixed number of steps
     # (end-to-end ones in rounds of successive halving), chosen without target labels unless some were
     # given for training (then a share trains every candidate, the rest judges them)
     with clock("train"):
         head = fit(src, plan, cfg, model_uri(store, run_id))
-        candidates = train_candidates(specs, src, tgt, labels, plan, cfg, store, fit_labels, judge_labels)
+        candidates = train_candidates(specs, data, cfg, store, fit_labels, judge_labels)
         selection = select_model(head, candidates, cfg, src, join(run, "prior-corrected"), judge_labels, plan)
 
     # 5. evaluate: the chosen model and the source-only head on source test and target, shard by shard
@@ -161,11 +164,11 @@ def retrain_stages(
         baseline_evaluation = evaluate(
             src, baseline_test, baseline, labels, src.classes, join(run, "baseline", "metrics.json")
         )
-        report = write_report(run, src, tgt, plan, candidates, selection, evaluation, baseline_evaluation)
+        report = write_report(run, data, candidates, selection, evaluation, baseline_evaluation)
 
     # 6. promote: register the chosen model; the gate compares it with the champion on this run's data
     with clock("promote"):
-        challenger = score(selection.model_uri, src, tgt, labels, plan, cfg, store)
+        challenger = score(selection.model_uri, data, cfg, store)
         promotion = promote_if_better(
             store,
             run_id,

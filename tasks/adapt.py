@@ -12,6 +12,7 @@ from adaptflow.manifests import (
     ExtractionPlan,
     IngestManifest,
     ModelManifest,
+    RunData,
     SelectionManifest,
 )
 from adaptflow.store import accounting
@@ -42,10 +43,7 @@ def split_labels(
 @measured
 def train_candidate(
     spec: CandidateSpec,
-    source: IngestManifest,
-    target: IngestManifest,
-    target_labels: IngestManifest | None,
-    features: ExtractionPlan,
+    data: RunData,
     cfg: Config,
     candidates_uri: str,
     until: int | None = None,
@@ -58,9 +56,7 @@ def train_candidate(
     out_uri = join(candidates_uri, spec.name)
     rung = f" to step {until} (a rung of successive halving)" if until is not None and until < spec.steps else ""
     with progress.task(f"train {spec.name}{rung}", unit="steps"):
-        return adaptation.train_candidate(
-            spec, source, target, target_labels, features, cfg, out_uri, device, until, fit_labels
-        )
+        return adaptation.train_candidate(spec, data, cfg, out_uri, device, until, fit_labels)
 
 
 @task(name="stop-candidate", task_run_name="stop-{candidate.spec.name}")
@@ -95,10 +91,7 @@ def select_model(
 
 def train_candidates(
     specs: list[CandidateSpec],
-    source: IngestManifest,
-    target: IngestManifest,
-    target_labels: IngestManifest | None,
-    features: ExtractionPlan,
+    data: RunData,
     cfg: Config,
     store: str,
     fit_labels: IngestManifest | None = None,
@@ -110,7 +103,8 @@ def train_candidates(
     all its rungs; with `judge_labels`, a rung keeps first those its labelled target images do not rank
     below the best (`halving.survivors`). They train in `store`'s folder for everything their training reads
     (`adapt.plan.training_key`), so the same command after an interruption resumes them."""
-    key = plan.training_key(cfg, source, target, target_labels, features, fit_labels, judge_labels)
+    source, features = data.source, data.features
+    key = plan.training_key(cfg, source, data.target, data.target_labels, features, fit_labels, judge_labels)
     candidates_uri = training_uri(store, key)
     (train,) = limited(cfg.runtime, train_candidate)
     works: dict[str, list[accounting.Work]] = {}
@@ -119,10 +113,7 @@ def train_candidates(
         with gpu_placement(cfg.runtime):
             futures = train.map(
                 batch,
-                unmapped(source),
-                unmapped(target),
-                unmapped(target_labels),
-                unmapped(features),
+                unmapped(data),
                 unmapped(cfg),
                 unmapped(candidates_uri),
                 untils,

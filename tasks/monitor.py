@@ -9,6 +9,7 @@ from adaptflow.manifests import (
     IngestManifest,
     ModelScores,
     PromotionManifest,
+    RunData,
     SelectionManifest,
     ShiftManifest,
 )
@@ -27,58 +28,24 @@ def find_champion(store: str) -> Champion | None:
 
 @task(name="score-model")
 @measured
-def score_model(
-    model_uri: str,
-    source: IngestManifest,
-    target: IngestManifest,
-    target_labels: IngestManifest | None,
-    features: ExtractionPlan,
-    cfg: Config,
-    store: str | None = None,
-) -> ModelScores:
+def score_model(model_uri: str, data: RunData, cfg: Config, store: str | None = None) -> ModelScores:
     """A saved model's label-free scores (and target accuracy, for reporting) on this run's data; with
     `store`, kept by its monitor for the runs after, should the model become champion."""
-    return scoring.score_model(
-        model_uri,
-        source,
-        target,
-        target_labels,
-        features,
-        cfg.promotion.policy,
-        cfg.seed,
-        cfg.adapt.validation_samples,
-        keep_in=store,
-    )
+    p, seed, n = cfg.promotion.policy, cfg.seed, cfg.adapt.validation_samples
+    return scoring.score_model(model_uri, data, p, seed, n, keep_in=store)
 
 
 @task(name="score-champion")
 @measured
 def score_champion(
-    store: str,
-    champion: Champion,
-    source: IngestManifest,
-    target: IngestManifest,
-    target_labels: IngestManifest | None,
-    features: ExtractionPlan,
-    cfg: Config,
-    exact: bool = False,
+    store: str, champion: Champion, data: RunData, cfg: Config, exact: bool = False
 ) -> ModelScores | None:
     """The champion's scores on this run's data (kept from an earlier run while its samples barely moved;
     `exact`: only if they were measured on this very sample); None when it cannot read it (other classes or
     features)."""
     try:
-        return scoring.score_champion(
-            store,
-            champion,
-            source,
-            target,
-            target_labels,
-            features,
-            cfg.promotion.policy,
-            cfg.seed,
-            cfg.adapt.validation_samples,
-            reuse=1.0 if exact else 1 - cfg.monitor.rescore_after,
-        )
+        p, seed, n, reuse = cfg.promotion.policy, cfg.seed, cfg.adapt.validation_samples, cfg.monitor.rescore_after
+        return scoring.score_champion(store, champion, data, p, seed, n, reuse=1.0 if exact else 1 - reuse)
     except StoreUnavailableError:
         raise  # the store is away, not the champion unfit: fail (and retry) rather than retrain without it
     except StoreError as e:

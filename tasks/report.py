@@ -13,6 +13,7 @@ from adaptflow.manifests import (
     PredictionManifest,
     PromotionManifest,
     ReportManifest,
+    RunData,
     SelectionManifest,
     ShardResult,
     ShiftManifest,
@@ -29,16 +30,14 @@ from tasks._work import measured
 @measured
 def write_report(
     run_uri: str,
-    source: IngestManifest,
-    target: IngestManifest,
-    features: ExtractionPlan,
+    data: RunData,
     candidates: list[CandidateManifest],
     selection: SelectionManifest,
     evaluation: EvaluationManifest,
     baseline: EvaluationManifest,
 ) -> ReportManifest:
     """The run's self-contained HTML report: candidates, selection, metrics, domain gap, plots."""
-    return run_page.write_run_report(run_uri, source, target, features, candidates, selection, evaluation, baseline)
+    return run_page.write_run_report(run_uri, data, candidates, selection, evaluation, baseline)
 
 
 @task(name="write-summary")

@@ -15,7 +15,7 @@ from adaptflow.adapt import plan as planning
 from adaptflow.config import AdaptConfig, load_config
 from adaptflow.data.preprocess import make_loader
 from adaptflow.extract import backbones
-from adaptflow.manifests import ModelManifest
+from adaptflow.manifests import ModelManifest, RunData
 from adaptflow.seeding import seeded
 from adaptflow.store import storage
 
@@ -122,7 +122,7 @@ def test_a_candidate_trains_scores_and_commits(run_inputs, mode):
         if s.mode == mode
     )
     out = f"{root}/candidates/{spec.name}"
-    c = adaptation.train_candidate(spec, d["source"], d["target"], d["target_labels"], plan, cfg, out)
+    c = adaptation.train_candidate(spec, _data(d, plan), cfg, out)
     assert set(c.scores) >= set(POLICY) and all(v == v for v in c.scores.values())
     assert 0 <= c.target_accuracy <= 1 and c.steps > 0 and c.curve
     assert storage.exists(f"{out}/candidate.json") and storage.exists(f"{c.model_uri}/model.json")
@@ -153,7 +153,7 @@ def test_a_candidate_is_the_same_while_another_thread_draws_random_numbers(run_i
 
     def train(name: str):
         out = f"{root}/race-{mode}-{name}"
-        return adaptation.train_candidate(spec, d["source"], d["target"], d["target_labels"], plan, cfg, out)
+        return adaptation.train_candidate(spec, _data(d, plan), cfg, out)
 
     alone = train("alone")
     stop = threading.Event()
@@ -194,7 +194,7 @@ def test_a_candidate_is_the_same_while_another_thread_builds_models_or_reads_ima
 
     def train(name: str):
         out = f"{root}/neighbour-{neighbour.__name__}-{name}"
-        return adaptation.train_candidate(spec, d["source"], d["target"], d["target_labels"], plan, cfg, out)
+        return adaptation.train_candidate(spec, _data(d, plan), cfg, out)
 
     alone = train("alone")
     stop = threading.Event()
@@ -217,7 +217,7 @@ def test_candidates_trained_at_once_on_threads_equal_those_trained_one_by_one(ru
 
     def train(spec, where):
         out = f"{root}/{where}-{spec.name}"
-        return adaptation.train_candidate(spec, d["source"], d["target"], d["target_labels"], plan, cfg, out)
+        return adaptation.train_candidate(spec, _data(d, plan), cfg, out)
 
     alone = [train(s, "alone") for s in specs]
     at_once: dict[str, object] = {}
@@ -239,6 +239,10 @@ def test_without_candidates_the_head_is_the_model():
     assert (alone.index, alone.model_uri) == (-1, "memory://head")
 
 
+def _data(d, plan) -> RunData:
+    return RunData(source=d["source"], target=d["target"], target_labels=d["target_labels"], features=plan)
+
+
 def _images_spec(cfg, method="dann", steps=8):
     spec = next(
         s
@@ -258,7 +262,7 @@ def test_training_resumed_from_a_checkpoint_equals_an_uninterrupted_run(run_inpu
 
     cfg, d, plan, root = run_inputs
     spec = _images_spec(cfg, method)
-    args = (d["source"], d["target"], None, plan, cfg)
+    args = (RunData(source=d["source"], target=d["target"], features=plan), cfg)
     straight = adaptation.train_candidate(spec, *args, f"{root}/straight-{method}")
     half = adaptation.train_candidate(spec, *args, f"{root}/rungs-{method}", until=4)
     assert (half.steps, half.total_steps) == (4, 8)
@@ -290,7 +294,7 @@ def test_an_interrupted_segment_resumes_from_its_last_checkpoint_to_the_same_mod
 
     cfg, d, plan, root = run_inputs
     spec = _images_spec(cfg, "dann")
-    args = (d["source"], d["target"], None, plan, cfg)
+    args = (RunData(source=d["source"], target=d["target"], features=plan), cfg)
     straight = adaptation.train_candidate(spec, *args, f"{root}/straight-interrupted")
     monkeypatch.setattr(adaptation, "CHECKPOINT_EVERY_S", 0.0)  # a checkpoint after every part (1 step of 8)
     real_fit, calls, resuming = samples.ImageData.fit, [], False
@@ -340,9 +344,7 @@ def test_images_mode_trains_and_scores_from_the_cache_within_a_memory_ceiling(ru
             opened.append(self)
 
     monkeypatch.setattr(samples, "ShardedRows", Watched)
-    c = adaptation.train_candidate(
-        _images_spec(cfg, "source_only"), d["source"], d["target"], d["target_labels"], plan, cfg, f"{root}/bounded"
-    )
+    c = adaptation.train_candidate(_images_spec(cfg, "source_only"), _data(d, plan), cfg, f"{root}/bounded")
     assert c.steps == 8 and 0 <= c.target_accuracy <= 1
     # the training images' pixels; beside them, unless an earlier test of this process already read and
     # kept them (`samples.sample_rows`), the frozen features of the fixed validation samples

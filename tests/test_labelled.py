@@ -18,6 +18,7 @@ from adaptflow.config import IngestConfig
 from adaptflow.data.ingest import ingest, read_index
 from adaptflow.data.labels import check_train_labels, held_out
 from adaptflow.errors import DatasetError
+from adaptflow.manifests import RunData
 from adaptflow.store import storage
 
 CFG = IngestConfig(workers=2)
@@ -146,7 +147,7 @@ def test_labelled_target_images_train_every_candidate_and_judge_none(run_inputs,
     for few in (read_index(fit).head(5), read_index(fit)):  # a few labels are repeated; many are there once
         share = (~with_labelled(source_train, few).image_id.isin(source_train.image_id)).mean()
         assert LABELLED_SHARE <= share < max(LABELLED_SHARE + 0.05, len(few) / (len(few) + len(source_train)) + 0.01)
-    base = dict(source=d["source"], target=d["target"], target_labels=None, features=plan, cfg=cfg)
+    base = dict(data=RunData(source=d["source"], target=d["target"], features=plan), cfg=cfg)
     key = planning.training_key(cfg, d["source"], d["target"], None, plan)
     assert planning.training_key(cfg, d["source"], d["target"], None, plan, fit) != key
 

@@ -5,7 +5,7 @@ import pytest
 
 from adaptflow.config import MonitorConfig
 from adaptflow.data.ingest import ingest
-from adaptflow.manifests import Champion, ModelScores
+from adaptflow.manifests import Champion, ModelScores, RunData
 from adaptflow.monitor.champion import judged_by, score_model
 from adaptflow.monitor.gate import register_and_gate
 from adaptflow.monitor.shift import check_shift
@@ -15,6 +15,10 @@ from adaptflow.store import storage
 @pytest.fixture(scope="module")
 def store(headed_store):
     return headed_store[1:]
+
+
+def _data(source, target, target_labels, features) -> RunData:
+    return RunData(source=source, target=target, target_labels=target_labels, features=features)
 
 
 def _champion(reference: str | None, score: float | None = 0.5) -> Champion:
@@ -142,13 +146,13 @@ def test_score_model_measures_a_saved_model_on_this_runs_data(store, demo_data):
         IngestConfig(workers=2),
         classes=src.classes,
     )
-    scores = score_model(head.model_uri, src, tgt, labels, plan, ["source_val_acc", "im", "bnm"])
+    scores = score_model(head.model_uri, _data(src, tgt, labels, plan), ["source_val_acc", "im", "bnm"])
     assert set(scores.scores) >= {"source_val_acc", "im", "bnm"} and scores.n_target == tgt.n_images
     assert scores.selection_score == pytest.approx(sum(scores.scores[k] for k in ("source_val_acc", "im", "bnm")) / 3)
     assert 0 <= scores.target_accuracy <= 1
-    again = score_model(head.model_uri, src, tgt, None, plan, ["source_val_acc", "im", "bnm"])
+    again = score_model(head.model_uri, _data(src, tgt, None, plan), ["source_val_acc", "im", "bnm"])
     assert again.target_accuracy is None and again.selection_score == scores.selection_score  # deterministic
-    only = score_model(head.model_uri, src, tgt, None, plan, ["bnm"])  # the policy decides what is scored
+    only = score_model(head.model_uri, _data(src, tgt, None, plan), ["bnm"])  # the policy decides what is scored
     assert set(only.scores) == {"source_val_acc", "bnm"} and only.selection_score == pytest.approx(scores.scores["bnm"])
 
 
@@ -158,7 +162,7 @@ def test_a_low_confidence_pick_never_replaces_a_champion_and_a_source_only_one_s
 
     src, tgt, plan, head = store
     reg, policy, datasets = str(tmp_path / "registry"), fast_config.promotion.policy, {"source": src, "target": tgt}
-    scores = score_model(head.model_uri, src, tgt, None, plan, policy)  # the pick's scores (any model's)
+    scores = score_model(head.model_uri, _data(src, tgt, None, plan), policy)  # the pick's scores (any model's)
     better = scores.model_copy(update={"scores": {k: v + 0.5 for k, v in scores.scores.items()}})
     unsure = SelectionManifest(
         index=1,
@@ -201,7 +205,7 @@ def test_a_champion_is_never_replaced_by_a_model_of_other_classes(store, fast_co
 
     src, tgt, plan, head = store
     reg, policy, datasets = str(tmp_path / "registry"), fast_config.promotion.policy, {"source": src, "target": tgt}
-    scores = score_model(head.model_uri, src, tgt, None, plan, policy)
+    scores = score_model(head.model_uri, _data(src, tgt, None, plan), policy)
     sure = SelectionManifest(
         index=0, name="head", reason="r", policy=policy, model_uri=head.model_uri, oracle_index=None, confident=True
     )

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from adaptflow.data.ingest import ingest
-from adaptflow.manifests import Champion
+from adaptflow.manifests import Champion, RunData
 from adaptflow.monitor import champion as scoring
 from adaptflow.store import storage
 
@@ -26,6 +26,10 @@ def measured(monkeypatch):
     return calls
 
 
+def _data(source, target, target_labels, features) -> RunData:
+    return RunData(source=source, target=target, target_labels=target_labels, features=features)
+
+
 def _champion(head, reference: str) -> Champion:
     return Champion(
         version=1, model_uri=head.model_uri, run_id="r0", selection_score=0.5, reference_index_uri=reference
@@ -34,21 +38,23 @@ def _champion(head, reference: str) -> Champion:
 
 def test_the_champions_scores_kept_at_promotion_are_reused_while_the_sample_holds(store, tmp_path, measured):
     root, src, tgt, plan, head = store
-    kept = scoring.score_model(head.model_uri, src, tgt, None, plan, POLICY, samples=60, keep_in=root)
+    kept = scoring.score_model(head.model_uri, _data(src, tgt, None, plan), POLICY, samples=60, keep_in=root)
     champion = _champion(head, tgt.index_uri)
 
-    same = scoring.score_champion(root, champion, src, tgt, None, plan, POLICY, samples=60, reuse=0.95)
+    same = scoring.score_champion(root, champion, _data(src, tgt, None, plan), POLICY, samples=60, reuse=0.95)
     assert measured == [head.model_uri] and same.reused == 1.0  # measured once, at "promotion"
     assert same.model_copy(update={"reused": None}) == kept
 
     # a night later two new images of the 60 in the sample: 58 / 60 of it was measured, more than 0.95 not
     grown_uri = _grown(tgt.index_uri, src.index_uri, 2, str(tmp_path / "g.parquet"))
     grown = tgt.model_copy(update={"index_uri": grown_uri, "fingerprint": "grown"})
-    assert scoring.score_champion(root, champion, src, grown, None, plan, POLICY, samples=60, reuse=0.9).reused < 1
+    assert (
+        scoring.score_champion(root, champion, _data(src, grown, None, plan), POLICY, samples=60, reuse=0.9).reused < 1
+    )
     assert len(measured) == 1
-    again = scoring.score_champion(root, champion, src, grown, None, plan, POLICY, samples=60, reuse=0.99)
+    again = scoring.score_champion(root, champion, _data(src, grown, None, plan), POLICY, samples=60, reuse=0.99)
     assert again.reused is None and len(measured) == 2  # measured again, and kept for the nights after
-    fresh = scoring.score_model(head.model_uri, src, grown, None, plan, POLICY, samples=60)
+    fresh = scoring.score_model(head.model_uri, _data(src, grown, None, plan), POLICY, samples=60)
     assert again == fresh
 
 
@@ -56,19 +62,19 @@ def test_target_labels_or_another_policy_are_measured_again(store, demo_data, me
     from adaptflow.config import IngestConfig
 
     root, src, tgt, plan, head = store
-    scoring.score_model(head.model_uri, src, tgt, None, plan, POLICY, samples=60, keep_in=root)
+    scoring.score_model(head.model_uri, _data(src, tgt, None, plan), POLICY, samples=60, keep_in=root)
     labels = ingest(demo_data.target_labels_uri, "target_labels", f"{root}/ingest/labels", IngestConfig(workers=2))
     champion = _champion(head, tgt.index_uri)
-    with_labels = scoring.score_champion(root, champion, src, tgt, labels, plan, POLICY, samples=60)
+    with_labels = scoring.score_champion(root, champion, _data(src, tgt, labels, plan), POLICY, samples=60)
     assert with_labels.reused is None and with_labels.target_accuracy is not None
-    other = scoring.score_champion(root, champion, src, tgt, None, plan, ["bnm"], samples=60)
+    other = scoring.score_champion(root, champion, _data(src, tgt, None, plan), ["bnm"], samples=60)
     assert other.reused is None and set(other.scores) == {"source_val_acc", "bnm"}
     assert len(measured) == 3
 
 
 def test_the_reference_mix_is_what_the_promoting_run_measured(store, measured):
     root, src, tgt, plan, head = store
-    kept = scoring.score_model(head.model_uri, src, tgt, None, plan, POLICY, samples=60, keep_in=root)
+    kept = scoring.score_model(head.model_uri, _data(src, tgt, None, plan), POLICY, samples=60, keep_in=root)
     champion = _champion(head, tgt.index_uri)
     assert scoring.reference_mix(champion, plan, samples=60, store=root) == (kept.predicted_mix, kept.n_scored)
     assert scoring.reference_mix(champion, plan, samples=60) == (kept.predicted_mix, kept.n_scored)  # measured
@@ -76,11 +82,13 @@ def test_the_reference_mix_is_what_the_promoting_run_measured(store, measured):
 
 def test_a_damaged_record_is_measured_again(store, measured):
     root, src, tgt, plan, head = store
-    scoring.score_model(head.model_uri, src, tgt, None, plan, POLICY, samples=50, keep_in=root)
+    scoring.score_model(head.model_uri, _data(src, tgt, None, plan), POLICY, samples=50, keep_in=root)
     for folder in ("scores", "seen"):
         for uri in storage.list_uris(storage.join(root, "monitor", folder), ".json"):
             storage.write_bytes(uri, b"{")
-    scores = scoring.score_champion(root, _champion(head, tgt.index_uri), src, tgt, None, plan, POLICY, samples=50)
+    scores = scoring.score_champion(
+        root, _champion(head, tgt.index_uri), _data(src, tgt, None, plan), POLICY, samples=50
+    )
     assert scores.reused is None and len(measured) == 2
 
 
@@ -91,7 +99,7 @@ def test_a_quiet_night_on_the_same_datasets_reads_no_index(store, measured, monk
     from adaptflow.monitor import shift
 
     root, src, tgt, plan, head = store
-    first = scoring.score_model(head.model_uri, src, tgt, None, plan, POLICY, samples=60, keep_in=root)
+    first = scoring.score_model(head.model_uri, _data(src, tgt, None, plan), POLICY, samples=60, keep_in=root)
     champion = _champion(head, src.index_uri)  # the target's images are all new against this reference
     tested = shift.check_shift(champion, tgt, plan, first, MonitorConfig(), store=root)
     assert tested.test is not None and tested.n_new == tgt.n_images
@@ -100,7 +108,7 @@ def test_a_quiet_night_on_the_same_datasets_reads_no_index(store, measured, monk
         raise AssertionError("read a table")
 
     monkeypatch.setattr(storage, "read_table", no_reads)
-    again = scoring.score_champion(root, champion, src, tgt, None, plan, POLICY, samples=60)
+    again = scoring.score_champion(root, champion, _data(src, tgt, None, plan), POLICY, samples=60)
     assert len(measured) == 1 and again.reused == 1.0
     assert again.model_copy(update={"reused": None}) == first
     retested = shift.check_shift(champion, tgt, plan, again, MonitorConfig(), store=root)

@@ -15,6 +15,7 @@ from adaptflow.adapt.inference import infer, load_model
 from adaptflow.data.ingest import ingest, read_index
 from adaptflow.errors import ModelError, UnknownNameError
 from adaptflow.extract import features
+from adaptflow.manifests import RunData
 from adaptflow.models import registry
 from adaptflow.serve import export
 from adaptflow.store import storage
@@ -55,7 +56,8 @@ def store(demo_data, fast_config, tmp_path_factory):
         spec = adaptation.CandidateSpec(
             name=f"dann-{mode}", method="dann", mode=mode, seed=0, hparams=candidate_hparams("dann", mode, 0)
         )
-        c = adaptation.train_candidate(spec, src, tgt, None, plan, cfg, f"{root}/runs/run1/candidates/{spec.name}")
+        data = RunData(source=src, target=tgt, features=plan)
+        c = adaptation.train_candidate(spec, data, cfg, f"{root}/runs/run1/candidates/{spec.name}")
         assert _registered(root, c.model_uri, "run1", spec.name) == KINDS[mode]
     return root, tgt, plan
 

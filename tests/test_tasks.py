@@ -15,6 +15,7 @@ from adaptflow.manifests import (
     IngestManifest,
     ModelManifest,
     PredictionManifest,
+    RunData,
     SelectionManifest,
     ShardResult,
 )
@@ -66,12 +67,10 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
 
     specs = plan_candidates.fn(cfg, datasets["source"])
     assert [s.name for s in specs] == ["source_only-features", "dann-features", "dann-images"]
-    candidates = [
-        train_candidate.fn(
-            s, datasets["source"], datasets["target"], datasets["target_labels"], plan, cfg, f"{run}/candidates"
-        )
-        for s in specs[1:]
-    ]
+    data = RunData(
+        source=datasets["source"], target=datasets["target"], target_labels=datasets["target_labels"], features=plan
+    )
+    candidates = [train_candidate.fn(s, data, cfg, f"{run}/candidates") for s in specs[1:]]
     assert all(isinstance(c, CandidateManifest) for c in candidates)
     selection = select_model.fn(head, candidates, cfg)
     assert isinstance(selection, SelectionManifest) and selection.index in (0, 1)
@@ -89,9 +88,7 @@ def test_every_task_in_stage_order(demo_data, fast_config, memory_uri, prefect_h
     )
     assert isinstance(evaluation, EvaluationManifest) and evaluation.target.n == datasets["target"].n_images
 
-    report = write_report.fn(
-        run, datasets["source"], datasets["target"], plan, candidates, selection, evaluation, evaluation
-    )
+    report = write_report.fn(run, data, candidates, selection, evaluation, evaluation)
     assert storage.read_bytes(report.report_uri).startswith(b"<!DOCTYPE html>")
     summary = write_summary.fn(
         "r1",

@@ -54,6 +54,7 @@ from adaptflow.manifests import (
     ExtractionPlan,
     IngestManifest,
     ModelManifest,
+    RunData,
     SelectionManifest,
 )
 from adaptflow.models.card import ModelCard, load_card, predictions_table, save_model
@@ -74,10 +75,7 @@ CHECKPOINT_EVERY_S = 60.0
 
 def train_candidate(
     spec: CandidateSpec,
-    source: IngestManifest,
-    target: IngestManifest,
-    target_labels: IngestManifest | None,
-    features: ExtractionPlan,
+    data: RunData,
     cfg: Config,
     out_uri: str,
     device: str = "cpu",
@@ -99,11 +97,11 @@ def train_candidate(
     if before is not None and before.steps >= until:
         return _committed_at(before, until, out_uri)
 
-    run = CandidateRun(spec, source, target, features, cfg, out_uri, device, until, total, fit_labels)
+    run = CandidateRun(spec, data, cfg, out_uri, device, until, total, fit_labels)
     algorithm, begin = run.resume()
     curve, out = run.fit(algorithm, begin)
     scores, collapsed = run.score(out)
-    manifest = run.commit(algorithm, out, scores, collapsed, target_labels)
+    manifest = run.commit(algorithm, out, scores, collapsed, data.target_labels)
     manifest = manifest.model_copy(
         update={
             "curve": (before.curve if before else []) + curve,
@@ -126,9 +124,8 @@ class CandidateRun:
     (`halving.survivors`), so it is scored by what the ranking reads alone (the policy's validators,
     source_val_acc and the tie-break), on the samples those need."""
 
-    def __init__(
-        self, spec, source, target, features, cfg: Config, out_uri: str, device, until: int, total: int, fit_labels=None
-    ):
+    def __init__(self, spec, data: RunData, cfg: Config, out_uri: str, device, until: int, total: int, fit_labels=None):
+        source, target, features = data.source, data.target, data.features
         self.spec, self.features, self.cfg, self.out_uri, self.device = spec, features, cfg, out_uri, device
         self.until, self.total, self.final = until, total, until == total
         self.source_fingerprint = source.fingerprint

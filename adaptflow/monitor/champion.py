@@ -22,6 +22,7 @@ from adaptflow.manifests import (
     ExtractionPlan,
     IngestManifest,
     ModelScores,
+    RunData,
 )
 from adaptflow.models import registry
 from adaptflow.monitor import memo
@@ -56,10 +57,7 @@ def find_champion(store: str) -> Champion | None:
 
 def score_model(
     model_uri: str,
-    source: IngestManifest,
-    target: IngestManifest,
-    target_labels: IngestManifest | None,
-    features: ExtractionPlan,
+    data: RunData,
     policy: list[str],
     seed: int = 0,
     samples: int = 2000,
@@ -68,23 +66,14 @@ def score_model(
     """Validator scores of a saved model on this run's validation samples (`adapt.samples.validation_sample`:
     at most `samples` source-validation and target images, the samples every candidate was scored on).
     `keep_in`: a store whose monitor keeps them, for the nights this model is champion (`score_champion`)."""
-    drawn = _draw(source, target, samples, seed)
-    return _measured(model_uri, source, target, drawn, target_labels, features, policy, seed, samples, keep_in)
+    return _measured(model_uri, data, _draw(data, samples, seed), policy, seed, samples, keep_in)
 
 
 def _measured(
-    model_uri: str,
-    source: IngestManifest,
-    target: IngestManifest,
-    drawn: _Drawn,
-    target_labels: IngestManifest | None,
-    features: ExtractionPlan,
-    policy: list[str],
-    seed: int,
-    samples: int,
-    keep_in: str | None,
+    model_uri: str, data: RunData, drawn: _Drawn, policy: list[str], seed: int, samples: int, keep_in: str | None
 ) -> ModelScores:
-    scores = _score(model_uri, source, drawn, target_labels, features, policy, seed)
+    source, target, features = data.source, data.target, data.features
+    scores = _score(model_uri, data, drawn, policy, seed)
     if keep_in:
         key = _scores_key(model_uri, features, policy, seed, samples)
         memo.keep_scores(keep_in, key, scores, drawn.source_ids, drawn.target.image_id.tolist())
@@ -100,10 +89,7 @@ def _measured(
 def score_champion(
     store: str,
     champion: Champion,
-    source: IngestManifest,
-    target: IngestManifest,
-    target_labels: IngestManifest | None,
-    features: ExtractionPlan,
+    data: RunData,
     policy: list[str],
     seed: int = 0,
     samples: int = 2000,
@@ -113,19 +99,17 @@ def score_champion(
     samples are nearly the ones they were measured on: the same source samples and at least `reuse` of the
     target sample (a night's new images are tested directly by the shift test). With target labels it
     always measures (the accuracy is this run's)."""
-    if target_labels is not None:
-        drawn = _draw(source, target, samples, seed)
-        return _measured(
-            champion.model_uri, source, target, drawn, target_labels, features, policy, seed, samples, store
-        )
-    key = _scores_key(champion.model_uri, features, policy, seed, samples)
+    source, target = data.source, data.target
+    if data.target_labels is not None:
+        return _measured(champion.model_uri, data, _draw(data, samples, seed), policy, seed, samples, store)
+    key = _scores_key(champion.model_uri, data.features, policy, seed, samples)
     seen = memo.seen(store, _seen_key(key, source, target))  # these very datasets: their indexes stay unread
     if seen is not None and (seen.reused or 1.0) >= reuse:
         return seen
-    drawn = _draw(source, target, samples, seed)
+    drawn = _draw(data, samples, seed)
     kept = memo.scores(store, key, drawn.source_ids, drawn.target.image_id.tolist(), reuse)
     if kept is None:  # measured, and kept (`_measured`)
-        return _measured(champion.model_uri, source, target, drawn, None, features, policy, seed, samples, store)
+        return _measured(champion.model_uri, data, drawn, policy, seed, samples, store)
     scores = kept.model_copy(update={"n_target": drawn.n_target})
     memo.keep_seen(store, _seen_key(key, source, target), scores)
     return scores
@@ -155,10 +139,10 @@ class _Drawn(NamedTuple):
         return [*self.val.image_id, "/", *self.train.image_id]
 
 
-def _draw(source: IngestManifest, target: IngestManifest, samples: int, seed: int) -> _Drawn:
+def _draw(data: RunData, samples: int, seed: int) -> _Drawn:
     """This run's validation samples: source validation (source train when there is none), source train and
     target, each at most `samples` (`validation_sample`)."""
-    src, tgt = read_index(source), read_index(target)
+    src, tgt = read_index(data.source), read_index(data.target)
     val = src[src.split == "val"]
     if val.empty:
         val = src[src.split == "train"]
@@ -166,15 +150,8 @@ def _draw(source: IngestManifest, target: IngestManifest, samples: int, seed: in
     return _Drawn(val, train, tgt_sample, len(tgt))
 
 
-def _score(
-    model_uri: str,
-    source: IngestManifest,
-    drawn: _Drawn,
-    target_labels: IngestManifest | None,
-    features: ExtractionPlan,
-    policy: list[str],
-    seed: int,
-) -> ModelScores:
+def _score(model_uri: str, data: RunData, drawn: _Drawn, policy: list[str], seed: int) -> ModelScores:
+    source, target_labels, features = data.source, data.target_labels, data.features
     model, card = load_model(model_uri)
     if card.classes != source.classes:
         raise StoreError(

@@ -10,6 +10,7 @@ from adaptflow.manifests import (
     IngestManifest,
     ModelScores,
     PromotionManifest,
+    RunData,
     SelectionManifest,
 )
 from adaptflow.models import registry
@@ -17,6 +18,8 @@ from adaptflow.models.card import load_card
 from adaptflow.monitor.champion import judged_by, score_model
 
 
+# Nine parameters, on purpose: the registry records the run (store, run_id, every dataset, features, cfg)
+# and the gate weighs what this run measured (selection, challenger, champion, source_test_accuracy).
 def register_and_gate(
     store: str,
     run_id: str,
@@ -57,16 +60,13 @@ def register_and_gate(
     decision = registry.gate(store, version.version, rescored, margin, challenger_metrics=ours, hold=held)
     stand_in = None
     if held and decision.champion_version is None and selection.reference_model_uri:
-        reference = score_model(
-            selection.reference_model_uri,
-            datasets["source"],
-            datasets["target"],
-            datasets.get("target_labels"),
-            features,
-            policy,
-            cfg.seed,
-            cfg.adapt.validation_samples,
+        data = RunData(
+            source=datasets["source"],
+            target=datasets["target"],
+            target_labels=datasets.get("target_labels"),
+            features=features,
         )
+        reference = score_model(selection.reference_model_uri, data, policy, cfg.seed, cfg.adapt.validation_samples)
         stand_in = registry.register(
             store, reference.model_uri, run_id, lineage, _metrics(reference, None), reference.method
         ).version

@@ -182,6 +182,8 @@ def class_mix_test(
     )
 
 
+# Nine parameters: the test reads the target and its features, the champion with its scores and kept
+# class mix, the monitor's settings and the run's seed; `store` and `labels` are optional evidence.
 def check_shift(
     champion: Champion,
     target: IngestManifest,

@@ -13,6 +13,7 @@ from adaptflow.manifests import (
     ExtractionPlan,
     IngestManifest,
     ReportManifest,
+    RunData,
     SelectionManifest,
 )
 from adaptflow.report.html import embed_2d, write_report
@@ -24,9 +25,7 @@ _GAP_SAMPLE = 2000  # images per domain for the before-adaptation gap: PAD and M
 
 def write_run_report(
     run_uri: str,
-    source: IngestManifest,
-    target: IngestManifest,
-    features: ExtractionPlan,
+    data: RunData,
     candidates: list[CandidateManifest],
     selection: SelectionManifest,
     evaluation: EvaluationManifest,
@@ -34,6 +33,7 @@ def write_run_report(
     seed: int = 0,
 ) -> ReportManifest:
     """Write `{run}/report.html`."""
+    source, target, features = data.source, data.target, data.features
     before_s, before_t = _frozen_sample(source, features, seed), _frozen_sample(target, features, seed)
     gap = {
         "before": {

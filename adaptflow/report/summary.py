@@ -102,6 +102,8 @@ def summarize_extraction(
     )
 
 
+# Sixteen parameters, on purpose: the summary is the run's table of contents, one record per stage, each
+# named where the flow passes it (a record grouping them would only rename the same list).
 def write_summary(
     run_id: str,
     run: str,

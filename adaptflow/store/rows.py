@@ -71,6 +71,8 @@ class ShardedRows:
     tensors of `shape` per row (e.g. (3, S, S) uint8 pixels, (D,) features). `draws`: at most how many
     rows the caller will read (None: unknown, maybe all)."""
 
+    # Nine parameters: which rows (folder, image_ids, column, shape), then how to read them, each with a
+    # default: the memory bounds (resident_bytes, max_shards), pinning, shards already listed, draws.
     def __init__(
         self,
         folder: str,
