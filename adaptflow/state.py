@@ -16,7 +16,7 @@ Left where they are, on purpose:
   hash), `extract.weights.file_sha256`, `extract.backbones._build_extractor` (with `_build_lock`, so threads
   asking for one backbone share one build), `serve.pyfunc.pyfunc_class`, `models.registry.code_version`,
   `adapt.train._per_thread_counts`.
-- Locks that guard one module's own resource: `adapt.seeding` (torch's global generator), `store.storage`
+- Locks that guard one module's own resource: `adaptflow.seeding` (torch's global generator), `store.storage`
   (creating a folder). `store.accounting`'s thread-local is the meters each thread counts into, no cache.
 
 Standard library only: every stage imports this module, and it imports none of them.
