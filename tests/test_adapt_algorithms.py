@@ -8,7 +8,8 @@ from synthetic import CLASSES, DIM, mlp, shifted_domains
 from torch import nn
 
 from adaptflow.adapt import losses
-from adaptflow.adapt.algorithms import ALGORITHMS, get_algorithm, l2sp_penalty, set_trainable
+from adaptflow.adapt.algorithms import ALGORITHMS, get_algorithm
+from adaptflow.adapt.contract import l2sp_penalty, set_trainable
 from adaptflow.adapt.hparams import HPARAMS, default_hparams, random_hparams
 from adaptflow.adapt.train import Loop, fit, infer, predict_proba
 from adaptflow.errors import ConfigError, UnknownNameError

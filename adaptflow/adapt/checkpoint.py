@@ -13,7 +13,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from adaptflow.adapt.algorithms import Algorithm
+from adaptflow.adapt.contract import Algorithm
 from adaptflow.errors import StoreError
 from adaptflow.store import storage
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from adaptflow.adapt.algorithms import Algorithm, set_trainable
+from adaptflow.adapt.contract import Algorithm, set_trainable
 from adaptflow.adapt.train import Loop, Rows, as_rows, fit, infer, step_seed
 from adaptflow.config import BackboneConfig
 from adaptflow.data.preprocess import ImageDataset, geometric_transform

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from adaptflow import progress
-from adaptflow.adapt.algorithms import Algorithm
+from adaptflow.adapt.contract import Algorithm
 from adaptflow.seeding import draws_random, seeded
 
 
