@@ -203,12 +203,15 @@ Any other model by name:
   timm           convnext_tiny.fb_in22k, vit_small_patch14_dinov2.lvd142m, timm:NAME, hf-hub:ORG/MODEL
                  (`timm.list_models()` lists them)
   torchvision    tv:NAME with its default weights, tv:NAME.WEIGHTS for another enum (tv:resnet50.IMAGENET1K_V1)
+  CLIP           clip:ARCH/TAG, an open_clip image encoder with its published weights (clip:ViT-B-16/openai;
+                 `open_clip.list_pretrained()` lists them; needs adaptflow[clip]). A run on it adds a
+                 zero_shot candidate: the source's class names as prompts, no training
 
 Weights (backbone.weights):
   null           the default: efficientnet_lite0's from its Python package (offline); any other model's from
-                 the Hugging Face hub cache (HF_HOME, where timm keeps downloads) or the torch hub cache
-                 (TORCH_HOME, torchvision's); downloaded there only with backbone.download=true, which honours
-                 HF_HUB_OFFLINE and HF_ENDPOINT
+                 the Hugging Face hub cache (HF_HOME, where timm and open_clip keep downloads) or the torch
+                 hub cache (TORCH_HOME, torchvision's); downloaded there only with backbone.download=true,
+                 which honours HF_HUB_OFFLINE and HF_ENDPOINT
   PATH or URI    a .safetensors / .pth / .bin state dict of the same architecture
   random         random initialisation (a test or a baseline)"""
 

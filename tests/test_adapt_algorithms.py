@@ -30,7 +30,7 @@ def _featurizer(kind: str) -> tuple[nn.Module, int]:
 
 
 @pytest.mark.parametrize("kind", ["identity", "mlp", "image"])
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+@pytest.mark.parametrize("name", sorted(set(ALGORITHMS) - {"zero_shot"}))  # it trains nothing: test_extract_clip
 def test_init_update_predict(name, kind):
     torch.manual_seed(0)
     featurizer, dim = _featurizer(kind)
@@ -85,7 +85,7 @@ def test_every_algorithm_has_hparams():
         defaults = default_hparams(name)
         assert shared <= set(defaults)
         assert set(random_hparams(name, 0)) == set(defaults)
-        if name != "source_only":
+        if name not in ("source_only", "zero_shot"):
             assert "lambda" in defaults
     assert "temperature" in default_hparams("mcc") and "kernel_num" in default_hparams("mmd")
 

@@ -241,6 +241,38 @@ class ADDA(Algorithm):
         return self._step(loss, **parts)
 
 
+class ZeroShot(Algorithm):
+    """CLIP's zero-shot classifier (Radford et al. 2021): no training. On a CLIP backbone's image
+    embeddings (features mode, `clip:ARCH/TAG`), the classifier's rows are the text encoder's embeddings of
+    a prompt per class (`use_text`, from `extract.backbones.zero_shot_classifier`): logits are the cosine
+    between image and prompt, times CLIP's logit scale. Saved with the model like any classifier, so it
+    predicts, exports and competes in selection as the trained candidates do; `update` changes nothing."""
+
+    key = "zero_shot"
+
+    def __init__(self, featurizer, feature_dim, num_classes, hparams, max_steps):
+        super().__init__(featurizer, feature_dim, num_classes, hparams, max_steps)
+        self.register_buffer("scale", torch.ones(()))
+        self.requires_grad_(False)
+
+    def use_text(self, text: Tensor, scale: float) -> None:
+        """The classes' prompt embeddings (C, D), normalised, and the logit scale."""
+        with torch.no_grad():
+            self.classifier.weight.copy_(text.to(self.classifier.weight))
+            self.classifier.bias.zero_()
+            self.scale.fill_(scale)
+
+    def features(self, x: Tensor) -> Tensor:
+        return F.normalize(self.featurizer(x).float(), dim=1)
+
+    def classify(self, z: Tensor) -> Tensor:
+        return self.scale * F.linear(F.normalize(z, dim=1), F.normalize(self.classifier.weight, dim=1))
+
+    def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
+        self.num_updates += 1
+        return {"loss": 0.0}
+
+
 ALGORITHMS: dict[str, type[Algorithm]] = {
     "source_only": SourceOnly,
     "dann": DANN,
@@ -251,6 +283,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "im": IM,
     "mme": MME,
     "adda": ADDA,
+    "zero_shot": ZeroShot,
 }
 
 

@@ -47,6 +47,7 @@ from adaptflow.adapt.train import Loop, intra_op_threads
 from adaptflow.config import Config
 from adaptflow.data.ingest import read_index
 from adaptflow.errors import DatasetError
+from adaptflow.extract.backbones import zero_shot_classifier
 from adaptflow.manifests import (
     CandidateManifest,
     CandidateSpec,
@@ -162,6 +163,8 @@ class CandidateRun:
             algorithm = get_algorithm(spec.method)(
                 data.featurizer, data.dim, len(self.classes), spec.hparams, max_steps=self.total
             )
+        if spec.method == "zero_shot":  # its classifier is the text encoder's: the classes' prompts
+            algorithm.use_text(*zero_shot_classifier(self.cfg.backbone, self.classes))
         algorithm.to(self.device)
         return algorithm, (load_checkpoint(self.checkpoint, algorithm) if checkpoint_step(self.checkpoint) else 0)
 

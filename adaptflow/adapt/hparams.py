@@ -93,6 +93,8 @@ HPARAMS: dict[str, dict[str, tuple[Any, Sampler]]] = {
         "lambda": _log_uniform(0.1, -2.0, 0.0),  # the paper's 0.1
         "temperature": _choice(0.05, [0.05, 0.1]),  # of the cosine classifier
     },
+    # nothing trains: no bottleneck between the image embeddings and the prompts' (`algorithms.ZeroShot`)
+    "zero_shot": {**_SHARED, "bottleneck_dim": _fixed(0)},
     "adda": {
         **_SHARED,
         "lambda": _log_uniform(1.0, -1.0, 0.5),  # weight of the target encoder's fooling loss

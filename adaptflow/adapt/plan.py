@@ -11,7 +11,7 @@ from typing import NamedTuple
 from adaptflow.adapt.hparams import candidate_hparams
 from adaptflow.config import Config
 from adaptflow.data.ingest import read_index
-from adaptflow.errors import lookup
+from adaptflow.errors import ConfigError, lookup
 from adaptflow.manifests import CandidateSpec, ExtractionPlan, IngestManifest
 
 # End to end on a CPU: the baseline and the two strongest in benchmarks/adaptation.py on the demo shift.
@@ -75,26 +75,37 @@ def plan_candidates(cfg: Config, cuda: bool, n_train: int | None = None) -> list
     `adapt.image_steps` is set: sized to the `n_train` source training images by `default_image_steps`).
     `method: auto` trains `adapt.methods` on features and `adapt.image_methods` end to end (by default
     sized to the hardware); a named method trains that one in both modes; `none` trains nothing (the
-    source-only head stands alone)."""
+    source-only head stands alone). With a CLIP backbone (`clip:`), a `zero_shot` candidate joins `auto`,
+    and candidates train on features only."""
     a, b = cfg.adapt, budget(cfg)
     if a.method == "none":
         return []
+    clip = cfg.backbone.name.startswith("clip:")
     if a.method == "auto":
-        feature_methods = a.methods
-        image_methods = a.image_methods if a.image_methods is not None else (a.methods if cuda else CPU_IMAGE_METHODS)
+        feature_methods = [*a.methods, *(["zero_shot"] if clip and "zero_shot" not in a.methods else [])]
+        default = [] if clip else a.methods if cuda else CPU_IMAGE_METHODS
+        image_methods = a.image_methods if a.image_methods is not None else default
     else:
-        feature_methods = image_methods = [a.method]
+        feature_methods, image_methods = [a.method], [] if clip else [a.method]
+    if not clip and "zero_shot" in [*feature_methods, *image_methods]:
+        raise ConfigError(f"zero_shot needs a CLIP backbone (backbone.name: clip:ARCH/TAG), not {cfg.backbone.name!r}")
+    image_methods = [m for m in image_methods if m != "zero_shot"]  # it trains nothing, end to end or not
+    if clip and image_methods:
+        raise ConfigError(
+            "a CLIP backbone trains on its features only (set adapt.image_methods: []): end-to-end training of "
+            "its image encoder is not supported yet"
+        )
     image_size = a.image_size or (_own_size(cfg) if cuda and image_methods else b.cpu_image_size)
     strategy = a.strategy or ("full" if cuda else b.cpu_strategy)
     specs = []
     for mode, methods in (("features", feature_methods), ("images", image_methods)):
         for method in methods:
-            for draw in range(a.hparam_draws + 1):
+            for draw in range(1 if method == "zero_shot" else a.hparam_draws + 1):  # nothing to search
                 hp = candidate_hparams(method, mode, draw)
                 if a.class_weighting == "online" and "class_weighting" in hp:  # the alignment methods
                     hp["class_weighting"] = "online"
                 hp.update({k: v for k, v in a.hparams.items() if k in hp})  # knobs this method has
-                for seed in a.seeds:
+                for seed in a.seeds[:1] if method == "zero_shot" else a.seeds:
                     name = (
                         f"{method}-{mode}" + (f"-h{draw}" if draw else "") + (f"-s{seed}" if len(a.seeds) > 1 else "")
                     )
@@ -105,7 +116,9 @@ def plan_candidates(cfg: Config, cuda: bool, n_train: int | None = None) -> list
                             mode=mode,
                             hparams=hp,
                             seed=seed,
-                            steps=b.feature_steps
+                            steps=1
+                            if method == "zero_shot"
+                            else b.feature_steps
                             if mode == "features"
                             else a.image_steps or default_image_steps(n_train, int(hp["batch_size"]), cuda, b),
                             image_size=image_size if mode == "images" else None,

@@ -25,6 +25,7 @@ from torch import nn
 
 from adaptflow.errors import AdaptflowError, UnknownNameError
 from adaptflow.extract import hub
+from adaptflow.extract.clip import ClipBackbone, class_embeddings, clip_spec
 from adaptflow.extract.hog import HogBackbone
 from adaptflow.extract.spec import BackboneSpec, Extractor
 from adaptflow.extract.weights import file_sha256, file_stamp, read_state_dict
@@ -175,20 +176,22 @@ class UnknownBackboneError(UnknownNameError):
         super().__init__("backbone", name, list(BACKBONES))
         self.args = (
             f"{self.args[0]}; or any timm model by name (e.g. convnext_tiny.fb_in22k, timm:NAME, "
-            "hf-hub:ORG/MODEL) or torchvision classification model (tv:NAME, tv:NAME.WEIGHTS); "
-            "`adaptflow backbones` explains",
+            "hf-hub:ORG/MODEL), torchvision classification model (tv:NAME, tv:NAME.WEIGHTS) or CLIP "
+            "image encoder (clip:ARCH/TAG); `adaptflow backbones` explains",
         )
 
 
 @functools.lru_cache(maxsize=64)
 def backbone_spec(name: str) -> BackboneSpec:
     """How to build the backbone `name`: a shortcut of `BACKBONES`, a torchvision model (`tv:NAME`, its
-    default weights enum, or `tv:NAME.WEIGHTS`), or a timm model (`NAME`, `timm:NAME`, `hf-hub:ORG/MODEL`);
-    an UnknownBackboneError otherwise."""
+    default weights enum, or `tv:NAME.WEIGHTS`), an open_clip image encoder (`clip:ARCH/TAG`), or a timm
+    model (`NAME`, `timm:NAME`, `hf-hub:ORG/MODEL`); an UnknownBackboneError otherwise."""
     if name in BACKBONES:
         return BACKBONES[name]
     if name.startswith("tv:"):
         return _torchvision_spec(name)
+    if name.startswith("clip:"):
+        return clip_spec(name)
     if name.startswith("hf-hub:"):
         return TimmBackbone(name)
     import timm
@@ -239,6 +242,19 @@ def build_classifier(cfg: BackboneConfig) -> nn.Module:
     if uri:
         _load(model, _remapped(spec, read_state_dict(uri, cfg.name), model, cfg.name, uri), cfg.name, uri)
     return model.eval()
+
+
+def zero_shot_classifier(cfg: BackboneConfig, classes: list[str]) -> tuple[torch.Tensor, float]:
+    """CLIP's zero-shot classifier for `classes` with `cfg`'s weights (`extract.clip.class_embeddings`):
+    (C, embed_dim) normalised prompt embeddings, and the logit scale. Not cached."""
+    spec = backbone_spec(cfg.name)
+    if not isinstance(spec, ClipBackbone):
+        raise AdaptflowError(f"a zero_shot candidate needs a CLIP backbone (clip:ARCH/TAG), not {cfg.name!r}")
+    uri = _weights_uri(cfg, spec)
+    model = _create(spec)
+    if uri:
+        _load(model, _remapped(spec, read_state_dict(uri, cfg.name), model, cfg.name, uri), cfg.name, uri)
+    return class_embeddings(model, spec.arch, classes)
 
 
 @functools.lru_cache(maxsize=8)

@@ -19,36 +19,37 @@ import posixpath
 from adaptflow.errors import AdaptflowError
 
 # the files a timm repository on the hub publishes its weights in, preferred first
-HF_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+HF_FILES = ("model.safetensors", "pytorch_model.bin")
 FIX = (
     "set backbone.weights to a weights file (--set backbone.weights=PATH), allow a download on a machine "
     "that is online (--set backbone.download=true), or use --set backbone.weights=random"
 )
 
 
-def hf_weights(repo_id: str, name: str, download: bool) -> str:
-    """The local path of `repo_id`'s weights on the Hugging Face hub: from the cache, else downloaded when
-    `download` is true; an AdaptflowError naming the cache and the fix otherwise."""
+def hf_weights(repo_id: str, name: str, download: bool, files: tuple[str, ...] = HF_FILES) -> str:
+    """The local path of `repo_id`'s weights on the Hugging Face hub (the first of `files` it has): from
+    the cache, else downloaded when `download` is true; an AdaptflowError naming the cache and the fix
+    otherwise."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    for filename in HF_FILES:
+    for filename in files:
         found = try_to_load_from_cache(repo_id, filename)
         if isinstance(found, str):
             return found
     if download:
-        return _hf_download(repo_id, name)
+        return _hf_download(repo_id, name, files)
     raise AdaptflowError(
         f"backbone {name!r}: weights of {repo_id} are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
         f"and downloads are off. To fix: {FIX}."
     )
 
 
-def _hf_download(repo_id: str, name: str) -> str:
+def _hf_download(repo_id: str, name: str, files: tuple[str, ...]) -> str:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
     try:
-        for filename in HF_FILES:
+        for filename in files:
             try:
                 return hf_hub_download(repo_id, filename)
             except RemoteEntryNotFoundError:  # not this file: try the next (offline is LocalEntryNotFound)
@@ -58,7 +59,7 @@ def _hf_download(repo_id: str, name: str) -> str:
         raise AdaptflowError(
             f"backbone {name!r}: could not download the weights of {repo_id}: {why}. To fix: {FIX}."
         ) from None
-    raise AdaptflowError(f"backbone {name!r}: {repo_id} publishes none of {', '.join(HF_FILES)}. To fix: {FIX}.")
+    raise AdaptflowError(f"backbone {name!r}: {repo_id} publishes none of {', '.join(files)}. To fix: {FIX}.")
 
 
 def url_weights(url: str, name: str, download: bool) -> str:
