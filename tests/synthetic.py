@@ -84,19 +84,26 @@ def save_untrained_images_model(uri: str, cfg, classes: list[str], image_size: i
     """An untrained end-to-end DANN of `image_size` saved at `uri` with its card: what prediction, resuming
     and memory tests need, where what is predicted does not matter."""
     from adaptflow.adapt.inference import build_model
-    from adaptflow.models.card import ModelCard, save_model
+    from adaptflow.models.card import save_model
 
-    card = ModelCard(
-        kind="images",
-        method="dann",
+    card = model_card(cfg, classes, "images", "dann", image_size=image_size)
+    save_model(uri, build_model(card), card)
+    return uri
+
+
+def model_card(cfg, classes: list[str], kind: str, method: str, fingerprint="untrained", dim=0, image_size=None):
+    """A model card for a test's model: `kind` and `method` on `cfg`'s backbone, no dataset behind it."""
+    from adaptflow.models.card import ModelCard
+
+    return ModelCard(
+        kind=kind,
+        method=method,
         image_size=image_size,
         classes=classes,
         config=cfg,
-        fingerprint="untrained",
-        dim=0,
+        fingerprint=fingerprint,
+        dim=dim,
         config_hash=cfg.fingerprint(),
         dataset_fingerprint="none",
         metrics={},
     )
-    save_model(uri, build_model(card), card)
-    return uri

@@ -25,6 +25,15 @@ def tiny_clip():
     open_clip.add_model_config(Path(__file__).parent / "fixtures" / "clip" / "adaptflow-tiny-clip.json")
 
 
+def _save(uri: str, model, cfg, classes: list[str], fingerprint: str, dim: int) -> None:
+    """`model`, a zero_shot candidate on `cfg`'s backbone, saved with its card."""
+    from synthetic import model_card
+
+    from adaptflow.models.card import save_model
+
+    save_model(uri, model, model_card(cfg, classes, "features", "zero_shot", fingerprint, dim))
+
+
 def test_a_clip_image_encoder_is_a_backbone_with_its_own_transform():
     ex = build_extractor(BackboneConfig(name=TINY, weights="random"))
     assert ex.dim == 32  # the embedding the text encoder shares, not the tower's width
@@ -73,8 +82,6 @@ def test_a_weights_file_reaches_both_towers(tmp_path):
 
 
 def test_zero_shot_predicts_the_nearest_prompt_and_saves_with_it(tmp_path):
-    from adaptflow.models.card import ModelCard, save_model
-
     text = torch.nn.functional.normalize(torch.randn(4, 32), dim=1)
     zs = get_algorithm("zero_shot")(torch.nn.Identity(), 32, 4, {}, max_steps=1)
     zs.use_text(text, 100.0)
@@ -84,18 +91,7 @@ def test_zero_shot_predicts_the_nearest_prompt_and_saves_with_it(tmp_path):
     assert zs.update((images, torch.arange(4)), images) == {"loss": 0.0}
     assert all(torch.equal(a, b) for a, b in zip(before, zs.parameters(), strict=True))  # nothing trains
     cfg = load_config(None, [f"backbone.name={TINY}", "backbone.weights=random"])
-    card = ModelCard(
-        kind="features",
-        method="zero_shot",
-        classes=list("abcd"),
-        config=cfg,
-        fingerprint="f",
-        dim=32,
-        config_hash=cfg.fingerprint(),
-        dataset_fingerprint="d",
-        metrics={},
-    )
-    save_model(str(tmp_path / "m"), zs, card)
+    _save(str(tmp_path / "m"), zs, cfg, list("abcd"), "f", 32)
     loaded, _ = load_model(str(tmp_path / "m"))
     assert torch.equal(loaded.predict(images), zs.eval().predict(images))
 
@@ -139,24 +135,12 @@ def test_a_run_on_a_clip_backbone_has_a_zero_shot_candidate_end_to_end(
 
 def test_a_zero_shot_model_exports_with_parity(tmp_path):
     """Backbone and prompts in one graph: ONNX Runtime gives adaptflow's own probabilities."""
-    from adaptflow.models.card import ModelCard, save_model
     from adaptflow.serve.export import export_model
 
     cfg = load_config(None, [f"backbone.name={TINY}", "backbone.weights=random"])
     ex = build_extractor(cfg.backbone)
     zs = get_algorithm("zero_shot")(torch.nn.Identity(), ex.dim, 3, {}, max_steps=1)
     zs.use_text(*zero_shot_classifier(cfg.backbone, ["cat", "dog", "bird"]))
-    card = ModelCard(
-        kind="features",
-        method="zero_shot",
-        classes=["cat", "dog", "bird"],
-        config=cfg,
-        fingerprint=ex.fingerprint,
-        dim=ex.dim,
-        config_hash=cfg.fingerprint(),
-        dataset_fingerprint="d",
-        metrics={},
-    )
-    save_model(str(tmp_path / "m"), zs, card)
+    _save(str(tmp_path / "m"), zs, cfg, ["cat", "dog", "bird"], ex.fingerprint, ex.dim)
     exported = export_model(str(tmp_path / "m"), str(tmp_path / "m.onnx"), "onnx")
     assert exported.method == "zero_shot" and exported.max_abs_diff < 1e-4

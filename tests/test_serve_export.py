@@ -34,6 +34,16 @@ def _registered(store, model_uri, run_id, method):
     return registry.register(store, model_uri, run_id, lineage, metrics, method).version
 
 
+def _embedded(demo_data, root: str, cfg):
+    """The demo's source and target ingested into `root` and embedded: (source, target, extraction plan)."""
+    src = ingest(demo_data.source_uri, "source", f"{root}/ingest/source", cfg.ingest)
+    tgt = ingest(demo_data.target_uri, "target", f"{root}/ingest/target", cfg.ingest)
+    plan = features.plan_extraction([src.index_uri, tgt.index_uri], root, cfg.backbone, 10_000)
+    for shard in plan.shards:
+        features.extract_shard(shard, cfg.backbone, cfg.extract)
+    return src, tgt, plan
+
+
 @pytest.fixture(scope="module")
 def store(demo_data, fast_config, tmp_path_factory):
     """A store with three registered models, one of each kind, trained on features stored in float32 (the
@@ -45,11 +55,7 @@ def store(demo_data, fast_config, tmp_path_factory):
         }
     )
     root = str(tmp_path_factory.mktemp("export"))
-    src = ingest(demo_data.source_uri, "source", f"{root}/ingest/source", cfg.ingest)
-    tgt = ingest(demo_data.target_uri, "target", f"{root}/ingest/target", cfg.ingest)
-    plan = features.plan_extraction([src.index_uri, tgt.index_uri], root, cfg.backbone, 10_000)
-    for shard in plan.shards:
-        features.extract_shard(shard, cfg.backbone, cfg.extract)
+    src, tgt, plan = _embedded(demo_data, root, cfg)
     head = fit_head(src, plan, cfg, f"{root}/models/run0")
     assert _registered(root, head.model_uri, "run0", "head") == KINDS["head"]
     for mode in ("features", "images"):
@@ -213,11 +219,7 @@ def test_with_float16_features_the_export_matches_adaptflows_fp32_computation(de
 
     assert fast_config.extract.dtype == "float16"
     root = str(tmp_path / "store")
-    src = ingest(demo_data.source_uri, "source", f"{root}/ingest/source", fast_config.ingest)
-    tgt = ingest(demo_data.target_uri, "target", f"{root}/ingest/target", fast_config.ingest)
-    plan = features.plan_extraction([src.index_uri, tgt.index_uri], root, fast_config.backbone, 10_000)
-    for shard in plan.shards:
-        features.extract_shard(shard, fast_config.backbone, fast_config.extract)
+    src, tgt, plan = _embedded(demo_data, root, fast_config)
     head = fit_head(src, plan, fast_config, f"{root}/models/run0")
     out = str(tmp_path / "head.onnx")
     export.export_model(head.model_uri, out)
