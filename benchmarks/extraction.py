@@ -114,7 +114,7 @@ def reingest(root: Path, images: Path) -> str:
 # The three ways to embed images.
 
 
-def backbone_config(name: str, weights: str, image_size: int) -> tuple[BackboneConfig, str]:
+def backbone_config(name: str, weights: str, image_size: int | None) -> tuple[BackboneConfig, str]:
     """The config for `name`, and which weights it got: 'random' when the default has no file here."""
     if weights == "random":
         return BackboneConfig(name=name, weights="random", image_size=image_size), "random"
@@ -280,8 +280,9 @@ def bench_backbone(name: str, args: argparse.Namespace, extract: ExtractConfig, 
 
 
 def bench_rss(name: str, args: argparse.Namespace) -> None:
-    cfg, weights = backbone_config(name, args.weights, args.rss_image_size)
-    print(f"\n== peak RSS, {name} (weights: {weights}), {args.rss_image_size} px, fresh process per size")
+    size = None if name.startswith("clip:") else args.rss_image_size  # a CLIP encoder takes its own size only
+    cfg, weights = backbone_config(name, args.weights, size)
+    print(f"\n== peak RSS, {name} (weights: {weights}), {size or 'its own'} px, fresh process per size")
     for n in (args.rss_images, 10 * args.rss_images):
         with tempfile.TemporaryDirectory() as tmp:
             r = peak_rss(Path(tmp), n, cfg, args)

@@ -51,6 +51,8 @@ def test_clip_names_and_missing_weights_are_one_clear_error():
         build_extractor(BackboneConfig.model_construct(name="clip:ViT-B-16/nope"))
     with pytest.raises(AdaptflowError, match=r"names no weights: name them as clip:ViT-B-16/TAG \(TAG one of: openai"):
         build_extractor(BackboneConfig(name="clip:ViT-B-16"))
+    with pytest.raises(AdaptflowError, match=r"takes 32x32 images only .* leave backbone.image_size unset"):
+        build_extractor(BackboneConfig(name=TINY, weights="random", image_size=64))
 
 
 def test_published_clip_weights_are_looked_up_in_the_cache_only_when_downloads_are_off(tmp_path, monkeypatch):

@@ -262,6 +262,12 @@ def _build_extractor(cfg: BackboneConfig, uri: str | None, stamp: tuple | None) 
     spec = backbone_spec(cfg.name)
     model = _create(spec)
     data_config = _normalise_data_config(spec.data_config(model))
+    own = data_config["input_size"][1]
+    if isinstance(spec, ClipBackbone) and cfg.image_size not in (None, own):
+        raise AdaptflowError(
+            f"backbone {cfg.name!r} takes {own}x{own} images only (its position embeddings are learnt at that "
+            "size): leave backbone.image_size unset"
+        )
     if cfg.image_size is not None:
         data_config["input_size"] = (3, cfg.image_size, cfg.image_size)
 
