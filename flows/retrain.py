@@ -12,7 +12,7 @@ from tasks.adapt import plan_candidates, select_model, split_labels, train_candi
 from tasks.credentials import use_credentials
 from tasks.extract import compact_features, extract_all, plan_extraction, record_coverage
 from tasks.ingest import check_train_labels, ingest_dataset
-from tasks.label import stored_labels_for
+from tasks.label import every_label, stored_labels_for
 from tasks.logs import forward_library_logs
 from tasks.monitor import check_shift, find_champion, promote_if_better, score_champion, score_model
 from tasks.predict import evaluate, predict
@@ -70,9 +70,12 @@ def retrain_stages(
             for domain, uri in (("source", source), ("target", target))
         }
         datasets = {domain: f.result() for domain, f in futures.items()}
-        if not target_train_labels:  # the labels people gave in the loop, for the images of this target
-            target_train_labels = stored_labels_for(store, datasets["target"], join(run, "labels", "stored.csv"))
-        for domain, uri in (("target_labels", target_labels), ("target_train_labels", target_train_labels)):
+        stored = stored_labels_for(store, datasets["target"], join(run, "labels", "stored.csv"))  # given before
+        for domain, uri in (
+            ("target_labels", target_labels),
+            ("target_train_labels", target_train_labels),
+            ("stored_labels", stored),
+        ):
             if uri:
                 datasets[domain] = ingest(
                     uri,
@@ -85,9 +88,12 @@ def retrain_stages(
                     store=store,
                 )
     src, tgt, labels = datasets["source"], datasets["target"], datasets.get("target_labels")
-    train_labels = datasets.get("target_train_labels")
+    # the labels given now (kept in the store for later runs) and every one given before, for this target
+    given, stored = datasets.get("target_train_labels"), datasets.pop("stored_labels", None)
+    train_labels = every_label(store, given, stored, tgt, ingest_uri(run, "target_train_labels_all"))
     fit_labels = judge_labels = None
     if train_labels:
+        datasets["target_train_labels"] = train_labels
         labels = check_train_labels(train_labels, tgt, labels, ingest_uri(run, "target_labels_held_out"))
         if labels:
             datasets["target_labels"] = labels  # what the run is scored on

@@ -1,6 +1,8 @@
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
+from adaptflow.data.labels import check_train_labels as check_labels
+from adaptflow.data.labels import merged
 from adaptflow.label import store as labels
 from adaptflow.label.suggest import suggest, write_ask
 from adaptflow.manifests import IngestManifest, LabelRequest
@@ -12,6 +14,21 @@ from adaptflow.store.storage import join
 def stored_labels_for(store: str, target: IngestManifest, out_uri: str) -> str | None:
     """A CSV of the labels people gave on `store` for images of `target` (None: none)."""
     return labels.labels_for_run(store, target, out_uri)
+
+
+@task(name="every-label")
+def every_label(
+    store: str, given: IngestManifest | None, stored: IngestManifest | None, target: IngestManifest, out_uri: str
+) -> IngestManifest | None:
+    """The target labels the run trains with: those `given` on the command line, checked strictly
+    (`data.labels.check_train_labels`) and then kept in the store for later runs, and those `stored` there
+    for the target's other images (None: neither)."""
+    if given is not None:
+        check_labels(given, target)
+        labels.keep_given(store, given, "command line")
+    if given is None or stored is None:
+        return given or stored
+    return merged(given, stored, out_uri)
 
 
 @task(name="suggest-labels")

@@ -170,6 +170,10 @@ def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp
     assert "extraction:" in done.stdout and "report:" in done.stdout
     assert summary["adaptation"]["method"] == "dann"
     assert [c["name"] for c in summary["adaptation"]["candidates"]] == ["dann-features", "dann-images"]
+    from adaptflow.label.store import stored_labels
+
+    kept = stored_labels(store)  # kept for later runs, as labels given in the Prefect UI are
+    assert len(kept) == 12 and set(kept.who) == {"command line"}
     # progress went to stderr, one line per finished step (no terminal here), stdout untouched by it
     for step in (
         "ingest source: ",
@@ -208,6 +212,7 @@ def test_run_prints_table_then_run_uri_and_bad_data_fails_cleanly(demo_data, tmp
     # the first run's pick stayed challenger (v1: at 4 steps its candidates collapse, a low-confidence pick);
     # this run's head is v2 and, with no champion yet, became champion
     assert quiet["run_uri"].startswith(store) and quiet["status"] == "trained"
+    assert quiet["datasets"]["target_train_labels"]["images"] == 12  # the store's: given to the run before
     assert (quiet["promotion"]["version"], quiet["promotion"]["promoted"]) == (2, True)
     assert "done: " not in again.stderr and "| INFO " not in again.stderr
 

@@ -39,6 +39,35 @@ def test_the_store_keeps_every_label_given_and_a_run_reads_those_of_its_target(d
     assert refused == ["c: unknown class 'cat' (known: 1, 3)", "z: not one of the images asked about"]
 
 
+def test_labels_given_on_the_command_line_are_kept_and_join_those_given_before(demo_data, fast_config, tmp_path):
+    from adaptflow.data.labels import merged
+    from adaptflow.label.store import keep_given
+
+    store = str(tmp_path / "store")
+    target = ingest(demo_data.target_uri, "target", str(tmp_path / "target"), fast_config.ingest)
+    index = read_index(target).sort_values("image_id").reset_index(drop=True)
+
+    def labels(rows, name):
+        csv = tmp_path / f"{name}.csv"
+        rows[["uri", "label"]].to_csv(csv, index=False)
+        out = str(tmp_path / name)
+        return ingest(str(csv), "target_train_labels", out, fast_config.ingest, labels_for=target.index_uri)
+
+    before = index.iloc[0:3].assign(label=["1", "2", "3"])
+    record_labels(store, before, "ana")
+    given = labels(index.iloc[2:5].assign(label=["9", "4", "5"]), "given")  # image 2 labelled anew
+    assert keep_given(store, given, "command line") == 3
+    assert keep_given(store, given, "command line") == 0  # the same labels again: nothing new
+    table = stored_labels(store).set_index("image_id")
+    assert table.label.tolist() == ["1", "2", "9", "4", "5"]
+    assert table.who.tolist() == ["ana", "ana", "command line", "command line", "command line"]
+    stored = labels(pd.read_csv(labels_for_run(store, target, str(tmp_path / "s.csv")), dtype=str), "stored")
+    both = merged(given, labels(before, "before"), str(tmp_path / "all"))
+    every = read_index(both).set_index("image_id").label
+    assert every.sort_index().tolist() == ["1", "2", "9", "4", "5"]  # the newer word on image 2
+    assert read_index(stored).set_index("image_id").label.sort_index().tolist() == every.sort_index().tolist()
+
+
 def _paused_flow_run(timeout: float = 240.0):
     """The flow run waiting for input, once there is one."""
     from prefect.client.orchestration import get_client

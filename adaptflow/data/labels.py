@@ -10,6 +10,7 @@ that chose it."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pyarrow as pa
 
 from adaptflow.data.ingest import index_fingerprint, read_index
@@ -49,6 +50,15 @@ def held_out(scoring: IngestManifest, used: IngestManifest, out_uri: str) -> Ing
             "nothing is left to score the run on; give scoring labels for other images, or none"
         )
     return narrowed(scoring, kept, out_uri)
+
+
+def merged(given: IngestManifest, stored: IngestManifest, out_uri: str) -> IngestManifest:
+    """The labels `given` to this run and those `stored` for other images, one row per image (`given`'s
+    label where both have one: the newer word), committed under `out_uri`."""
+    first = read_index(given)
+    rest = read_index(stored)
+    rows = pd.concat([first, rest[~rest.image_id.isin(first.image_id)]], ignore_index=True)
+    return narrowed(given, rows, out_uri)
 
 
 def narrowed(labels: IngestManifest, rows, out_uri: str) -> IngestManifest:

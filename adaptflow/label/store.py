@@ -1,9 +1,10 @@
 """The labels people gave, kept in the store: one table keyed by image (content hash), with who gave each
 label and when, so that every later run on the store trains with every label ever given.
 
-A run without `--target-train-labels` reads them back for the target it has (`labels_for_run`); one with
-them uses those. A label of an image no longer in the target stays in the table, unused, and an image that
-moved is found by its content where it is now."""
+Every run reads them back for the target it has (`labels_for_run`); labels given on the command line
+(`--target-train-labels`) join them in the table (`keep_given`) and win where both label one image. A label
+of an image no longer in the target stays in the table, unused, and an image that moved is found by its
+content where it is now."""
 
 from __future__ import annotations
 
@@ -39,6 +40,18 @@ def record_labels(store: str, rows: pd.DataFrame, who: str) -> int:
     table = table.sort_values("image_id").reset_index(drop=True)
     storage.write_table(labels_uri(store), pa.Table.from_pandas(table[COLUMNS].astype(str), preserve_index=False))
     return len(table)
+
+
+def keep_given(store: str, labels: IngestManifest, who: str) -> int:
+    """Keep the labels of an ingested labels dataset (`--target-train-labels`, checked) in the store, so
+    that later runs train with them too; returns how many were new or changed (those already kept as they
+    are keep their who and when)."""
+    rows = read_index(labels)[["image_id", "uri", "label"]].drop_duplicates("image_id")
+    before = stored_labels(store).set_index("image_id").label
+    fresh = rows[rows.image_id.map(before) != rows.label]
+    if not fresh.empty:
+        record_labels(store, fresh, who)
+    return len(fresh)
 
 
 def labels_for_run(store: str, target: IngestManifest, out_uri: str) -> str | None:
