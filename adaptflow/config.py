@@ -13,13 +13,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from adaptflow.errors import ConfigError, UnknownNameError
 
 
-def _known_validators(names: list[str]) -> list[str]:
-    from adaptflow.adapt.validators import VALIDATORS
-
-    for name in names:
-        if name not in VALIDATORS:
-            raise ValueError(str(UnknownNameError("validator", name, list(VALIDATORS))))
+# Names are checked by the registries that resolve them (`get_validator`, `get_algorithm`, ...), here, when a
+# config is read: pydantic validates a flow's parameters with these models, so this is the edge where a
+# deployment's settings are read too. The registries are imported on use: they load torch, which `--help`
+# must not wait for; none of them imports this module back at runtime (tests/test_layers.py).
+def _checked(check, names: str | list[str] | None):
+    """`names` (one, a list, or None) if `check(name)` accepts each; else pydantic's ValueError, with the
+    registry's message listing the valid names."""
+    for name in [names] if isinstance(names, str) else names or []:
+        try:
+            check(name)
+        except UnknownNameError as e:
+            raise ValueError(str(e)) from None
     return names
+
+
+def _known_validators(names: list[str]) -> list[str]:
+    from adaptflow.adapt.validators import get_validator
+
+    return _checked(get_validator, names)
 
 
 class _Section(BaseModel):
@@ -80,15 +92,9 @@ class BackboneConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known_backbone(cls, name: str) -> str:
-        # The registries are imported on use, here and below: they load torch, which `--help` must not wait
-        # for; none of them imports this module back at runtime (tests/test_layers.py).
         from adaptflow.extract.backbones import backbone_spec
 
-        try:
-            backbone_spec(name)
-        except UnknownNameError as e:  # pydantic reports ValueErrors with the key's location
-            raise ValueError(str(e)) from None
-        return name
+        return _checked(backbone_spec, name)
 
 
 class ExtractConfig(_Section):
@@ -244,12 +250,9 @@ class AdaptConfig(_Section):
     @field_validator("hparams")
     @classmethod
     def _known_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
-        from adaptflow.adapt.hparams import HPARAMS
+        from adaptflow.adapt.hparams import check_hparam
 
-        known = {k for table in HPARAMS.values() for k in table}
-        for name in hparams:
-            if name not in known:
-                raise ValueError(str(UnknownNameError("hyperparameter", name, sorted(known))))
+        _checked(check_hparam, list(hparams))
         return hparams
 
     @field_validator("policy")
@@ -260,15 +263,9 @@ class AdaptConfig(_Section):
     @field_validator("method", "methods", "image_methods")
     @classmethod
     def _known_algorithms(cls, names: str | list[str] | None, info) -> str | list[str] | None:
-        from adaptflow.adapt.algorithms import ALGORITHMS
+        from adaptflow.adapt.algorithms import check_method, get_algorithm
 
-        valid, kind = (
-            (["auto", "none", *ALGORITHMS], "method") if info.field_name == "method" else (ALGORITHMS, "algorithm")
-        )
-        for name in [names] if isinstance(names, str) else names or []:
-            if name not in valid:
-                raise ValueError(str(UnknownNameError(kind, name, list(valid))))
-        return names
+        return _checked(check_method if info.field_name == "method" else get_algorithm, names)
 
 
 class MonitorConfig(_Section):

@@ -273,20 +273,21 @@ class ZeroShot(Algorithm):
         return {"loss": 0.0}
 
 
+# The registry, keyed by each class's own `key`: a name is written once, where the algorithm is
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    "source_only": SourceOnly,
-    "dann": DANN,
-    "cdan": CDAN,
-    "coral": CORAL,
-    "mmd": MMD,
-    "mcc": MCC,
-    "im": IM,
-    "mme": MME,
-    "adda": ADDA,
-    "zero_shot": ZeroShot,
+    a.key: a for a in (SourceOnly, DANN, CDAN, CORAL, MMD, MCC, IM, MME, ADDA, ZeroShot)
 }
+METHODS = ("auto", "none")  # what adapt.method takes besides an algorithm's name
 
 
 def get_algorithm(name: str) -> type[Algorithm]:
     """The algorithm class registered as `name`; an UnknownNameError lists the valid names."""
     return lookup(ALGORITHMS, "algorithm", name)
+
+
+def check_method(name: str) -> str:
+    """`name` if `adapt.method` may take it (`auto`, `none` or an algorithm); else an UnknownNameError
+    listing what it may."""
+    if name not in METHODS:
+        lookup({**dict.fromkeys(METHODS), **ALGORITHMS}, "method", name)
+    return name

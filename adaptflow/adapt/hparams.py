@@ -105,6 +105,13 @@ HPARAMS: dict[str, dict[str, tuple[Any, Sampler]]] = {
 }
 
 
+def check_hparam(name: str) -> str:
+    """`name` if some algorithm has a hyperparameter of that name; else an UnknownNameError listing them."""
+    known = {k: None for table in HPARAMS.values() for k in table}
+    lookup(known, "hyperparameter", name)
+    return name
+
+
 def default_hparams(algorithm: str) -> dict[str, Any]:
     """The defaults of `algorithm`'s hyperparameters."""
     return {k: default for k, (default, _) in lookup(HPARAMS, "algorithm", algorithm).items()}
