@@ -285,7 +285,9 @@ def _parser() -> argparse.ArgumentParser:
                 action="append",
                 default=[],
                 metavar="KEY=VALUE",
-                help="override one setting, e.g. --set backbone.image_size=64 (repeatable)",
+                help="override one setting, e.g. --set backbone.image_size=64 (repeatable); "
+                "--set backbone.name=NAME picks the feature extractor, and `adaptflow backbones` says how to "
+                "name any timm, torchvision or CLIP model and where its weights come from",
             )
             sp.add_argument(
                 "--rehash",
@@ -298,7 +300,8 @@ def _parser() -> argparse.ArgumentParser:
                 "--method",
                 help="auto (default): train the adaptation candidates and select one "
                 "without target labels; an algorithm (source_only, dann, cdan, coral, "
-                "mmd, mcc, im, mme, adda) trains only that one; none: only the source-only head",
+                "mmd, mcc, im, mme, adda; zero_shot on a CLIP backbone) trains only that one; none: only the "
+                "source-only head",
             )
 
     run = sub.add_parser(
