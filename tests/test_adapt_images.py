@@ -201,6 +201,21 @@ def test_partial_never_trains_the_first_blocks():
     assert not first_bn.training and alg.featurizer.backbone[4].training
 
 
+def test_partial_fine_tunes_a_vision_transformers_last_blocks():
+    """A timm ViT end to end: patch embedding, position embedding and its first blocks stay as they were,
+    its last blocks and final norm train (the cheap way to tune a big ViT within a step budget)."""
+    featurizer, dim, _ = image_featurizer(BackboneConfig(name="test_vit", weights="random", image_size=SIZE))
+    alg = get_algorithm("dann")(featurizer, dim, CLASSES, {}, max_steps=4)
+    xs, ys = _shapes(16, 0, colour=False)
+    start = {k: v.clone() for k, v in featurizer.state_dict().items()}
+    fit_images(alg, xs, ys, _shapes(16, 1, colour=True)[0], Loop(4, 8, seed=0), Tuning("partial"))
+    moved = {k for k, v in featurizer.state_dict().items() if not torch.equal(start[k], v)}
+    blocks = len(featurizer.backbone.model.blocks)  # 6: the first three frozen, with what comes before them
+    frozen = ("cls_token", "pos_embed", "patch_embed.", *(f"blocks.{i}." for i in range(blocks // 2)))
+    assert moved and not any(k.removeprefix("backbone.model.").startswith(frozen) for k in moved)
+    assert {f"backbone.model.blocks.{blocks - 1}.attn.qkv.weight", "backbone.model.norm.weight"} <= moved
+
+
 def test_partial_with_nothing_frozen_is_full():
     knobs = Knobs(steps=10, n_blocks=11, lp_fraction=0.25, unfreeze_every=1, frozen_fraction=0.0)
     assert STRATEGIES["partial"](0, knobs) is True
