@@ -89,7 +89,10 @@ def plan_candidates(cfg: Config, cuda: bool, n_train: int | None = None) -> list
         feature_methods, image_methods = [a.method], [] if clip else [a.method]
     if not clip and "zero_shot" in [*feature_methods, *image_methods]:
         raise ConfigError(f"zero_shot needs a CLIP backbone (backbone.name: clip:ARCH/TAG), not {cfg.backbone.name!r}")
-    image_methods = [m for m in image_methods if m != "zero_shot"]  # it trains nothing, end to end or not
+    # zero_shot trains nothing: one candidate on the features, no search, no seeds, no end to end
+    zero_shot = "zero_shot" in feature_methods
+    feature_methods = [m for m in feature_methods if m != "zero_shot"]
+    image_methods = [m for m in image_methods if m != "zero_shot"]
     if clip and image_methods:
         raise ConfigError(
             "a CLIP backbone trains on its features only (set adapt.image_methods: []): end-to-end training of "
@@ -100,12 +103,12 @@ def plan_candidates(cfg: Config, cuda: bool, n_train: int | None = None) -> list
     specs = []
     for mode, methods in (("features", feature_methods), ("images", image_methods)):
         for method in methods:
-            for draw in range(1 if method == "zero_shot" else a.hparam_draws + 1):  # nothing to search
+            for draw in range(a.hparam_draws + 1):
                 hp = candidate_hparams(method, mode, draw)
                 if a.class_weighting == "online" and "class_weighting" in hp:  # the alignment methods
                     hp["class_weighting"] = "online"
                 hp.update({k: v for k, v in a.hparams.items() if k in hp})  # knobs this method has
-                for seed in a.seeds[:1] if method == "zero_shot" else a.seeds:
+                for seed in a.seeds:
                     name = (
                         f"{method}-{mode}" + (f"-h{draw}" if draw else "") + (f"-s{seed}" if len(a.seeds) > 1 else "")
                     )
@@ -116,15 +119,20 @@ def plan_candidates(cfg: Config, cuda: bool, n_train: int | None = None) -> list
                             mode=mode,
                             hparams=hp,
                             seed=seed,
-                            steps=1
-                            if method == "zero_shot"
-                            else b.feature_steps
+                            steps=b.feature_steps
                             if mode == "features"
                             else a.image_steps or default_image_steps(n_train, int(hp["batch_size"]), cuda, b),
                             image_size=image_size if mode == "images" else None,
                             strategy=strategy if mode == "images" else None,
                         )
                     )
+    if zero_shot:  # after the features candidates (the only ones a CLIP backbone trains)
+        hp = candidate_hparams("zero_shot", "features", 0)
+        hp.update({k: v for k, v in a.hparams.items() if k in hp})
+        name = "zero_shot-features" + (f"-s{a.seeds[0]}" if len(a.seeds) > 1 else "")
+        specs.append(
+            CandidateSpec(name=name, method="zero_shot", mode="features", hparams=hp, seed=a.seeds[0], steps=1)
+        )
     return specs
 
 
