@@ -12,7 +12,7 @@ from tasks.adapt import plan_candidates, select_model, split_labels, train_candi
 from tasks.credentials import use_credentials
 from tasks.extract import compact_features, extract_all, plan_extraction, record_coverage
 from tasks.ingest import check_train_labels, ingest_dataset
-from tasks.label import every_label, stored_labels_for
+from tasks.label import every_label, keep_labels, stored_labels_for
 from tasks.logs import forward_library_logs
 from tasks.monitor import check_shift, find_champion, promote_if_better, score_champion, score_model
 from tasks.predict import evaluate, predict
@@ -88,13 +88,16 @@ def retrain_stages(
                     store=store,
                 )
     src, tgt, labels = datasets["source"], datasets["target"], datasets.get("target_labels")
-    # the labels given now (kept in the store for later runs) and every one given before, for this target
+    # the labels given now and every one given before, for this target; those given now, once checked, are
+    # kept in the store for later runs
     given, stored = datasets.get("target_train_labels"), datasets.pop("stored_labels", None)
-    train_labels = every_label(store, given, stored, tgt, ingest_uri(run, "target_train_labels_all"))
+    train_labels = every_label(given, stored, ingest_uri(run, "target_train_labels_all"))
     fit_labels = judge_labels = None
     if train_labels:
         datasets["target_train_labels"] = train_labels
         labels = check_train_labels(train_labels, tgt, labels, ingest_uri(run, "target_labels_held_out"))
+        if given:
+            keep_labels(store, given)
         if labels:
             datasets["target_labels"] = labels  # what the run is scored on
         fit_labels, judge_labels = split_labels(train_labels, cfg, join(run, "labels"))  # train on / choose by

@@ -1,7 +1,6 @@
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from adaptflow.data.labels import check_train_labels as check_labels
 from adaptflow.data.labels import merged
 from adaptflow.label import store as labels
 from adaptflow.label.suggest import suggest, write_ask
@@ -17,18 +16,19 @@ def stored_labels_for(store: str, target: IngestManifest, out_uri: str) -> str |
 
 
 @task(name="every-label")
-def every_label(
-    store: str, given: IngestManifest | None, stored: IngestManifest | None, target: IngestManifest, out_uri: str
-) -> IngestManifest | None:
-    """The target labels the run trains with: those `given` on the command line, checked strictly
-    (`data.labels.check_train_labels`) and then kept in the store for later runs, and those `stored` there
-    for the target's other images (None: neither)."""
-    if given is not None:
-        check_labels(given, target)
-        labels.keep_given(store, given, "command line")
+def every_label(given: IngestManifest | None, stored: IngestManifest | None, out_uri: str) -> IngestManifest | None:
+    """The target labels the run trains with: those `given` on the command line and those `stored` for the
+    target's other images, the command line's winning where both label one image (None: neither)."""
     if given is None or stored is None:
         return given or stored
     return merged(given, stored, out_uri)
+
+
+@task(name="keep-labels")
+def keep_labels(store: str, given: IngestManifest) -> int:
+    """Keep labels given on the command line, once checked, in the store, so that later runs train with
+    them too; returns how many were new or changed."""
+    return labels.keep_given(store, given, "command line")
 
 
 @task(name="suggest-labels")
