@@ -239,9 +239,7 @@ def build_classifier(cfg: BackboneConfig) -> nn.Module:
     model = _create(spec)
     if spec.head_of(model) is None:
         raise AdaptflowError(f"backbone {cfg.name!r} has no classifier head")
-    if uri:
-        _load(model, _remapped(spec, read_state_dict(uri, cfg.name), model, cfg.name, uri), cfg.name, uri)
-    return model.eval()
+    return _with_weights(model, spec, cfg.name, uri).eval()
 
 
 def zero_shot_classifier(cfg: BackboneConfig, classes: list[str]) -> tuple[torch.Tensor, float]:
@@ -250,11 +248,15 @@ def zero_shot_classifier(cfg: BackboneConfig, classes: list[str]) -> tuple[torch
     spec = backbone_spec(cfg.name)
     if not isinstance(spec, ClipBackbone):
         raise AdaptflowError(f"a zero_shot candidate needs a CLIP backbone (clip:ARCH/TAG), not {cfg.name!r}")
-    uri = _weights_uri(cfg, spec)
-    model = _create(spec)
+    uri = _weights_uri(cfg, spec)  # a missing file is said before anything is built
+    return class_embeddings(_with_weights(_create(spec), spec, cfg.name, uri), spec.arch, classes)
+
+
+def _with_weights(model: nn.Module, spec: BackboneSpec, name: str, uri: str | None) -> nn.Module:
+    """`model` (the whole network, head included) with the weights at `uri` loaded; as it is for None."""
     if uri:
-        _load(model, _remapped(spec, read_state_dict(uri, cfg.name), model, cfg.name, uri), cfg.name, uri)
-    return class_embeddings(model, spec.arch, classes)
+        _load(model, _remapped(spec, read_state_dict(uri, name), model, name, uri), name, uri)
+    return model
 
 
 @functools.lru_cache(maxsize=8)
