@@ -1,5 +1,6 @@
 """The one configuration model. Loaded from YAML, overridden by `--set key=value`, validated once at
-the edge: everything past `load_config` may trust it."""
+the edge: everything past `load_config` may trust its types and ranges, and past `adaptflow.names` its
+names."""
 
 from __future__ import annotations
 
@@ -10,28 +11,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from adaptflow.errors import ConfigError, UnknownNameError
+from adaptflow.errors import ConfigError
 
-
-# Names are checked by the registries that resolve them (`get_validator`, `get_algorithm`, ...), here, when a
-# config is read: pydantic validates a flow's parameters with these models, so this is the edge where a
-# deployment's settings are read too. The registries are imported on use: they load torch, which `--help`
-# must not wait for; none of them imports this module back at runtime (tests/test_layers.py).
-def _checked(check, names: str | list[str] | None):
-    """`names` (one, a list, or None) if `check(name)` accepts each; else pydantic's ValueError, with the
-    registry's message listing the valid names."""
-    for name in [names] if isinstance(names, str) else names or []:
-        try:
-            check(name)
-        except UnknownNameError as e:
-            raise ValueError(str(e)) from None
-    return names
-
-
-def _known_validators(names: list[str]) -> list[str]:
-    from adaptflow.adapt.validators import get_validator
-
-    return _checked(get_validator, names)
+# Names (backbones, algorithms, hyperparameters, validators) are the stages' to resolve: this module checks
+# types and ranges only and imports no stage; `adaptflow.names.check_names` checks the names where a run
+# starts.
 
 
 class _Section(BaseModel):
@@ -88,13 +72,6 @@ class BackboneConfig(_Section):
     )
     layer: str | None = Field(None, description="null: pooled penultimate features; else a module name, pooled")
     image_size: int | None = Field(None, ge=8, le=1024, description="null: the backbone's own input size")
-
-    @field_validator("name")
-    @classmethod
-    def _known_backbone(cls, name: str) -> str:
-        from adaptflow.extract.backbones import backbone_spec
-
-        return _checked(backbone_spec, name)
 
 
 class ExtractConfig(_Section):
@@ -247,26 +224,6 @@ class AdaptConfig(_Section):
     def _yaml_off(cls, value: object) -> object:
         return "off" if value is False else value  # YAML reads a bare `off` (as --set passes it) as false
 
-    @field_validator("hparams")
-    @classmethod
-    def _known_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
-        from adaptflow.adapt.hparams import check_hparam
-
-        _checked(check_hparam, list(hparams))
-        return hparams
-
-    @field_validator("policy")
-    @classmethod
-    def _known_validators(cls, names: list[str]) -> list[str]:
-        return _known_validators(names)
-
-    @field_validator("method", "methods", "image_methods")
-    @classmethod
-    def _known_algorithms(cls, names: str | list[str] | None, info) -> str | list[str] | None:
-        from adaptflow.adapt.algorithms import check_method, get_algorithm
-
-        return _checked(check_method if info.field_name == "method" else get_algorithm, names)
-
 
 class MonitorConfig(_Section):
     """Scheduled runs against a store with a champion: retrain only when the target moved or the champion
@@ -331,11 +288,6 @@ class PromotionConfig(_Section):
         "run's data (and the champion's drop that triggers retraining): unlike adapt.policy it must see the "
         "target, since a champion and a challenger for a new target can be equally accurate on the source",
     )
-
-    @field_validator("policy")
-    @classmethod
-    def _known_validators(cls, names: list[str]) -> list[str]:
-        return _known_validators(names)
 
 
 class RuntimeConfig(_Section):

@@ -26,7 +26,7 @@ from cli.models import cmd_models_export, cmd_models_list, cmd_models_promote, c
 from cli.output import UserErrorRecords, print_json, progress_on_stderr
 
 if TYPE_CHECKING:
-    from adaptflow.config import BackboneConfig
+    from adaptflow.config import Config
 
 # The demo runs at 64 px, where EfficientNet-Lite0 embeds a few hundred images/s on 2 cores.
 DEMO_SETTINGS = ["backbone.image_size=64", "extract.batch_size=128"]
@@ -76,10 +76,13 @@ def _configured(args: argparse.Namespace | None, setting: str) -> float | None:
         return None
 
 
-def _check_inputs(*datasets: str | None, store: str | None = None, backbone: BackboneConfig | None = None) -> None:
+def _check_inputs(
+    *datasets: str | None, store: str | None = None, cfg: Config | None = None, weights: bool = True
+) -> None:
     """Fail in a second, before Prefect starts, on what would fail later anyway: missing datasets first,
-    then a store that cannot be written (checking it creates its folder), then the `backbone` config's
-    weights file, if one is given and missing."""
+    then a store that cannot be written (checking it creates its folder), then the names `cfg` gives
+    (`adaptflow.names`: this loads the stages, seconds on a busy machine), then with `weights` its
+    backbone's weights file, if one is given and missing."""
     from adaptflow.store import storage
 
     for uri in datasets:
@@ -87,10 +90,14 @@ def _check_inputs(*datasets: str | None, store: str | None = None, backbone: Bac
             raise DatasetError(f"dataset not found: {uri}")
     if store is not None:
         storage.check_writable(store)
-    if backbone is not None:
+    if cfg is not None:
+        from adaptflow.names import check_names
+
+        check_names(cfg)
+    if cfg is not None and weights:
         from adaptflow.extract.backbones import weights_uri
 
-        weights_uri(backbone)
+        weights_uri(cfg.backbone)
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -104,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, _overrides(args))
     labels, train_labels = args.target_labels, args.target_train_labels
-    _check_inputs(args.source, args.target, labels, train_labels, store=args.store, backbone=cfg.backbone)
+    _check_inputs(args.source, args.target, labels, train_labels, store=args.store, cfg=cfg)
     run = _retrain(args.source, args.target, labels, args.store, cfg, not args.json, train_labels)
     if args.json:
         from adaptflow.store import storage
@@ -121,7 +128,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from adaptflow.store import storage
 
     cfg = load_config(args.config, [*DEMO_SETTINGS, *_overrides(args)])
-    _check_inputs(store=args.store, backbone=cfg.backbone)
+    _check_inputs(store=args.store, cfg=cfg)
     with prefect_api.prefect_api():  # one API for every run of the command
         if args.nightly:
             return _nightly_demo(args.store, cfg)
@@ -159,7 +166,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from adaptflow.config import load_config
 
     cfg = load_config(args.config, _overrides(args))
-    _check_inputs(*args.images, store=args.store, backbone=cfg.backbone)
+    _check_inputs(*args.images, store=args.store, cfg=cfg)
     from flows.extract import backfill  # Prefect loads only once the inputs are known good
 
     with prefect_api.prefect_api():
@@ -176,7 +183,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from adaptflow.store import storage
 
     cfg = load_config(args.config, _overrides(args))
-    _check_inputs(args.images, store=args.store)
+    _check_inputs(args.images, store=args.store, cfg=cfg, weights=False)  # the model's backbone
     model = model_uri_for(args.store, args.model)  # a bad registry name fails here, before Prefect starts
     load_model(model)  # and so does a damaged model: no weights, an edited card, an unknown backbone
     storage.check_writable(posixpath.dirname(storage.absolute(args.out)))

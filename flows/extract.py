@@ -2,6 +2,7 @@ from prefect import flow
 
 from adaptflow import DEFAULT_STORE
 from adaptflow.config import Config
+from adaptflow.names import check_names
 from adaptflow.store.layout import ingest_uri, new_run_id
 from adaptflow.store.storage import absolute, join
 from tasks.credentials import use_credentials
@@ -16,7 +17,7 @@ def backfill(images: list[str], store: str = DEFAULT_STORE, config: Config | Non
     """Embed every valid image of the datasets `images` into the feature store ahead of the runs that
     will need them; returns the features URI. Images the store already holds are not embedded again.
     The stages run on the task runner, and within the time limits, that `config.runtime` names."""
-    cfg = config if config is not None else Config()
+    cfg = check_names(config if config is not None else Config())
     forward_library_logs()
     use_credentials(cfg.runtime.credentials_block)
     return configured(backfill_stages, cfg.runtime)([absolute(uri) for uri in images], absolute(store), cfg)

@@ -4,6 +4,7 @@ from adaptflow import DEFAULT_STORE
 from adaptflow.config import Config, IngestConfig, RuntimeConfig
 from adaptflow.models.card import load_card
 from adaptflow.models.registry import model_uri_for
+from adaptflow.names import check_names
 from adaptflow.store.layout import ingest_uri, new_run_id
 from adaptflow.store.storage import absolute, join
 from tasks.credentials import use_credentials
@@ -23,7 +24,7 @@ def batch_predict(
     its `runtime` (credentials block, task runner, time limits) and when ingestion reads a file again
     (`ingest.rehash`, `ingest.full_check_days`) apply; ingestion's checks, backbone and preprocessing are
     the model's, from its card."""
-    cfg = config if config is not None else Config()
+    cfg = check_names(config if config is not None else Config())
     forward_library_logs()
     use_credentials(cfg.runtime.credentials_block)
     return configured(predict_stages, cfg.runtime)(

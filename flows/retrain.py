@@ -4,6 +4,7 @@ from adaptflow import DEFAULT_STORE
 from adaptflow.adapt.plan import training_image_size
 from adaptflow.config import Config
 from adaptflow.manifests import RunData
+from adaptflow.names import check_names
 from adaptflow.report.summary import StageClock
 from adaptflow.store.layout import ingest_uri, model_uri, new_run_id, run_uri
 from adaptflow.store.storage import absolute, join
@@ -37,7 +38,7 @@ def retrain(
     With a champion in the store's registry, retrain only if the target shifted or the champion degraded,
     and promote the new model only if it beats the champion on this run's data. The stages run on the
     task runner, and within the time limits, that `config.runtime` names."""
-    cfg = config if config is not None else Config()
+    cfg = check_names(config if config is not None else Config())
     forward_library_logs()
     use_credentials(cfg.runtime.credentials_block)
     return configured(retrain_stages, cfg.runtime)(

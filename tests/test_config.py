@@ -2,6 +2,7 @@ import pytest
 
 from adaptflow.config import Config, load_config
 from adaptflow.errors import ConfigError
+from adaptflow.names import check_names
 
 
 def test_defaults_match_the_shipped_default_yaml():
@@ -28,7 +29,6 @@ def test_fingerprint_changes_with_settings():
             "backbone.nmae: unknown key (valid keys here: name, weights, download, layer, image_size)",
         ),
         (["bogus=1"], "bogus: unknown key (valid keys here: seed, ingest, backbone"),
-        (["backbone.name=resnet9000"], "unknown backbone 'resnet9000'; valid backbones: "),
         (["head.kind=forest"], "head.kind: Input should be 'linear' or 'mlp'"),
         (["extract.batch_size=0"], "extract.batch_size: Input should be greater than or equal to 1"),
         (["seed"], "--set expects key=value"),
@@ -80,3 +80,34 @@ def test_a_section_given_a_value_in_the_file_is_said_of_the_file_not_of_a_set(tm
     with pytest.raises(ConfigError) as e:
         load_config(str(path), [])
     assert "adapt: Input should be a valid dictionary" in str(e.value) and "--set" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("backbone.name=resnet9000", "backbone.name: unknown backbone 'resnet9000'; valid backbones: "),
+        ("adapt.method=gan", "adapt.method: unknown method 'gan'; valid methods: adda, auto, cdan"),
+        ("adapt.methods=[dann, gan]", "adapt.methods: unknown algorithm 'gan'; valid algorithms: adda, cdan"),
+        ("adapt.image_methods=[gan]", "adapt.image_methods: unknown algorithm 'gan'"),
+        ("adapt.policy=[im, vibes]", "adapt.policy: unknown validator 'vibes'; valid validators: bnm, dev, entropy"),
+        ("promotion.policy=[vibes]", "promotion.policy: unknown validator 'vibes'"),
+        ("adapt.hparams={lamda: 1}", "adapt.hparams: unknown hyperparameter 'lamda'"),
+    ],
+)
+def test_names_are_checked_by_their_registries_where_a_run_starts(override, message):
+    assert load_config(None, [override])  # the config alone parses: it checks types and ranges, not names
+    with pytest.raises(ConfigError) as err:
+        check_names(load_config(None, [override]))
+    assert message in str(err.value) and str(err.value).startswith("invalid config:\n")
+
+
+def test_every_bad_name_is_listed_at_once():
+    cfg = load_config(None, ["backbone.name=nope", "adapt.policy=[vibes]", "adapt.hparams={lamda: 1}"])
+    with pytest.raises(ConfigError) as err:
+        check_names(cfg)
+    assert [line.split(":")[0].strip() for line in str(err.value).splitlines()[1:]] == [
+        "backbone.name",
+        "adapt.hparams",
+        "adapt.policy",
+    ]
+    assert check_names(Config()) == Config()

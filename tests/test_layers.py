@@ -125,6 +125,7 @@ EDGE = {
     "adaptflow.config",
     "adaptflow.errors",
     "adaptflow.manifests",
+    "adaptflow.names",
     "adaptflow.progress",
     "adaptflow.seeding",
     "adaptflow.state",
@@ -155,6 +156,13 @@ def test_stage_folders_import_downwards_only():
         if t in MODULES and (a := _stage(m)) and (b := _stage(t)) and rank[b] > rank[a]
     ]
     assert not up, "stage folders import upwards: " + "; ".join(up)
+
+
+def test_config_imports_no_stage():
+    """The config holds types and ranges; the stages resolve names (`adaptflow.names` checks them), so
+    every stage may read the config without it reading them back."""
+    staged = [f"line {line}: {t}" for t, _, line in _imports("adaptflow.config") if _stage(t)]
+    assert not staged, f"adaptflow.config imports stage modules ({', '.join(staged)})"
 
 
 def test_no_source_file_is_over_500_lines():

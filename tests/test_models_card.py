@@ -80,11 +80,7 @@ def _edit_card(uri: str, edit) -> None:
             "size mismatch for ",
         ),
         ("dim removed", "damaged model card {uri}/model.json: dim: Field required"),
-        (
-            "unknown backbone",
-            "damaged model card {uri}/model.json: config.backbone.name: unknown backbone 'resnet9000'; "
-            "valid backbones: ",
-        ),
+        ("unknown backbone", "cannot rebuild the model at {uri}: unknown backbone 'resnet9000'; valid backbones: "),
         ("unknown method", "cannot rebuild the model at {uri}: unknown algorithm 'nope'"),
         ("card not JSON", "damaged model at {uri}: not valid JSON: {uri}/model.json"),
     ],

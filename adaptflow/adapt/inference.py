@@ -11,12 +11,15 @@ from torch import nn
 
 from adaptflow.adapt.samples import embedding_rows, image_rows
 from adaptflow.errors import AdaptflowError, ModelError, StoreError
+from adaptflow.extract.backbones import backbone_spec
 from adaptflow.manifests import ExtractionPlan
 from adaptflow.models.card import ModelCard, load_card, read_weights
 
 
 def build_model(card: ModelCard) -> nn.Module:
-    """An untrained model of the card's architecture (images kind: backbone with its pretrained weights)."""
+    """An untrained model of the card's architecture (images kind: backbone with its pretrained weights).
+    Every kind reads its inputs through the card's backbone, so an unknown one fails here, for a head too."""
+    backbone_spec(card.config.backbone.name)
     if card.kind == "head":
         from adaptflow.adapt.heads import Head
 
