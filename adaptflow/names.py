@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from adaptflow.adapt.algorithms import check_method, get_algorithm
-from adaptflow.adapt.hparams import check_hparam
+from adaptflow.adapt.algorithms import check_hparam, check_method, get_algorithm
 from adaptflow.adapt.validators import get_validator
 from adaptflow.config import Config
 from adaptflow.errors import ConfigError, UnknownNameError

@@ -26,8 +26,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
-from adaptflow.adapt.algorithms import ALGORITHMS, get_algorithm  # noqa: E402
-from adaptflow.adapt.hparams import candidate_hparams  # noqa: E402
+from adaptflow.adapt.algorithms import ALGORITHMS, candidate_hparams, get_algorithm  # noqa: E402
 from adaptflow.adapt.images import STRATEGIES, Tuning, fit_images, image_featurizer, infer_images, load_images  # noqa: E402
 from adaptflow.adapt.train import Loop, fit, infer  # noqa: E402
 from adaptflow.config import BackboneConfig  # noqa: E402

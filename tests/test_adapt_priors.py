@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from adaptflow.adapt import losses, priors, validators
-from adaptflow.adapt.algorithms import ALGORITHMS, get_algorithm
-from adaptflow.adapt.hparams import default_hparams
+from adaptflow.adapt.algorithms import ALGORITHMS, default_hparams, get_algorithm
 from adaptflow.errors import UnknownNameError
 from adaptflow.monitor.shift import class_mix_test
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from adaptflow.adapt import candidates as adaptation
+from adaptflow.adapt.algorithms import candidate_hparams
 from adaptflow.adapt.baseline import fit_head
-from adaptflow.adapt.hparams import candidate_hparams
 from adaptflow.adapt.images import load_images
 from adaptflow.adapt.inference import infer, load_model
 from adaptflow.data.ingest import ingest, read_index

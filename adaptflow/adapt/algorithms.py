@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import copy
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,16 @@ from torch import Tensor
 
 from adaptflow.adapt import losses
 from adaptflow.adapt.contract import Algorithm, discriminator
+from adaptflow.adapt.hparams import (
+    CLASS_WEIGHTING,
+    IMAGE_MODE_DEFAULTS,
+    SHARED,
+    choice,
+    defaults,
+    fixed,
+    log_uniform,
+    random_draw,
+)
 from adaptflow.errors import lookup
 
 
@@ -34,6 +44,14 @@ class AbstractAdversarial(Algorithm):
     map with the detached predictions, optionally through a random layer, and with entropy
     conditioning (CDAN+E) confident samples weigh more in the domain loss.
     """
+
+    space = {
+        **SHARED,
+        "lambda": log_uniform(1.0, -1.0, 0.5),
+        "disc_hidden": choice(256, [256, 512, 1024]),
+        "grl_alpha": fixed(10.0),  # warm-start steepness of the gradient-reversal coefficient
+        **CLASS_WEIGHTING,
+    }
 
     conditional: ClassVar[bool]
 
@@ -83,6 +101,12 @@ class CDAN(AbstractAdversarial):
     """Conditional domain-adversarial network (Long et al. 2018)."""
 
     key = "cdan"
+    space = {
+        **AbstractAdversarial.space,
+        "entropy_conditioning": fixed(True),  # CDAN+E
+        "randomized": fixed(False),  # random multilinear layer instead of the (D*C) outer product
+        "randomized_dim": fixed(1024),
+    }
     conditional = True
 
 
@@ -109,6 +133,7 @@ class CORAL(AbstractMMD):
     """Deep CORAL (Sun & Saenko 2016)."""
 
     key = "coral"
+    space = {**SHARED, **CLASS_WEIGHTING, "lambda": log_uniform(1.0, -1.0, 1.0)}
     gaussian = False
 
 
@@ -116,6 +141,13 @@ class MMD(AbstractMMD):
     """Multi-kernel MMD alignment (DAN, Long et al. 2015)."""
 
     key = "mmd"
+    space = {
+        **SHARED,
+        **CLASS_WEIGHTING,
+        "lambda": log_uniform(1.0, -1.0, 1.0),
+        "kernel_num": choice(5, [3, 5, 7]),
+        "kernel_mul": fixed(2.0),
+    }
     gaussian = True
 
 
@@ -123,6 +155,11 @@ class MCC(Algorithm):
     """Source cross-entropy plus Minimum Class Confusion on the target predictions (Jin et al. 2020)."""
 
     key = "mcc"
+    space = {
+        **SHARED,
+        "lambda": log_uniform(1.0, -0.5, 0.5),
+        "temperature": choice(2.5, [1.5, 2.0, 2.5, 3.0, 3.5]),
+    }
     # Less confusion between classes = confident, diverse target predictions: what BNM, IM, entropy and
     # SND reward.
     objectives = frozenset({"bnm", "im", "entropy", "snd"})
@@ -139,6 +176,7 @@ class IM(Algorithm):
     """Source cross-entropy plus information maximisation on the target (SHOT's entropy + diversity)."""
 
     key = "im"
+    space = {**SHARED, "lambda": log_uniform(1.0, -1.0, 0.5), "diversity": choice(1.0, [0.5, 1.0, 2.0])}
     objectives = frozenset({"im", "entropy", "bnm", "snd"})  # IM, and what confident, diverse predictions score
 
     def update(self, source: tuple[Tensor, Tensor], target: Tensor) -> dict[str, float]:
@@ -154,6 +192,11 @@ class MME(Algorithm):
     the unlabelled target's prediction entropy while the features, behind a gradient reversal, lower it."""
 
     key = "mme"
+    space = {
+        **SHARED,
+        "lambda": log_uniform(0.1, -2.0, 0.0),  # the paper's 0.1
+        "temperature": choice(0.05, [0.05, 0.1]),  # of the cosine classifier
+    }
     objectives = frozenset({"entropy", "im"})  # the features minimise the target's entropy
 
     def classify(self, z: Tensor) -> Tensor:
@@ -183,6 +226,13 @@ class ADDA(Algorithm):
     """
 
     key = "adda"
+    space = {
+        **SHARED,
+        "lambda": log_uniform(1.0, -1.0, 0.5),  # weight of the target encoder's fooling loss
+        "disc_hidden": choice(256, [256, 512, 1024]),
+        "pretrain_fraction": choice(0.5, [0.3, 0.5, 0.7]),  # of max_steps spent on the source encoder
+        "source_cls": choice(1.0, [0.0, 1.0]),  # source labels through the target encoder (0: as the paper)
+    }
 
     def __init__(self, featurizer, feature_dim, num_classes, hparams, max_steps):
         super().__init__(featurizer, feature_dim, num_classes, hparams, max_steps)
@@ -216,8 +266,8 @@ class ADDA(Algorithm):
                 self.target_bottleneck.load_state_dict(self.bottleneck.state_dict())
             return out
         # Phase 2 (also after resuming from a checkpoint): the source encoder and the classifier are fixed.
-        for fixed in (self.featurizer, self.bottleneck, self.classifier):
-            fixed.requires_grad_(False)
+        for part in (self.featurizer, self.bottleneck, self.classifier):
+            part.requires_grad_(False)
         with torch.no_grad():
             self.featurizer.eval(), self.bottleneck.eval()
             zs = self.bottleneck(self.featurizer(xs))
@@ -249,6 +299,7 @@ class ZeroShot(Algorithm):
     predicts, exports and competes in selection as the trained candidates do; `update` changes nothing."""
 
     key = "zero_shot"
+    space = {**SHARED, "bottleneck_dim": fixed(0)}  # no bottleneck between image and prompt embeddings
 
     def __init__(self, featurizer, feature_dim, num_classes, hparams, max_steps):
         super().__init__(featurizer, feature_dim, num_classes, hparams, max_steps)
@@ -290,4 +341,27 @@ def check_method(name: str) -> str:
     listing what it may."""
     if name not in METHODS:
         lookup({**dict.fromkeys(METHODS), **ALGORITHMS}, "method", name)
+    return name
+
+
+def default_hparams(algorithm: str) -> dict[str, Any]:
+    """The defaults of `algorithm`'s hyperparameters."""
+    return defaults(get_algorithm(algorithm).space)
+
+
+def random_hparams(algorithm: str, seed: int) -> dict[str, Any]:
+    """One random-search draw, a pure function of (algorithm, seed)."""
+    return random_draw(algorithm, get_algorithm(algorithm).space, seed)
+
+
+def candidate_hparams(algorithm: str, mode: str, draw: int) -> dict[str, Any]:
+    """Draw 0: the defaults (with the end-to-end overrides in images mode); draw k > 0: random draw k."""
+    if draw:
+        return random_hparams(algorithm, draw)
+    return {**default_hparams(algorithm), **(IMAGE_MODE_DEFAULTS if mode == "images" else {})}
+
+
+def check_hparam(name: str) -> str:
+    """`name` if some algorithm has a hyperparameter of that name; else an UnknownNameError listing them."""
+    lookup({k: None for a in ALGORITHMS.values() for k in a.space}, "hyperparameter", name)
     return name

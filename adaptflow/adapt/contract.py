@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaptflow.adapt.hparams import default_hparams
+from adaptflow.adapt.hparams import SHARED, Hparam, defaults
 from adaptflow.errors import ConfigError, lookup
 
 
@@ -93,18 +93,19 @@ class Algorithm(nn.Module):
 
     key: ClassVar[str]
     objectives: ClassVar[frozenset[str]] = frozenset()
+    space: ClassVar[dict[str, Hparam]] = SHARED  # hparam name -> (default, sampler), see `adapt.hparams`
 
     def __init__(
         self, featurizer: nn.Module, feature_dim: int, num_classes: int, hparams: dict[str, Any], max_steps: int
     ):
         super().__init__()
-        defaults = default_hparams(self.key)
-        unknown = sorted(set(hparams) - set(defaults))
+        known = defaults(self.space)
+        unknown = sorted(set(hparams) - set(known))
         if unknown:
             raise ConfigError(
-                f"unknown hparams for {self.key}: {', '.join(unknown)}; valid: {', '.join(sorted(defaults))}"
+                f"unknown hparams for {self.key}: {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
             )
-        self.hparams = {**defaults, **hparams}
+        self.hparams = {**known, **hparams}
         lookup(_OPTIMIZERS, "optimizer", self.hparams["optimizer"])  # fail now, not at the first update
         self.num_classes, self.max_steps = num_classes, max(int(max_steps), 1)
         self.featurizer = featurizer

@@ -8,7 +8,7 @@ import json
 import math
 from typing import NamedTuple
 
-from adaptflow.adapt.hparams import candidate_hparams
+from adaptflow.adapt.algorithms import candidate_hparams
 from adaptflow.config import Config
 from adaptflow.data.ingest import read_index
 from adaptflow.errors import ConfigError, lookup
