@@ -1,6 +1,6 @@
 """The one configuration model. Loaded from YAML, overridden by `--set key=value`, validated once at
 the edge: everything past `load_config` may trust its types and ranges, and past `adaptflow.names` its
-names."""
+names (resolved by the stages' registries: this module imports no stage)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adaptflow.errors import ConfigError
-
-# Names (backbones, algorithms, hyperparameters, validators) are the stages' to resolve: this module checks
-# types and ranges only and imports no stage; `adaptflow.names.check_names` checks the names where a run
-# starts.
 
 
 class _Section(BaseModel):

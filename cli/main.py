@@ -90,11 +90,12 @@ def _check_inputs(
             raise DatasetError(f"dataset not found: {uri}")
     if store is not None:
         storage.check_writable(store)
-    if cfg is not None:
-        from adaptflow.names import check_names
+    if cfg is None:
+        return
+    from adaptflow.names import check_names
 
-        check_names(cfg)
-    if cfg is not None and weights:
+    check_names(cfg)
+    if weights:
         from adaptflow.extract.backbones import weights_uri
 
         weights_uri(cfg.backbone)
