@@ -260,6 +260,35 @@ def _check(entry: Entry, max_pixels: int, check_extension: bool = True) -> _Chec
     return _Checked(entry, image_id, None, width, height, fmt, len(data))
 
 
+class ImageCheck(NamedTuple):
+    """One file judged as ingest judges a dataset's file, for layouts read elsewhere (segmentation's)."""
+
+    image_id: str | None  # sha256 hex of the file's bytes; None when they could not be read
+    reason: str | None  # None for a valid image
+    width: int
+    height: int
+    nbytes: int  # bytes read
+
+
+def check_image(uri: str, max_pixels: int) -> ImageCheck:
+    """Read, hash and fully decode the file at `uri`, its extension matched to its content: ingest's own
+    check. Never raises for a bad file: the reason says why."""
+    c = _check(Entry(uri, None), max_pixels)
+    return ImageCheck(c.image_id, c.reason, c.width, c.height, c.nbytes)
+
+
+def decode_reason(data: bytes, max_pixels: int) -> str | None:
+    """Why ingest refuses `data` as an image (empty, not an image, truncated or corrupt, a decompression
+    bomb), or None when it decodes fully: for bytes a caller has read and will look into itself."""
+    if not data:
+        return "empty file"
+    try:
+        _decode(data, max_pixels)
+    except _Rejected as e:
+        return str(e)
+    return None
+
+
 # Extensions that name one format; a file with another (or none) is judged by its content alone.
 _EXTENSIONS = {
     ".jpg": "JPEG",
