@@ -50,7 +50,7 @@ def list_dataset(uri: str, in_split: bool = False) -> tuple[list[Entry], list[Re
     if not storage.exists(uri):
         raise DatasetError(f"dataset not found: {uri}")
     if storage.isfile(uri):
-        return _list_manifest(uri, storage.filesystem(uri)[1])
+        return _list_manifest(uri)
     children = [c for c in storage.ls(uri) if not _hidden(c["name"])]
     folders = {}  # class name -> the files under it; folders with no (visible) file in them count for nothing
     refused: list[Reject] = []  # what the class folders hold that cannot be read
@@ -158,14 +158,31 @@ _MANIFEST_READERS: dict[str, Callable[[str], dict[str, list[str | None]]]] = {
 }
 
 
-def _list_manifest(uri: str, path: str) -> tuple[list[Entry], list[Reject]]:
-    suffix = posixpath.splitext(path)[1].lower()
+def read_manifest(uri: str) -> dict[str, list[str | None]]:
+    """A `.csv` or `.parquet` manifest's columns, every cell a string (or None); a DatasetError for any
+    other file or one that cannot be read."""
+    suffix = posixpath.splitext(uri)[1].lower()
     if suffix not in _MANIFEST_READERS:
         raise DatasetError(f"dataset {uri} is a file but not a .csv or .parquet manifest")
     try:
-        columns = _MANIFEST_READERS[suffix](uri)
+        return _MANIFEST_READERS[suffix](uri)
     except (OSError, ValueError, pa.ArrowException) as e:
         raise DatasetError(f"cannot read manifest {uri}: {e}") from None
+
+
+def manifest_uri(base: str, raw: str) -> tuple[str, str | None]:
+    """A manifest cell as a URI (absolute as written, else under the manifest's folder `base`), and
+    "outside dataset root" where a relative one climbs out of it."""
+    if "://" in raw or raw.startswith("/"):
+        return raw, None
+    rel = posixpath.normpath(raw)
+    if rel == ".." or rel.startswith("../"):
+        return storage.join(base, raw), "outside dataset root"
+    return storage.join(base, rel), None
+
+
+def _list_manifest(uri: str) -> tuple[list[Entry], list[Reject]]:
+    columns = read_manifest(uri)
     if "uri" not in columns:
         raise DatasetError(f"manifest {uri} has no 'uri' column (columns: {', '.join(columns) or 'none'})")
     base = posixpath.dirname(uri)
@@ -174,22 +191,14 @@ def _list_manifest(uri: str, path: str) -> tuple[list[Entry], list[Reject]]:
     for i, raw in enumerate(columns["uri"]):
         label = None if labels is None else labels[i] or ""
         split = None if splits is None else splits[i] or ""
-        entry, reason = _manifest_entry(base, raw or "", label, split)
+        row_uri, reason = manifest_uri(base, raw or "")
+        entry = Entry(row_uri, label, split)
+        reason = reason or _row_reason(label, split)
         if reason:
             rejects.append((entry.uri, reason, None))
         else:
             entries.append(entry)
     return entries, rejects
-
-
-def _manifest_entry(base: str, raw: str, label: str | None, split: str | None) -> tuple[Entry, str | None]:
-    """The row as an entry, and the reason it is refused before reading, if any."""
-    if "://" in raw or raw.startswith("/"):
-        return Entry(raw, label, split), _row_reason(label, split)
-    rel = posixpath.normpath(raw)
-    if rel == ".." or rel.startswith("../"):
-        return Entry(storage.join(base, raw), label, split), "outside dataset root"
-    return Entry(storage.join(base, rel), label, split), _row_reason(label, split)
 
 
 def _row_reason(label: str | None, split: str | None) -> str | None:

@@ -22,15 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from adaptflow.data.ingest import check_image, decode_reason
-from adaptflow.data.layouts import Reject
+from adaptflow.data.layouts import Reject, manifest_uri, read_manifest
 from adaptflow.errors import DatasetError, StoreError
 from adaptflow.store import accounting, storage
 
@@ -143,7 +141,7 @@ def _list_folder(uri: str, masks: bool) -> tuple[list[str], list[_Candidate], li
 
 
 def _list_manifest(uri: str, masks: bool) -> tuple[list[str], list[_Candidate], list[Reject]]:
-    columns = _read_manifest(uri)
+    columns = read_manifest(uri)
     needed = ["uri", "mask_uri"] if masks else ["uri"]
     if absent := [c for c in needed if c not in columns]:
         raise DatasetError(
@@ -167,31 +165,9 @@ def _list_manifest(uri: str, masks: bool) -> tuple[list[str], list[_Candidate], 
     return classes, candidates, rejects
 
 
-def _read_manifest(uri: str) -> dict[str, list[str | None]]:
-    """The manifest's columns, every cell a string (or None): "07" stays "07"."""
-    suffix = posixpath.splitext(uri)[1].lower()
-    if suffix not in (".csv", ".parquet"):
-        raise DatasetError(f"dataset {uri} is a file but not a .csv or .parquet manifest")
-    try:
-        if suffix == ".csv":
-            df = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype=str, keep_default_na=False)
-            return {str(name).strip(): df[name].str.strip().tolist() for name in df.columns}
-        table = storage.read_table(uri)
-        return {name: table.column(name).cast(pa.string()).to_pylist() for name in table.column_names}
-    except (OSError, ValueError, pa.ArrowException) as e:
-        raise DatasetError(f"cannot read manifest {uri}: {e}") from None
-
-
 def _resolve(base: str, raw: str | None) -> tuple[str | None, str | None]:
-    """A manifest cell as a URI (absolute as written, else under `base`), and why it is refused, if it is."""
-    if not raw:
-        return None, "empty uri"
-    if "://" in raw or raw.startswith("/"):
-        return raw, None
-    rel = posixpath.normpath(raw)
-    if rel == ".." or rel.startswith("../"):
-        return storage.join(base, raw), "outside dataset root"
-    return storage.join(base, rel), None
+    """A manifest cell as a URI (`layouts.manifest_uri`), and why it is refused, if it is."""
+    return manifest_uri(base, raw) if raw else (None, "empty uri")
 
 
 def _read_classes(uri: str) -> list[str]:
