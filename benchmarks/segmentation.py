@@ -20,17 +20,22 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
 
 import torch  # noqa: E402
 
 from adaptflow.adapt import segmentation as seg  # noqa: E402
+from adaptflow.adapt.selection import Selection  # noqa: E402
 from adaptflow.config import BackboneConfig  # noqa: E402
 from adaptflow.data.segmentation import Pair, list_segmentation, load_segmentation  # noqa: E402
 from adaptflow.data.shapes import make_segmentation_shift  # noqa: E402
 from adaptflow.store import storage  # noqa: E402
+
+T = TypeVar("T")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,12 +52,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_source(pairs: list[Pair]) -> dict[str, list[Pair]]:
-    """train / val / test, 70 / 15 / 15 by each image's content hash (as ingest splits)."""
-    out: dict[str, list[Pair]] = {"train": [], "val": [], "test": []}
-    for p in pairs:
-        u = int(hashlib.sha256(p.image_id.encode()).hexdigest()[:8], 16) / 2**32
-        out["train" if u < 0.7 else "val" if u < 0.85 else "test"].append(p)
+def split_by_hash(items: list[T], key: Callable[[T], str]) -> dict[str, list[T]]:
+    """train / val / test, 70 / 15 / 15 by the hash of each item's content id `key(item)` (as ingest splits:
+    stable as a dataset grows or is reordered). benchmarks/video.py splits its clips with it too."""
+    out: dict[str, list[T]] = {"train": [], "val": [], "test": []}
+    for item in items:
+        u = int(hashlib.sha256(key(item).encode()).hexdigest()[:8], 16) / 2**32
+        out["train" if u < 0.7 else "val" if u < 0.85 else "test"].append(item)
     return out
 
 
@@ -75,7 +81,7 @@ def main(args: argparse.Namespace) -> None:
     print("$", shlex.join([sys.executable, *sys.argv]))
     shift = make_segmentation_shift(str(work / "data"), per_domain=args.per_domain, size=args.size, seed=args.seed)
     source = list_segmentation(shift.source_uri)
-    classes, splits = source.classes, split_source(source.pairs)
+    classes, splits = source.classes, split_by_hash(source.pairs, lambda p: p.image_id)
     data = {k: load_segmentation(v, args.size) for k, v in splits.items()}
     xt, yt = load_segmentation(target_pairs(shift.target_uri, shift.target_masks_uri), args.size)
     print(f"source {len(source.pairs)} pairs ({', '.join(f'{k} {len(v)}' for k, v in splits.items())}), "
@@ -103,10 +109,15 @@ def main(args: argparse.Namespace) -> None:
               f"pixel acc {r['target']['pixel_accuracy']:.3f}  val acc {r['scores']['source_val_acc']:.3f}  "
               f"IM {r['scores']['im']:.3f}  {flag}{seconds:.0f} s  {r['target']['iou']}")  # fmt: skip
     pick = seg.select_segmentation(judged)
-    target = {r["method"]: r["target"]["miou"] for r in rows}
+    report_pick(pick, {r["method"]: r["target"]["miou"] for r in rows}, "target mIoU", rows, args)
+
+
+def report_pick(pick: Selection, target: dict[str, float], metric: str, rows: list[dict], args) -> None:
+    """Print the selected candidate beside source-only and the oracle (by `target`, the scoring-only
+    metric of each method), and keep every row in --work/results.json. benchmarks/video.py reports with it."""
     selected = rows[pick.index]["method"]
     oracle = max(target, key=target.get)
-    print(f"\nselected {selected}: target mIoU {target[selected]:.3f} "
+    print(f"\nselected {selected}: {metric} {target[selected]:.3f} "
           f"({'confident' if pick.confident else 'LOW confidence: ' + pick.confidence})")  # fmt: skip
     if "source_only" in target:
         print(f"source-only {target['source_only']:.3f}, oracle {oracle} {target[oracle]:.3f}, "
@@ -114,7 +125,7 @@ def main(args: argparse.Namespace) -> None:
               f"{target[selected] - target['source_only']:+.3f}")  # fmt: skip
     print(f"why: {pick.reason}")
     summary = {"args": vars(args), "rows": rows, "selected": selected, "confident": pick.confident}
-    (work / "results.json").write_text(json.dumps(summary, indent=1))
+    (Path(args.work) / "results.json").write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ embedding minus the first's told the four directions apart at chance, 0.20, on 4
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
-import json
 import platform
 import posixpath
 import shlex
@@ -31,9 +29,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/segmentation.py
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from segmentation import report_pick, split_by_hash  # noqa: E402  (benchmarks/segmentation.py)
 
 from adaptflow.adapt import video  # noqa: E402
 from adaptflow.adapt.algorithms import ALGORITHMS  # noqa: E402
@@ -63,15 +63,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_source(clips: list[Clip]) -> dict[str, list[Clip]]:
-    """train / val / test, 70 / 15 / 15 by each clip's content hash (as ingest splits)."""
-    out: dict[str, list[Clip]] = {"train": [], "val": [], "test": []}
-    for c in clips:
-        u = int(hashlib.sha256(c.clip_id.encode()).hexdigest()[:8], 16) / 2**32
-        out["train" if u < 0.7 else "val" if u < 0.85 else "test"].append(c)
-    return out
-
-
 def target_labels(labels_uri: str, clips: list[Clip], classes: list[str]) -> torch.Tensor:
     """(M,) int64 class of each target clip, from `uri,label` rows relative to the file's folder."""
     table = pd.read_csv(io.BytesIO(storage.read_bytes(labels_uri)), dtype=str)
@@ -92,7 +83,7 @@ def main(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     shift = make_motion_shift(str(work / "data"), args.per_class, args.frames, args.size, args.seed)
     source, target = list_clips(shift.source_uri), list_clips(shift.target_uri, labelled=False)
-    classes, splits = source.classes, split_source(source.clips)
+    classes, splits = source.classes, split_by_hash(source.clips, lambda c: c.clip_id)
     backbone = BackboneConfig(name=args.backbone)
     feats = {k: video.frame_features(load_clips(v, args.frames, args.size), backbone) for k, v in splits.items()}
     labels = {k: torch.tensor([classes.index(c.label) for c in v]) for k, v in splits.items()}
@@ -136,18 +127,7 @@ def main(args: argparse.Namespace) -> None:
               f"val acc {r['scores']['source_val_acc']:.3f}  IM {r['scores']['im']:.3f}  "
               f"{flag}{seconds:.0f} s")  # fmt: skip
     pick = select(judged, ["source_val_acc"], tie_break="im")
-    target = {r["method"]: r["target_acc"] for r in rows}
-    selected = rows[pick.index]["method"]
-    oracle = max(target, key=target.get)
-    print(f"\nselected {selected}: target acc {target[selected]:.3f} "
-          f"({'confident' if pick.confident else 'LOW confidence: ' + pick.confidence})")  # fmt: skip
-    if "source_only" in target:
-        print(f"source-only {target['source_only']:.3f}, oracle {oracle} {target[oracle]:.3f}, "
-              f"regret {target[oracle] - target[selected]:.3f}, selected - source-only "
-              f"{target[selected] - target['source_only']:+.3f}")  # fmt: skip
-    print(f"why: {pick.reason}")
-    summary = {"args": vars(args), "rows": rows, "selected": selected, "confident": pick.confident}
-    (work / "results.json").write_text(json.dumps(summary, indent=1))
+    report_pick(pick, {r["method"]: r["target_acc"] for r in rows}, "target acc", rows, args)
 
 
 if __name__ == "__main__":
