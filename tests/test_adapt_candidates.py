@@ -347,7 +347,11 @@ def test_successive_halving_keeps_the_best_third_and_records_who_stopped():
     assert halving.halving_rungs(300, 3, 3) == [100, 300]
     assert halving.halving_rungs(300, 9, 3) == [33, 100, 300]
     assert halving.halving_rungs(300, 3, 0) == halving.halving_rungs(300, 1, 3) == [300]
-    cfg = _cfg("adapt.methods=[source_only, coral]", "adapt.image_methods=[source_only, dann, cdan]")
+    cfg = _cfg(
+        "adapt.budget=quick",  # 300 steps: rungs of 100 and 300
+        "adapt.methods=[source_only, coral]",
+        "adapt.image_methods=[source_only, dann, cdan]",
+    )
     specs = planning.plan_candidates(cfg, cuda=False)
     quality = {
         "source_only-images": 0.5,
