@@ -51,6 +51,14 @@ def load_images(uris: Sequence[str], data_config: dict, num_workers: int = 2) ->
     return out
 
 
+def normalising(data_config: dict) -> tuple[Tensor, Tensor]:
+    """(scale, shift), each (1, 3, 1, 1): uint8 pixels x map to (x / 255 - mean) / std, the backbone's own
+    normalisation, as one multiply-add: `torch.addcmul(shift, x.float(), scale)`."""
+    mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
+    return 1.0 / (255.0 * std), -mean / std
+
+
 class ImageFeaturizer(nn.Module):
     """uint8 (N, 3, S, S) -> (N, D): scale to [0, 1], normalise with the backbone's mean and std, run the
     backbone. Channels-last throughout: measured ~2x faster for training on CPU, and what GPUs want."""
@@ -58,11 +66,9 @@ class ImageFeaturizer(nn.Module):
     def __init__(self, backbone: nn.Module, data_config: dict):
         super().__init__()
         self.backbone = backbone.to(memory_format=torch.channels_last)
-        mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)
-        std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
-        # (x / 255 - mean) / std as one multiply-add; not persistent: data_config is the record
-        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
-        self.register_buffer("shift", -mean / std, persistent=False)
+        scale, shift = normalising(data_config)  # not persistent: data_config is the record
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.uint8:

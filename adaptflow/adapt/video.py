@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from adaptflow.adapt.algorithms import get_algorithm
 from adaptflow.adapt.contract import Algorithm
+from adaptflow.adapt.images import normalising
 from adaptflow.adapt.train import Loop, fit, predict_proba
 from adaptflow.config import BackboneConfig
 from adaptflow.extract.backbones import build_extractor
@@ -38,9 +39,7 @@ def frame_features(frames: Tensor, backbone: BackboneConfig, batch_size: int = 2
     if frames.dtype != torch.uint8 or frames.dim() != 5:
         raise TypeError(f"frame_features takes uint8 clips (N, T, 3, S, S), got {frames.dtype} {tuple(frames.shape)}")
     extractor = build_extractor(backbone)  # shared and cached: used as it is, never moved or converted
-    mean = torch.tensor(extractor.data_config["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(extractor.data_config["std"]).view(1, 3, 1, 1)
-    scale, shift = 1.0 / (255.0 * std), -mean / std  # (x / 255 - mean) / std, as ImageFeaturizer normalises
+    scale, shift = normalising(extractor.data_config)  # as ImageFeaturizer normalises
     n, t = frames.shape[:2]
     flat = frames.reshape(n * t, *frames.shape[2:])  # (N*T, 3, S, S): frames are embedded independently
     out = torch.empty(n * t, extractor.dim)
